@@ -1,0 +1,633 @@
+"""The storage: saves locally at once, serves each name from where the ledger says."""
+
+from __future__ import annotations
+
+import pathlib
+import posixpath
+import socket
+import warnings
+from datetime import datetime
+from functools import cached_property, partial
+from typing import Any, NamedTuple
+from urllib.parse import quote
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
+from django.core.files import File
+from django.core.files.storage import Storage, storages
+from django.core.files.utils import validate_file_name
+from django.db import router, transaction
+from django.utils.deconstruct import deconstructible
+from django.utils.module_loading import import_string
+
+from queued_storage import registry
+from queued_storage.conf import settings as conf
+from queued_storage.models import MAX_NAME_LENGTH, PendingTransfer
+
+__all__ = [
+    "QueuedAzureStorage",
+    "QueuedCloudFilesStorage",
+    "QueuedCouchDBStorage",
+    "QueuedDatabaseStorage",
+    "QueuedDropboxStorage",
+    "QueuedFTPStorage",
+    "QueuedFileSystemStorage",
+    "QueuedGoogleCloudStorage",
+    "QueuedGridFSStorage",
+    "QueuedLibCloudStorage",
+    "QueuedMogileFSStorage",
+    "QueuedS3BotoStorage",
+    "QueuedS3Storage",
+    "QueuedSFTPStorage",
+    "QueuedStorage",
+]
+
+FILE_SYSTEM_STORAGE = "django.core.files.storage.FileSystemStorage"
+DEFAULT_TASK = "queued_storage.tasks.Transfer"
+MAX_KEY_LENGTH = 255
+#: Give up looking for a free name after this many tries.
+MAX_NAME_TRIES = 100
+
+HOST = socket.gethostname()
+
+
+class RowState(NamedTuple):
+    status: str
+    deleted: bool
+    size: int | None
+
+
+def check_name(name: str) -> None:
+    """Reject names no storage should see, before anything is written."""
+    if not isinstance(name, str):
+        raise ValueError(f"A file name must be a string, not {type(name).__name__}.")
+    if not name:
+        raise ValueError("A file name must not be empty.")
+    if len(name) > MAX_NAME_LENGTH:
+        raise SuspiciousFileOperation(
+            f"File name is {len(name)} characters long; the ledger stores at most "
+            f"{MAX_NAME_LENGTH}."
+        )
+    if any(ord(char) < 32 or ord(char) == 127 for char in name):
+        raise SuspiciousFileOperation(
+            f"File name {name!r} contains a NUL or control character."
+        )
+
+
+@deconstructible
+class QueuedStorage(Storage):
+    """Save to ``local`` at once and move each file to ``remote`` in the background.
+
+    ``local`` and ``remote`` are dotted paths to ``Storage`` classes (built with
+    ``local_options``/``remote_options``) or aliases in ``settings.STORAGES``.
+    """
+
+    #: Used when ``local``/``remote`` is not given (the convenience subclasses).
+    default_local: str | None = None
+    default_remote: str | None = None
+
+    def __init__(
+        self,
+        local: str | None = None,
+        remote: str | None = None,
+        local_options: dict[str, Any] | None = None,
+        remote_options: dict[str, Any] | None = None,
+        cache_prefix: str | None = None,
+        delayed: bool = False,
+        task: str | type | None = None,
+        key: str | None = None,
+    ) -> None:
+        local = local or self.default_local
+        remote = remote or self.default_remote
+        self.local_path, self.local_alias = self._check_storage_argument(
+            "local", local, local_options
+        )
+        self.remote_path, self.remote_alias = self._check_storage_argument(
+            "remote", remote, remote_options
+        )
+        self.local_options = dict(local_options or {})
+        self.remote_options = dict(remote_options or {})
+        self.cache_prefix = (
+            conf.QUEUED_STORAGE_CACHE_PREFIX if cache_prefix is None else cache_prefix
+        )
+        self.delayed = bool(delayed)
+        self.task_path, self.task_class = self._check_task(task)
+        self.key = self._check_key(key, local, remote)
+        registry.register(
+            self,
+            (
+                local,
+                remote,
+                sorted(self.local_options.items()),
+                sorted(self.remote_options.items()),
+                self.delayed,
+                self.task_path,
+                type(self).__qualname__,
+            ),
+        )
+
+    # Configuration
+
+    @staticmethod
+    def _check_storage_argument(
+        which: str, value: Any, options: dict[str, Any] | None
+    ) -> tuple[str, str]:
+        hint = (
+            f"Pass {which}= as a dotted path to a Storage class (with "
+            f"{which}_options=) or as an alias in settings.STORAGES."
+        )
+        if value is None or value == "":
+            raise ImproperlyConfigured(f"QueuedStorage needs a {which} storage. {hint}")
+        if not isinstance(value, str):
+            what = "a class" if isinstance(value, type) else "an instance"
+            raise ImproperlyConfigured(
+                f"QueuedStorage {which}= got {what} ({value!r}); a worker must be "
+                f"able to build the storage from code, so {hint[0].lower()}{hint[1:]}"
+            )
+        if options is not None and not isinstance(options, dict):
+            raise ImproperlyConfigured(
+                f"QueuedStorage {which}_options= must be a dict, not "
+                f"{type(options).__name__}."
+            )
+        if value in getattr(settings, "STORAGES", {}):
+            if options:
+                raise ImproperlyConfigured(
+                    f"QueuedStorage {which}={value!r} is a STORAGES alias; put its "
+                    f"options in settings.STORAGES[{value!r}]['OPTIONS'], not in "
+                    f"{which}_options."
+                )
+            return "", value
+        try:
+            storage_class = import_string(value)
+        except ImportError as exc:
+            raise ImproperlyConfigured(
+                f"QueuedStorage {which}={value!r} is neither an alias in "
+                f"settings.STORAGES nor an importable dotted path ({exc}). {hint}"
+            ) from exc
+        if not (isinstance(storage_class, type) and issubclass(storage_class, Storage)):
+            raise ImproperlyConfigured(
+                f"QueuedStorage {which}={value!r} is not a Storage subclass. {hint}"
+            )
+        if issubclass(storage_class, QueuedStorage):
+            raise ImproperlyConfigured(
+                f"QueuedStorage {which}={value!r} is itself a QueuedStorage. {hint}"
+            )
+        return value, ""
+
+    @staticmethod
+    def _check_task(task: str | type | None) -> tuple[str, type]:
+        from queued_storage.tasks import Transfer
+
+        if task is None:
+            task = DEFAULT_TASK
+        if isinstance(task, type):
+            task_class = task
+            path = f"{task.__module__}.{task.__qualname__}"
+        elif isinstance(task, str):
+            path = task
+            try:
+                task_class = import_string(task)
+            except ImportError as exc:
+                raise ImproperlyConfigured(
+                    f"QueuedStorage task={task!r} cannot be imported ({exc})."
+                ) from exc
+        else:
+            raise ImproperlyConfigured(
+                f"QueuedStorage task= must be a dotted path to a Transfer subclass, "
+                f"not {type(task).__name__}."
+            )
+        if not (isinstance(task_class, type) and issubclass(task_class, Transfer)):
+            raise ImproperlyConfigured(
+                f"QueuedStorage task={path!r} is not a subclass of "
+                "queued_storage.tasks.Transfer."
+            )
+        return path, task_class
+
+    @staticmethod
+    def _check_key(key: str | None, local: str, remote: str) -> str:
+        if key is None:
+            key = f"{local}>{remote}"
+        if not isinstance(key, str) or not key.strip():
+            raise ImproperlyConfigured("QueuedStorage key= must be a non-empty string.")
+        if len(key) > MAX_KEY_LENGTH:
+            raise ImproperlyConfigured(
+                f"QueuedStorage key {key[:40]!r}... is longer than {MAX_KEY_LENGTH} "
+                "characters: pass a shorter key=."
+            )
+        return key
+
+    def describe(self) -> str:
+        """The storage's identity without its options (which may hold secrets)."""
+        local = self.local_alias or self.local_path
+        remote = self.remote_alias or self.remote_path
+        return (
+            f"{type(self).__name__}(local={local!r}, remote={remote!r}, "
+            f"delayed={self.delayed}, task={self.task_path!r})"
+        )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} key={self.key!r}>"
+
+    @property
+    def local(self) -> Storage:
+        """The storage every file is saved to first."""
+        if self.local_alias:
+            return storages[self.local_alias]
+        return self._local_instance
+
+    @property
+    def remote(self) -> Storage:
+        """The storage every file ends up on."""
+        if self.remote_alias:
+            return storages[self.remote_alias]
+        return self._remote_instance
+
+    # STORAGES aliases are looked up on every use (Django caches the instances),
+    # so that override_settings(STORAGES=...) reaches them.
+
+    @cached_property
+    def _local_instance(self) -> Storage:
+        storage: Storage = import_string(self.local_path)(**self.local_options)
+        return storage
+
+    @cached_property
+    def _remote_instance(self) -> Storage:
+        storage: Storage = import_string(self.remote_path)(**self.remote_options)
+        return storage
+
+    @property
+    def task(self) -> Any:
+        """A fresh instance of the transfer hook."""
+        return self.task_class()
+
+    def _local_overwrites(self) -> bool:
+        # Django's FileSystemStorage(allow_overwrite=True) keeps a taken name instead
+        # of inventing another one: then a save of a taken name is a re-save.
+        return bool(self.local.get_alternative_name("x", ".y") == "x.y")
+
+    # The ledger, read on the request path: one indexed query, no network.
+
+    def _row_state(self, name: str) -> RowState | None:
+        found = (
+            PendingTransfer.objects.for_name(self.key, name)
+            .values_list("status", "deleted", "size")
+            .first()
+        )
+        return None if found is None else RowState(*found)
+
+    def _storage_for(self, name: str, state: RowState | None) -> Storage:
+        if state is None:
+            return self.local if self.local.exists(name) else self.remote
+        if state.status == PendingTransfer.Status.DONE and not state.deleted:
+            return self.remote
+        return self.local
+
+    def get_storage(self, name: str) -> Storage:
+        """The storage that serves ``name`` now: the ledger decides."""
+        return self._storage_for(name, self._row_state(name))
+
+    def using_local(self, name: str) -> bool:
+        return self.get_storage(name) is self.local
+
+    def using_remote(self, name: str) -> bool:
+        return self.get_storage(name) is self.remote
+
+    def get_cache_key(self, name: str) -> str:
+        """Kept for code written for 0.8; nothing is cached under it any more."""
+        return f"{self.cache_prefix}_{quote(name)}"
+
+    # Saving
+
+    def get_valid_name(self, name: str) -> str:
+        return str(self.local.get_valid_name(name))
+
+    def get_alternative_name(self, file_root: str, file_ext: str) -> str:
+        return str(self.local.get_alternative_name(file_root, file_ext))
+
+    def generate_filename(self, filename: str) -> str:
+        return str(self.local.generate_filename(filename))
+
+    def is_name_available(self, name: str, max_length: int | None = None) -> bool:
+        return self._free(name, max_length) is not None
+
+    def _free(self, name: str, max_length: int | None) -> tuple[bool] | None:
+        """None if ``name`` is taken; else whether the ledger has a row for it."""
+        if not self.local.is_name_available(name, max_length=max_length):
+            return None
+        state = self._row_state(name)
+        if state is None:
+            return (False,)
+        if state.deleted or self._local_overwrites():
+            return (True,)
+        return None
+
+    def get_available_name(self, name: str, max_length: int | None = None) -> str:
+        return self._available_name(name, max_length)[0]
+
+    def _available_name(self, name: str, max_length: int | None) -> tuple[str, bool]:
+        name = str(name).replace("\\", "/")
+        check_name(name)
+        dir_name, file_name = posixpath.split(name)
+        if ".." in pathlib.PurePath(dir_name).parts:
+            raise SuspiciousFileOperation(f"Detected path traversal attempt in {name!r}")
+        validate_file_name(file_name)
+        file_ext = "".join(pathlib.PurePath(file_name).suffixes)
+        file_root = file_name.removesuffix(file_ext)
+        for _try in range(MAX_NAME_TRIES):
+            free = self._free(name, max_length)
+            if free is not None:
+                return name, free[0]
+            name = posixpath.join(dir_name, self.get_alternative_name(file_root, file_ext))
+            if max_length and len(name) > max_length:
+                file_root = file_root[: -(len(name) - max_length)]
+                if not file_root:
+                    break
+                name = posixpath.join(
+                    dir_name, self.get_alternative_name(file_root, file_ext)
+                )
+        raise SuspiciousFileOperation(
+            f"Storage can not find an available filename for {name!r}. Make sure the "
+            "file field allows a sufficient max_length."
+        )
+
+    def save(
+        self, name: str | None, content: Any, max_length: int | None = None
+    ) -> str:
+        """Write ``content`` locally and record it in the ledger, in the caller's
+        transaction. No call reaches the remote."""
+        if name is None:
+            name = content.name
+        if not hasattr(content, "chunks"):
+            content = File(content, name)
+        check_name(name)  # type: ignore[arg-type]
+        validate_file_name(name, allow_relative_path=True)
+        name, existing = self._available_name(name, max_length)  # type: ignore[arg-type]
+        validate_file_name(name, allow_relative_path=True)
+        return self._store(name, content, existing, max_length)
+
+    def _save(self, name: str, content: Any) -> str:
+        check_name(name)
+        return self._store(name, content, self._row_state(name) is not None, None)
+
+    def _store(
+        self, name: str, content: Any, existing: bool, max_length: int | None
+    ) -> str:
+        stored = self.local.save(name, content, max_length=max_length)
+        if stored != name:
+            existing = self._row_state(stored) is not None
+        PendingTransfer.objects.record_save(
+            key=self.key,
+            name=stored,
+            size=self.local.size(stored),
+            host=HOST,
+            held=self.delayed,
+            existing=existing,
+        )
+        if not self.delayed:
+            self._wake(stored)
+        return str(stored)
+
+    def _wake(self, name: str) -> None:
+        from queued_storage.integrations import wake_after_commit
+
+        wake_after_commit(self.key, name)
+
+    # Reading: from the storage the row names.
+
+    def _open(self, name: str, mode: str = "rb") -> File:
+        if any(flag in mode for flag in "wax+"):
+            raise ValueError(
+                f"QueuedStorage opens files for reading only (mode {mode!r}); write "
+                "with save() so that the ledger knows about the file."
+            )
+        state = self._row_state(name)
+        if state is not None and state.deleted:
+            raise FileNotFoundError(f"{name!r} was deleted.")
+        storage = self._storage_for(name, state)
+        try:
+            return storage.open(name, mode)
+        except FileNotFoundError:
+            if storage is not self.local:
+                raise
+            # A worker may have finished, and dropped the local copy, since we looked.
+            state = self._row_state(name)
+            if state is None or state.status != PendingTransfer.Status.DONE:
+                raise
+            return self.remote.open(name, mode)
+
+    def exists(self, name: str) -> bool:
+        state = self._row_state(name)
+        if state is None:
+            return bool(self.local.exists(name) or self.remote.exists(name))
+        if state.deleted:
+            return False
+        if state.status == PendingTransfer.Status.DONE:
+            return True
+        return bool(self.local.exists(name))
+
+    def size(self, name: str) -> int:
+        state = self._row_state(name)
+        if state is not None and state.deleted:
+            raise FileNotFoundError(f"{name!r} was deleted.")
+        if (
+            state is not None
+            and state.status == PendingTransfer.Status.DONE
+            and state.size is not None
+        ):
+            return state.size
+        return int(self._storage_for(name, state).size(name))
+
+    def url(self, name: str | None) -> str:
+        if name is None:
+            return str(self.local.url(name))
+        return str(self.get_storage(name).url(name))
+
+    def path(self, name: str) -> str:
+        return str(self.get_storage(name).path(name))
+
+    def get_accessed_time(self, name: str) -> datetime:
+        return self.get_storage(name).get_accessed_time(name)
+
+    def get_created_time(self, name: str) -> datetime:
+        return self.get_storage(name).get_created_time(name)
+
+    def get_modified_time(self, name: str) -> datetime:
+        return self.get_storage(name).get_modified_time(name)
+
+    def listdir(self, path: str) -> tuple[list[str], list[str]]:
+        """Both storages' entries, each once; deleted names left out."""
+        dirs, files = _listdir(self.local, path)
+        try:
+            remote_dirs, remote_files = _listdir(self.remote, path)
+        except NotImplementedError:
+            remote_dirs, remote_files = self._ledger_listdir(path, done=True)
+        hidden = set(self._ledger_listdir(path, done=False)[1])
+        merged_dirs = sorted(set(dirs) | set(remote_dirs))
+        merged_files = sorted((set(files) | set(remote_files)) - hidden)
+        return merged_dirs, merged_files
+
+    def _ledger_listdir(self, path: str, *, done: bool) -> tuple[list[str], list[str]]:
+        prefix = path.strip("/")
+        prefix = f"{prefix}/" if prefix else ""
+        rows = PendingTransfer.objects.filter(
+            storage_key=self.key, name__startswith=prefix
+        )
+        if done:
+            rows = rows.done().live()
+        else:
+            rows = rows.filter(deleted=True)
+        dirs: set[str] = set()
+        files: set[str] = set()
+        for name in rows.values_list("name", flat=True):
+            head, _sep, tail = name[len(prefix) :].partition("/")
+            (dirs if tail else files).add(head)
+        return sorted(dirs), sorted(files)
+
+    # Changing state
+
+    def delete(self, name: str) -> None:
+        """Hide ``name`` at once (in the caller's transaction) and remove its local
+        and remote copies after commit, or leave that to the worker that holds it."""
+        if not name:
+            raise ValueError("The name must be given.")
+        check_name(name)
+        row = PendingTransfer.objects.record_delete(self.key, name)
+        from queued_storage.transfer import purge
+
+        transaction.on_commit(
+            partial(purge, self, row.pk, row.generation),
+            using=router.db_for_write(PendingTransfer),
+            robust=True,
+        )
+
+    def transfer(self, name: str, *args: Any, **kwargs: Any) -> bool:
+        """Queue ``name`` now: a held or failed row becomes due, with its attempts
+        reset. A file already transferred is left alone. Returns whether it queued."""
+        state = self._row_state(name)
+        if state is None or state.deleted:
+            if not self.local.exists(name):
+                return False
+            PendingTransfer.objects.record_save(
+                key=self.key,
+                name=name,
+                size=self.local.size(name),
+                host=HOST,
+                held=False,
+                existing=state is not None,
+            )
+            queued = True
+        else:
+            queued = bool(PendingTransfer.objects.for_name(self.key, name).requeue())
+        if queued or state is not None and state.status == PendingTransfer.Status.QUEUED:
+            self._wake(name)
+        return queued
+
+
+def _listdir(storage: Storage, path: str) -> tuple[list[str], list[str]]:
+    try:
+        dirs, files = storage.listdir(path)
+    except FileNotFoundError:
+        return [], []
+    return list(dirs), list(files)
+
+
+class QueuedFileSystemStorage(QueuedStorage):
+    """A ``QueuedStorage`` whose local storage is Django's ``FileSystemStorage``."""
+
+    default_local = FILE_SYSTEM_STORAGE
+
+
+class QueuedS3Storage(QueuedFileSystemStorage):
+    """Files on disk first, then S3 (django-storages' ``S3Storage``)."""
+
+    default_remote = "storages.backends.s3.S3Storage"
+
+
+class QueuedAzureStorage(QueuedFileSystemStorage):
+    """Files on disk first, then Azure Blob Storage."""
+
+    default_remote = "storages.backends.azure_storage.AzureStorage"
+
+
+class QueuedGoogleCloudStorage(QueuedFileSystemStorage):
+    """Files on disk first, then Google Cloud Storage."""
+
+    default_remote = "storages.backends.gcloud.GoogleCloudStorage"
+
+
+class QueuedSFTPStorage(QueuedFileSystemStorage):
+    """Files on disk first, then an SFTP server."""
+
+    default_remote = "storages.backends.sftpstorage.SFTPStorage"
+
+
+class QueuedFTPStorage(QueuedFileSystemStorage):
+    """Files on disk first, then an FTP server."""
+
+    default_remote = "storages.backends.ftp.FTPStorage"
+
+
+class QueuedDropboxStorage(QueuedFileSystemStorage):
+    """Files on disk first, then Dropbox."""
+
+    default_remote = "storages.backends.dropbox.DropboxStorage"
+
+
+class QueuedLibCloudStorage(QueuedFileSystemStorage):
+    """Files on disk first, then any Apache Libcloud provider."""
+
+    default_remote = "storages.backends.apache_libcloud.LibCloudStorage"
+
+
+class QueuedS3BotoStorage(QueuedS3Storage):
+    """Deprecated name of :class:`QueuedS3Storage`, kept from 0.8."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        warnings.warn(
+            "QueuedS3BotoStorage is deprecated: use QueuedS3Storage (django-storages' "
+            "boto3-based S3Storage).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        super().__init__(*args, **kwargs)
+
+
+class _RemovedBackend(QueuedFileSystemStorage):
+    removed_backend = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise ImproperlyConfigured(
+            f"{type(self).__name__} is gone: django-storages no longer ships a "
+            f"{self.removed_backend} backend. Use QueuedStorage(local=..., "
+            "remote='dotted.path.to.YourStorage') with any Django Storage as remote."
+        )
+
+
+class QueuedCouchDBStorage(_RemovedBackend):
+    """Removed: django-storages dropped its CouchDB backend."""
+
+    removed_backend = "CouchDB"
+
+
+class QueuedDatabaseStorage(_RemovedBackend):
+    """Removed: django-storages dropped its database backend."""
+
+    removed_backend = "database"
+
+
+class QueuedMogileFSStorage(_RemovedBackend):
+    """Removed: django-storages dropped its MogileFS backend."""
+
+    removed_backend = "MogileFS"
+
+
+class QueuedGridFSStorage(_RemovedBackend):
+    """Removed: django-storages dropped its GridFS backend."""
+
+    removed_backend = "GridFS"
+
+
+class QueuedCloudFilesStorage(_RemovedBackend):
+    """Removed: django-storages dropped its CloudFiles backend."""
+
+    removed_backend = "CloudFiles"

@@ -1,0 +1,132 @@
+"""System checks: a mistake in settings is reported by ``manage.py check``."""
+
+from __future__ import annotations
+
+import importlib.util
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+from django.apps import AppConfig
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, Tags, register
+from django.core.exceptions import ImproperlyConfigured
+from django.core.files.storage import storages
+from django.utils.module_loading import import_string
+
+from queued_storage import registry
+from queued_storage.conf import WORKERS
+from queued_storage.conf import settings as conf
+
+
+@register(Tags.compatibility)
+def check_storages(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    from queued_storage.backends import QueuedStorage
+
+    errors: list[CheckMessage] = []
+    for alias, config in getattr(settings, "STORAGES", {}).items():
+        try:
+            backend = import_string(config.get("BACKEND", ""))
+        except ImportError:
+            continue
+        if not (isinstance(backend, type) and issubclass(backend, QueuedStorage)):
+            continue
+        try:
+            storages.create_storage(config)
+        except (ImproperlyConfigured, TypeError) as exc:
+            errors.append(
+                Error(
+                    f"STORAGES[{alias!r}] cannot be built: {exc}",
+                    hint=(
+                        "Give OPTIONS 'local' and 'remote', each a STORAGES alias or "
+                        "a dotted path to a Storage class (options in "
+                        "'local_options'/'remote_options')."
+                    ),
+                    id="queued_storage.E001",
+                )
+            )
+    registry.discover()
+    for key, described in registry.conflicts().items():
+        errors.append(
+            Error(
+                f"Storage key {key!r} is shared by differently configured storages: "
+                + "; ".join(described),
+                hint=(
+                    "Give each QueuedStorage its own key= (the ledger tells storages "
+                    "apart by it), or configure them identically."
+                ),
+                id="queued_storage.E002",
+            )
+        )
+    return errors
+
+
+@register(Tags.compatibility)
+def check_settings(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    errors: list[CheckMessage] = []
+    worker = conf.raw("QUEUED_STORAGE_WORKER")
+    if worker is not None and worker not in WORKERS:
+        errors.append(
+            Error(
+                f"QUEUED_STORAGE_WORKER is {worker!r}.",
+                hint="Use None (cron runs process_transfers), "
+                + ", ".join(repr(w) for w in WORKERS)
+                + ".",
+                id="queued_storage.E003",
+            )
+        )
+    elif worker == "django_q" and importlib.util.find_spec("django_q") is None:
+        errors.append(
+            Error(
+                "QUEUED_STORAGE_WORKER is 'django_q' but django-q2 is not installed.",
+                hint="pip install 'django-queued-storage[q2]', or choose another worker.",
+                id="queued_storage.E004",
+            )
+        )
+    elif worker == "django_tasks" and not _tasks_framework_available():
+        errors.append(
+            Error(
+                "QUEUED_STORAGE_WORKER is 'django_tasks' but neither django.tasks "
+                "(Django 6.0+) nor the django-tasks backport is installed.",
+                hint="Upgrade to Django 6, or pip install django-tasks.",
+                id="queued_storage.E004",
+            )
+        )
+    errors.extend(_check_number("QUEUED_STORAGE_RETRIES", integer=True, minimum=0))
+    errors.extend(_check_number("QUEUED_STORAGE_RETRY_DELAY", minimum=0))
+    errors.extend(_check_number("QUEUED_STORAGE_LEASE", minimum=1))
+    prefix = conf.raw("QUEUED_STORAGE_CACHE_PREFIX")
+    if not isinstance(prefix, str):
+        errors.append(
+            Error(
+                f"QUEUED_STORAGE_CACHE_PREFIX must be a string, not {prefix!r}.",
+                id="queued_storage.E005",
+            )
+        )
+    return errors
+
+
+def _tasks_framework_available() -> bool:
+    return any(
+        importlib.util.find_spec(module) is not None
+        for module in ("django.tasks", "django_tasks")
+    )
+
+
+def _check_number(name: str, *, minimum: float, integer: bool = False) -> list[Error]:
+    value = conf.raw(name)
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
+        what = "a whole number" if integer else "a number of seconds"
+        return [
+            Error(
+                f"{name} is {value!r}.",
+                hint=f"Set it to {what} of at least {minimum:g}.",
+                id="queued_storage.E005",
+            )
+        ]
+    return []

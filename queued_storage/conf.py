@@ -1,0 +1,52 @@
+"""Settings, read live so that ``override_settings`` works."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings as django_settings
+
+WORKERS = ("immediate", "django_q", "django_tasks")
+
+DEFAULTS: dict[str, Any] = {
+    "QUEUED_STORAGE_RETRIES": 5,
+    "QUEUED_STORAGE_RETRY_DELAY": 60,
+    "QUEUED_STORAGE_LEASE": 300,
+    "QUEUED_STORAGE_CACHE_PREFIX": "queued_storage",
+    "QUEUED_STORAGE_WORKER": None,
+}
+
+
+class Settings:
+    """Typed access to the ``QUEUED_STORAGE_*`` settings."""
+
+    def _get(self, name: str) -> Any:
+        return getattr(django_settings, name, DEFAULTS[name])
+
+    @property
+    def QUEUED_STORAGE_RETRIES(self) -> int:
+        return int(self._get("QUEUED_STORAGE_RETRIES"))
+
+    @property
+    def QUEUED_STORAGE_RETRY_DELAY(self) -> float:
+        return float(self._get("QUEUED_STORAGE_RETRY_DELAY"))
+
+    @property
+    def QUEUED_STORAGE_LEASE(self) -> float:
+        return float(self._get("QUEUED_STORAGE_LEASE"))
+
+    @property
+    def QUEUED_STORAGE_CACHE_PREFIX(self) -> str:
+        return str(self._get("QUEUED_STORAGE_CACHE_PREFIX"))
+
+    @property
+    def QUEUED_STORAGE_WORKER(self) -> str | None:
+        value = self._get("QUEUED_STORAGE_WORKER")
+        return None if value is None else str(value)
+
+    def raw(self, name: str) -> Any:
+        """The value as the user wrote it, for the system checks."""
+        return self._get(name)
+
+
+settings = Settings()

@@ -1,0 +1,17 @@
+"""A ``FileField`` whose files can be sent to the remote on demand."""
+
+from __future__ import annotations
+
+from django.db.models.fields.files import FieldFile, FileField
+
+
+class QueuedFieldFile(FieldFile):
+    def transfer(self) -> bool:
+        """Queue this file's transfer now (for storages built with ``delayed=True``)."""
+        return bool(self.storage.transfer(self.name))
+
+
+class QueuedFileField(FileField):
+    """A ``FileField`` whose value has :meth:`QueuedFieldFile.transfer`."""
+
+    attr_class = QueuedFieldFile

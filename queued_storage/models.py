@@ -1,0 +1,466 @@
+"""The ledger: one row per (storage key, file name), the job and the record of where
+the file lives. Every state change is one short transaction with a compare-and-set."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+import uuid
+from datetime import datetime, timedelta
+from typing import Any, ClassVar
+
+from django.db import connections, models, router, transaction
+from django.db.models import Case, F, Q, Value, When
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+#: How many entries of the error history a row keeps.
+ERROR_HISTORY_LENGTH = 10
+#: Error messages are cut to this length before they are stored.
+ERROR_MESSAGE_LENGTH = 2000
+#: Longest file name the ledger stores.
+MAX_NAME_LENGTH = 1024
+#: Longest retry delay, whatever the attempt number.
+MAX_RETRY_DELAY = 24 * 60 * 60
+
+
+def name_hash(name: str) -> str:
+    """The SHA-256 of a name: the unique key, since MariaDB cannot index 1024 chars."""
+    return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def new_generation() -> int:
+    """A fresh generation number: later saves get larger numbers."""
+    return time.time_ns()
+
+
+def retry_delay(attempt: int, base: float) -> float:
+    """Exponential backoff with +-10 % jitter, capped at a day."""
+    if base <= 0:
+        return 0.0
+    delay = min(base * 2 ** max(attempt - 1, 0), MAX_RETRY_DELAY)
+    return float(min(delay * random.uniform(0.9, 1.1), MAX_RETRY_DELAY))
+
+
+class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
+    def for_name(self, key: str, name: str) -> PendingTransferQuerySet:
+        return self.filter(storage_key=key, name_hash=name_hash(name))
+
+    def live(self) -> PendingTransferQuerySet:
+        return self.filter(deleted=False)
+
+    def held(self) -> PendingTransferQuerySet:
+        return self.filter(status=PendingTransfer.Status.HELD)
+
+    def queued(self) -> PendingTransferQuerySet:
+        return self.filter(status=PendingTransfer.Status.QUEUED)
+
+    def transferring(self) -> PendingTransferQuerySet:
+        return self.filter(status=PendingTransfer.Status.TRANSFERRING)
+
+    def done(self) -> PendingTransferQuerySet:
+        return self.filter(status=PendingTransfer.Status.DONE)
+
+    def failed(self) -> PendingTransferQuerySet:
+        return self.filter(status=PendingTransfer.Status.FAILED)
+
+    def stuck(self, now: datetime | None = None) -> PendingTransferQuerySet:
+        """Rows whose worker's lease ran out: the worker is gone."""
+        now = now or timezone.now()
+        return self.transferring().filter(lease_expires_at__lt=now)
+
+    def due(self, now: datetime | None = None) -> PendingTransferQuerySet:
+        """Rows a worker may claim now: queued and due, or with an expired lease."""
+        now = now or timezone.now()
+        return self.filter(
+            Q(status=PendingTransfer.Status.QUEUED, next_attempt_at__lte=now)
+            | Q(status=PendingTransfer.Status.TRANSFERRING, lease_expires_at__lt=now)
+        )
+
+    def claim_due(
+        self,
+        *,
+        limit: int,
+        lease: float,
+        now: datetime | None = None,
+    ) -> list[PendingTransfer]:
+        """Take a lease on up to ``limit`` due rows of this queryset and return them.
+
+        Each returned row carries ``claimed_from`` (its status before the claim) and
+        ``was_owned`` (whether an earlier attempt may have written the remote object).
+        """
+        now = now or timezone.now()
+        token = uuid.uuid4().hex
+        db = router.db_for_write(PendingTransfer)
+        features = connections[db].features
+        candidates_qs = (
+            self.due(now)
+            .using(db)
+            .order_by("next_attempt_at", "pk")
+            .values_list("pk", "status", "remote_owned")
+        )
+        if features.has_select_for_update_skip_locked:
+            with transaction.atomic(using=db):
+                candidates = list(
+                    candidates_qs.select_for_update(skip_locked=True)[:limit]
+                )
+                self._take(candidates, token, now, lease, db)
+        else:
+            # Without SKIP LOCKED (SQLite) the conditional UPDATE below is what keeps
+            # two workers off one row: the database serialises the writes.
+            candidates = list(candidates_qs[:limit])
+            self._take(candidates, token, now, lease, db)
+        if not candidates:
+            return []
+        before = {pk: (status, owned) for pk, status, owned in candidates}
+        rows = list(
+            PendingTransfer.objects.using(db)
+            .filter(lease_token=token)
+            .order_by("next_attempt_at", "pk")
+        )
+        for row in rows:
+            row.claimed_from, row.was_owned = before[row.pk]
+        return rows
+
+    @staticmethod
+    def _take(
+        candidates: list[tuple[int, str, bool]],
+        token: str,
+        now: datetime,
+        lease: float,
+        db: str,
+    ) -> int:
+        if not candidates:
+            return 0
+        return (
+            PendingTransfer.objects.using(db)
+            .filter(pk__in=[pk for pk, _status, _owned in candidates])
+            .due(now)
+            .update(
+                status=PendingTransfer.Status.TRANSFERRING,
+                lease_token=token,
+                lease_expires_at=now + timedelta(seconds=lease),
+                attempts=F("attempts") + 1,
+                remote_owned=True,
+                updated_at=now,
+            )
+        )
+
+    def renew_lease(self, token: str, lease: float) -> int:
+        """Push out the lease of every row still held under ``token``."""
+        now = timezone.now()
+        return self.filter(
+            lease_token=token, status=PendingTransfer.Status.TRANSFERRING
+        ).update(lease_expires_at=now + timedelta(seconds=lease), updated_at=now)
+
+    def release_claim(self, token: str) -> int:
+        """Give back rows claimed under ``token`` that were never started."""
+        now = timezone.now()
+        return self.filter(
+            lease_token=token, status=PendingTransfer.Status.TRANSFERRING
+        ).update(
+            status=PendingTransfer.Status.QUEUED,
+            lease_token="",
+            lease_expires_at=None,
+            next_attempt_at=now,
+            attempts=F("attempts") - 1,
+            updated_at=now,
+        )
+
+    def requeue(self, now: datetime | None = None) -> int:
+        """Make held and failed rows due now, with their attempts reset."""
+        now = now or timezone.now()
+        return self.filter(
+            status__in=[PendingTransfer.Status.HELD, PendingTransfer.Status.FAILED]
+        ).update(
+            status=PendingTransfer.Status.QUEUED,
+            attempts=0,
+            next_attempt_at=now,
+            updated_at=now,
+        )
+
+    def record_save(
+        self,
+        *,
+        key: str,
+        name: str,
+        size: int | None,
+        host: str,
+        held: bool,
+        checksum: str = "",
+        existing: bool,
+    ) -> int:
+        """Write the row for a file just saved locally; returns its generation.
+
+        A re-save of a name whose worker still holds a lease keeps that lease: the
+        worker finds the new generation when it completes, and hands the row back.
+        """
+        now = timezone.now()
+        generation = new_generation()
+        status = PendingTransfer.Status.HELD if held else PendingTransfer.Status.QUEUED
+        fresh: dict[str, Any] = {
+            "generation": generation,
+            "deleted": False,
+            "attempts": 0,
+            "next_attempt_at": None if held else now,
+            "size": size,
+            "checksum": checksum,
+            "last_error": "",
+            "error_history": [],
+            "host": host,
+            "transferred_at": None,
+            "updated_at": now,
+        }
+        if existing:
+            leased = Q(
+                status=PendingTransfer.Status.TRANSFERRING, lease_expires_at__gt=now
+            )
+            updated = self.for_name(key, name).update(
+                status=Case(When(leased, then=F("status")), default=Value(status)),
+                lease_token=Case(When(leased, then=F("lease_token")), default=Value("")),
+                lease_expires_at=Case(
+                    When(leased, then=F("lease_expires_at")), default=Value(None)
+                ),
+                **fresh,
+            )
+            if updated:
+                return generation
+        row = PendingTransfer(
+            storage_key=key,
+            name=name,
+            name_hash=name_hash(name),
+            status=status,
+            lease_token="",
+            lease_expires_at=None,
+            created_at=now,
+            **fresh,
+        )
+        self.bulk_create(
+            [row],
+            update_conflicts=True,
+            unique_fields=["storage_key", "name_hash"],
+            update_fields=["status", "lease_token", "lease_expires_at", *fresh],
+        )
+        return generation
+
+    def record_delete(self, key: str, name: str) -> PendingTransfer:
+        """Turn the row of ``name`` into a tombstone (creating one if needed).
+
+        A tombstone hides the name at once; the files go after commit, and a worker
+        that holds a lease on the row finishes the job when it sees it.
+        """
+        now = timezone.now()
+        with transaction.atomic(using=router.db_for_write(PendingTransfer)):
+            row = self.select_for_update().for_name(key, name).first()
+            if row is None:
+                # A file that predates the ledger: it may be on either side.
+                row = PendingTransfer(
+                    storage_key=key,
+                    name=name,
+                    name_hash=name_hash(name),
+                    remote_owned=True,
+                    created_at=now,
+                )
+            row.deleted = True
+            row.generation = new_generation()
+            row.updated_at = now
+            if not row.has_live_lease(now):
+                row.status = PendingTransfer.Status.QUEUED
+                row.next_attempt_at = now
+                row.lease_token = ""
+                row.lease_expires_at = None
+                row.attempts = 0
+            row.save()
+        return row
+
+
+class PendingTransfer(models.Model):
+    """A file saved locally, and where it is on its way to the remote."""
+
+    class Status(models.TextChoices):
+        HELD = "held", _("held")
+        QUEUED = "queued", _("queued")
+        TRANSFERRING = "transferring", _("transferring")
+        DONE = "done", _("done")
+        FAILED = "failed", _("failed")
+
+    storage_key = models.CharField(_("storage key"), max_length=255)
+    name = models.CharField(_("name"), max_length=MAX_NAME_LENGTH)
+    name_hash = models.CharField(_("name hash"), max_length=64, editable=False)
+    status = models.CharField(
+        _("status"), max_length=16, choices=Status.choices, default=Status.QUEUED
+    )
+    generation = models.BigIntegerField(_("generation"), default=new_generation)
+    deleted = models.BooleanField(
+        _("deleted"),
+        default=False,
+        help_text=_("Deleted by the application; the files are being removed."),
+    )
+    remote_owned = models.BooleanField(
+        _("remote object is ours"),
+        default=False,
+        help_text=_("An attempt may have written the remote object at this name."),
+    )
+    attempts = models.PositiveIntegerField(_("attempts"), default=0)
+    next_attempt_at = models.DateTimeField(_("next attempt at"), null=True, blank=True)
+    lease_token = models.CharField(_("lease token"), max_length=32, blank=True)
+    lease_expires_at = models.DateTimeField(_("lease expires at"), null=True, blank=True)
+    size = models.BigIntegerField(_("size"), null=True, blank=True)
+    checksum = models.CharField(_("SHA-256"), max_length=64, blank=True)
+    last_error = models.TextField(_("last error"), blank=True)
+    error_history = models.JSONField(_("error history"), default=list, blank=True)
+    host = models.CharField(_("host"), max_length=255, blank=True)
+    created_at = models.DateTimeField(_("created at"), default=timezone.now)
+    updated_at = models.DateTimeField(_("updated at"), default=timezone.now)
+    transferred_at = models.DateTimeField(_("transferred at"), null=True, blank=True)
+
+    objects: ClassVar[PendingTransferQuerySet] = (  # type: ignore[assignment]
+        PendingTransferQuerySet.as_manager()
+    )
+
+    #: Set on claimed rows: the status before the claim.
+    claimed_from: str = ""
+    #: Set on claimed rows: whether an earlier attempt may have written the remote.
+    was_owned: bool = False
+
+    class Meta:
+        verbose_name = _("pending transfer")
+        verbose_name_plural = _("pending transfers")
+        ordering = ["-created_at", "-pk"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["storage_key", "name_hash"],
+                name="queued_storage_unique_name",
+            )
+        ]
+        indexes = [
+            models.Index(
+                fields=["status", "next_attempt_at"], name="queued_storage_due"
+            ),
+            models.Index(
+                fields=["status", "lease_expires_at"], name="queued_storage_lease"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.storage_key}, {self.status})"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        self.name_hash = name_hash(self.name)
+        super().save(*args, **kwargs)
+
+    def has_live_lease(self, now: datetime | None = None) -> bool:
+        now = now or timezone.now()
+        return (
+            self.status == self.Status.TRANSFERRING
+            and self.lease_expires_at is not None
+            and self.lease_expires_at > now
+        )
+
+    # Compare-and-set state changes for a worker holding this row's lease.
+
+    def _leased(self) -> PendingTransferQuerySet:
+        return PendingTransfer.objects.filter(
+            pk=self.pk,
+            generation=self.generation,
+            lease_token=self.lease_token,
+            status=self.Status.TRANSFERRING,
+        )
+
+    def mark_done(self) -> bool:
+        """Record the verified transfer; False if the lease or generation is stale."""
+        now = timezone.now()
+        won = self._leased().filter(deleted=False).update(
+            status=self.Status.DONE,
+            lease_token="",
+            lease_expires_at=None,
+            next_attempt_at=None,
+            last_error="",
+            transferred_at=now,
+            updated_at=now,
+        )
+        if won:
+            self.status = self.Status.DONE
+            self.transferred_at = now
+        return bool(won)
+
+    def mark_failure(
+        self,
+        error: BaseException | str,
+        *,
+        retry: bool,
+        max_retries: int,
+        base_delay: float,
+        disown_remote: bool = False,
+    ) -> str | None:
+        """Record an attempt's error; back off or give up. Returns the new status,
+        or None when the lease or generation is stale."""
+        now = timezone.now()
+        entry = error_entry(error, self.attempts, now)
+        history = [*list(self.error_history or []), entry][-ERROR_HISTORY_LENGTH:]
+        gives_up = not retry or self.attempts > max_retries
+        changes: dict[str, Any] = {
+            "lease_token": "",
+            "lease_expires_at": None,
+            "last_error": entry["text"],
+            "error_history": history,
+            "updated_at": now,
+        }
+        if gives_up:
+            changes.update(status=self.Status.FAILED, next_attempt_at=None)
+        else:
+            delay = retry_delay(self.attempts, base_delay)
+            changes.update(
+                status=self.Status.QUEUED,
+                next_attempt_at=now + timedelta(seconds=delay),
+            )
+        if disown_remote:
+            changes["remote_owned"] = False
+        if not self._leased().update(**changes):
+            return None
+        for field, value in changes.items():
+            setattr(self, field, value)
+        return str(changes["status"])
+
+    def release(self, *, held: bool) -> bool:
+        """Hand a row back that a newer save changed under this worker's lease."""
+        now = timezone.now()
+        status = self.Status.HELD if held else self.Status.QUEUED
+        return bool(
+            PendingTransfer.objects.filter(
+                pk=self.pk, lease_token=self.lease_token, deleted=False
+            ).update(
+                status=status,
+                lease_token="",
+                lease_expires_at=None,
+                next_attempt_at=None if held else now,
+                updated_at=now,
+            )
+        )
+
+    def delete_tombstone(self) -> bool:
+        """Remove this tombstone, unless a newer save took the name over."""
+        deleted, _counts = PendingTransfer.objects.filter(
+            pk=self.pk, generation=self.generation, deleted=True
+        ).delete()
+        return bool(deleted)
+
+
+def error_entry(
+    error: BaseException | str, attempt: int, now: datetime
+) -> dict[str, Any]:
+    """What the ledger keeps of an error: class, message, attempt and time."""
+    if isinstance(error, BaseException):
+        kind = type(error).__name__
+        message = str(error)
+    else:
+        kind, message = "TransferError", error
+    message = message[:ERROR_MESSAGE_LENGTH]
+    return {
+        "attempt": attempt,
+        "at": now.isoformat(),
+        "error": kind,
+        "message": message,
+        "text": f"{kind}: {message}" if message else kind,
+    }

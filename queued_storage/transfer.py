@@ -1,0 +1,444 @@
+"""The engine: the only code that moves bytes. Claims due rows, streams each file
+from local to remote, verifies the copy and records the outcome with a
+compare-and-set, so a worker that lost its lease never overwrites the ledger."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from django.core.files.storage import Storage
+from django.db import connections, router, transaction
+
+from queued_storage import registry
+from queued_storage.conf import settings as conf
+from queued_storage.models import PendingTransfer
+from queued_storage.signals import file_transferred, transfer_failed
+
+if TYPE_CHECKING:
+    from queued_storage.backends import QueuedStorage
+
+logger = logging.getLogger("queued_storage")
+
+#: Rows claimed per round trip to the ledger.
+DEFAULT_BATCH_SIZE = 50
+
+
+class TransferError(Exception):
+    """A transfer that did not succeed; retried unless ``retry`` is False."""
+
+    retry = True
+
+
+class LocalFileMissing(TransferError):
+    pass
+
+
+class RemoteRenamed(TransferError):
+    pass
+
+
+class SizeMismatch(TransferError):
+    pass
+
+
+class RemoteConflict(TransferError):
+    retry = False
+
+
+class HookContractError(TransferError):
+    retry = False
+
+
+class UnknownStorage(TransferError):
+    pass
+
+
+class Outcome(enum.Enum):
+    DONE = "done"
+    RETRY = "retry"
+    FAILED = "failed"
+    PURGED = "purged"
+    STALE = "stale"
+
+
+@dataclass
+class DrainStats:
+    """What a drain did, for progress displays and the summary line."""
+
+    done: int = 0
+    retried: int = 0
+    failed: int = 0
+    purged: int = 0
+    stale: int = 0
+    bytes: int = 0
+    started: float = field(default_factory=time.monotonic)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def processed(self) -> int:
+        return self.done + self.retried + self.failed + self.purged + self.stale
+
+    @property
+    def elapsed(self) -> float:
+        return max(time.monotonic() - self.started, 1e-9)
+
+    def count(self, outcome: Outcome, size: int) -> None:
+        with self._lock:
+            if outcome is Outcome.DONE:
+                self.done += 1
+                self.bytes += size
+            elif outcome is Outcome.RETRY:
+                self.retried += 1
+            elif outcome is Outcome.FAILED:
+                self.failed += 1
+            elif outcome is Outcome.PURGED:
+                self.purged += 1
+            else:
+                self.stale += 1
+
+
+ProgressCallback = Callable[[DrainStats, PendingTransfer, Outcome], None]
+
+
+def copy_to_remote(name: str, local: Storage, remote: Storage) -> None:
+    """Stream ``name`` from ``local`` to ``remote`` in chunks, under the same name."""
+    if not local.exists(name):
+        raise LocalFileMissing(f"local file missing: {name!r}")
+    with local.open(name, "rb") as source:
+        saved = remote.save(name, source)
+    if saved != name:
+        # Never leave a stray copy behind under the name the remote invented.
+        try:
+            remote.delete(saved)
+        except Exception:
+            logger.warning("cleanup failed name=%s remote_name=%s", name, saved)
+        raise RemoteRenamed(
+            f"the remote saved {name!r} as {saved!r}; the remote storage must keep "
+            "the name it is given"
+        )
+
+
+def _retry_settings(task: Any) -> tuple[int, float]:
+    retries = task.max_retries
+    delay = task.default_retry_delay
+    return (
+        conf.QUEUED_STORAGE_RETRIES if retries is None else int(retries),
+        conf.QUEUED_STORAGE_RETRY_DELAY if delay is None else float(delay),
+    )
+
+
+def _db() -> str:
+    return router.db_for_write(PendingTransfer)
+
+
+def process_row(row: PendingTransfer) -> Outcome:
+    """Transfer (or purge) one claimed row and record what happened."""
+    storage = registry.get(row.storage_key)
+    if storage is None:
+        return _fail(
+            row,
+            None,
+            UnknownStorage(
+                f"no QueuedStorage with key {row.storage_key!r} in settings.STORAGES "
+                "or the models this worker loaded"
+            ),
+        )
+    if row.deleted:
+        return _purge_claimed(storage, row)
+    task = storage.task
+    try:
+        _make_room(storage, row)
+        result = task.transfer(row.name, storage.local, storage.remote)
+        if result is False:
+            raise TransferError("the transfer hook returned False")
+        if result is not True:
+            raise HookContractError(
+                f"{type(task).__name__}.transfer() returned {result!r}; it must return "
+                "True (transferred) or False (retry later)"
+            )
+        _verify(storage, row)
+    except Exception as exc:
+        return _fail(row, storage, exc, task=task)
+    if not row.mark_done():
+        return _reconcile(storage, row)
+    size = row.size or 0
+    logger.info(
+        "transfer done key=%s name=%s generation=%s bytes=%s attempt=%s",
+        row.storage_key,
+        row.name,
+        row.generation,
+        size,
+        row.attempts,
+    )
+    transaction.on_commit(
+        partial(_after_done, storage, row, task), using=_db(), robust=True
+    )
+    return Outcome.DONE
+
+
+def _make_room(storage: QueuedStorage, row: PendingTransfer) -> None:
+    remote = storage.remote
+    if not row.was_owned:
+        if remote.exists(row.name):
+            raise RemoteConflict(
+                f"the remote already has an object at {row.name!r} that the ledger did "
+                "not put there; move or delete it, then re-queue this transfer"
+            )
+    elif remote.get_available_name(row.name) != row.name:
+        # An earlier attempt's object: ours to replace, on a remote that renames.
+        remote.delete(row.name)
+
+
+def _verify(storage: QueuedStorage, row: PendingTransfer) -> None:
+    expected = row.size if row.size is not None else storage.local.size(row.name)
+    actual = storage.remote.size(row.name)
+    if actual != expected:
+        raise SizeMismatch(
+            f"the remote copy of {row.name!r} has {actual} bytes, the local file "
+            f"{expected}"
+        )
+
+
+def _after_done(storage: QueuedStorage, row: PendingTransfer, task: Any) -> None:
+    file_transferred.send(
+        sender=type(task),
+        name=row.name,
+        local=storage.local,
+        remote=storage.remote,
+        storage=storage,
+        key=row.storage_key,
+    )
+    if task.delete_local and PendingTransfer.objects.filter(
+        pk=row.pk, generation=row.generation, status=PendingTransfer.Status.DONE
+    ).exists():
+        storage.local.delete(row.name)
+
+
+def _fail(
+    row: PendingTransfer,
+    storage: QueuedStorage | None,
+    error: BaseException,
+    task: Any = None,
+) -> Outcome:
+    if task is None:
+        task = storage.task if storage is not None else _NoTask()
+    retries, delay = _retry_settings(task)
+    retry = getattr(error, "retry", True)
+    status = row.mark_failure(
+        error,
+        retry=retry,
+        max_retries=retries,
+        base_delay=delay,
+        disown_remote=isinstance(error, RemoteConflict),
+    )
+    if status is None:
+        return _reconcile(storage, row) if storage else Outcome.STALE
+    logger.warning(
+        "transfer error key=%s name=%s attempt=%s status=%s error=%s",
+        row.storage_key,
+        row.name,
+        row.attempts,
+        status,
+        row.last_error,
+    )
+    if status == PendingTransfer.Status.FAILED:
+        transaction.on_commit(
+            partial(
+                transfer_failed.send,
+                sender=type(task),
+                name=row.name,
+                error=row.last_error,
+                storage=storage,
+                key=row.storage_key,
+                attempts=row.attempts,
+            ),
+            using=_db(),
+            robust=True,
+        )
+        return Outcome.FAILED
+    return Outcome.RETRY
+
+
+class _NoTask:
+    max_retries = None
+    default_retry_delay = None
+
+
+def _reconcile(storage: QueuedStorage | None, row: PendingTransfer) -> Outcome:
+    """Our lease or generation went stale while we worked: leave the ledger to
+    whoever changed it, and clean up only what nobody else can own."""
+    current = PendingTransfer.objects.filter(pk=row.pk).first()
+    logger.info(
+        "transfer stale key=%s name=%s generation=%s", row.storage_key, row.name,
+        row.generation,
+    )
+    if storage is None:
+        return Outcome.STALE
+    if current is None:
+        if not PendingTransfer.objects.for_name(row.storage_key, row.name).exists():
+            storage.remote.delete(row.name)
+        return Outcome.STALE
+    if current.deleted:
+        _delete_files(storage, current.name, remote=True)
+        current.delete_tombstone()
+        return Outcome.PURGED
+    if current.lease_token == row.lease_token:
+        current.release(held=storage.delayed)
+    return Outcome.STALE
+
+
+def _delete_files(storage: QueuedStorage, name: str, *, remote: bool) -> None:
+    storage.local.delete(name)
+    if remote:
+        storage.remote.delete(name)
+
+
+def _purge_claimed(storage: QueuedStorage, row: PendingTransfer) -> Outcome:
+    try:
+        _delete_files(storage, row.name, remote=row.was_owned)
+    except Exception as exc:
+        return _fail(row, storage, exc)
+    if row.delete_tombstone():
+        logger.info("purged key=%s name=%s", row.storage_key, row.name)
+        return Outcome.PURGED
+    return _reconcile(storage, row)
+
+
+def purge(storage: QueuedStorage, pk: int, generation: int) -> None:
+    """Remove the files of a name deleted in a committed transaction.
+
+    A worker holding the row's lease finishes the job itself; a purge that fails
+    here leaves the tombstone due, for a worker to retry."""
+    row = PendingTransfer.objects.filter(pk=pk, generation=generation, deleted=True).first()
+    if row is None:
+        return
+    leased = row.has_live_lease()
+    _delete_files(storage, row.name, remote=row.remote_owned)
+    if not leased:
+        row.delete_tombstone()
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews the lease of the rows a worker holds while it works on them."""
+
+    def __init__(self, token: str, lease: float) -> None:
+        super().__init__(name=f"queued-storage-lease-{token[:8]}", daemon=True)
+        self.token = token
+        self.lease = lease
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self.stopped.wait(self.lease / 3):
+                PendingTransfer.objects.renew_lease(self.token, self.lease)
+        except Exception:
+            logger.exception("lease renewal failed token=%s", self.token)
+        finally:
+            connections.close_all()
+
+    def __enter__(self) -> LeaseKeeper:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stopped.set()
+        self.join()
+
+
+def _process_all(
+    rows: list[PendingTransfer],
+    concurrency: int,
+    stats: DrainStats,
+    progress: ProgressCallback | None,
+    should_stop: Callable[[], bool] | None,
+) -> None:
+    def handle(row: PendingTransfer) -> None:
+        if should_stop is not None and should_stop():
+            return
+        try:
+            outcome = process_row(row)
+        except Exception:
+            # A bug or a dead database: never kill the loop over one row.
+            logger.exception("transfer crashed key=%s name=%s", row.storage_key, row.name)
+            outcome = Outcome.STALE
+        stats.count(outcome, row.size or 0)
+        if progress is not None:
+            progress(stats, row, outcome)
+
+    if concurrency <= 1 or len(rows) <= 1:
+        for row in rows:
+            handle(row)
+        return
+    pending: queue.SimpleQueue[PendingTransfer] = queue.SimpleQueue()
+    for row in rows:
+        pending.put(row)
+
+    def work() -> None:
+        try:
+            while True:
+                try:
+                    row = pending.get_nowait()
+                except queue.Empty:
+                    return
+                handle(row)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=work) for _ in range(min(concurrency, len(rows)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def drain(
+    *,
+    keys: Iterable[str] | None = None,
+    limit: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    concurrency: int = 1,
+    progress: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> DrainStats:
+    """Claim and process due rows until none is due (or ``limit`` rows are done).
+
+    A row retried with no delay is due again at once, so it is retried in the same
+    drain, up to its attempt limit."""
+    stats = DrainStats()
+    rows_qs = PendingTransfer.objects.all()
+    if keys:
+        rows_qs = rows_qs.filter(storage_key__in=list(keys))
+    lease = conf.QUEUED_STORAGE_LEASE
+    while not (should_stop and should_stop()):
+        want = batch_size if limit is None else min(batch_size, limit - stats.processed)
+        if want <= 0:
+            break
+        rows = rows_qs.claim_due(limit=want, lease=lease)
+        if not rows:
+            break
+        token = rows[0].lease_token
+        with LeaseKeeper(token, lease):
+            _process_all(rows, concurrency, stats, progress, should_stop)
+        if should_stop and should_stop():
+            # Rows claimed but not started go back at once, not when the lease ends.
+            PendingTransfer.objects.release_claim(token)
+    return stats
+
+
+def transfer_name(key: str, name: str) -> Outcome | None:
+    """Transfer one name now if its row is due: what a wake-up runs."""
+    rows = PendingTransfer.objects.for_name(key, name).claim_due(
+        limit=1, lease=conf.QUEUED_STORAGE_LEASE
+    )
+    if not rows:
+        return None
+    with LeaseKeeper(rows[0].lease_token, conf.QUEUED_STORAGE_LEASE):
+        return process_row(rows[0])
