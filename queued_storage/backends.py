@@ -518,7 +518,7 @@ class QueuedStorage(Storage):
             queued = True
         else:
             queued = bool(PendingTransfer.objects.for_name(self.key, name).requeue())
-        if queued or state is not None and state.status == PendingTransfer.Status.QUEUED:
+        if queued:
             self._wake(name)
         return queued
 

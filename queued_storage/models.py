@@ -169,14 +169,19 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
         )
 
     def requeue(self, now: datetime | None = None) -> int:
-        """Make held and failed rows due now, with their attempts reset."""
+        """Make held, failed and waiting rows due now, with their attempts reset."""
         now = now or timezone.now()
         return self.filter(
-            status__in=[PendingTransfer.Status.HELD, PendingTransfer.Status.FAILED]
+            status__in=[
+                PendingTransfer.Status.HELD,
+                PendingTransfer.Status.QUEUED,
+                PendingTransfer.Status.FAILED,
+            ]
         ).update(
             status=PendingTransfer.Status.QUEUED,
             attempts=0,
             next_attempt_at=now,
+            last_error="",
             updated_at=now,
         )
 

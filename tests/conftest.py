@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.files.base import ContentFile
+
+from queued_storage import registry
+from queued_storage.backends import QueuedStorage
+from tests.storages import GatedStorage
+
+FS = "django.core.files.storage.FileSystemStorage"
+_keys = itertools.count()
+
+
+@pytest.fixture
+def tmp_media(tmp_path: Path, settings: Any) -> Path:
+    """Point MEDIA_ROOT at a fresh directory for this test."""
+    media = tmp_path / "media"
+    media.mkdir()
+    settings.MEDIA_ROOT = str(media)
+    return media
+
+
+@pytest.fixture(autouse=True)
+def fresh_storages(tmp_path: Path, settings: Any) -> dict[str, Path]:
+    """Every test gets empty local and remote directories behind the
+    ``queued_local``/``queued_remote`` aliases the test models use."""
+    local = tmp_path / "local"
+    remote = tmp_path / "remote"
+    storages = dict(settings.STORAGES)
+    storages["queued_local"] = {
+        "BACKEND": FS,
+        "OPTIONS": {"location": str(local), "base_url": "/media/"},
+    }
+    storages["queued_remote"] = {
+        "BACKEND": "tests.storages.CountingStorage",
+        "OPTIONS": {"location": str(remote), "base_url": "https://remote.example/"},
+    }
+    settings.STORAGES = storages
+    return {"local": local, "remote": remote}
+
+
+@pytest.fixture
+def make_storage(tmp_path: Path) -> Iterator[Callable[..., QueuedStorage]]:
+    """Build a QueuedStorage on two directories of this test, with a unique key.
+
+    ``remote`` names a storage class (default: the counting FileSystemStorage); the
+    test's storages get a directory of their own, any other gets ``remote_options``
+    as given. Other keyword arguments go to QueuedStorage."""
+    built: list[str] = []
+
+    def make(
+        remote: str = "tests.storages.CountingStorage",
+        remote_options: dict[str, Any] | None = None,
+        local_options: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> QueuedStorage:
+        number = next(_keys)
+        kwargs.setdefault("key", f"test-{number}")
+        if remote.startswith("tests.storages.") or remote == FS:
+            remote_options = {
+                "location": str(tmp_path / f"remote{number}"),
+                "base_url": "https://remote.example/",
+                **(remote_options or {}),
+            }
+        storage = QueuedStorage(
+            FS,
+            remote,
+            local_options={
+                "location": str(tmp_path / f"local{number}"),
+                "base_url": "/media/",
+                **(local_options or {}),
+            },
+            remote_options=remote_options,
+            **kwargs,
+        )
+        built.append(storage.key)
+        return storage
+
+    yield make
+    for key in built:
+        registry.forget(key)
+
+
+@pytest.fixture
+def storage(make_storage: Callable[..., QueuedStorage]) -> QueuedStorage:
+    return make_storage()
+
+
+@pytest.fixture
+def gate() -> Iterator[type[GatedStorage]]:
+    """A remote whose uploads wait until ``gate.gate.set()``."""
+    GatedStorage.entered.clear()
+    GatedStorage.gate.clear()
+    yield GatedStorage
+    GatedStorage.gate.set()
+
+
+def content(text: str = "hello world") -> ContentFile:
+    return ContentFile(text.encode())
