@@ -14,7 +14,7 @@ from queued_storage.models import PendingTransfer
 
 
 @admin.register(PendingTransfer)
-class PendingTransferAdmin(admin.ModelAdmin[PendingTransfer]):
+class PendingTransferAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = [
         "name",
         "storage_key",

@@ -241,10 +241,16 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
             created_at=now,
             **fresh,
         )
+        features = connections[self.db].features
         self.bulk_create(
             [row],
             update_conflicts=True,
-            unique_fields=["storage_key", "name_hash"],
+            # MySQL/MariaDB's ON DUPLICATE KEY UPDATE takes no target.
+            unique_fields=(
+                ["storage_key", "name_hash"]
+                if features.supports_update_conflicts_with_target
+                else None
+            ),
             update_fields=["status", "lease_token", "lease_expires_at", *fresh],
         )
         return generation
