@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from django.contrib import admin, messages
-from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from queued_storage.models import PendingTransfer
+from queued_storage.models import PendingTransfer, PendingTransferQuerySet
 
 
 @admin.register(PendingTransfer)
@@ -44,13 +41,13 @@ class PendingTransferAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         return False
 
     @admin.action(description=_("Retry now"), permissions=["change"])
-    def retry_now(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+    def retry_now(
+        self, request: HttpRequest, queryset: PendingTransferQuerySet
+    ) -> None:
         count = queryset.requeue()
         self.message_user(
             request,
-            ngettext(
-                "%(count)d transfer queued.", "%(count)d transfers queued.", count
-            )
+            ngettext("%(count)d transfer queued.", "%(count)d transfers queued.", count)
             % {"count": count},
             messages.SUCCESS,
         )

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import posixpath
 import socket
 import warnings
 from datetime import datetime
-from functools import cached_property, partial
+from functools import cached_property
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
@@ -112,7 +113,11 @@ class QueuedStorage(Storage):
         )
         self.delayed = bool(delayed)
         self.task_path, self.task_class = self._check_task(task)
-        self.key = self._check_key(key, local, remote)
+        self.key = self._check_key(
+            key,
+            self.local_alias or self.local_path,
+            self.remote_alias or self.remote_path,
+        )
         registry.register(
             self,
             (
@@ -304,7 +309,7 @@ class QueuedStorage(Storage):
     def get_alternative_name(self, file_root: str, file_ext: str) -> str:
         return str(self.local.get_alternative_name(file_root, file_ext))
 
-    def generate_filename(self, filename: str) -> str:
+    def generate_filename(self, filename: str | os.PathLike[str]) -> str:
         return str(self.local.generate_filename(filename))
 
     def is_name_available(self, name: str, max_length: int | None = None) -> bool:
@@ -329,7 +334,9 @@ class QueuedStorage(Storage):
         check_name(name)
         dir_name, file_name = posixpath.split(name)
         if ".." in pathlib.PurePath(dir_name).parts:
-            raise SuspiciousFileOperation(f"Detected path traversal attempt in {name!r}")
+            raise SuspiciousFileOperation(
+                f"Detected path traversal attempt in {name!r}"
+            )
         validate_file_name(file_name)
         file_ext = "".join(pathlib.PurePath(file_name).suffixes)
         file_root = file_name.removesuffix(file_ext)
@@ -337,7 +344,9 @@ class QueuedStorage(Storage):
             free = self._free(name, max_length)
             if free is not None:
                 return name, free[0]
-            name = posixpath.join(dir_name, self.get_alternative_name(file_root, file_ext))
+            name = posixpath.join(
+                dir_name, self.get_alternative_name(file_root, file_ext)
+            )
             if max_length and len(name) > max_length:
                 file_root = file_root[: -(len(name) - max_length)]
                 if not file_root:
@@ -359,9 +368,9 @@ class QueuedStorage(Storage):
             name = content.name
         if not hasattr(content, "chunks"):
             content = File(content, name)
-        check_name(name)  # type: ignore[arg-type]
+        check_name(name)
         validate_file_name(name, allow_relative_path=True)
-        name, existing = self._available_name(name, max_length)  # type: ignore[arg-type]
+        name, existing = self._available_name(name, max_length)
         validate_file_name(name, allow_relative_path=True)
         return self._store(name, content, existing, max_length)
 
@@ -394,7 +403,7 @@ class QueuedStorage(Storage):
 
     # Reading: from the storage the row names.
 
-    def _open(self, name: str, mode: str = "rb") -> File:
+    def _open(self, name: str, mode: str = "rb") -> File[Any]:
         if any(flag in mode for flag in "wax+"):
             raise ValueError(
                 f"QueuedStorage opens files for reading only (mode {mode!r}); write "
@@ -472,10 +481,7 @@ class QueuedStorage(Storage):
         rows = PendingTransfer.objects.filter(
             storage_key=self.key, name__startswith=prefix
         )
-        if done:
-            rows = rows.done().live()
-        else:
-            rows = rows.filter(deleted=True)
+        rows = rows.done().live() if done else rows.filter(deleted=True)
         dirs: set[str] = set()
         files: set[str] = set()
         for name in rows.values_list("name", flat=True):
@@ -494,8 +500,13 @@ class QueuedStorage(Storage):
         row = PendingTransfer.objects.record_delete(self.key, name)
         from queued_storage.transfer import purge
 
+        # A named function, not a partial: Django logs a failing robust callback by
+        # its __qualname__, and a partial has none (the commit would raise).
+        def purge_after_commit() -> None:
+            purge(self, row.pk, row.generation)
+
         transaction.on_commit(
-            partial(purge, self, row.pk, row.generation),
+            purge_after_commit,
             using=router.db_for_write(PendingTransfer),
             robust=True,
         )

@@ -8,7 +8,14 @@ from django.db.models.fields.files import FieldFile, FileField
 class QueuedFieldFile(FieldFile):
     def transfer(self) -> bool:
         """Queue this file's transfer now (for storages built with ``delayed=True``)."""
-        return bool(self.storage.transfer(self.name))
+        from queued_storage.backends import QueuedStorage
+
+        if not isinstance(self.storage, QueuedStorage):
+            raise TypeError(
+                f"{self.field} uses {type(self.storage).__name__}; transfer() needs "
+                "a QueuedStorage."
+            )
+        return self.storage.transfer(str(self.name))
 
 
 class QueuedFileField(FileField):

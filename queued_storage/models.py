@@ -8,7 +8,7 @@ import random
 import time
 import uuid
 from datetime import datetime, timedelta
-from typing import Any, ClassVar
+from typing import Any
 
 from django.db import connections, models, router, transaction
 from django.db.models import Case, F, Q, Value, When
@@ -39,7 +39,8 @@ def retry_delay(attempt: int, base: float) -> float:
     """Exponential backoff with +-10 % jitter, capped at a day."""
     if base <= 0:
         return 0.0
-    delay = min(base * 2 ** max(attempt - 1, 0), MAX_RETRY_DELAY)
+    # The exponent is capped: 2**1024 and up overflows a float (huge retry limits).
+    delay = min(base * 2 ** min(max(attempt - 1, 0), 64), MAX_RETRY_DELAY)
     return float(min(delay * random.uniform(0.9, 1.1), MAX_RETRY_DELAY))
 
 
@@ -223,7 +224,9 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
             )
             updated = self.for_name(key, name).update(
                 status=Case(When(leased, then=F("status")), default=Value(status)),
-                lease_token=Case(When(leased, then=F("lease_token")), default=Value("")),
+                lease_token=Case(
+                    When(leased, then=F("lease_token")), default=Value("")
+                ),
                 lease_expires_at=Case(
                     When(leased, then=F("lease_expires_at")), default=Value(None)
                 ),
@@ -316,7 +319,9 @@ class PendingTransfer(models.Model):
     attempts = models.PositiveIntegerField(_("attempts"), default=0)
     next_attempt_at = models.DateTimeField(_("next attempt at"), null=True, blank=True)
     lease_token = models.CharField(_("lease token"), max_length=32, blank=True)
-    lease_expires_at = models.DateTimeField(_("lease expires at"), null=True, blank=True)
+    lease_expires_at = models.DateTimeField(
+        _("lease expires at"), null=True, blank=True
+    )
     size = models.BigIntegerField(_("size"), null=True, blank=True)
     checksum = models.CharField(_("SHA-256"), max_length=64, blank=True)
     last_error = models.TextField(_("last error"), blank=True)
@@ -326,9 +331,7 @@ class PendingTransfer(models.Model):
     updated_at = models.DateTimeField(_("updated at"), default=timezone.now)
     transferred_at = models.DateTimeField(_("transferred at"), null=True, blank=True)
 
-    objects: ClassVar[PendingTransferQuerySet] = (  # type: ignore[assignment]
-        PendingTransferQuerySet.as_manager()
-    )
+    objects = PendingTransferQuerySet.as_manager()
 
     #: Set on claimed rows: the status before the claim.
     claimed_from: str = ""
@@ -382,14 +385,18 @@ class PendingTransfer(models.Model):
     def mark_done(self) -> bool:
         """Record the verified transfer; False if the lease or generation is stale."""
         now = timezone.now()
-        won = self._leased().filter(deleted=False).update(
-            status=self.Status.DONE,
-            lease_token="",
-            lease_expires_at=None,
-            next_attempt_at=None,
-            last_error="",
-            transferred_at=now,
-            updated_at=now,
+        won = (
+            self._leased()
+            .filter(deleted=False)
+            .update(
+                status=self.Status.DONE,
+                lease_token="",
+                lease_expires_at=None,
+                next_attempt_at=None,
+                last_error="",
+                transferred_at=now,
+                updated_at=now,
+            )
         )
         if won:
             self.status = self.Status.DONE

@@ -7,7 +7,7 @@ instances the running code built, from ``settings.STORAGES`` and the models.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from queued_storage.backends import QueuedStorage
@@ -45,15 +45,16 @@ def discover() -> None:
 
     from queued_storage.backends import QueuedStorage
 
-    for alias, config in settings.STORAGES.items():
+    configs = cast("dict[str, dict[str, Any]]", settings.STORAGES)
+    for alias, config in configs.items():
         try:
             backend = import_string(config["BACKEND"])
         except (ImportError, KeyError):
             continue
         if isinstance(backend, type) and issubclass(backend, QueuedStorage):
             try:
-                storages[alias]  # noqa: B018 - building it registers it
-            except Exception:  # noqa: BLE001 - reported by the system checks
+                storages[alias]  # building it registers it
+            except Exception:  # reported by the system checks
                 continue
     for model in apps.get_models():
         for field in model._meta.get_fields():

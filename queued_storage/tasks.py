@@ -21,7 +21,9 @@ class Transfer:
     #: Remove the local copy once the remote copy is verified and recorded as done.
     delete_local: ClassVar[bool] = False
 
-    def transfer(self, name: str, local: Storage, remote: Storage, **kwargs: Any) -> bool:
+    def transfer(
+        self, name: str, local: Storage, remote: Storage, **kwargs: Any
+    ) -> bool:
         from queued_storage.transfer import copy_to_remote
 
         copy_to_remote(name, local, remote)

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import partial, update_wrapper
 from typing import TYPE_CHECKING, Any
 
 from django.core.files.storage import Storage
@@ -42,7 +42,8 @@ class LocalFileMissing(TransferError):
 
 
 class RemoteRenamed(TransferError):
-    pass
+    # A remote that renames will rename again: retrying cannot help.
+    retry = False
 
 
 class SizeMismatch(TransferError):
@@ -139,6 +140,15 @@ def _db() -> str:
     return router.db_for_write(PendingTransfer)
 
 
+def _on_commit(func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Call ``func`` after the ledger's transaction commits; a failure is logged.
+
+    The partial gets ``func``'s name: Django logs a failing robust callback by its
+    ``__qualname__``, and a bare partial has none (the commit itself would raise)."""
+    callback = update_wrapper(partial(func, *args, **kwargs), func)
+    transaction.on_commit(callback, using=_db(), robust=True)
+
+
 def process_row(row: PendingTransfer) -> Outcome:
     """Transfer (or purge) one claimed row and record what happened."""
     storage = registry.get(row.storage_key)
@@ -178,9 +188,7 @@ def process_row(row: PendingTransfer) -> Outcome:
         size,
         row.attempts,
     )
-    transaction.on_commit(
-        partial(_after_done, storage, row, task), using=_db(), robust=True
-    )
+    _on_commit(_after_done, storage, row, task)
     return Outcome.DONE
 
 
@@ -208,18 +216,24 @@ def _verify(storage: QueuedStorage, row: PendingTransfer) -> None:
 
 
 def _after_done(storage: QueuedStorage, row: PendingTransfer, task: Any) -> None:
-    file_transferred.send(
-        sender=type(task),
-        name=row.name,
-        local=storage.local,
-        remote=storage.remote,
-        storage=storage,
-        key=row.storage_key,
-    )
-    if task.delete_local and PendingTransfer.objects.filter(
-        pk=row.pk, generation=row.generation, status=PendingTransfer.Status.DONE
-    ).exists():
-        storage.local.delete(row.name)
+    try:
+        file_transferred.send(
+            sender=type(task),
+            name=row.name,
+            local=storage.local,
+            remote=storage.remote,
+            storage=storage,
+            key=row.storage_key,
+        )
+    finally:
+        # A receiver that raises must not keep the local copy around for ever.
+        if (
+            task.delete_local
+            and PendingTransfer.objects.filter(
+                pk=row.pk, generation=row.generation, status=PendingTransfer.Status.DONE
+            ).exists()
+        ):
+            storage.local.delete(row.name)
 
 
 def _fail(
@@ -250,18 +264,14 @@ def _fail(
         row.last_error,
     )
     if status == PendingTransfer.Status.FAILED:
-        transaction.on_commit(
-            partial(
-                transfer_failed.send,
-                sender=type(task),
-                name=row.name,
-                error=row.last_error,
-                storage=storage,
-                key=row.storage_key,
-                attempts=row.attempts,
-            ),
-            using=_db(),
-            robust=True,
+        _on_commit(
+            transfer_failed.send,
+            sender=type(task),
+            name=row.name,
+            error=row.last_error,
+            storage=storage,
+            key=row.storage_key,
+            attempts=row.attempts,
         )
         return Outcome.FAILED
     return Outcome.RETRY
@@ -277,7 +287,9 @@ def _reconcile(storage: QueuedStorage | None, row: PendingTransfer) -> Outcome:
     whoever changed it, and clean up only what nobody else can own."""
     current = PendingTransfer.objects.filter(pk=row.pk).first()
     logger.info(
-        "transfer stale key=%s name=%s generation=%s", row.storage_key, row.name,
+        "transfer stale key=%s name=%s generation=%s",
+        row.storage_key,
+        row.name,
         row.generation,
     )
     if storage is None:
@@ -317,7 +329,9 @@ def purge(storage: QueuedStorage, pk: int, generation: int) -> None:
 
     A worker holding the row's lease finishes the job itself; a purge that fails
     here leaves the tombstone due, for a worker to retry."""
-    row = PendingTransfer.objects.filter(pk=pk, generation=generation, deleted=True).first()
+    row = PendingTransfer.objects.filter(
+        pk=pk, generation=generation, deleted=True
+    ).first()
     if row is None:
         return
     leased = row.has_live_lease()
@@ -367,7 +381,9 @@ def _process_all(
             outcome = process_row(row)
         except Exception:
             # A bug or a dead database: never kill the loop over one row.
-            logger.exception("transfer crashed key=%s name=%s", row.storage_key, row.name)
+            logger.exception(
+                "transfer crashed key=%s name=%s", row.storage_key, row.name
+            )
             outcome = Outcome.STALE
         stats.count(outcome, row.size or 0)
         if progress is not None:
@@ -392,7 +408,9 @@ def _process_all(
         finally:
             connections.close_all()
 
-    threads = [threading.Thread(target=work) for _ in range(min(concurrency, len(rows)))]
+    threads = [
+        threading.Thread(target=work) for _ in range(min(concurrency, len(rows)))
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

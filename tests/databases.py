@@ -62,7 +62,9 @@ def database_settings(vendor: str) -> dict[str, Any]:
             # A file, not ":memory:", so that other processes (a worker under
             # test) can open the test database too.
             "TEST": {
-                "NAME": os.path.join(TEMP_DIR, f"test_queued_storage_{run_id()}.sqlite3")
+                "NAME": os.path.join(
+                    TEMP_DIR, f"test_queued_storage_{run_id()}.sqlite3"
+                )
             },
             # IMMEDIATE takes the write lock at BEGIN, so concurrent writers
             # wait up to `timeout` instead of failing with "database is locked"

@@ -111,7 +111,9 @@ def test_invariant_2_ledger_is_the_truth(
     assert counting.remote.calls("save") == 1
 
 
-def test_invariant_3_one_worker_per_file_and_late_workers_lose(storage: QueuedStorage) -> None:
+def test_invariant_3_one_worker_per_file_and_late_workers_lose(
+    storage: QueuedStorage,
+) -> None:
     name = storage.save("race.txt", content())
     (late,) = PendingTransfer.objects.claim_due(limit=10, lease=60)
     assert PendingTransfer.objects.claim_due(limit=10, lease=60) == []
@@ -282,9 +284,7 @@ def test_invariant_7_view_only_staff_cannot_requeue(make_storage: Make) -> None:
     storage.save("a.txt", content())
     PendingTransfer.objects.update(status="failed")
     viewer = User.objects.create_user("viewer", password="x", is_staff=True)
-    viewer.user_permissions.add(
-        Permission.objects.get(codename="view_pendingtransfer")
-    )
+    viewer.user_permissions.add(Permission.objects.get(codename="view_pendingtransfer"))
     client = Client()
     client.force_login(viewer)
     listing = client.get("/admin/queued_storage/pendingtransfer/")
@@ -293,7 +293,9 @@ def test_invariant_7_view_only_staff_cannot_requeue(make_storage: Make) -> None:
         "/admin/queued_storage/pendingtransfer/",
         {
             "action": "retry_now",
-            "_selected_action": list(PendingTransfer.objects.values_list("pk", flat=True)),
+            "_selected_action": list(
+                PendingTransfer.objects.values_list("pk", flat=True)
+            ),
         },
     )
     assert PendingTransfer.objects.get().status == "failed"
@@ -312,7 +314,9 @@ def test_invariant_7_view_only_staff_cannot_requeue(make_storage: Make) -> None:
         "",
     ],
 )
-def test_invariant_8_bad_input_changes_nothing(storage: QueuedStorage, name: str) -> None:
+def test_invariant_8_bad_input_changes_nothing(
+    storage: QueuedStorage, name: str
+) -> None:
     with pytest.raises((SuspiciousFileOperation, ValueError)):
         storage.save(name, content())
     assert not PendingTransfer.objects.exists()

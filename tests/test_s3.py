@@ -62,7 +62,7 @@ def test_s3_end_to_end(
 
     url = s3_storage.url(name)
     assert url.startswith(f"{s3_endpoint}/{bucket}/photos/cat.jpg")
-    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback
+    with urllib.request.urlopen(url, timeout=10) as response:
         assert response.read() == payload
     with s3_storage.open(name) as opened:
         assert opened.read() == payload

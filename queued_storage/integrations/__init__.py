@@ -6,7 +6,7 @@ integration lives in its own module and is imported only when it is chosen.
 
 from __future__ import annotations
 
-from functools import partial
+from functools import partial, update_wrapper
 
 from django.db import router, transaction
 from django.utils.module_loading import import_string
@@ -29,8 +29,10 @@ def wake_after_commit(key: str, name: str) -> None:
     wake = import_string(WAKERS[worker])
     from queued_storage.models import PendingTransfer
 
+    # Named like ``wake``: Django logs a failing robust callback by its
+    # __qualname__, and a bare partial has none (the caller's commit would raise).
     transaction.on_commit(
-        partial(wake, key, name),
+        update_wrapper(partial(wake, key, name), wake),
         using=router.db_for_write(PendingTransfer),
         robust=True,
     )

@@ -16,6 +16,12 @@ class Document(models.Model):
     title = models.CharField(max_length=100, blank=True)
     file = QueuedFileField(upload_to="docs", storage=document_storage)
 
+    def __str__(self) -> str:
+        return self.file.name or ""
+
 
 class HeldDocument(models.Model):
     file = QueuedFileField(upload_to="held", storage=held_storage)
+
+    def __str__(self) -> str:
+        return self.file.name or ""

@@ -62,7 +62,9 @@ class Progress:
         self.every = every
         self.last = 0.0
 
-    def __call__(self, stats: DrainStats, row: PendingTransfer, outcome: Outcome) -> None:
+    def __call__(
+        self, stats: DrainStats, row: PendingTransfer, outcome: Outcome
+    ) -> None:
         now = time.monotonic()
         if not self.live and now - self.last < self.every:
             return
@@ -167,33 +169,38 @@ class Command(BaseCommand):
                     f"{', '.join(registry.known_keys()) or 'none'}."
                 )
         self.stopping = False
-        if loop:
-            self._install_signal_handlers()
+        # Put back what the caller had: call_command() must not leave the process
+        # (a test run, a supervisor) with the handler of a command that has ended.
+        previous = self._install_signal_handlers() if loop else {}
         live = sys.stdout.isatty() if progress is None else progress
         totals = DrainStats()
         polls = 0
-        while True:
-            polls += 1
-            due = PendingTransfer.objects.due()
-            if storages:
-                due = due.filter(storage_key__in=storages)
-            display = Progress(self, due.count(), live and verbosity > 0)
-            stats = drain(
-                keys=storages,
-                limit=limit,
-                batch_size=batch_size,
-                concurrency=concurrency,
-                progress=display if verbosity > 0 else None,
-                should_stop=lambda: self.stopping,
-            )
-            display.finish()
-            self._add(totals, stats)
-            if stats.processed and verbosity > 0:
-                self.stdout.write(self.summary(stats))
-            if not loop or self.stopping or (max_polls and polls >= max_polls):
-                break
-            if not stats.processed:
-                self._sleep(interval)
+        try:
+            while True:
+                polls += 1
+                due = PendingTransfer.objects.due()
+                if storages:
+                    due = due.filter(storage_key__in=storages)
+                display = Progress(self, due.count(), live and verbosity > 0)
+                stats = drain(
+                    keys=storages,
+                    limit=limit,
+                    batch_size=batch_size,
+                    concurrency=concurrency,
+                    progress=display if verbosity > 0 else None,
+                    should_stop=lambda: self.stopping,
+                )
+                display.finish()
+                self._add(totals, stats)
+                if stats.processed and verbosity > 0:
+                    self.stdout.write(self.summary(stats))
+                if not loop or self.stopping or (max_polls and polls >= max_polls):
+                    break
+                if not stats.processed:
+                    self._sleep(interval)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         if loop and verbosity > 0:
             self.stdout.write("Stopped. " + self.summary(totals))
         elif not totals.processed and verbosity > 0:
@@ -214,13 +221,17 @@ class Command(BaseCommand):
             f"elapsed={stats.elapsed:.1f}s"
         )
 
-    def _install_signal_handlers(self) -> None:
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """Stop after the current file on SIGTERM/SIGINT; returns the old handlers."""
+
         def stop(signum: int, frame: FrameType | None) -> None:
             logger.info("stopping signal=%s", signal.Signals(signum).name)
             self.stopping = True
 
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        return {
+            signum: signal.signal(signum, stop)
+            for signum in (signal.SIGTERM, signal.SIGINT)
+        }
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

@@ -1,0 +1,235 @@
+"""System checks, asserted by their IDs."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.checks import Error, run_checks
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+
+from queued_storage import registry
+from queued_storage.backends import QueuedStorage
+from queued_storage.checks import check_settings, check_storages
+from tests.conftest import FS
+
+BACKEND = "queued_storage.backends.QueuedStorage"
+
+
+def check_ids() -> list[str]:
+    return [message.id for message in check_storages() + check_settings()]
+
+
+def errors_with(check_id: str) -> list[Error]:
+    return [
+        message
+        for message in check_storages() + check_settings()
+        if message.id == check_id
+    ]
+
+
+@pytest.fixture
+def forget_keys() -> Iterator[list[str]]:
+    keys: list[str] = []
+    yield keys
+    for key in keys:
+        registry.forget(key)
+
+
+def test_default_test_settings_pass_the_checks() -> None:
+    assert check_ids() == []
+    messages = [m for m in run_checks() if m.id and m.id.startswith("queued_storage")]
+    assert messages == []
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"local": "no.such.Storage", "remote": "queued_remote"},
+        {"local": "queued_local", "remote": "collections.OrderedDict"},
+        {"local": "queued_local"},
+        {},
+        {"local": "queued_local", "remote": "queued_remote", "colour": "blue"},
+    ],
+    ids=["bad-local", "bad-remote", "no-remote", "no-options", "unknown-option"],
+)
+def test_e001_queued_storage_in_storages_that_cannot_be_built(
+    settings: Any, options: dict[str, Any]
+) -> None:
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "broken": {"BACKEND": BACKEND, "OPTIONS": options},
+    }
+
+    (error,) = errors_with("queued_storage.E001")
+
+    assert "'broken'" in error.msg
+    assert error.hint
+
+
+def test_e001_not_raised_for_a_good_queued_storage_in_storages(
+    settings: Any, forget_keys: list[str]
+) -> None:
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "good": {
+            "BACKEND": BACKEND,
+            "OPTIONS": {"local": "queued_local", "remote": "queued_remote", "key": "g"},
+        },
+    }
+    forget_keys.append("g")
+
+    assert check_ids() == []
+
+
+def test_e002_two_differently_configured_storages_share_a_key(
+    tmp_path: Path, forget_keys: list[str]
+) -> None:
+    forget_keys.append("shared")
+    options = {"location": str(tmp_path / "l")}
+    secret = {"location": str(tmp_path / "r"), "base_url": "https://s3cr3t.example/"}
+    QueuedStorage(FS, FS, local_options=options, remote_options=secret, key="shared")
+    assert check_ids() == []
+
+    QueuedStorage(
+        FS,
+        FS,
+        local_options=options,
+        remote_options=secret,
+        delayed=True,
+        key="shared",
+    )
+
+    (error,) = errors_with("queued_storage.E002")
+    assert "'shared'" in error.msg
+    assert "s3cr3t" not in error.msg  # options may hold credentials
+
+
+def test_e002_default_key_ignores_options(
+    tmp_path: Path, forget_keys: list[str]
+) -> None:
+    first = QueuedStorage(FS, FS, remote_options={"location": str(tmp_path / "a")})
+    second = QueuedStorage(FS, FS, remote_options={"location": str(tmp_path / "b")})
+    forget_keys.append(first.key)
+
+    assert first.key == second.key
+    assert [error.id for error in errors_with("queued_storage.E002")] == [
+        "queued_storage.E002"
+    ]
+
+
+def test_e002_not_raised_for_identically_configured_storages(
+    forget_keys: list[str],
+) -> None:
+    forget_keys.append("twins")
+    QueuedStorage(FS, FS, key="twins")
+    QueuedStorage(FS, FS, key="twins")
+
+    assert errors_with("queued_storage.E002") == []
+
+
+def test_e003_unknown_worker(settings: Any) -> None:
+    settings.QUEUED_STORAGE_WORKER = "celery"
+
+    assert check_ids() == ["queued_storage.E003"]
+
+
+@pytest.mark.parametrize("worker", [None, "immediate"])
+def test_e003_not_raised_for_a_known_worker(settings: Any, worker: str | None) -> None:
+    settings.QUEUED_STORAGE_WORKER = worker
+
+    assert check_ids() == []
+
+
+def fake_find_spec(monkeypatch: pytest.MonkeyPatch, *, missing: set[str]) -> None:
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name in missing:
+            return None
+        if name in {"django_q", "django_tasks", "django.tasks"}:
+            return importlib.util.spec_from_loader(name, loader=None)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+def test_e004_django_q_worker_without_django_q(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.QUEUED_STORAGE_WORKER = "django_q"
+    fake_find_spec(monkeypatch, missing={"django_q"})
+
+    (error,) = errors_with("queued_storage.E004")
+
+    assert "django-q2" in error.msg
+
+
+def test_e004_not_raised_when_django_q_is_installed(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.QUEUED_STORAGE_WORKER = "django_q"
+    fake_find_spec(monkeypatch, missing=set())
+
+    assert check_ids() == []
+
+
+def test_e004_django_tasks_worker_without_a_tasks_framework(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.QUEUED_STORAGE_WORKER = "django_tasks"
+    fake_find_spec(monkeypatch, missing={"django_tasks", "django.tasks"})
+
+    assert check_ids() == ["queued_storage.E004"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("QUEUED_STORAGE_RETRIES", -1),
+        ("QUEUED_STORAGE_RETRIES", 1.5),
+        ("QUEUED_STORAGE_RETRIES", "5"),
+        ("QUEUED_STORAGE_RETRY_DELAY", "x"),
+        ("QUEUED_STORAGE_RETRY_DELAY", -1),
+        ("QUEUED_STORAGE_LEASE", 0),
+        ("QUEUED_STORAGE_LEASE", True),
+        ("QUEUED_STORAGE_CACHE_PREFIX", 3),
+        ("QUEUED_STORAGE_CACHE_PREFIX", None),
+    ],
+)
+def test_e005_bad_number_or_prefix(settings: Any, setting: str, value: Any) -> None:
+    setattr(settings, setting, value)
+
+    (error,) = errors_with("queued_storage.E005")
+
+    assert setting in error.msg
+    assert check_ids() == ["queued_storage.E005"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("QUEUED_STORAGE_RETRIES", 0),
+        ("QUEUED_STORAGE_RETRY_DELAY", 0),
+        ("QUEUED_STORAGE_RETRY_DELAY", 2.5),
+        ("QUEUED_STORAGE_LEASE", 1),
+        ("QUEUED_STORAGE_CACHE_PREFIX", ""),
+    ],
+)
+def test_e005_not_raised_for_edge_values(
+    settings: Any, setting: str, value: Any
+) -> None:
+    setattr(settings, setting, value)
+
+    assert check_ids() == []
+
+
+def test_manage_py_check_fails_for_a_bad_worker(settings: Any) -> None:
+    settings.QUEUED_STORAGE_WORKER = "celery"
+
+    with pytest.raises(SystemCheckError, match=r"queued_storage\.E003"):
+        call_command("check")
