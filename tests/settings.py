@@ -33,6 +33,11 @@ try:
 except ValueError as exc:
     raise ImproperlyConfigured(str(exc)) from exc
 
+# A worker process started by a test (see tests/workers.py) connects straight to
+# the test database that pytest-django created for the run it belongs to.
+if os.environ.get("QUEUED_STORAGE_USE_TEST_DB"):
+    DATABASES["default"]["NAME"] = DATABASES["default"]["TEST"]["NAME"]
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
@@ -93,3 +98,10 @@ STORAGES = {
 
 # Admin tests create users; the default hasher costs ~0.3 s per password.
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+# Settings a test hands to the worker processes it starts (tests/workers.py):
+# JSON, e.g. {"QUEUED_STORAGE_LEASE": 2, "STORAGES": {...}}.
+if os.environ.get("QUEUED_STORAGE_TEST_OVERRIDES"):
+    import json
+
+    globals().update(json.loads(os.environ["QUEUED_STORAGE_TEST_OVERRIDES"]))
