@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
+import unicodedata
 import posixpath
-import socket
 import warnings
 from datetime import datetime
 from functools import cached_property
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple, cast
 from urllib.parse import quote
 
 from django.conf import settings
@@ -22,6 +24,7 @@ from django.utils.deconstruct import deconstructible
 from django.utils.module_loading import import_string
 
 from queued_storage import registry
+from queued_storage.checksums import HashingFile, storage_sha256
 from queued_storage.conf import settings as conf
 from queued_storage.models import MAX_NAME_LENGTH, PendingTransfer
 
@@ -49,13 +52,41 @@ MAX_KEY_LENGTH = 255
 #: Give up looking for a free name after this many tries.
 MAX_NAME_TRIES = 100
 
-HOST = socket.gethostname()
-
 
 class RowState(NamedTuple):
     status: str
     deleted: bool
     size: int | None
+
+
+SECRET_WORDS = ("key", "secret", "password", "passwd", "token", "credential", "sas")
+URL_PASSWORD = re.compile(r"(\w+://[^:/@\s]+:)[^@\s]+@")
+
+
+def _secret_values(options: Mapping[str, Any]) -> set[str]:
+    found: set[str] = set()
+    for name, value in options.items():
+        if isinstance(value, Mapping):
+            found |= _secret_values(value)
+        elif (
+            isinstance(value, str)
+            and len(value) >= 4
+            and any(word in str(name).lower() for word in SECRET_WORDS)
+        ):
+            found.add(value)
+    return found
+
+
+#: Unicode bidirectional controls: they make a name read differently than it is.
+BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+#: Names Windows reserves for devices, whatever the extension.
+DEVICE_NAMES = frozenset(
+    ["con", "prn", "aux", "nul"]
+    + [f"com{n}" for n in range(1, 10)]
+    + [f"lpt{n}" for n in range(1, 10)]
+)
 
 
 def check_name(name: str) -> None:
@@ -73,6 +104,56 @@ def check_name(name: str) -> None:
         raise SuspiciousFileOperation(
             f"File name {name!r} contains a NUL or control character."
         )
+    if any(char in BIDI_CONTROLS for char in name):
+        raise SuspiciousFileOperation(
+            f"File name {name!r} contains a bidirectional text control character."
+        )
+
+
+def portable_name(name: str) -> str:
+    """``name`` with what :func:`clean_name` rejects mended, for uploaded names."""
+    name = unicodedata.normalize("NFC", name.replace("\\", "/"))
+    name = "".join(c for c in name if c not in BIDI_CONTROLS and ord(c) >= 32)
+    parts = []
+    for part in name.split("/"):
+        part = part.rstrip(" .")
+        if not part or part == "..":
+            continue
+        if part.split(".")[0].lower() in DEVICE_NAMES:
+            part = f"_{part}"
+        parts.append(part)
+    return "/".join(parts)
+
+
+def clean_name(name: str) -> str:
+    """The name a save stores: checked, with ``\\`` as ``/``, in Unicode NFC (so one
+    file cannot have two ledger rows), and portable to every remote."""
+    check_name(name)
+    name = unicodedata.normalize("NFC", name.replace("\\", "/"))
+    if name.startswith("/"):
+        raise SuspiciousFileOperation(f"File name {name!r} is an absolute path.")
+    parts = name.split("/")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise SuspiciousFileOperation(
+                f"File name {name!r} has an empty, '.' or '..' path component."
+            )
+        if part != part.rstrip(" ."):
+            raise SuspiciousFileOperation(
+                f"File name {name!r} has a component ending in a dot or a space, "
+                "which Windows and some remotes drop."
+            )
+        if part.split(".")[0].lower() in DEVICE_NAMES:
+            raise SuspiciousFileOperation(
+                f"File name {name!r} uses {part.split('.')[0]!r}, a name Windows "
+                "reserves for a device."
+            )
+    if len(name) > MAX_NAME_LENGTH:
+        raise SuspiciousFileOperation(
+            f"File name is {len(name)} characters long; the ledger stores at most "
+            f"{MAX_NAME_LENGTH}."
+        )
+    return name
 
 
 @deconstructible
@@ -97,6 +178,10 @@ class QueuedStorage(Storage):
         delayed: bool = False,
         task: str | type | None = None,
         key: str | None = None,
+        *,
+        verify_checksum: bool = False,
+        overwrite_remote: bool = False,
+        local_shared: bool = True,
     ) -> None:
         local = local or self.default_local
         remote = remote or self.default_remote
@@ -112,6 +197,13 @@ class QueuedStorage(Storage):
             conf.QUEUED_STORAGE_CACHE_PREFIX if cache_prefix is None else cache_prefix
         )
         self.delayed = bool(delayed)
+        #: Compare SHA-256 of the local and the remote copy before a row is done.
+        self.verify_checksum = bool(verify_checksum)
+        #: Replace a remote object at the name that the ledger did not write.
+        self.overwrite_remote = bool(overwrite_remote)
+        #: False when each host has its own local storage: a worker then takes only
+        #: the rows its own host wrote.
+        self.local_shared = bool(local_shared)
         self.task_path, self.task_class = self._check_task(task)
         self.key = self._check_key(
             key,
@@ -127,6 +219,9 @@ class QueuedStorage(Storage):
                 sorted(self.remote_options.items()),
                 self.delayed,
                 self.task_path,
+                self.verify_checksum,
+                self.overwrite_remote,
+                self.local_shared,
                 type(self).__qualname__,
             ),
         )
@@ -230,6 +325,28 @@ class QueuedStorage(Storage):
             f"delayed={self.delayed}, task={self.task_path!r})"
         )
 
+    def redact(self, text: str) -> str:
+        """``text`` without this storage's credentials: option values whose names
+        look secret, secret attributes of the built storages, URL passwords."""
+        for secret in self._secrets():
+            text = text.replace(secret, "[redacted]")
+        return URL_PASSWORD.sub(r"\1[redacted]@", text)
+
+    def _secrets(self) -> set[str]:
+        sources: list[Mapping[str, Any]] = [self.local_options, self.remote_options]
+        configs = cast("dict[str, dict[str, Any]]", settings.STORAGES)
+        for alias in (self.local_alias, self.remote_alias):
+            if alias in configs:
+                sources.append(configs[alias].get("OPTIONS", {}))
+                sources.append(vars(storages[alias]))
+        for built in ("_local_instance", "_remote_instance"):
+            if built in self.__dict__:
+                sources.append(vars(self.__dict__[built]))
+        found: set[str] = set()
+        for source in sources:
+            found.update(_secret_values(source))
+        return found
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} key={self.key!r}>"
 
@@ -304,13 +421,15 @@ class QueuedStorage(Storage):
     # Saving
 
     def get_valid_name(self, name: str) -> str:
-        return str(self.local.get_valid_name(name))
+        return portable_name(str(self.local.get_valid_name(name)))
 
     def get_alternative_name(self, file_root: str, file_ext: str) -> str:
         return str(self.local.get_alternative_name(file_root, file_ext))
 
     def generate_filename(self, filename: str | os.PathLike[str]) -> str:
-        return str(self.local.generate_filename(filename))
+        """The local storage's name for an upload, made portable: what a user's
+        file is called never makes the save fail."""
+        return portable_name(str(self.local.generate_filename(filename)))
 
     def is_name_available(self, name: str, max_length: int | None = None) -> bool:
         return self._free(name, max_length) is not None
@@ -330,8 +449,7 @@ class QueuedStorage(Storage):
         return self._available_name(name, max_length)[0]
 
     def _available_name(self, name: str, max_length: int | None) -> tuple[str, bool]:
-        name = str(name).replace("\\", "/")
-        check_name(name)
+        name = clean_name(str(name))
         dir_name, file_name = posixpath.split(name)
         if ".." in pathlib.PurePath(dir_name).parts:
             raise SuspiciousFileOperation(
@@ -368,28 +486,40 @@ class QueuedStorage(Storage):
             name = content.name
         if not hasattr(content, "chunks"):
             content = File(content, name)
-        check_name(name)
+        name = clean_name(name)
         validate_file_name(name, allow_relative_path=True)
         name, existing = self._available_name(name, max_length)
         validate_file_name(name, allow_relative_path=True)
         return self._store(name, content, existing, max_length)
 
     def _save(self, name: str, content: Any) -> str:
-        check_name(name)
+        name = clean_name(name)
         return self._store(name, content, self._row_state(name) is not None, None)
 
     def _store(
         self, name: str, content: Any, existing: bool, max_length: int | None
     ) -> str:
-        stored = self.local.save(name, content, max_length=max_length)
+        hashing = HashingFile(content) if self.verify_checksum else None
+        stored = self.local.save(name, hashing or content, max_length=max_length)
         if stored != name:
             existing = self._row_state(stored) is not None
+        size = self.local.size(stored)
+        checksum = ""
+        if hashing is not None:
+            # A local storage that moved a temporary file instead of reading it
+            # leaves the hash incomplete: then read the saved copy once.
+            checksum = (
+                hashing.hexdigest()
+                if hashing.hashed == size
+                else storage_sha256(self.local, stored)
+            )
         PendingTransfer.objects.record_save(
             key=self.key,
             name=stored,
-            size=self.local.size(stored),
-            host=HOST,
+            size=size,
+            host=conf.QUEUED_STORAGE_HOSTNAME,
             held=self.delayed,
+            checksum=checksum,
             existing=existing,
         )
         if not self.delayed:
@@ -522,7 +652,10 @@ class QueuedStorage(Storage):
                 key=self.key,
                 name=name,
                 size=self.local.size(name),
-                host=HOST,
+                checksum=(
+                    storage_sha256(self.local, name) if self.verify_checksum else ""
+                ),
+                host=conf.QUEUED_STORAGE_HOSTNAME,
                 held=False,
                 existing=state is not None,
             )

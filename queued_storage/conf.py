@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from django.conf import settings as django_settings
@@ -14,6 +15,7 @@ DEFAULTS: dict[str, Any] = {
     "QUEUED_STORAGE_LEASE": 300,
     "QUEUED_STORAGE_CACHE_PREFIX": "queued_storage",
     "QUEUED_STORAGE_WORKER": None,
+    "QUEUED_STORAGE_HOSTNAME": None,
 }
 
 
@@ -43,6 +45,12 @@ class Settings:
     def QUEUED_STORAGE_WORKER(self) -> str | None:
         value = self._get("QUEUED_STORAGE_WORKER")
         return None if value is None else str(value)
+
+    @property
+    def QUEUED_STORAGE_HOSTNAME(self) -> str:
+        """This host's name in the ledger's ``host`` column."""
+        value = self._get("QUEUED_STORAGE_HOSTNAME")
+        return str(value) if value else socket.gethostname()
 
     def raw(self, name: str) -> Any:
         """The value as the user wrote it, for the system checks."""

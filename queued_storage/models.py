@@ -11,9 +11,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connections, models, router, transaction
-from django.db.models import Case, F, Q, Value, When
+from django.db.models import Case, F, Min, Q, Value, When
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
+
+from queued_storage.conf import settings as conf
 
 #: How many entries of the error history a row keeps.
 ERROR_HISTORY_LENGTH = 10
@@ -70,6 +72,35 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
         """Rows whose worker's lease ran out: the worker is gone."""
         now = now or timezone.now()
         return self.transferring().filter(lease_expires_at__lt=now)
+
+    def failing(self) -> PendingTransferQuerySet:
+        """Rows not done whose latest attempt failed (attempts > 0, an error kept)."""
+        return (
+            self.filter(attempts__gt=0)
+            .exclude(status=PendingTransfer.Status.DONE)
+            .exclude(last_error="")
+        )
+
+    def errors_since(self, since: datetime) -> PendingTransferQuerySet:
+        """Rows whose latest attempt failed at or after ``since`` (retrying or failed)."""
+        return self.filter(
+            status__in=[PendingTransfer.Status.QUEUED, PendingTransfer.Status.FAILED],
+            updated_at__gte=since,
+        ).exclude(last_error="")
+
+    def oldest_due_at(self, now: datetime | None = None) -> datetime | None:
+        """When the longest-waiting due row became due; None when nothing is due.
+
+        Two indexed aggregates: queued rows by ``next_attempt_at``, rows with an
+        expired lease by ``lease_expires_at``."""
+        now = now or timezone.now()
+        queued = (
+            self.queued()
+            .filter(next_attempt_at__lte=now)
+            .aggregate(at=Min("next_attempt_at"))["at"]
+        )
+        stuck = self.stuck(now).aggregate(at=Min("lease_expires_at"))["at"]
+        return min((at for at in (queued, stuck) if at is not None), default=None)
 
     def due(self, now: datetime | None = None) -> PendingTransferQuerySet:
         """Rows a worker may claim now: queued and due, or with an expired lease."""
@@ -186,6 +217,19 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
             updated_at=now,
         )
 
+    def hold(self, now: datetime | None = None) -> int:
+        """Park queued and failed rows until they are queued again; tombstones and
+        rows a worker holds are left alone."""
+        now = now or timezone.now()
+        return self.filter(
+            status__in=[PendingTransfer.Status.QUEUED, PendingTransfer.Status.FAILED],
+            deleted=False,
+        ).update(
+            status=PendingTransfer.Status.HELD,
+            next_attempt_at=None,
+            updated_at=now,
+        )
+
     def record_save(
         self,
         *,
@@ -274,6 +318,7 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
                     name=name,
                     name_hash=name_hash(name),
                     remote_owned=True,
+                    host=conf.QUEUED_STORAGE_HOSTNAME,
                     created_at=now,
                 )
             row.deleted = True
@@ -411,11 +456,12 @@ class PendingTransfer(models.Model):
         max_retries: int,
         base_delay: float,
         disown_remote: bool = False,
+        message: str | None = None,
     ) -> str | None:
         """Record an attempt's error; back off or give up. Returns the new status,
         or None when the lease or generation is stale."""
         now = timezone.now()
-        entry = error_entry(error, self.attempts, now)
+        entry = error_entry(error, self.attempts, now, message=message)
         history = [*list(self.error_history or []), entry][-ERROR_HISTORY_LENGTH:]
         gives_up = not retry or self.attempts > max_retries
         changes: dict[str, Any] = {
@@ -457,6 +503,30 @@ class PendingTransfer(models.Model):
             )
         )
 
+    def requeue_unverified(self, error: BaseException | str) -> bool:
+        """Queue a done row again whose remote copy failed a later check, keeping
+        the error; the remote object is ours to replace. False if the row changed."""
+        now = timezone.now()
+        entry = error_entry(error, self.attempts, now)
+        history = [*list(self.error_history or []), entry][-ERROR_HISTORY_LENGTH:]
+        return bool(
+            PendingTransfer.objects.filter(
+                pk=self.pk,
+                generation=self.generation,
+                status=self.Status.DONE,
+                deleted=False,
+            ).update(
+                status=self.Status.QUEUED,
+                attempts=0,
+                next_attempt_at=now,
+                remote_owned=True,
+                transferred_at=None,
+                last_error=entry["text"],
+                error_history=history,
+                updated_at=now,
+            )
+        )
+
     def delete_tombstone(self) -> bool:
         """Remove this tombstone, unless a newer save took the name over."""
         deleted, _counts = PendingTransfer.objects.filter(
@@ -466,14 +536,20 @@ class PendingTransfer(models.Model):
 
 
 def error_entry(
-    error: BaseException | str, attempt: int, now: datetime
+    error: BaseException | str,
+    attempt: int,
+    now: datetime,
+    message: str | None = None,
 ) -> dict[str, Any]:
-    """What the ledger keeps of an error: class, message, attempt and time."""
+    """What the ledger keeps of an error: class, message, attempt and time.
+    ``message`` replaces the error's own text (redacted by the caller)."""
     if isinstance(error, BaseException):
         kind = type(error).__name__
-        message = str(error)
+        text = str(error)
     else:
-        kind, message = "TransferError", error
+        kind, text = "TransferError", error
+    if message is None:
+        message = text
     message = message[:ERROR_MESSAGE_LENGTH]
     return {
         "attempt": attempt,

@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from django.core.files.storage import Storage
 from django.db import connections, router, transaction
+from django.db.models import Q
 
 from queued_storage import registry
+from queued_storage.checksums import remote_sha256, storage_sha256
 from queued_storage.conf import settings as conf
-from queued_storage.models import PendingTransfer
+from queued_storage.models import PendingTransfer, PendingTransferQuerySet
 from queued_storage.signals import file_transferred, transfer_failed
 
 if TYPE_CHECKING:
@@ -47,6 +49,10 @@ class RemoteRenamed(TransferError):
 
 
 class SizeMismatch(TransferError):
+    pass
+
+
+class ChecksumMismatch(TransferError):
     pass
 
 
@@ -194,7 +200,7 @@ def process_row(row: PendingTransfer) -> Outcome:
 
 def _make_room(storage: QueuedStorage, row: PendingTransfer) -> None:
     remote = storage.remote
-    if not row.was_owned:
+    if not row.was_owned and not storage.overwrite_remote:
         if remote.exists(row.name):
             raise RemoteConflict(
                 f"the remote already has an object at {row.name!r} that the ledger did "
@@ -213,6 +219,14 @@ def _verify(storage: QueuedStorage, row: PendingTransfer) -> None:
             f"the remote copy of {row.name!r} has {actual} bytes, the local file "
             f"{expected}"
         )
+    if storage.verify_checksum:
+        local_sum = row.checksum or storage_sha256(storage.local, row.name)
+        remote_sum = remote_sha256(storage.remote, row.name)
+        if remote_sum != local_sum:
+            raise ChecksumMismatch(
+                f"checksum mismatch: the remote copy of {row.name!r} has SHA-256 "
+                f"{remote_sum}, the local file {local_sum}"
+            )
 
 
 def _after_done(storage: QueuedStorage, row: PendingTransfer, task: Any) -> None:
@@ -248,6 +262,7 @@ def _fail(
     retry = getattr(error, "retry", True)
     status = row.mark_failure(
         error,
+        message=storage.redact(str(error)) if storage is not None else None,
         retry=retry,
         max_retries=retries,
         base_delay=delay,
@@ -334,6 +349,8 @@ def purge(storage: QueuedStorage, pk: int, generation: int) -> None:
     ).first()
     if row is None:
         return
+    if not storage.local_shared and row.host != conf.QUEUED_STORAGE_HOSTNAME:
+        return  # the local copy is on another host: its worker purges the row
     leased = row.has_live_lease()
     _delete_files(storage, row.name, remote=row.remote_owned)
     if not leased:
@@ -379,10 +396,16 @@ def _process_all(
             return
         try:
             outcome = process_row(row)
-        except Exception:
-            # A bug or a dead database: never kill the loop over one row.
-            logger.exception(
-                "transfer crashed key=%s name=%s", row.storage_key, row.name
+        except Exception as exc:
+            # A bug or a dead database: never kill the loop over one row. No
+            # traceback: its frames could show a storage's credentials.
+            storage = registry.get(row.storage_key)
+            logger.error(
+                "transfer crashed key=%s name=%s error=%s: %s",
+                row.storage_key,
+                row.name,
+                type(exc).__name__,
+                storage.redact(str(exc)) if storage is not None else "",
             )
             outcome = Outcome.STALE
         stats.count(outcome, row.size or 0)
@@ -417,6 +440,21 @@ def _process_all(
         thread.join()
 
 
+def _claimable(rows: PendingTransferQuerySet) -> PendingTransferQuerySet:
+    """Leave out rows whose local copy lives on another host (storages built with
+    ``local_shared=False``)."""
+    host_local = [
+        key
+        for key in registry.known_keys()
+        if (storage := registry.get(key)) is not None and not storage.local_shared
+    ]
+    if not host_local:
+        return rows
+    return rows.exclude(
+        Q(storage_key__in=host_local) & ~Q(host=conf.QUEUED_STORAGE_HOSTNAME)
+    )
+
+
 def drain(
     *,
     keys: Iterable[str] | None = None,
@@ -431,7 +469,7 @@ def drain(
     A row retried with no delay is due again at once, so it is retried in the same
     drain, up to its attempt limit."""
     stats = DrainStats()
-    rows_qs = PendingTransfer.objects.all()
+    rows_qs = _claimable(PendingTransfer.objects.all())
     if keys:
         rows_qs = rows_qs.filter(storage_key__in=list(keys))
     lease = conf.QUEUED_STORAGE_LEASE
@@ -453,7 +491,7 @@ def drain(
 
 def transfer_name(key: str, name: str) -> Outcome | None:
     """Transfer one name now if its row is due: what a wake-up runs."""
-    rows = PendingTransfer.objects.for_name(key, name).claim_due(
+    rows = _claimable(PendingTransfer.objects.for_name(key, name)).claim_due(
         limit=1, lease=conf.QUEUED_STORAGE_LEASE
     )
     if not rows:

@@ -6,8 +6,11 @@ only difference. The tests reach them by dotted path, as a user's settings would
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 from django.core.files.base import ContentFile
@@ -106,3 +109,80 @@ class ExplodingStorage(FileSystemStorage):
         }:
             raise AssertionError(f"the remote's {name}() was called")
         return super().__getattribute__(name)
+
+
+def append_journal(journal: str, event: str, name: str) -> None:
+    """Append ``event<TAB>pid<TAB>time<TAB>name`` to ``journal`` in one write.
+
+    O_APPEND makes each line land whole, whichever worker process writes it."""
+    line = f"{event}\t{os.getpid()}\t{time.time():.6f}\t{name}\n".encode()
+    fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+class _Paced:
+    """File content whose chunks arrive ``delay`` seconds apart: a slow upload."""
+
+    def __init__(self, content: Any, delay: float, chunk_size: int) -> None:
+        self.content = content
+        self.delay = delay
+        self.chunk_size = chunk_size
+
+    def chunks(self, chunk_size: int | None = None) -> Iterator[bytes]:
+        for chunk in self.content.chunks(chunk_size=self.chunk_size):
+            time.sleep(self.delay)
+            yield chunk
+
+
+class JournalingStorage(FileSystemStorage):
+    """Journals every upload (``begin`` and ``saved`` lines) to the file ``journal``,
+    so a test counts the remote's writes across worker processes; ``delay`` seconds
+    between chunks of ``chunk_size`` bytes make uploads slow."""
+
+    def __init__(
+        self,
+        journal: str,
+        delay: float = 0.0,
+        chunk_size: int = 64 * 1024,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.journal = journal
+        self.delay = delay
+        self.chunk_size = chunk_size
+
+    def _save(self, name: str, content: Any) -> str:
+        append_journal(self.journal, "begin", name)
+        if self.delay:
+            content = _Paced(content, self.delay, self.chunk_size)
+        saved = super()._save(name, content)
+        append_journal(self.journal, "saved", saved)
+        return saved
+
+
+class CorruptingStorage(CountingStorage):
+    """Flips one byte of every file: same size, wrong content."""
+
+    def _save(self, name: str, content: Any) -> str:
+        data = bytearray(content.read())
+        if data:
+            data[len(data) // 2] ^= 0xFF
+        return super()._save(name, ContentFile(bytes(data)))
+
+
+class KeyedRemote(FileSystemStorage):
+    """A remote that takes credentials and fails, quoting them as careless client
+    libraries do."""
+
+    def __init__(self, secret_key: str = "", url: str = "", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.secret_key = secret_key
+        self.url_with_password = url
+
+    def _save(self, name: str, content: Any) -> str:
+        raise PermissionError(
+            f"access denied for secret_key={self.secret_key} at {self.url_with_password}"
+        )

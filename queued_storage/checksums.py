@@ -1,0 +1,83 @@
+"""SHA-256 of a file as it is saved, and of the remote copy, for verification."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+from django.core.files import File
+from django.core.files.storage import Storage
+
+CHUNK_SIZE = 1024 * 1024
+
+
+class HashingFile(File):  # type: ignore[type-arg]
+    """Wraps upload content and hashes every byte the local storage reads."""
+
+    def __init__(self, content: Any) -> None:
+        super().__init__(content, getattr(content, "name", None))
+        self.source = content
+        self.hasher = hashlib.sha256()
+        self.hashed = 0
+
+    def _feed(self, data: Any) -> Any:
+        chunk = data.encode() if isinstance(data, str) else data
+        self.hasher.update(chunk)
+        self.hashed += len(chunk)
+        return data
+
+    def chunks(self, chunk_size: int | None = None) -> Iterator[Any]:
+        for chunk in self.source.chunks(chunk_size):
+            yield self._feed(chunk)
+
+    def read(self, *args: Any) -> Any:
+        return self._feed(self.source.read(*args))
+
+    @property
+    def size(self) -> int:
+        return int(self.source.size)
+
+    def hexdigest(self) -> str:
+        return self.hasher.hexdigest()
+
+
+def storage_sha256(storage: Storage, name: str) -> str:
+    """Stream ``name`` from ``storage`` and return its SHA-256."""
+    hasher = hashlib.sha256()
+    with storage.open(name, "rb") as opened:
+        for chunk in opened.chunks(CHUNK_SIZE):
+            hasher.update(chunk.encode() if isinstance(chunk, str) else chunk)
+    return hasher.hexdigest()
+
+
+def remote_sha256(storage: Storage, name: str) -> str:
+    """The remote copy's SHA-256: the service's own when it keeps a full-object
+    SHA-256 (S3 with ``ChecksumAlgorithm=SHA256``), else a streamed re-read."""
+    stored = _s3_sha256(storage, name)
+    return stored if stored is not None else storage_sha256(storage, name)
+
+
+def _s3_sha256(storage: Storage, name: str) -> str | None:
+    try:
+        from storages.backends.s3 import S3Storage
+        from storages.utils import clean_name
+    except ImportError:
+        return None
+    if not isinstance(storage, S3Storage):
+        return None
+    key = storage._normalize_name(clean_name(name))
+    head = storage.connection.meta.client.head_object(
+        Bucket=storage.bucket_name, Key=key, ChecksumMode="ENABLED"
+    )
+    value = head.get("ChecksumSHA256")
+    # A multipart upload's checksum is a checksum of checksums ("...-N"), and
+    # "COMPOSITE" types are not the file's SHA-256: re-read those.
+    if not value or "-" in value or head.get("ChecksumType") == "COMPOSITE":
+        return None
+    try:
+        return base64.b64decode(value).hex()
+    except (binascii.Error, ValueError):
+        return None
