@@ -6,8 +6,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
+PORT ?= 8000
 
-.PHONY: venv test demo lint format mypy clean
+# Azurite (the Azure Blob emulator) comes from npm, into a git-ignored folder.
+NODE_PREFIX := .cache/node
+AZURITE_VERSION := 3.35.0
+AZURITE_STAMP := $(NODE_PREFIX)/.azurite-$(AZURITE_VERSION)
+
+.PHONY: venv tools test demo sandbox lint format mypy clean
 
 venv: $(STAMP)
 
@@ -19,14 +25,35 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e ".[test,s3,dev]"
 	touch $(STAMP)
 
+# Server tools the backend tests need beyond pip. Without npm the Azure tests
+# skip with a loud reason; under CI=true a missing npm is an error here.
+tools:
+	@if [ -f $(AZURITE_STAMP) ]; then exit 0; fi; \
+	if command -v npm >/dev/null 2>&1 && mkdir -p $(NODE_PREFIX) && \
+		npm install --prefix $(NODE_PREFIX) --no-save --no-audit --no-fund \
+			--loglevel=error azurite@$(AZURITE_VERSION); then \
+		touch $(AZURITE_STAMP); \
+	elif [ "$${CI:-}" = true ]; then \
+		echo "make tools: cannot install azurite from npm (is npm installed?)" >&2; \
+		exit 1; \
+	else \
+		echo "!!! make tools: no azurite (npm missing or failed): the Azure" \
+			"backend tests will be SKIPPED" >&2; \
+	fi
+
 # Runs pytest once per database (sqlite, postgresql, mariadb); pytest
 # options go through ARGS, e.g. make test ARGS="-k ledger -x".
-test: venv
+test: venv tools
 	$(BIN)/python tests/run_matrix.py $(ARGS)
 
 demo: venv
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py demo
+
+# The dev server at http://127.0.0.1:$(PORT)/ (admin: admin / admin), moto's S3
+# and a worker; Ctrl-C stops all three. SANDBOX_WORKER=django_q runs qcluster.
+sandbox: venv
+	$(BIN)/python manage.py runsandbox --port $(PORT)
 
 lint: venv
 	$(BIN)/ruff check .

@@ -23,7 +23,7 @@ from django.db import router, transaction
 from django.utils.deconstruct import deconstructible
 from django.utils.module_loading import import_string
 
-from queued_storage import registry
+from queued_storage import prefetch, registry
 from queued_storage.checksums import HashingFile, storage_sha256
 from queued_storage.conf import settings as conf
 from queued_storage.models import MAX_NAME_LENGTH, PendingTransfer
@@ -182,6 +182,7 @@ class QueuedStorage(Storage):
         verify_checksum: bool = False,
         overwrite_remote: bool = False,
         local_shared: bool = True,
+        create_only_uploads: bool | None = None,
     ) -> None:
         local = local or self.default_local
         remote = remote or self.default_remote
@@ -204,6 +205,12 @@ class QueuedStorage(Storage):
         #: False when each host has its own local storage: a worker then takes only
         #: the rows its own host wrote.
         self.local_shared = bool(local_shared)
+        #: Let the remote refuse to overwrite (S3's If-None-Match) instead of asking
+        #: whether an object is there first; None: only where the service is known
+        #: to honour it (AWS S3).
+        self.create_only_uploads = (
+            None if create_only_uploads is None else bool(create_only_uploads)
+        )
         self.task_path, self.task_class = self._check_task(task)
         self.key = self._check_key(
             key,
@@ -222,6 +229,7 @@ class QueuedStorage(Storage):
                 self.verify_checksum,
                 self.overwrite_remote,
                 self.local_shared,
+                self.create_only_uploads,
                 type(self).__qualname__,
             ),
         )
@@ -390,11 +398,15 @@ class QueuedStorage(Storage):
     # The ledger, read on the request path: one indexed query, no network.
 
     def _row_state(self, name: str) -> RowState | None:
-        found = (
-            PendingTransfer.objects.for_name(self.key, name)
-            .values_list("status", "deleted", "size")
-            .first()
-        )
+        found = PendingTransfer.objects.state_of(self.key, name)
+        return None if found is None else RowState(*found)
+
+    def _served_state(self, name: str) -> RowState | None:
+        """The row state for serving ``name``: read ahead by ``prefetch_files()``
+        or ``prefetch_locations()`` when inside one, else one query."""
+        found = prefetch.prefetched(self.key, name)
+        if isinstance(found, prefetch.NotRead):
+            return self._row_state(name)
         return None if found is None else RowState(*found)
 
     def _storage_for(self, name: str, state: RowState | None) -> Storage:
@@ -406,7 +418,7 @@ class QueuedStorage(Storage):
 
     def get_storage(self, name: str) -> Storage:
         """The storage that serves ``name`` now: the ledger decides."""
-        return self._storage_for(name, self._row_state(name))
+        return self._storage_for(name, self._served_state(name))
 
     def using_local(self, name: str) -> bool:
         return self.get_storage(name) is self.local
@@ -501,6 +513,7 @@ class QueuedStorage(Storage):
     ) -> str:
         hashing = HashingFile(content) if self.verify_checksum else None
         stored = self.local.save(name, hashing or content, max_length=max_length)
+        prefetch.forget(self.key, stored)
         if stored != name:
             existing = self._row_state(stored) is not None
         size = self.local.size(stored)
@@ -539,7 +552,7 @@ class QueuedStorage(Storage):
                 f"QueuedStorage opens files for reading only (mode {mode!r}); write "
                 "with save() so that the ledger knows about the file."
             )
-        state = self._row_state(name)
+        state = self._served_state(name)
         if state is not None and state.deleted:
             raise FileNotFoundError(f"{name!r} was deleted.")
         storage = self._storage_for(name, state)
@@ -555,7 +568,7 @@ class QueuedStorage(Storage):
             return self.remote.open(name, mode)
 
     def exists(self, name: str) -> bool:
-        state = self._row_state(name)
+        state = self._served_state(name)
         if state is None:
             return bool(self.local.exists(name) or self.remote.exists(name))
         if state.deleted:
@@ -565,7 +578,7 @@ class QueuedStorage(Storage):
         return bool(self.local.exists(name))
 
     def size(self, name: str) -> int:
-        state = self._row_state(name)
+        state = self._served_state(name)
         if state is not None and state.deleted:
             raise FileNotFoundError(f"{name!r} was deleted.")
         if (
@@ -577,9 +590,10 @@ class QueuedStorage(Storage):
         return int(self._storage_for(name, state).size(name))
 
     def url(self, name: str | None) -> str:
+        # Passed through as is: some remotes (Dropbox, Libcloud) answer None.
         if name is None:
-            return str(self.local.url(name))
-        return str(self.get_storage(name).url(name))
+            return self.local.url(name)
+        return self.get_storage(name).url(name)
 
     def path(self, name: str) -> str:
         return str(self.get_storage(name).path(name))
@@ -627,6 +641,7 @@ class QueuedStorage(Storage):
         if not name:
             raise ValueError("The name must be given.")
         check_name(name)
+        prefetch.forget(self.key, name)
         row = PendingTransfer.objects.record_delete(self.key, name)
         from queued_storage.transfer import purge
 
@@ -644,6 +659,7 @@ class QueuedStorage(Storage):
     def transfer(self, name: str, *args: Any, **kwargs: Any) -> bool:
         """Queue ``name`` now: a held or failed row becomes due, with its attempts
         reset. A file already transferred is left alone. Returns whether it queued."""
+        prefetch.forget(self.key, name)
         state = self._row_state(name)
         if state is None or state.deleted:
             if not self.local.exists(name):

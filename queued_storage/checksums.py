@@ -47,6 +47,13 @@ class HashingFile(File):  # type: ignore[type-arg]
 def storage_sha256(storage: Storage, name: str) -> str:
     """Stream ``name`` from ``storage`` and return its SHA-256."""
     hasher = hashlib.sha256()
+    body = _s3_body(storage, name)
+    if body is not None:
+        # S3Storage.open() buffers the whole object (max_memory_size=0): read the
+        # response stream instead.
+        for chunk in body.iter_chunks(CHUNK_SIZE):
+            hasher.update(chunk)
+        return hasher.hexdigest()
     with storage.open(name, "rb") as opened:
         for chunk in opened.chunks(CHUNK_SIZE):
             hasher.update(chunk.encode() if isinstance(chunk, str) else chunk)
@@ -60,7 +67,8 @@ def remote_sha256(storage: Storage, name: str) -> str:
     return stored if stored is not None else storage_sha256(storage, name)
 
 
-def _s3_sha256(storage: Storage, name: str) -> str | None:
+def _s3_key(storage: Storage, name: str) -> str | None:
+    """The object key of ``name`` if ``storage`` is django-storages' S3Storage."""
     try:
         from storages.backends.s3 import S3Storage
         from storages.utils import clean_name
@@ -68,9 +76,25 @@ def _s3_sha256(storage: Storage, name: str) -> str | None:
         return None
     if not isinstance(storage, S3Storage):
         return None
-    key = storage._normalize_name(clean_name(name))
-    head = storage.connection.meta.client.head_object(
-        Bucket=storage.bucket_name, Key=key, ChecksumMode="ENABLED"
+    return str(storage._normalize_name(clean_name(name)))
+
+
+def _s3_body(storage: Storage, name: str) -> Any:
+    key = _s3_key(storage, name)
+    if key is None:
+        return None
+    client = storage.connection.meta.client  # type: ignore[attr-defined]
+    return client.get_object(Bucket=storage.bucket_name, Key=key)["Body"]  # type: ignore[attr-defined]
+
+
+def _s3_sha256(storage: Storage, name: str) -> str | None:
+    key = _s3_key(storage, name)
+    if key is None:
+        return None
+    head = storage.connection.meta.client.head_object(  # type: ignore[attr-defined]
+        Bucket=storage.bucket_name,  # type: ignore[attr-defined]
+        Key=key,
+        ChecksumMode="ENABLED",
     )
     value = head.get("ChecksumSHA256")
     # A multipart upload's checksum is a checksum of checksums ("...-N"), and

@@ -1,0 +1,102 @@
+"""QueuedDropboxStorage: wiring only. Dropbox has no emulator, and the tests
+reach no network, so these show that the storage is built from STORAGES, that
+saving never touches Dropbox, and that a worker calls the Dropbox API for the
+transfer (stopped at name resolution, and recorded as a retryable error)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.files.base import ContentFile
+from django.core.files.storage import storages
+
+from queued_storage import registry
+from queued_storage.backends import QueuedDropboxStorage
+from queued_storage.models import PendingTransfer
+from queued_storage.transfer import drain
+from tests.servers import require_module
+
+pytestmark = pytest.mark.django_db
+
+TOKEN = "sl.test-token-not-real-0123456789"
+
+
+@pytest.fixture
+def no_internet(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Resolve loopback names only; remember every other host asked for."""
+    asked: list[str] = []
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        if name not in ("localhost", "127.0.0.1", "::1"):
+            asked.append(name)
+            raise socket.gaierror(f"tests reach no network (asked for {name})")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return asked
+
+
+@pytest.fixture
+def dropbox_storage(tmp_path: Path, settings: Any) -> Iterator[QueuedDropboxStorage]:
+    """The README's STORAGES example."""
+    require_module("dropbox")
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "dropbox_queued": {
+            "BACKEND": "queued_storage.backends.QueuedDropboxStorage",
+            "OPTIONS": {
+                "local_options": {
+                    "location": str(tmp_path / "media"),
+                    "base_url": "/media/",
+                },
+                "remote_options": {
+                    "oauth2_access_token": TOKEN,
+                    "root_path": "/site-uploads",
+                    "timeout": 5,
+                },
+                "key": "dropbox",
+            },
+        },
+    }
+    storage = storages["dropbox_queued"]
+    assert isinstance(storage, QueuedDropboxStorage)
+    yield storage
+    registry.forget("dropbox")
+
+
+def test_dropbox_wiring(
+    dropbox_storage: QueuedDropboxStorage, no_internet: list[str], settings: Any
+) -> None:
+    from storages.backends.dropbox import DropboxStorage
+
+    settings.QUEUED_STORAGE_RETRY_DELAY = 60
+    remote = dropbox_storage.remote
+    assert isinstance(remote, DropboxStorage)
+    assert remote.root_path == "/site-uploads"
+
+    name = dropbox_storage.save("notes/today.txt", ContentFile(b"dear diary"))
+
+    assert no_internet == []  # saving never contacts the remote
+    assert dropbox_storage.url(name) == "/media/notes/today.txt"
+    with dropbox_storage.open(name) as opened:
+        assert opened.read() == b"dear diary"
+    row = PendingTransfer.objects.get(storage_key="dropbox", name=name)
+    assert row.status == PendingTransfer.Status.QUEUED
+
+    drain(keys=["dropbox"])
+
+    # The worker built the Dropbox client and called its API for this file.
+    assert no_internet
+    assert all(host.endswith(".dropboxapi.com") for host in no_internet)
+    row.refresh_from_db()
+    assert row.status == PendingTransfer.Status.QUEUED
+    assert row.attempts == 1
+    assert "dropboxapi.com" in row.last_error
+    assert TOKEN not in row.last_error
+    assert dropbox_storage.url(name) == "/media/notes/today.txt"
