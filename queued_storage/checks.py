@@ -92,13 +92,14 @@ def check_settings(
             Error(
                 "QUEUED_STORAGE_WORKER is 'django_tasks' but neither django.tasks "
                 "(Django 6.0+) nor the django-tasks backport is installed.",
-                hint="Upgrade to Django 6, or pip install django-tasks.",
+                hint="Upgrade to Django 6, or pip install 'django-queued-storage[tasks]'.",
                 id="queued_storage.E004",
             )
         )
     errors.extend(_check_number("QUEUED_STORAGE_RETRIES", integer=True, minimum=0))
     errors.extend(_check_number("QUEUED_STORAGE_RETRY_DELAY", minimum=0))
     errors.extend(_check_number("QUEUED_STORAGE_LEASE", minimum=1))
+    errors.extend(_check_number("QUEUED_STORAGE_HEALTH_MAX_AGE", minimum=1))
     prefix = conf.raw("QUEUED_STORAGE_CACHE_PREFIX")
     if not isinstance(prefix, str):
         errors.append(

@@ -1,9 +1,15 @@
 """Settings for the sandbox: a demo project that uses queued_storage end to end.
 
-Not for production: the secret key is public and DEBUG is on. Set
-``SANDBOX_LOG_LEVEL=INFO`` to see every transfer the ``queued_storage`` logger
-reports; ``SANDBOX_S3_ENDPOINT`` points the "s3" storage at an S3 API (``manage.py
-demo`` starts its own and ignores it).
+Not for production: the secret key is public and DEBUG is on. Environment:
+
+* ``SANDBOX_LOG_LEVEL=INFO``: see every transfer the ``queued_storage`` logger
+  reports.
+* ``SANDBOX_S3_ENDPOINT``: the S3 API of the "s3" storage (``manage.py demo`` and
+  ``manage.py runsandbox`` start their own on loopback and set it).
+* ``SANDBOX_WORKER=django_q``: django-q2 wakes the worker (``runsandbox`` starts
+  ``qcluster``); unset, ``runsandbox`` starts ``process_transfers --loop``.
+* ``SANDBOX_DB``, ``SANDBOX_MEDIA_ROOT``: where the SQLite file and the local
+  copies live (default: beside this file); the browser test uses a temporary one.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import os
 from pathlib import Path
 
 SANDBOX_DIR = Path(__file__).resolve().parent
+SANDBOX_WORKER = os.environ.get("SANDBOX_WORKER", "").strip() or None
 
 SECRET_KEY = "sandbox-not-secret"
 DEBUG = True
@@ -31,6 +38,8 @@ INSTALLED_APPS = [
     "queued_storage",
     "sandbox.gallery",
 ]
+if SANDBOX_WORKER == "django_q":
+    INSTALLED_APPS.append("django_q")
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
@@ -60,14 +69,14 @@ TEMPLATES = [
 DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",
-        "NAME": SANDBOX_DIR / "db.sqlite3",
+        "NAME": os.environ.get("SANDBOX_DB") or SANDBOX_DIR / "db.sqlite3",
         # A web process and a process_transfers worker write the same file: wait
         # for the lock, and take it when a transaction starts, not mid-way.
         "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
     }
 }
 
-MEDIA_ROOT = SANDBOX_DIR / "media"
+MEDIA_ROOT = Path(os.environ.get("SANDBOX_MEDIA_ROOT") or SANDBOX_DIR / "media")
 MEDIA_URL = "/media/"
 STATIC_URL = "/static/"
 
@@ -87,8 +96,8 @@ STORAGES = {
             "endpoint_url": os.environ.get(
                 "SANDBOX_S3_ENDPOINT", "http://127.0.0.1:9000"
             ),
-            "access_key": "sandbox",
-            "secret_key": "sandbox",
+            "access_key": "sandbox-access-key",
+            "secret_key": "sandbox-secret-key",
             "region_name": "us-east-1",
             "addressing_style": "path",
             "signature_version": "s3v4",
@@ -97,8 +106,31 @@ STORAGES = {
     },
     "queued": {
         "BACKEND": "queued_storage.backends.QueuedStorage",
-        "OPTIONS": {"local": "local", "remote": "s3", "key": "sandbox"},
+        "OPTIONS": {
+            "local": "local",
+            "remote": "s3",
+            "key": "sandbox",
+            # The default copy, behind the switches on the gallery page.
+            "task": "sandbox.gallery.transfer.SandboxTransfer",
+        },
     },
+}
+
+# A failure shows within seconds: two retries, 2 s then 4 s apart.
+QUEUED_STORAGE_RETRIES = 2
+QUEUED_STORAGE_RETRY_DELAY = 2
+QUEUED_STORAGE_LEASE = 60
+QUEUED_STORAGE_WORKER = SANDBOX_WORKER
+
+# Used when SANDBOX_WORKER=django_q: the ORM broker, in the sandbox's database.
+Q_CLUSTER = {
+    "name": "sandbox",
+    "orm": "default",
+    "workers": 2,
+    "timeout": 120,
+    "retry": 180,
+    "max_attempts": 1,
+    "catch_up": False,
 }
 
 LOGGING = {

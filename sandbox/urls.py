@@ -1,4 +1,5 @@
-"""The admin, and uploads still on local storage served under MEDIA_URL."""
+"""The gallery, the admin, and uploads still on local storage served under
+MEDIA_URL."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ from django.conf.urls.static import static
 from django.contrib import admin
 from django.urls import path
 
+from sandbox.gallery import views
+
 urlpatterns = [
+    path("", views.gallery, name="gallery"),
+    path("upload/", views.upload, name="upload"),
+    path("switches/", views.switches, name="switches"),
     path("admin/", admin.site.urls),
     # static() returns no patterns unless DEBUG is on.
     *static(settings.MEDIA_URL, document_root=settings.MEDIA_ROOT),

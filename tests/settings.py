@@ -7,6 +7,7 @@ user overrides.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from django.core.exceptions import ImproperlyConfigured
@@ -48,6 +49,28 @@ INSTALLED_APPS = [
     "queued_storage",
     "tests.testapp",
 ]
+
+# The wake-up integrations' own apps, when installed (the test extra has them; the
+# core passes its tests without them, and their tests fail under CI=true).
+for _module, _app in [
+    ("django_q", "django_q"),
+    ("django_tasks", "django_tasks"),
+    ("django_tasks_db", "django_tasks_db"),
+]:
+    if importlib.util.find_spec(_module) is not None:
+        INSTALLED_APPS.append(_app)
+
+# django-q2 reads this once, at import: tests switch sync mode on Conf itself.
+Q_CLUSTER = {
+    "name": "queued_storage_tests",
+    "orm": "default",
+    "workers": 1,
+    "timeout": 60,
+    "retry": 120,
+    "max_attempts": 1,
+    "poll": 0.1,
+    "catch_up": False,
+}
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
+import subprocess
+import time
+from contextlib import suppress
+from pathlib import Path
 from types import ModuleType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -39,3 +44,41 @@ sqlite_leg_only = pytest.mark.skipif(
         "to repeat per database); QUEUED_STORAGE_TEST_DB=sqlite runs it"
     ),
 )
+
+
+def stop_group(
+    process: subprocess.Popen[Any], signum: int = signal.SIGINT
+) -> list[str]:
+    """Signal the process group that ``process`` leads (SIGINT: what a terminal's
+    Ctrl-C sends). Returns the command lines of the processes still there after
+    30 s; those are killed."""
+    group = process.pid
+    try:
+        os.killpg(group, signum)
+    except ProcessLookupError:
+        return []
+    with suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while group_members(group) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    leftovers = group_members(group)
+    if leftovers:
+        os.killpg(group, signal.SIGKILL)
+        process.wait()
+    return leftovers
+
+
+def group_members(group: int) -> list[str]:
+    """The command lines of the live (not zombie) processes in ``group``."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        # Fields after the command name: state, ppid, pgrp, ...
+        if int(fields[2]) == group and fields[0] != "Z":
+            members.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+    return members

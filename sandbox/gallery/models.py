@@ -31,3 +31,31 @@ class Upload(models.Model):
 
     def __str__(self) -> str:
         return self.title
+
+
+class Switches(models.Model):
+    """Two switches a person (or the browser test) flips from the gallery page to
+    watch the ledger at work: one row, read by the worker before each upload."""
+
+    hold_transfers = models.BooleanField(
+        _("hold transfers"),
+        default=False,
+        help_text=_("The worker waits before each upload: files stay on local disk."),
+    )
+    remote_down = models.BooleanField(
+        _("S3 is down"),
+        default=False,
+        help_text=_("Every upload fails, is retried, and ends up failed."),
+    )
+
+    class Meta:
+        verbose_name = _("sandbox switches")
+        verbose_name_plural = _("sandbox switches")
+
+    def __str__(self) -> str:
+        return "sandbox switches"
+
+    @classmethod
+    def current(cls) -> Switches:
+        switches, _created = cls.objects.get_or_create(pk=1)
+        return switches

@@ -25,7 +25,7 @@ from django.db.models import Count
 
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
-from sandbox.gallery.models import Upload
+from sandbox.gallery.models import Switches, Upload
 
 #: How many files the demo saves, and the smallest and largest of them.
 FILE_COUNT = 24
@@ -101,6 +101,8 @@ class Command(BaseCommand):
         """Forget the previous run: its rows, its local files (its remote was a moto
         server that died with it)."""
         storage = self._storage()
+        # Switches left on in the sandbox would hold or fail every transfer here.
+        Switches.objects.update(hold_transfers=False, remote_down=False)
         Upload.objects.all().delete()
         PendingTransfer.objects.filter(storage_key=storage.key).delete()
         upload_to = Upload._meta.get_field("file").upload_to
