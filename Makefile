@@ -13,7 +13,7 @@ NODE_PREFIX := .cache/node
 AZURITE_VERSION := 3.35.0
 AZURITE_STAMP := $(NODE_PREFIX)/.azurite-$(AZURITE_VERSION)
 
-.PHONY: venv tools test demo sandbox lint format mypy clean
+.PHONY: venv tools test bench bench-full demo sandbox lint format mypy clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,15 @@ tools:
 # options go through ARGS, e.g. make test ARGS="-k ledger -x".
 test: venv tools
 	$(BIN)/python tests/run_matrix.py $(ARGS)
+
+# Benchmarks (benchmarks/README.md): side-by-side ratios against the same work
+# without the package, written to benchmarks/results/. bench: SQLite and
+# PostgreSQL, a few minutes; bench-full: the issue's sizes, MariaDB too.
+bench: venv
+	$(BIN)/python -m benchmarks $(ARGS)
+
+bench-full: venv
+	$(BIN)/python -m benchmarks --full $(ARGS)
 
 demo: venv
 	$(BIN)/python manage.py migrate --noinput

@@ -16,6 +16,7 @@ DEFAULTS: dict[str, Any] = {
     "QUEUED_STORAGE_CACHE_PREFIX": "queued_storage",
     "QUEUED_STORAGE_WORKER": None,
     "QUEUED_STORAGE_HOSTNAME": None,
+    "QUEUED_STORAGE_HEALTH_MAX_AGE": 900,
 }
 
 
@@ -51,6 +52,11 @@ class Settings:
         """This host's name in the ledger's ``host`` column."""
         value = self._get("QUEUED_STORAGE_HOSTNAME")
         return str(value) if value else socket.gethostname()
+
+    @property
+    def QUEUED_STORAGE_HEALTH_MAX_AGE(self) -> float:
+        """Seconds the oldest due row may wait before the health check fails."""
+        return float(self._get("QUEUED_STORAGE_HEALTH_MAX_AGE"))
 
     def raw(self, name: str) -> Any:
         """The value as the user wrote it, for the system checks."""

@@ -12,6 +12,7 @@ from typing import Any
 
 from django.db import connections, models, router, transaction
 from django.db.models import Case, F, Min, Q, Value, When
+from django.db.models.constants import OnConflict
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
@@ -25,6 +26,8 @@ ERROR_MESSAGE_LENGTH = 2000
 MAX_NAME_LENGTH = 1024
 #: Longest retry delay, whatever the attempt number.
 MAX_RETRY_DELAY = 24 * 60 * 60
+#: Times a claim reads the due rows again after other workers took all it read.
+CLAIM_TRIES = 10
 
 
 def name_hash(name: str) -> str:
@@ -125,35 +128,59 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
         now = now or timezone.now()
         token = uuid.uuid4().hex
         db = router.db_for_write(PendingTransfer)
-        features = connections[db].features
-        candidates_qs = (
-            self.due(now)
-            .using(db)
-            .order_by("next_attempt_at", "pk")
-            .values_list("pk", "status", "remote_owned")
-        )
-        if features.has_select_for_update_skip_locked:
-            with transaction.atomic(using=db):
-                candidates = list(
-                    candidates_qs.select_for_update(skip_locked=True)[:limit]
-                )
-                self._take(candidates, token, now, lease, db)
-        else:
-            # Without SKIP LOCKED (SQLite) the conditional UPDATE below is what keeps
-            # two workers off one row: the database serialises the writes.
-            candidates = list(candidates_qs[:limit])
-            self._take(candidates, token, now, lease, db)
+        locks = connections[db].features.has_select_for_update_skip_locked
+        candidates: list[tuple[int, str, bool]] = []
+        for _try in range(CLAIM_TRIES):
+            if locks:
+                with transaction.atomic(using=db):
+                    candidates = self._candidates(now, limit, db, lock=True)
+                    taken = self._take(candidates, token, now, lease, db)
+            else:
+                # Without SKIP LOCKED (SQLite) the conditional UPDATE in _take() is
+                # what keeps two workers off one row: the database serialises it.
+                candidates = self._candidates(now, limit, db, lock=False)
+                taken = self._take(candidates, token, now, lease, db)
+            # Another worker took every row we read before our UPDATE ran: look
+            # again, since "nothing claimed" ends a cron run with rows still due.
+            if taken or not candidates:
+                break
         if not candidates:
             return []
         before = {pk: (status, owned) for pk, status, owned in candidates}
+        # By primary key: lease_token has no index, and a large ledger would be
+        # read whole to find the batch.
         rows = list(
             PendingTransfer.objects.using(db)
-            .filter(lease_token=token)
+            .filter(pk__in=list(before), lease_token=token)
             .order_by("next_attempt_at", "pk")
         )
         for row in rows:
             row.claimed_from, row.was_owned = before[row.pk]
         return rows
+
+    def _candidates(
+        self, now: datetime, limit: int, db: str, *, lock: bool
+    ) -> list[tuple[int, str, bool]]:
+        rows = self.using(db)
+        if lock:
+            rows = rows.select_for_update(skip_locked=True)
+        fields = ("pk", "status", "remote_owned")
+        if connections[db].vendor != "mysql":
+            due = rows.due(now).order_by("next_attempt_at", "pk")
+            return list(due.values_list(*fields)[:limit])
+        # InnoDB sorts the rows of due()'s OR after reading, and locks every row it
+        # reads: one claim locked the whole queue and a second worker's SKIP LOCKED
+        # found nothing due. Each half alone is read in its index's order.
+        expired = rows.filter(
+            status=PendingTransfer.Status.TRANSFERRING, lease_expires_at__lt=now
+        ).order_by("lease_expires_at", "pk")
+        found = list(expired.values_list(*fields)[:limit])
+        if len(found) < limit:
+            queued = rows.filter(
+                status=PendingTransfer.Status.QUEUED, next_attempt_at__lte=now
+            ).order_by("next_attempt_at", "pk")
+            found += queued.values_list(*fields)[: limit - len(found)]
+        return found
 
     @staticmethod
     def _take(
@@ -163,21 +190,28 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
         lease: float,
         db: str,
     ) -> int:
-        if not candidates:
-            return 0
-        return (
-            PendingTransfer.objects.using(db)
-            .filter(pk__in=[pk for pk, _status, _owned in candidates])
-            .due(now)
-            .update(
-                status=PendingTransfer.Status.TRANSFERRING,
-                lease_token=token,
-                lease_expires_at=now + timedelta(seconds=lease),
-                attempts=F("attempts") + 1,
-                remote_owned=True,
-                updated_at=now,
+        # Each row is taken only in the state it was read in, so that ``was_owned``
+        # is true: without row locks another worker may have claimed it since, and
+        # written the remote object, before its lease ran out.
+        seen: dict[tuple[str, bool], list[int]] = {}
+        for pk, status, owned in candidates:
+            seen.setdefault((status, bool(owned)), []).append(pk)
+        taken = 0
+        for (status, owned), pks in seen.items():
+            taken += (
+                PendingTransfer.objects.using(db)
+                .filter(pk__in=pks, status=status, remote_owned=owned)
+                .due(now)
+                .update(
+                    status=PendingTransfer.Status.TRANSFERRING,
+                    lease_token=token,
+                    lease_expires_at=now + timedelta(seconds=lease),
+                    attempts=F("attempts") + 1,
+                    remote_owned=True,
+                    updated_at=now,
+                )
             )
-        )
+        return taken
 
     def renew_lease(self, token: str, lease: float) -> int:
         """Push out the lease of every row still held under ``token``."""
@@ -199,6 +233,45 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
             attempts=F("attempts") - 1,
             updated_at=now,
         )
+
+    def mark_done_together(self, rows: list[PendingTransfer]) -> int:
+        """Record the verified transfers of ``rows`` in one statement, each row under
+        its own compare-and-set on (row, generation, lease token); returns how many
+        rows won. The caller decides what to do when that is not all of them."""
+        if not rows:
+            return 0
+        now = timezone.now()
+        changes = done_changes(now)
+        db = getattr(self, "_db", None) or router.db_for_write(PendingTransfer)
+        connection = connections[db]
+        quote = connection.ops.quote_name
+        # Plain SQL with a row-value IN: the ORM takes longer to build an OR of
+        # fifty (pk, generation, token) conditions than the database to run it.
+        sql = (
+            f"UPDATE {quote(PendingTransfer._meta.db_table)} SET "
+            + ", ".join(f"{quote(_column(name))} = %s" for name in changes)
+            + f" WHERE {quote(_column('status'))} = %s"
+            f" AND {quote(_column('deleted'))} = %s"
+            f" AND ({quote(_column('id'))}, {quote(_column('generation'))},"
+            f" {quote(_column('lease_token'))}) IN ("
+            + ", ".join(["(%s, %s, %s)"] * len(rows))
+            + ")"
+        )
+        params = [
+            _db_value(PendingTransfer._meta.get_field(name), value, connection)  # type: ignore[arg-type]
+            for name, value in changes.items()
+        ]
+        params += [PendingTransfer.Status.TRANSFERRING.value, False]
+        for row in rows:
+            params += [row.pk, row.generation, row.lease_token]
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            won = int(cursor.rowcount)
+        if won == len(rows):
+            for row in rows:
+                row.status = PendingTransfer.Status.DONE
+                row.transferred_at = now
+        return won
 
     def requeue(self, now: datetime | None = None) -> int:
         """Make held, failed and waiting rows due now, with their attempts reset."""
@@ -278,29 +351,44 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
             )
             if updated:
                 return generation
-        row = PendingTransfer(
-            storage_key=key,
-            name=name,
-            name_hash=name_hash(name),
-            status=status,
-            lease_token="",
-            lease_expires_at=None,
-            created_at=now,
+        values = {
+            "storage_key": key,
+            "name": name,
+            "name_hash": name_hash(name),
+            "status": status,
+            "lease_token": "",
+            "lease_expires_at": None,
+            "created_at": now,
             **fresh,
-        )
-        features = connections[self.db].features
-        self.bulk_create(
-            [row],
-            update_conflicts=True,
-            # MySQL/MariaDB's ON DUPLICATE KEY UPDATE takes no target.
-            unique_fields=(
-                ["storage_key", "name_hash"]
-                if features.supports_update_conflicts_with_target
-                else None
-            ),
-            update_fields=["status", "lease_token", "lease_expires_at", *fresh],
-        )
+        }
+        db = getattr(self, "_db", None) or router.db_for_write(PendingTransfer)
+        _upsert(values, ["status", "lease_token", "lease_expires_at", *fresh], db)
         return generation
+
+    def state_of(self, key: str, name: str) -> tuple[str, bool, int | None] | None:
+        """``(status, deleted, size)`` of the row of ``name``, or None: one query on
+        the unique index, sent as plain SQL (building it with the ORM costs several
+        times the query on the request path). Ignores this queryset's filters."""
+        db = self.db
+        connection = connections[db]
+        sql = _SQL.get((db, "state"))
+        if sql is None:
+            quote = connection.ops.quote_name
+            status, deleted, size, key_column, hash_column = (
+                quote(_column(field))
+                for field in ("status", "deleted", "size", "storage_key", "name_hash")
+            )
+            table = quote(PendingTransfer._meta.db_table)
+            sql = _SQL[(db, "state")] = (
+                f"SELECT {status}, {deleted}, {size} FROM {table} "
+                f"WHERE {key_column} = %s AND {hash_column} = %s"
+            )
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [key, name_hash(name)])
+            found = cursor.fetchone()
+        if found is None:
+            return None
+        return str(found[0]), bool(found[1]), found[2]
 
     def record_delete(self, key: str, name: str) -> PendingTransfer:
         """Turn the row of ``name`` into a tombstone (creating one if needed).
@@ -427,22 +515,15 @@ class PendingTransfer(models.Model):
             status=self.Status.TRANSFERRING,
         )
 
+    def holds_lease(self) -> bool:
+        """Whether this worker's claim still stands: same generation and token, and
+        the lease has not run out (then another worker may have taken the row)."""
+        return self._leased().filter(lease_expires_at__gt=timezone.now()).exists()
+
     def mark_done(self) -> bool:
         """Record the verified transfer; False if the lease or generation is stale."""
         now = timezone.now()
-        won = (
-            self._leased()
-            .filter(deleted=False)
-            .update(
-                status=self.Status.DONE,
-                lease_token="",
-                lease_expires_at=None,
-                next_attempt_at=None,
-                last_error="",
-                transferred_at=now,
-                updated_at=now,
-            )
-        )
+        won = self._leased().filter(deleted=False).update(**done_changes(now))
         if won:
             self.status = self.Status.DONE
             self.transferred_at = now
@@ -533,6 +614,106 @@ class PendingTransfer(models.Model):
             pk=self.pk, generation=self.generation, deleted=True
         ).delete()
         return bool(deleted)
+
+
+#: SQL text of the hot statements, built once per database alias.
+_SQL: dict[tuple[str, str], str] = {}
+
+
+#: Field types whose Python values (str, int, bool, None) go to every database
+#: driver unchanged.
+_PLAIN_TYPES = frozenset(
+    [
+        "BigIntegerField",
+        "BooleanField",
+        "CharField",
+        "IntegerField",
+        "PositiveBigIntegerField",
+        "PositiveIntegerField",
+        "PositiveSmallIntegerField",
+        "SmallIntegerField",
+        "TextField",
+    ]
+)
+
+
+def _db_value(field: models.Field[Any, Any], value: Any, connection: Any) -> Any:
+    if value is None or (
+        type(value) in (str, int, bool) and field.get_internal_type() in _PLAIN_TYPES
+    ):
+        return value
+    return field.get_db_prep_save(value, connection)
+
+
+def _upsert(values: dict[str, Any], update_fields: list[str], db: str) -> None:
+    """Insert a row of ``values`` (defaults for the fields not given), or update
+    ``update_fields`` of the row that has its name: what
+    ``bulk_create(update_conflicts=True)`` sends, with the SQL built once (the
+    ORM's per-call cost was most of a save's)."""
+    connection = connections[db]
+    opts = PendingTransfer._meta
+    fields = [field for field in opts.concrete_fields if not field.primary_key]
+    if any(hasattr(field, "get_placeholder") for field in fields):
+        PendingTransfer.objects.using(db).bulk_create(
+            [PendingTransfer(**values)],
+            update_conflicts=True,
+            unique_fields=_conflict_target(connection),
+            update_fields=update_fields,
+        )
+        return
+    cache_key = (db, "upsert:" + ",".join(update_fields))
+    sql = _SQL.get(cache_key)
+    if sql is None:
+        ops = connection.ops
+        suffix = ops.on_conflict_suffix_sql(
+            fields,
+            OnConflict.UPDATE,
+            [_column(name) for name in update_fields],
+            [_column(name) for name in _conflict_target(connection) or ()],
+        )
+        columns = ", ".join(ops.quote_name(_column(field.name)) for field in fields)
+        placeholders = ", ".join(["%s"] * len(fields))
+        sql = _SQL[cache_key] = (
+            f"{ops.insert_statement(on_conflict=OnConflict.UPDATE)} "
+            f"{ops.quote_name(opts.db_table)} ({columns}) VALUES ({placeholders}) "
+            f"{suffix}"
+        )
+    params = [
+        _db_value(
+            field,
+            values[field.name] if field.name in values else field.get_default(),
+            connection,
+        )
+        for field in fields
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+
+
+def _column(field_name: str) -> str:
+    field = PendingTransfer._meta.get_field(field_name)
+    assert isinstance(field, models.Field) and field.column
+    return str(field.column)
+
+
+def _conflict_target(connection: Any) -> list[str] | None:
+    # MySQL/MariaDB's ON DUPLICATE KEY UPDATE takes no target.
+    if connection.features.supports_update_conflicts_with_target:
+        return ["storage_key", "name_hash"]
+    return None
+
+
+def done_changes(now: datetime) -> dict[str, Any]:
+    """What a verified transfer writes on its row."""
+    return {
+        "status": PendingTransfer.Status.DONE,
+        "lease_token": "",
+        "lease_expires_at": None,
+        "next_attempt_at": None,
+        "last_error": "",
+        "transferred_at": now,
+        "updated_at": now,
+    }
 
 
 def error_entry(

@@ -10,6 +10,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial, update_wrapper
 from typing import TYPE_CHECKING, Any
@@ -18,11 +19,12 @@ from django.core.files.storage import Storage
 from django.db import connections, router, transaction
 from django.db.models import Q
 
-from queued_storage import registry
+from queued_storage import conditional, registry
 from queued_storage.checksums import remote_sha256, storage_sha256
 from queued_storage.conf import settings as conf
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
 from queued_storage.signals import file_transferred, transfer_failed
+from queued_storage.tasks import Transfer
 
 if TYPE_CHECKING:
     from queued_storage.backends import QueuedStorage
@@ -53,6 +55,10 @@ class SizeMismatch(TransferError):
 
 
 class ChecksumMismatch(TransferError):
+    pass
+
+
+class LeaseLost(TransferError):
     pass
 
 
@@ -155,8 +161,27 @@ def _on_commit(func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
     transaction.on_commit(callback, using=_db(), robust=True)
 
 
+@dataclass
+class Verified:
+    """A row whose remote copy is verified and not yet recorded as done."""
+
+    row: PendingTransfer
+    storage: QueuedStorage
+    task: Any
+    at: float = field(default_factory=time.monotonic)
+
+
 def process_row(row: PendingTransfer) -> Outcome:
     """Transfer (or purge) one claimed row and record what happened."""
+    result = transfer_row(row)
+    if isinstance(result, Outcome):
+        return result
+    return complete([result])[0]
+
+
+def transfer_row(row: PendingTransfer) -> Outcome | Verified:
+    """Transfer and verify one claimed row. A failure (or a purge) is recorded at
+    once; a verified copy is returned for :func:`complete` to record."""
     storage = registry.get(row.storage_key)
     if storage is None:
         return _fail(
@@ -171,8 +196,13 @@ def process_row(row: PendingTransfer) -> Outcome:
         return _purge_claimed(storage, row)
     task = storage.task
     try:
-        _make_room(storage, row)
-        result = task.transfer(row.name, storage.local, storage.remote)
+        create_only = _make_room(storage, row, task)
+        with (
+            conditional.create_only(storage.remote, row.name)
+            if create_only
+            else nullcontext()
+        ):
+            result = task.transfer(row.name, storage.local, storage.remote)
         if result is False:
             raise TransferError("the transfer hook returned False")
         if result is not True:
@@ -182,33 +212,93 @@ def process_row(row: PendingTransfer) -> Outcome:
             )
         _verify(storage, row)
     except Exception as exc:
+        if conditional.refused(exc):
+            return _fail(row, storage, RemoteConflict(_conflict(row.name)), task=task)
         return _fail(row, storage, exc, task=task)
-    if not row.mark_done():
-        return _reconcile(storage, row)
-    size = row.size or 0
+    return Verified(row, storage, task)
+
+
+def complete(batch: list[Verified]) -> list[Outcome]:
+    """Record verified transfers as done: one compare-and-set UPDATE and one commit
+    for the whole batch when every row still holds its lease and generation;
+    otherwise row by row, so that a stale row loses alone. ``file_transferred``
+    (and a ``TransferAndDelete`` local delete) follows each row's commit."""
+    if len(batch) > 1:
+        db = _db()
+        with transaction.atomic(using=db):
+            won = PendingTransfer.objects.using(db).mark_done_together(
+                [item.row for item in batch]
+            )
+            if won == len(batch):
+                for item in batch:
+                    _done(item)
+            else:
+                transaction.set_rollback(True, using=db)
+        if won == len(batch):
+            return [Outcome.DONE] * len(batch)
+    return [_complete_one(item) for item in batch]
+
+
+def _complete_one(item: Verified) -> Outcome:
+    if not item.row.mark_done():
+        return _reconcile(item.storage, item.row)
+    _done(item)
+    return Outcome.DONE
+
+
+def _done(item: Verified) -> None:
+    row = item.row
     logger.info(
         "transfer done key=%s name=%s generation=%s bytes=%s attempt=%s",
         row.storage_key,
         row.name,
         row.generation,
-        size,
+        row.size or 0,
         row.attempts,
     )
-    _on_commit(_after_done, storage, row, task)
-    return Outcome.DONE
+    _on_commit(_after_done, item.storage, row, item.task)
 
 
-def _make_room(storage: QueuedStorage, row: PendingTransfer) -> None:
+def _conflict(name: str) -> str:
+    return (
+        f"the remote already has an object at {name!r} that the ledger did not put "
+        "there; move or delete it, then re-queue this transfer"
+    )
+
+
+def _make_room(storage: QueuedStorage, row: PendingTransfer, task: Any) -> bool:
+    """Check that the upload may write the name. True: the upload must be
+    create-only, the remote itself refusing to overwrite (one request, not two)."""
     remote = storage.remote
     if not row.was_owned and not storage.overwrite_remote:
+        if _can_create_only(storage, task):
+            return True
         if remote.exists(row.name):
-            raise RemoteConflict(
-                f"the remote already has an object at {row.name!r} that the ledger did "
-                "not put there; move or delete it, then re-queue this transfer"
-            )
+            raise RemoteConflict(_conflict(row.name))
     elif remote.get_available_name(row.name) != row.name:
         # An earlier attempt's object: ours to replace, on a remote that renames.
+        # Not once our lease ran out: it may be the copy that the worker which
+        # took the row over finished, and the only one left.
+        if not row.holds_lease():
+            raise LeaseLost(
+                f"the lease on {row.name!r} ran out before the upload; another "
+                "worker may have taken the transfer over"
+            )
         remote.delete(row.name)
+    return False
+
+
+def _can_create_only(storage: QueuedStorage, task: Any) -> bool:
+    # Only the stock hook: a custom one may write other objects, or elsewhere.
+    if type(task).transfer is not Transfer.transfer:
+        return False
+    if storage.create_only_uploads is False:
+        return False
+    if not conditional.supports_create_only(storage.remote):
+        return False
+    return bool(
+        storage.create_only_uploads or conditional.honours_create_only(storage.remote)
+    )
 
 
 def _verify(storage: QueuedStorage, row: PendingTransfer) -> None:
@@ -310,7 +400,13 @@ def _reconcile(storage: QueuedStorage | None, row: PendingTransfer) -> Outcome:
     if storage is None:
         return Outcome.STALE
     if current is None:
-        if not PendingTransfer.objects.for_name(row.storage_key, row.name).exists():
+        newer = PendingTransfer.objects.for_name(row.storage_key, row.name)
+        if newer.exists():
+            # Deleted and saved again while we worked: what we may have uploaded
+            # is at the newer row's name, and the ledger put it there; unmarked,
+            # the newer row would fail with a conflict over it.
+            newer.update(remote_owned=True)
+        else:
             storage.remote.delete(row.name)
         return Outcome.STALE
     if current.deleted:
@@ -329,6 +425,10 @@ def _delete_files(storage: QueuedStorage, name: str, *, remote: bool) -> None:
 
 
 def _purge_claimed(storage: QueuedStorage, row: PendingTransfer) -> Outcome:
+    if not row.holds_lease():
+        # Saved again since our claim (or taken over): the files are the new
+        # generation's, not the deleted one's.
+        return _reconcile(storage, row)
     try:
         _delete_files(storage, row.name, remote=row.was_owned)
     except Exception as exc:
@@ -384,60 +484,147 @@ class LeaseKeeper(threading.Thread):
         self.join()
 
 
+#: A verified transfer waits at most this long (seconds) to be recorded as done
+#: together with others; a claimed batch ends with whatever is waiting.
+COMPLETE_AFTER = 0.05
+
+
+def _log_crash(row: PendingTransfer, exc: BaseException) -> None:
+    # A bug or a dead database: never kill the loop over one row. No traceback:
+    # its frames could show a storage's credentials.
+    storage = registry.get(row.storage_key)
+    logger.error(
+        "transfer crashed key=%s name=%s error=%s: %s",
+        row.storage_key,
+        row.name,
+        type(exc).__name__,
+        storage.redact(str(exc)) if storage is not None else "",
+    )
+
+
+class _Completions:
+    """Verified transfers waiting to be recorded as done together (one UPDATE and
+    one commit for many rows, where a commit per file would bound the rate)."""
+
+    def __init__(self, report: Callable[[PendingTransfer, Outcome], None]) -> None:
+        self.report = report
+        self.lock = threading.Lock()
+        self.waiting: list[Verified] = []
+
+    def add(self, item: Verified) -> None:
+        with self.lock:
+            self.waiting.append(item)
+            due = time.monotonic() - self.waiting[0].at >= COMPLETE_AFTER
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock:
+            batch, self.waiting = self.waiting, []
+        if not batch:
+            return
+        try:
+            outcomes = complete(batch)
+        except Exception as exc:
+            for item in batch:
+                _log_crash(item.row, exc)
+            outcomes = [Outcome.STALE] * len(batch)
+        for item, outcome in zip(batch, outcomes, strict=True):
+            self.report(item.row, outcome)
+
+
+class _Workers:
+    """Threads that live as long as a drain, so that each keeps its connections
+    (the database's, and a remote's such as S3's, which are per thread) from one
+    claimed batch to the next."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.tasks: queue.Queue[
+            tuple[Callable[[PendingTransfer], None], PendingTransfer] | None
+        ] = queue.Queue()
+        self.threads: list[threading.Thread] = []
+
+    def run(
+        self, func: Callable[[PendingTransfer], None], rows: list[PendingTransfer]
+    ) -> None:
+        """Call ``func`` on every row, ``size`` at a time; return when all are done."""
+        while len(self.threads) < min(self.size, len(rows)):
+            thread = threading.Thread(
+                target=self._work,
+                name=f"queued-storage-worker-{len(self.threads)}",
+                daemon=True,
+            )
+            thread.start()
+            self.threads.append(thread)
+        for row in rows:
+            self.tasks.put((func, row))
+        self.tasks.join()
+
+    def _work(self) -> None:
+        try:
+            while True:
+                task = self.tasks.get()
+                try:
+                    if task is None:
+                        return
+                    func, row = task
+                    func(row)
+                finally:
+                    self.tasks.task_done()
+        finally:
+            connections.close_all()
+
+    def close(self) -> None:
+        for _thread in self.threads:
+            self.tasks.put(None)
+        for thread in self.threads:
+            thread.join()
+        self.threads = []
+
+
 def _process_all(
     rows: list[PendingTransfer],
     concurrency: int,
     stats: DrainStats,
     progress: ProgressCallback | None,
     should_stop: Callable[[], bool] | None,
+    workers: _Workers | None = None,
 ) -> None:
-    def handle(row: PendingTransfer) -> None:
-        if should_stop is not None and should_stop():
-            return
-        try:
-            outcome = process_row(row)
-        except Exception as exc:
-            # A bug or a dead database: never kill the loop over one row. No
-            # traceback: its frames could show a storage's credentials.
-            storage = registry.get(row.storage_key)
-            logger.error(
-                "transfer crashed key=%s name=%s error=%s: %s",
-                row.storage_key,
-                row.name,
-                type(exc).__name__,
-                storage.redact(str(exc)) if storage is not None else "",
-            )
-            outcome = Outcome.STALE
+    def report(row: PendingTransfer, outcome: Outcome) -> None:
         stats.count(outcome, row.size or 0)
         if progress is not None:
             progress(stats, row, outcome)
 
-    if concurrency <= 1 or len(rows) <= 1:
-        for row in rows:
-            handle(row)
-        return
-    pending: queue.SimpleQueue[PendingTransfer] = queue.SimpleQueue()
-    for row in rows:
-        pending.put(row)
+    completions = _Completions(report)
 
-    def work() -> None:
+    def handle(row: PendingTransfer) -> None:
+        if should_stop is not None and should_stop():
+            return
         try:
-            while True:
-                try:
-                    row = pending.get_nowait()
-                except queue.Empty:
-                    return
-                handle(row)
-        finally:
-            connections.close_all()
+            result = transfer_row(row)
+        except Exception as exc:
+            _log_crash(row, exc)
+            result = Outcome.STALE
+        if isinstance(result, Verified):
+            completions.add(result)
+        else:
+            report(row, result)
 
-    threads = [
-        threading.Thread(target=work) for _ in range(min(concurrency, len(rows)))
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    try:
+        if concurrency <= 1 or len(rows) <= 1:
+            for row in rows:
+                handle(row)
+        elif workers is not None:
+            workers.run(handle, rows)
+        else:
+            own = _Workers(concurrency)
+            try:
+                own.run(handle, rows)
+            finally:
+                own.close()
+    finally:
+        completions.flush()
 
 
 def _claimable(rows: PendingTransferQuerySet) -> PendingTransferQuerySet:
@@ -473,19 +660,28 @@ def drain(
     if keys:
         rows_qs = rows_qs.filter(storage_key__in=list(keys))
     lease = conf.QUEUED_STORAGE_LEASE
-    while not (should_stop and should_stop()):
-        want = batch_size if limit is None else min(batch_size, limit - stats.processed)
-        if want <= 0:
-            break
-        rows = rows_qs.claim_due(limit=want, lease=lease)
-        if not rows:
-            break
-        token = rows[0].lease_token
-        with LeaseKeeper(token, lease):
-            _process_all(rows, concurrency, stats, progress, should_stop)
-        if should_stop and should_stop():
-            # Rows claimed but not started go back at once, not when the lease ends.
-            PendingTransfer.objects.release_claim(token)
+    workers = _Workers(concurrency)
+    try:
+        while not (should_stop and should_stop()):
+            want = (
+                batch_size
+                if limit is None
+                else min(batch_size, limit - stats.processed)
+            )
+            if want <= 0:
+                break
+            rows = rows_qs.claim_due(limit=want, lease=lease)
+            if not rows:
+                break
+            token = rows[0].lease_token
+            with LeaseKeeper(token, lease):
+                _process_all(rows, concurrency, stats, progress, should_stop, workers)
+            if should_stop and should_stop():
+                # Rows claimed but not started go back at once, not when the lease
+                # ends.
+                PendingTransfer.objects.release_claim(token)
+    finally:
+        workers.close()
     return stats
 
 

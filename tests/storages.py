@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from django.core.files.base import ContentFile
@@ -186,3 +186,19 @@ class KeyedRemote(FileSystemStorage):
         raise PermissionError(
             f"access denied for secret_key={self.secret_key} at {self.url_with_password}"
         )
+
+
+class HookedStorage(FileSystemStorage):
+    """Calls ``HookedStorage.after_write(name)`` once an upload's bytes are written
+    and before the save returns: the moment between a worker's upload and its
+    ledger update, where the property test replays races and crashes."""
+
+    after_write: Callable[[str], None] | None = None
+
+    def _save(self, name: str, content: Any) -> str:
+        saved = super()._save(name, content)
+        hook = type(self).after_write
+        if hook is not None:
+            type(self).after_write = None  # once
+            hook(saved)
+        return saved

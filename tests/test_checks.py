@@ -197,6 +197,8 @@ def test_e004_django_tasks_worker_without_a_tasks_framework(
         ("QUEUED_STORAGE_RETRY_DELAY", -1),
         ("QUEUED_STORAGE_LEASE", 0),
         ("QUEUED_STORAGE_LEASE", True),
+        ("QUEUED_STORAGE_HEALTH_MAX_AGE", 0),
+        ("QUEUED_STORAGE_HEALTH_MAX_AGE", "15m"),
         ("QUEUED_STORAGE_CACHE_PREFIX", 3),
         ("QUEUED_STORAGE_CACHE_PREFIX", None),
     ],
@@ -217,6 +219,7 @@ def test_e005_bad_number_or_prefix(settings: Any, setting: str, value: Any) -> N
         ("QUEUED_STORAGE_RETRY_DELAY", 0),
         ("QUEUED_STORAGE_RETRY_DELAY", 2.5),
         ("QUEUED_STORAGE_LEASE", 1),
+        ("QUEUED_STORAGE_HEALTH_MAX_AGE", 1),
         ("QUEUED_STORAGE_CACHE_PREFIX", ""),
     ],
 )

@@ -5,105 +5,54 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import sys
 import time
 from types import FrameType
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import BaseCommand, CommandParser
 
-from queued_storage import registry
+from queued_storage.management.cli import (
+    AttentionNeeded,
+    Progress,
+    add_output_arguments,
+    check_storage_keys,
+    eta,
+    human_bytes,
+    positive_float,
+    positive_int,
+    write_json,
+)
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import DEFAULT_BATCH_SIZE, DrainStats, Outcome, drain
 
 logger = logging.getLogger("queued_storage")
 
-
-def positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return number
+__all__ = ["Command", "positive_float", "positive_int"]
 
 
-def positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if number <= 0:
-        raise argparse.ArgumentTypeError("must be more than 0")
-    return number
-
-
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(count) < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} GiB"
-
-
-def human_seconds(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-class Progress:
-    """A live line on a terminal; a log line every ``every`` seconds elsewhere."""
-
-    def __init__(self, command: BaseCommand, total: int, live: bool, every: float = 10):
-        self.command = command
-        self.total = total
-        self.live = live
-        self.every = every
-        self.last = 0.0
-
-    def __call__(
-        self, stats: DrainStats, row: PendingTransfer, outcome: Outcome
-    ) -> None:
-        now = time.monotonic()
-        if not self.live and now - self.last < self.every:
-            return
-        self.last = now
-        line = self.line(stats)
-        if self.live:
-            self.command.stdout.write(f"\r{line}\x1b[K", ending="")
-            self.command.stdout.flush()
-        else:
-            self.command.stdout.write(line)
-
-    def line(self, stats: DrainStats) -> str:
-        total = max(self.total, stats.processed)
-        rate = stats.bytes / stats.elapsed
-        files_per_second = stats.processed / stats.elapsed
-        left = total - stats.processed
-        eta = human_seconds(left / files_per_second) if files_per_second else "?"
-        return (
-            f"{stats.processed}/{total} files  {human_bytes(stats.bytes)}  "
-            f"{human_bytes(rate)}/s  ETA {eta}  "
-            f"(done {stats.done}, retried {stats.retried}, failed {stats.failed})"
-        )
-
-    def finish(self) -> None:
-        if self.live:
-            self.command.stdout.write("")
+def progress_line(stats: DrainStats, total: int) -> str:
+    total = max(total, stats.processed)
+    return (
+        f"{stats.processed}/{total} files  {human_bytes(stats.bytes)}  "
+        f"{human_bytes(stats.bytes / stats.elapsed)}/s  "
+        f"ETA {eta(stats.processed, total, stats.elapsed)}  "
+        f"(done {stats.done}, retried {stats.retried}, failed {stats.failed})"
+    )
 
 
 class Command(BaseCommand):
     help = (
         "Transfer due files from local to remote storage. Without --loop it keeps "
-        "claiming until no row is due, then exits (for cron)."
+        "claiming until no row is due, then exits (for cron). Exit status: 0 done, "
+        "1 error, 2 bad arguments, 3 some transfers failed for good."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "--loop",
             action="store_true",
-            help="Keep polling for due rows until SIGTERM or SIGINT.",
+            help="Keep polling for due rows until SIGTERM or SIGINT; the transfer in "
+            "hand finishes first.",
         )
         parser.add_argument(
             "--interval",
@@ -135,12 +84,7 @@ class Command(BaseCommand):
             default=DEFAULT_BATCH_SIZE,
             help=f"Rows claimed per query (default: {DEFAULT_BATCH_SIZE}).",
         )
-        parser.add_argument(
-            "--progress",
-            action=argparse.BooleanOptionalAction,
-            default=None,
-            help="Show a live progress line (default: when stdout is a terminal).",
-        )
+        add_output_arguments(parser, progress=True)
         parser.add_argument(
             "--max-polls",
             type=positive_int,
@@ -156,44 +100,69 @@ class Command(BaseCommand):
         concurrency: int,
         storages: list[str] | None,
         batch_size: int,
+        json: bool,
         progress: bool | None,
+        progress_every: float,
         max_polls: int | None,
         verbosity: int,
         **options: Any,
     ) -> None:
-        if storages:
-            unknown = sorted(set(storages) - set(registry.known_keys()))
-            if unknown:
-                raise CommandError(
-                    f"Unknown storage key(s): {', '.join(unknown)}. Known keys: "
-                    f"{', '.join(registry.known_keys()) or 'none'}."
-                )
+        keys = check_storage_keys(storages)
         self.stopping = False
         # Put back what the caller had: call_command() must not leave the process
         # (a test run, a supervisor) with the handler of a command that has ended.
         previous = self._install_signal_handlers() if loop else {}
-        live = sys.stdout.isatty() if progress is None else progress
+        talk = verbosity > 0 and not json
         totals = DrainStats()
         polls = 0
         try:
             while True:
                 polls += 1
                 due = PendingTransfer.objects.due()
-                if storages:
-                    due = due.filter(storage_key__in=storages)
-                display = Progress(self, due.count(), live and verbosity > 0)
+                if keys:
+                    due = due.filter(storage_key__in=keys)
+                total = due.count()
+                display = Progress(
+                    self,
+                    verbosity=verbosity,
+                    as_json=json,
+                    live=progress,
+                    every=progress_every,
+                )
+
+                def show(
+                    stats: DrainStats,
+                    row: PendingTransfer,
+                    outcome: Outcome,
+                    display: Progress = display,
+                    total: int = total,
+                ) -> None:
+                    display.update(lambda: progress_line(stats, total))
+
                 stats = drain(
-                    keys=storages,
+                    keys=keys or None,
                     limit=limit,
                     batch_size=batch_size,
                     concurrency=concurrency,
-                    progress=display if verbosity > 0 else None,
+                    progress=show,
                     should_stop=lambda: self.stopping,
                 )
                 display.finish()
                 self._add(totals, stats)
-                if stats.processed and verbosity > 0:
-                    self.stdout.write(self.summary(stats))
+                if stats.processed:
+                    logger.info(
+                        "drained done=%s retried=%s failed=%s purged=%s stale=%s "
+                        "bytes=%s elapsed=%.1f",
+                        stats.done,
+                        stats.retried,
+                        stats.failed,
+                        stats.purged,
+                        stats.stale,
+                        stats.bytes,
+                        stats.elapsed,
+                    )
+                    if talk:
+                        self.stdout.write(self.summary(stats))
                 if not loop or self.stopping or (max_polls and polls >= max_polls):
                     break
                 if not stats.processed:
@@ -201,10 +170,18 @@ class Command(BaseCommand):
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-        if loop and verbosity > 0:
+        if json:
+            write_json(self, self.as_dict(totals, polls=polls))
+        elif loop and verbosity > 0:
             self.stdout.write("Stopped. " + self.summary(totals))
         elif not totals.processed and verbosity > 0:
             self.stdout.write("No transfers due.")
+        if totals.failed and not loop:
+            raise AttentionNeeded(
+                f"{totals.failed} transfer(s) failed for good. The admin and "
+                "transfer_status show the errors; fix the cause, then run "
+                "requeue_transfers."
+            )
 
     @staticmethod
     def _add(totals: DrainStats, stats: DrainStats) -> None:
@@ -220,6 +197,20 @@ class Command(BaseCommand):
             f"rate={human_bytes(stats.bytes / stats.elapsed)}/s "
             f"elapsed={stats.elapsed:.1f}s"
         )
+
+    @staticmethod
+    def as_dict(stats: DrainStats, *, polls: int) -> dict[str, Any]:
+        return {
+            "done": stats.done,
+            "retried": stats.retried,
+            "failed": stats.failed,
+            "purged": stats.purged,
+            "stale": stats.stale,
+            "bytes": stats.bytes,
+            "elapsed_seconds": round(stats.elapsed, 3),
+            "bytes_per_second": round(stats.bytes / stats.elapsed, 1),
+            "polls": polls,
+        }
 
     def _install_signal_handlers(self) -> dict[int, Any]:
         """Stop after the current file on SIGTERM/SIGINT; returns the old handlers."""

@@ -1,0 +1,204 @@
+"""What the management commands share: argument types, exit codes, progress lines
+and output formats."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, TextIO
+
+from django.core.management.base import BaseCommand, CommandError, OutputWrapper
+
+from queued_storage import registry
+
+if TYPE_CHECKING:
+    from queued_storage.backends import QueuedStorage
+
+#: Exit codes, the same for every command (a cron job or a monitor acts on them).
+EXIT_OK = 0
+#: An error: the command could not do its job (database down, a crash).
+EXIT_ERROR = 1
+#: Bad arguments: an unknown option or storage key, a value out of range.
+EXIT_USAGE = 2
+#: The command ran and found something a person should look at.
+EXIT_ATTENTION = 3
+
+
+class UsageError(CommandError):
+    """Bad arguments, found before anything ran."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, returncode=EXIT_USAGE)
+
+
+class AttentionNeeded(CommandError):
+    """The command did its job and found problems: exit code 3."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, returncode=EXIT_ATTENTION)
+
+
+def positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
+def positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return number
+
+
+DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def duration(value: str) -> timedelta:
+    """``90``, ``90s``, ``15m``, ``12h``, ``30d`` or ``2w``: a length of time."""
+    match = DURATION_RE.match(value)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a duration; use seconds or a number with s, m, h, d "
+            "or w (e.g. 90, 15m, 12h, 30d)"
+        )
+    number, unit = match.groups()
+    return timedelta(seconds=float(number) * DURATION_UNITS[unit.lower()])
+
+
+def check_storage_keys(keys: Iterable[str] | None) -> list[str]:
+    """The keys asked for, each one a storage this process knows; else a usage
+    error that lists the known keys."""
+    wanted = list(keys or [])
+    if not wanted:
+        return []
+    known = registry.known_keys()
+    unknown = sorted(set(wanted) - set(known))
+    if unknown:
+        raise UsageError(
+            f"Unknown storage key(s): {', '.join(unknown)}. Known keys: "
+            f"{', '.join(known) or 'none'}."
+        )
+    return wanted
+
+
+def error_text(storage: QueuedStorage | None, error: BaseException) -> str:
+    """``Class: message`` of an error, without the storage's credentials."""
+    text = f"{type(error).__name__}: {error}"
+    redact = getattr(storage, "redact", None)
+    return str(redact(text)) if redact is not None else text
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"
+
+
+def human_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def eta(done: int, total: int, elapsed: float) -> str:
+    if done <= 0 or elapsed <= 0:
+        return "?"
+    return human_seconds((total - done) / (done / elapsed))
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, *, progress: bool) -> None:
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="Print the result as one JSON object on stdout (progress goes to stderr).",
+    )
+    if progress:
+        parser.add_argument(
+            "--progress",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="Show a live progress line (default: when the output is a terminal; "
+            "otherwise a line every 10 seconds).",
+        )
+        parser.add_argument(
+            "--progress-every",
+            type=positive_float,
+            default=10.0,
+            help=argparse.SUPPRESS,  # seconds between progress lines off a terminal
+        )
+
+
+def write_json(command: BaseCommand, payload: Any) -> None:
+    command.stdout.write(json.dumps(payload, sort_keys=True, default=str))
+
+
+def _plain(text: str) -> str:
+    return text
+
+
+class Progress:
+    """A live line on a terminal; elsewhere a line every ``every`` seconds.
+
+    The line goes to stdout, or to stderr when stdout carries JSON."""
+
+    def __init__(
+        self,
+        command: BaseCommand,
+        *,
+        verbosity: int,
+        as_json: bool,
+        live: bool | None,
+        every: float = 10.0,
+    ) -> None:
+        self.stream: OutputWrapper = command.stderr if as_json else command.stdout
+        self.enabled = verbosity > 0
+        self.live = self._isatty(self.stream) if live is None else live
+        self.every = every
+        self.last = time.monotonic()
+        self.shown = False
+        # Transfers in --concurrency threads report here at the same time.
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _isatty(stream: OutputWrapper) -> bool:
+        target: TextIO = getattr(stream, "_out", sys.stdout)
+        try:
+            return bool(target.isatty())
+        except (AttributeError, ValueError):
+            return False
+
+    def update(self, line: Callable[[], str]) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            now = time.monotonic()
+            if not self.live and now - self.last < self.every:
+                return
+            self.last = now
+            if self.live:
+                self.stream.write(f"\r{line()}\x1b[K", ending="", style_func=_plain)
+                self.stream.flush()
+                self.shown = True
+            else:
+                self.stream.write(f"progress {line()}", style_func=_plain)
+
+    def finish(self) -> None:
+        if self.shown:
+            self.stream.write("", style_func=_plain)
+            self.shown = False

@@ -1,0 +1,143 @@
+"""How the ledger stands: counts per status and storage, the backlog's age, stuck
+rows and recent errors; with --max-age, a check for a monitor."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandParser
+from django.db.models import Count
+from django.utils import timezone
+
+from queued_storage.management.cli import (
+    AttentionNeeded,
+    add_output_arguments,
+    check_storage_keys,
+    duration,
+    human_seconds,
+    write_json,
+)
+from queued_storage.models import PendingTransfer
+
+STATUSES = [status.value for status in PendingTransfer.Status]
+ERROR_WINDOW = timedelta(hours=1)
+
+
+class Command(BaseCommand):
+    help = (
+        "Show the ledger: rows per status and storage, how long the oldest due row "
+        "has waited, stuck rows (lease expired) and errors in the last hour. Exit "
+        "status 3 when --max-age or --max-failed is exceeded."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--storage",
+            action="append",
+            dest="storages",
+            metavar="KEY",
+            help="Only rows of the storage with this key (repeatable).",
+        )
+        parser.add_argument(
+            "--max-age",
+            type=duration,
+            metavar="SECONDS",
+            help="Exit with status 3 when the oldest due row has waited longer than "
+            "this (seconds, or e.g. 15m, 2h).",
+        )
+        parser.add_argument(
+            "--max-failed",
+            type=int,
+            metavar="N",
+            help="Exit with status 3 when more than N rows are failed.",
+        )
+        add_output_arguments(parser, progress=False)
+
+    def handle(
+        self,
+        *,
+        storages: list[str] | None,
+        max_age: timedelta | None,
+        max_failed: int | None,
+        json: bool,
+        verbosity: int,
+        **options: Any,
+    ) -> None:
+        keys = check_storage_keys(storages)
+        now = timezone.now()
+        rows = PendingTransfer.objects.all()
+        if keys:
+            rows = rows.filter(storage_key__in=keys)
+        counts: dict[str, dict[str, int]] = {
+            key: dict.fromkeys(STATUSES, 0) for key in keys
+        }
+        for key, status, number in (
+            rows.order_by()
+            .values_list("storage_key", "status")
+            .annotate(number=Count("pk"))
+        ):
+            counts.setdefault(key, dict.fromkeys(STATUSES, 0))[status] = number
+        totals = {
+            status: sum(per_status[status] for per_status in counts.values())
+            for status in STATUSES
+        }
+        oldest = rows.oldest_due_at(now)
+        age = (now - oldest).total_seconds() if oldest is not None else None
+        stuck = rows.stuck(now).count()
+        errors = rows.errors_since(now - ERROR_WINDOW).count()
+
+        problems = []
+        if max_age is not None and age is not None and age > max_age.total_seconds():
+            problems.append(
+                f"the oldest due transfer has waited {human_seconds(age)}, more than "
+                f"{human_seconds(max_age.total_seconds())}"
+            )
+        if max_failed is not None and totals["failed"] > max_failed:
+            problems.append(
+                f"{totals['failed']} transfers are failed, more than {max_failed}"
+            )
+
+        if json:
+            write_json(
+                self,
+                {
+                    "storages": {key: counts[key] for key in sorted(counts)},
+                    "totals": totals,
+                    "oldest_due_at": oldest.isoformat() if oldest else None,
+                    "oldest_due_age_seconds": None if age is None else round(age, 1),
+                    "stuck": stuck,
+                    "errors_last_hour": errors,
+                    "problems": problems,
+                },
+            )
+        elif verbosity > 0:
+            self._print(counts, totals, age, stuck, errors)
+        if problems:
+            raise AttentionNeeded("; ".join(problems) + ".")
+
+    def _print(
+        self,
+        counts: dict[str, dict[str, int]],
+        totals: dict[str, int],
+        age: float | None,
+        stuck: int,
+        errors: int,
+    ) -> None:
+        width = max([len("storage"), len("total"), *map(len, counts)])
+        header = "storage".ljust(width) + "".join(f"{s:>14}" for s in STATUSES)
+        self.stdout.write(header)
+        for key in sorted(counts):
+            self.stdout.write(
+                key.ljust(width) + "".join(f"{counts[key][s]:>14}" for s in STATUSES)
+            )
+        self.stdout.write(
+            "total".ljust(width) + "".join(f"{totals[s]:>14}" for s in STATUSES)
+        )
+        self.stdout.write("")
+        self.stdout.write(
+            "oldest due: "
+            + ("nothing due" if age is None else f"waiting {human_seconds(age)}")
+        )
+        self.stdout.write(f"stuck (lease expired): {stuck}")
+        self.stdout.write(f"errors in the last hour: {errors}")

@@ -1,0 +1,127 @@
+"""Ledger states read ahead for many names: a page that shows 100 files asks the
+ledger once, not 100 times.
+
+The states live in a context variable for the length of a ``with`` block, so they
+are never shared between threads, requests or async tasks, and never outlive the
+block that read them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING
+
+from django.db.models import FileField, Model
+
+from queued_storage.models import PendingTransfer, name_hash
+
+if TYPE_CHECKING:
+    from queued_storage.backends import QueuedStorage
+
+#: A row state as ``PendingTransferQuerySet.state_of`` returns it.
+State = tuple[str, bool, int | None]
+
+#: Names per query: well under every database's limit on query parameters.
+CHUNK = 500
+
+_states: ContextVar[dict[tuple[str, str], State | None] | None] = ContextVar(
+    "queued_storage_prefetched", default=None
+)
+
+
+class NotRead:
+    """What :func:`prefetched` returns for a name nobody read ahead."""
+
+
+NOT_READ = NotRead()
+
+
+def prefetched(key: str, name: str) -> State | NotRead | None:
+    """The state read ahead for ``name`` in this context (None: no row), or
+    ``NOT_READ``."""
+    states = _states.get()
+    if states is None:
+        return NOT_READ
+    return states.get((key, name), NOT_READ)
+
+
+def forget(key: str, name: str) -> None:
+    """Drop what was read ahead for ``name`` (it is being saved or deleted)."""
+    states = _states.get()
+    if states is not None:
+        states.pop((key, name), None)
+
+
+@contextmanager
+def prefetch_locations(storage: QueuedStorage, names: Iterable[str]) -> Iterator[None]:
+    """Read the ledger rows of ``names`` in one query; inside the block, ``url()``,
+    ``exists()``, ``size()``, ``open()`` and ``get_storage()`` of those names use
+    them instead of a query each.
+
+    ::
+
+        with prefetch_locations(storage, names):
+            urls = [storage.url(name) for name in names]
+    """
+    with _prefetch({storage: set(names)}):
+        yield
+
+
+@contextmanager
+def prefetch_files(objects: Iterable[Model], *fields: str) -> Iterator[list[Model]]:
+    """Read ahead the ledger rows of the files of ``objects`` (model instances or
+    a queryset, evaluated here) for every ``FileField`` on a ``QueuedStorage``, or
+    only the ``fields`` named; one query per storage. Yields the instances.
+
+    Render inside the block (``render()``, not a lazy ``TemplateResponse``)::
+
+        with prefetch_files(Document.objects.all()[:100]) as documents:
+            html = render_to_string("list.html", {"documents": documents})
+    """
+    from queued_storage.backends import QueuedStorage
+
+    instances = list(objects)
+    wanted: dict[QueuedStorage, set[str]] = defaultdict(set)
+    for instance in instances:
+        for field in instance._meta.concrete_fields:
+            if not isinstance(field, FileField) or (
+                fields and field.name not in fields
+            ):
+                continue
+            storage = field.storage
+            if not isinstance(storage, QueuedStorage):
+                continue
+            name = getattr(instance, field.attname).name
+            if name:
+                wanted[storage].add(str(name))
+    with _prefetch(wanted):
+        yield instances
+
+
+@contextmanager
+def _prefetch(wanted: dict[QueuedStorage, set[str]]) -> Iterator[None]:
+    outer = _states.get()
+    states: dict[tuple[str, str], State | None] = dict(outer or {})
+    for storage, names in wanted.items():
+        states.update(_read(storage.key, names))
+    token = _states.set(states)
+    try:
+        yield
+    finally:
+        _states.reset(token)
+
+
+def _read(key: str, names: set[str]) -> dict[tuple[str, str], State | None]:
+    found: dict[tuple[str, str], State | None] = {(key, name): None for name in names}
+    ordered = sorted(names)
+    for start in range(0, len(ordered), CHUNK):
+        by_hash = {name_hash(name): name for name in ordered[start : start + CHUNK]}
+        rows = PendingTransfer.objects.filter(
+            storage_key=key, name_hash__in=list(by_hash)
+        ).values_list("name_hash", "status", "deleted", "size")
+        for hashed, status, deleted, size in rows:
+            found[(key, by_hash[hashed])] = (str(status), bool(deleted), size)
+    return found

@@ -1,0 +1,128 @@
+"""``process_transfers`` and ``transfer_status`` as cron and a supervisor run them:
+real processes against this test run's database, judged by their exit status and
+output."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.files.base import ContentFile
+from django.db import connection
+from django.utils import timezone
+
+from queued_storage.models import PendingTransfer
+from tests.testapp.models import Document
+from tests.workers import run_command, start_command
+
+# The worker processes must see the rows: committed, not in a test transaction.
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+Status = PendingTransfer.Status
+
+
+def named(text: str) -> ContentFile[bytes]:
+    return ContentFile(text.encode(), name="upload.txt")
+
+
+def test_the_subprocess_uses_this_runs_test_database() -> None:
+    result = run_command(
+        "shell",
+        "-c",
+        "from django.db import connection; print(connection.settings_dict['NAME'])",
+    )
+
+    assert result.returncode == 0, result.stderr
+    # The last line: Django's shell may first announce its automatic imports.
+    assert result.stdout.strip().splitlines()[-1] == connection.settings_dict["NAME"]
+
+
+def test_process_transfers_from_cron_moves_the_files_and_exits_0(
+    fresh_storages: dict[str, Path],
+) -> None:
+    documents = [Document.objects.create(file=named(f"file {i}")) for i in range(3)]
+    assert PendingTransfer.objects.queued().count() == 3
+
+    result = run_command("process_transfers", "--json")
+
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["done"] == 3
+    assert summary["failed"] == 0
+    assert summary["bytes"] == sum(len(f"file {i}") for i in range(3))
+    assert PendingTransfer.objects.done().count() == 3
+    for i, document in enumerate(documents):
+        remote = fresh_storages["remote"] / document.file.name
+        assert remote.read_bytes() == f"file {i}".encode()
+
+    again = run_command("process_transfers")
+    assert again.returncode == 0
+    assert again.stdout.strip() == "No transfers due."
+
+
+def test_process_transfers_exits_3_when_a_transfer_fails_for_good(
+    fresh_storages: dict[str, Path], settings: Any
+) -> None:
+    Document.objects.create(file=named("x"))
+    storages = dict(settings.STORAGES)
+    storages["queued_remote"] = {
+        "BACKEND": "tests.storages.FlakyStorage",
+        "OPTIONS": {"location": str(fresh_storages["remote"]), "failures": 100},
+    }
+
+    result = run_command(
+        "process_transfers",
+        overrides={
+            "QUEUED_STORAGE_RETRIES": 1,
+            "QUEUED_STORAGE_RETRY_DELAY": 0,
+            "STORAGES": storages,
+        },
+    )
+
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "done=0 retried=1 failed=1" in result.stdout
+    assert "1 transfer(s) failed for good" in result.stderr
+    assert PendingTransfer.objects.failed().count() == 1
+
+
+def test_transfer_status_max_age_exit_status(fresh_storages: dict[str, Path]) -> None:
+    Document.objects.create(file=named("x"))
+    PendingTransfer.objects.update(next_attempt_at=timezone.now() - timedelta(hours=2))
+
+    late = run_command("transfer_status", "--max-age", "1h", "--verbosity", "0")
+    unknown = run_command("transfer_status", "--storage", "nope")
+
+    assert late.returncode == 3
+    assert "the oldest due transfer has waited" in late.stderr
+    assert unknown.returncode == 2
+
+
+def test_process_transfers_loop_stops_on_sigterm_after_the_file_in_hand(
+    fresh_storages: dict[str, Path],
+) -> None:
+    worker = start_command("process_transfers", "--loop", "--interval", "0.2", "--json")
+    try:
+        document = Document.objects.create(file=named("late arrival"))
+        deadline = time.monotonic() + 30
+        while PendingTransfer.objects.done().count() < 1:
+            assert worker.poll() is None, worker.communicate()
+            assert time.monotonic() < deadline, "the loop never took the new row"
+            time.sleep(0.1)
+        worker.send_signal(signal.SIGTERM)
+        output, _ = worker.communicate(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+
+    assert worker.returncode == 0, output
+    summary = json.loads(output.strip().splitlines()[-1])
+    assert summary["done"] == 1
+    assert summary["polls"] > 1
+    remote = fresh_storages["remote"] / document.file.name
+    assert remote.read_bytes() == b"late arrival"

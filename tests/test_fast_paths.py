@@ -1,0 +1,419 @@
+"""The cheap paths, and that they keep every invariant: verified transfers recorded
+in one compare-and-set UPDATE per batch (a stale row still loses alone), worker
+threads kept for a whole drain, ledger states read ahead for a page of files, and
+create-only S3 uploads instead of a HEAD request per new file."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from django.core.files.base import ContentFile
+from django.core.files.storage import Storage
+from django.db import connection
+from django.db.models import F
+from django.template import Context, Template
+from django.test.utils import CaptureQueriesContext
+
+from queued_storage import conditional, prefetch_files, prefetch_locations
+from queued_storage.backends import QueuedStorage
+from queued_storage.models import PendingTransfer
+from queued_storage.signals import file_transferred
+from queued_storage.tasks import Transfer
+from queued_storage.transfer import Outcome, Verified, complete, drain, transfer_row
+from tests.conftest import content
+from tests.s3 import S3_OPTIONS, make_bucket, moto_s3_server, s3_client
+from tests.testapp.models import Document
+
+pytestmark = pytest.mark.django_db
+
+Status = PendingTransfer.Status
+S3 = "storages.backends.s3.S3Storage"
+
+
+def done_updates(captured: CaptureQueriesContext) -> list[str]:
+    """The UPDATE statements that recorded rows as done."""
+    return [
+        query["sql"]
+        for query in captured.captured_queries
+        if query["sql"].lstrip().upper().startswith("UPDATE")
+        and "'done'" in query["sql"]
+        and "transferred_at" in query["sql"]
+    ]
+
+
+@pytest.fixture
+def transferred_signals() -> Iterator[list[tuple[str, str]]]:
+    """(name, status of its row when the signal came) per file_transferred."""
+    seen: list[tuple[str, str]] = []
+
+    def receiver(sender: Any, name: str, storage: QueuedStorage, **kw: Any) -> None:
+        row = PendingTransfer.objects.for_name(storage.key, name).get()
+        seen.append((name, row.status))
+
+    file_transferred.connect(receiver, weak=False)
+    yield seen
+    file_transferred.disconnect(receiver)
+
+
+# Verified transfers recorded together
+
+
+def test_a_drain_records_a_batch_of_transfers_with_one_update(
+    storage: QueuedStorage,
+    transferred_signals: list[tuple[str, str]],
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    names = [storage.save(f"f{i}.txt", content(f"file {i}")) for i in range(10)]
+
+    with (
+        django_capture_on_commit_callbacks(execute=True),
+        CaptureQueriesContext(connection) as captured,
+    ):
+        stats = drain(keys=[storage.key])
+
+    assert stats.done == 10
+    assert len(done_updates(captured)) == 1
+    assert set(
+        PendingTransfer.objects.filter(storage_key=storage.key).values_list(
+            "status", flat=True
+        )
+    ) == {Status.DONE}
+    assert sorted(transferred_signals) == sorted((n, Status.DONE) for n in names)
+
+
+def test_a_stale_row_in_a_batch_loses_its_compare_and_set_alone(
+    storage: QueuedStorage,
+    transferred_signals: list[tuple[str, str]],
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    names = [storage.save(f"f{i}.txt", content(f"file {i}")) for i in range(3)]
+    rows = PendingTransfer.objects.filter(storage_key=storage.key).claim_due(
+        limit=3, lease=60
+    )
+    verified = [transfer_row(row) for row in rows]
+    assert all(isinstance(item, Verified) for item in verified)
+    stale = rows[1]
+    # A re-save of the name while the worker held it: a newer generation.
+    PendingTransfer.objects.filter(pk=stale.pk).update(generation=F("generation") + 1)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        outcomes = complete(verified)  # type: ignore[arg-type]
+
+    assert outcomes == [Outcome.DONE, Outcome.STALE, Outcome.DONE]
+    stale.refresh_from_db()
+    assert stale.status == Status.QUEUED  # handed back for the newer content
+    assert stale.lease_token == ""
+    others = [row for row in rows if row.pk != stale.pk]
+    for row in others:
+        row.refresh_from_db()
+        assert row.status == Status.DONE
+    assert sorted(transferred_signals) == sorted(
+        (row.name, Status.DONE) for row in others
+    )
+    assert stale.name in names
+
+
+def test_transfer_and_delete_removes_local_copies_only_after_the_batch_commit(
+    make_storage: Callable[..., QueuedStorage],
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    storage = make_storage(task="queued_storage.tasks.TransferAndDelete")
+    names = [storage.save(f"f{i}.txt", content(f"file {i}")) for i in range(5)]
+
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        stats = drain(keys=[storage.key])
+    assert stats.done == 5
+    assert all(storage.local.exists(name) for name in names)  # not committed yet
+
+    for callback in callbacks:
+        callback()
+    assert not any(storage.local.exists(name) for name in names)
+    assert all(storage.remote.exists(name) for name in names)
+    assert all(
+        storage.open(name).read() == f"file {i}".encode()
+        for i, name in enumerate(names)
+    )
+
+
+class ThreadRecordingTransfer(Transfer):
+    """Counts the threads that ran transfers (a thread-local, since the ids of
+    threads that ended are given to new ones)."""
+
+    seen = threading.local()
+    threads: ClassVar[list[str]] = []
+
+    def transfer(
+        self, name: str, local: Storage, remote: Storage, **kwargs: Any
+    ) -> bool:
+        if not getattr(self.seen, "counted", False):
+            self.seen.counted = True
+            self.threads.append(threading.current_thread().name)
+        return super().transfer(name, local, remote, **kwargs)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_worker_threads_last_the_whole_drain(
+    make_storage: Callable[..., QueuedStorage],
+) -> None:
+    storage = make_storage(task=f"{__name__}.ThreadRecordingTransfer")
+    for i in range(20):
+        storage.save(f"f{i}.txt", content(f"file {i}"))
+    ThreadRecordingTransfer.threads.clear()
+
+    stats = drain(keys=[storage.key], concurrency=4, batch_size=5)
+
+    assert stats.done == 20
+    # Four batches of five: new threads per batch would have been up to 16.
+    assert 1 < len(ThreadRecordingTransfer.threads) <= 4
+    assert threading.current_thread().name not in ThreadRecordingTransfer.threads
+
+
+# The save path
+
+
+def test_a_save_costs_two_ledger_queries(
+    storage: QueuedStorage, django_assert_num_queries: Any
+) -> None:
+    with django_assert_num_queries(2):  # is the name free? + the row
+        name = storage.save("a.txt", content())
+
+    row = PendingTransfer.objects.for_name(storage.key, name).get()
+    assert (row.status, row.size, row.generation > 0) == (Status.QUEUED, 11, True)
+
+
+# Reading ahead for a page of files
+
+PAGE = Template("{% for doc in docs %}{{ doc.file.url }}\n{% endfor %}")
+
+
+@pytest.fixture
+def documents(django_capture_on_commit_callbacks: Any) -> list[Document]:
+    docs = [
+        Document.objects.create(file=ContentFile(b"x", name=f"{i}.txt"))
+        for i in range(100)
+    ]
+    drain()
+    for doc in docs[:3]:  # a few still on their way
+        PendingTransfer.objects.filter(name=doc.file.name).update(status=Status.QUEUED)
+    return docs
+
+
+def test_prefetch_files_renders_a_page_of_urls_with_one_query(
+    documents: list[Document], django_assert_num_queries: Any
+) -> None:
+    expected = PAGE.render(Context({"docs": documents}))
+
+    with django_assert_num_queries(1), prefetch_files(documents) as docs:
+        html = PAGE.render(Context({"docs": docs}))
+
+    assert html == expected
+    urls = html.split()
+    assert urls[0].startswith("/media/") and urls[99].startswith("https://remote")
+
+
+def test_prefetch_files_takes_a_queryset(
+    documents: list[Document], django_assert_num_queries: Any
+) -> None:
+    # One query for the documents, one for the ledger.
+    with (
+        django_assert_num_queries(2),
+        prefetch_files(Document.objects.order_by("pk")) as docs,
+    ):
+        html = PAGE.render(Context({"docs": docs}))
+    assert len(html.split()) == 100
+
+
+def test_prefetch_locations_reads_a_list_of_names_once(
+    storage: QueuedStorage, django_assert_num_queries: Any
+) -> None:
+    names = [storage.save(f"n{i}.txt", content()) for i in range(100)]
+    drain(keys=[storage.key])
+
+    with (
+        django_assert_num_queries(1),
+        prefetch_locations(storage, [*names, "never-saved.txt"]),
+    ):
+        urls = [storage.url(name) for name in names]
+        assert all(storage.exists(name) for name in names)
+        assert storage.size(names[0]) == 11
+
+    assert urls == [f"https://remote.example/n{i}.txt" for i in range(100)]
+
+
+def test_prefetched_states_end_with_their_block(
+    storage: QueuedStorage,
+) -> None:
+    name = storage.save("a.txt", content())
+    with prefetch_locations(storage, [name]):
+        assert storage.url(name) == "/media/a.txt"
+    drain(keys=[storage.key])
+
+    assert storage.url(name) == "https://remote.example/a.txt"
+    with prefetch_locations(storage, [name]):
+        assert storage.url(name) == "https://remote.example/a.txt"
+
+
+def test_a_delete_inside_a_prefetch_block_is_seen_at_once(
+    storage: QueuedStorage,
+) -> None:
+    name = storage.save("a.txt", content())
+    drain(keys=[storage.key])
+
+    with prefetch_locations(storage, [name]):
+        assert storage.exists(name)
+        storage.delete(name)
+        assert not storage.exists(name)
+        with pytest.raises(FileNotFoundError):
+            storage.open(name)
+
+
+def test_prefetched_states_stay_in_their_thread(
+    storage: QueuedStorage, django_assert_num_queries: Any
+) -> None:
+    name = storage.save("a.txt", content())
+    seen: list[Any] = []
+
+    def other_thread() -> None:
+        from queued_storage import prefetch
+
+        seen.append(prefetch.prefetched(storage.key, name))
+
+    with prefetch_locations(storage, [name]):
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+
+    from queued_storage.prefetch import NotRead
+
+    assert len(seen) == 1 and isinstance(seen[0], NotRead)
+
+
+# Create-only uploads to S3
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    with moto_s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def make_s3_storage(
+    s3_endpoint: str, make_storage: Callable[..., QueuedStorage]
+) -> Callable[..., QueuedStorage]:
+    def make(**kwargs: Any) -> QueuedStorage:
+        remote_options = {
+            **S3_OPTIONS,
+            "bucket_name": make_bucket(s3_endpoint),
+            "endpoint_url": s3_endpoint,
+            **kwargs.pop("remote_options", {}),
+        }
+        return make_storage(remote=S3, remote_options=remote_options, **kwargs)
+
+    return make
+
+
+def record_requests(storage: QueuedStorage) -> list[str]:
+    """The S3 operations the storage's client sends from now on, in order."""
+    sent: list[str] = []
+
+    def record(model: Any, params: Any, **kwargs: Any) -> None:
+        sent.append(model.name)
+
+    events = storage.remote.connection.meta.client.meta.events  # type: ignore[attr-defined]
+    events.register("before-call.s3", record)
+    return sent
+
+
+def test_a_create_only_upload_sends_no_head_request_first(
+    make_s3_storage: Callable[..., QueuedStorage],
+) -> None:
+    storage = make_s3_storage(create_only_uploads=True)
+    name = storage.save("a.txt", content("hello"))
+    sent = record_requests(storage)
+
+    assert drain(keys=[storage.key]).done == 1
+
+    assert sent == ["PutObject", "HeadObject"]  # the upload, then its size check
+    with storage.open(name) as opened:
+        assert opened.read() == b"hello"
+
+
+def test_a_custom_endpoint_asks_before_uploading_unless_told_otherwise(
+    make_s3_storage: Callable[..., QueuedStorage],
+) -> None:
+    storage = make_s3_storage()
+    storage.save("a.txt", content("hello"))
+    sent = record_requests(storage)
+
+    assert drain(keys=[storage.key]).done == 1
+
+    assert sent == ["HeadObject", "PutObject", "HeadObject"]
+
+
+@pytest.mark.parametrize("size", [5, 6 * 1024 * 1024], ids=["put", "multipart"])
+def test_a_create_only_upload_never_overwrites_an_unknown_object(
+    make_s3_storage: Callable[..., QueuedStorage], s3_endpoint: str, size: int
+) -> None:
+    from boto3.s3.transfer import TransferConfig
+
+    storage = make_s3_storage(
+        create_only_uploads=True,
+        remote_options={
+            "transfer_config": TransferConfig(
+                multipart_threshold=5 * 1024 * 1024,
+                multipart_chunksize=5 * 1024 * 1024,
+            )
+        },
+    )
+    bucket = storage.remote.bucket_name  # type: ignore[attr-defined]
+    client = s3_client(s3_endpoint)
+    client.put_object(Bucket=bucket, Key="a.bin", Body=b"theirs")
+    storage.save("a.bin", ContentFile(os.urandom(size)))
+
+    stats = drain(keys=[storage.key])
+
+    assert stats.failed == 1
+    row = PendingTransfer.objects.for_name(storage.key, "a.bin").get()
+    assert row.status == Status.FAILED
+    assert "already has an object" in row.last_error
+    assert row.remote_owned is False
+    assert client.get_object(Bucket=bucket, Key="a.bin")["Body"].read() == b"theirs"
+
+
+def test_refused_recognises_s3_conditional_write_errors() -> None:
+    from botocore.exceptions import ClientError
+
+    def error(code: str) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": ""}}, "PutObject")
+
+    assert conditional.refused(error("PreconditionFailed"))
+    assert conditional.refused(error("ConditionalRequestConflict"))
+    assert not conditional.refused(error("AccessDenied"))
+    assert not conditional.refused(ValueError("no response"))
+    try:
+        try:
+            raise error("PreconditionFailed")
+        except ClientError as exc:
+            raise RuntimeError("upload failed") from exc
+    except RuntimeError as wrapped:
+        assert conditional.refused(wrapped)
+
+
+def test_create_only_applies_to_the_stock_hook_only(
+    make_s3_storage: Callable[..., QueuedStorage], tmp_path: Path
+) -> None:
+    storage = make_s3_storage(
+        create_only_uploads=True, task=f"{__name__}.ThreadRecordingTransfer"
+    )
+    storage.save("a.txt", content("hello"))
+    sent = record_requests(storage)
+
+    assert drain(keys=[storage.key]).done == 1
+
+    assert sent[0] == "HeadObject"  # a custom hook may write anything: ask first

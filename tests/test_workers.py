@@ -1,0 +1,311 @@
+"""Worker processes: many at once upload each file once; leases keep a slow but
+alive upload to its worker and hand a killed worker's row to another.
+
+Every worker here is ``manage.py process_transfers`` in an OS process of its own,
+on this test run's database; the remote journals each upload it receives."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from django.db import connections, transaction
+from django.utils import timezone
+
+from queued_storage.backends import QueuedStorage
+from queued_storage.models import PendingTransfer, PendingTransferQuerySet
+from queued_storage.transfer import Outcome, process_row
+from tests.conftest import content
+from tests.fleet import (
+    DOCUMENTS,
+    Journal,
+    Worker,
+    is_sqlite,
+    queue_files,
+    statuses,
+    wait_until,
+)
+from tests.workers import run_command
+
+Status = PendingTransfer.Status
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def journaling_remote(
+    settings: Any, remote: Path, journal: Path, **options: Any
+) -> Journal:
+    """Point the ``documents`` storage's remote at a journaling FileSystemStorage;
+    worker processes started afterwards get the same STORAGES."""
+    storages = dict(settings.STORAGES)
+    storages["queued_remote"] = {
+        "BACKEND": "tests.storages.JournalingStorage",
+        "OPTIONS": {"location": str(remote), "journal": str(journal), **options},
+    }
+    settings.STORAGES = storages
+    return Journal(journal)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_many_worker_processes_upload_each_file_exactly_once(
+    fresh_storages: dict[str, Path], settings: Any, tmp_path: Path
+) -> None:
+    """2,000 queued files, four worker processes (two on SQLite, whose writers
+    queue on one lock): one upload per file, every row done at its first attempt."""
+    journal = journaling_remote(
+        settings, fresh_storages["remote"], tmp_path / "journal.log"
+    )
+    digests = queue_files(fresh_storages["local"], 2000)
+    count = 2 if is_sqlite() else 4
+
+    workers = [
+        Worker(tmp_path / f"worker{i}.log", ["--batch-size", "20"]).start()
+        for i in range(count)
+    ]
+    codes = [worker.wait(timeout=150) for worker in workers]
+
+    outputs = "\n".join(
+        f"--- worker {worker.pid}:\n{worker.output()}" for worker in workers
+    )
+    assert codes == [0] * count, outputs
+    assert "database is locked" not in outputs
+    assert "Traceback" not in outputs
+    assert "transfer error" not in outputs
+    assert "transfer crashed" not in outputs
+    once = Counter(dict.fromkeys(digests, 1))
+    assert journal.count("begin") == once
+    assert journal.count("saved") == once
+    assert statuses() == Counter({Status.DONE: 2000})
+    assert set(
+        PendingTransfer.objects.filter(storage_key=DOCUMENTS).values_list(
+            "attempts", flat=True
+        )
+    ) == {1}
+    for name, digest in digests.items():
+        assert sha256(fresh_storages["remote"] / name) == digest, name
+    # The workers really ran side by side: more than one of them uploaded.
+    uploaders = Counter(e.pid for e in journal.events() if e.kind == "saved")
+    assert len(uploaders) >= 2, uploaders
+    assert set(uploaders) <= {worker.pid for worker in workers}
+    print(f"\nuploads per worker process: {sorted(uploaders.values())}")
+
+
+@pytest.mark.slow
+def test_slow_upload_renews_its_lease_and_is_never_taken_over(
+    fresh_storages: dict[str, Path], settings: Any, tmp_path: Path
+) -> None:
+    """One upload takes six times the lease; other workers keep polling meanwhile
+    and find nothing due, because the uploading worker renews its lease."""
+    lease = 1.0
+    journal = journaling_remote(
+        settings,
+        fresh_storages["remote"],
+        tmp_path / "journal.log",
+        delay=0.25,
+        chunk_size=64 * 1024,
+    )
+    overrides = {"QUEUED_STORAGE_LEASE": lease}
+    [(name, digest)] = queue_files(
+        fresh_storages["local"], 1, size=24 * 64 * 1024
+    ).items()  # 24 chunks, 0.25 s apart: six seconds
+    uploader = Worker(tmp_path / "uploader.log", [], overrides).start()
+    assert wait_until(lambda: journal.count("begin"), timeout=30), uploader.output()
+    [begun] = journal.events()
+
+    rival_runs: list[tuple[float, float, str]] = []
+    while not journal.count("saved") and uploader.running():
+        started = time.time()
+        result = run_command("process_transfers", overrides=overrides)
+        rival_runs.append((started, time.time(), result.stdout + result.stderr))
+    assert uploader.wait(timeout=60) == 0, uploader.output()
+
+    [saved] = [event for event in journal.events() if event.kind == "saved"]
+    assert journal.count("begin") == Counter({name: 1})
+    assert begun.pid == saved.pid == uploader.pid
+    row = PendingTransfer.objects.get(storage_key=DOCUMENTS, name=name)
+    assert row.status == Status.DONE
+    assert row.attempts == 1
+    assert sha256(fresh_storages["remote"] / name) == digest
+    # Rival workers polled after the first lease would have run out, while the
+    # upload still ran: only renewal kept the row from them.
+    after_first_lease = [
+        output
+        for started, ended, output in rival_runs
+        if started > begun.at + lease and ended < saved.at
+    ]
+    assert after_first_lease, (begun, saved, rival_runs)
+    for output in after_first_lease:
+        assert "No transfers due." in output, output
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_upload_leaves_the_row_to_another_after_the_lease(
+    fresh_storages: dict[str, Path], settings: Any, tmp_path: Path
+) -> None:
+    lease = 2.0
+    size = 48 * 64 * 1024  # 3 MiB in 48 chunks, 0.1 s apart
+    journal = journaling_remote(
+        settings,
+        fresh_storages["remote"],
+        tmp_path / "journal.log",
+        delay=0.1,
+        chunk_size=64 * 1024,
+    )
+    overrides = {"QUEUED_STORAGE_LEASE": lease}
+    [(name, digest)] = queue_files(fresh_storages["local"], 1, size=size).items()
+    victim = Worker(tmp_path / "victim.log", [], overrides).start()
+    remote_file = fresh_storages["remote"] / name
+    assert wait_until(
+        lambda: remote_file.exists() and remote_file.stat().st_size > 0, timeout=30
+    ), victim.output()
+
+    victim.kill()
+
+    killed_at = time.time()
+    [begun] = journal.events()
+    assert begun.kind == "begin"
+    assert begun.pid == victim.pid
+    assert 0 < remote_file.stat().st_size < size  # killed mid-upload
+    row = PendingTransfer.objects.get(storage_key=DOCUMENTS, name=name)
+    assert row.status == Status.TRANSFERRING
+    assert row.lease_expires_at is not None
+    lease_ends = row.lease_expires_at.timestamp()
+    assert lease_ends > killed_at  # the victim's lease still holds the row
+
+    fast = {**settings.STORAGES["queued_remote"]}
+    fast["OPTIONS"] = {**fast["OPTIONS"], "delay": 0}
+    rescuer = Worker(
+        tmp_path / "rescuer.log",
+        ["--loop", "--interval", "0.1"],
+        {**overrides, "STORAGES": {**settings.STORAGES, "queued_remote": fast}},
+    ).start()
+    assert wait_until(
+        lambda: journal.count("saved"), timeout=lease + 30
+    ), rescuer.output()
+    assert rescuer.stop() == 0, rescuer.output()
+
+    events = journal.events()
+    assert [(e.kind, e.pid) for e in events] == [
+        ("begin", victim.pid),
+        ("begin", rescuer.pid),
+        ("saved", rescuer.pid),
+    ]
+    # The rescuer took the row over only once the victim's lease had run out.
+    assert events[1].at >= lease_ends
+    row = PendingTransfer.objects.get(storage_key=DOCUMENTS, name=name)
+    assert row.status == Status.DONE, row.last_error
+    assert row.attempts == 2
+    assert sha256(remote_file) == digest
+
+
+# Claims racing each other, made deterministic: what two worker processes do at
+# the same moment, replayed on one or two connections.
+
+
+def claim(limit: int = 20) -> list[PendingTransfer]:
+    return PendingTransfer.objects.claim_due(limit=limit, lease=300)
+
+
+def test_a_claim_in_progress_leaves_the_other_due_rows_to_a_second_worker(
+    fresh_storages: dict[str, Path],
+) -> None:
+    """A worker that finds nothing due ends its cron run: another worker's claim
+    must hide only the rows it takes, never the whole queue (MariaDB locked every
+    due row while sorting them)."""
+    if is_sqlite():
+        pytest.skip(
+            "SQLite has no row locks: its claims serialise on the database lock, "
+            "see test_a_claim_that_loses_its_candidates_to_another_worker_looks_again"
+        )
+    queue_files(fresh_storages["local"], 100, size=8)
+    second: list[PendingTransfer] = []
+
+    def claim_in_another_connection() -> None:
+        try:
+            second.extend(claim())
+        finally:
+            connections.close_all()
+
+    with transaction.atomic():
+        first = claim()  # its row locks last until this block commits
+        rival = threading.Thread(target=claim_in_another_connection)
+        rival.start()
+        rival.join(timeout=30)
+
+    assert len(first) == 20
+    assert len(second) == 20
+    assert not {row.pk for row in first} & {row.pk for row in second}
+
+
+def test_a_claim_that_loses_its_candidates_to_another_worker_looks_again(
+    fresh_storages: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without row locks (SQLite) another worker can take every row a claim just
+    read before its UPDATE runs; the claim must take the next due rows, not
+    report an empty queue."""
+    queue_files(fresh_storages["local"], 40, size=8)
+    rival: list[PendingTransfer] = []
+    take = PendingTransferQuerySet._take
+
+    def take_after_a_rival(*args: Any) -> int:
+        if not rival:
+            rival.append(PendingTransfer())  # guards against recursion
+            rival[:] = claim()  # another worker, between our SELECT and UPDATE
+        return take(*args)
+
+    monkeypatch.setattr(PendingTransferQuerySet, "_take", staticmethod(take_after_a_rival))
+
+    mine = claim()
+
+    assert len(rival) == 20
+    assert len(mine) == 20
+    assert not {row.pk for row in rival} & {row.pk for row in mine}
+    assert PendingTransfer.objects.filter(status=Status.TRANSFERRING).count() == 40
+
+
+def test_a_claim_sees_a_remote_object_written_since_it_read_its_candidates(
+    storage: QueuedStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between a claim's SELECT and UPDATE another worker claimed the row, wrote
+    the remote object and died; its lease ran out. The claim must know the object
+    is the ledger's, or it fails the row with a conflict for ever."""
+    name = storage.save("a.txt", content("payload"))
+    take = PendingTransferQuerySet._take
+    raced: list[bool] = []
+
+    def take_after_a_crashed_rival(*args: Any) -> int:
+        if not raced:
+            raced.append(True)
+            [row] = claim(limit=1)
+            assert storage.task.transfer(name, storage.local, storage.remote)
+            # ...and the rival dies before recording it; its lease runs out.
+            PendingTransfer.objects.filter(pk=row.pk).update(
+                lease_expires_at=timezone.now() - timedelta(seconds=1)
+            )
+        return take(*args)
+
+    monkeypatch.setattr(
+        PendingTransferQuerySet, "_take", staticmethod(take_after_a_crashed_rival)
+    )
+
+    [row] = claim(limit=1)
+
+    assert raced
+    assert row.was_owned
+    monkeypatch.undo()
+    assert process_row(row) is Outcome.DONE, row.last_error
+    done = PendingTransfer.objects.get(pk=row.pk)
+    assert done.status == Status.DONE
+    assert done.remote_owned
+    assert storage.remote.open(name).read() == b"payload"
