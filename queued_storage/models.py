@@ -3,14 +3,17 @@ the file lives. Every state change is one short transaction with a compare-and-s
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import random
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
-from django.db import connections, models, router, transaction
+from django.db import OperationalError, connections, models, router, transaction
 from django.db.models import Case, F, Min, Q, Value, When
 from django.db.models.constants import OnConflict
 from django.utils import timezone
@@ -28,6 +31,52 @@ MAX_NAME_LENGTH = 1024
 MAX_RETRY_DELAY = 24 * 60 * 60
 #: Times a claim reads the due rows again after other workers took all it read.
 CLAIM_TRIES = 10
+#: Tries of a worker's ledger statement that the database aborted over a lock.
+LOCKED_TRIES = 5
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _lost_a_lock(error: OperationalError) -> bool:
+    """A deadlock victim (MariaDB 1213, PostgreSQL), a lock wait that timed out
+    (MariaDB 1205), or SQLite's busy timeout: the statement changed nothing."""
+    code = error.args[0] if error.args else None
+    text = str(error).lower()
+    return code in (1205, 1213) or any(
+        words in text
+        for words in ("deadlock", "database is locked", "could not serialize")
+    )
+
+
+def retry_when_locked(func: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run a short ledger statement again, after a short random pause, when the
+    database aborted it over a lock. Never inside the caller's transaction: the
+    database rolled all of it back, and only the caller can start it again."""
+
+    @functools.wraps(func)
+    def retrying(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        for attempt in range(1, LOCKED_TRIES + 1):
+            try:
+                return func(*args, **kwargs)
+            except OperationalError as error:
+                db = router.db_for_write(PendingTransfer)
+                if (
+                    attempt == LOCKED_TRIES
+                    or not _lost_a_lock(error)
+                    or connections[db].in_atomic_block
+                ):
+                    raise
+                logging.getLogger("queued_storage").info(
+                    "ledger statement retried call=%s attempt=%s error=%s",
+                    func.__name__,
+                    attempt,
+                    error,
+                )
+                time.sleep(random.uniform(0.01, 0.03) * 2**attempt)
+        raise AssertionError("unreachable")
+
+    return retrying
 
 
 def name_hash(name: str) -> str:
@@ -113,6 +162,7 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
             | Q(status=PendingTransfer.Status.TRANSFERRING, lease_expires_at__lt=now)
         )
 
+    @retry_when_locked
     def claim_due(
         self,
         *,
@@ -213,6 +263,7 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
             )
         return taken
 
+    @retry_when_locked
     def renew_lease(self, token: str, lease: float) -> int:
         """Push out the lease of every row still held under ``token``."""
         now = timezone.now()
@@ -220,6 +271,7 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
             lease_token=token, status=PendingTransfer.Status.TRANSFERRING
         ).update(lease_expires_at=now + timedelta(seconds=lease), updated_at=now)
 
+    @retry_when_locked
     def release_claim(self, token: str) -> int:
         """Give back rows claimed under ``token`` that were never started."""
         now = timezone.now()
@@ -234,6 +286,7 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
             updated_at=now,
         )
 
+    @retry_when_locked
     def mark_done_together(self, rows: list[PendingTransfer]) -> int:
         """Record the verified transfers of ``rows`` in one statement, each row under
         its own compare-and-set on (row, generation, lease token); returns how many
@@ -520,6 +573,7 @@ class PendingTransfer(models.Model):
         the lease has not run out (then another worker may have taken the row)."""
         return self._leased().filter(lease_expires_at__gt=timezone.now()).exists()
 
+    @retry_when_locked
     def mark_done(self) -> bool:
         """Record the verified transfer; False if the lease or generation is stale."""
         now = timezone.now()
@@ -529,6 +583,7 @@ class PendingTransfer(models.Model):
             self.transferred_at = now
         return bool(won)
 
+    @retry_when_locked
     def mark_failure(
         self,
         error: BaseException | str,
@@ -568,6 +623,7 @@ class PendingTransfer(models.Model):
             setattr(self, field, value)
         return str(changes["status"])
 
+    @retry_when_locked
     def release(self, *, held: bool) -> bool:
         """Hand a row back that a newer save changed under this worker's lease."""
         now = timezone.now()
@@ -608,6 +664,7 @@ class PendingTransfer(models.Model):
             )
         )
 
+    @retry_when_locked
     def delete_tombstone(self) -> bool:
         """Remove this tombstone, unless a newer save took the name over."""
         deleted, _counts = PendingTransfer.objects.filter(

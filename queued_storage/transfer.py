@@ -22,7 +22,11 @@ from django.db.models import Q
 from queued_storage import conditional, registry
 from queued_storage.checksums import remote_sha256, storage_sha256
 from queued_storage.conf import settings as conf
-from queued_storage.models import PendingTransfer, PendingTransferQuerySet
+from queued_storage.models import (
+    PendingTransfer,
+    PendingTransferQuerySet,
+    retry_when_locked,
+)
 from queued_storage.signals import file_transferred, transfer_failed
 from queued_storage.tasks import Transfer
 
@@ -223,20 +227,24 @@ def complete(batch: list[Verified]) -> list[Outcome]:
     for the whole batch when every row still holds its lease and generation;
     otherwise row by row, so that a stale row loses alone. ``file_transferred``
     (and a ``TransferAndDelete`` local delete) follows each row's commit."""
-    if len(batch) > 1:
-        db = _db()
-        with transaction.atomic(using=db):
-            won = PendingTransfer.objects.using(db).mark_done_together(
-                [item.row for item in batch]
-            )
-            if won == len(batch):
-                for item in batch:
-                    _done(item)
-            else:
-                transaction.set_rollback(True, using=db)
-        if won == len(batch):
-            return [Outcome.DONE] * len(batch)
+    if len(batch) > 1 and _complete_together(batch):
+        return [Outcome.DONE] * len(batch)
     return [_complete_one(item) for item in batch]
+
+
+@retry_when_locked
+def _complete_together(batch: list[Verified]) -> bool:
+    db = _db()
+    with transaction.atomic(using=db):
+        won = PendingTransfer.objects.using(db).mark_done_together(
+            [item.row for item in batch]
+        )
+        if won != len(batch):
+            transaction.set_rollback(True, using=db)
+            return False
+        for item in batch:
+            _done(item)
+    return True
 
 
 def _complete_one(item: Verified) -> Outcome:
@@ -469,9 +477,18 @@ class LeaseKeeper(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stopped.wait(self.lease / 3):
-                PendingTransfer.objects.renew_lease(self.token, self.lease)
-        except Exception:
-            logger.exception("lease renewal failed token=%s", self.token)
+                try:
+                    PendingTransfer.objects.renew_lease(self.token, self.lease)
+                except Exception as exc:
+                    # Keep renewing: one failed renewal must not cost the lease of
+                    # a transfer that is still running. A fresh connection next time.
+                    logger.warning(
+                        "lease renewal failed token=%s error=%s: %s",
+                        self.token,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    connections.close_all()
         finally:
             connections.close_all()
 

@@ -189,16 +189,22 @@ class KeyedRemote(FileSystemStorage):
 
 
 class HookedStorage(FileSystemStorage):
-    """Calls ``HookedStorage.after_write(name)`` once an upload's bytes are written
-    and before the save returns: the moment between a worker's upload and its
-    ledger update, where the property test replays races and crashes."""
+    """Calls ``HookedStorage.before_write(name)`` as an upload starts and
+    ``HookedStorage.after_write(name)`` once its bytes are written, before the
+    save returns: the moments around a worker's upload where the property test
+    replays races, crashes and failures. Each hook runs once."""
 
+    before_write: Callable[[str], None] | None = None
     after_write: Callable[[str], None] | None = None
 
     def _save(self, name: str, content: Any) -> str:
+        hook = type(self).before_write
+        if hook is not None:
+            type(self).before_write = None
+            hook(name)
         saved = super()._save(name, content)
         hook = type(self).after_write
         if hook is not None:
-            type(self).after_write = None  # once
+            type(self).after_write = None
             hook(saved)
         return saved

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db import connection
 
 from queued_storage.models import PendingTransfer
+from tests.databases import selected_vendor
 from tests.fleet import DOCUMENTS, Journal, Worker, queue_files, statuses
 from tests.s3 import S3_OPTIONS, make_bucket, s3_client
 from tests.s3_outage import RestartableS3Server
@@ -41,6 +41,27 @@ RETRY_DELAY = 0.2
 RETRIES = 20
 #: The whole drain, kills and outage included, must end within this.
 DEADLINE = 150
+#: The leg of the database matrix the chaos test runs on (see the skip below);
+#: QUEUED_STORAGE_CHAOS=all runs it on every leg.
+CHAOS_DATABASE = "mariadb"
+#: Workers log at INFO to their log files, so the report can count retries.
+WORKER_LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"stderr": {"class": "logging.StreamHandler"}},
+    "loggers": {"queued_storage": {"handlers": ["stderr"], "level": "INFO"}},
+}
+
+
+def crash_excerpts(log: str) -> list[str]:
+    """What a worker printed about a crash (a traceback or a crashed transfer);
+    a worker killed with SIGKILL prints nothing."""
+    excerpts = []
+    for marker in ("Traceback", "transfer crashed"):
+        start = log.find(marker)
+        if start >= 0:
+            excerpts.append(log[start : start + 3000])
+    return excerpts
 
 
 @pytest.fixture
@@ -59,6 +80,14 @@ def test_chaos_kills_and_an_outage_lose_nothing(
     settings: Any,
     tmp_path: Path,
 ) -> None:
+    vendor = selected_vendor()
+    if vendor != CHAOS_DATABASE and os.environ.get("QUEUED_STORAGE_CHAOS") != "all":
+        pytest.skip(
+            f"the chaos test runs on the {CHAOS_DATABASE} leg of the matrix only (not "
+            f"{vendor}): three worker processes, twelve restarts and moto's S3 take "
+            "about a minute of a two-CPU runner, three minutes on every leg; "
+            "QUEUED_STORAGE_CHAOS=all runs it here"
+        )
     seed = int(os.environ.get("QUEUED_STORAGE_CHAOS_SEED") or random.randrange(10**6))
     chance = random.Random(seed)
     bucket = make_bucket(s3_server.endpoint)
@@ -81,6 +110,7 @@ def test_chaos_kills_and_an_outage_lose_nothing(
         "QUEUED_STORAGE_LEASE": LEASE,
         "QUEUED_STORAGE_RETRY_DELAY": RETRY_DELAY,
         "QUEUED_STORAGE_RETRIES": RETRIES,
+        "LOGGING": WORKER_LOGGING,
     }
     args = ["--loop", "--interval", "0.2", "--batch-size", "10"]
     # Kills and the outage are set off by progress, not by the clock: however fast
@@ -119,10 +149,11 @@ def test_chaos_kills_and_an_outage_lose_nothing(
     finally:
         codes = [worker.stop() for worker in workers]
 
-    logs = "\n".join(f"--- {w.pids}:\n{w.output()}" for w in workers)
-    assert "Traceback" not in logs, logs
-    assert "transfer crashed" not in logs, logs
-    assert codes == [0] * WORKERS, logs
+    crashes = [
+        excerpt for worker in workers for excerpt in crash_excerpts(worker.output())
+    ]
+    assert not crashes, "\n\n".join(crashes)
+    assert codes == [0] * WORKERS, [w.output()[-2000:] for w in workers]
     assert statuses() == Counter({Status.DONE: FILES})
     client = s3_client(s3_server.endpoint)
     keys = [
@@ -143,8 +174,9 @@ def test_chaos_kills_and_an_outage_lose_nothing(
     duplicates = sum(saved.values()) - FILES
     rows = PendingTransfer.objects.filter(storage_key=DOCUMENTS)
     retried = rows.exclude(error_history=[]).count()
+    logs = "".join(worker.output() for worker in workers)
     report = {
-        "database": connection.vendor,
+        "database": vendor,
         "seed": seed,
         "files": FILES,
         "file_size": FILE_SIZE,
@@ -156,13 +188,15 @@ def test_chaos_kills_and_an_outage_lose_nothing(
         "duplicate_uploads": duplicates,
         "uploads_cut_short": sum(begun.values()) - sum(saved.values()),
         "rows_with_errors": retried,
+        "stale_workers": logs.count("transfer stale "),
+        "ledger_statements_retried": logs.count("ledger statement retried"),
         "max_attempts": max(rows.values_list("attempts", flat=True)),
         "drain_seconds": round(drained, 1),
         "wall_seconds": round(wall, 1),
         "lease_seconds": LEASE,
         "retry_delay_seconds": RETRY_DELAY,
     }
-    out = ROOT / "var" / f"chaos-report-{connection.vendor}.json"
+    out = ROOT / "var" / f"chaos-report-{vendor}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nchaos report ({out.relative_to(ROOT)}): {json.dumps(report)}")

@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 from django.core.files.base import ContentFile
 from django.utils import timezone
-from hypothesis import HealthCheck, strategies as st
+from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
@@ -75,8 +76,9 @@ class LedgerMachine(RuleBasedStateMachine):
         task=st.sampled_from(
             ["queued_storage.tasks.Transfer", "queued_storage.tasks.TransferAndDelete"]
         ),
+        verify_checksum=st.booleans(),
     )
-    def build(self, delayed: bool, task: str) -> None:
+    def build(self, delayed: bool, task: str, verify_checksum: bool) -> None:
         self.storage = QueuedStorage(
             FS,
             "tests.storages.HookedStorage",
@@ -87,6 +89,7 @@ class LedgerMachine(RuleBasedStateMachine):
             remote_options={"location": str(self.root / "remote")},
             delayed=delayed,
             task=task,
+            verify_checksum=verify_checksum,
             key=self.root.name,
         )
 
@@ -96,7 +99,7 @@ class LedgerMachine(RuleBasedStateMachine):
         return self.storage
 
     def teardown(self) -> None:
-        HookedStorage.after_write = None
+        HookedStorage.before_write = HookedStorage.after_write = None
         if self.storage is not None:
             try:
                 self.settle()
@@ -189,6 +192,24 @@ class LedgerMachine(RuleBasedStateMachine):
             HookedStorage.after_write = None
 
     @precondition(lambda self: self.claimed)
+    @rule(pick=st.integers(min_value=0), written=st.booleans())
+    def upload_fails(self, pick: int, written: bool) -> None:
+        """The remote fails the upload: before any byte is written, or after all
+        of them (the answer was lost); the row is retried."""
+
+        def fail(saved: str) -> None:
+            raise ConnectionError(f"remote unreachable ({saved})")
+
+        if written:
+            HookedStorage.after_write = fail
+        else:
+            HookedStorage.before_write = fail
+        try:
+            process_row(self.claimed.pop(pick % len(self.claimed)))
+        finally:
+            HookedStorage.before_write = HookedStorage.after_write = None
+
+    @precondition(lambda self: self.claimed)
     @rule(pick=st.integers(min_value=0), action=ACTIONS, data=CONTENTS)
     def race_after_upload(self, pick: int, action: str, data: bytes) -> None:
         """A user acts on the name after the worker uploaded it and before the
@@ -244,7 +265,7 @@ class LedgerMachine(RuleBasedStateMachine):
             for row in PendingTransfer.objects.filter(storage_key=self.queued.key)
         }
         assert set(rows) == set(self.live), rows
-        for name, row in rows.items():
+        for row in rows.values():
             assert row.status == Status.DONE, (row, row.last_error)
             assert not row.deleted, row
         remote = self.queued.remote
@@ -272,7 +293,7 @@ def test_random_interleavings_keep_the_invariants(
     run_state_machine_as_test(
         lambda: LedgerMachine(tmp_path),
         settings=hypothesis_settings(
-            max_examples=int(os.environ.get("QUEUED_STORAGE_PROPERTY_EXAMPLES", 60)),
+            max_examples=int(os.environ.get("QUEUED_STORAGE_PROPERTY_EXAMPLES", 20)),
             stateful_step_count=40,
             deadline=None,
             database=None,
