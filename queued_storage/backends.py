@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import pathlib
+import posixpath
 import re
 import unicodedata
-import posixpath
 import warnings
+from collections.abc import Mapping
 from datetime import datetime
 from functools import cached_property
-from collections.abc import Mapping
 from typing import Any, NamedTuple, cast
 from urllib.parse import quote
 

@@ -265,7 +265,9 @@ def test_odd_name_is_kept_inside_the_roots(storage: QueuedStorage, name: str) ->
         assert opened.read() == b"hello world"
 
 
-def test_nfd_spelling_of_a_taken_nfc_name_is_not_a_second_file(storage: QueuedStorage) -> None:
+def test_nfd_spelling_of_a_taken_nfc_name_is_not_a_second_file(
+    storage: QueuedStorage,
+) -> None:
     first = storage.save("caf\u00e9.txt", content())
     second = storage.save("cafe\u0301.txt", content())
     assert first == "caf\u00e9.txt"
@@ -356,7 +358,7 @@ def test_readers_never_miss_a_file_moved_by_transfer_and_delete(
                 for i, name in enumerate(names):
                     with storage.open(name) as opened:
                         assert opened.read() == f"payload {i}".encode()
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
         finally:
             connection.close()

@@ -22,7 +22,9 @@ def worker_env(**overrides: Any) -> dict[str, str]:
     env = dict(os.environ)
     env["DJANGO_SETTINGS_MODULE"] = "tests.settings"
     env["QUEUED_STORAGE_USE_TEST_DB"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(ROOT), env.get("PYTHONPATH")])
+    )
     extra = {"STORAGES": settings.STORAGES, **overrides}
     env["QUEUED_STORAGE_TEST_OVERRIDES"] = json.dumps(extra)
     return env
