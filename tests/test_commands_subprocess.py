@@ -113,6 +113,9 @@ def test_process_transfers_loop_stops_on_sigterm_after_the_file_in_hand(
             assert worker.poll() is None, worker.communicate()
             assert time.monotonic() < deadline, "the loop never took the new row"
             time.sleep(0.1)
+        # Let the loop poll again (every 0.2 s) before it is stopped: a worker that
+        # started late may have taken the row on its first poll.
+        time.sleep(1.5)
         worker.send_signal(signal.SIGTERM)
         output, _ = worker.communicate(timeout=30)
     finally:
