@@ -276,7 +276,11 @@ def main() -> int:
     ).stdout.strip()
     report = {
         "mode": mode,
-        "command": "make bench-full" if args.full else "make bench",
+        "command": (
+            ("make bench-full" if args.full else "make bench")
+            if not args.only and not args.db
+            else " ".join([".venv/bin/python -m benchmarks", *sys.argv[1:]])
+        ),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "commit": commit or "unknown",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
@@ -295,7 +299,12 @@ def main() -> int:
     print(text)
     if not args.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        suffix = mode if not args.only and not args.db else f"{mode}-partial"
+        # A narrowed run is written beside the whole one, named after what it ran.
+        suffix = (
+            mode
+            if not args.only and not args.db
+            else "-".join([mode, *vendors, *cases])
+        )
         (RESULTS / f"{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
         (RESULTS / f"{suffix}.md").write_text(text)
         print(f"written: benchmarks/results/{suffix}.json and .md")

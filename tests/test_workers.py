@@ -105,9 +105,10 @@ def test_many_worker_processes_upload_each_file_exactly_once(
 def test_slow_upload_renews_its_lease_and_is_never_taken_over(
     fresh_storages: dict[str, Path], settings: Any, tmp_path: Path
 ) -> None:
-    """One upload takes six times the lease; other workers keep polling meanwhile
-    and find nothing due, because the uploading worker renews its lease."""
-    lease = 1.0
+    """One upload takes three times the lease; other workers keep polling meanwhile
+    and find nothing due, because the uploading worker renews its lease. (A 2 s
+    lease, renewed every 0.67 s, leaves room for a busy CI machine.)"""
+    lease = 2.0
     journal = journaling_remote(
         settings,
         fresh_storages["remote"],
