@@ -7,9 +7,11 @@ from typing import Any
 
 import pytest
 from django.core.files.base import ContentFile
+from django.db import transaction
 
 from queued_storage import registry
 from queued_storage.backends import QueuedStorage
+from queued_storage.models import PendingTransfer
 from tests.storages import GatedStorage
 
 FS = "django.core.files.storage.FileSystemStorage"
@@ -102,3 +104,18 @@ def gate() -> Iterator[type[GatedStorage]]:
 
 def content(text: str = "hello world") -> ContentFile:
     return ContentFile(text.encode())
+
+
+def save_rolled_back(storage: QueuedStorage, capture_on_commit: Any) -> None:
+    """Save a file in a transaction that the view's error rolls back, with the
+    on-commit callbacks run as a request runs them; check that it left no row and
+    no remote copy."""
+    with (
+        capture_on_commit(execute=True),
+        pytest.raises(RuntimeError),
+        transaction.atomic(),
+    ):
+        name = storage.save("draft.txt", content())
+        raise RuntimeError("the view failed")
+    assert not storage.remote.exists(name)
+    assert not PendingTransfer.objects.filter(storage_key=storage.key).exists()

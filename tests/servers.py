@@ -23,9 +23,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import pytest
+from django.core.files.storage import storages
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -58,6 +59,39 @@ def require_module(name: str, extra: str = "test") -> Any:
             f"Python module {name!r} is missing ({exc}); install it with "
             f"pip install -e '.[{extra}]'"
         )
+
+
+StorageT = TypeVar("StorageT")
+
+
+def configure_storage(
+    settings: Any,
+    tmp_path: Path,
+    backend: type[StorageT],
+    *,
+    key: str,
+    remote_options: dict[str, Any],
+) -> StorageT:
+    """The README's STORAGES example for ``backend``, its remote pointed at a test
+    server: alias ``<key>_queued``, local copies in ``tmp_path / "media"``."""
+    alias = f"{key}_queued"
+    settings.STORAGES = {
+        **settings.STORAGES,
+        alias: {
+            "BACKEND": f"queued_storage.backends.{backend.__name__}",
+            "OPTIONS": {
+                "local_options": {
+                    "location": str(tmp_path / "media"),
+                    "base_url": "/media/",
+                },
+                "remote_options": remote_options,
+                "key": key,
+            },
+        },
+    }
+    storage = storages[alias]
+    assert isinstance(storage, backend)
+    return storage
 
 
 # FTP: pyftpdlib

@@ -11,13 +11,12 @@ from typing import Any
 
 import pytest
 from django.core.files.base import ContentFile
-from django.core.files.storage import storages
 
 from queued_storage import registry
 from queued_storage.backends import QueuedFTPStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import drain
-from tests.servers import FTPServerInfo, ftp_server
+from tests.servers import FTPServerInfo, configure_storage, ftp_server
 
 pytestmark = pytest.mark.django_db
 
@@ -29,27 +28,16 @@ def ftp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FTPServerInfo]:
 
 
 def configure(settings: Any, tmp_path: Path, location: str) -> QueuedFTPStorage:
-    """The README's STORAGES example, pointed at the test server."""
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "ftp_queued": {
-            "BACKEND": "queued_storage.backends.QueuedFTPStorage",
-            "OPTIONS": {
-                "local_options": {
-                    "location": str(tmp_path / "media"),
-                    "base_url": "/media/",
-                },
-                "remote_options": {
-                    "location": location,
-                    "base_url": "https://files.example.com/",
-                },
-                "key": "ftp",
-            },
+    return configure_storage(
+        settings,
+        tmp_path,
+        QueuedFTPStorage,
+        key="ftp",
+        remote_options={
+            "location": location,
+            "base_url": "https://files.example.com/",
         },
-    }
-    storage = storages["ftp_queued"]
-    assert isinstance(storage, QueuedFTPStorage)
-    return storage
+    )
 
 
 @pytest.fixture

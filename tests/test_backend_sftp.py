@@ -10,13 +10,17 @@ from typing import Any
 
 import pytest
 from django.core.files.base import ContentFile
-from django.core.files.storage import storages
 
 from queued_storage import registry
 from queued_storage.backends import QueuedSFTPStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import drain
-from tests.servers import SFTPServerInfo, require_module, sftp_server
+from tests.servers import (
+    SFTPServerInfo,
+    configure_storage,
+    require_module,
+    sftp_server,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -31,30 +35,19 @@ def sftp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SFTPServerInfo]:
 def configure(
     settings: Any, tmp_path: Path, sftp: SFTPServerInfo, known_hosts: Path
 ) -> QueuedSFTPStorage:
-    """The README's STORAGES example, pointed at the test server."""
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "sftp_queued": {
-            "BACKEND": "queued_storage.backends.QueuedSFTPStorage",
-            "OPTIONS": {
-                "local_options": {
-                    "location": str(tmp_path / "media"),
-                    "base_url": "/media/",
-                },
-                "remote_options": {
-                    "host": "127.0.0.1",
-                    "params": sftp.params,
-                    "known_host_file": str(known_hosts),
-                    "root_path": "/uploads",
-                    "base_url": "https://files.example.com/",
-                },
-                "key": "sftp",
-            },
+    return configure_storage(
+        settings,
+        tmp_path,
+        QueuedSFTPStorage,
+        key="sftp",
+        remote_options={
+            "host": "127.0.0.1",
+            "params": sftp.params,
+            "known_host_file": str(known_hosts),
+            "root_path": "/uploads",
+            "base_url": "https://files.example.com/",
         },
-    }
-    storage = storages["sftp_queued"]
-    assert isinstance(storage, QueuedSFTPStorage)
-    return storage
+    )
 
 
 @pytest.fixture

@@ -16,12 +16,11 @@ from typing import Any
 import pytest
 from django.core.files.base import ContentFile
 from django.core.management import call_command
-from django.db import transaction
 from django.utils import timezone
 
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
-from tests.conftest import content
+from tests.conftest import content, save_rolled_back
 from tests.testapp.models import Document
 from tests.tools import group_members, require_module, stop_group
 from tests.workers import start_command
@@ -108,16 +107,8 @@ def test_a_rolled_back_save_sends_nothing(
     storage: QueuedStorage,
     django_capture_on_commit_callbacks: Any,
 ) -> None:
-    with (
-        django_capture_on_commit_callbacks(execute=True),
-        pytest.raises(RuntimeError),
-        transaction.atomic(),
-    ):
-        name = storage.save("draft.txt", content())
-        raise RuntimeError("the view failed")
+    save_rolled_back(storage, django_capture_on_commit_callbacks)
     assert sent == []
-    assert not storage.remote.exists(name)
-    assert not PendingTransfer.objects.filter(storage_key=storage.key).exists()
 
 
 def test_in_sync_mode_the_task_transfers_the_file(

@@ -11,12 +11,11 @@ from typing import Any
 import django
 import pytest
 from django.core.files.base import ContentFile
-from django.db import transaction
 from django.utils import timezone
 
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
-from tests.conftest import content
+from tests.conftest import content, save_rolled_back
 from tests.testapp.models import Document
 from tests.tools import require_module
 from tests.workers import run_command
@@ -93,16 +92,8 @@ def test_a_rolled_back_save_enqueues_nothing(
     storage: QueuedStorage,
     django_capture_on_commit_callbacks: Any,
 ) -> None:
-    with (
-        django_capture_on_commit_callbacks(execute=True),
-        pytest.raises(RuntimeError),
-        transaction.atomic(),
-    ):
-        name = storage.save("draft.txt", content())
-        raise RuntimeError("the view failed")
+    save_rolled_back(storage, django_capture_on_commit_callbacks)
     assert immediate == []
-    assert not storage.remote.exists(name)
-    assert not PendingTransfer.objects.filter(storage_key=storage.key).exists()
 
 
 def test_a_task_for_a_row_that_is_not_due_does_nothing(

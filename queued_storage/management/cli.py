@@ -4,21 +4,26 @@ and output formats."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TextIO
 
 from django.core.management.base import BaseCommand, CommandError, OutputWrapper
 
 from queued_storage import registry
+from queued_storage.conf import settings as conf
 
 if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
     from queued_storage.backends import QueuedStorage
+    from queued_storage.models import PendingTransfer, PendingTransferQuerySet
 
 #: Exit codes, the same for every command (a cron job or a monitor acts on them).
 EXIT_OK = 0
@@ -94,6 +99,71 @@ def check_storage_keys(keys: Iterable[str] | None) -> list[str]:
             f"{', '.join(known) or 'none'}."
         )
     return wanted
+
+
+def add_storage_filter(parser: argparse.ArgumentParser) -> None:
+    """``--storage KEY``, repeatable, into ``storages``: check it with
+    ``check_storage_keys()``, apply it with ``of_storages()``."""
+    parser.add_argument(
+        "--storage",
+        action="append",
+        dest="storages",
+        metavar="KEY",
+        help="Only rows of the storage with this key (repeatable).",
+    )
+
+
+def of_storages(
+    rows: PendingTransferQuerySet, keys: list[str]
+) -> PendingTransferQuerySet:
+    """The rows of the storages ``keys`` names; all of ``rows`` when it names none."""
+    return rows.filter(storage_key__in=keys) if keys else rows
+
+
+def add_batch_size_argument(
+    parser: argparse.ArgumentParser, *, default: int, what: str
+) -> None:
+    """``--batch-size``; ``what`` says what one batch is, e.g. "Rows read per
+    query"."""
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=default,
+        help=f"{what} (default: {default}).",
+    )
+
+
+def in_batches(
+    rows: PendingTransferQuerySet, *, size: int, fields: Sequence[str]
+) -> Iterator[list[PendingTransfer]]:
+    """``rows`` in primary key order, ``size`` at a time, with only ``fields`` loaded.
+
+    Each batch starts after the last key of the one before, so a row that an
+    earlier batch changed neither shifts nor repeats the next one."""
+    last_pk = 0
+    while True:
+        batch = list(rows.filter(pk__gt=last_pk).order_by("pk").only(*fields)[:size])
+        if not batch:
+            return
+        last_pk = batch[-1].pk
+        yield batch
+
+
+def local_copy_elsewhere(storage: QueuedStorage, row: PendingTransfer) -> bool:
+    """Whether the local copy of ``row`` is on another host's disk (a storage with
+    ``local_shared=False``), where only a run on that host can reach it."""
+    return not getattr(storage, "local_shared", True) and row.host not in (
+        "",
+        conf.QUEUED_STORAGE_HOSTNAME,
+    )
+
+
+def counters_line(stats: DataclassInstance) -> str:
+    """``name=value`` for each field of a dataclass of counters, in field order."""
+    return " ".join(
+        f"{field.name}={getattr(stats, field.name)}"
+        for field in dataclasses.fields(stats)
+    )
 
 
 def error_text(storage: QueuedStorage | None, error: BaseException) -> str:

@@ -14,16 +14,20 @@ from django.utils import timezone
 
 from queued_storage import registry
 from queued_storage.backends import QueuedStorage
-from queued_storage.conf import settings as conf
 from queued_storage.management.cli import (
     AttentionNeeded,
     Progress,
+    add_batch_size_argument,
     add_output_arguments,
+    add_storage_filter,
     check_storage_keys,
+    counters_line,
     duration,
     error_text,
     human_bytes,
-    positive_int,
+    in_batches,
+    local_copy_elsewhere,
+    of_storages,
     write_json,
 )
 from queued_storage.models import PendingTransfer
@@ -34,6 +38,16 @@ DEFAULT_BATCH_SIZE = 500
 #: A local file modified this long after its transfer counts as changed: room for
 #: a file server whose clock runs ahead of the worker's.
 CLOCK_SKEW = timedelta(seconds=60)
+#: What a check reads of a row.
+CLEAN_FIELDS = (
+    "pk",
+    "storage_key",
+    "name",
+    "generation",
+    "size",
+    "host",
+    "transferred_at",
+)
 
 
 @dataclass
@@ -65,13 +79,7 @@ class Command(BaseCommand):
             metavar="DURATION",
             help="Only files transferred at least this long ago (e.g. 3600, 12h, 7d).",
         )
-        parser.add_argument(
-            "--storage",
-            action="append",
-            dest="storages",
-            metavar="KEY",
-            help="Only rows of the storage with this key (repeatable).",
-        )
+        add_storage_filter(parser)
         parser.add_argument(
             "--check-remote",
             action=argparse.BooleanOptionalAction,
@@ -84,11 +92,8 @@ class Command(BaseCommand):
             action="store_true",
             help="Show what would be removed; remove nothing.",
         )
-        parser.add_argument(
-            "--batch-size",
-            type=positive_int,
-            default=DEFAULT_BATCH_SIZE,
-            help=f"Rows read per query (default: {DEFAULT_BATCH_SIZE}).",
+        add_batch_size_argument(
+            parser, default=DEFAULT_BATCH_SIZE, what="Rows read per query"
         )
         add_output_arguments(parser, progress=True)
 
@@ -108,9 +113,10 @@ class Command(BaseCommand):
     ) -> None:
         keys = check_storage_keys(storages)
         cutoff = timezone.now() - older_than
-        rows = PendingTransfer.objects.done().live().filter(transferred_at__lte=cutoff)
-        if keys:
-            rows = rows.filter(storage_key__in=keys)
+        rows = of_storages(
+            PendingTransfer.objects.done().live().filter(transferred_at__lte=cutoff),
+            keys,
+        )
         self.stats = CleanStats()
         self.check_remote = check_remote
         self.dry_run = dry_run
@@ -118,24 +124,7 @@ class Command(BaseCommand):
         display = Progress(
             self, verbosity=verbosity, as_json=json, live=progress, every=progress_every
         )
-        last_pk = 0
-        while True:
-            batch = list(
-                rows.filter(pk__gt=last_pk)
-                .order_by("pk")
-                .only(
-                    "pk",
-                    "storage_key",
-                    "name",
-                    "generation",
-                    "size",
-                    "host",
-                    "transferred_at",
-                )[:batch_size]
-            )
-            if not batch:
-                break
-            last_pk = batch[-1].pk
+        for batch in in_batches(rows, size=batch_size, fields=CLEAN_FIELDS):
             for row in batch:
                 self.stats.checked += 1
                 self._clean(row)
@@ -163,13 +152,7 @@ class Command(BaseCommand):
             )
 
     def _line(self) -> str:
-        stats = self.stats
-        return (
-            f"checked={stats.checked} removed={stats.removed} bytes={stats.bytes} "
-            f"absent={stats.absent} changed={stats.changed} "
-            f"other_host={stats.other_host} unknown_storage={stats.unknown_storage} "
-            f"unverified={stats.unverified} errors={stats.errors}"
-        )
+        return counters_line(self.stats)
 
     def _say(self, what: str, row: PendingTransfer, why: str) -> None:
         if self.talk:
@@ -182,10 +165,7 @@ class Command(BaseCommand):
         if storage is None:
             self.stats.unknown_storage += 1
             return
-        if not getattr(storage, "local_shared", True) and row.host not in (
-            "",
-            conf.QUEUED_STORAGE_HOSTNAME,
-        ):
+        if local_copy_elsewhere(storage, row):
             self.stats.other_host += 1  # that host's own run cleans it
             return
         try:

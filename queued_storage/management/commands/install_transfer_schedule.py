@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 from typing import Any
 
 from django.apps import apps
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-
-def positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return number
+from queued_storage.management.cli import positive_int
 
 
 class Command(BaseCommand):

@@ -14,10 +14,13 @@ from django.core.management.base import BaseCommand, CommandParser
 from queued_storage.management.cli import (
     AttentionNeeded,
     Progress,
+    add_batch_size_argument,
     add_output_arguments,
+    add_storage_filter,
     check_storage_keys,
     eta,
     human_bytes,
+    of_storages,
     positive_float,
     positive_int,
     write_json,
@@ -28,6 +31,9 @@ from queued_storage.transfer import DEFAULT_BATCH_SIZE, DrainStats, Outcome, dra
 logger = logging.getLogger("queued_storage")
 
 __all__ = ["Command", "positive_float", "positive_int"]
+
+#: The counters of a drain that add up over the polls of --loop.
+DRAIN_COUNTS = ("done", "retried", "failed", "purged", "stale", "bytes")
 
 
 def progress_line(stats: DrainStats, total: int) -> str:
@@ -71,18 +77,9 @@ class Command(BaseCommand):
             default=1,
             help="Transfer this many files at once, in threads (default: 1).",
         )
-        parser.add_argument(
-            "--storage",
-            action="append",
-            dest="storages",
-            metavar="KEY",
-            help="Only rows of the storage with this key (repeatable).",
-        )
-        parser.add_argument(
-            "--batch-size",
-            type=positive_int,
-            default=DEFAULT_BATCH_SIZE,
-            help=f"Rows claimed per query (default: {DEFAULT_BATCH_SIZE}).",
+        add_storage_filter(parser)
+        add_batch_size_argument(
+            parser, default=DEFAULT_BATCH_SIZE, what="Rows claimed per query"
         )
         add_output_arguments(parser, progress=True)
         parser.add_argument(
@@ -118,10 +115,7 @@ class Command(BaseCommand):
         try:
             while True:
                 polls += 1
-                due = PendingTransfer.objects.due()
-                if keys:
-                    due = due.filter(storage_key__in=keys)
-                total = due.count()
+                total = of_storages(PendingTransfer.objects.due(), keys).count()
                 display = Progress(
                     self,
                     verbosity=verbosity,
@@ -185,7 +179,7 @@ class Command(BaseCommand):
 
     @staticmethod
     def _add(totals: DrainStats, stats: DrainStats) -> None:
-        for name in ("done", "retried", "failed", "purged", "stale", "bytes"):
+        for name in DRAIN_COUNTS:
             setattr(totals, name, getattr(totals, name) + getattr(stats, name))
 
     @staticmethod
@@ -200,13 +194,7 @@ class Command(BaseCommand):
 
     @staticmethod
     def as_dict(stats: DrainStats, *, polls: int) -> dict[str, Any]:
-        return {
-            "done": stats.done,
-            "retried": stats.retried,
-            "failed": stats.failed,
-            "purged": stats.purged,
-            "stale": stats.stale,
-            "bytes": stats.bytes,
+        return {name: getattr(stats, name) for name in DRAIN_COUNTS} | {
             "elapsed_seconds": round(stats.elapsed, 3),
             "bytes_per_second": round(stats.bytes / stats.elapsed, 1),
             "polls": polls,

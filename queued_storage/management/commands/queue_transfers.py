@@ -21,8 +21,9 @@ from queued_storage.management.cli import (
     EXIT_ERROR,
     Progress,
     UsageError,
+    add_batch_size_argument,
     add_output_arguments,
-    positive_int,
+    counters_line,
     write_json,
 )
 from queued_storage.models import PendingTransfer, name_hash
@@ -38,8 +39,8 @@ class BackfillStats:
     queued: int = 0
     done: int = 0
     existing: int = 0
-    invalid: int = 0
     conflicts: int = 0
+    invalid: int = 0
     vanished: int = 0
 
 
@@ -96,11 +97,8 @@ class Command(BaseCommand):
             metavar="PATH",
             help="Only files in this directory of the local storage, and below.",
         )
-        parser.add_argument(
-            "--batch-size",
-            type=positive_int,
-            default=DEFAULT_BATCH_SIZE,
-            help=f"Files per ledger round trip (default: {DEFAULT_BATCH_SIZE}).",
+        add_batch_size_argument(
+            parser, default=DEFAULT_BATCH_SIZE, what="Files per ledger round trip"
         )
         parser.add_argument(
             "--check-remote",
@@ -187,12 +185,7 @@ class Command(BaseCommand):
             self.stdout.write(f"{verb}: {self._line()}")
 
     def _line(self) -> str:
-        stats = self.stats
-        return (
-            f"scanned={stats.scanned} queued={stats.queued} done={stats.done} "
-            f"existing={stats.existing} conflicts={stats.conflicts} "
-            f"invalid={stats.invalid} vanished={stats.vanished}"
-        )
+        return counters_line(self.stats)
 
     def _record(self, names: list[str]) -> None:
         storage = self.storage

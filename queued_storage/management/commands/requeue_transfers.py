@@ -13,8 +13,10 @@ from django.utils import timezone
 from queued_storage.management.cli import (
     UsageError,
     add_output_arguments,
+    add_storage_filter,
     check_storage_keys,
     duration,
+    of_storages,
     write_json,
 )
 from queued_storage.models import PendingTransfer
@@ -40,13 +42,7 @@ class Command(BaseCommand):
             choices=REQUEUEABLE,
             help="Rows in this status (repeatable; default: failed).",
         )
-        parser.add_argument(
-            "--storage",
-            action="append",
-            dest="storages",
-            metavar="KEY",
-            help="Only rows of the storage with this key (repeatable).",
-        )
+        add_storage_filter(parser)
         parser.add_argument(
             "--error",
             metavar="TEXT",
@@ -88,11 +84,12 @@ class Command(BaseCommand):
         if error is not None and not error.strip():
             raise UsageError("--error needs some text to look for.")
         now = timezone.now()
-        rows = PendingTransfer.objects.filter(
-            status__in=statuses or [Status.FAILED.value]
+        rows = of_storages(
+            PendingTransfer.objects.filter(
+                status__in=statuses or [Status.FAILED.value]
+            ),
+            keys,
         )
-        if keys:
-            rows = rows.filter(storage_key__in=keys)
         if error:
             rows = rows.filter(last_error__icontains=error)
         if older_than is not None:

@@ -13,9 +13,11 @@ from django.utils import timezone
 from queued_storage.management.cli import (
     AttentionNeeded,
     add_output_arguments,
+    add_storage_filter,
     check_storage_keys,
     duration,
     human_seconds,
+    of_storages,
     write_json,
 )
 from queued_storage.models import PendingTransfer
@@ -32,13 +34,7 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument(
-            "--storage",
-            action="append",
-            dest="storages",
-            metavar="KEY",
-            help="Only rows of the storage with this key (repeatable).",
-        )
+        add_storage_filter(parser)
         parser.add_argument(
             "--max-age",
             type=duration,
@@ -66,9 +62,7 @@ class Command(BaseCommand):
     ) -> None:
         keys = check_storage_keys(storages)
         now = timezone.now()
-        rows = PendingTransfer.objects.all()
-        if keys:
-            rows = rows.filter(storage_key__in=keys)
+        rows = of_storages(PendingTransfer.objects.all(), keys)
         counts: dict[str, dict[str, int]] = {
             key: dict.fromkeys(STATUSES, 0) for key in keys
         }

@@ -13,14 +13,18 @@ from django.core.management.base import BaseCommand, CommandParser
 
 from queued_storage import registry
 from queued_storage.checksums import remote_sha256, storage_sha256
-from queued_storage.conf import settings as conf
 from queued_storage.management.cli import (
     AttentionNeeded,
     Progress,
+    add_batch_size_argument,
     add_output_arguments,
+    add_storage_filter,
     check_storage_keys,
     error_text,
     eta,
+    in_batches,
+    local_copy_elsewhere,
+    of_storages,
     positive_int,
     write_json,
 )
@@ -31,6 +35,18 @@ logger = logging.getLogger("queued_storage")
 DEFAULT_BATCH_SIZE = 200
 #: What a mismatch is called in the output.
 MISSING, SIZE, CHECKSUM, ERROR = "missing", "size", "checksum", "error"
+#: What a check reads of a row (a fix re-queues it, and records its error).
+VERIFY_FIELDS = (
+    "pk",
+    "storage_key",
+    "name",
+    "generation",
+    "size",
+    "checksum",
+    "attempts",
+    "error_history",
+    "host",
+)
 
 
 class VerificationFailed(Exception):
@@ -66,13 +82,7 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument(
-            "--storage",
-            action="append",
-            dest="storages",
-            metavar="KEY",
-            help="Only rows of the storage with this key (repeatable).",
-        )
+        add_storage_filter(parser)
         parser.add_argument(
             "--checksum",
             action="store_true",
@@ -91,11 +101,8 @@ class Command(BaseCommand):
             default=1,
             help="Check this many files at once, in threads (default: 1).",
         )
-        parser.add_argument(
-            "--batch-size",
-            type=positive_int,
-            default=DEFAULT_BATCH_SIZE,
-            help=f"Rows read per query (default: {DEFAULT_BATCH_SIZE}).",
+        add_batch_size_argument(
+            parser, default=DEFAULT_BATCH_SIZE, what="Rows read per query"
         )
         add_output_arguments(parser, progress=True)
 
@@ -114,9 +121,7 @@ class Command(BaseCommand):
         **options: Any,
     ) -> None:
         keys = check_storage_keys(storages)
-        rows = PendingTransfer.objects.done().live()
-        if keys:
-            rows = rows.filter(storage_key__in=keys)
+        rows = of_storages(PendingTransfer.objects.done().live(), keys)
         total = rows.count()
         self.with_checksum = checksum
         stats = VerifyStats()
@@ -134,27 +139,8 @@ class Command(BaseCommand):
                 f"ETA {eta(stats.checked, total, elapsed)}"
             )
 
-        last_pk = 0
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            while True:
-                batch = list(
-                    rows.filter(pk__gt=last_pk)
-                    .order_by("pk")
-                    .only(
-                        "pk",
-                        "storage_key",
-                        "name",
-                        "generation",
-                        "size",
-                        "checksum",
-                        "attempts",
-                        "error_history",
-                        "host",
-                    )[:batch_size]
-                )
-                if not batch:
-                    break
-                last_pk = batch[-1].pk
+            for batch in in_batches(rows, size=batch_size, fields=VERIFY_FIELDS):
                 checked = (
                     pool.map(self._check, batch)
                     if concurrency > 1
@@ -261,10 +247,7 @@ class Command(BaseCommand):
         storage = registry.get(row.storage_key)
         if storage is None:
             return
-        if not getattr(storage, "local_shared", True) and row.host not in (
-            "",
-            conf.QUEUED_STORAGE_HOSTNAME,
-        ):
+        if local_copy_elsewhere(storage, row):
             problem.detail += f"; its local copy is on host {row.host}: run --fix there"
             return
         try:
