@@ -8,7 +8,7 @@ import posixpath
 import re
 import unicodedata
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from functools import cached_property
 from typing import Any, NamedTuple, cast
@@ -18,12 +18,11 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
 from django.core.files import File
 from django.core.files.storage import Storage, storages
-from django.core.files.utils import validate_file_name
-from django.db import router, transaction
+from django.db import connections, router, transaction
 from django.utils.deconstruct import deconstructible
 from django.utils.module_loading import import_string
 
-from queued_storage import prefetch, registry
+from queued_storage import models, prefetch, registry
 from queued_storage.checksums import HashingFile, storage_sha256
 from queued_storage.conf import settings as conf
 from queued_storage.models import MAX_NAME_LENGTH, PendingTransfer
@@ -89,6 +88,13 @@ DEVICE_NAMES = frozenset(
 )
 
 
+#: The characters :func:`check_name` rejects: controls, NUL, DEL and bidi controls.
+BAD_CHARACTERS = re.compile("[\x00-\x1f\x7f" + "".join(sorted(BIDI_CONTROLS)) + "]")
+#: Files up to this size get their ledger row before they are written (one
+#: statement); larger ones after, so that no write lock waits for a long copy.
+SMALL_FILE = 4 * 1024 * 1024
+
+
 def check_name(name: str) -> None:
     """Reject names no storage should see, before anything is written."""
     if not isinstance(name, str):
@@ -100,14 +106,22 @@ def check_name(name: str) -> None:
             f"File name is {len(name)} characters long; the ledger stores at most "
             f"{MAX_NAME_LENGTH}."
         )
-    if any(ord(char) < 32 or ord(char) == 127 for char in name):
+    if BAD_CHARACTERS.search(name):
+        if any(char in BIDI_CONTROLS for char in name):
+            raise SuspiciousFileOperation(
+                f"File name {name!r} contains a bidirectional text control character."
+            )
         raise SuspiciousFileOperation(
             f"File name {name!r} contains a NUL or control character."
         )
-    if any(char in BIDI_CONTROLS for char in name):
-        raise SuspiciousFileOperation(
-            f"File name {name!r} contains a bidirectional text control character."
-        )
+
+
+def _known_size(content: Any) -> int | None:
+    """The size of upload content, if it can tell without being read."""
+    try:
+        return int(content.size)
+    except (AttributeError, OSError, TypeError, ValueError):
+        return None
 
 
 def portable_name(name: str) -> str:
@@ -460,20 +474,41 @@ class QueuedStorage(Storage):
     def get_available_name(self, name: str, max_length: int | None = None) -> str:
         return self._available_name(name, max_length)[0]
 
-    def _available_name(self, name: str, max_length: int | None) -> tuple[str, bool]:
-        name = clean_name(str(name))
+    def _available_name(
+        self,
+        name: str,
+        max_length: int | None,
+        reserve: Callable[[str], int | None] | None = None,
+        *,
+        cleaned: bool = False,
+        refused: str | None = None,
+    ) -> tuple[str, bool, int | None]:
+        """The name a save stores, whether the ledger has a row for it, and, with
+        ``reserve``, the generation of the row ``reserve`` wrote for a name the
+        ledger did not have (one statement instead of a read and a write).
+        ``refused``: a name ``reserve`` was just refused (it has a row)."""
+        if not cleaned:
+            # What clean_name lets through passes Django's validate_file_name too.
+            name = clean_name(str(name))
         dir_name, file_name = posixpath.split(name)
-        if ".." in pathlib.PurePath(dir_name).parts:
-            raise SuspiciousFileOperation(
-                f"Detected path traversal attempt in {name!r}"
-            )
-        validate_file_name(file_name)
-        file_ext = "".join(pathlib.PurePath(file_name).suffixes)
-        file_root = file_name.removesuffix(file_ext)
+        file_root = file_ext = ""
         for _try in range(MAX_NAME_TRIES):
-            free = self._free(name, max_length)
-            if free is not None:
-                return name, free[0]
+            if self.local.is_name_available(name, max_length=max_length):
+                if reserve is not None and name != refused:
+                    generation = reserve(name)
+                    if generation is not None:
+                        return name, False, generation
+                state = self._row_state(name)
+                if state is None:
+                    if reserve is None:
+                        return name, False, None
+                    refused = None
+                    continue  # its row went in between: reserve it again
+                if state.deleted or self._local_overwrites():
+                    return name, True, None
+            if not file_root:
+                file_ext = "".join(pathlib.PurePath(file_name).suffixes)
+                file_root = file_name.removesuffix(file_ext)
             name = posixpath.join(
                 dir_name, self.get_alternative_name(file_root, file_ext)
             )
@@ -484,6 +519,7 @@ class QueuedStorage(Storage):
                 name = posixpath.join(
                     dir_name, self.get_alternative_name(file_root, file_ext)
                 )
+            name = clean_name(name)  # the local storage's invention
         raise SuspiciousFileOperation(
             f"Storage can not find an available filename for {name!r}. Make sure the "
             "file field allows a sufficient max_length."
@@ -499,10 +535,62 @@ class QueuedStorage(Storage):
         if not hasattr(content, "chunks"):
             content = File(content, name)
         name = clean_name(name)
-        validate_file_name(name, allow_relative_path=True)
-        name, existing = self._available_name(name, max_length)
-        validate_file_name(name, allow_relative_path=True)
-        return self._store(name, content, existing, max_length)
+        size = _known_size(content)
+        if size is None or size > SMALL_FILE:
+            name, existing, _ = self._available_name(name, max_length, cleaned=True)
+            return self._store(name, content, existing, max_length)
+        db = router.db_for_write(PendingTransfer)
+        if connections[db].in_atomic_block:
+            return self._save_small(name, content, max_length, size, db)
+        # Outside a transaction the row would be seen before its file is written.
+        with transaction.atomic(using=db):
+            return self._save_small(name, content, max_length, size, db)
+
+    def _save_small(
+        self, name: str, content: Any, max_length: int | None, size: int, db: str
+    ) -> str:
+        """Save a small file: its row first (reserving a new name costs one
+        statement), then the file, then the row mended if the file differs."""
+        host = conf.QUEUED_STORAGE_HOSTNAME
+
+        def reserve(candidate: str) -> int | None:
+            return models.reserve(
+                db, self.key, candidate, size=size, host=host, held=self.delayed
+            )
+
+        # A name the ledger has never seen: its row, then the file (the local
+        # storage's own save checks that the name is free there).
+        generation = None
+        if not max_length or len(name) <= max_length:
+            generation = reserve(name)
+        existing = False
+        if generation is None:
+            name, existing, generation = self._available_name(
+                name, max_length, reserve, cleaned=True, refused=name
+            )
+        if generation is None:
+            return self._store(name, content, existing, max_length)
+        hashing = HashingFile(content) if self.verify_checksum else None
+        try:
+            stored = self.local.save(name, hashing or content, max_length=max_length)
+        except BaseException:
+            PendingTransfer.objects.unreserve(self.key, name, generation)
+            raise
+        if stored != name:
+            # The local storage found the name taken after all and chose another.
+            PendingTransfer.objects.unreserve(self.key, name, generation)
+            existing = self._row_state(stored) is not None
+            return self._record(stored, hashing, existing)
+        prefetch.forget(self.key, stored)
+        written = self.local.size(stored)
+        checksum = self._checksum(hashing, stored, written)
+        if written != size or checksum:
+            PendingTransfer.objects.record_file(
+                self.key, stored, generation, written, checksum
+            )
+        if not self.delayed:
+            self._wake(stored)
+        return str(stored)
 
     def _save(self, name: str, content: Any) -> str:
         name = clean_name(name)
@@ -511,28 +599,33 @@ class QueuedStorage(Storage):
     def _store(
         self, name: str, content: Any, existing: bool, max_length: int | None
     ) -> str:
+        """Save the file, then write its row."""
         hashing = HashingFile(content) if self.verify_checksum else None
         stored = self.local.save(name, hashing or content, max_length=max_length)
-        prefetch.forget(self.key, stored)
         if stored != name:
             existing = self._row_state(stored) is not None
+        return self._record(stored, hashing, existing)
+
+    def _checksum(self, hashing: HashingFile | None, name: str, size: int) -> str:
+        if hashing is None:
+            return ""
+        # A local storage that moved a temporary file instead of reading it leaves
+        # the hash incomplete: then read the saved copy once.
+        if hashing.hashed == size:
+            return hashing.hexdigest()
+        return storage_sha256(self.local, name)
+
+    def _record(self, stored: str, hashing: HashingFile | None, existing: bool) -> str:
+        """Write the row of a file saved locally."""
+        prefetch.forget(self.key, stored)
         size = self.local.size(stored)
-        checksum = ""
-        if hashing is not None:
-            # A local storage that moved a temporary file instead of reading it
-            # leaves the hash incomplete: then read the saved copy once.
-            checksum = (
-                hashing.hexdigest()
-                if hashing.hashed == size
-                else storage_sha256(self.local, stored)
-            )
         PendingTransfer.objects.record_save(
             key=self.key,
             name=stored,
             size=size,
             host=conf.QUEUED_STORAGE_HOSTNAME,
             held=self.delayed,
-            checksum=checksum,
+            checksum=self._checksum(hashing, stored, size),
             existing=existing,
         )
         if not self.delayed:

@@ -89,6 +89,40 @@ def new_generation() -> int:
     return time.time_ns()
 
 
+def reserve(
+    db: str,
+    key: str,
+    name: str,
+    *,
+    size: int | None,
+    host: str,
+    held: bool,
+    checksum: str = "",
+) -> int | None:
+    """Insert the row of a name the ledger has never seen into database ``db``;
+    returns its generation, or None (and writes nothing) when the name has a row.
+    One statement, on the save path: the unique index makes a save of the same
+    name in another transaction wait for this one, then find the row."""
+    now = timezone.now()
+    generation = new_generation()
+    values = {
+        "storage_key": key,
+        "name": name,
+        "name_hash": name_hash(name),
+        "status": PendingTransfer.Status.HELD
+        if held
+        else PendingTransfer.Status.QUEUED,
+        "generation": generation,
+        "next_attempt_at": None if held else now,
+        "size": size,
+        "checksum": checksum,
+        "host": host,
+        "created_at": now,
+        "updated_at": now,
+    }
+    return generation if _insert(values, None, db) else None
+
+
 def retry_delay(attempt: int, base: float) -> float:
     """Exponential backoff with +-10 % jitter, capped at a day."""
     if base <= 0:
@@ -356,6 +390,75 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
             updated_at=now,
         )
 
+    def _fresh(
+        self, *, size: int | None, host: str, held: bool, checksum: str, now: datetime
+    ) -> dict[str, Any]:
+        """The columns every save writes: a new generation, nothing tried yet."""
+        return {
+            "generation": new_generation(),
+            "deleted": False,
+            "attempts": 0,
+            "next_attempt_at": None if held else now,
+            "size": size,
+            "checksum": checksum,
+            "last_error": "",
+            "error_history": [],
+            "host": host,
+            "transferred_at": None,
+            "updated_at": now,
+        }
+
+    def _new_row(
+        self, key: str, name: str, held: bool, fresh: dict[str, Any], now: datetime
+    ) -> dict[str, Any]:
+        status = PendingTransfer.Status.HELD if held else PendingTransfer.Status.QUEUED
+        return {
+            "storage_key": key,
+            "name": name,
+            "name_hash": name_hash(name),
+            "status": status,
+            "lease_token": "",
+            "lease_expires_at": None,
+            "created_at": now,
+            **fresh,
+        }
+
+    def reserve(
+        self,
+        *,
+        key: str,
+        name: str,
+        size: int | None,
+        host: str,
+        held: bool,
+        checksum: str = "",
+    ) -> int | None:
+        """Write the row of a name the ledger has never seen, before its file is
+        written; returns its generation, or None (and writes nothing) when the name
+        has a row. See :func:`reserve`."""
+        db = getattr(self, "_db", None) or router.db_for_write(PendingTransfer)
+        return reserve(
+            db, key, name, size=size, host=host, held=held, checksum=checksum
+        )
+
+    def unreserve(self, key: str, name: str, generation: int) -> int:
+        """Remove a row :meth:`reserve` wrote whose file was not saved under its
+        name (the local storage failed, or chose another name)."""
+        deleted, _counts = (
+            self.for_name(key, name).filter(generation=generation).delete()
+        )
+        return deleted
+
+    def record_file(
+        self, key: str, name: str, generation: int, size: int, checksum: str
+    ) -> int:
+        """Correct the size and checksum of a reserved row to the saved file's."""
+        return (
+            self.for_name(key, name)
+            .filter(generation=generation)
+            .update(size=size, checksum=checksum)
+        )
+
     def record_save(
         self,
         *,
@@ -373,21 +476,9 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
         worker finds the new generation when it completes, and hands the row back.
         """
         now = timezone.now()
-        generation = new_generation()
+        fresh = self._fresh(size=size, host=host, held=held, checksum=checksum, now=now)
+        generation = int(fresh["generation"])
         status = PendingTransfer.Status.HELD if held else PendingTransfer.Status.QUEUED
-        fresh: dict[str, Any] = {
-            "generation": generation,
-            "deleted": False,
-            "attempts": 0,
-            "next_attempt_at": None if held else now,
-            "size": size,
-            "checksum": checksum,
-            "last_error": "",
-            "error_history": [],
-            "host": host,
-            "transferred_at": None,
-            "updated_at": now,
-        }
         if existing:
             leased = Q(
                 status=PendingTransfer.Status.TRANSFERRING, lease_expires_at__gt=now
@@ -404,18 +495,12 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
             )
             if updated:
                 return generation
-        values = {
-            "storage_key": key,
-            "name": name,
-            "name_hash": name_hash(name),
-            "status": status,
-            "lease_token": "",
-            "lease_expires_at": None,
-            "created_at": now,
-            **fresh,
-        }
         db = getattr(self, "_db", None) or router.db_for_write(PendingTransfer)
-        _upsert(values, ["status", "lease_token", "lease_expires_at", *fresh], db)
+        _insert(
+            self._new_row(key, name, held, fresh, now),
+            ["status", "lease_token", "lease_expires_at", *fresh],
+            db,
+        )
         return generation
 
     def state_of(self, key: str, name: str) -> tuple[str, bool, int | None] | None:
@@ -675,6 +760,11 @@ class PendingTransfer(models.Model):
 
 #: SQL text of the hot statements, built once per database alias.
 _SQL: dict[tuple[str, str], str] = {}
+#: Per database alias, what :func:`_insert` writes (see :func:`_insert_plan`).
+_Plan = list[tuple[str, "models.Field[Any, Any]", bool, Any]]
+#: In a plan: the default is computed by each insert (a callable such as now()).
+_CALL_DEFAULT = object()
+_PLANS: dict[str, _Plan | None] = {}
 
 
 #: Field types whose Python values (str, int, bool, None) go to every database
@@ -702,49 +792,110 @@ def _db_value(field: models.Field[Any, Any], value: Any, connection: Any) -> Any
     return field.get_db_prep_save(value, connection)
 
 
-def _upsert(values: dict[str, Any], update_fields: list[str], db: str) -> None:
-    """Insert a row of ``values`` (defaults for the fields not given), or update
-    ``update_fields`` of the row that has its name: what
-    ``bulk_create(update_conflicts=True)`` sends, with the SQL built once (the
-    ORM's per-call cost was most of a save's)."""
-    connection = connections[db]
-    opts = PendingTransfer._meta
-    fields = [field for field in opts.concrete_fields if not field.primary_key]
-    if any(hasattr(field, "get_placeholder") for field in fields):
-        PendingTransfer.objects.using(db).bulk_create(
-            [PendingTransfer(**values)],
-            update_conflicts=True,
-            unique_fields=_conflict_target(connection),
-            update_fields=update_fields,
+def _insert_plan(connection: Any) -> _Plan | None:
+    """(name, field, whether its plain values go to the driver unchanged) of each
+    column an insert writes, in order; None if a field needs SQL of its own."""
+    if connection.alias not in _PLANS:
+        fields = [
+            field
+            for field in PendingTransfer._meta.concrete_fields
+            if not field.primary_key
+        ]
+        _PLANS[connection.alias] = (
+            None
+            if any(hasattr(field, "get_placeholder") for field in fields)
+            else [
+                (
+                    field.name,
+                    field,
+                    field.get_internal_type() in _PLAIN_TYPES,
+                    _prepared_default(field, connection),
+                )
+                for field in fields
+            ]
         )
-        return
-    cache_key = (db, "upsert:" + ",".join(update_fields))
+    return _PLANS[connection.alias]
+
+
+def _prepared_default(field: models.Field[Any, Any], connection: Any) -> Any:
+    """The database value of ``field``'s default, when it is the same every time
+    (``list`` makes a new empty list each time, an equal one)."""
+    default = field.default
+    if default is models.NOT_PROVIDED:
+        return _db_value(field, field.get_default(), connection)
+    if default is list or not callable(default):
+        return _db_value(field, field.get_default(), connection)
+    return _CALL_DEFAULT
+
+
+def _insert(values: dict[str, Any], update_fields: list[str] | None, db: str) -> int:
+    """Insert a row of ``values`` (defaults for the fields not given). When its name
+    has a row: update ``update_fields`` of it, or with None, leave it alone. What
+    ``bulk_create(update_conflicts=True)`` or ``(ignore_conflicts=True)`` sends,
+    with the SQL built once (the ORM's per-call cost was most of a save's).
+    Returns the number of rows inserted or changed."""
+    connection = connections[db]
+    plan = _insert_plan(connection)
+    if plan is None:
+        return _insert_with_orm(values, update_fields, db)
+    on_conflict = OnConflict.IGNORE if update_fields is None else OnConflict.UPDATE
+    cache_key = (db, f"insert:{on_conflict.value}:" + ",".join(update_fields or ()))
     sql = _SQL.get(cache_key)
     if sql is None:
         ops = connection.ops
+        fields = [field for _name, field, _plain, _default in plan]
         suffix = ops.on_conflict_suffix_sql(
             fields,
-            OnConflict.UPDATE,
-            [_column(name) for name in update_fields],
+            on_conflict,
+            [_column(name) for name in update_fields or ()],
             [_column(name) for name in _conflict_target(connection) or ()],
         )
         columns = ", ".join(ops.quote_name(_column(field.name)) for field in fields)
         placeholders = ", ".join(["%s"] * len(fields))
         sql = _SQL[cache_key] = (
-            f"{ops.insert_statement(on_conflict=OnConflict.UPDATE)} "
-            f"{ops.quote_name(opts.db_table)} ({columns}) VALUES ({placeholders}) "
-            f"{suffix}"
-        )
-    params = [
-        _db_value(
-            field,
-            values[field.name] if field.name in values else field.get_default(),
-            connection,
-        )
-        for field in fields
-    ]
+            f"{ops.insert_statement(on_conflict=on_conflict)} "
+            f"{ops.quote_name(PendingTransfer._meta.db_table)} ({columns}) "
+            f"VALUES ({placeholders}) {suffix}"
+        ).rstrip()
+    params = []
+    # The same datetime goes to several columns: prepared once per field type.
+    prepared: dict[tuple[int, type], Any] = {}
+    for name, field, plain, default in plan:
+        if name in values:
+            value = values[name]
+        elif default is not _CALL_DEFAULT:
+            params.append(default)
+            continue
+        else:
+            value = field.get_default()
+        if value is None or (plain and type(value) in (str, int, bool)):
+            params.append(value)
+            continue
+        seen = (id(value), type(field))
+        if seen not in prepared:
+            prepared[seen] = field.get_db_prep_save(value, connection)
+        params.append(prepared[seen])
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
+        return int(cursor.rowcount)
+
+
+def _insert_with_orm(
+    values: dict[str, Any], update_fields: list[str] | None, db: str
+) -> int:
+    """:func:`_insert` for a database whose fields need placeholders of their own."""
+    manager = PendingTransfer.objects.using(db)
+    row = PendingTransfer(**values)
+    if update_fields is None:
+        manager.bulk_create([row], ignore_conflicts=True)
+        return int(manager.filter(generation=row.generation).exists())
+    manager.bulk_create(
+        [row],
+        update_conflicts=True,
+        unique_fields=_conflict_target(connections[db]),
+        update_fields=update_fields,
+    )
+    return 1
 
 
 def _column(field_name: str) -> str:

@@ -71,6 +71,28 @@ class RenamingStorage(CountingStorage):
         return f"renamed/{name}"
 
 
+class FullDiskStorage(FileSystemStorage):
+    """A local storage whose writes fail."""
+
+    def _save(self, name: str, content: Any) -> str:
+        raise OSError(28, "No space left on device")
+
+
+class OverlookingStorage(FileSystemStorage):
+    """Says a name is free the first time it is asked, and then finds it taken when
+    it writes: the race of two saves of one name on a local storage."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.asked: set[str] = set()
+
+    def is_name_available(self, name: str, max_length: int | None = None) -> bool:
+        if name not in self.asked:
+            self.asked.add(name)
+            return True
+        return super().is_name_available(name, max_length=max_length)
+
+
 class TruncatingStorage(CountingStorage):
     """Loses the last byte of every file."""
 

@@ -5,6 +5,7 @@ create-only S3 uploads instead of a HEAD request per new file."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -14,12 +15,12 @@ from typing import Any, ClassVar
 import pytest
 from django.core.files.base import ContentFile
 from django.core.files.storage import Storage
-from django.db import connection
+from django.db import connection, connections, transaction
 from django.db.models import F
 from django.template import Context, Template
 from django.test.utils import CaptureQueriesContext
 
-from queued_storage import conditional, prefetch_files, prefetch_locations
+from queued_storage import conditional, prefetch_files, prefetch_locations, registry
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.signals import file_transferred
@@ -176,14 +177,148 @@ def test_worker_threads_last_the_whole_drain(
 # The save path
 
 
-def test_a_save_costs_two_ledger_queries(
+def test_a_save_of_a_new_name_costs_one_ledger_query(
     storage: QueuedStorage, django_assert_num_queries: Any
 ) -> None:
-    with django_assert_num_queries(2):  # is the name free? + the row
+    with django_assert_num_queries(1):  # the row, inserted unless the name has one
         name = storage.save("a.txt", content())
 
     row = PendingTransfer.objects.for_name(storage.key, name).get()
     assert (row.status, row.size, row.generation > 0) == (Status.QUEUED, 11, True)
+    assert storage.local.open(name).read() == b"hello world"
+
+
+def test_a_taken_name_is_found_by_the_refused_insert(
+    storage: QueuedStorage, django_assert_num_queries: Any
+) -> None:
+    first = storage.save("a.txt", content("first"))
+    storage.local.delete(first)  # as after TransferAndDelete: only the row says so
+
+    with django_assert_num_queries(3):  # refused insert, the row's state, insert
+        second = storage.save("a.txt", content("second"))
+
+    assert second != first
+    rows = PendingTransfer.objects.filter(storage_key=storage.key)
+    assert sorted(rows.values_list("name", "size")) == sorted([(first, 5), (second, 6)])
+
+
+def test_a_large_file_gets_its_row_after_it_is_written(
+    storage: QueuedStorage,
+    django_assert_num_queries: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("queued_storage.backends.SMALL_FILE", 5)
+    written: list[bool] = []
+    save = storage.local.save
+
+    def watch(name: str, *args: Any, **kwargs: Any) -> str:
+        written.append(PendingTransfer.objects.for_name(storage.key, name).exists())
+        return save(name, *args, **kwargs)
+
+    monkeypatch.setattr(storage.local, "save", watch)
+    with django_assert_num_queries(3):  # is the name free? + the row (+ the probe)
+        name = storage.save("big.bin", content("more than five bytes"))
+
+    assert written == [False]
+    assert PendingTransfer.objects.for_name(storage.key, name).get().size == 20
+
+
+def _broken_local(make_storage: Callable[..., QueuedStorage]) -> QueuedStorage:
+    storage = make_storage()
+    return QueuedStorage(
+        "tests.storages.FullDiskStorage",
+        storage.remote_path,
+        local_options=storage.local_options,
+        remote_options=storage.remote_options,
+        key=f"{storage.key}-broken",
+    )
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["in-atomic", "autocommit"])
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_local_write_leaves_no_row(
+    make_storage: Callable[..., QueuedStorage], atomic: bool
+) -> None:
+    broken = _broken_local(make_storage)
+    try:
+        if atomic:
+            with transaction.atomic():
+                with pytest.raises(OSError, match="No space left"):
+                    broken.save("a.txt", content())
+                # The caller's transaction goes on after the error.
+                Document.objects.create(file="kept.txt")
+        else:
+            with pytest.raises(OSError, match="No space left"):
+                broken.save("a.txt", content())
+
+        assert not PendingTransfer.objects.filter(storage_key=broken.key).exists()
+        assert Document.objects.filter(file="kept.txt").count() == int(atomic)
+    finally:
+        registry.forget(broken.key)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_in_autocommit_the_row_is_not_seen_before_its_file(
+    storage: QueuedStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[bool] = []
+    save = storage.local.save
+
+    def look_from_another_connection(name: str, *args: Any, **kwargs: Any) -> str:
+        def look() -> None:
+            try:
+                seen.append(PendingTransfer.objects.filter(name=name).exists())
+            finally:
+                connections.close_all()
+
+        thread = threading.Thread(target=look)
+        thread.start()
+        thread.join(10)
+        return save(name, *args, **kwargs)
+
+    monkeypatch.setattr(storage.local, "save", look_from_another_connection)
+    name = storage.save("a.txt", content())
+
+    assert seen == [False]
+    assert PendingTransfer.objects.for_name(storage.key, name).get().size == 11
+
+
+def test_a_name_the_local_storage_finds_taken_gets_the_row_it_chose(
+    make_storage: Callable[..., QueuedStorage],
+) -> None:
+    plain = make_storage()
+    storage = QueuedStorage(
+        "tests.storages.OverlookingStorage",
+        plain.remote_path,
+        local_options=plain.local_options,
+        remote_options=plain.remote_options,
+        key=f"{plain.key}-overlooking",
+    )
+    try:
+        # Written by a racing save after the name was checked, without a row yet.
+        taken = Path(storage.local.path("a.txt"))
+        taken.parent.mkdir(parents=True, exist_ok=True)
+        taken.write_bytes(b"another's")
+
+        name = storage.save("a.txt", content("mine"))
+
+        assert name != "a.txt"
+        rows = PendingTransfer.objects.filter(storage_key=storage.key)
+        assert list(rows.values_list("name", "size")) == [(name, 4)]
+        assert storage.local.open(name).read() == b"mine"
+    finally:
+        registry.forget(storage.key)
+
+
+def test_a_checksum_is_recorded_for_a_reserved_row(
+    make_storage: Callable[..., QueuedStorage],
+) -> None:
+    storage = make_storage(verify_checksum=True)
+
+    name = storage.save("a.txt", content())
+
+    row = PendingTransfer.objects.for_name(storage.key, name).get()
+    assert row.checksum == hashlib.sha256(b"hello world").hexdigest()
 
 
 # Reading ahead for a page of files
