@@ -54,7 +54,8 @@ MIB = 1024 * KIB
 @dataclass(frozen=True)
 class Sizes:
     """How much work each case does: the issue's sizes in full mode; fewer
-    rounds (and fewer files where a round is slow) in quick mode."""
+    rounds (and fewer files where a round is slow) in quick mode. Side-by-side
+    rounds come in pairs, one of each order (see ``SideBySide.paired_ratios``)."""
 
     save_files: int
     save_autocommit_files: int
@@ -78,36 +79,36 @@ class Sizes:
 QUICK = Sizes(
     save_files=1000,
     save_autocommit_files=200,
-    save_rounds=3,
+    save_rounds=4,
     drain_files=2000,
-    drain_rounds=3,
+    drain_rounds=4,
     s3_files=100,
-    s3_rounds=3,
+    s3_rounds=2,
     latency_files=150,
-    latency_rounds=3,
-    lookup_rounds=5,
+    latency_rounds=2,
+    lookup_rounds=6,
     overhead_files=1000,
     overhead_rounds=3,
     scale_rows=1_000_000,
-    scale_rounds=5,
+    scale_rounds=6,
     memory_bytes=256 * MIB,
     s3_head_first=False,
 )
 FULL = Sizes(
     save_files=1000,
     save_autocommit_files=1000,
-    save_rounds=11,
+    save_rounds=12,
     drain_files=2000,
-    drain_rounds=7,
+    drain_rounds=8,
     s3_files=2000,
-    s3_rounds=3,
+    s3_rounds=4,
     latency_files=2000,
-    latency_rounds=3,
-    lookup_rounds=11,
+    latency_rounds=4,
+    lookup_rounds=12,
     overhead_files=2000,
     overhead_rounds=5,
     scale_rows=1_000_000,
-    scale_rounds=11,
+    scale_rounds=12,
     memory_bytes=1024 * MIB,
     s3_head_first=True,
 )

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import partial, update_wrapper
 from typing import TYPE_CHECKING, Any
 
-from django.core.files.storage import Storage
+from django.core.files.storage import FileSystemStorage, Storage
 from django.db import connections, router, transaction
 from django.db.models import Q
 
@@ -35,8 +35,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("queued_storage")
 
-#: Rows claimed per round trip to the ledger.
-DEFAULT_BATCH_SIZE = 50
+#: Rows claimed per round trip to the ledger. The lease of a claimed batch is
+#: renewed while any of its rows is being transferred.
+DEFAULT_BATCH_SIZE = 200
 
 
 class TransferError(Exception):
@@ -127,9 +128,13 @@ ProgressCallback = Callable[[DrainStats, PendingTransfer, Outcome], None]
 
 def copy_to_remote(name: str, local: Storage, remote: Storage) -> None:
     """Stream ``name`` from ``local`` to ``remote`` in chunks, under the same name."""
-    if not local.exists(name):
-        raise LocalFileMissing(f"local file missing: {name!r}")
-    with local.open(name, "rb") as source:
+    try:
+        source = local.open(name, "rb")
+    except Exception as exc:
+        if not local.exists(name):
+            raise LocalFileMissing(f"local file missing: {name!r}") from exc
+        raise
+    with source:
         saved = remote.save(name, source)
     if saved != name:
         # Never leave a stray copy behind under the name the remote invented.
@@ -199,11 +204,12 @@ def transfer_row(row: PendingTransfer) -> Outcome | Verified:
     if row.deleted:
         return _purge_claimed(storage, row)
     task = storage.task
+    refusal = Refusal.ASKED
     try:
-        create_only = _make_room(storage, row, task)
+        refusal = _make_room(storage, row, task)
         with (
             conditional.create_only(storage.remote, row.name)
-            if create_only
+            if refusal is Refusal.IF_NONE_MATCH
             else nullcontext()
         ):
             result = task.transfer(row.name, storage.local, storage.remote)
@@ -216,7 +222,9 @@ def transfer_row(row: PendingTransfer) -> Outcome | Verified:
             )
         _verify(storage, row)
     except Exception as exc:
-        if conditional.refused(exc):
+        if conditional.refused(exc) or (
+            refusal is Refusal.RENAMES and isinstance(exc, RemoteRenamed)
+        ):
             return _fail(row, storage, RemoteConflict(_conflict(row.name)), task=task)
         return _fail(row, storage, exc, task=task)
     return Verified(row, storage, task)
@@ -243,7 +251,8 @@ def _complete_together(batch: list[Verified]) -> bool:
             transaction.set_rollback(True, using=db)
             return False
         for item in batch:
-            _done(item)
+            _log_done(item.row)
+        _on_commit(_after_all_done, batch)
     return True
 
 
@@ -255,7 +264,27 @@ def _complete_one(item: Verified) -> Outcome:
 
 
 def _done(item: Verified) -> None:
-    row = item.row
+    _log_done(item.row)
+    _on_commit(_after_done, item.storage, item.row, item.task)
+
+
+def _after_all_done(batch: list[Verified]) -> None:
+    """:func:`_after_done` for each row of a batch, one failure not stopping the
+    others."""
+    for item in batch:
+        try:
+            _after_done(item.storage, item.row, item.task)
+        except Exception as exc:
+            logger.error(
+                "after-transfer work failed key=%s name=%s error=%s: %s",
+                item.row.storage_key,
+                item.row.name,
+                type(exc).__name__,
+                item.storage.redact(str(exc)),
+            )
+
+
+def _log_done(row: PendingTransfer) -> None:
     logger.info(
         "transfer done key=%s name=%s generation=%s bytes=%s attempt=%s",
         row.storage_key,
@@ -264,7 +293,6 @@ def _done(item: Verified) -> None:
         row.size or 0,
         row.attempts,
     )
-    _on_commit(_after_done, item.storage, row, item.task)
 
 
 def _conflict(name: str) -> str:
@@ -274,13 +302,28 @@ def _conflict(name: str) -> str:
     )
 
 
-def _make_room(storage: QueuedStorage, row: PendingTransfer, task: Any) -> bool:
-    """Check that the upload may write the name. True: the upload must be
-    create-only, the remote itself refusing to overwrite (one request, not two)."""
+class Refusal(enum.Enum):
+    """How an upload is kept from overwriting a remote object the ledger does not
+    know (invariant 4)."""
+
+    #: The remote was asked first, or the object is ours to replace.
+    ASKED = "asked"
+    #: The upload is create-only: S3 refuses it with ``If-None-Match: *``.
+    IF_NONE_MATCH = "if-none-match"
+    #: Django's ``FileSystemStorage`` creates files exclusively and saves a taken
+    #: name under another one, which the stock hook removes and reports.
+    RENAMES = "renames"
+
+
+def _make_room(storage: QueuedStorage, row: PendingTransfer, task: Any) -> Refusal:
+    """Check that the upload may write the name, asking the remote only when the
+    upload itself cannot refuse to overwrite."""
     remote = storage.remote
     if not row.was_owned and not storage.overwrite_remote:
         if _can_create_only(storage, task):
-            return True
+            return Refusal.IF_NONE_MATCH
+        if _stock_hook(task) and _renames_taken_names(remote):
+            return Refusal.RENAMES
         if remote.exists(row.name):
             raise RemoteConflict(_conflict(row.name))
     elif remote.get_available_name(row.name) != row.name:
@@ -293,12 +336,33 @@ def _make_room(storage: QueuedStorage, row: PendingTransfer, task: Any) -> bool:
                 "worker may have taken the transfer over"
             )
         remote.delete(row.name)
-    return False
+    return Refusal.ASKED
+
+
+def _stock_hook(task: Any) -> bool:
+    # A custom hook may write other objects, or elsewhere.
+    return type(task).transfer is Transfer.transfer
+
+
+def _renames_taken_names(remote: Storage) -> bool:
+    """Whether ``remote`` is Django's ``FileSystemStorage`` as it comes, which
+    opens a new file with ``O_EXCL`` and saves a taken name under another one:
+    then its own save is the existence check, without a race. A subclass that
+    changes how names are chosen or files written is asked first instead."""
+    cls = type(remote)
+    return (
+        isinstance(remote, FileSystemStorage)
+        and getattr(remote, "_allow_overwrite", True) is False
+        and cls.save is Storage.save
+        and cls.get_available_name is FileSystemStorage.get_available_name
+        and cls.is_name_available is FileSystemStorage.is_name_available
+        and cls.exists is FileSystemStorage.exists
+        and getattr(cls, "_save", None) is getattr(FileSystemStorage, "_save", 0)
+    )
 
 
 def _can_create_only(storage: QueuedStorage, task: Any) -> bool:
-    # Only the stock hook: a custom one may write other objects, or elsewhere.
-    if type(task).transfer is not Transfer.transfer:
+    if not _stock_hook(task):
         return False
     if storage.create_only_uploads is False:
         return False
@@ -503,7 +567,7 @@ class LeaseKeeper(threading.Thread):
 
 #: A verified transfer waits at most this long (seconds) to be recorded as done
 #: together with others; a claimed batch ends with whatever is waiting.
-COMPLETE_AFTER = 0.05
+COMPLETE_AFTER = 1.0
 
 
 def _log_crash(row: PendingTransfer, exc: BaseException) -> None:

@@ -93,6 +93,15 @@ class OverlookingStorage(FileSystemStorage):
         return super().is_name_available(name, max_length=max_length)
 
 
+class OverwritingStorage(FileSystemStorage):
+    """The well-known recipe for a storage that replaces a file of the same name."""
+
+    def get_available_name(self, name: str, max_length: int | None = None) -> str:
+        if self.exists(name):
+            self.delete(name)
+        return name
+
+
 class TruncatingStorage(CountingStorage):
     """Loses the last byte of every file."""
 

@@ -595,6 +595,49 @@ def test_foreign_remote_object_is_a_conflict_and_left_untouched(
     assert remote_bytes(storage, name) == b"mine"
 
 
+@pytest.mark.parametrize(
+    ("remote", "asks_first"),
+    [
+        ("django.core.files.storage.FileSystemStorage", False),
+        ("tests.storages.OverwritingStorage", True),
+    ],
+    ids=["file-system-storage", "overwriting-subclass"],
+)
+def test_a_remote_that_renames_is_its_own_existence_check(
+    make_storage: Callable[..., QueuedStorage],
+    run_drain: Callable[..., DrainStats],
+    monkeypatch: pytest.MonkeyPatch,
+    remote: str,
+    asks_first: bool,
+) -> None:
+    """Django's FileSystemStorage creates files exclusively and renames a taken
+    name: the upload needs no exists() first, and what it renames is a conflict,
+    with no copy left behind. A subclass that may overwrite is asked first."""
+    storage = make_storage(remote=remote)
+    asked: list[str] = []
+    exists = storage.remote.exists
+    monkeypatch.setattr(
+        storage.remote, "exists", lambda name: asked.append(name) or exists(name)
+    )
+    foreign = Path(storage.remote.location) / "a.txt"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_bytes(b"not yours")
+    taken = storage.save("a.txt", content("mine"))
+    free = storage.save("b.txt", content("also mine"))
+
+    stats = run_drain()
+
+    assert (stats.done, stats.failed) == (1, 1)
+    assert row_of(storage, free).status == Status.DONE
+    row = row_of(storage, taken)
+    assert row.status == Status.FAILED
+    assert "did not put there" in row.last_error
+    assert foreign.read_bytes() == b"not yours"
+    assert sorted(os.listdir(foreign.parent)) == ["a.txt", "b.txt"]
+    # The remote's own save asks once; the engine asking first makes it twice.
+    assert asked.count("b.txt") == (2 if asks_first else 1)
+
+
 # Leases
 
 

@@ -19,9 +19,11 @@ from django.db import connection, connections, transaction
 from django.db.models import F
 from django.template import Context, Template
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from queued_storage import conditional, prefetch_files, prefetch_locations, registry
 from queued_storage.backends import QueuedStorage
+from queued_storage.conf import settings as conf
 from queued_storage.models import PendingTransfer
 from queued_storage.signals import file_transferred
 from queued_storage.tasks import Transfer
@@ -141,6 +143,34 @@ def test_transfer_and_delete_removes_local_copies_only_after_the_batch_commit(
     )
 
 
+def test_a_failing_receiver_stops_nothing_else_in_its_batch(
+    make_storage: Callable[..., QueuedStorage],
+    django_capture_on_commit_callbacks: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    storage = make_storage(task="queued_storage.tasks.TransferAndDelete")
+    names = [storage.save(f"f{i}.txt", content(f"file {i}")) for i in range(3)]
+    seen: list[str] = []
+
+    def receiver(sender: Any, name: str, **kwargs: Any) -> None:
+        seen.append(name)
+        if name == names[0]:
+            raise RuntimeError("a receiver's bug")
+
+    file_transferred.connect(receiver, weak=False)
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            stats = drain(keys=[storage.key])
+    finally:
+        file_transferred.disconnect(receiver)
+
+    assert stats.done == 3
+    assert sorted(seen) == sorted(names)
+    assert not any(storage.local.exists(name) for name in names)
+    assert "after-transfer work failed" in caplog.text
+    assert "a receiver's bug" in caplog.text
+
+
 class ThreadRecordingTransfer(Transfer):
     """Counts the threads that ran transfers (a thread-local, since the ids of
     threads that ended are given to new ones)."""
@@ -178,14 +208,31 @@ def test_worker_threads_last_the_whole_drain(
 
 
 def test_a_save_of_a_new_name_costs_one_ledger_query(
-    storage: QueuedStorage, django_assert_num_queries: Any
+    storage: QueuedStorage,
+    make_storage: Callable[..., QueuedStorage],
+    django_assert_num_queries: Any,
 ) -> None:
     with django_assert_num_queries(1):  # the row, inserted unless the name has one
         name = storage.save("a.txt", content())
 
     row = PendingTransfer.objects.for_name(storage.key, name).get()
     assert (row.status, row.size, row.generation > 0) == (Status.QUEUED, 11, True)
+    assert (row.deleted, row.remote_owned, row.attempts) == (False, False, 0)
+    assert (row.lease_token, row.lease_expires_at, row.transferred_at) == (
+        "",
+        None,
+        None,
+    )
+    assert (row.last_error, row.error_history, row.checksum) == ("", [], "")
+    assert row.host == conf.QUEUED_STORAGE_HOSTNAME
+    assert row.next_attempt_at == row.created_at == row.updated_at
+    assert abs((timezone.now() - row.created_at).total_seconds()) < 60
     assert storage.local.open(name).read() == b"hello world"
+    held = make_storage(delayed=True)
+    row = PendingTransfer.objects.for_name(
+        held.key, held.save("b.txt", content())
+    ).get()
+    assert (row.status, row.next_attempt_at) == (Status.HELD, None)
 
 
 def test_a_taken_name_is_found_by_the_refused_insert(
