@@ -1,16 +1,21 @@
-"""Create-only uploads: a remote that refuses to overwrite an object by itself
-(S3's ``If-None-Match: *``) saves the request that asks whether one is there.
+"""Requests an S3 upload saves: a remote that refuses to overwrite an object by
+itself (S3's ``If-None-Match: *``) saves the request that asks whether one is
+there, and the checksum S3 validated and returned for an upload saves the request
+that reads the object's size back.
 
 django-storages' ``S3Storage`` uploads through boto3's transfer manager, which
-takes no ``IfNoneMatch`` argument; a hook on the client adds it to the
-``PutObject`` (or ``CompleteMultipartUpload``) of the keys marked here, whatever
-thread the transfer manager sends it from.
+takes no ``IfNoneMatch`` argument and returns no response; hooks on the client
+add the argument to the ``PutObject`` (or ``CompleteMultipartUpload``) of the
+keys marked here, and keep the checksums of their responses, whatever thread the
+transfer manager sends them from.
 """
 
 from __future__ import annotations
 
+import base64
 import sys
 import threading
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +27,11 @@ _lock = threading.Lock()
 #: (bucket, key) pairs whose next upload must not overwrite an object.
 _create_only: Counter[tuple[str, str]] = Counter()
 _HOOK_ID = "queued-storage-if-none-match"
+#: (bucket, key) pairs whose upload responses are kept, and what was kept.
+_watched: Counter[tuple[str, str]] = Counter()
+_responses: dict[tuple[str, str], dict[str, str]] = {}
+_WATCH_ID = "queued-storage-upload-checksum"
+_CONTEXT_KEY = "queued_storage_upload"
 
 
 def supports_create_only(storage: Storage) -> bool:
@@ -44,10 +54,7 @@ def _add_if_none_match(params: dict[str, Any], **kwargs: Any) -> None:
 def create_only(storage: Storage, name: str) -> Iterator[None]:
     """Inside the block, an upload of ``name`` to ``storage`` (an ``S3Storage``)
     fails with HTTP 412 if an object is already there: see :func:`refused`."""
-    from storages.utils import clean_name
-
-    key = str(storage._normalize_name(clean_name(name)))  # type: ignore[attr-defined]
-    bucket = str(storage.bucket_name)  # type: ignore[attr-defined]
+    bucket, key = _target(storage, name)
     events = storage.connection.meta.client.meta.events  # type: ignore[attr-defined]
     for operation in ("PutObject", "CompleteMultipartUpload"):
         # unique_id: registered once per client, however many uploads use it.
@@ -65,6 +72,93 @@ def create_only(storage: Storage, name: str) -> Iterator[None]:
             _create_only[(bucket, key)] -= 1
             if _create_only[(bucket, key)] <= 0:
                 del _create_only[(bucket, key)]
+
+
+def _target(storage: Storage, name: str) -> tuple[str, str]:
+    from storages.utils import clean_name
+
+    key = str(storage._normalize_name(clean_name(name)))  # type: ignore[attr-defined]
+    return str(storage.bucket_name), key  # type: ignore[attr-defined]
+
+
+def _note_target(
+    params: dict[str, Any], context: dict[str, Any], **kwargs: Any
+) -> None:
+    target = (params.get("Bucket", ""), params.get("Key", ""))
+    with _lock:
+        if _watched[target] > 0:
+            context[_CONTEXT_KEY] = target
+
+
+def _keep_checksums(
+    http_response: Any, parsed: dict[str, Any], context: dict[str, Any], **kwargs: Any
+) -> None:
+    target = context.get(_CONTEXT_KEY)
+    if target is None or getattr(http_response, "status_code", 500) >= 300:
+        return
+    checksums = {
+        name: str(value)
+        for name, value in parsed.items()
+        if name.startswith("Checksum") and name != "ChecksumType"
+    }
+    with _lock:
+        if _watched[target] > 0:
+            _responses[target] = checksums
+
+
+class Upload:
+    """What S3 answered to an upload watched by :func:`watch_upload`."""
+
+    def __init__(self) -> None:
+        self.checksums: dict[str, str] = {}
+
+    def compare(self, storage: Storage, name: str) -> tuple[bool, int] | None:
+        """Read ``name`` from ``storage`` (the local file): whether its CRC32 is
+        the one S3 validated the upload against and returned, and its size; None
+        when S3 returned no CRC32 (a multipart upload, another algorithm, a
+        client that sends no checksum)."""
+        returned = self.checksums.get("ChecksumCRC32")
+        if not returned:
+            return None
+        crc = size = 0
+        with storage.open(name, "rb") as local:
+            for chunk in local.chunks():
+                crc = zlib.crc32(chunk, crc)
+                size += len(chunk)
+        ours = base64.b64encode(crc.to_bytes(4, "big")).decode()
+        return ours == returned, size
+
+
+@contextmanager
+def watch_upload(storage: Storage, name: str) -> Iterator[Upload]:
+    """Inside the block, the checksums in S3's answer to an upload of ``name`` to
+    ``storage`` (an ``S3Storage``) are kept; at its end they are in the
+    :class:`Upload` it yields."""
+    target = _target(storage, name)
+    events = storage.connection.meta.client.meta.events  # type: ignore[attr-defined]
+    for operation in ("PutObject", "CompleteMultipartUpload"):
+        events.register(
+            f"before-parameter-build.s3.{operation}",
+            _note_target,
+            unique_id=f"{_WATCH_ID}-note-{operation}",
+        )
+        events.register(
+            f"after-call.s3.{operation}",
+            _keep_checksums,
+            unique_id=f"{_WATCH_ID}-keep-{operation}",
+        )
+    upload = Upload()
+    with _lock:
+        _watched[target] += 1
+        _responses.pop(target, None)
+    try:
+        yield upload
+    finally:
+        with _lock:
+            upload.checksums = _responses.pop(target, {})
+            _watched[target] -= 1
+            if _watched[target] <= 0:
+                del _watched[target]
 
 
 def honours_create_only(storage: Storage) -> bool:

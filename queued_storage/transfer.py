@@ -205,12 +205,16 @@ def transfer_row(row: PendingTransfer) -> Outcome | Verified:
         return _purge_claimed(storage, row)
     task = storage.task
     refusal = Refusal.ASKED
+    upload: conditional.Upload | None = None
     try:
         refusal = _make_room(storage, row, task)
         with (
             conditional.create_only(storage.remote, row.name)
             if refusal is Refusal.IF_NONE_MATCH
-            else nullcontext()
+            else nullcontext(),
+            conditional.watch_upload(storage.remote, row.name)
+            if _stock_hook(task) and conditional.supports_create_only(storage.remote)
+            else nullcontext() as upload,
         ):
             result = task.transfer(row.name, storage.local, storage.remote)
         if result is False:
@@ -220,7 +224,7 @@ def transfer_row(row: PendingTransfer) -> Outcome | Verified:
                 f"{type(task).__name__}.transfer() returned {result!r}; it must return "
                 "True (transferred) or False (retry later)"
             )
-        _verify(storage, row)
+        _verify(storage, row, upload)
     except Exception as exc:
         if conditional.refused(exc) or (
             refusal is Refusal.RENAMES and isinstance(exc, RemoteRenamed)
@@ -373,8 +377,31 @@ def _can_create_only(storage: QueuedStorage, task: Any) -> bool:
     )
 
 
-def _verify(storage: QueuedStorage, row: PendingTransfer) -> None:
+def _verify(
+    storage: QueuedStorage,
+    row: PendingTransfer,
+    upload: conditional.Upload | None = None,
+) -> None:
+    """Check the remote copy (invariant 4): its size, and its SHA-256 with
+    ``verify_checksum``. An S3 upload that S3 validated against a CRC32 and
+    returned it is checked by comparing that with the local file's, without a
+    request."""
     expected = row.size if row.size is not None else storage.local.size(row.name)
+    compared = upload.compare(storage.local, row.name) if upload else None
+    if compared is not None:
+        same, size = compared
+        if not same:
+            raise ChecksumMismatch(
+                f"checksum mismatch: S3 stored {row.name!r} with another CRC32 "
+                "than the local file's"
+            )
+        if size != expected:
+            raise SizeMismatch(
+                f"the local file {row.name!r} has {size} bytes, the ledger recorded "
+                f"{expected}"
+            )
+        if not storage.verify_checksum:
+            return
     actual = storage.remote.size(row.name)
     if actual != expected:
         raise SizeMismatch(

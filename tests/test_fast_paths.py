@@ -521,9 +521,49 @@ def test_a_create_only_upload_sends_no_head_request_first(
 
     assert drain(keys=[storage.key]).done == 1
 
-    assert sent == ["PutObject", "HeadObject"]  # the upload, then its size check
+    # No size check either: S3 validated the upload against a CRC32 and returned
+    # it, and that is the local file's.
+    assert sent == ["PutObject"]
     with storage.open(name) as opened:
         assert opened.read() == b"hello"
+
+
+def test_without_a_returned_checksum_the_size_is_read_back(
+    make_s3_storage: Callable[..., QueuedStorage],
+) -> None:
+    from botocore.config import Config
+
+    storage = make_s3_storage(
+        create_only_uploads=True,
+        remote_options={
+            "client_config": Config(request_checksum_calculation="when_required")
+        },
+    )
+    storage.save("a.txt", content("hello"))
+    sent = record_requests(storage)
+
+    assert drain(keys=[storage.key]).done == 1
+
+    assert sent == ["PutObject", "HeadObject"]  # the upload, then its size check
+
+
+def test_a_returned_checksum_that_is_not_the_local_files_is_retried(
+    make_s3_storage: Callable[..., QueuedStorage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = make_s3_storage(create_only_uploads=True)
+    name = storage.save("a.txt", content("hello"))
+    keep = conditional._keep_checksums
+
+    def garbled(http_response: Any, parsed: dict[str, Any], **kwargs: Any) -> None:
+        keep(http_response, {**parsed, "ChecksumCRC32": "AAAAAA=="}, **kwargs)
+
+    monkeypatch.setattr(conditional, "_keep_checksums", garbled)
+
+    stats = drain(keys=[storage.key])
+
+    row = PendingTransfer.objects.for_name(storage.key, name).get()
+    assert (stats.done, stats.retried, row.status) == (0, 1, Status.QUEUED)
+    assert "ChecksumMismatch" in row.last_error
 
 
 def test_a_custom_endpoint_asks_before_uploading_unless_told_otherwise(
@@ -535,7 +575,7 @@ def test_a_custom_endpoint_asks_before_uploading_unless_told_otherwise(
 
     assert drain(keys=[storage.key]).done == 1
 
-    assert sent == ["HeadObject", "PutObject", "HeadObject"]
+    assert sent == ["HeadObject", "PutObject"]
 
 
 @pytest.mark.parametrize("size", [5, 6 * 1024 * 1024], ids=["put", "multipart"])
