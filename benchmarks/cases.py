@@ -79,7 +79,7 @@ class Sizes:
 QUICK = Sizes(
     save_files=1000,
     save_autocommit_files=200,
-    save_rounds=4,
+    save_rounds=6,
     drain_files=2000,
     drain_rounds=4,
     s3_files=100,

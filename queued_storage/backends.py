@@ -17,7 +17,7 @@ from urllib.parse import quote
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
 from django.core.files import File
-from django.core.files.storage import Storage, storages
+from django.core.files.storage import FileSystemStorage, Storage, storages
 from django.db import connections, router, transaction
 from django.utils.deconstruct import deconstructible
 from django.utils.module_loading import import_string
@@ -404,6 +404,17 @@ class QueuedStorage(Storage):
         """A fresh instance of the transfer hook."""
         return self.task_class()
 
+    @property
+    def _local_verbatim(self) -> bool:
+        """Whether the local storage is Django's ``FileSystemStorage`` as it comes,
+        which stores exactly the bytes of the content it saves."""
+        cls = type(self.local)
+        return (
+            isinstance(self.local, FileSystemStorage)
+            and cls.save is Storage.save
+            and getattr(cls, "_save", None) is getattr(FileSystemStorage, "_save", 0)
+        )
+
     def _local_overwrites(self) -> bool:
         # Django's FileSystemStorage(allow_overwrite=True) keeps a taken name instead
         # of inventing another one: then a save of a taken name is a re-save.
@@ -582,7 +593,13 @@ class QueuedStorage(Storage):
             existing = self._row_state(stored) is not None
             return self._record(stored, hashing, existing)
         prefetch.forget(self.key, stored)
-        written = self.local.size(stored)
+        # Django's FileSystemStorage writes every byte it is given (or moves the
+        # file): the size is known. Another local storage may change the bytes.
+        written = (
+            size
+            if hashing is None and self._local_verbatim
+            else self.local.size(stored)
+        )
         checksum = self._checksum(hashing, stored, written)
         if written != size or checksum:
             PendingTransfer.objects.record_file(

@@ -357,6 +357,26 @@ def test_a_name_the_local_storage_finds_taken_gets_the_row_it_chose(
         registry.forget(storage.key)
 
 
+def test_a_local_storage_that_changes_the_bytes_gets_the_size_it_wrote(
+    make_storage: Callable[..., QueuedStorage],
+) -> None:
+    plain = make_storage()
+    storage = QueuedStorage(
+        "tests.storages.TruncatingStorage",
+        plain.remote_path,
+        local_options=plain.local_options,
+        remote_options=plain.remote_options,
+        key=f"{plain.key}-truncating",
+    )
+    try:
+        name = storage.save("a.txt", content("hello world"))
+
+        row = PendingTransfer.objects.for_name(storage.key, name).get()
+        assert row.size == storage.local.size(name) == 10
+    finally:
+        registry.forget(storage.key)
+
+
 def test_a_checksum_is_recorded_for_a_reserved_row(
     make_storage: Callable[..., QueuedStorage],
 ) -> None:
