@@ -31,10 +31,6 @@ MAX_NAME_LENGTH = 1024
 MAX_RETRY_DELAY = 24 * 60 * 60
 #: Times a claim reads the due rows again after other workers took all it read.
 CLAIM_TRIES = 10
-#: Columns a claim does not read: a transfer does not need them, and reading
-#: them (JSON, datetimes) was a third of a claim's cost. A failure reads the
-#: error history when it adds to it.
-CLAIM_DEFERRED = ("error_history", "last_error", "created_at", "transferred_at")
 #: Tries of a worker's ledger statement that the database aborted over a lock.
 LOCKED_TRIES = 5
 
@@ -274,7 +270,6 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
         rows = list(
             PendingTransfer.objects.using(db)
             .filter(pk__in=list(before), lease_token=token)
-            .defer(*CLAIM_DEFERRED)
             .order_by("next_attempt_at", "pk")
         )
         for row in rows:
