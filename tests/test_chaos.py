@@ -204,6 +204,8 @@ def test_chaos_kills_and_an_outage_lose_nothing(
     assert kills >= 10
     assert outage >= OUTAGE_SECONDS
     assert retried > 0  # the outage really failed some transfers
-    # A kill loses at most the one upload in flight (one file at a time per
-    # worker); allow one more per kill for a lease that ran out under load.
-    assert duplicates <= 2 * kills, report
+    # A kill loses the upload in flight (one file at a time per worker) and the
+    # verified uploads waiting to be recorded together (at most 50 ms of them:
+    # COMPLETE_AFTER, one or two files at these rates); allow one more per kill
+    # for a lease that ran out under load. Measured: 6 to 20 for 12 kills.
+    assert duplicates <= 3 * kills, report
