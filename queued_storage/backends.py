@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import posixpath
@@ -18,7 +19,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
 from django.core.files import File
 from django.core.files.storage import FileSystemStorage, Storage, storages
-from django.db import connections, router, transaction
+from django.db import DatabaseError, connections, router, transaction
 from django.utils.deconstruct import deconstructible
 from django.utils.module_loading import import_string
 
@@ -585,7 +586,10 @@ class QueuedStorage(Storage):
         try:
             stored = self.local.save(name, hashing or content, max_length=max_length)
         except BaseException:
-            PendingTransfer.objects.unreserve(self.key, name, generation)
+            # A database error here leaves a transaction that rolls back anyway:
+            # the error to raise is the local storage's.
+            with contextlib.suppress(DatabaseError):
+                PendingTransfer.objects.unreserve(self.key, name, generation)
             raise
         if stored != name:
             # The local storage found the name taken after all and chose another.

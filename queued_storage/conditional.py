@@ -136,17 +136,16 @@ def watch_upload(storage: Storage, name: str) -> Iterator[Upload]:
     :class:`Upload` it yields."""
     target = _target(storage, name)
     events = storage.connection.meta.client.meta.events  # type: ignore[attr-defined]
-    for operation in ("PutObject", "CompleteMultipartUpload"):
-        events.register(
-            f"before-parameter-build.s3.{operation}",
-            _note_target,
-            unique_id=f"{_WATCH_ID}-note-{operation}",
-        )
-        events.register(
-            f"after-call.s3.{operation}",
-            _keep_checksums,
-            unique_id=f"{_WATCH_ID}-keep-{operation}",
-        )
+    # A single PutObject only: the checksum of a multipart upload's completion
+    # may be one of its parts' checksums ("...-3"), not the whole file's.
+    events.register(
+        "before-parameter-build.s3.PutObject",
+        _note_target,
+        unique_id=f"{_WATCH_ID}-note",
+    )
+    events.register(
+        "after-call.s3.PutObject", _keep_checksums, unique_id=f"{_WATCH_ID}-keep"
+    )
     upload = Upload()
     with _lock:
         _watched[target] += 1

@@ -548,6 +548,37 @@ def test_a_create_only_upload_sends_no_head_request_first(
         assert opened.read() == b"hello"
 
 
+def test_a_multipart_upload_has_its_size_read_back(
+    make_s3_storage: Callable[..., QueuedStorage],
+) -> None:
+    """The checksum that completes a multipart upload is not the whole file's."""
+    from boto3.s3.transfer import TransferConfig
+
+    storage = make_s3_storage(
+        create_only_uploads=True,
+        remote_options={
+            "transfer_config": TransferConfig(
+                multipart_threshold=5 * 1024 * 1024, use_threads=False
+            )
+        },
+    )
+    name = storage.save("big.bin", ContentFile(os.urandom(6 * 1024 * 1024)))
+    sent = record_requests(storage)
+
+    def composite(parsed: dict[str, Any], **kwargs: Any) -> None:
+        # What AWS S3 answers for parts sent with CRC32s: a checksum of checksums.
+        parsed["ChecksumCRC32"] = "q5cVtA==-2"
+
+    events = storage.remote.connection.meta.client.meta.events  # type: ignore[attr-defined]
+    events.register("after-call.s3.CompleteMultipartUpload", composite)
+
+    assert drain(keys=[storage.key]).done == 1
+
+    assert sent[0] == "CreateMultipartUpload"
+    assert sent[-2:] == ["CompleteMultipartUpload", "HeadObject"]
+    assert storage.size(name) == 6 * 1024 * 1024
+
+
 def test_without_a_returned_checksum_the_size_is_read_back(
     make_s3_storage: Callable[..., QueuedStorage],
 ) -> None:
