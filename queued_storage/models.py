@@ -103,41 +103,6 @@ def reserve(
     returns its generation, or None (and writes nothing) when the name has a row.
     One statement, on the save path: the unique index makes a save of the same
     name in another transaction wait for this one, then find the row."""
-    statement = _RESERVE.get(db) or _reserve_statement(db)
-    if statement is None:
-        return _reserve_with_orm(db, key, name, size, host, held, checksum)
-    sql, template, slot, when = statement
-    connection = connections[db]
-    now = when(timezone.now(), connection)
-    generation = new_generation()
-    params = list(template)
-    params[slot["storage_key"]] = key
-    params[slot["name"]] = name
-    params[slot["name_hash"]] = name_hash(name)
-    params[slot["status"]] = (
-        PendingTransfer.Status.HELD if held else PendingTransfer.Status.QUEUED
-    ).value
-    params[slot["generation"]] = generation
-    params[slot["next_attempt_at"]] = None if held else now
-    params[slot["size"]] = size
-    params[slot["checksum"]] = checksum
-    params[slot["host"]] = host
-    params[slot["created_at"]] = now
-    params[slot["updated_at"]] = now
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return generation if cursor.rowcount else None
-
-
-def _reserve_with_orm(
-    db: str,
-    key: str,
-    name: str,
-    size: int | None,
-    host: str,
-    held: bool,
-    checksum: str,
-) -> int | None:
     now = timezone.now()
     generation = new_generation()
     status = PendingTransfer.Status.HELD if held else PendingTransfer.Status.QUEUED
@@ -154,7 +119,18 @@ def _reserve_with_orm(
         "created_at": now,
         "updated_at": now,
     }
-    return generation if _insert_with_orm(values, None, db) else None
+    statement = _RESERVE.get(db) or _reserve_statement(db)
+    if statement is None:
+        return generation if _insert_with_orm(values, None, db) else None
+    sql, template, slot, when = statement
+    connection = connections[db]
+    sent_now = when(now, connection)
+    params = list(template)
+    for column, value in values.items():
+        params[slot[column]] = sent_now if value is now else value
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return generation if cursor.rowcount else None
 
 
 def retry_delay(attempt: int, base: float) -> float:
@@ -457,26 +433,8 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
             **fresh,
         }
 
-    def reserve(
-        self,
-        *,
-        key: str,
-        name: str,
-        size: int | None,
-        host: str,
-        held: bool,
-        checksum: str = "",
-    ) -> int | None:
-        """Write the row of a name the ledger has never seen, before its file is
-        written; returns its generation, or None (and writes nothing) when the name
-        has a row. See :func:`reserve`."""
-        db = getattr(self, "_db", None) or router.db_for_write(PendingTransfer)
-        return reserve(
-            db, key, name, size=size, host=host, held=held, checksum=checksum
-        )
-
     def unreserve(self, key: str, name: str, generation: int) -> int:
-        """Remove a row :meth:`reserve` wrote whose file was not saved under its
+        """Remove a row :func:`reserve` wrote whose file was not saved under its
         name (the local storage failed, or chose another name)."""
         deleted, _counts = (
             self.for_name(key, name).filter(generation=generation).delete()

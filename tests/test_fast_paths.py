@@ -270,38 +270,48 @@ def test_a_large_file_gets_its_row_after_it_is_written(
     assert PendingTransfer.objects.for_name(storage.key, name).get().size == 20
 
 
-def _broken_local(make_storage: Callable[..., QueuedStorage]) -> QueuedStorage:
-    storage = make_storage()
-    return QueuedStorage(
-        "tests.storages.FullDiskStorage",
-        storage.remote_path,
-        local_options=storage.local_options,
-        remote_options=storage.remote_options,
-        key=f"{storage.key}-broken",
-    )
+@pytest.fixture
+def with_local(
+    make_storage: Callable[..., QueuedStorage],
+) -> Iterator[Callable[[str], QueuedStorage]]:
+    """Build a QueuedStorage whose local storage is the class at a dotted path."""
+    built: list[str] = []
+
+    def make(local: str) -> QueuedStorage:
+        plain = make_storage()
+        storage = QueuedStorage(
+            local,
+            plain.remote_path,
+            local_options=plain.local_options,
+            remote_options=plain.remote_options,
+            key=f"{plain.key}-{local.rsplit('.', 1)[-1].lower()}",
+        )
+        built.append(storage.key)
+        return storage
+
+    yield make
+    for key in built:
+        registry.forget(key)
 
 
 @pytest.mark.parametrize("atomic", [True, False], ids=["in-atomic", "autocommit"])
 @pytest.mark.django_db(transaction=True)
 def test_a_failed_local_write_leaves_no_row(
-    make_storage: Callable[..., QueuedStorage], atomic: bool
+    with_local: Callable[[str], QueuedStorage], atomic: bool
 ) -> None:
-    broken = _broken_local(make_storage)
-    try:
-        if atomic:
-            with transaction.atomic():
-                with pytest.raises(OSError, match="No space left"):
-                    broken.save("a.txt", content())
-                # The caller's transaction goes on after the error.
-                Document.objects.create(file="kept.txt")
-        else:
+    broken = with_local("tests.storages.FullDiskStorage")
+    if atomic:
+        with transaction.atomic():
             with pytest.raises(OSError, match="No space left"):
                 broken.save("a.txt", content())
+            # The caller's transaction goes on after the error.
+            Document.objects.create(file="kept.txt")
+    else:
+        with pytest.raises(OSError, match="No space left"):
+            broken.save("a.txt", content())
 
-        assert not PendingTransfer.objects.filter(storage_key=broken.key).exists()
-        assert Document.objects.filter(file="kept.txt").count() == int(atomic)
-    finally:
-        registry.forget(broken.key)
+    assert not PendingTransfer.objects.filter(storage_key=broken.key).exists()
+    assert Document.objects.filter(file="kept.txt").count() == int(atomic)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -331,50 +341,31 @@ def test_in_autocommit_the_row_is_not_seen_before_its_file(
 
 
 def test_a_name_the_local_storage_finds_taken_gets_the_row_it_chose(
-    make_storage: Callable[..., QueuedStorage],
+    with_local: Callable[[str], QueuedStorage],
 ) -> None:
-    plain = make_storage()
-    storage = QueuedStorage(
-        "tests.storages.OverlookingStorage",
-        plain.remote_path,
-        local_options=plain.local_options,
-        remote_options=plain.remote_options,
-        key=f"{plain.key}-overlooking",
-    )
-    try:
-        # Written by a racing save after the name was checked, without a row yet.
-        taken = Path(storage.local.path("a.txt"))
-        taken.parent.mkdir(parents=True, exist_ok=True)
-        taken.write_bytes(b"another's")
+    storage = with_local("tests.storages.OverlookingStorage")
+    # Written by a racing save after the name was checked, without a row yet.
+    taken = Path(storage.local.path("a.txt"))
+    taken.parent.mkdir(parents=True, exist_ok=True)
+    taken.write_bytes(b"another's")
 
-        name = storage.save("a.txt", content("mine"))
+    name = storage.save("a.txt", content("mine"))
 
-        assert name != "a.txt"
-        rows = PendingTransfer.objects.filter(storage_key=storage.key)
-        assert list(rows.values_list("name", "size")) == [(name, 4)]
-        assert storage.local.open(name).read() == b"mine"
-    finally:
-        registry.forget(storage.key)
+    assert name != "a.txt"
+    rows = PendingTransfer.objects.filter(storage_key=storage.key)
+    assert list(rows.values_list("name", "size")) == [(name, 4)]
+    assert storage.local.open(name).read() == b"mine"
 
 
 def test_a_local_storage_that_changes_the_bytes_gets_the_size_it_wrote(
-    make_storage: Callable[..., QueuedStorage],
+    with_local: Callable[[str], QueuedStorage],
 ) -> None:
-    plain = make_storage()
-    storage = QueuedStorage(
-        "tests.storages.TruncatingStorage",
-        plain.remote_path,
-        local_options=plain.local_options,
-        remote_options=plain.remote_options,
-        key=f"{plain.key}-truncating",
-    )
-    try:
-        name = storage.save("a.txt", content("hello world"))
+    storage = with_local("tests.storages.TruncatingStorage")
 
-        row = PendingTransfer.objects.for_name(storage.key, name).get()
-        assert row.size == storage.local.size(name) == 10
-    finally:
-        registry.forget(storage.key)
+    name = storage.save("a.txt", content("hello world"))
+
+    row = PendingTransfer.objects.for_name(storage.key, name).get()
+    assert row.size == storage.local.size(name) == 10
 
 
 def test_a_checksum_is_recorded_for_a_reserved_row(
