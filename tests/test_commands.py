@@ -725,6 +725,29 @@ def test_clean_local_copies_dry_run_and_json(storage: QueuedStorage) -> None:
     assert all(storage.local.exists(name) for name in names)
 
 
+def test_clean_local_copies_and_verify_transfers_keep_to_storage(
+    make_storage: Callable[..., QueuedStorage],
+) -> None:
+    mine, other = make_storage(), make_storage()
+    (kept,) = transferred(other, "other.txt")
+    (cleaned,) = transferred(mine, "mine.txt")
+    os.remove(other.remote.path(kept))  # only a check of other's rows finds this
+    age_transfers(mine, days=2)
+    age_transfers(other, days=2)
+
+    verified = run("verify_transfers", "--storage", mine.key, "--json")
+    removed = run("clean_local_copies", "--older-than", "1d", "--storage", mine.key)
+
+    assert (verified.code, verified.json["checked"], verified.json["missing"]) == (
+        0,
+        1,
+        0,
+    )
+    assert removed.code == 0
+    assert not mine.local.exists(cleaned)
+    assert other.local.exists(kept)
+
+
 def test_clean_local_copies_keeps_a_copy_changed_after_its_transfer(
     storage: QueuedStorage,
 ) -> None:
