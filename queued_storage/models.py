@@ -754,20 +754,6 @@ class PendingTransfer(models.Model):
 _SQL: dict[tuple[str, str], str] = {}
 #: Per database alias, what :func:`_insert` writes (see :func:`_insert_plan`).
 _Plan = list[tuple[str, "models.Field[Any, Any]", bool, Any]]
-#: The columns :func:`reserve` sets on each call; the others take their defaults.
-RESERVE_FILLS = (
-    "storage_key",
-    "name",
-    "name_hash",
-    "status",
-    "generation",
-    "next_attempt_at",
-    "size",
-    "checksum",
-    "host",
-    "created_at",
-    "updated_at",
-)
 #: Per database alias: what :func:`reserve` sends (see :func:`_reserve_statement`).
 _Reserve = tuple[str, list[Any], dict[str, int], Callable[[datetime, Any], Any]]
 _RESERVE: dict[str, _Reserve | None] = {}
@@ -830,42 +816,45 @@ def _prepared_default(field: models.Field[Any, Any], connection: Any) -> Any:
     """The database value of ``field``'s default, when it is the same every time
     (``list`` makes a new empty list each time, an equal one)."""
     default = field.default
-    if default is models.NOT_PROVIDED:
-        return _db_value(field, field.get_default(), connection)
-    if default is list or not callable(default):
+    if default is models.NOT_PROVIDED or default is list or not callable(default):
         return _db_value(field, field.get_default(), connection)
     return _CALL_DEFAULT
 
 
-def _insert(values: dict[str, Any], update_fields: list[str] | None, db: str) -> int:
-    """Insert a row of ``values`` (defaults for the fields not given). When its name
-    has a row: update ``update_fields`` of it, or with None, leave it alone. What
-    ``bulk_create(update_conflicts=True)`` or ``(ignore_conflicts=True)`` sends,
-    with the SQL built once (the ORM's per-call cost was most of a save's).
-    Returns the number of rows inserted or changed."""
+def _insert_sql(connection: Any, plan: _Plan, update_fields: list[str] | None) -> str:
+    """``INSERT`` of every column of ``plan``; when the name has a row, update
+    ``update_fields`` of it, or with None, leave it alone."""
+    on_conflict = OnConflict.IGNORE if update_fields is None else OnConflict.UPDATE
+    ops = connection.ops
+    fields = [field for _name, field, _plain, _default in plan]
+    suffix = ops.on_conflict_suffix_sql(
+        fields,
+        on_conflict,
+        [_column(name) for name in update_fields or ()],
+        [_column(name) for name in _conflict_target(connection) or ()],
+    )
+    columns = ", ".join(ops.quote_name(_column(field.name)) for field in fields)
+    return (
+        f"{ops.insert_statement(on_conflict=on_conflict)} "
+        f"{ops.quote_name(PendingTransfer._meta.db_table)} ({columns}) "
+        f"VALUES ({', '.join(['%s'] * len(fields))}) {suffix}"
+    ).rstrip()
+
+
+def _insert(values: dict[str, Any], update_fields: list[str], db: str) -> None:
+    """Insert a row of ``values`` (defaults for the fields not given), or update
+    ``update_fields`` of the row that has its name: what
+    ``bulk_create(update_conflicts=True)`` sends, with the SQL built once (the
+    ORM's per-call cost was most of a save's)."""
     connection = connections[db]
     plan = _insert_plan(connection)
     if plan is None:
-        return _insert_with_orm(values, update_fields, db)
-    on_conflict = OnConflict.IGNORE if update_fields is None else OnConflict.UPDATE
-    cache_key = (db, f"insert:{on_conflict.value}:" + ",".join(update_fields or ()))
+        _insert_with_orm(values, update_fields, db)
+        return
+    cache_key = (db, "upsert:" + ",".join(update_fields))
     sql = _SQL.get(cache_key)
     if sql is None:
-        ops = connection.ops
-        fields = [field for _name, field, _plain, _default in plan]
-        suffix = ops.on_conflict_suffix_sql(
-            fields,
-            on_conflict,
-            [_column(name) for name in update_fields or ()],
-            [_column(name) for name in _conflict_target(connection) or ()],
-        )
-        columns = ", ".join(ops.quote_name(_column(field.name)) for field in fields)
-        placeholders = ", ".join(["%s"] * len(fields))
-        sql = _SQL[cache_key] = (
-            f"{ops.insert_statement(on_conflict=on_conflict)} "
-            f"{ops.quote_name(PendingTransfer._meta.db_table)} ({columns}) "
-            f"VALUES ({placeholders}) {suffix}"
-        ).rstrip()
+        sql = _SQL[cache_key] = _insert_sql(connection, plan, update_fields)
     params = []
     # The same datetime goes to several columns: prepared once per field type.
     prepared: dict[tuple[int, type], Any] = {}
@@ -886,13 +875,13 @@ def _insert(values: dict[str, Any], update_fields: list[str] | None, db: str) ->
         params.append(prepared[seen])
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        return int(cursor.rowcount)
 
 
 def _insert_with_orm(
     values: dict[str, Any], update_fields: list[str] | None, db: str
 ) -> int:
-    """:func:`_insert` for a database whose fields need placeholders of their own."""
+    """:func:`_insert` (or :func:`reserve`, ``update_fields=None``) for a database
+    whose fields need placeholders of their own. Returns the rows written."""
     manager = PendingTransfer.objects.using(db)
     row = PendingTransfer(**values)
     if update_fields is None:
@@ -915,30 +904,13 @@ def _reserve_statement(db: str) -> _Reserve | None:
     plan = _insert_plan(connection)
     if plan is None:
         return None
-    fields = [field for _name, field, _plain, _default in plan]
-    ops = connection.ops
-    suffix = ops.on_conflict_suffix_sql(
-        fields,
-        OnConflict.IGNORE,
-        [],
-        [_column(name) for name in _conflict_target(connection) or ()],
-    )
-    columns = ", ".join(ops.quote_name(_column(field.name)) for field in fields)
-    sql = (
-        f"{ops.insert_statement(on_conflict=OnConflict.IGNORE)} "
-        f"{ops.quote_name(PendingTransfer._meta.db_table)} ({columns}) "
-        f"VALUES ({', '.join(['%s'] * len(fields))}) {suffix}"
-    ).rstrip()
+    sql = _insert_sql(connection, plan, None)
+    # reserve() fills the columns whose default is computed per row.
     template = [
         None if default is _CALL_DEFAULT else default
         for _name, _field, _plain, default in plan
     ]
     slot = {name: index for index, (name, *_rest) in enumerate(plan)}
-    unfilled = {
-        name for name, _field, _plain, default in plan if default is _CALL_DEFAULT
-    } - set(RESERVE_FILLS)
-    if unfilled:
-        raise RuntimeError(f"reserve() does not fill {sorted(unfilled)}")
     created = PendingTransfer._meta.get_field("created_at")
     assert isinstance(created, models.DateTimeField)
 
