@@ -106,6 +106,19 @@ def content(text: str = "hello world") -> ContentFile:
     return ContentFile(text.encode())
 
 
+def row_of(storage: QueuedStorage, name: str) -> PendingTransfer:
+    """The ledger row of ``name``, found as the package finds it: by the unique
+    key (storage_key, name_hash), an exact match on the name's bytes."""
+    return PendingTransfer.objects.for_name(storage.key, name).get()
+
+
+def row_by_name_column(storage: QueuedStorage, name: str) -> PendingTransfer:
+    """The ledger row whose ``name`` column equals ``name``. Unlike ``row_of`` it
+    does not go through name_hash, and the database compares under its collation:
+    case- and accent-insensitive on the MariaDB leg (utf8mb4_unicode_ci)."""
+    return PendingTransfer.objects.get(storage_key=storage.key, name=name)
+
+
 def save_rolled_back(storage: QueuedStorage, capture_on_commit: Any) -> None:
     """Save a file in a transaction that the view's error rolls back, with the
     on-commit callbacks run as a request runs them; check that it left no row and

@@ -2,13 +2,13 @@
 started by a test and stopped after it.
 
 A server whose tool is missing skips its tests with a loud reason; with
-``CI=true`` it fails them instead, since CI installs every tool (``make tools``).
+``CI=true`` it fails them instead, since CI installs every tool (``make tools``):
+see ``tests.tools.missing``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import os
 import queue
 import re
@@ -23,13 +23,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
-import pytest
 from django.core.files.storage import storages
 
+from tests.tools import missing, require_module
+
 ROOT = Path(__file__).resolve().parent.parent
-IN_CI = os.environ.get("CI", "").lower() == "true"
 #: Where ``make tools`` installs the npm packages (git-ignored).
 NODE_PREFIX = ROOT / ".cache" / "node"
 START_TIMEOUT = 60.0
@@ -40,25 +40,6 @@ AZURITE_KEY = (
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/"
     "K1SZFPTOtr/KBHBeksoGMGw=="
 )
-
-
-def tool_missing(reason: str) -> NoReturn:
-    """Skip loudly, or fail under CI, where every server tool must be installed."""
-    message = f"{reason} -- this backend is NOT TESTED here."
-    if IN_CI:
-        pytest.fail(f"CI=true and {message}", pytrace=False)
-    pytest.skip(f"!!! {message}")
-
-
-def require_module(name: str, extra: str = "test") -> Any:
-    """Import a server or client library from the test extra, or skip/fail."""
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        tool_missing(
-            f"Python module {name!r} is missing ({exc}); install it with "
-            f"pip install -e '.[{extra}]'"
-        )
 
 
 StorageT = TypeVar("StorageT")
@@ -250,12 +231,12 @@ def azurite_command() -> list[str]:
     ]
     found = next((c for c in candidates if c and os.access(c, os.X_OK)), None)
     if found is None:
-        tool_missing(
+        missing(
             "Azurite (npm package 'azurite') is not installed in "
             f"{NODE_PREFIX} nor on PATH; install it with `make tools`"
         )
     if shutil.which("node") is None:
-        tool_missing("Azurite needs Node.js, and `node` is not on PATH")
+        missing("Azurite needs Node.js, and `node` is not on PATH")
     return [found]
 
 

@@ -11,13 +11,13 @@ from urllib.parse import urlsplit
 
 import pytest
 from django.core.files.base import ContentFile
-from django.core.files.storage import storages
 
 from queued_storage import registry
 from queued_storage.backends import QueuedAzureStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import drain
-from tests.servers import azurite_blob, require_module
+from tests.servers import azurite_blob, configure_storage
+from tests.tools import require_module
 
 pytestmark = pytest.mark.django_db
 
@@ -46,27 +46,17 @@ def azure_storage(
     connection_string: str, tmp_path: Path, settings: Any
 ) -> Iterator[QueuedAzureStorage]:
     """The README's STORAGES example, pointed at Azurite."""
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "azure_queued": {
-            "BACKEND": "queued_storage.backends.QueuedAzureStorage",
-            "OPTIONS": {
-                "local_options": {
-                    "location": str(tmp_path / "media"),
-                    "base_url": "/media/",
-                },
-                "remote_options": {
-                    "connection_string": connection_string,
-                    "azure_container": CONTAINER,
-                    "expiration_secs": 3600,
-                },
-                "key": "azure",
-            },
+    yield configure_storage(
+        settings,
+        tmp_path,
+        QueuedAzureStorage,
+        key="azure",
+        remote_options={
+            "connection_string": connection_string,
+            "azure_container": CONTAINER,
+            "expiration_secs": 3600,
         },
-    }
-    storage = storages["azure_queued"]
-    assert isinstance(storage, QueuedAzureStorage)
-    yield storage
+    )
     registry.forget("azure")
 
 

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 from django.core.files.base import ContentFile
-from django.core.files.storage import storages
 
 from queued_storage import registry
 from queued_storage.backends import QueuedDropboxStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import drain
-from tests.servers import require_module
+from tests.servers import configure_storage
+from tests.tools import require_module
 
 pytestmark = pytest.mark.django_db
 
@@ -46,27 +46,17 @@ def no_internet(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def dropbox_storage(tmp_path: Path, settings: Any) -> Iterator[QueuedDropboxStorage]:
     """The README's STORAGES example."""
     require_module("dropbox")
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "dropbox_queued": {
-            "BACKEND": "queued_storage.backends.QueuedDropboxStorage",
-            "OPTIONS": {
-                "local_options": {
-                    "location": str(tmp_path / "media"),
-                    "base_url": "/media/",
-                },
-                "remote_options": {
-                    "oauth2_access_token": TOKEN,
-                    "root_path": "/site-uploads",
-                    "timeout": 5,
-                },
-                "key": "dropbox",
-            },
+    yield configure_storage(
+        settings,
+        tmp_path,
+        QueuedDropboxStorage,
+        key="dropbox",
+        remote_options={
+            "oauth2_access_token": TOKEN,
+            "root_path": "/site-uploads",
+            "timeout": 5,
         },
-    }
-    storage = storages["dropbox_queued"]
-    assert isinstance(storage, QueuedDropboxStorage)
-    yield storage
+    )
     registry.forget("dropbox")
 
 

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 from django.core.files.base import ContentFile
-from django.core.files.storage import storages
 
 from queued_storage import registry
 from queued_storage.backends import QueuedGoogleCloudStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import drain
-from tests.servers import gcs_emulator, require_module
+from tests.servers import configure_storage, gcs_emulator
+from tests.tools import require_module
 
 pytestmark = pytest.mark.django_db
 
@@ -49,27 +49,17 @@ def gcs_storage(
     bucket: Any, tmp_path: Path, settings: Any
 ) -> Iterator[QueuedGoogleCloudStorage]:
     """The README's STORAGES example, pointed at the emulator."""
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "gcs_queued": {
-            "BACKEND": "queued_storage.backends.QueuedGoogleCloudStorage",
-            "OPTIONS": {
-                "local_options": {
-                    "location": str(tmp_path / "media"),
-                    "base_url": "/media/",
-                },
-                "remote_options": {
-                    "bucket_name": BUCKET,
-                    "project_id": PROJECT,
-                    "querystring_auth": False,
-                },
-                "key": "gcs",
-            },
+    yield configure_storage(
+        settings,
+        tmp_path,
+        QueuedGoogleCloudStorage,
+        key="gcs",
+        remote_options={
+            "bucket_name": BUCKET,
+            "project_id": PROJECT,
+            "querystring_auth": False,
         },
-    }
-    storage = storages["gcs_queued"]
-    assert isinstance(storage, QueuedGoogleCloudStorage)
-    yield storage
+    )
     registry.forget("gcs")
 
 

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 from django.core.files.base import ContentFile
-from django.core.files.storage import storages
 
 from queued_storage import registry
 from queued_storage.backends import QueuedLibCloudStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import drain
-from tests.servers import require_module
+from tests.servers import configure_storage
+from tests.tools import require_module
 
 pytestmark = pytest.mark.django_db
 
@@ -47,23 +47,13 @@ def libcloud_storage(
             "bucket": CONTAINER,
         }
     }
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "libcloud_queued": {
-            "BACKEND": "queued_storage.backends.QueuedLibCloudStorage",
-            "OPTIONS": {
-                "local_options": {
-                    "location": str(tmp_path / "media"),
-                    "base_url": "/media/",
-                },
-                "remote_options": {"provider_name": "local"},
-                "key": "libcloud",
-            },
-        },
-    }
-    storage = storages["libcloud_queued"]
-    assert isinstance(storage, QueuedLibCloudStorage)
-    yield storage
+    yield configure_storage(
+        settings,
+        tmp_path,
+        QueuedLibCloudStorage,
+        key="libcloud",
+        remote_options={"provider_name": "local"},
+    )
     registry.forget("libcloud")
 
 

@@ -20,7 +20,8 @@ from queued_storage.backends import QueuedS3Storage
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import drain
 from tests.s3 import make_bucket, moto_s3_server, s3_client
-from tests.servers import moto_s3_process, require_module
+from tests.servers import moto_s3_process
+from tests.tools import require_module
 
 pytestmark = pytest.mark.django_db
 

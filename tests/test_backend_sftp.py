@@ -15,12 +15,8 @@ from queued_storage import registry
 from queued_storage.backends import QueuedSFTPStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import drain
-from tests.servers import (
-    SFTPServerInfo,
-    configure_storage,
-    require_module,
-    sftp_server,
-)
+from tests.servers import SFTPServerInfo, configure_storage, sftp_server
+from tests.tools import require_module
 
 pytestmark = pytest.mark.django_db
 

@@ -19,7 +19,7 @@ from django.utils import timezone
 from queued_storage.backends import QueuedStorage
 from queued_storage.management.commands import queue_transfers
 from queued_storage.models import PendingTransfer
-from tests.conftest import content
+from tests.conftest import content, row_by_name_column
 from tests.factories import PendingTransferFactory
 
 pytestmark = pytest.mark.django_db
@@ -61,16 +61,12 @@ def ago(**delta: float) -> Any:
     return timezone.now() - timedelta(**delta)
 
 
-def row_of(storage: QueuedStorage, name: str) -> PendingTransfer:
-    return PendingTransfer.objects.get(storage_key=storage.key, name=name)
-
-
 def transferred(storage: QueuedStorage, *names: str) -> list[str]:
     """Save ``names`` through the storage and move them to the remote."""
     saved = [storage.save(name, content(f"content of {name}")) for name in names]
     assert run("process_transfers", "--storage", storage.key).code == 0
     for name in saved:
-        assert row_of(storage, name).status == Status.DONE
+        assert row_by_name_column(storage, name).status == Status.DONE
     return saved
 
 
@@ -517,13 +513,13 @@ def test_queue_transfers_check_remote_records_files_already_there_as_done(
     result = run("queue_transfers", "--storage", storage.key, "--check-remote")
 
     assert "queued=2 done=1 existing=0 conflicts=1 " in result.out
-    assert row_of(storage, "same.txt").status == Status.DONE
-    assert row_of(storage, "other.txt").status == Status.QUEUED
-    assert row_of(storage, "only-local.txt").status == Status.QUEUED
+    assert row_by_name_column(storage, "same.txt").status == Status.DONE
+    assert row_by_name_column(storage, "other.txt").status == Status.QUEUED
+    assert row_by_name_column(storage, "only-local.txt").status == Status.QUEUED
     # A different remote object is never overwritten: the worker reports it.
     run("process_transfers", "--storage", storage.key)
     assert (remote / "other.txt").read_bytes() == b"remote"
-    assert "RemoteConflict" in row_of(storage, "other.txt").last_error
+    assert "RemoteConflict" in row_by_name_column(storage, "other.txt").last_error
 
 
 def test_queue_transfers_holds_rows_of_a_delayed_storage(
@@ -534,7 +530,7 @@ def test_queue_transfers_holds_rows_of_a_delayed_storage(
 
     run("queue_transfers", "--storage", storage.key)
 
-    assert row_of(storage, "a.txt").status == Status.HELD
+    assert row_by_name_column(storage, "a.txt").status == Status.HELD
 
 
 def test_queue_transfers_skips_names_the_ledger_refuses(storage: QueuedStorage) -> None:
@@ -599,7 +595,8 @@ def test_verify_transfers_reports_missing_and_wrong_sized_remote_copies(
     assert "2 transfer(s) recorded as done do not match the remote" in result.err
     assert "--fix re-queues" in result.err
     # Reporting changes nothing.
-    assert {row_of(storage, n).status for n in (gone, short, fine)} == {Status.DONE}
+    statuses = {row_by_name_column(storage, n).status for n in (gone, short, fine)}
+    assert statuses == {Status.DONE}
 
 
 def test_verify_transfers_fix_requeues_and_the_worker_sends_again(
@@ -621,7 +618,7 @@ def test_verify_transfers_fix_requeues_and_the_worker_sends_again(
         ("gone.txt", "missing", True),
         ("short.txt", "size", True),
     }
-    row = row_of(storage, short)
+    row = row_by_name_column(storage, short)
     assert row.status == Status.QUEUED
     assert row.attempts == 0
     assert row.remote_owned  # the wrong object is ours to replace
@@ -660,7 +657,7 @@ def test_verify_transfers_cannot_fix_without_a_local_copy(
 
     assert result.code == 3
     assert "no local copy to send again" in result.out
-    assert row_of(storage, name).status == Status.DONE
+    assert row_by_name_column(storage, name).status == Status.DONE
 
 
 def test_verify_transfers_concurrency(storage: QueuedStorage) -> None:

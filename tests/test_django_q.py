@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
-from tests.conftest import content, save_rolled_back
+from tests.conftest import content, row_of, save_rolled_back
 from tests.testapp.models import Document
 from tests.tools import group_members, require_module, stop_group
 from tests.workers import start_command
@@ -53,10 +53,6 @@ def queued_tasks() -> list[dict[str, Any]]:
     from django_q.models import OrmQ
 
     return [row.task for row in OrmQ.objects.order_by("pk")]
-
-
-def row_of(storage: QueuedStorage, name: str) -> PendingTransfer:
-    return PendingTransfer.objects.for_name(storage.key, name).get()
 
 
 def test_a_committed_save_sends_one_task_with_only_key_and_name(

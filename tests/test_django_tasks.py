@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
-from tests.conftest import content, save_rolled_back
+from tests.conftest import content, row_of, save_rolled_back
 from tests.testapp.models import Document
 from tests.tools import require_module
 from tests.workers import run_command
@@ -63,10 +63,6 @@ def database_backend(enqueued: list[Any], settings: Any) -> list[Any]:
     require_module("django_tasks_db", "django-tasks-db")
     settings.TASKS = {"default": {"BACKEND": DATABASE}}
     return enqueued
-
-
-def row_of(storage: QueuedStorage, name: str) -> PendingTransfer:
-    return PendingTransfer.objects.for_name(storage.key, name).get()
 
 
 def test_the_immediate_backend_transfers_after_commit(

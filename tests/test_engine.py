@@ -25,7 +25,7 @@ from queued_storage.transfer import (
     process_row,
     transfer_name,
 )
-from tests.conftest import content
+from tests.conftest import content, row_of
 from tests.factories import PendingTransferFactory
 from tests.storages import GatedStorage
 
@@ -37,10 +37,6 @@ ALWAYS_FAILING = {"failures": 10_000}
 
 
 # Helpers
-
-
-def row_of(storage: QueuedStorage, name: str) -> PendingTransfer:
-    return PendingTransfer.objects.for_name(storage.key, name).get()
 
 
 def remote_bytes(storage: QueuedStorage, name: str) -> bytes:

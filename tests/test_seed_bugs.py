@@ -20,17 +20,13 @@ from django.utils import timezone
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import copy_to_remote, drain
-from tests.conftest import content
+from tests.conftest import content, row_by_name_column
 from tests.testapp.models import Document
 
 pytestmark = pytest.mark.django_db
 
 Status = PendingTransfer.Status
 MakeStorage = Callable[..., QueuedStorage]
-
-
-def row_of(storage: QueuedStorage, name: str) -> PendingTransfer:
-    return PendingTransfer.objects.get(storage_key=storage.key, name=name)
 
 
 def read(storage: Any, name: str) -> bytes:
@@ -110,7 +106,7 @@ def test_second_upload_under_a_taken_name_does_not_move_the_first(
     second = storage.save("a.txt", content("second"))
 
     assert second != first
-    assert row_of(storage, first).status == Status.DONE
+    assert row_by_name_column(storage, first).status == Status.DONE
     assert storage.using_remote(first)
     assert storage.url(first) == url
     assert read(storage, first) == b"first"
@@ -134,7 +130,7 @@ def test_repeated_transfer_does_not_create_a_random_name_on_the_remote(
 
     assert storage.remote.listdir("") == ([], ["a.txt"])
     assert read(storage.remote, name) == b"two"
-    assert row_of(storage, name).status == Status.DONE
+    assert row_by_name_column(storage, name).status == Status.DONE
 
 
 def test_transfer_retried_after_a_crash_does_not_create_a_random_name(
@@ -152,7 +148,7 @@ def test_transfer_retried_after_a_crash_does_not_create_a_random_name(
     drained(storage)
 
     assert storage.remote.listdir("") == ([], ["a.txt"])
-    assert row_of(storage, name).status == Status.DONE
+    assert row_by_name_column(storage, name).status == Status.DONE
 
 
 def test_transfer_and_delete_repeated_does_not_fail(
@@ -169,7 +165,7 @@ def test_transfer_and_delete_repeated_does_not_fail(
         stats = drain(keys=[storage.key])
 
     assert stats.failed == stats.retried == 0
-    row = row_of(storage, name)
+    row = row_by_name_column(storage, name)
     assert row.status == Status.DONE
     assert row.last_error == ""
     assert read(storage, name) == b"hello world"
@@ -188,7 +184,7 @@ def test_transfer_and_delete_of_a_held_file_transferred_twice_does_not_fail(
         storage.transfer(name)
         drained(storage)
 
-    assert row_of(storage, name).status == Status.DONE
+    assert row_by_name_column(storage, name).status == Status.DONE
     assert not storage.local.exists(name)
     assert read(storage, name) == b"hello world"
 
@@ -261,6 +257,6 @@ def test_rolled_back_transaction_leaves_no_row_and_transfers_nothing(
     # The same save, committed, is transferred at once by the immediate worker.
     with transaction.atomic():
         name = storage.save("committed.txt", content())
-    assert row_of(storage, name).status == Status.DONE
+    assert row_by_name_column(storage, name).status == Status.DONE
     assert read(remote, name) == b"hello world"
     assert remote.calls("save") == 1

@@ -18,16 +18,12 @@ from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.signals import file_transferred
 from queued_storage.transfer import drain
-from tests.conftest import FS, content
+from tests.conftest import FS, content, row_by_name_column
 
 pytestmark = pytest.mark.django_db
 
 Status = PendingTransfer.Status
 MakeStorage = Callable[..., QueuedStorage]
-
-
-def row_of(storage: QueuedStorage, name: str) -> PendingTransfer:
-    return PendingTransfer.objects.get(storage_key=storage.key, name=name)
 
 
 def rows_of(storage: QueuedStorage) -> list[PendingTransfer]:
@@ -66,7 +62,7 @@ def test_save_writes_locally_and_returns_the_local_name(
     assert name == "docs/report.txt"
     assert read(storage.local, name) == b"first"
     assert not storage.remote.exists(name)
-    row = row_of(storage, name)
+    row = row_by_name_column(storage, name)
     assert row.status == Status.QUEUED
     assert row.size == len(b"first")
 
@@ -76,9 +72,9 @@ def test_save_with_delayed_writes_a_held_row(make_storage: MakeStorage) -> None:
 
     name = storage.save("a.txt", content())
 
-    assert row_of(storage, name).status == Status.HELD
+    assert row_by_name_column(storage, name).status == Status.HELD
     drained(storage)
-    assert row_of(storage, name).status == Status.HELD
+    assert row_by_name_column(storage, name).status == Status.HELD
     assert not storage.remote.exists(name)
 
 
@@ -87,7 +83,7 @@ def test_save_writes_its_row_in_the_callers_transaction(
 ) -> None:
     with pytest.raises(RuntimeError), transaction.atomic():
         storage.save("a.txt", content())
-        assert row_of(storage, "a.txt").status == Status.QUEUED
+        assert row_by_name_column(storage, "a.txt").status == Status.QUEUED
         raise RuntimeError("the caller's transaction fails")
 
     assert rows_of(storage) == []
@@ -104,7 +100,7 @@ def test_save_open_exists_size_url_make_no_remote_call(
     assert storage.exists(name)
     assert storage.size(name) == len(b"local bytes")
     assert storage.url(name) == "/media/a.txt"
-    assert row_of(storage, name).status == Status.QUEUED
+    assert row_by_name_column(storage, name).status == Status.QUEUED
 
 
 def test_name_taken_locally_gets_an_alternative_name(storage: QueuedStorage) -> None:
@@ -134,7 +130,7 @@ def test_name_taken_only_in_the_ledger_gets_an_alternative_name(
 ) -> None:
     first = storage.save("a.txt", content("first"))
     drained(storage)
-    assert row_of(storage, first).status == Status.DONE
+    assert row_by_name_column(storage, first).status == Status.DONE
     storage.local.delete(first)  # e.g. TransferAndDelete, or another host's disk
 
     second = storage.save("a.txt", content("second"))
@@ -153,11 +149,11 @@ def test_resave_with_allow_overwrite_keeps_the_name_and_bumps_the_generation(
     storage = make_storage(local_options={"allow_overwrite": True})
     name = storage.save("a.txt", content("first"))
     drained(storage)
-    before = row_of(storage, name)
+    before = row_by_name_column(storage, name)
 
     again = storage.save("a.txt", content("second version"))
 
-    after = row_of(storage, name)
+    after = row_by_name_column(storage, name)
     assert again == name == "a.txt"
     assert after.pk == before.pk
     assert after.generation > before.generation
@@ -324,7 +320,7 @@ def test_failing_receiver_after_transfer_does_not_break_the_callers_commit(
     finally:
         file_transferred.disconnect(broken_receiver)
 
-    assert row_of(storage, name).status == Status.DONE
+    assert row_by_name_column(storage, name).status == Status.DONE
     assert read(storage.remote, name) == b"hello world"
 
 
@@ -377,9 +373,9 @@ def test_transfer_queues_a_held_file(make_storage: MakeStorage) -> None:
 
     assert storage.transfer(name) is True
 
-    assert row_of(storage, name).status == Status.QUEUED
+    assert row_by_name_column(storage, name).status == Status.QUEUED
     drained(storage)
-    assert row_of(storage, name).status == Status.DONE
+    assert row_by_name_column(storage, name).status == Status.DONE
     assert read(storage.remote, name) == b"hello world"
 
 
@@ -390,17 +386,17 @@ def test_transfer_requeues_a_failed_file_with_attempts_reset(
     storage = make_storage(remote="tests.storages.FlakyStorage")
     name = storage.save("a.txt", content())
     drain(keys=[storage.key])
-    failed = row_of(storage, name)
+    failed = row_by_name_column(storage, name)
     assert failed.status == Status.FAILED
     assert failed.attempts == 1
 
     assert storage.transfer(name) is True
 
-    row = row_of(storage, name)
+    row = row_by_name_column(storage, name)
     assert row.status == Status.QUEUED
     assert row.attempts == 0
     drained(storage)
-    assert row_of(storage, name).status == Status.DONE
+    assert row_by_name_column(storage, name).status == Status.DONE
     assert read(storage.remote, name) == b"hello world"
 
 
@@ -409,12 +405,12 @@ def test_transfer_leaves_a_transferred_file_alone(storage: QueuedStorage) -> Non
     drained(storage)
     remote: Any = storage.remote
     saves = remote.calls("save")
-    before = row_of(storage, name)
+    before = row_by_name_column(storage, name)
 
     assert storage.transfer(name) is False
 
     drained(storage)
-    after = row_of(storage, name)
+    after = row_by_name_column(storage, name)
     assert after.status == Status.DONE
     assert after.generation == before.generation
     assert after.transferred_at == before.transferred_at
@@ -565,7 +561,7 @@ def test_queued_storage_configured_in_settings_storages(
 
     assert isinstance(storage, QueuedStorage)
     assert registry.get("from-settings") is storage
-    assert row_of(storage, name).status == Status.QUEUED
+    assert row_by_name_column(storage, name).status == Status.QUEUED
     drained(storage)
     assert (fresh_storages["remote"] / name).read_bytes() == b"configured"
     assert storages["queued"].url(name) == "https://remote.example/a.txt"

@@ -1,5 +1,6 @@
-"""External tools the integration and browser tests need: skipped loudly when
-missing on a developer's machine, a failure under ``CI=true``."""
+"""External tools and Python modules the integration, backend and browser tests
+need: skipped loudly when missing on a developer's machine, a failure under
+``CI=true``."""
 
 from __future__ import annotations
 
@@ -18,21 +19,26 @@ import pytest
 from tests.databases import selected_vendor
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+#: ``pip install`` arguments for the test extra, which brings the backend tests'
+#: servers and client libraries.
+TEST_EXTRA = "-e '.[test]'"
 
 
 def missing(reason: str) -> NoReturn:
-    """Skip with ``reason``; under CI=true, fail: CI must run every test."""
+    """Skip with ``reason``, loudly; under CI=true, fail: CI must run every test."""
     if IN_CI:
         pytest.fail(f"{reason} (CI=true: a missing tool fails the run)", pytrace=False)
-    pytest.skip(f"NOT TESTED: {reason}")
+    pytest.skip(f"!!! NOT TESTED: {reason}")
 
 
-def require_module(module: str, install: str) -> ModuleType:
-    """Import ``module`` or skip/fail, naming the package that provides it."""
+def require_module(module: str, install: str = TEST_EXTRA) -> ModuleType:
+    """Import ``module`` or skip/fail, naming what to ``pip install`` for it."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        missing(f"{module} is not importable ({exc}); pip install {install}")
+        missing(
+            f"Python module {module!r} is not importable ({exc}); pip install {install}"
+        )
 
 
 #: For tests that start several processes: they run once per matrix, on the
