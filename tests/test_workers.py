@@ -317,6 +317,70 @@ def test_a_claim_sees_a_remote_object_written_since_it_read_its_candidates(
         assert uploaded.read() == b"payload"
 
 
+def test_claimed_rows_are_what_the_ledger_holds_after_the_claim(
+    fresh_storages: dict[str, Path],
+) -> None:
+    """Where row locks let a claim apply its UPDATE's changes to the rows it read
+    instead of reading them back, every field must still be what the database
+    holds: a worker records from these rows."""
+    queue_files(fresh_storages["local"], 6, size=8)
+    # Rows in each state a claim takes: queued, queued after a failed attempt,
+    # and one whose worker died (an expired lease on an object it may have written).
+    PendingTransfer.objects.filter(name__endswith="01.bin").update(
+        attempts=2, last_error="timeout", error_history=[{"error": "timeout"}]
+    )
+    PendingTransfer.objects.filter(name__endswith="02.bin").update(
+        status=Status.TRANSFERRING,
+        lease_token="dead-worker",
+        lease_expires_at=timezone.now() - timedelta(seconds=5),
+        remote_owned=True,
+        attempts=1,
+    )
+    before = {row.pk: row for row in PendingTransfer.objects.all()}
+
+    claimed = claim(limit=10)
+
+    assert len(claimed) == 6
+    fields = [field.attname for field in PendingTransfer._meta.concrete_fields]
+    for row in claimed:
+        stored = PendingTransfer.objects.get(pk=row.pk)
+        assert {f: getattr(row, f) for f in fields} == {
+            f: getattr(stored, f) for f in fields
+        }
+        assert row.claimed_from == before[row.pk].status
+        assert row.was_owned == before[row.pk].remote_owned
+        assert row.attempts == before[row.pk].attempts + 1
+    assert {row.status for row in claimed} == {Status.TRANSFERRING}
+
+
+def test_a_batch_completion_records_only_the_rows_that_still_hold_their_claim(
+    fresh_storages: dict[str, Path],
+) -> None:
+    """One UPDATE records a batch of verified transfers; each row is a
+    compare-and-set of its own (row, generation, lease token)."""
+    queue_files(fresh_storages["local"], 4, size=8)
+    rows = claim(limit=4)
+    resaved, taken_over, fine, also_fine = rows
+    PendingTransfer.objects.filter(pk=resaved.pk).update(
+        generation=resaved.generation + 1
+    )
+    PendingTransfer.objects.filter(pk=taken_over.pk).update(lease_token="rival")
+
+    assert PendingTransfer.objects.mark_done_together(rows) == 2
+
+    stored = dict(PendingTransfer.objects.values_list("pk", "status"))
+    assert stored == {
+        resaved.pk: Status.TRANSFERRING,
+        taken_over.pk: Status.TRANSFERRING,
+        fine.pk: Status.DONE,
+        also_fine.pk: Status.DONE,
+    }
+    # Not all won: the caller rolls back and goes row by row; the rows in memory
+    # are left as they were.
+    assert {row.status for row in rows} == {Status.TRANSFERRING}
+    assert PendingTransfer.objects.mark_done_together([fine, also_fine]) == 0
+
+
 @pytest.mark.parametrize(
     "error",
     [
