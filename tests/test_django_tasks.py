@@ -33,7 +33,7 @@ DATABASE = "django_tasks_db.DatabaseBackend"
 
 def tasks_module() -> Any:
     if django.VERSION >= (6, 0):
-        return require_module("django.tasks", "Django>=6")
+        return require_module("django.tasks", "'Django>=6'")
     return require_module("django_tasks", "django-tasks")
 
 

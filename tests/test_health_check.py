@@ -4,7 +4,6 @@ polls turns unhealthy when transfers wait too long."""
 from __future__ import annotations
 
 import importlib.util
-import os
 from datetime import timedelta
 from typing import Any
 
@@ -15,9 +14,10 @@ from django.utils import timezone
 
 from queued_storage.models import PendingTransfer
 from tests.factories import PendingTransferFactory
+from tests.tools import IN_CI
 
 if importlib.util.find_spec("health_check") is None:
-    if os.environ.get("CI", "").lower() == "true":
+    if IN_CI:
         raise RuntimeError(
             "django-health-check is missing under CI: the test extra installs it"
         )

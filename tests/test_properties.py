@@ -38,6 +38,7 @@ from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import Outcome, drain, process_row
 from tests.storages import HookedStorage
+from tests.tools import IN_CI
 
 Status = PendingTransfer.Status
 FS = "django.core.files.storage.FileSystemStorage"
@@ -297,7 +298,7 @@ def test_random_interleavings_keep_the_invariants(
             stateful_step_count=40,
             deadline=None,
             database=None,
-            derandomize=os.environ.get("CI") == "true",
+            derandomize=IN_CI,
             suppress_health_check=[HealthCheck.too_slow],
         ),
     )
