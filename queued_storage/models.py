@@ -380,7 +380,7 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
         # Plain SQL with a row-value IN: the ORM takes longer to build an OR of
         # fifty (pk, generation, token) conditions than the database to run it.
         # PostgreSQL gets the keys as three arrays: a client-side cursor parses
-        # every placeholder of a statement, and three per row was a third of the
+        # every placeholder of a statement, and three per row were a quarter of the
         # completion's cost.
         table = quote(PendingTransfer._meta.db_table)
         keys = (
