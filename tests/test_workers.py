@@ -353,6 +353,34 @@ def test_claimed_rows_are_what_the_ledger_holds_after_the_claim(
     assert {row.status for row in claimed} == {Status.TRANSFERRING}
 
 
+def test_a_claim_returns_its_rows_in_the_order_they_became_due(
+    fresh_storages: dict[str, Path],
+) -> None:
+    """Rows with an expired lease and queued rows come back in one order, by when
+    they became due (MariaDB reads the two kinds apart)."""
+    queue_files(fresh_storages["local"], 4, size=8)
+    now = timezone.now()
+    rows = list(PendingTransfer.objects.order_by("name"))
+    due = {
+        rows[0].pk: now - timedelta(minutes=3),
+        rows[1].pk: now - timedelta(minutes=1),
+        rows[2].pk: now - timedelta(minutes=2),
+        rows[3].pk: now - timedelta(minutes=2, seconds=30),
+    }
+    for pk, at in due.items():
+        PendingTransfer.objects.filter(pk=pk).update(next_attempt_at=at)
+    # The worker of rows[3] died: its lease ran out.
+    PendingTransfer.objects.filter(pk=rows[3].pk).update(
+        status=Status.TRANSFERRING,
+        lease_token="dead-worker",
+        lease_expires_at=now - timedelta(seconds=5),
+    )
+
+    claimed = claim(limit=10)
+
+    assert [row.pk for row in claimed] == sorted(due, key=due.__getitem__)
+
+
 def test_a_batch_completion_records_only_the_rows_that_still_hold_their_claim(
     fresh_storages: dict[str, Path],
 ) -> None:
