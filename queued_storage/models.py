@@ -299,15 +299,15 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
                 status=PendingTransfer.Status.QUEUED, next_attempt_at__lte=now
             ).order_by("next_attempt_at", "pk")
             found += queued[: limit - len(found)]
-            # One batch in the order the other databases read theirs in, NULLs
-            # first as MariaDB sorts them.
-            found.sort(
-                key=lambda row: (
-                    row.next_attempt_at is not None,
-                    row.next_attempt_at or now,
-                    row.pk,
-                )
+        # One batch in the order the other databases read theirs in, NULLs first
+        # as MariaDB sorts them.
+        found.sort(
+            key=lambda row: (
+                row.next_attempt_at is not None,
+                row.next_attempt_at or now,
+                row.pk,
             )
+        )
         return found
 
     def _candidates(
