@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from django.core.files.base import ContentFile
+from django.core.files.storage import Storage
 from django.db import transaction
 
 from queued_storage import registry
@@ -104,6 +105,13 @@ def gate() -> Iterator[type[GatedStorage]]:
 
 def content(text: str = "hello world") -> ContentFile:
     return ContentFile(text.encode())
+
+
+def read_bytes(storage: Storage, name: str) -> bytes:
+    """The bytes ``storage.open(name)`` reads, the file closed again."""
+    with storage.open(name) as opened:
+        data: bytes = opened.read()
+    return data
 
 
 def row_of(storage: QueuedStorage, name: str) -> PendingTransfer:

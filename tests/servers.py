@@ -177,7 +177,14 @@ def sftp_server(
         client_key.export_public_key("openssh").decode()
     )
 
+    # Every connection the server accepted, for stop() to close: a client that
+    # closed its socket may not have reached the server yet.
+    connections: list[Any] = []
+
     class Server(asyncssh.SSHServer):
+        def connection_made(self, conn: Any) -> None:
+            connections.append(conn)
+
         def begin_auth(self, username: str) -> bool:
             return True  # the key decides
 
@@ -204,6 +211,9 @@ def sftp_server(
     async def stop(acceptor: Any) -> None:
         acceptor.close()
         await acceptor.wait_closed()
+        for conn in connections:
+            conn.abort()
+            await conn.wait_closed()
 
     acceptor = asyncio.run_coroutine_threadsafe(start(), loop).result(START_TIMEOUT)
     try:
@@ -355,6 +365,8 @@ def _server_process(
             process.kill()
             process.wait(10)
         reader.join(10)
+        if process.stdout is not None:
+            process.stdout.close()
 
 
 def _wait_for(

@@ -44,8 +44,17 @@ def configure(settings: Any, tmp_path: Path, location: str) -> QueuedFTPStorage:
 def ftp_storage(
     ftp: FTPServerInfo, tmp_path: Path, settings: Any
 ) -> Iterator[QueuedFTPStorage]:
-    yield configure(settings, tmp_path, ftp.location)
+    storage = configure(settings, tmp_path, ftp.location)
+    yield storage
+    disconnect(storage)
     registry.forget("ftp")
+
+
+def disconnect(storage: QueuedFTPStorage) -> None:
+    """Log out the remote FTPStorage, which keeps its connection between calls."""
+    remote: Any = storage.remote
+    if remote._connection is not None:
+        remote.disconnect()
 
 
 def ftp_client(ftp: FTPServerInfo) -> ftplib.FTP:

@@ -19,7 +19,7 @@ from django.utils import timezone
 from queued_storage.backends import QueuedStorage
 from queued_storage.management.commands import queue_transfers
 from queued_storage.models import PendingTransfer
-from tests.conftest import content, row_by_name_column
+from tests.conftest import content, read_bytes, row_by_name_column
 from tests.factories import PendingTransferFactory
 
 pytestmark = pytest.mark.django_db
@@ -624,7 +624,7 @@ def test_verify_transfers_fix_requeues_and_the_worker_sends_again(
     assert row.remote_owned  # the wrong object is ours to replace
     assert row.last_error.startswith("VerificationFailed: the remote copy has 3 bytes")
     # Served locally meanwhile, and sent again by the next run.
-    assert storage.open(short).read() == b"content of short.txt"
+    assert read_bytes(storage, short) == b"content of short.txt"
     assert run("process_transfers").code == 0
     assert Path(storage.remote.path(short)).read_bytes() == b"content of short.txt"
     assert run("verify_transfers").code == 0
@@ -706,7 +706,7 @@ def test_clean_local_copies_removes_old_done_copies_only(
     for name in (recent, waiting, failed):
         assert storage.local.exists(name)
     # The file is still there for the application, from the remote.
-    assert storage.open(old).read() == b"content of old.txt"
+    assert read_bytes(storage, old) == b"content of old.txt"
     assert storage.remote.exists(old)
 
 

@@ -25,7 +25,7 @@ from queued_storage.transfer import (
     process_row,
     transfer_name,
 )
-from tests.conftest import content, row_of
+from tests.conftest import content, read_bytes, row_of
 from tests.factories import PendingTransferFactory
 from tests.storages import GatedStorage
 
@@ -149,7 +149,7 @@ def test_drain_copies_identical_bytes_and_marks_done(
     assert row.last_error == ""
     assert remote_bytes(storage, name) == payload
     assert storage.using_remote(name)
-    assert storage.open(name).read() == payload
+    assert read_bytes(storage, name) == payload
     assert (stats.done, stats.retried, stats.failed) == (1, 0, 0)
     assert stats.bytes == len(payload)
 
@@ -327,7 +327,7 @@ def test_out_of_attempts_fails_and_sends_transfer_failed(
     assert failed["error"] == "ConnectionError: remote unreachable"
     assert received["transferred"] == []
     # Nothing lost: the file is still served from the local copy.
-    assert storage.open(name).read() == b"stuck here"
+    assert read_bytes(storage, name) == b"stuck here"
     # And a failed row is not due: the next drain leaves it alone.
     assert run_drain().processed == 0
 
@@ -478,7 +478,7 @@ def test_transfer_and_delete_removes_local_only_after_the_done_commit(
     assert not storage.local.exists(name)
     assert row_of(storage, name).status == Status.DONE
     assert storage.exists(name)
-    assert storage.open(name).read() == b"moved away"
+    assert read_bytes(storage, name) == b"moved away"
     assert storage.url(name).startswith("https://remote.example/")
     saves = storage.remote.calls("save")
 
@@ -491,7 +491,7 @@ def test_transfer_and_delete_removes_local_only_after_the_done_commit(
     row = row_of(storage, name)
     assert row.status == Status.DONE
     assert row.last_error == ""
-    assert storage.open(name).read() == b"moved away"
+    assert read_bytes(storage, name) == b"moved away"
 
 
 def test_transfer_and_delete_keeps_the_local_copy_when_the_transfer_fails(
@@ -511,7 +511,7 @@ def test_transfer_and_delete_keeps_the_local_copy_when_the_transfer_fails(
 
     assert row_of(storage, name).status == Status.FAILED
     assert storage.local.exists(name)
-    assert storage.open(name).read() == b"keep me"
+    assert read_bytes(storage, name) == b"keep me"
 
 
 # Faulty remotes
@@ -531,7 +531,7 @@ def test_remote_that_renames_is_not_done_and_leaves_no_stray_object(
     assert stats.done == 0
     assert "must keep the name" in row.last_error
     assert remote_files(storage) == []
-    assert storage.open(name).read() == b"keep my name"
+    assert read_bytes(storage, name) == b"keep my name"
 
 
 def test_size_mismatch_is_not_done_and_is_retried(
@@ -554,7 +554,7 @@ def test_size_mismatch_is_not_done_and_is_retried(
     assert "10 bytes" in row.last_error
     assert "11" in row.last_error
     # The truncated remote copy is never served.
-    assert storage.open(name).read() == b"hello world"
+    assert read_bytes(storage, name) == b"hello world"
     assert storage.size(name) == 11
 
 
@@ -579,7 +579,7 @@ def test_foreign_remote_object_is_a_conflict_and_left_untouched(
     assert "move or delete it, then re-queue" in row.last_error
     assert foreign.read_bytes() == b"not yours"
     assert storage.remote.calls("save") == 0
-    assert storage.open(name).read() == b"mine"
+    assert read_bytes(storage, name) == b"mine"
     assert len(received["failed"]) == 1
 
     # Doing what the error says resolves it.
@@ -807,13 +807,13 @@ def test_stale_generation_never_marks_done_and_hands_the_row_back(
     row = row_of(storage, name)
     assert row.status == Status.QUEUED
     assert row.generation == current.generation
-    assert storage.open(name).read() == new_text.encode()
+    assert read_bytes(storage, name) == new_text.encode()
 
     run_drain()
 
     assert row_of(storage, name).status == Status.DONE
     assert remote_bytes(storage, name) == new_text.encode()
-    assert storage.open(name).read() == new_text.encode()
+    assert read_bytes(storage, name) == new_text.encode()
 
 
 def test_worker_whose_lease_was_taken_over_loses(
@@ -863,13 +863,13 @@ def test_resave_during_a_transfer_hands_the_row_back_for_the_new_content(
     assert stats.done == 0
     assert row.status == Status.QUEUED
     assert row.generation == during.generation
-    assert storage.open(name).read() == b"the new content"
+    assert read_bytes(storage, name) == b"the new content"
 
     drain()
 
     assert row_of(storage, name).status == Status.DONE
     assert remote_bytes(storage, name) == b"the new content"
-    assert storage.open(name).read() == b"the new content"
+    assert read_bytes(storage, name) == b"the new content"
 
 
 @pytest.mark.django_db(transaction=True)

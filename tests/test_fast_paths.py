@@ -28,7 +28,7 @@ from queued_storage.models import PendingTransfer
 from queued_storage.signals import file_transferred
 from queued_storage.tasks import Transfer
 from queued_storage.transfer import Outcome, Verified, complete, drain, transfer_row
-from tests.conftest import content
+from tests.conftest import content, read_bytes
 from tests.s3 import S3_OPTIONS, make_bucket, moto_s3_server, s3_client
 from tests.testapp.models import Document
 
@@ -138,7 +138,7 @@ def test_transfer_and_delete_removes_local_copies_only_after_the_batch_commit(
     assert not any(storage.local.exists(name) for name in names)
     assert all(storage.remote.exists(name) for name in names)
     assert all(
-        storage.open(name).read() == f"file {i}".encode()
+        read_bytes(storage, name) == f"file {i}".encode()
         for i, name in enumerate(names)
     )
 
@@ -227,7 +227,7 @@ def test_a_save_of_a_new_name_costs_one_ledger_query(
     assert row.host == conf.QUEUED_STORAGE_HOSTNAME
     assert row.next_attempt_at == row.created_at == row.updated_at
     assert abs((timezone.now() - row.created_at).total_seconds()) < 60
-    assert storage.local.open(name).read() == b"hello world"
+    assert read_bytes(storage.local, name) == b"hello world"
     held = make_storage(delayed=True)
     row = PendingTransfer.objects.for_name(
         held.key, held.save("b.txt", content())
@@ -354,7 +354,7 @@ def test_a_name_the_local_storage_finds_taken_gets_the_row_it_chose(
     assert name != "a.txt"
     rows = PendingTransfer.objects.filter(storage_key=storage.key)
     assert list(rows.values_list("name", "size")) == [(name, 4)]
-    assert storage.local.open(name).read() == b"mine"
+    assert read_bytes(storage.local, name) == b"mine"
 
 
 def test_a_local_storage_that_changes_the_bytes_gets_the_size_it_wrote(

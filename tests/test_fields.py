@@ -49,7 +49,8 @@ def test_held_file_waits_for_transfer_then_is_drained_to_remote(
     assert status_of(loaded) == Status.DONE
     assert (fresh_storages["remote"] / "held/report.txt").read_bytes() == b"held bytes"
     assert loaded.file.url == "https://remote.example/held/report.txt"
-    assert loaded.file.read() == b"held bytes"
+    with loaded.file:
+        assert loaded.file.read() == b"held bytes"
 
 
 def test_transfer_of_a_transferred_file_returns_false(

@@ -314,7 +314,15 @@ def test_local_file_missing_fails_after_retries_and_the_loop_goes_on(
 
 
 def _upload_in_background(gate: type[GatedStorage]) -> threading.Thread:
-    worker = threading.Thread(target=drain)
+    def upload() -> None:
+        from django.db import connection
+
+        try:
+            drain()
+        finally:
+            connection.close()
+
+    worker = threading.Thread(target=upload)
     worker.start()
     assert gate.entered.wait(10), "the worker never started the upload"
     return worker
