@@ -20,19 +20,13 @@ from django.utils import timezone
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import copy_to_remote, drain
-from tests.conftest import content, row_by_name_column
+from tests.conftest import content, read_bytes, row_by_name_column
 from tests.testapp.models import Document
 
 pytestmark = pytest.mark.django_db
 
 Status = PendingTransfer.Status
 MakeStorage = Callable[..., QueuedStorage]
-
-
-def read(storage: Any, name: str) -> bytes:
-    with storage.open(name) as handle:
-        data: bytes = handle.read()
-    return data
 
 
 def drained(storage: QueuedStorage) -> None:
@@ -109,11 +103,11 @@ def test_second_upload_under_a_taken_name_does_not_move_the_first(
     assert row_by_name_column(storage, first).status == Status.DONE
     assert storage.using_remote(first)
     assert storage.url(first) == url
-    assert read(storage, first) == b"first"
+    assert read_bytes(storage, first) == b"first"
     drained(storage)
     assert storage.url(first) == url
-    assert read(storage, first) == b"first"
-    assert read(storage, second) == b"second"
+    assert read_bytes(storage, first) == b"first"
+    assert read_bytes(storage, second) == b"second"
 
 
 def test_repeated_transfer_does_not_create_a_random_name_on_the_remote(
@@ -129,7 +123,7 @@ def test_repeated_transfer_does_not_create_a_random_name_on_the_remote(
     drained(storage)
 
     assert storage.remote.listdir("") == ([], ["a.txt"])
-    assert read(storage.remote, name) == b"two"
+    assert read_bytes(storage.remote, name) == b"two"
     assert row_by_name_column(storage, name).status == Status.DONE
 
 
@@ -168,7 +162,7 @@ def test_transfer_and_delete_repeated_does_not_fail(
     row = row_by_name_column(storage, name)
     assert row.status == Status.DONE
     assert row.last_error == ""
-    assert read(storage, name) == b"hello world"
+    assert read_bytes(storage, name) == b"hello world"
 
 
 def test_transfer_and_delete_of_a_held_file_transferred_twice_does_not_fail(
@@ -186,7 +180,7 @@ def test_transfer_and_delete_of_a_held_file_transferred_twice_does_not_fail(
 
     assert row_by_name_column(storage, name).status == Status.DONE
     assert not storage.local.exists(name)
-    assert read(storage, name) == b"hello world"
+    assert read_bytes(storage, name) == b"hello world"
 
 
 def test_listdir_shows_pending_files_beside_transferred_ones(
@@ -258,5 +252,5 @@ def test_rolled_back_transaction_leaves_no_row_and_transfers_nothing(
     with transaction.atomic():
         name = storage.save("committed.txt", content())
     assert row_by_name_column(storage, name).status == Status.DONE
-    assert read(remote, name) == b"hello world"
+    assert read_bytes(remote, name) == b"hello world"
     assert remote.calls("save") == 1

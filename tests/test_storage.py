@@ -18,7 +18,7 @@ from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.signals import file_transferred
 from queued_storage.transfer import drain
-from tests.conftest import FS, content, row_by_name_column
+from tests.conftest import FS, content, read_bytes, row_by_name_column
 
 pytestmark = pytest.mark.django_db
 
@@ -28,12 +28,6 @@ MakeStorage = Callable[..., QueuedStorage]
 
 def rows_of(storage: QueuedStorage) -> list[PendingTransfer]:
     return list(PendingTransfer.objects.filter(storage_key=storage.key))
-
-
-def read(storage: Any, name: str) -> bytes:
-    with storage.open(name) as handle:
-        data: bytes = handle.read()
-    return data
 
 
 def drained(storage: QueuedStorage) -> None:
@@ -60,7 +54,7 @@ def test_save_writes_locally_and_returns_the_local_name(
     name = storage.save("docs/report.txt", content("first"))
 
     assert name == "docs/report.txt"
-    assert read(storage.local, name) == b"first"
+    assert read_bytes(storage.local, name) == b"first"
     assert not storage.remote.exists(name)
     row = row_by_name_column(storage, name)
     assert row.status == Status.QUEUED
@@ -96,7 +90,7 @@ def test_save_open_exists_size_url_make_no_remote_call(
 
     name = storage.save("a.txt", content("local bytes"))
 
-    assert read(storage, name) == b"local bytes"
+    assert read_bytes(storage, name) == b"local bytes"
     assert storage.exists(name)
     assert storage.size(name) == len(b"local bytes")
     assert storage.url(name) == "/media/a.txt"
@@ -110,8 +104,8 @@ def test_name_taken_locally_gets_an_alternative_name(storage: QueuedStorage) -> 
     assert first == "a.txt"
     assert second != first
     assert second.startswith("a_") and second.endswith(".txt")
-    assert read(storage, first) == b"first"
-    assert read(storage, second) == b"second"
+    assert read_bytes(storage, first) == b"first"
+    assert read_bytes(storage, second) == b"second"
 
 
 def test_name_of_a_local_file_without_a_row_gets_an_alternative_name(
@@ -122,7 +116,7 @@ def test_name_of_a_local_file_without_a_row_gets_an_alternative_name(
     name = storage.save("a.txt", content("new"))
 
     assert name != "a.txt"
-    assert read(storage, "a.txt") == b"legacy"
+    assert read_bytes(storage, "a.txt") == b"legacy"
 
 
 def test_name_taken_only_in_the_ledger_gets_an_alternative_name(
@@ -136,11 +130,11 @@ def test_name_taken_only_in_the_ledger_gets_an_alternative_name(
     second = storage.save("a.txt", content("second"))
 
     assert second != first
-    assert read(storage, first) == b"first"
-    assert read(storage, second) == b"second"
+    assert read_bytes(storage, first) == b"first"
+    assert read_bytes(storage, second) == b"second"
     drained(storage)
-    assert read(storage.remote, first) == b"first"
-    assert read(storage.remote, second) == b"second"
+    assert read_bytes(storage.remote, first) == b"first"
+    assert read_bytes(storage.remote, second) == b"second"
 
 
 def test_resave_with_allow_overwrite_keeps_the_name_and_bumps_the_generation(
@@ -159,9 +153,9 @@ def test_resave_with_allow_overwrite_keeps_the_name_and_bumps_the_generation(
     assert after.generation > before.generation
     assert after.status == Status.QUEUED
     assert after.size == len(b"second version")
-    assert read(storage, name) == b"second version"
+    assert read_bytes(storage, name) == b"second version"
     drained(storage)
-    assert read(storage.remote, name) == b"second version"
+    assert read_bytes(storage.remote, name) == b"second version"
     assert storage.remote.listdir("")[1] == ["a.txt"]
 
 
@@ -180,7 +174,7 @@ def test_reads_come_from_local_before_the_drain_and_from_remote_after(
     assert storage.get_modified_time(name) == storage.local.get_modified_time(name)
     assert storage.size(name) == 5
     assert storage.exists(name)
-    assert read(storage, name) == b"hello"
+    assert read_bytes(storage, name) == b"hello"
 
     drained(storage)
     remote_file = pathlib.Path(storage.remote.path(name))
@@ -193,12 +187,12 @@ def test_reads_come_from_local_before_the_drain_and_from_remote_after(
     assert storage.get_modified_time(name) == storage.remote.get_modified_time(name)
     assert storage.get_modified_time(name).timestamp() == 1_500_000_000
     assert storage.size(name) == 5
-    assert read(storage, name) == b"hello"
+    assert read_bytes(storage, name) == b"hello"
 
     local_file.unlink()
     assert storage.exists(name)
     assert storage.size(name) == 5
-    assert read(storage, name) == b"hello"
+    assert read_bytes(storage, name) == b"hello"
 
 
 def test_exists_and_url_of_a_transferred_file_ask_no_remote(
@@ -225,10 +219,10 @@ def test_a_name_without_a_row_is_served_from_local_else_remote(
 
     assert storage.using_local("old/local.txt")
     assert storage.url("old/local.txt") == "/media/old/local.txt"
-    assert read(storage, "old/local.txt") == b"on local"
+    assert read_bytes(storage, "old/local.txt") == b"on local"
     assert storage.using_remote("old/remote.txt")
     assert storage.url("old/remote.txt") == "https://remote.example/old/remote.txt"
-    assert read(storage, "old/remote.txt") == b"on remote"
+    assert read_bytes(storage, "old/remote.txt") == b"on remote"
     assert storage.size("old/local.txt") == len(b"on local")
     assert storage.size("old/remote.txt") == len(b"on remote")
     assert storage.exists("old/local.txt")
@@ -244,8 +238,8 @@ def test_open_in_a_write_mode_raises_value_error(storage: QueuedStorage) -> None
         with pytest.raises(ValueError, match="save"):
             storage.open(name, mode)
 
-    assert read(storage, name) == b"keep me"
-    assert read(storage.local, name) == b"keep me"
+    assert read_bytes(storage, name) == b"keep me"
+    assert read_bytes(storage.local, name) == b"keep me"
 
 
 # Deleting and listing
@@ -321,7 +315,7 @@ def test_failing_receiver_after_transfer_does_not_break_the_callers_commit(
         file_transferred.disconnect(broken_receiver)
 
     assert row_by_name_column(storage, name).status == Status.DONE
-    assert read(storage.remote, name) == b"hello world"
+    assert read_bytes(storage.remote, name) == b"hello world"
 
 
 def test_listdir_is_the_union_without_duplicates(
@@ -376,7 +370,7 @@ def test_transfer_queues_a_held_file(make_storage: MakeStorage) -> None:
     assert row_by_name_column(storage, name).status == Status.QUEUED
     drained(storage)
     assert row_by_name_column(storage, name).status == Status.DONE
-    assert read(storage.remote, name) == b"hello world"
+    assert read_bytes(storage.remote, name) == b"hello world"
 
 
 def test_transfer_requeues_a_failed_file_with_attempts_reset(
@@ -397,7 +391,7 @@ def test_transfer_requeues_a_failed_file_with_attempts_reset(
     assert row.attempts == 0
     drained(storage)
     assert row_by_name_column(storage, name).status == Status.DONE
-    assert read(storage.remote, name) == b"hello world"
+    assert read_bytes(storage.remote, name) == b"hello world"
 
 
 def test_transfer_leaves_a_transferred_file_alone(storage: QueuedStorage) -> None:
