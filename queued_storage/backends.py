@@ -7,7 +7,6 @@ import os
 import pathlib
 import posixpath
 import re
-import unicodedata
 import warnings
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -26,7 +25,16 @@ from django.utils.module_loading import import_string
 from queued_storage import models, prefetch, registry
 from queued_storage.checksums import HashingFile, storage_sha256
 from queued_storage.conf import settings as conf
-from queued_storage.models import MAX_NAME_LENGTH, PendingTransfer
+from queued_storage.models import PendingTransfer
+
+# The name rules lived here before queued_storage.names: still importable from here.
+from queued_storage.names import BAD_CHARACTERS as BAD_CHARACTERS
+from queued_storage.names import BIDI_CONTROLS as BIDI_CONTROLS
+from queued_storage.names import DEVICE_NAMES as DEVICE_NAMES
+from queued_storage.names import MAX_NAME_LENGTH as MAX_NAME_LENGTH
+from queued_storage.names import check_name as check_name
+from queued_storage.names import clean_name as clean_name
+from queued_storage.names import portable_name as portable_name
 
 __all__ = [
     "QueuedAzureStorage",
@@ -77,44 +85,9 @@ def _secret_values(options: Mapping[str, Any]) -> set[str]:
     return found
 
 
-#: Unicode bidirectional controls: they make a name read differently than it is.
-BIDI_CONTROLS = frozenset(
-    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
-)
-#: Names Windows reserves for devices, whatever the extension.
-DEVICE_NAMES = frozenset(
-    ["con", "prn", "aux", "nul"]
-    + [f"com{n}" for n in range(1, 10)]
-    + [f"lpt{n}" for n in range(1, 10)]
-)
-
-
-#: The characters :func:`check_name` rejects: controls, NUL, DEL and bidi controls.
-BAD_CHARACTERS = re.compile("[\x00-\x1f\x7f" + "".join(sorted(BIDI_CONTROLS)) + "]")
 #: Files up to this size get their ledger row before they are written (one
 #: statement); larger ones after, so that no write lock waits for a long copy.
 SMALL_FILE = 4 * 1024 * 1024
-
-
-def check_name(name: str) -> None:
-    """Reject names no storage should see, before anything is written."""
-    if not isinstance(name, str):
-        raise ValueError(f"A file name must be a string, not {type(name).__name__}.")
-    if not name:
-        raise ValueError("A file name must not be empty.")
-    if len(name) > MAX_NAME_LENGTH:
-        raise SuspiciousFileOperation(
-            f"File name is {len(name)} characters long; the ledger stores at most "
-            f"{MAX_NAME_LENGTH}."
-        )
-    if BAD_CHARACTERS.search(name):
-        if any(char in BIDI_CONTROLS for char in name):
-            raise SuspiciousFileOperation(
-                f"File name {name!r} contains a bidirectional text control character."
-            )
-        raise SuspiciousFileOperation(
-            f"File name {name!r} contains a NUL or control character."
-        )
 
 
 def _known_size(content: Any) -> int | None:
@@ -123,52 +96,6 @@ def _known_size(content: Any) -> int | None:
         return int(content.size)
     except (AttributeError, OSError, TypeError, ValueError):
         return None
-
-
-def portable_name(name: str) -> str:
-    """``name`` with what :func:`clean_name` rejects mended, for uploaded names."""
-    name = unicodedata.normalize("NFC", name.replace("\\", "/"))
-    name = "".join(c for c in name if c not in BIDI_CONTROLS and ord(c) >= 32)
-    parts = []
-    for part in name.split("/"):
-        part = part.rstrip(" .")
-        if not part or part == "..":
-            continue
-        if part.split(".")[0].lower() in DEVICE_NAMES:
-            part = f"_{part}"
-        parts.append(part)
-    return "/".join(parts)
-
-
-def clean_name(name: str) -> str:
-    """The name a save stores: checked, with ``\\`` as ``/``, in Unicode NFC (so one
-    file cannot have two ledger rows), and portable to every remote."""
-    check_name(name)
-    name = unicodedata.normalize("NFC", name.replace("\\", "/"))
-    if name.startswith("/"):
-        raise SuspiciousFileOperation(f"File name {name!r} is an absolute path.")
-    parts = name.split("/")
-    for part in parts:
-        if part in ("", ".", ".."):
-            raise SuspiciousFileOperation(
-                f"File name {name!r} has an empty, '.' or '..' path component."
-            )
-        if part != part.rstrip(" ."):
-            raise SuspiciousFileOperation(
-                f"File name {name!r} has a component ending in a dot or a space, "
-                "which Windows and some remotes drop."
-            )
-        if part.split(".")[0].lower() in DEVICE_NAMES:
-            raise SuspiciousFileOperation(
-                f"File name {name!r} uses {part.split('.')[0]!r}, a name Windows "
-                "reserves for a device."
-            )
-    if len(name) > MAX_NAME_LENGTH:
-        raise SuspiciousFileOperation(
-            f"File name is {len(name)} characters long; the ledger stores at most "
-            f"{MAX_NAME_LENGTH}."
-        )
-    return name
 
 
 @deconstructible

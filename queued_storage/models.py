@@ -20,13 +20,12 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from queued_storage.conf import settings as conf
+from queued_storage.names import MAX_NAME_LENGTH as MAX_NAME_LENGTH
 
 #: How many entries of the error history a row keeps.
 ERROR_HISTORY_LENGTH = 10
 #: Error messages are cut to this length before they are stored.
 ERROR_MESSAGE_LENGTH = 2000
-#: Longest file name the ledger stores.
-MAX_NAME_LENGTH = 1024
 #: Longest retry delay, whatever the attempt number.
 MAX_RETRY_DELAY = 24 * 60 * 60
 #: Times a claim reads the due rows again after other workers took all it read.

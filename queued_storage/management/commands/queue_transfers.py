@@ -15,7 +15,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
 from queued_storage import registry
-from queued_storage.backends import QueuedStorage, check_name
+from queued_storage.backends import QueuedStorage
 from queued_storage.conf import settings as conf
 from queued_storage.management.cli import (
     EXIT_ERROR,
@@ -27,6 +27,7 @@ from queued_storage.management.cli import (
     write_json,
 )
 from queued_storage.models import PendingTransfer, name_hash
+from queued_storage.names import check_name
 
 logger = logging.getLogger("queued_storage")
 

@@ -1,0 +1,103 @@
+"""Name rules: what a file name is, the one place that says so."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from django.core.exceptions import SuspiciousFileOperation
+
+__all__ = [
+    "BAD_CHARACTERS",
+    "BIDI_CONTROLS",
+    "DEVICE_NAMES",
+    "MAX_NAME_LENGTH",
+    "check_name",
+    "clean_name",
+    "portable_name",
+]
+
+#: Longest file name the ledger stores.
+MAX_NAME_LENGTH = 1024
+
+#: Unicode bidirectional controls: they make a name read differently than it is.
+BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+#: Names Windows reserves for devices, whatever the extension.
+DEVICE_NAMES = frozenset(
+    ["con", "prn", "aux", "nul"]
+    + [f"com{n}" for n in range(1, 10)]
+    + [f"lpt{n}" for n in range(1, 10)]
+)
+
+
+#: The characters :func:`check_name` rejects: controls, NUL, DEL and bidi controls.
+BAD_CHARACTERS = re.compile("[\x00-\x1f\x7f" + "".join(sorted(BIDI_CONTROLS)) + "]")
+
+
+def check_name(name: str) -> None:
+    """Reject names no storage should see, before anything is written."""
+    if not isinstance(name, str):
+        raise ValueError(f"A file name must be a string, not {type(name).__name__}.")
+    if not name:
+        raise ValueError("A file name must not be empty.")
+    if len(name) > MAX_NAME_LENGTH:
+        raise SuspiciousFileOperation(
+            f"File name is {len(name)} characters long; the ledger stores at most "
+            f"{MAX_NAME_LENGTH}."
+        )
+    if BAD_CHARACTERS.search(name):
+        if any(char in BIDI_CONTROLS for char in name):
+            raise SuspiciousFileOperation(
+                f"File name {name!r} contains a bidirectional text control character."
+            )
+        raise SuspiciousFileOperation(
+            f"File name {name!r} contains a NUL or control character."
+        )
+
+
+def portable_name(name: str) -> str:
+    """``name`` with what :func:`clean_name` rejects mended, for uploaded names."""
+    name = unicodedata.normalize("NFC", name.replace("\\", "/"))
+    name = "".join(c for c in name if c not in BIDI_CONTROLS and ord(c) >= 32)
+    parts = []
+    for part in name.split("/"):
+        part = part.rstrip(" .")
+        if not part or part == "..":
+            continue
+        if part.split(".")[0].lower() in DEVICE_NAMES:
+            part = f"_{part}"
+        parts.append(part)
+    return "/".join(parts)
+
+
+def clean_name(name: str) -> str:
+    """The name a save stores: checked, with ``\\`` as ``/``, in Unicode NFC (so one
+    file cannot have two ledger rows), and portable to every remote."""
+    check_name(name)
+    name = unicodedata.normalize("NFC", name.replace("\\", "/"))
+    if name.startswith("/"):
+        raise SuspiciousFileOperation(f"File name {name!r} is an absolute path.")
+    parts = name.split("/")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise SuspiciousFileOperation(
+                f"File name {name!r} has an empty, '.' or '..' path component."
+            )
+        if part != part.rstrip(" ."):
+            raise SuspiciousFileOperation(
+                f"File name {name!r} has a component ending in a dot or a space, "
+                "which Windows and some remotes drop."
+            )
+        if part.split(".")[0].lower() in DEVICE_NAMES:
+            raise SuspiciousFileOperation(
+                f"File name {name!r} uses {part.split('.')[0]!r}, a name Windows "
+                "reserves for a device."
+            )
+    if len(name) > MAX_NAME_LENGTH:
+        raise SuspiciousFileOperation(
+            f"File name is {len(name)} characters long; the ledger stores at most "
+            f"{MAX_NAME_LENGTH}."
+        )
+    return name
