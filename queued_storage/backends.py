@@ -6,12 +6,11 @@ import contextlib
 import os
 import pathlib
 import posixpath
-import re
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import datetime
 from functools import cached_property
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from django.conf import settings
@@ -22,7 +21,7 @@ from django.db import DatabaseError, connections, router, transaction
 from django.utils.deconstruct import deconstructible
 from django.utils.module_loading import import_string
 
-from queued_storage import models, prefetch, registry
+from queued_storage import models, prefetch, redaction, registry
 from queued_storage.checksums import HashingFile, storage_sha256
 from queued_storage.conf import settings as conf
 from queued_storage.models import PendingTransfer
@@ -65,24 +64,6 @@ class RowState(NamedTuple):
     status: str
     deleted: bool
     size: int | None
-
-
-SECRET_WORDS = ("key", "secret", "password", "passwd", "token", "credential", "sas")
-URL_PASSWORD = re.compile(r"(\w+://[^:/@\s]+:)[^@\s]+@")
-
-
-def _secret_values(options: Mapping[str, Any]) -> set[str]:
-    found: set[str] = set()
-    for name, value in options.items():
-        if isinstance(value, Mapping):
-            found |= _secret_values(value)
-        elif (
-            isinstance(value, str)
-            and len(value) >= 4
-            and any(word in str(name).lower() for word in SECRET_WORDS)
-        ):
-            found.add(value)
-    return found
 
 
 #: Files up to this size get their ledger row before they are written (one
@@ -276,26 +257,8 @@ class QueuedStorage(Storage):
         )
 
     def redact(self, text: str) -> str:
-        """``text`` without this storage's credentials: option values whose names
-        look secret, secret attributes of the built storages, URL passwords."""
-        for secret in self._secrets():
-            text = text.replace(secret, "[redacted]")
-        return URL_PASSWORD.sub(r"\1[redacted]@", text)
-
-    def _secrets(self) -> set[str]:
-        sources: list[Mapping[str, Any]] = [self.local_options, self.remote_options]
-        configs = cast("dict[str, dict[str, Any]]", settings.STORAGES)
-        for alias in (self.local_alias, self.remote_alias):
-            if alias in configs:
-                sources.append(configs[alias].get("OPTIONS", {}))
-                sources.append(vars(storages[alias]))
-        for built in ("_local_instance", "_remote_instance"):
-            if built in self.__dict__:
-                sources.append(vars(self.__dict__[built]))
-        found: set[str] = set()
-        for source in sources:
-            found.update(_secret_values(source))
-        return found
+        """``text`` without this storage's credentials (see :mod:`queued_storage.redaction`)."""
+        return redaction.redact(self, text)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} key={self.key!r}>"
