@@ -148,6 +148,20 @@ def copy_to_remote(name: str, local: Storage, remote: Storage) -> None:
         )
 
 
+def fence(row: PendingTransfer, before: str) -> None:
+    """Raise :class:`LeaseLost` unless this worker still holds a live lease on the
+    generation of ``row`` that it claimed. Called immediately before every
+    destructive remote call (a delete, an overwrite; invariant 3): a worker whose
+    lease ran out, or whose name was deleted or saved again, must not remove or
+    replace what the ledger now gives to someone else. ``before`` says what the
+    call was, for the error."""
+    if not row.holds_lease():
+        raise LeaseLost(
+            f"the lease on {row.name!r} (generation {row.generation}) ran out or the "
+            f"name changed before {before}; another worker or a newer save has it"
+        )
+
+
 def _retry_settings(task: Any) -> tuple[int, float]:
     retries = task.max_retries
     delay = task.default_retry_delay
