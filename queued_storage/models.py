@@ -16,6 +16,7 @@ from typing import Any, ParamSpec, TypeVar
 from django.db import OperationalError, connections, models, router, transaction
 from django.db.models import Case, F, Min, Q, Value, When
 from django.db.models.constants import OnConflict
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
@@ -356,19 +357,53 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
         ).update(lease_expires_at=now + timedelta(seconds=lease), updated_at=now)
 
     @retry_when_locked
-    def release_claim(self, token: str) -> int:
-        """Give back rows claimed under ``token`` that were never started."""
+    def release_claim(self, rows: list[PendingTransfer]) -> int:
+        """Give back claimed rows that were never started, each as it stands now.
+
+        A row still in the generation it was claimed in is queued again with the
+        claim's attempt taken back. One saved again or deleted since has a new
+        generation whose save reset its attempts: it gets that generation's state
+        (held, queued, or a tombstone due for its purge) and keeps its attempts. A
+        row another worker took over has another token and is not ours."""
+        if not rows:
+            return 0
         now = timezone.now()
-        return self.filter(
-            lease_token=token, status=PendingTransfer.Status.TRANSFERRING
-        ).update(
-            status=PendingTransfer.Status.QUEUED,
-            lease_token="",
-            lease_expires_at=None,
-            next_attempt_at=now,
-            attempts=F("attempts") - 1,
-            updated_at=now,
-        )
+        db = getattr(self, "_db", None) or router.db_for_write(PendingTransfer)
+        ours = Q()
+        claimed = Q()
+        for row in rows:
+            ours |= Q(pk=row.pk, lease_token=row.lease_token)
+            claimed |= Q(pk=row.pk, generation=row.generation)
+        leased = self.using(db).filter(ours, status=PendingTransfer.Status.TRANSFERRING)
+        released = {
+            "lease_token": "",
+            "lease_expires_at": None,
+            "updated_at": now,
+        }
+        # A save with held=True leaves no next attempt; a tombstone is never held.
+        held = Q(deleted=False, next_attempt_at__isnull=True)
+        when = models.DateTimeField()
+        with transaction.atomic(using=db):
+            given = leased.filter(claimed).update(
+                status=PendingTransfer.Status.QUEUED,
+                next_attempt_at=now,
+                attempts=F("attempts") - 1,
+                **released,
+            )
+            given += leased.update(
+                status=Case(
+                    When(held, then=Value(PendingTransfer.Status.HELD.value)),
+                    default=Value(PendingTransfer.Status.QUEUED.value),
+                ),
+                next_attempt_at=Case(
+                    When(held, then=Value(None, output_field=when)),
+                    default=Coalesce(
+                        F("next_attempt_at"), Value(now, output_field=when)
+                    ),
+                ),
+                **released,
+            )
+        return given
 
     @retry_when_locked
     def mark_done_together(self, rows: list[PendingTransfer]) -> int:

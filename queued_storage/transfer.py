@@ -715,7 +715,10 @@ def _process_all(
     progress: ProgressCallback | None,
     should_stop: Callable[[], bool] | None,
     workers: _Workers | None = None,
-) -> None:
+) -> list[PendingTransfer]:
+    """Transfer ``rows``; returns those left unstarted because of a stop."""
+    unstarted: list[PendingTransfer] = []
+
     def report(row: PendingTransfer, outcome: Outcome) -> None:
         stats.count(outcome, row.size or 0)
         if progress is not None:
@@ -725,6 +728,7 @@ def _process_all(
 
     def handle(row: PendingTransfer) -> None:
         if should_stop is not None and should_stop():
+            unstarted.append(row)
             return
         try:
             result = transfer_row(row)
@@ -750,6 +754,7 @@ def _process_all(
                 own.close()
     finally:
         completions.flush()
+    return unstarted
 
 
 def _claimable(rows: PendingTransferQuerySet) -> PendingTransferQuerySet:
@@ -800,11 +805,11 @@ def drain(
                 break
             token = rows[0].lease_token
             with LeaseKeeper(token, lease):
-                _process_all(rows, concurrency, stats, progress, should_stop, workers)
-            if should_stop and should_stop():
-                # Rows claimed but not started go back at once, not when the lease
-                # ends.
-                PendingTransfer.objects.release_claim(token)
+                unstarted = _process_all(
+                    rows, concurrency, stats, progress, should_stop, workers
+                )
+            # Rows claimed but not started go back at once, not when the lease ends.
+            PendingTransfer.objects.release_claim(unstarted)
     finally:
         workers.close()
     return stats

@@ -239,3 +239,24 @@ class HookedStorage(FileSystemStorage):
             type(self).after_write = None
             hook(saved)
         return saved
+
+
+class FileGatedStorage(CountingStorage):
+    """A remote for worker processes: its first upload in a process creates the
+    file ``entered`` and waits until the test creates the file ``gate``."""
+
+    def __init__(self, entered: str, gate: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.entered = entered
+        self.gate = gate
+
+    def _save(self, name: str, content: Any) -> str:
+        if not os.path.exists(self.entered):
+            with open(self.entered, "w") as mark:
+                mark.write(name)
+            deadline = time.monotonic() + 60
+            while not os.path.exists(self.gate):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the test never created the gate file")
+                time.sleep(0.02)
+        return super()._save(name, content)

@@ -17,7 +17,7 @@ from django.db import connection
 from django.utils import timezone
 
 from queued_storage.models import PendingTransfer
-from tests.testapp.models import Document
+from tests.testapp.models import Document, document_storage
 from tests.workers import run_command, start_command
 
 # The worker processes must see the rows: committed, not in a test transaction.
@@ -129,3 +129,69 @@ def test_process_transfers_loop_stops_on_sigterm_after_the_file_in_hand(
     assert summary["polls"] > 1
     remote = fresh_storages["remote"] / document.file.name
     assert remote.read_bytes() == b"late arrival"
+
+
+def wait_for_file(path: Path, worker: Any, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        assert worker.poll() is None, worker.communicate()
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_sigterm_hands_back_rows_re_saved_or_deleted_since_the_claim_and_exits_0(
+    fresh_storages: dict[str, Path], settings: Any, tmp_path: Path
+) -> None:
+    entered, gate = tmp_path / "entered", tmp_path / "gate"
+    storages = dict(settings.STORAGES)
+    # Local overwrites, so that a re-save keeps the name (and the row).
+    storages["queued_local"] = {
+        **storages["queued_local"],
+        "OPTIONS": {**storages["queued_local"]["OPTIONS"], "allow_overwrite": True},
+    }
+    storages["queued_remote"] = {
+        "BACKEND": "tests.storages.FileGatedStorage",
+        "OPTIONS": {
+            "location": str(fresh_storages["remote"]),
+            "entered": str(entered),
+            "gate": str(gate),
+        },
+    }
+    settings.STORAGES = storages
+    uploading, resaved, deleted = (
+        Document.objects.create(
+            file=ContentFile(f"file {i}".encode(), name=f"{i}.txt")
+        ).file.name
+        for i in range(3)
+    )
+    worker = start_command("process_transfers", "--loop", "--interval", "0.2", "--json")
+    try:
+        # The worker claimed all three and is uploading the first.
+        wait_for_file(entered, worker, "the worker never started an upload")
+        claimed = {row.name: row for row in PendingTransfer.objects.all()}
+        assert document_storage.save(resaved, named("saved again")) == resaved
+        document_storage.delete(deleted)
+        worker.send_signal(signal.SIGTERM)
+        gate.touch()
+        output, _ = worker.communicate(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+
+    assert worker.returncode == 0, output
+    assert json.loads(output.strip().splitlines()[-1])["done"] == 1, output
+    rows = {row.name: row for row in PendingTransfer.objects.all()}
+    assert rows[uploading].status == Status.DONE
+    again = rows[resaved]
+    assert again.status == Status.QUEUED
+    assert again.generation != claimed[resaved].generation
+    assert again.attempts == 0
+    assert (again.lease_token, again.lease_expires_at) == ("", None)
+    assert again.next_attempt_at is not None
+    assert again.next_attempt_at <= timezone.now()
+    tombstone = rows[deleted]
+    assert tombstone.deleted
+    assert tombstone.status == Status.QUEUED
+    assert tombstone.lease_token == ""
+    assert PendingTransfer.objects.due().filter(pk=tombstone.pk).exists()

@@ -737,10 +737,9 @@ def test_concurrent_claims_never_share_a_row() -> None:
 def test_release_claim_gives_unstarted_rows_back() -> None:
     PendingTransferFactory.create_batch(3)
     claimed = PendingTransfer.objects.claim_due(limit=3, lease=300)
-    token = claimed[0].lease_token
     assert claimed[0].mark_done()  # this one was finished: not given back
 
-    released = PendingTransfer.objects.release_claim(token)
+    released = PendingTransfer.objects.release_claim(claimed)
 
     assert released == 2
     assert PendingTransfer.objects.done().count() == 1
