@@ -26,11 +26,12 @@ from queued_storage.checksums import HashingFile, storage_sha256
 from queued_storage.conf import settings as conf
 from queued_storage.models import PendingTransfer
 
-# The name rules lived here before queued_storage.names: still importable from here.
+# The name rules lived here before queued_storage.names; they stay importable.
 from queued_storage.names import BAD_CHARACTERS as BAD_CHARACTERS
 from queued_storage.names import BIDI_CONTROLS as BIDI_CONTROLS
 from queued_storage.names import DEVICE_NAMES as DEVICE_NAMES
 from queued_storage.names import MAX_NAME_LENGTH as MAX_NAME_LENGTH
+from queued_storage.names import canonical_directory, canonical_name
 from queued_storage.names import check_name as check_name
 from queued_storage.names import clean_name as clean_name
 from queued_storage.names import portable_name as portable_name
@@ -334,6 +335,7 @@ class QueuedStorage(Storage):
 
     def get_storage(self, name: str) -> Storage:
         """The storage that serves ``name`` now: the ledger decides."""
+        name = canonical_name(name)
         return self._storage_for(name, self._served_state(name))
 
     def using_local(self, name: str) -> bool:
@@ -360,7 +362,7 @@ class QueuedStorage(Storage):
         return portable_name(str(self.local.generate_filename(filename)))
 
     def is_name_available(self, name: str, max_length: int | None = None) -> bool:
-        return self._free(name, max_length) is not None
+        return self._free(clean_name(name), max_length) is not None
 
     def _free(self, name: str, max_length: int | None) -> tuple[bool] | None:
         """None if ``name`` is taken; else whether the ledger has a row for it."""
@@ -556,6 +558,7 @@ class QueuedStorage(Storage):
                 f"QueuedStorage opens files for reading only (mode {mode!r}); write "
                 "with save() so that the ledger knows about the file."
             )
+        name = canonical_name(name)
         state = self._served_state(name)
         if state is not None and state.deleted:
             raise FileNotFoundError(f"{name!r} was deleted.")
@@ -572,6 +575,7 @@ class QueuedStorage(Storage):
             return self.remote.open(name, mode)
 
     def exists(self, name: str) -> bool:
+        name = canonical_name(name)
         state = self._served_state(name)
         if state is None:
             return bool(self.local.exists(name) or self.remote.exists(name))
@@ -582,6 +586,7 @@ class QueuedStorage(Storage):
         return bool(self.local.exists(name))
 
     def size(self, name: str) -> int:
+        name = canonical_name(name)
         state = self._served_state(name)
         if state is not None and state.deleted:
             raise FileNotFoundError(f"{name!r} was deleted.")
@@ -597,22 +602,28 @@ class QueuedStorage(Storage):
         # Passed through as is: some remotes (Dropbox, Libcloud) answer None.
         if name is None:
             return self.local.url(name)
+        name = canonical_name(name)
         return self.get_storage(name).url(name)
 
     def path(self, name: str) -> str:
+        name = canonical_name(name)
         return str(self.get_storage(name).path(name))
 
     def get_accessed_time(self, name: str) -> datetime:
+        name = canonical_name(name)
         return self.get_storage(name).get_accessed_time(name)
 
     def get_created_time(self, name: str) -> datetime:
+        name = canonical_name(name)
         return self.get_storage(name).get_created_time(name)
 
     def get_modified_time(self, name: str) -> datetime:
+        name = canonical_name(name)
         return self.get_storage(name).get_modified_time(name)
 
     def listdir(self, path: str) -> tuple[list[str], list[str]]:
         """Both storages' entries, each once; deleted names left out."""
+        path = canonical_directory(path)
         dirs, files = _listdir(self.local, path)
         try:
             remote_dirs, remote_files = _listdir(self.remote, path)
@@ -624,8 +635,7 @@ class QueuedStorage(Storage):
         return merged_dirs, merged_files
 
     def _ledger_listdir(self, path: str, *, done: bool) -> tuple[list[str], list[str]]:
-        prefix = path.strip("/")
-        prefix = f"{prefix}/" if prefix else ""
+        prefix = f"{path}/" if path else ""
         rows = PendingTransfer.objects.filter(
             storage_key=self.key, name__startswith=prefix
         )
@@ -644,7 +654,7 @@ class QueuedStorage(Storage):
         and remote copies after commit, or leave that to the worker that holds it."""
         if not name:
             raise ValueError("The name must be given.")
-        check_name(name)
+        name = canonical_name(name)
         prefetch.forget(self.key, name)
         row = PendingTransfer.objects.record_delete(self.key, name)
         from queued_storage.transfer import purge
@@ -663,6 +673,7 @@ class QueuedStorage(Storage):
     def transfer(self, name: str, *args: Any, **kwargs: Any) -> bool:
         """Queue ``name`` now: a held or failed row becomes due, with its attempts
         reset. A file already transferred is left alone. Returns whether it queued."""
+        name = canonical_name(name)
         prefetch.forget(self.key, name)
         state = self._row_state(name)
         if state is None or state.deleted:

@@ -12,7 +12,10 @@ __all__ = [
     "BIDI_CONTROLS",
     "DEVICE_NAMES",
     "MAX_NAME_LENGTH",
+    "canonical_directory",
+    "canonical_name",
     "check_name",
+    "check_portable",
     "clean_name",
     "portable_name",
 ]
@@ -72,19 +75,41 @@ def portable_name(name: str) -> str:
     return "/".join(parts)
 
 
-def clean_name(name: str) -> str:
-    """The name a save stores: checked, with ``\\`` as ``/``, in Unicode NFC (so one
-    file cannot have two ledger rows), and portable to every remote."""
+def canonical_name(name: str) -> str:
+    """The one spelling of ``name`` that every entry point uses before it looks at
+    the ledger or a storage: checked, ``\\`` as ``/``, Unicode NFC. A spelling
+    with an empty, ``.`` or ``..`` component, or an absolute one, is refused
+    rather than resolved: it could reach another file's row or copies."""
     check_name(name)
-    name = unicodedata.normalize("NFC", name.replace("\\", "/"))
-    if name.startswith("/"):
+    canonical = unicodedata.normalize("NFC", name.replace("\\", "/"))
+    if canonical.startswith("/"):
         raise SuspiciousFileOperation(f"File name {name!r} is an absolute path.")
-    parts = name.split("/")
-    for part in parts:
-        if part in ("", ".", ".."):
-            raise SuspiciousFileOperation(
-                f"File name {name!r} has an empty, '.' or '..' path component."
-            )
+    if any(part in ("", ".", "..") for part in canonical.split("/")):
+        raise SuspiciousFileOperation(
+            f"File name {name!r} has an empty, '.' or '..' path component."
+        )
+    if len(canonical) > MAX_NAME_LENGTH:
+        raise SuspiciousFileOperation(
+            f"File name is {len(canonical)} characters long; the ledger stores at "
+            f"most {MAX_NAME_LENGTH}."
+        )
+    return canonical
+
+
+def canonical_directory(path: str) -> str:
+    """``listdir``'s directory in its canonical spelling: ``""`` for the top, and
+    one trailing slash allowed."""
+    if path == "":
+        return ""
+    if isinstance(path, str) and path[-1:] in ("/", "\\") and path[:-1]:
+        path = path[:-1]
+    return canonical_name(path)
+
+
+def check_portable(name: str) -> None:
+    """Reject a canonical name that some remote would store under another name
+    (Windows drops trailing dots and spaces, and reserves device names)."""
+    for part in name.split("/"):
         if part != part.rstrip(" ."):
             raise SuspiciousFileOperation(
                 f"File name {name!r} has a component ending in a dot or a space, "
@@ -95,9 +120,11 @@ def clean_name(name: str) -> str:
                 f"File name {name!r} uses {part.split('.')[0]!r}, a name Windows "
                 "reserves for a device."
             )
-    if len(name) > MAX_NAME_LENGTH:
-        raise SuspiciousFileOperation(
-            f"File name is {len(name)} characters long; the ledger stores at most "
-            f"{MAX_NAME_LENGTH}."
-        )
-    return name
+
+
+def clean_name(name: str) -> str:
+    """The name a new save stores: the canonical spelling (so one file cannot have
+    two ledger rows), portable to every remote."""
+    canonical = canonical_name(name)
+    check_portable(canonical)
+    return canonical

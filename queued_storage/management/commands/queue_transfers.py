@@ -27,7 +27,7 @@ from queued_storage.management.cli import (
     write_json,
 )
 from queued_storage.models import PendingTransfer, name_hash
-from queued_storage.names import check_name
+from queued_storage.names import canonical_directory, canonical_name
 
 logger = logging.getLogger("queued_storage")
 
@@ -129,12 +129,10 @@ class Command(BaseCommand):
         **options: Any,
     ) -> None:
         queued_storage = pick_storage(storage)
-        top = prefix.strip("/")
-        if top:
-            try:
-                check_name(top)
-            except (ValueError, SuspiciousFileOperation) as exc:
-                raise UsageError(f"--prefix {prefix!r}: {exc}") from exc
+        try:
+            top = canonical_directory(prefix)
+        except (ValueError, SuspiciousFileOperation) as exc:
+            raise UsageError(f"--prefix {prefix!r}: {exc}") from exc
         self.storage = queued_storage
         self.check_remote = check_remote
         self.dry_run = dry_run
@@ -193,7 +191,13 @@ class Command(BaseCommand):
         valid: dict[str, str] = {}
         for name in names:
             try:
-                check_name(name)
+                canonical = canonical_name(name)
+                if canonical != name:
+                    # A row under this spelling would be a second row for the
+                    # file that the storage reads it as.
+                    raise SuspiciousFileOperation(
+                        f"the storage reads this name as {canonical!r}; rename the file"
+                    )
             except (ValueError, SuspiciousFileOperation) as exc:
                 self.stats.invalid += 1
                 self.stderr.write(f"skipped {name!r}: {exc}")
