@@ -24,7 +24,7 @@ from django.utils.module_loading import import_string
 from queued_storage import models, prefetch, redaction, registry
 from queued_storage.checksums import HashingFile, storage_sha256
 from queued_storage.conf import settings as conf
-from queued_storage.models import PendingTransfer
+from queued_storage.models import PendingTransfer, retry_when_locked
 
 # The name rules lived here before queued_storage.names; they stay importable.
 from queued_storage.names import BAD_CHARACTERS as BAD_CHARACTERS
@@ -446,7 +446,15 @@ class QueuedStorage(Storage):
         db = router.db_for_write(PendingTransfer)
         if connections[db].in_atomic_block:
             return self._save_small(name, content, max_length, size, db)
+        return self._save_small_atomically(name, content, max_length, size, db)
+
+    @retry_when_locked
+    def _save_small_atomically(
+        self, name: str, content: Any, max_length: int | None, size: int, db: str
+    ) -> str:
         # Outside a transaction the row would be seen before its file is written.
+        # The transaction is ours: one the database aborted over a lock is tried
+        # again as a whole, as the ledger's own statements are.
         with transaction.atomic(using=db):
             return self._save_small(name, content, max_length, size, db)
 

@@ -89,6 +89,7 @@ def new_generation() -> int:
     return time.time_ns()
 
 
+@retry_when_locked
 def reserve(
     db: str,
     key: str,
@@ -467,6 +468,7 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
                 row.transferred_at = now
         return won
 
+    @retry_when_locked
     def requeue(self, now: datetime | None = None) -> int:
         """Make held, failed and waiting rows due now, with their attempts reset."""
         now = now or timezone.now()
@@ -530,6 +532,7 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
             **fresh,
         }
 
+    @retry_when_locked
     def unreserve(self, key: str, name: str, generation: int) -> int:
         """Remove a row :func:`reserve` wrote whose file was not saved under its
         name (the local storage failed, or chose another name)."""
@@ -538,6 +541,7 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
         )
         return deleted
 
+    @retry_when_locked
     def record_file(
         self, key: str, name: str, generation: int, size: int, checksum: str
     ) -> int:
@@ -548,6 +552,7 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
             .update(size=size, checksum=checksum)
         )
 
+    @retry_when_locked
     def record_save(
         self,
         *,
@@ -617,6 +622,7 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
             return None
         return str(found[0]), bool(found[1]), found[2]
 
+    @retry_when_locked
     def record_delete(self, key: str, name: str) -> PendingTransfer:
         """Turn the row of ``name`` into a tombstone (creating one if needed).
 
