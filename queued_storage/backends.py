@@ -22,7 +22,7 @@ from django.utils.deconstruct import deconstructible
 from django.utils.module_loading import import_string
 
 from queued_storage import models, prefetch, redaction, registry
-from queued_storage.checksums import HashingFile, storage_sha256
+from queued_storage.checksums import CountingFile, HashingFile, storage_sha256
 from queued_storage.conf import settings as conf
 from queued_storage.models import PendingTransfer, retry_when_locked
 
@@ -482,9 +482,12 @@ class QueuedStorage(Storage):
             )
         if generation is None:
             return self._store(name, content, existing, max_length)
-        hashing = HashingFile(content) if self.verify_checksum else None
+        counting = self._counting(content)
+        hashing = counting if isinstance(counting, HashingFile) else None
         try:
-            stored = self.local.save(name, hashing or content, max_length=max_length)
+            stored = self.local.save(
+                name, content if counting is None else counting, max_length=max_length
+            )
         except BaseException:
             # A database error here leaves a transaction that rolls back anyway:
             # the error to raise is the local storage's.
@@ -497,11 +500,12 @@ class QueuedStorage(Storage):
             existing = self._row_state(stored) is not None
             return self._record(stored, hashing, existing)
         prefetch.forget(self.key, stored)
-        # Django's FileSystemStorage writes every byte it is given (or moves the
-        # file): the size is known. Another local storage may change the bytes.
+        # Django's FileSystemStorage writes every byte it reads: what was counted
+        # is on disk. Text is encoded as the local storage chose, and another local
+        # storage may change the bytes: ask it.
         written = (
-            size
-            if hashing is None and self._local_verbatim
+            counting.counted
+            if counting is not None and not counting.text and self._local_verbatim
             else self.local.size(stored)
         )
         checksum = self._checksum(hashing, stored, written)
@@ -512,6 +516,16 @@ class QueuedStorage(Storage):
         if not self.delayed:
             self._wake(stored)
         return str(stored)
+
+    def _counting(self, content: Any) -> CountingFile | None:
+        """``content`` wrapped to count (and with ``verify_checksum`` hash) the bytes
+        the local storage reads; None for a temporary upload, which Django's
+        FileSystemStorage moves instead of reading."""
+        if self.verify_checksum:
+            return HashingFile(content)
+        if hasattr(content, "temporary_file_path"):
+            return None
+        return CountingFile(content)
 
     def _save(self, name: str, content: Any) -> str:
         name = clean_name(name)

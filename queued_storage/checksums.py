@@ -14,31 +14,55 @@ from django.core.files.storage import Storage
 CHUNK_SIZE = 1024 * 1024
 
 
-class HashingFile(File):  # type: ignore[type-arg]
-    """Wraps upload content and hashes every byte the local storage reads."""
+class CountingFile(File):  # type: ignore[type-arg]
+    """Wraps upload content and counts the bytes the local storage reads: what
+    ``size`` says may count characters, be wrong or be unknown."""
 
     def __init__(self, content: Any) -> None:
         super().__init__(content, getattr(content, "name", None))
         self.source = content
-        self.hasher = hashlib.sha256()
-        self.hashed = 0
+        self.counted = 0
+        #: A chunk came as ``str``: the local storage chose its encoding, so the
+        #: count is not the size on disk.
+        self.text = False
 
     def _feed(self, data: Any) -> Any:
-        chunk = data.encode() if isinstance(data, str) else data
-        self.hasher.update(chunk)
-        self.hashed += len(chunk)
+        if isinstance(data, str):
+            self.text = True
+            data = data.encode()
+        self.counted += len(data)
         return data
 
     def chunks(self, chunk_size: int | None = None) -> Iterator[Any]:
         for chunk in self.source.chunks(chunk_size):
-            yield self._feed(chunk)
+            self._feed(chunk)
+            yield chunk
 
     def read(self, *args: Any) -> Any:
-        return self._feed(self.source.read(*args))
+        data = self.source.read(*args)
+        self._feed(data)
+        return data
 
     @property
     def size(self) -> int:
         return int(self.source.size)
+
+
+class HashingFile(CountingFile):
+    """Wraps upload content and hashes every byte the local storage reads."""
+
+    def __init__(self, content: Any) -> None:
+        super().__init__(content)
+        self.hasher = hashlib.sha256()
+
+    def _feed(self, data: Any) -> Any:
+        chunk = super()._feed(data)
+        self.hasher.update(chunk)
+        return chunk
+
+    @property
+    def hashed(self) -> int:
+        return self.counted
 
     def hexdigest(self) -> str:
         return self.hasher.hexdigest()
