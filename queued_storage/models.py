@@ -804,6 +804,33 @@ class PendingTransfer(models.Model):
         return str(changes["status"])
 
     @retry_when_locked
+    def keep_error(
+        self, error: BaseException | str, *, status: str, message: str | None = None
+    ) -> bool:
+        """Keep an error raised after this row's outcome was committed (a signal
+        receiver, the local copy's removal) in its error history, and as its last
+        error unless it has one: the outcome, ``status``, stands. False if the row
+        has changed since."""
+        now = timezone.now()
+        mine = PendingTransfer.objects.filter(
+            pk=self.pk, generation=self.generation, status=status
+        )
+        found = mine.values_list("error_history", "last_error").first()
+        if found is None:
+            return False
+        history, last_error = found
+        entry = error_entry(error, self.attempts, now, message=message)
+        changes: dict[str, Any] = {
+            "error_history": [*list(history or []), entry][-ERROR_HISTORY_LENGTH:],
+            "last_error": last_error or entry["text"],
+        }
+        if not mine.update(**changes):
+            return False
+        for field, value in changes.items():
+            setattr(self, field, value)
+        return True
+
+    @retry_when_locked
     def release(self, *, held: bool) -> bool:
         """Hand a row back that a newer save changed under this worker's lease."""
         now = timezone.now()

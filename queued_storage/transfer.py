@@ -196,7 +196,10 @@ class Verified:
 
 def process_row(row: PendingTransfer) -> Outcome:
     """Transfer (or purge) one claimed row and record what happened."""
-    result = transfer_row(row)
+    try:
+        result = transfer_row(row)
+    except Exception as exc:
+        return _record_crash(row, exc)
     if isinstance(result, Outcome):
         return result
     return complete([result])[0]
@@ -217,10 +220,13 @@ def transfer_row(row: PendingTransfer) -> Outcome | Verified:
         )
     if row.deleted:
         return _purge_claimed(storage, row)
-    task = storage.task
+    # Until the hook is built, its class stands for it: what its constructor
+    # raises is an attempt's error like any other, under the class's retry limits.
+    task: Any = storage.task_class
     refusal = Refusal.ASKED
     upload: conditional.Upload | None = None
     try:
+        task = storage.task
         refusal = _make_room(storage, row, task)
         with (
             conditional.create_only(storage.remote, row.name)
@@ -433,17 +439,20 @@ def _verify(
 
 
 def _after_done(storage: QueuedStorage, row: PendingTransfer, task: Any) -> None:
+    """``file_transferred`` and the local delete of ``TransferAndDelete``, after the
+    ``DONE`` commit. What they raise is kept on the row, which stays done: the
+    remote copy is verified and recorded, and no retry of the upload would make a
+    receiver or the local storage behave."""
+    sent = file_transferred.send_robust(
+        sender=type(task),
+        name=row.name,
+        local=storage.local,
+        remote=storage.remote,
+        storage=storage,
+        key=row.storage_key,
+    )
+    errors = [error for _receiver, error in sent if isinstance(error, Exception)]
     try:
-        file_transferred.send(
-            sender=type(task),
-            name=row.name,
-            local=storage.local,
-            remote=storage.remote,
-            storage=storage,
-            key=row.storage_key,
-        )
-    finally:
-        # A receiver that raises must not keep the local copy around for ever.
         if (
             task.delete_local
             and PendingTransfer.objects.filter(
@@ -451,6 +460,92 @@ def _after_done(storage: QueuedStorage, row: PendingTransfer, task: Any) -> None
             ).exists()
         ):
             storage.local.delete(row.name)
+    except Exception as exc:
+        errors.append(exc)
+    for error in errors:
+        _keep_late_error(storage, row, error, PendingTransfer.Status.DONE)
+
+
+def _send_failed(
+    storage: QueuedStorage | None, row: PendingTransfer, task: Any
+) -> None:
+    """``transfer_failed``, after the ``FAILED`` commit; what a receiver raises is
+    kept on the row beside the transfer's own error."""
+    sent = transfer_failed.send_robust(
+        sender=_hook_class(task),
+        name=row.name,
+        error=row.last_error,
+        storage=storage,
+        key=row.storage_key,
+        attempts=row.attempts,
+    )
+    for _receiver, error in sent:
+        if isinstance(error, Exception):
+            _keep_late_error(storage, row, error, PendingTransfer.Status.FAILED)
+
+
+def _keep_late_error(
+    storage: QueuedStorage | None,
+    row: PendingTransfer,
+    error: Exception,
+    status: str,
+) -> None:
+    message = storage.redact(str(error)) if storage is not None else str(error)
+    logger.error(
+        "after-%s work failed key=%s name=%s error=%s: %s",
+        status,
+        row.storage_key,
+        row.name,
+        type(error).__name__,
+        message,
+    )
+    try:
+        row.keep_error(error, status=status, message=message)
+    except Exception as exc:
+        logger.error(
+            "could not keep the error on the row key=%s name=%s error=%s",
+            row.storage_key,
+            row.name,
+            type(exc).__name__,
+        )
+
+
+def _hook_class(task: Any) -> type:
+    return task if isinstance(task, type) else type(task)
+
+
+def _record_crash(row: PendingTransfer, exc: Exception) -> Outcome:
+    """An error that no step of the transfer recorded (a bug, the storage's
+    registry, the ledger itself): log it, and keep it on the row as an attempt if
+    the claim still stands, so that the row is retried and runs out of attempts
+    like any other instead of waiting for its lease, claimed again and again."""
+    _log_crash(row, exc)
+    try:
+        storage = registry.get(row.storage_key)
+    except Exception:
+        storage = None
+    try:
+        task = storage.task_class if storage is not None else _NoTask
+        retries, delay = _retry_settings(task)
+        status = row.mark_failure(
+            exc,
+            message=storage.redact(str(exc)) if storage is not None else None,
+            retry=True,
+            max_retries=retries,
+            base_delay=delay,
+        )
+    except Exception as error:
+        logger.error(
+            "could not record a crash key=%s name=%s error=%s",
+            row.storage_key,
+            row.name,
+            type(error).__name__,
+        )
+        return Outcome.STALE
+    if status == PendingTransfer.Status.FAILED:
+        _on_commit(_send_failed, storage, row, task)
+        return Outcome.FAILED
+    return Outcome.STALE if status is None else Outcome.RETRY
 
 
 def _fail(
@@ -460,7 +555,7 @@ def _fail(
     task: Any = None,
 ) -> Outcome:
     if task is None:
-        task = storage.task if storage is not None else _NoTask()
+        task = storage.task_class if storage is not None else _NoTask
     retries, delay = _retry_settings(task)
     retry = getattr(error, "retry", True)
     status = row.mark_failure(
@@ -482,15 +577,7 @@ def _fail(
         row.last_error,
     )
     if status == PendingTransfer.Status.FAILED:
-        _on_commit(
-            transfer_failed.send,
-            sender=type(task),
-            name=row.name,
-            error=row.last_error,
-            storage=storage,
-            key=row.storage_key,
-            attempts=row.attempts,
-        )
+        _on_commit(_send_failed, storage, row, task)
         return Outcome.FAILED
     return Outcome.RETRY
 
@@ -617,7 +704,10 @@ COMPLETE_AFTER = 0.05
 def _log_crash(row: PendingTransfer, exc: BaseException) -> None:
     # A bug or a dead database: never kill the loop over one row. No traceback:
     # its frames could show a storage's credentials.
-    storage = registry.get(row.storage_key)
+    try:
+        storage = registry.get(row.storage_key)
+    except Exception:
+        storage = None
     logger.error(
         "transfer crashed key=%s name=%s error=%s: %s",
         row.storage_key,
@@ -651,9 +741,7 @@ class _Completions:
         try:
             outcomes = complete(batch)
         except Exception as exc:
-            for item in batch:
-                _log_crash(item.row, exc)
-            outcomes = [Outcome.STALE] * len(batch)
+            outcomes = [_record_crash(item.row, exc) for item in batch]
         for item, outcome in zip(batch, outcomes, strict=True):
             self.report(item.row, outcome)
 
@@ -733,8 +821,7 @@ def _process_all(
         try:
             result = transfer_row(row)
         except Exception as exc:
-            _log_crash(row, exc)
-            result = Outcome.STALE
+            result = _record_crash(row, exc)
         if isinstance(result, Verified):
             completions.add(result)
         else:

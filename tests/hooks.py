@@ -67,3 +67,13 @@ class SlowRetryTransfer(Transfer):
     """Overrides the retry delay: ten minutes before the first retry."""
 
     default_retry_delay = 600
+
+
+class BrokenInitTransfer(Transfer):
+    """A hook whose constructor raises, with one retry at once."""
+
+    max_retries = 1
+    default_retry_delay = 0
+
+    def __init__(self) -> None:
+        raise RuntimeError("hook constructor exploded")

@@ -260,3 +260,10 @@ class FileGatedStorage(CountingStorage):
                     raise TimeoutError("the test never created the gate file")
                 time.sleep(0.02)
         return super()._save(name, content)
+
+
+class UndeletableStorage(FileSystemStorage):
+    """A local storage whose delete() fails."""
+
+    def delete(self, name: str) -> None:
+        raise PermissionError(f"cannot delete {name}")

@@ -3,17 +3,22 @@ failures wherever they are raised, and lock aborts on the caller's side."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 
+from queued_storage import registry, transfer
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
-from tests.conftest import content, row_of
+from queued_storage.signals import file_transferred, transfer_failed
+from queued_storage.transfer import DrainStats, drain
+from tests.conftest import FS, content, row_of
 
 pytestmark = pytest.mark.django_db
 
@@ -129,6 +134,181 @@ def test_release_claim_leaves_a_finished_row_alone(storage: QueuedStorage) -> No
 
     assert PendingTransfer.objects.release_claim([claimed]) == 0
     assert row_of(storage, name).status == Status.DONE
+
+
+# Every failure is recorded on the row, wherever it was raised
+
+
+@pytest.fixture
+def run_drain(django_capture_on_commit_callbacks: Any) -> Callable[..., DrainStats]:
+    """drain(), with the after-commit work (signals, local delete) run as it
+    would be outside the test's transaction."""
+
+    def run(**kwargs: Any) -> DrainStats:
+        with django_capture_on_commit_callbacks(execute=True):
+            return drain(**kwargs)
+
+    return run
+
+
+@pytest.fixture
+def raising_receiver() -> Iterator[Callable[..., None]]:
+    """Connects a receiver that raises; a second one, connected after it, notes
+    that it still ran."""
+    connected: list[tuple[Any, Callable[..., None]]] = []
+    ran: list[str] = []
+
+    def connect(signal: Any) -> list[str]:
+        def broken(**kwargs: Any) -> None:
+            raise ValueError("receiver broke")
+
+        def after(name: str, **kwargs: Any) -> None:
+            ran.append(name)
+
+        for receiver in (broken, after):
+            signal.connect(receiver, weak=False)
+            connected.append((signal, receiver))
+        return ran
+
+    yield connect  # type: ignore[misc]
+    for signal, receiver in connected:
+        signal.disconnect(receiver)
+
+
+def errors_of(row: PendingTransfer) -> list[str]:
+    return [entry["error"] for entry in row.error_history]
+
+
+def test_a_hook_whose_constructor_raises_records_each_attempt_and_fails_at_its_limit(
+    make_storage: Callable[..., QueuedStorage], run_drain: Callable[..., DrainStats]
+) -> None:
+    storage = make_storage(task="tests.hooks.BrokenInitTransfer")
+    name = storage.save("a.txt", content())
+
+    stats = run_drain()
+
+    row = row_of(storage, name)
+    assert row.status == Status.FAILED
+    assert row.attempts == 2  # the hook's max_retries = 1, no delay
+    assert row.last_error == "RuntimeError: hook constructor exploded"
+    assert errors_of(row) == ["RuntimeError", "RuntimeError"]
+    assert (stats.retried, stats.failed) == (1, 1)
+
+
+def test_a_hook_whose_transfer_raises_records_the_attempt(
+    make_storage: Callable[..., QueuedStorage],
+    run_drain: Callable[..., DrainStats],
+    settings: Any,
+) -> None:
+    settings.QUEUED_STORAGE_RETRY_DELAY = 0
+    storage = make_storage(task="tests.hooks.RaisesOnceTransfer")
+    name = storage.save("a.txt", content())
+
+    run_drain()
+
+    row = row_of(storage, name)
+    assert row.status == Status.DONE
+    assert row.attempts == 2
+    assert errors_of(row) == ["RuntimeError"]
+
+
+def test_a_crash_outside_the_transfer_steps_is_an_attempt_on_the_row(
+    storage: QueuedStorage,
+    run_drain: Callable[..., DrainStats],
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings.QUEUED_STORAGE_RETRIES = 1
+    settings.QUEUED_STORAGE_RETRY_DELAY = 0
+    name = storage.save("a.txt", content())
+    from django.core.exceptions import ImproperlyConfigured
+
+    get = registry.get
+
+    def unbuildable(key: str) -> QueuedStorage | None:
+        if key == storage.key:
+            raise ImproperlyConfigured("the storage cannot be built")
+        return get(key)
+
+    monkeypatch.setattr(registry, "get", unbuildable)
+    # The claim itself asks the registry only about host-local storages.
+    monkeypatch.setattr(transfer, "_claimable", lambda rows: rows)
+
+    stats = run_drain()
+
+    row = row_of(storage, name)
+    assert row.status == Status.FAILED
+    assert row.attempts == 2
+    assert errors_of(row) == ["ImproperlyConfigured", "ImproperlyConfigured"]
+    assert stats.failed == 1
+
+
+def test_a_file_transferred_receiver_that_raises_is_kept_on_the_done_row(
+    storage: QueuedStorage,
+    run_drain: Callable[..., DrainStats],
+    raising_receiver: Callable[..., list[str]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ran = raising_receiver(file_transferred)
+    name = storage.save("a.txt", content())
+
+    with caplog.at_level(logging.ERROR, logger="queued_storage"):
+        stats = run_drain()
+
+    row = row_of(storage, name)
+    assert stats.done == 1
+    # The file is safe on the remote: the row stays done, the error is kept.
+    assert row.status == Status.DONE
+    assert row.last_error == "ValueError: receiver broke"
+    assert errors_of(row) == ["ValueError"]
+    assert ran == [name]
+    assert "receiver broke" in caplog.text
+
+
+def test_a_transfer_failed_receiver_that_raises_is_kept_beside_the_transfer_error(
+    make_storage: Callable[..., QueuedStorage],
+    run_drain: Callable[..., DrainStats],
+    raising_receiver: Callable[..., list[str]],
+    settings: Any,
+) -> None:
+    settings.QUEUED_STORAGE_RETRIES = 0
+    ran = raising_receiver(transfer_failed)
+    storage = make_storage(
+        remote="tests.storages.FlakyStorage", remote_options={"failures": 10}
+    )
+    name = storage.save("a.txt", content())
+
+    run_drain()
+
+    row = row_of(storage, name)
+    assert row.status == Status.FAILED
+    assert row.last_error == "ConnectionError: remote unreachable"
+    assert errors_of(row) == ["ConnectionError", "ValueError"]
+    assert ran == [name]
+
+
+def test_a_local_delete_that_fails_after_the_transfer_is_kept_on_the_done_row(
+    tmp_path: Path, run_drain: Callable[..., DrainStats]
+) -> None:
+    storage = QueuedStorage(
+        "tests.storages.UndeletableStorage",
+        FS,
+        local_options={"location": str(tmp_path / "local")},
+        remote_options={"location": str(tmp_path / "remote")},
+        task="queued_storage.tasks.TransferAndDelete",
+        key="undeletable",
+    )
+    try:
+        name = storage.save("a.txt", content())
+
+        run_drain()
+
+        row = row_of(storage, name)
+        assert row.status == Status.DONE
+        assert row.last_error == "PermissionError: cannot delete a.txt"
+        assert errors_of(row) == ["PermissionError"]
+    finally:
+        registry.forget(storage.key)
 
 
 # A lock abort is retried for callers outside a transaction, raised inside one
