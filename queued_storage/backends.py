@@ -18,6 +18,7 @@ from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
 from django.core.files import File
 from django.core.files.storage import FileSystemStorage, Storage, storages
 from django.db import DatabaseError, connections, router, transaction
+from django.db.models.functions import Substr
 from django.utils.deconstruct import deconstructible
 from django.utils.module_loading import import_string
 
@@ -658,9 +659,10 @@ class QueuedStorage(Storage):
 
     def _ledger_listdir(self, path: str, *, done: bool) -> tuple[list[str], list[str]]:
         prefix = f"{path}/" if path else ""
-        rows = PendingTransfer.objects.filter(
-            storage_key=self.key, name__startswith=prefix
-        )
+        rows = PendingTransfer.objects.filter(storage_key=self.key)
+        if prefix:
+            # Not name__startswith: SQLite's LIKE ignores the case of ASCII letters.
+            rows = rows.alias(head=Substr("name", 1, len(prefix))).filter(head=prefix)
         rows = rows.done().live() if done else rows.filter(deleted=True)
         dirs: set[str] = set()
         files: set[str] = set()

@@ -665,6 +665,8 @@ class PendingTransfer(models.Model):
         DONE = "done", _("done")
         FAILED = "failed", _("failed")
 
+    # storage_key, name and host compare exactly: on MariaDB/MySQL migration 0002
+    # gives them a binary collation, which a migration altering them must keep.
     storage_key = models.CharField(_("storage key"), max_length=255)
     name = models.CharField(_("name"), max_length=MAX_NAME_LENGTH)
     name_hash = models.CharField(_("name hash"), max_length=64, editable=False)

@@ -122,8 +122,8 @@ def row_of(storage: QueuedStorage, name: str) -> PendingTransfer:
 
 def row_by_name_column(storage: QueuedStorage, name: str) -> PendingTransfer:
     """The ledger row whose ``name`` column equals ``name``. Unlike ``row_of`` it
-    does not go through name_hash, and the database compares under its collation:
-    case- and accent-insensitive on the MariaDB leg (utf8mb4_unicode_ci)."""
+    does not go through name_hash: the database compares the column itself, which
+    is exact on every database (a binary collation on MariaDB)."""
     return PendingTransfer.objects.get(storage_key=storage.key, name=name)
 
 

@@ -50,6 +50,13 @@ class CountingStorage(FileSystemStorage):
         super().delete(name)
 
 
+class UnlistedStorage(CountingStorage):
+    """A remote that cannot list a directory (Django's base ``Storage`` cannot)."""
+
+    def listdir(self, path: str) -> tuple[list[str], list[str]]:
+        raise NotImplementedError("this remote cannot list a directory")
+
+
 class FlakyStorage(CountingStorage):
     """Fails the first ``failures`` uploads with a ConnectionError."""
 
