@@ -15,7 +15,7 @@ from django.core.files.storage import storages
 from django.utils.module_loading import import_string
 
 from queued_storage import registry
-from queued_storage.conf import WORKERS
+from queued_storage.conf import HOSTNAME_HINT, WORKERS, hostname_problem
 from queued_storage.conf import settings as conf
 
 
@@ -100,6 +100,9 @@ def check_settings(
     errors.extend(_check_number("QUEUED_STORAGE_RETRY_DELAY", minimum=0))
     errors.extend(_check_number("QUEUED_STORAGE_LEASE", minimum=1))
     errors.extend(_check_number("QUEUED_STORAGE_HEALTH_MAX_AGE", minimum=1))
+    host_problem = hostname_problem(conf.hostname())
+    if host_problem:
+        errors.append(Error(host_problem, hint=HOSTNAME_HINT, id="queued_storage.E006"))
     prefix = conf.raw("QUEUED_STORAGE_CACHE_PREFIX")
     if not isinstance(prefix, str):
         errors.append(

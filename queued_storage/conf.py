@@ -6,6 +6,10 @@ import socket
 from typing import Any
 
 from django.conf import settings as django_settings
+from django.core.exceptions import ImproperlyConfigured
+
+#: Longest host name the ledger's ``host`` column stores.
+MAX_HOST_LENGTH = 255
 
 WORKERS = ("immediate", "django_q", "django_tasks")
 
@@ -50,6 +54,16 @@ class Settings:
     @property
     def QUEUED_STORAGE_HOSTNAME(self) -> str:
         """This host's name in the ledger's ``host`` column."""
+        host = self.hostname()
+        problem = hostname_problem(host)
+        if problem:
+            # Cut short (MariaDB's INSERT IGNORE does so silently), the name would
+            # never match this host again: its host-local rows would wait forever.
+            raise ImproperlyConfigured(f"{problem} {HOSTNAME_HINT}")
+        return host
+
+    def hostname(self) -> str:
+        """``QUEUED_STORAGE_HOSTNAME`` or the machine's host name, unchecked."""
         value = self._get("QUEUED_STORAGE_HOSTNAME")
         return str(value) if value else socket.gethostname()
 
@@ -61,6 +75,22 @@ class Settings:
     def raw(self, name: str) -> Any:
         """The value as the user wrote it, for the system checks."""
         return self._get(name)
+
+
+HOSTNAME_HINT = (
+    "Set QUEUED_STORAGE_HOSTNAME to a shorter name that stays the same for this "
+    "host's local disk."
+)
+
+
+def hostname_problem(host: str) -> str:
+    """Why the ledger cannot record ``host``, or ``""``."""
+    if len(host) > MAX_HOST_LENGTH:
+        return (
+            f"This host's name for the ledger ({host[:40]!r}...) is {len(host)} "
+            f"characters long; the ledger's host column holds {MAX_HOST_LENGTH}."
+        )
+    return ""
 
 
 settings = Settings()

@@ -20,6 +20,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from queued_storage.conf import MAX_HOST_LENGTH
 from queued_storage.conf import settings as conf
 from queued_storage.names import MAX_NAME_LENGTH as MAX_NAME_LENGTH
 
@@ -694,7 +695,7 @@ class PendingTransfer(models.Model):
     checksum = models.CharField(_("SHA-256"), max_length=64, blank=True)
     last_error = models.TextField(_("last error"), blank=True)
     error_history = models.JSONField(_("error history"), default=list, blank=True)
-    host = models.CharField(_("host"), max_length=255, blank=True)
+    host = models.CharField(_("host"), max_length=MAX_HOST_LENGTH, blank=True)
     created_at = models.DateTimeField(_("created at"), default=timezone.now)
     updated_at = models.DateTimeField(_("updated at"), default=timezone.now)
     transferred_at = models.DateTimeField(_("transferred at"), null=True, blank=True)

@@ -35,8 +35,11 @@ DEVICE_NAMES = frozenset(
 )
 
 
-#: The characters :func:`check_name` rejects: controls, NUL, DEL and bidi controls.
-BAD_CHARACTERS = re.compile("[\x00-\x1f\x7f" + "".join(sorted(BIDI_CONTROLS)) + "]")
+#: The characters :func:`check_name` rejects: C0 and C1 controls (NUL, DEL and
+#: NEL among them), the Unicode line and paragraph separators, bidi controls.
+BAD_CHARACTERS = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u2028\u2029" + "".join(sorted(BIDI_CONTROLS)) + "]"
+)
 
 
 def check_name(name: str) -> None:
@@ -56,14 +59,15 @@ def check_name(name: str) -> None:
                 f"File name {name!r} contains a bidirectional text control character."
             )
         raise SuspiciousFileOperation(
-            f"File name {name!r} contains a NUL or control character."
+            f"File name {name!r} contains a NUL, a control character or a line "
+            "separator."
         )
 
 
 def portable_name(name: str) -> str:
     """``name`` with what :func:`clean_name` rejects mended, for uploaded names."""
     name = unicodedata.normalize("NFC", name.replace("\\", "/"))
-    name = "".join(c for c in name if c not in BIDI_CONTROLS and ord(c) >= 32)
+    name = BAD_CHARACTERS.sub("", name)
     parts = []
     for part in name.split("/"):
         part = part.rstrip(" .")

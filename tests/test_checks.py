@@ -231,6 +231,35 @@ def test_e005_not_raised_for_edge_values(
     assert check_ids() == []
 
 
+def test_e006_host_name_longer_than_the_ledger_keeps(settings: Any) -> None:
+    settings.QUEUED_STORAGE_HOSTNAME = "h" * 256
+
+    (error,) = errors_with("queued_storage.E006")
+
+    assert "256 characters" in error.msg
+    assert "255" in error.msg
+    assert error.hint
+    assert check_ids() == ["queued_storage.E006"]
+
+
+def test_e006_machine_host_name_longer_than_the_ledger_keeps(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.QUEUED_STORAGE_HOSTNAME = None
+    monkeypatch.setattr("socket.gethostname", lambda: "m" * 300)
+
+    (error,) = errors_with("queued_storage.E006")
+
+    assert "300 characters" in error.msg
+    assert error.hint and "QUEUED_STORAGE_HOSTNAME" in error.hint
+
+
+def test_e006_not_raised_for_a_host_name_of_255_characters(settings: Any) -> None:
+    settings.QUEUED_STORAGE_HOSTNAME = "h" * 255
+
+    assert check_ids() == []
+
+
 def test_manage_py_check_fails_for_a_bad_worker(settings: Any) -> None:
     settings.QUEUED_STORAGE_WORKER = "celery"
 

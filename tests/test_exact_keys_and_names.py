@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from django.core.exceptions import ImproperlyConfigured
 from django.core.files.base import ContentFile
 from django.core.management import call_command
 
@@ -116,3 +117,17 @@ def test_the_migration_to_exact_comparisons_runs_backwards_and_forwards() -> Non
     assert not PendingTransfer.objects.filter(name="a.txt").exists()
     assert not PendingTransfer.objects.filter(host="web").exists()
     assert PendingTransfer.objects.filter(storage_key="Media", name="A.txt").exists()
+
+
+def test_a_host_name_longer_than_the_ledger_keeps_fails_the_save_and_writes_nothing(
+    storage: QueuedStorage, settings: Any
+) -> None:
+    """Truncated (MariaDB's INSERT IGNORE cuts it silently), the host would never
+    match again and a host-local worker would never take the row."""
+    settings.QUEUED_STORAGE_HOSTNAME = "h" * 256
+
+    with pytest.raises(ImproperlyConfigured, match="QUEUED_STORAGE_HOSTNAME"):
+        storage.save("a.txt", ContentFile(b"x"))
+
+    assert not PendingTransfer.objects.exists()
+    assert not storage.local.exists("a.txt")

@@ -220,3 +220,13 @@ def test_queue_transfers_refuses_a_prefix_that_is_not_a_name(
             "queue_transfers", "--storage", transferred.key, "--prefix", prefix
         )
     assert_untouched(transferred)
+
+
+@pytest.mark.parametrize("entry_point", list(ENTRY_POINTS))
+def test_c1_controls_and_line_separators_are_refused_like_c0_controls(
+    storage: QueuedStorage, entry_point: str
+) -> None:
+    for name in ("x\x85.txt", "x\x9b.txt", "x\u2028.txt", "x\u2029.txt", "x\n.txt"):
+        with pytest.raises(SuspiciousFileOperation, match="control character"):
+            ENTRY_POINTS[entry_point](storage, name)
+    assert not PendingTransfer.objects.exists()

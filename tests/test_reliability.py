@@ -226,6 +226,12 @@ REJECTED = [
     "lpt9",
     "docs/Com3.txt",
     "evil\u202etxt.exe",
+    "next\x85line.txt",  # C1 controls: NEL, CSI, the first and the last
+    "csi\x9b31m.txt",
+    "c1\x80.txt",
+    "c1\x9f.txt",
+    "line\u2028separator.txt",
+    "paragraph\u2029separator.txt",
     "rtl\u200ffile.txt",
     "isolate\u2066x\u2069.txt",
     "arabic\u061cmark.txt",
@@ -282,6 +288,7 @@ def test_nfd_spelling_of_a_taken_nfc_name_is_not_a_second_file(
         ("CON.txt", "docs/_CON.txt"),
         ("report. ", "docs/report"),
         ("a\u202eb.txt", "docs/ab.txt"),
+        ("a\x85b\u2028c\u2029d\x7f.txt", "docs/abcd.txt"),
     ],
 )
 def test_uploaded_names_are_mended_not_refused(
