@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pathlib
 import posixpath
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from functools import cached_property
 from typing import Any, NamedTuple
@@ -17,7 +18,9 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
 from django.core.files import File
 from django.core.files.storage import FileSystemStorage, Storage, storages
+from django.core.files.utils import validate_file_name
 from django.db import DatabaseError, connections, router, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models.functions import Substr
 from django.utils.deconstruct import deconstructible
 from django.utils.module_loading import import_string
@@ -79,6 +82,47 @@ def _known_size(content: Any) -> int | None:
         return int(content.size)
     except (AttributeError, OSError, TypeError, ValueError):
         return None
+
+
+logger = logging.getLogger("queued_storage")
+
+
+def _remove_local(local: Storage, name: str) -> None:
+    """Remove a file a failed save wrote; a failure to do so is logged, not raised
+    (the save's own error, or the rollback, is what the caller must see)."""
+    try:
+        local.delete(name)
+    except Exception as exc:
+        logger.warning("failed save cleanup error name=%s error=%r", name, exc)
+
+
+class _RemovedUnlessCommitted:
+    """Removes the local file a save wrote if the save's transaction rolls back.
+
+    It waits in ``transaction.on_commit``: Django drops the callbacks of a
+    transaction or savepoint that rolls back without calling them, and CPython
+    frees this object at once (elsewhere: when the garbage collector runs). Freed
+    while its connection is still in the transaction, it was rolled back; freed
+    after the commit without a call (an earlier callback raised), it keeps the
+    file, which its committed row owns."""
+
+    __slots__ = ("connection", "local", "name", "pending")
+
+    def __init__(self, connection: BaseDatabaseWrapper, local: Storage, name: str):
+        self.connection = connection
+        self.local = local
+        self.name = name
+        self.pending = True
+
+    def __call__(self) -> None:
+        self.pending = False
+
+    def __del__(self) -> None:
+        if not self.pending:
+            return
+        connection = self.connection
+        if connection.in_atomic_block or not connection.autocommit:
+            _remove_local(self.local, self.name)
 
 
 @deconstructible
@@ -301,11 +345,14 @@ class QueuedStorage(Storage):
     def _local_verbatim(self) -> bool:
         """Whether the local storage is Django's ``FileSystemStorage`` as it comes,
         which stores exactly the bytes of the content it saves."""
-        cls = type(self.local)
+        local = self.local
+        cls = type(local)
         return (
-            isinstance(self.local, FileSystemStorage)
+            isinstance(local, FileSystemStorage)
             and cls.save is Storage.save
             and getattr(cls, "_save", None) is getattr(FileSystemStorage, "_save", 0)
+            and "save" not in vars(local)
+            and "_save" not in vars(local)
         )
 
     def _local_overwrites(self) -> bool:
@@ -485,9 +532,10 @@ class QueuedStorage(Storage):
             return self._store(name, content, existing, max_length)
         counting = self._counting(content)
         hashing = counting if isinstance(counting, HashingFile) else None
+        owned = self._owns_what_it_writes(existing)
         try:
-            stored = self.local.save(
-                name, content if counting is None else counting, max_length=max_length
+            stored = self._write_local(
+                name, content if counting is None else counting, max_length, owned
             )
         except BaseException:
             # A database error here leaves a transaction that rolls back anyway:
@@ -495,28 +543,77 @@ class QueuedStorage(Storage):
             with contextlib.suppress(DatabaseError):
                 PendingTransfer.objects.unreserve(self.key, name, generation)
             raise
-        if stored != name:
-            # The local storage found the name taken after all and chose another.
-            PendingTransfer.objects.unreserve(self.key, name, generation)
-            existing = self._row_state(stored) is not None
-            return self._record(stored, hashing, existing)
-        prefetch.forget(self.key, stored)
-        # Django's FileSystemStorage writes every byte it reads: what was counted
-        # is on disk. Text is encoded as the local storage chose, and another local
-        # storage may change the bytes: ask it.
-        written = (
-            counting.counted
-            if counting is not None and not counting.text and self._local_verbatim
-            else self.local.size(stored)
-        )
-        checksum = self._checksum(hashing, stored, written)
-        if written != size or checksum:
-            PendingTransfer.objects.record_file(
-                self.key, stored, generation, written, checksum
+        with self._removed_unless_committed(stored, owned, db):
+            if stored != name:
+                # The local storage found the name taken after all and chose another.
+                PendingTransfer.objects.unreserve(self.key, name, generation)
+                existing = self._row_state(stored) is not None
+                return self._record(stored, hashing, existing)
+            prefetch.forget(self.key, stored)
+            # Django's FileSystemStorage writes every byte it reads: what was
+            # counted is on disk. Text is encoded as the local storage chose, and
+            # another local storage may change the bytes: ask it.
+            written = (
+                counting.counted
+                if counting is not None and not counting.text and self._local_verbatim
+                else self.local.size(stored)
             )
+            checksum = self._checksum(hashing, stored, written)
+            if written != size or checksum:
+                PendingTransfer.objects.record_file(
+                    self.key, stored, generation, written, checksum
+                )
         if not self.delayed:
             self._wake(stored)
         return str(stored)
+
+    def _owns_what_it_writes(self, existing: bool) -> bool:
+        """Whether the file a save writes is its own to remove if the save fails: a
+        new file, unless the local storage overwrote one the ledger has a row for
+        (the row decides what becomes of that one)."""
+        return not existing or not self._local_overwrites()
+
+    def _write_local(
+        self, name: str, content: Any, max_length: int | None, owned: bool
+    ) -> str:
+        """Save ``content`` to the local storage; a write that fails midway (a full
+        disk) leaves no partial file for the no-row fallback to serve."""
+        if not self._local_verbatim:
+            return str(self.local.save(name, content, max_length=max_length))
+        # Storage.save's steps, so that a write that fails leaves us the name it was
+        # writing: FileSystemStorage leaves the partial file there.
+        local = self.local
+        validate_file_name(name, allow_relative_path=True)
+        chosen = local.get_available_name(name, max_length=max_length)
+        validate_file_name(chosen, allow_relative_path=True)
+        try:
+            stored = local._save(chosen, content)  # type: ignore[attr-defined]
+        except BaseException:
+            if owned:
+                _remove_local(local, chosen)
+            raise
+        validate_file_name(stored, allow_relative_path=True)
+        return str(stored)
+
+    @contextlib.contextmanager
+    def _removed_unless_committed(
+        self, name: str, owned: bool, db: str
+    ) -> Iterator[None]:
+        """Around the ledger writes that follow a local write: if they raise, or
+        the transaction that holds them rolls back, the file ``name`` is removed."""
+        if not owned:
+            yield
+            return
+        try:
+            yield
+        except BaseException:
+            _remove_local(self.local, name)
+            raise
+        connection = connections[db]
+        if connection.in_atomic_block:
+            transaction.on_commit(
+                _RemovedUnlessCommitted(connection, self.local, name), using=db
+            )
 
     def _counting(self, content: Any) -> CountingFile | None:
         """``content`` wrapped to count (and with ``verify_checksum`` hash) the bytes
@@ -537,10 +634,16 @@ class QueuedStorage(Storage):
     ) -> str:
         """Save the file, then write its row."""
         hashing = HashingFile(content) if self.verify_checksum else None
-        stored = self.local.save(name, hashing or content, max_length=max_length)
-        if stored != name:
-            existing = self._row_state(stored) is not None
-        return self._record(stored, hashing, existing)
+        owned = self._owns_what_it_writes(existing)
+        stored = self._write_local(
+            name, content if hashing is None else hashing, max_length, owned
+        )
+        with self._removed_unless_committed(
+            stored, owned, router.db_for_write(PendingTransfer)
+        ):
+            if stored != name:
+                existing = self._row_state(stored) is not None
+            return self._record(stored, hashing, existing)
 
     def _checksum(self, hashing: HashingFile | None, name: str, size: int) -> str:
         if hashing is None:

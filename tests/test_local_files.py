@@ -4,18 +4,20 @@ inside the local storage's root."""
 
 from __future__ import annotations
 
+import errno
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from django.core.files.base import ContentFile
+from django.db import DatabaseError, connection, transaction
 
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import drain
-from tests.conftest import read_bytes, row_of
+from tests.conftest import content, read_bytes, row_of
 
 pytestmark = pytest.mark.django_db
 
@@ -90,3 +92,154 @@ def test_a_file_whose_size_is_right_costs_no_second_statement(
         name = storage.save("r.bin", ContentFile(b"right size"))
 
     assert row_of(storage, name).size == 10
+
+
+# A failed save leaves nothing served
+
+
+class FillsTheDisk(ContentFile):  # type: ignore[type-arg]
+    """Content whose write runs out of disk space after its first bytes."""
+
+    def chunks(self, chunk_size: int | None = None) -> Iterator[bytes]:
+        yield b"part"
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.fixture(params=["small", "large"])
+def file_size(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test for a file whose row is written before it (small) and after."""
+    if request.param == "large":
+        monkeypatch.setattr("queued_storage.backends.SMALL_FILE", 5)
+    return str(request.param)
+
+
+def assert_nothing_served(
+    storage: QueuedStorage, name: str, others: tuple[str, ...] = ()
+) -> None:
+    """``name`` is unknown: not there, not readable, its URL the remote's (which
+    serves nothing), no local file left but ``others``; and it saves again as
+    itself."""
+    assert not storage.exists(name)
+    with pytest.raises(FileNotFoundError):
+        storage.open(name)
+    assert storage.url(name) == storage.remote.url(name)
+    assert local_files(storage) == sorted(others)
+    assert not PendingTransfer.objects.for_name(storage.key, name).exists()
+    assert storage.save(name, content("saved again")) == name
+    assert read_bytes(storage, name) == b"saved again"
+    assert transferred(storage, name).size == 11
+
+
+def save_and_roll_back(storage: QueuedStorage) -> str:
+    """Save in a transaction that the view's error rolls back, reading the file
+    back inside it as the view would."""
+    with pytest.raises(RuntimeError), transaction.atomic():
+        name = storage.save("draft.txt", content())
+        assert storage.exists(name)
+        assert read_bytes(storage, name) == b"hello world"
+        raise RuntimeError("the view failed")
+    return name
+
+
+def test_a_save_rolled_back_to_a_savepoint_leaves_nothing_served(
+    storage: QueuedStorage, file_size: str
+) -> None:
+    kept = storage.save("kept.txt", content("kept"))  # in the enclosing transaction
+
+    name = save_and_roll_back(storage)
+
+    assert read_bytes(storage, kept) == b"kept"
+    assert_nothing_served(storage, name, others=(kept,))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rolled_back_transaction_leaves_nothing_served(
+    storage: QueuedStorage, file_size: str
+) -> None:
+    name = save_and_roll_back(storage)
+
+    assert_nothing_served(storage, name)
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["in-atomic", "autocommit"])
+@pytest.mark.django_db(transaction=True)
+def test_a_local_write_that_fails_midway_leaves_nothing_served(
+    storage: QueuedStorage, file_size: str, atomic: bool
+) -> None:
+    full = FillsTheDisk(b"more than a partial file")
+    if atomic:
+        with transaction.atomic(), pytest.raises(OSError, match="No space left"):
+            storage.save("full.bin", full)
+    else:
+        with pytest.raises(OSError, match="No space left"):
+            storage.save("full.bin", full)
+
+    assert_nothing_served(storage, "full.bin")
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["in-atomic", "autocommit"])
+@pytest.mark.django_db(transaction=True)
+def test_a_large_file_whose_row_fails_leaves_nothing_served(
+    storage: QueuedStorage, monkeypatch: pytest.MonkeyPatch, atomic: bool
+) -> None:
+    monkeypatch.setattr("queued_storage.backends.SMALL_FILE", 5)
+    with connection.execute_wrapper(_refuse_ledger_inserts):
+        if atomic:
+            with pytest.raises(DatabaseError), transaction.atomic():
+                storage.save("big.bin", content("more than five bytes"))
+        else:
+            with pytest.raises(DatabaseError):
+                storage.save("big.bin", content("more than five bytes"))
+
+    assert_nothing_served(storage, "big.bin")
+
+
+def _refuse_ledger_inserts(
+    execute: Any, sql: str, params: Any, many: bool, context: Any
+) -> Any:
+    """Make every INSERT into the ledger fail in the database, as a full disk or a
+    dropped connection would (on PostgreSQL the transaction is then aborted)."""
+    if sql.lstrip().upper().startswith("INSERT") and (
+        PendingTransfer._meta.db_table in sql
+    ):
+        return execute("SELECT * FROM queued_storage_no_such_table", (), False, context)
+    return execute(sql, params, many, context)
+
+
+def test_a_failed_save_never_removes_a_file_it_did_not_write(
+    storage: QueuedStorage,
+) -> None:
+    # A file from before the ledger: the local storage writes the failing save
+    # under another name.
+    old = Path(storage.local.path("old.txt"))
+    old.parent.mkdir(parents=True, exist_ok=True)
+    old.write_bytes(b"from 0.8")
+    kept = storage.save("kept.txt", content("kept"))
+
+    with pytest.raises(OSError, match="No space left"):
+        storage.save("old.txt", FillsTheDisk(b"more than a partial file"))
+    with pytest.raises(RuntimeError), transaction.atomic():
+        assert storage.save("kept.txt", content("draft")) != kept
+        raise RuntimeError("the view failed")
+
+    assert local_files(storage) == ["kept.txt", "old.txt"]
+    assert read_bytes(storage, "old.txt") == b"from 0.8"
+    assert read_bytes(storage, kept) == b"kept"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_committed_save_keeps_its_file_when_an_earlier_callback_raises(
+    storage: QueuedStorage,
+) -> None:
+    def fails_after_commit() -> None:
+        raise RuntimeError("a receiver of the view failed")
+
+    # Django runs no later callback once one raises: the save's is dropped
+    # uncalled, after the commit.
+    with pytest.raises(RuntimeError), transaction.atomic():
+        transaction.on_commit(fails_after_commit)
+        name = storage.save("kept.txt", content())
+
+    assert row_of(storage, name).status == Status.QUEUED
+    assert read_bytes(storage, name) == b"hello world"
+    assert transferred(storage, name).size == 11
