@@ -383,7 +383,10 @@ class QueuedStorage(Storage):
 
     def get_storage(self, name: str) -> Storage:
         """The storage that serves ``name`` now: the ledger decides."""
-        name = canonical_name(name)
+        return self._serving(canonical_name(name))
+
+    def _serving(self, name: str) -> Storage:
+        """:meth:`get_storage` of a name in its canonical spelling."""
         return self._storage_for(name, self._served_state(name))
 
     def using_local(self, name: str) -> bool:
@@ -725,27 +728,28 @@ class QueuedStorage(Storage):
         return int(self._storage_for(name, state).size(name))
 
     def url(self, name: str | None) -> str:
-        # Passed through as is: some remotes (Dropbox, Libcloud) answer None.
-        if name is None:
+        # Passed through as is: some remotes (Dropbox, Libcloud) answer None, and
+        # url("") is a common way to ask for the base URL.
+        if name is None or name == "":
             return self.local.url(name)
         name = canonical_name(name)
-        return self.get_storage(name).url(name)
+        return self._serving(name).url(name)
 
     def path(self, name: str) -> str:
         name = canonical_name(name)
-        return str(self.get_storage(name).path(name))
+        return str(self._serving(name).path(name))
 
     def get_accessed_time(self, name: str) -> datetime:
         name = canonical_name(name)
-        return self.get_storage(name).get_accessed_time(name)
+        return self._serving(name).get_accessed_time(name)
 
     def get_created_time(self, name: str) -> datetime:
         name = canonical_name(name)
-        return self.get_storage(name).get_created_time(name)
+        return self._serving(name).get_created_time(name)
 
     def get_modified_time(self, name: str) -> datetime:
         name = canonical_name(name)
-        return self.get_storage(name).get_modified_time(name)
+        return self._serving(name).get_modified_time(name)
 
     def listdir(self, path: str) -> tuple[list[str], list[str]]:
         """Both storages' entries, each once; deleted names left out."""

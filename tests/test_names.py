@@ -230,3 +230,8 @@ def test_c1_controls_and_line_separators_are_refused_like_c0_controls(
         with pytest.raises(SuspiciousFileOperation, match="control character"):
             ENTRY_POINTS[entry_point](storage, name)
     assert not PendingTransfer.objects.exists()
+
+
+def test_url_of_the_empty_name_is_still_the_base_url(storage: QueuedStorage) -> None:
+    assert storage.url("") == storage.local.url("") == "/media/"
+    assert not PendingTransfer.objects.exists()
