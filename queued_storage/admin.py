@@ -30,7 +30,7 @@ from django.utils.timesince import timesince, timeuntil
 from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
 
-from queued_storage import registry
+from queued_storage import redaction, registry
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
 from queued_storage.transfer import Outcome, transfer_name
 
@@ -63,6 +63,12 @@ def status_badge(status: str, label: str | StrPromise | None = None) -> SafeStri
         colour,
         label or Status(status).label,
     )
+
+
+def _redacted(text: str) -> str:
+    # Rows written before today's rules, or by another process, may quote what
+    # this one knows to be a secret.
+    return redaction.redact(None, text)
 
 
 class StorageFilter(admin.SimpleListFilter):
@@ -166,7 +172,7 @@ class PendingTransferAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             },
         ),
         (_("File"), {"fields": ["size_detail", "checksum", "host"]}),
-        (_("Errors"), {"fields": ["last_error", "error_history_table"]}),
+        (_("Errors"), {"fields": ["last_error_display", "error_history_table"]}),
         (_("Times"), {"fields": ["created_at", "updated_at"]}),
     ]
     change_list_template = "admin/queued_storage/pendingtransfer/change_list.html"
@@ -264,7 +270,11 @@ class PendingTransferAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     @admin.display(description=_("last error"))
     def short_error(self, row: PendingTransfer) -> str:
-        return truncatechars(row.last_error, 80)
+        return truncatechars(_redacted(row.last_error), 80)
+
+    @admin.display(description=_("last error"))
+    def last_error_display(self, row: PendingTransfer) -> str:
+        return _redacted(row.last_error) or "-"
 
     @admin.display(description=_("error history"))
     def error_history_table(self, row: PendingTransfer) -> SafeString | str:
@@ -281,7 +291,7 @@ class PendingTransferAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                     entry.get("attempt", ""),
                     entry.get("at", ""),
                     entry.get("error", ""),
-                    entry.get("message", ""),
+                    _redacted(str(entry.get("message", ""))),
                 )
                 for entry in reversed(entries)
             ),
@@ -592,7 +602,8 @@ class PendingTransferAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                     .values_list("last_error", flat=True)
                     .first()
                 )
-                errors.append(f"{name}: {truncatechars(error or '', 200)}")
+                error = _redacted(error or "")
+                errors.append(f"{name}: {truncatechars(error, 200)}")
         self._log_action(request, "transfer_now", len(pks))
         parts = [
             gettext("%(count)d transferred") % {"count": outcomes[Outcome.DONE.value]},

@@ -790,15 +790,8 @@ class QueuedStorage(Storage):
         row = PendingTransfer.objects.record_delete(self.key, name)
         from queued_storage.transfer import purge
 
-        # A named function, not a partial: Django logs a failing robust callback by
-        # its __qualname__, and a partial has none (the commit would raise).
-        def purge_after_commit() -> None:
-            purge(self, row.pk, row.generation)
-
-        transaction.on_commit(
-            purge_after_commit,
-            using=router.db_for_write(PendingTransfer),
-            robust=True,
+        redaction.after_commit(
+            router.db_for_write(PendingTransfer), purge, self, row.pk, row.generation
         )
 
     def transfer(self, name: str, *args: Any, **kwargs: Any) -> bool:

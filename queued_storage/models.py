@@ -20,6 +20,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from queued_storage import redaction
 from queued_storage.conf import MAX_HOST_LENGTH
 from queued_storage.conf import settings as conf
 from queued_storage.names import MAX_NAME_LENGTH as MAX_NAME_LENGTH
@@ -1087,7 +1088,8 @@ def error_entry(
     message: str | None = None,
 ) -> dict[str, Any]:
     """What the ledger keeps of an error: class, message, attempt and time.
-    ``message`` replaces the error's own text (redacted by the caller)."""
+    ``message`` replaces the error's own text; either is kept without the
+    secrets of any storage this process built."""
     if isinstance(error, BaseException):
         kind = type(error).__name__
         text = str(error)
@@ -1095,7 +1097,7 @@ def error_entry(
         kind, text = "TransferError", error
     if message is None:
         message = text
-    message = message[:ERROR_MESSAGE_LENGTH]
+    message = redaction.redact(None, message)[:ERROR_MESSAGE_LENGTH]
     return {
         "attempt": attempt,
         "at": now.isoformat(),

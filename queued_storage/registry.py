@@ -83,3 +83,9 @@ def forget(key: str) -> None:
     with _lock:
         _by_key.pop(key, None)
         _configs.pop(key, None)
+
+
+def registered() -> list[QueuedStorage]:
+    """The storages built so far, without building any."""
+    with _lock:
+        return list(_by_key.values())

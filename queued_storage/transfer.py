@@ -12,14 +12,13 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial, update_wrapper
 from typing import TYPE_CHECKING, Any
 
 from django.core.files.storage import FileSystemStorage, Storage
 from django.db import connections, router, transaction
 from django.db.models import Q
 
-from queued_storage import conditional, registry
+from queued_storage import conditional, redaction, registry
 from queued_storage.checksums import remote_sha256, storage_sha256
 from queued_storage.conf import settings as conf
 from queued_storage.models import (
@@ -176,12 +175,9 @@ def _db() -> str:
 
 
 def _on_commit(func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-    """Call ``func`` after the ledger's transaction commits; a failure is logged.
-
-    The partial gets ``func``'s name: Django logs a failing robust callback by its
-    ``__qualname__``, and a bare partial has none (the commit itself would raise)."""
-    callback = update_wrapper(partial(func, *args, **kwargs), func)
-    transaction.on_commit(callback, using=_db(), robust=True)
+    """Call ``func`` after the ledger's transaction commits; a failure is logged,
+    redacted."""
+    redaction.after_commit(_db(), func, *args, **kwargs)
 
 
 @dataclass

@@ -226,6 +226,17 @@ class KeyedRemote(FileSystemStorage):
         )
 
 
+class DeleteRefusingRemote(FileSystemStorage):
+    """Saves, and fails to delete quoting its credential."""
+
+    def __init__(self, api_secret: str = "", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.api_secret = api_secret
+
+    def delete(self, name: str) -> None:
+        raise PermissionError(f"delete {name!r} refused for {self.api_secret}")
+
+
 class HookedStorage(FileSystemStorage):
     """Calls ``HookedStorage.before_write(name)`` as an upload starts and
     ``HookedStorage.after_write(name)`` once its bytes are written, before the

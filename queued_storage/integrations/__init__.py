@@ -6,11 +6,10 @@ integration lives in its own module and is imported only when it is chosen.
 
 from __future__ import annotations
 
-from functools import partial, update_wrapper
-
-from django.db import router, transaction
+from django.db import router
 from django.utils.module_loading import import_string
 
+from queued_storage import redaction
 from queued_storage.conf import settings as conf
 
 #: ``QUEUED_STORAGE_WORKER`` value -> the function that wakes a worker for one row.
@@ -29,10 +28,4 @@ def wake_after_commit(key: str, name: str) -> None:
     wake = import_string(WAKERS[worker])
     from queued_storage.models import PendingTransfer
 
-    # Named like ``wake``: Django logs a failing robust callback by its
-    # __qualname__, and a bare partial has none (the caller's commit would raise).
-    transaction.on_commit(
-        update_wrapper(partial(wake, key, name), wake),
-        using=router.db_for_write(PendingTransfer),
-        robust=True,
-    )
+    redaction.after_commit(router.db_for_write(PendingTransfer), wake, key, name)

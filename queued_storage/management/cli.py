@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from django.core.management.base import BaseCommand, CommandError, OutputWrapper
 
-from queued_storage import registry
+from queued_storage import redaction, registry
 from queued_storage.conf import settings as conf
 
 if TYPE_CHECKING:
@@ -168,9 +168,7 @@ def counters_line(stats: DataclassInstance) -> str:
 
 def error_text(storage: QueuedStorage | None, error: BaseException) -> str:
     """``Class: message`` of an error, without the storage's credentials."""
-    text = f"{type(error).__name__}: {error}"
-    redact = getattr(storage, "redact", None)
-    return str(redact(text)) if redact is not None else text
+    return redaction.redact(storage, f"{type(error).__name__}: {error}")
 
 
 def human_bytes(count: float) -> str:
