@@ -364,8 +364,8 @@ _filtering = threading.local()
 
 
 class RedactingFilter(logging.Filter):
-    """Redacts warnings and errors of the package's logger (the lines that quote
-    an error), with the secrets of every storage this process built. Lower levels
+    """Redacts warnings and errors (the lines that quote an error) with the
+    secrets of every storage this process built. The package's lower levels
     carry the storage key, the name and counters only."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -380,10 +380,11 @@ class RedactingFilter(logging.Filter):
             if clean != message:
                 record.msg, record.args = clean, ()
             if record.exc_info:
-                record.exc_text = redact_with(
-                    secrets, "".join(traceback.format_exception(*record.exc_info))
-                ).rstrip("\n")
-                record.exc_info = None
+                trace = "".join(traceback.format_exception(*record.exc_info))
+                clean = redact_with(secrets, trace)
+                if clean != trace:
+                    # Only then: error trackers read the exception itself.
+                    record.exc_text, record.exc_info = clean.rstrip("\n"), None
         except Exception:
             record.msg, record.args = "log line withheld: redaction failed", ()
             record.exc_info = record.exc_text = None
@@ -392,9 +393,16 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+#: The package's logger, and Django's that ``Signal.send_robust()`` logs a
+#: failing receiver's error with (its traceback included) to.
+FILTERED_LOGGERS = ("queued_storage", "django.dispatch")
+
+
 def install_log_filter() -> None:
-    if not any(isinstance(f, RedactingFilter) for f in logger.filters):
-        logger.addFilter(RedactingFilter())
+    for name in FILTERED_LOGGERS:
+        target = logging.getLogger(name)
+        if not any(isinstance(f, RedactingFilter) for f in target.filters):
+            target.addFilter(RedactingFilter())
 
 
 install_log_filter()
