@@ -366,7 +366,7 @@ _filtering = threading.local()
 class RedactingFilter(logging.Filter):
     """Redacts warnings and errors (the lines that quote an error) with the
     secrets of every storage this process built. The package's lower levels
-    carry the storage key, the name and counters only."""
+    quote no storage: keys, names, counters, a database's lock error."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         # Building a storage to learn its secrets may log in turn.
