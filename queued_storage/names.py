@@ -12,6 +12,7 @@ __all__ = [
     "BIDI_CONTROLS",
     "DEVICE_NAMES",
     "MAX_NAME_LENGTH",
+    "SURROGATES",
     "canonical_directory",
     "canonical_name",
     "check_name",
@@ -41,6 +42,9 @@ BAD_CHARACTERS = re.compile(
     "[\x00-\x1f\x7f-\x9f\u2028\u2029" + "".join(sorted(BIDI_CONTROLS)) + "]"
 )
 
+#: Halves of UTF-16 pairs: a str holding one alone is not text any encoding takes.
+SURROGATES = re.compile("[\ud800-\udfff]")
+
 
 def check_name(name: str) -> None:
     """Reject names no storage should see, before anything is written."""
@@ -52,6 +56,10 @@ def check_name(name: str) -> None:
         raise SuspiciousFileOperation(
             f"File name is {len(name)} characters long; the ledger stores at most "
             f"{MAX_NAME_LENGTH}."
+        )
+    if SURROGATES.search(name):
+        raise SuspiciousFileOperation(
+            f"File name {name!r} contains a lone surrogate, which is not Unicode text."
         )
     if BAD_CHARACTERS.search(name):
         if any(char in BIDI_CONTROLS for char in name):
@@ -67,7 +75,7 @@ def check_name(name: str) -> None:
 def portable_name(name: str) -> str:
     """``name`` with what :func:`clean_name` rejects mended, for uploaded names."""
     name = unicodedata.normalize("NFC", name.replace("\\", "/"))
-    name = BAD_CHARACTERS.sub("", name)
+    name = SURROGATES.sub("", BAD_CHARACTERS.sub("", name))
     parts = []
     for part in name.split("/"):
         part = part.rstrip(" .")

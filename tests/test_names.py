@@ -235,3 +235,22 @@ def test_c1_controls_and_line_separators_are_refused_like_c0_controls(
 def test_url_of_the_empty_name_is_still_the_base_url(storage: QueuedStorage) -> None:
     assert storage.url("") == storage.local.url("") == "/media/"
     assert not PendingTransfer.objects.exists()
+
+
+@pytest.mark.parametrize("small", [True, False], ids=["small-file", "large-file"])
+def test_a_name_with_a_lone_surrogate_is_refused_before_anything_is_written(
+    storage: QueuedStorage, monkeypatch: pytest.MonkeyPatch, small: bool
+) -> None:
+    """Not Unicode text: the database's driver raised a UnicodeEncodeError, the
+    disk took it as the byte it escapes; now it is refused like other bad names."""
+    if not small:
+        monkeypatch.setattr("queued_storage.backends.SMALL_FILE", 1)
+    for name in ("a\udc80.txt", "docs/\ud800.txt"):
+        with pytest.raises(SuspiciousFileOperation, match="surrogate"):
+            storage.save(name, content())
+        for entry_point in ENTRY_POINTS.values():
+            with pytest.raises(SuspiciousFileOperation, match="surrogate"):
+                entry_point(storage, name)
+    assert not PendingTransfer.objects.exists()
+    root = Path(storage.local.location)
+    assert not root.exists() or not any(p.is_file() for p in root.rglob("*"))
