@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -47,6 +49,11 @@ class TransferError(Exception):
 
 class LocalFileMissing(TransferError):
     pass
+
+
+class LocalFileRefused(TransferError):
+    # A symlink out of the local root or a special file stays what it is.
+    retry = False
 
 
 class RemoteRenamed(TransferError):
@@ -126,7 +133,9 @@ ProgressCallback = Callable[[DrainStats, PendingTransfer, Outcome], None]
 
 
 def copy_to_remote(name: str, local: Storage, remote: Storage) -> None:
-    """Stream ``name`` from ``local`` to ``remote`` in chunks, under the same name."""
+    """Stream ``name`` from ``local`` to ``remote`` in chunks, under the same name.
+    A local storage on disk gives only a regular file inside its root."""
+    found = _regular_file_inside_root(name, local)
     try:
         source = local.open(name, "rb")
     except Exception as exc:
@@ -134,6 +143,8 @@ def copy_to_remote(name: str, local: Storage, remote: Storage) -> None:
             raise LocalFileMissing(f"local file missing: {name!r}") from exc
         raise
     with source:
+        if found is not None:
+            _same_file(name, source, found)
         saved = remote.save(name, source)
     if saved != name:
         # Never leave a stray copy behind under the name the remote invented.
@@ -144,6 +155,49 @@ def copy_to_remote(name: str, local: Storage, remote: Storage) -> None:
         raise RemoteRenamed(
             f"the remote saved {name!r} as {saved!r}; the remote storage must keep "
             "the name it is given"
+        )
+
+
+def _regular_file_inside_root(name: str, local: Storage) -> os.stat_result | None:
+    """The status of the file ``name`` resolves to, if ``local`` keeps files on
+    disk. A symlink may point anywhere and ``FileSystemStorage.path()`` does not
+    resolve it: what resolves outside the root, or is not a regular file (a FIFO
+    would block the read for ever), is refused."""
+    try:
+        path = local.path(name)
+    except NotImplementedError:
+        return None
+    real = os.path.realpath(path)
+    location = getattr(local, "location", None)
+    if location is not None:
+        root = os.path.realpath(location)
+        if os.path.commonpath([root, real]) != root:
+            raise LocalFileRefused(
+                f"the local file {name!r} resolves to {real!r}, outside the local "
+                f"storage's root {root!r}: only regular files inside it are uploaded"
+            )
+    try:
+        found = os.stat(real)
+    except FileNotFoundError as exc:
+        raise LocalFileMissing(f"local file missing: {name!r}") from exc
+    if not stat.S_ISREG(found.st_mode):
+        raise LocalFileRefused(
+            f"the local file {name!r} is not a regular file: only regular files are "
+            "uploaded"
+        )
+    return found
+
+
+def _same_file(name: str, source: Any, found: os.stat_result) -> None:
+    """Refuse ``source`` unless it is the file that was checked: a symlink swapped
+    in between would otherwise be followed by the open."""
+    try:
+        opened = os.fstat(source.fileno())
+    except (AttributeError, OSError, ValueError):
+        return
+    if (opened.st_dev, opened.st_ino) != (found.st_dev, found.st_ino):
+        raise LocalFileRefused(
+            f"the local file {name!r} changed while it was opened for the upload"
         )
 
 
@@ -413,16 +467,16 @@ def _verify(
             )
         if size != expected:
             raise SizeMismatch(
-                f"the local file {row.name!r} has {size} bytes, the ledger recorded "
-                f"{expected}"
+                f"the remote copy and the local file of {row.name!r} have {size} "
+                f"bytes, the ledger recorded {expected}"
             )
         if not storage.verify_checksum:
             return
     actual = storage.remote.size(row.name)
     if actual != expected:
         raise SizeMismatch(
-            f"the remote copy of {row.name!r} has {actual} bytes, the local file "
-            f"{expected}"
+            f"the remote copy of {row.name!r} has {actual} bytes, "
+            f"{_local_size_text(storage, row)}"
         )
     if storage.verify_checksum:
         local_sum = row.checksum or storage_sha256(storage.local, row.name)
@@ -432,6 +486,19 @@ def _verify(
                 f"checksum mismatch: the remote copy of {row.name!r} has SHA-256 "
                 f"{remote_sum}, the local file {local_sum}"
             )
+
+
+def _local_size_text(storage: QueuedStorage, row: PendingTransfer) -> str:
+    """What the local file really has, and what the ledger recorded if that
+    differs: the two disagree when the file changed after its save."""
+    try:
+        size: int | None = storage.local.size(row.name)
+    except Exception:
+        size = None
+    text = "the local file is gone" if size is None else f"the local file {size}"
+    if row.size is not None and row.size != size:
+        text += f" (the ledger recorded {row.size})"
+    return text
 
 
 def _after_done(storage: QueuedStorage, row: PendingTransfer, task: Any) -> None:

@@ -116,6 +116,20 @@ class TruncatingStorage(CountingStorage):
         return super()._save(name, ContentFile(content.read()[:-1]))
 
 
+class SwappingStorage(FileSystemStorage):
+    """Replaces a file by a symlink to ``target`` as it opens it: the swap that
+    lands between a worker's check of the local file and its read."""
+
+    target = ""
+
+    def _open(self, name: str, mode: str = "rb") -> Any:
+        if type(self).target:
+            path = self.path(name)
+            os.remove(path)
+            os.symlink(type(self).target, path)
+        return super()._open(name, mode)
+
+
 class GatedStorage(CountingStorage):
     """Blocks each upload until the test opens the gate: the window for races."""
 

@@ -588,9 +588,10 @@ def test_verify_transfers_reports_missing_and_wrong_sized_remote_copies(
 
     assert result.code == 3
     assert f"MISSING key={storage.key} name=gone.txt" in result.out
-    assert f"SIZE key={storage.key} name=short.txt: the remote copy has 3 bytes" in (
-        result.out
-    )
+    assert (
+        f"SIZE key={storage.key} name=short.txt: the remote copy has 3 bytes, the "
+        "ledger 20, the local file 20"
+    ) in result.out
     assert "checked=3 ok=1 missing=1 size=1 " in result.out
     assert "2 transfer(s) recorded as done do not match the remote" in result.err
     assert "--fix re-queues" in result.err

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import errno
 import io
+import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,10 +16,12 @@ import pytest
 from django.core.files.base import ContentFile
 from django.db import DatabaseError, connection, transaction
 
+from queued_storage import registry
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import drain
 from tests.conftest import content, read_bytes, row_of
+from tests.storages import SwappingStorage
 
 pytestmark = pytest.mark.django_db
 
@@ -243,3 +247,103 @@ def test_a_committed_save_keeps_its_file_when_an_earlier_callback_raises(
     assert row_of(storage, name).status == Status.QUEUED
     assert read_bytes(storage, name) == b"hello world"
     assert transferred(storage, name).size == 11
+
+
+# The worker uploads regular files inside the local root only
+
+
+def test_a_symlink_to_a_file_outside_the_local_root_is_never_uploaded(
+    storage: QueuedStorage, tmp_path: Path
+) -> None:
+    secret = tmp_path / "outside" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_bytes(b"not for the remote")
+    name = storage.save("avatar.txt", content())
+    link = Path(storage.local.path(name))
+    link.unlink()
+    link.symlink_to(secret)
+
+    drain(keys=[storage.key])
+
+    row = row_of(storage, name)
+    assert row.status == Status.FAILED
+    assert "outside the local storage's root" in row.last_error
+    assert repr(name) in row.last_error
+    assert storage.remote.calls("save") == 0  # type: ignore[attr-defined]
+    assert not storage.remote.exists(name)
+
+
+def test_a_symlink_swapped_in_after_the_check_is_never_uploaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"not for the remote")
+    storage = QueuedStorage(
+        "tests.storages.SwappingStorage",
+        "tests.storages.CountingStorage",
+        local_options={"location": str(tmp_path / "local")},
+        remote_options={"location": str(tmp_path / "remote")},
+        key="swapping",
+    )
+    try:
+        name = storage.save("avatar.txt", content())
+        monkeypatch.setattr(SwappingStorage, "target", str(secret))
+
+        drain(keys=[storage.key])
+
+        row = row_of(storage, name)
+        assert row.status == Status.FAILED
+        assert "changed while it was opened" in row.last_error
+        assert storage.remote.calls("save") == 0  # type: ignore[attr-defined]
+    finally:
+        registry.forget(storage.key)
+
+
+def test_a_symlink_inside_the_local_root_is_uploaded(storage: QueuedStorage) -> None:
+    target = storage.save("target.txt", content())
+    name = storage.save("link.txt", content())
+    link = Path(storage.local.path(name))
+    link.unlink()
+    link.symlink_to(storage.local.path(target))
+
+    assert transferred(storage, name).size == 11
+    assert read_bytes(storage.remote, name) == b"hello world"
+
+
+def test_a_local_name_that_is_not_a_regular_file_is_never_uploaded(
+    storage: QueuedStorage,
+) -> None:
+    name = storage.save("pipe", content())
+    path = Path(storage.local.path(name))
+    path.unlink()
+    os.mkfifo(path)
+    # Opening a FIFO to read waits for a writer: one that writes nothing ends a
+    # read of it instead of letting it wait for ever.
+    writer = threading.Thread(target=path.write_bytes, args=(b"",), daemon=True)
+    writer.start()
+
+    drain(keys=[storage.key])
+
+    os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))  # let the writer go
+    writer.join(10)
+
+    row = row_of(storage, name)
+    assert row.status == Status.FAILED
+    assert "is not a regular file" in row.last_error
+    assert storage.remote.calls("save") == 0  # type: ignore[attr-defined]
+
+
+def test_a_size_mismatch_reports_the_real_size_of_both_sides(
+    make_storage: Make,
+) -> None:
+    storage = make_storage(remote="tests.storages.TruncatingStorage")
+    name = storage.save("a.txt", content())
+    Path(storage.local.path(name)).write_bytes(b"hello world, changed")
+
+    drain(keys=[storage.key])
+
+    error = row_of(storage, name).last_error
+    assert (
+        "the remote copy of 'a.txt' has 19 bytes, the local file 20 (the ledger "
+        "recorded 11)"
+    ) in error

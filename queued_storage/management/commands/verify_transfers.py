@@ -7,7 +7,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
@@ -29,6 +29,9 @@ from queued_storage.management.cli import (
     write_json,
 )
 from queued_storage.models import PendingTransfer
+
+if TYPE_CHECKING:
+    from queued_storage.backends import QueuedStorage
 
 logger = logging.getLogger("queued_storage")
 
@@ -219,7 +222,8 @@ class Command(BaseCommand):
                 row.storage_key,
                 row.name,
                 SIZE,
-                f"the remote copy has {actual} bytes, the ledger {row.size}",
+                f"the remote copy has {actual} bytes, the ledger {row.size}"
+                f"{_local_size(storage, row.name)}",
             )
         if not self.with_checksum:
             return None
@@ -277,3 +281,11 @@ class Command(BaseCommand):
             f"{problem.problem.upper()} key={problem.key} name={problem.name}: "
             f"{problem.detail}{outcome}"
         )
+
+
+def _local_size(storage: QueuedStorage, name: str) -> str:
+    """``, the local file N`` when a local copy is left to compare with."""
+    try:
+        return f", the local file {storage.local.size(name)}"
+    except Exception:
+        return ""
