@@ -18,7 +18,6 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
 from django.core.files import File
 from django.core.files.storage import FileSystemStorage, Storage, storages
-from django.core.files.utils import validate_file_name
 from django.db import DatabaseError, connections, router, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models.functions import Substr
@@ -94,6 +93,25 @@ def _remove_local(local: Storage, name: str) -> None:
         local.delete(name)
     except Exception as exc:
         logger.warning("failed save cleanup error name=%s error=%r", name, exc)
+
+
+def _file_being_written(exc: BaseException, local: Storage) -> str | None:
+    """The name of the file that ``FileSystemStorage._save`` of ``local`` had
+    created (or truncated) when ``exc`` went through it, which it leaves behind.
+    Only its frame knows the name: it may have given up the one it was asked for
+    when another writer created that first, and that file is not ours."""
+    code = FileSystemStorage._save.__code__  # type: ignore[attr-defined]
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code is code and frame.f_locals.get("self") is local:
+            # ``fd`` is bound once its os.open() created or truncated the file.
+            if "fd" not in frame.f_locals:
+                return None
+            name = frame.f_locals.get("name")
+            return name if isinstance(name, str) else None
+        tb = tb.tb_next
+    return None
 
 
 class _RemovedUnlessCommitted:
@@ -345,14 +363,11 @@ class QueuedStorage(Storage):
     def _local_verbatim(self) -> bool:
         """Whether the local storage is Django's ``FileSystemStorage`` as it comes,
         which stores exactly the bytes of the content it saves."""
-        local = self.local
-        cls = type(local)
+        cls = type(self.local)
         return (
-            isinstance(local, FileSystemStorage)
+            isinstance(self.local, FileSystemStorage)
             and cls.save is Storage.save
             and getattr(cls, "_save", None) is getattr(FileSystemStorage, "_save", 0)
-            and "save" not in vars(local)
-            and "_save" not in vars(local)
         )
 
     def _local_overwrites(self) -> bool:
@@ -581,22 +596,13 @@ class QueuedStorage(Storage):
     ) -> str:
         """Save ``content`` to the local storage; a write that fails midway (a full
         disk) leaves no partial file for the no-row fallback to serve."""
-        if not self._local_verbatim:
-            return str(self.local.save(name, content, max_length=max_length))
-        # Storage.save's steps, so that a write that fails leaves us the name it was
-        # writing: FileSystemStorage leaves the partial file there.
-        local = self.local
-        validate_file_name(name, allow_relative_path=True)
-        chosen = local.get_available_name(name, max_length=max_length)
-        validate_file_name(chosen, allow_relative_path=True)
         try:
-            stored = local._save(chosen, content)  # type: ignore[attr-defined]
-        except BaseException:
-            if owned:
-                _remove_local(local, chosen)
+            return str(self.local.save(name, content, max_length=max_length))
+        except BaseException as exc:
+            partial = _file_being_written(exc, self.local) if owned else None
+            if partial is not None:
+                _remove_local(self.local, partial)
             raise
-        validate_file_name(stored, allow_relative_path=True)
-        return str(stored)
 
     @contextlib.contextmanager
     def _removed_unless_committed(

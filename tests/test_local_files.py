@@ -347,3 +347,29 @@ def test_a_size_mismatch_reports_the_real_size_of_both_sides(
         "the remote copy of 'a.txt' has 19 bytes, the local file 20 (the ledger "
         "recorded 11)"
     ) in error
+
+
+def test_a_failed_write_that_lost_a_race_for_its_name_spares_the_winner(
+    tmp_path: Path,
+) -> None:
+    """The local storage finds the name free, then taken when it creates the file
+    (another save won it), writes under another name and runs out of space."""
+    storage = QueuedStorage(
+        "tests.storages.OverlookingStorage",
+        "tests.storages.CountingStorage",
+        local_options={"location": str(tmp_path / "local")},
+        remote_options={"location": str(tmp_path / "remote")},
+        key="overlooking",
+    )
+    try:
+        winner = Path(storage.local.path("a.txt"))
+        winner.parent.mkdir(parents=True)
+        winner.write_bytes(b"the winner's")
+
+        with pytest.raises(OSError, match="No space left"):
+            storage.save("a.txt", FillsTheDisk(b"more than a partial file"))
+
+        assert local_files(storage) == ["a.txt"]
+        assert winner.read_bytes() == b"the winner's"
+    finally:
+        registry.forget(storage.key)
