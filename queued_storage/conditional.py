@@ -1,13 +1,15 @@
-"""Requests an S3 upload saves: a remote that refuses to overwrite an object by
-itself (S3's ``If-None-Match: *``) saves the request that asks whether one is
-there, and the checksum S3 validated and returned for an upload saves the request
-that reads the object's size back.
+"""Conditional requests to S3 and the requests they save: a remote that refuses to
+overwrite an object by itself (S3's ``If-None-Match: *``) saves the request that
+asks whether one is there; ``If-Match`` makes S3 refuse an overwrite or a delete
+when the object is no longer the one a worker saw before it checked its lease;
+and the checksum S3 validated and returned for an upload saves the request that
+reads the object's size back.
 
 django-storages' ``S3Storage`` uploads through boto3's transfer manager, which
-takes no ``IfNoneMatch`` argument and returns no response; hooks on the client
-add the argument to the ``PutObject`` (or ``CompleteMultipartUpload``) of the
-keys marked here, and keep the checksums of their responses, whatever thread the
-transfer manager sends them from.
+takes no ``IfNoneMatch`` or ``IfMatch`` argument and returns no response; hooks
+on the client add the condition to the ``PutObject`` (or
+``CompleteMultipartUpload``) of the keys marked here, and keep the checksums of
+their responses, whatever thread the transfer manager sends them from.
 """
 
 from __future__ import annotations
@@ -24,14 +26,29 @@ from typing import Any
 from django.core.files.storage import Storage
 
 _lock = threading.Lock()
-#: (bucket, key) pairs whose next upload must not overwrite an object.
-_create_only: Counter[tuple[str, str]] = Counter()
+#: Per (bucket, key): the conditions of the uploads under way in this process, in
+#: the order they began.
+_conditions: dict[tuple[str, str], list[_Condition]] = {}
 _HOOK_ID = "queued-storage-if-none-match"
 #: (bucket, key) pairs whose upload responses are kept, and what was kept.
 _watched: Counter[tuple[str, str]] = Counter()
 _responses: dict[tuple[str, str], dict[str, str]] = {}
 _WATCH_ID = "queued-storage-upload-checksum"
 _CONTEXT_KEY = "queued_storage_upload"
+
+
+class _Condition:
+    """What one upload of a key must find there: no object (``If-None-Match: *``)
+    or the object with this ETag (``If-Match``)."""
+
+    def __init__(self, etag: str | None) -> None:
+        self.header = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+        self.sent = False
+
+
+class AmbiguousCondition(Exception):
+    """Two uploads of one key in this process want different conditions; the hook
+    cannot tell their requests apart, so it sends neither."""
 
 
 def supports_create_only(storage: Storage) -> bool:
@@ -43,35 +60,87 @@ def supports_create_only(storage: Storage) -> bool:
     return isinstance(s3_storage, type) and isinstance(storage, s3_storage)
 
 
-def _add_if_none_match(params: dict[str, Any], **kwargs: Any) -> None:
+def _add_condition(params: dict[str, Any], **kwargs: Any) -> None:
+    target = (params.get("Bucket", ""), params.get("Key", ""))
     with _lock:
-        marked = _create_only[(params.get("Bucket", ""), params.get("Key", ""))] > 0
-    if marked:
-        params["IfNoneMatch"] = "*"
+        waiting = [c for c in _conditions.get(target, ()) if not c.sent]
+        if not waiting:
+            return
+        if any(c.header != waiting[0].header for c in waiting):
+            # The transfer manager sends requests from its own threads: which
+            # upload this request belongs to is unknown. Sending it without a
+            # condition could let a late upload overwrite a newer one.
+            raise AmbiguousCondition(
+                f"two uploads of {target[1]!r} with different conditions are under "
+                "way in this process; retried later"
+            )
+        waiting[0].sent = True
+    params.update(waiting[0].header)
 
 
 @contextmanager
 def create_only(storage: Storage, name: str) -> Iterator[None]:
     """Inside the block, an upload of ``name`` to ``storage`` (an ``S3Storage``)
     fails with HTTP 412 if an object is already there: see :func:`refused`."""
-    bucket, key = _target(storage, name)
-    events = storage.connection.meta.client.meta.events  # type: ignore[attr-defined]
+    with conditional_upload(storage, name, None):
+        yield
+
+
+@contextmanager
+def conditional_upload(storage: Storage, name: str, etag: str | None) -> Iterator[None]:
+    """Inside the block, an upload of ``name`` to ``storage`` (an ``S3Storage``)
+    is sent with ``If-Match: etag`` (``If-None-Match: *`` for None): S3 refuses it
+    if the object there is not the one seen (see :func:`refused`)."""
+    target = _target(storage, name)
+    events = _uploading_client(storage).meta.events
     for operation in ("PutObject", "CompleteMultipartUpload"):
         # unique_id: registered once per client, however many uploads use it.
         events.register(
             f"before-parameter-build.s3.{operation}",
-            _add_if_none_match,
+            _add_condition,
             unique_id=f"{_HOOK_ID}-{operation}",
         )
+    condition = _Condition(etag)
     with _lock:
-        _create_only[(bucket, key)] += 1
+        _conditions.setdefault(target, []).append(condition)
     try:
         yield
     finally:
         with _lock:
-            _create_only[(bucket, key)] -= 1
-            if _create_only[(bucket, key)] <= 0:
-                del _create_only[(bucket, key)]
+            _conditions[target].remove(condition)
+            if not _conditions[target]:
+                del _conditions[target]
+
+
+def etag_of(storage: Storage, name: str) -> str | None:
+    """The ETag of the object at ``name`` on ``storage`` (an ``S3Storage``), or
+    None when there is none: what a conditional overwrite or delete expects."""
+    bucket, key = _target(storage, name)
+    client = storage.connection.meta.client  # type: ignore[attr-defined]
+    try:
+        head = client.head_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict) and str(
+            response.get("Error", {}).get("Code", "")
+        ) in {"404", "NoSuchKey", "NotFound"}:
+            return None
+        raise
+    return str(head["ETag"])
+
+
+def delete_if_match(storage: Storage, name: str, etag: str) -> None:
+    """Delete the object at ``name`` on ``storage`` (an ``S3Storage``) only if it
+    is still the one with ``etag``; S3 refuses otherwise (see :func:`refused`)."""
+    bucket, key = _target(storage, name)
+    client = storage.connection.meta.client  # type: ignore[attr-defined]
+    client.delete_object(Bucket=bucket, Key=key, IfMatch=etag)
+
+
+def _uploading_client(storage: Storage) -> Any:
+    """The client that ``S3Storage`` uploads with: its bucket's, made once by the
+    first thread that saved (``connection`` is a client per thread)."""
+    return storage.bucket.meta.client  # type: ignore[attr-defined]
 
 
 def _target(storage: Storage, name: str) -> tuple[str, str]:
@@ -135,7 +204,7 @@ def watch_upload(storage: Storage, name: str) -> Iterator[Upload]:
     ``storage`` (an ``S3Storage``) are kept; at its end they are in the
     :class:`Upload` it yields."""
     target = _target(storage, name)
-    events = storage.connection.meta.client.meta.events  # type: ignore[attr-defined]
+    events = _uploading_client(storage).meta.events
     # A single PutObject only: the checksum of a multipart upload's completion
     # may be one of its parts' checksums ("...-3"), not the whole file's.
     events.register(
@@ -168,15 +237,23 @@ def honours_create_only(storage: Storage) -> bool:
 
 
 def refused(error: BaseException | None) -> bool:
-    """Whether ``error`` (or an error it was raised from) is a create-only upload
-    refused because an object exists: S3 answers 412 Precondition Failed, or 409
-    while another upload of the key is completing."""
+    """Whether ``error`` (or an error it was raised from) is a conditional request
+    that S3 refused: 412 Precondition Failed (an object exists, or another one than
+    ``If-Match`` named), 409 while another upload of the key is completing, or 404
+    for ``If-Match`` on a key with no object."""
     seen = 0
     while error is not None and seen < 5:
         response = getattr(error, "response", None)
         if isinstance(response, dict):
             code = str(response.get("Error", {}).get("Code", ""))
             if code in {"PreconditionFailed", "ConditionalRequestConflict"}:
+                return True
+            # If-Match on a key that has no object any more: S3 answers 404.
+            if code == "NoSuchKey" and getattr(error, "operation_name", "") in {
+                "PutObject",
+                "CompleteMultipartUpload",
+                "DeleteObject",
+            }:
                 return True
         error = error.__cause__ or error.__context__
         seen += 1

@@ -220,7 +220,9 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
         """Take a lease on up to ``limit`` due rows of this queryset and return them.
 
         Each returned row carries ``claimed_from`` (its status before the claim) and
-        ``was_owned`` (whether an earlier attempt may have written the remote object).
+        ``was_owned`` (whether an earlier attempt may have written the remote object:
+        one recorded an upload, or one whose lease ran out is taken over, which may
+        have been writing when its worker died).
         """
         now = now or timezone.now()
         token = uuid.uuid4().hex
@@ -260,12 +262,13 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
         changes made here too."""
         expires = now + timedelta(seconds=lease)
         for row in rows:
-            row.claimed_from, row.was_owned = row.status, row.remote_owned
+            row.claimed_from = row.status
+            row.was_owned = _owned_after_claim(row.status, row.remote_owned)
             row.status = PendingTransfer.Status.TRANSFERRING
             row.lease_token = token
             row.lease_expires_at = expires
             row.attempts += 1
-            row.remote_owned = True
+            row.remote_owned = row.was_owned
             row.updated_at = now
         return rows
 
@@ -282,7 +285,8 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
             .order_by("next_attempt_at", "pk")
         )
         for row in rows:
-            row.claimed_from, row.was_owned = before[row.pk]
+            row.claimed_from, owned = before[row.pk]
+            row.was_owned = _owned_after_claim(row.claimed_from, owned)
         return rows
 
     def _due_rows(self, now: datetime, limit: int, db: str) -> list[PendingTransfer]:
@@ -330,7 +334,7 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
     ) -> int:
         # Each row is taken only in the state it was read in, so that ``was_owned``
         # is true: without row locks another worker may have claimed it since, and
-        # written the remote object, before its lease ran out.
+        # recorded an upload, or died uploading, before its lease ran out.
         seen: dict[tuple[str, bool], list[int]] = {}
         for pk, status, owned in candidates:
             seen.setdefault((status, bool(owned)), []).append(pk)
@@ -345,7 +349,7 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
                     lease_token=token,
                     lease_expires_at=now + timedelta(seconds=lease),
                     attempts=F("attempts") + 1,
-                    remote_owned=True,
+                    remote_owned=_owned_after_claim(status, owned),
                     updated_at=now,
                 )
             )
@@ -533,6 +537,30 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
             "created_at": now,
             **fresh,
         }
+
+    def leave_tombstone(self, key: str, name: str, host: str) -> bool:
+        """Insert a due tombstone for ``name``, which has no row, so that a worker
+        holding its lease removes an object a late upload left at the name; True
+        if inserted, False (nothing written) when the name has a row again."""
+        now = timezone.now()
+        row = PendingTransfer(
+            storage_key=key,
+            name=name,
+            name_hash=name_hash(name),
+            deleted=True,
+            remote_owned=True,
+            next_attempt_at=now,
+            host=host,
+            created_at=now,
+            updated_at=now,
+        )
+        db = getattr(self, "_db", None) or router.db_for_write(PendingTransfer)
+        PendingTransfer.objects.using(db).bulk_create([row], ignore_conflicts=True)
+        return (
+            PendingTransfer.objects.using(db)
+            .filter(storage_key=key, name_hash=row.name_hash, generation=row.generation)
+            .exists()
+        )
 
     @retry_when_locked
     def unreserve(self, key: str, name: str, generation: int) -> int:
@@ -775,11 +803,14 @@ class PendingTransfer(models.Model):
         retry: bool,
         max_retries: int,
         base_delay: float,
-        disown_remote: bool = False,
+        owned: bool | None = None,
         message: str | None = None,
     ) -> str | None:
-        """Record an attempt's error; back off or give up. Returns the new status,
-        or None when the lease or generation is stale."""
+        """Record an attempt's error; back off or give up. ``owned``: True when the
+        attempt's upload was sent (it may have written the remote object), False
+        when the object there is not the ledger's, None when the attempt did not
+        get as far as an upload. Returns the new status, or None when the lease or
+        generation is stale."""
         now = timezone.now()
         entry = error_entry(error, self.attempts, now, message=message)
         history = [*list(self.error_history or []), entry][-ERROR_HISTORY_LENGTH:]
@@ -799,8 +830,8 @@ class PendingTransfer(models.Model):
                 status=self.Status.QUEUED,
                 next_attempt_at=now + timedelta(seconds=delay),
             )
-        if disown_remote:
-            changes["remote_owned"] = False
+        if owned is not None:
+            changes["remote_owned"] = owned
         if not self._leased().update(**changes):
             return None
         for field, value in changes.items():
@@ -1068,10 +1099,18 @@ def _conflict_target(connection: Any) -> list[str] | None:
     return None
 
 
+def _owned_after_claim(status: str, owned: bool) -> bool:
+    """Whether a claimed row owns its remote object: an earlier attempt recorded
+    an upload, or the row is taken over from a worker whose lease ran out, which
+    may have been writing it when it died."""
+    return bool(owned) or status == PendingTransfer.Status.TRANSFERRING
+
+
 def done_changes(now: datetime) -> dict[str, Any]:
     """What a verified transfer writes on its row."""
     return {
         "status": PendingTransfer.Status.DONE,
+        "remote_owned": True,
         "lease_token": "",
         "lease_expires_at": None,
         "next_attempt_at": None,

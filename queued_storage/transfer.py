@@ -14,9 +14,10 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from django.core.files.storage import FileSystemStorage, Storage
+from django.core.files.utils import validate_file_name
 from django.db import connections, router, transaction
 from django.db.models import Q
 
@@ -77,6 +78,11 @@ class RemoteConflict(TransferError):
     retry = False
 
 
+class RemoteChanged(TransferError):
+    """The object at an owned name is not the one this attempt saw: another
+    attempt of the row (or a newer version) wrote it meanwhile."""
+
+
 class HookContractError(TransferError):
     retry = False
 
@@ -134,7 +140,12 @@ ProgressCallback = Callable[[DrainStats, PendingTransfer, Outcome], None]
 
 def copy_to_remote(name: str, local: Storage, remote: Storage) -> None:
     """Stream ``name`` from ``local`` to ``remote`` in chunks, under the same name.
-    A local storage on disk gives only a regular file inside its root."""
+
+    A local storage on disk gives only a regular file inside its root. Django's
+    ``FileSystemStorage`` as it comes gets the file created exclusively at that
+    name, a taken name being a :class:`RemoteConflict`; a remote that saves
+    under another name is reported, and nothing is deleted under the name it
+    returned: what is there may be another file."""
     found = _regular_file_inside_root(name, local)
     try:
         source = local.open(name, "rb")
@@ -145,16 +156,14 @@ def copy_to_remote(name: str, local: Storage, remote: Storage) -> None:
     with source:
         if found is not None:
             _same_file(name, source, found)
+        if _renames_taken_names(remote):
+            _create_exclusively(remote, name, source)
+            return
         saved = remote.save(name, source)
     if saved != name:
-        # Never leave a stray copy behind under the name the remote invented.
-        try:
-            remote.delete(saved)
-        except Exception:
-            logger.warning("cleanup failed name=%s remote_name=%s", name, saved)
         raise RemoteRenamed(
             f"the remote saved {name!r} as {saved!r}; the remote storage must keep "
-            "the name it is given"
+            f"the name it is given (whatever is at {saved!r} was left alone)"
         )
 
 
@@ -215,6 +224,30 @@ def fence(row: PendingTransfer, before: str) -> None:
         )
 
 
+class _KeepingName:
+    """A ``FileSystemStorage`` seen through, whose ``_save`` finds a taken name a
+    conflict instead of asking for another name."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self._storage, attribute)
+
+    def get_available_name(self, name: str, max_length: int | None = None) -> str:
+        raise RemoteConflict(_conflict(name))
+
+
+def _create_exclusively(remote: Storage, name: str, content: Any) -> None:
+    """Write ``content`` at ``name`` with Django's own ``FileSystemStorage._save``
+    (``O_CREAT | O_EXCL``, its directory and file modes), which asks
+    ``get_available_name`` only when the name is taken: then it is a conflict,
+    decided by the file system, and no copy is made under another name."""
+    validate_file_name(name, allow_relative_path=True)
+    save = FileSystemStorage._save  # type: ignore[attr-defined]
+    save(cast(FileSystemStorage, _KeepingName(remote)), name, content)
+
+
 def _retry_settings(task: Any) -> tuple[int, float]:
     retries = task.max_retries
     delay = task.default_retry_delay
@@ -273,14 +306,19 @@ def transfer_row(row: PendingTransfer) -> Outcome | Verified:
     # Until the hook is built, its class stands for it: what its constructor
     # raises is an attempt's error like any other, under the class's retry limits.
     task: Any = storage.task_class
-    refusal = Refusal.ASKED
     upload: conditional.Upload | None = None
+    sent = False
     try:
         task = storage.task
-        refusal = _make_room(storage, row, task)
+        refusal, etag = _make_room(storage, row, task)
+        if refusal in (Refusal.ASKED, Refusal.IF_MATCH):
+            # This upload may replace an object: never once another worker may
+            # have taken the row over and written a newer version.
+            fence(row, "an upload that may replace the remote object")
+        sent = True
         with (
-            conditional.create_only(storage.remote, row.name)
-            if refusal is Refusal.IF_NONE_MATCH
+            conditional.conditional_upload(storage.remote, row.name, etag)
+            if refusal in (Refusal.IF_NONE_MATCH, Refusal.IF_MATCH)
             else nullcontext(),
             conditional.watch_upload(storage.remote, row.name)
             if _stock_hook(task) and conditional.supports_create_only(storage.remote)
@@ -296,12 +334,33 @@ def transfer_row(row: PendingTransfer) -> Outcome | Verified:
             )
         _verify(storage, row, upload)
     except Exception as exc:
-        if conditional.refused(exc) or (
-            refusal is Refusal.RENAMES and isinstance(exc, RemoteRenamed)
-        ):
-            return _fail(row, storage, RemoteConflict(_conflict(row.name)), task=task)
-        return _fail(row, storage, exc, task=task)
+        if isinstance(exc, RemoteConflict) or conditional.refused(exc):
+            return _refused(storage, row, task)
+        # Once sent, an upload may have written the object even if it raised (a
+        # timeout after the remote stored it): the row owns it, so the next
+        # attempt replaces it instead of failing for ever over its own copy, and
+        # a delete removes it.
+        return _fail(row, storage, exc, task=task, wrote=True if sent else None)
     return Verified(row, storage, task)
+
+
+def _refused(storage: QueuedStorage, row: PendingTransfer, task: Any) -> Outcome:
+    """The remote refused the upload (a conditional request, an exclusive create)
+    or already has an object at the name."""
+    if (
+        row.was_owned
+        or storage.overwrite_remote
+        or PendingTransfer.objects.filter(pk=row.pk, remote_owned=True).exists()
+    ):
+        # The row's own object changed since this attempt looked (a late attempt
+        # of the row wrote it, or a newer version did): look again next time.
+        error: TransferError = RemoteChanged(
+            f"the remote object at {row.name!r} changed during this attempt; retried"
+        )
+        return _fail(row, storage, error, task=task)
+    return _fail(
+        row, storage, RemoteConflict(_conflict(row.name)), task=task, wrote=False
+    )
 
 
 def complete(batch: list[Verified]) -> list[Outcome]:
@@ -332,7 +391,7 @@ def _complete_together(batch: list[Verified]) -> bool:
 
 def _complete_one(item: Verified) -> Outcome:
     if not item.row.mark_done():
-        return _reconcile(item.storage, item.row)
+        return _reconcile(item.storage, item.row, wrote=True)
     _done(item)
     return Outcome.DONE
 
@@ -378,39 +437,47 @@ def _conflict(name: str) -> str:
 
 class Refusal(enum.Enum):
     """How an upload is kept from overwriting a remote object the ledger does not
-    know (invariant 4)."""
+    know (invariant 4), or a newer version (invariant 3)."""
 
-    #: The remote was asked first, or the object is ours to replace.
+    #: The remote was asked first, or the object is ours to replace: the upload
+    #: is an overwrite, made only after the lease is checked.
     ASKED = "asked"
     #: The upload is create-only: S3 refuses it with ``If-None-Match: *``.
     IF_NONE_MATCH = "if-none-match"
-    #: Django's ``FileSystemStorage`` creates files exclusively and saves a taken
-    #: name under another one, which the stock hook removes and reports.
-    RENAMES = "renames"
+    #: The upload replaces the row's object: S3 refuses it with ``If-Match`` when
+    #: the object is no longer the one seen before the lease was checked.
+    IF_MATCH = "if-match"
+    #: Django's ``FileSystemStorage`` as it comes: the file is created exclusively
+    #: at the name, and a taken name is a conflict.
+    EXCLUSIVE = "exclusive"
 
 
-def _make_room(storage: QueuedStorage, row: PendingTransfer, task: Any) -> Refusal:
+def _make_room(
+    storage: QueuedStorage, row: PendingTransfer, task: Any
+) -> tuple[Refusal, str | None]:
     """Check that the upload may write the name, asking the remote only when the
-    upload itself cannot refuse to overwrite."""
+    upload itself cannot refuse to overwrite. Returns how the upload is refused,
+    and for ``IF_MATCH`` the ETag of the object it replaces (None: no object)."""
     remote = storage.remote
+    exclusive = _stock_hook(task) and _renames_taken_names(remote)
     if not row.was_owned and not storage.overwrite_remote:
         if _can_create_only(storage, task):
-            return Refusal.IF_NONE_MATCH
-        if _stock_hook(task) and _renames_taken_names(remote):
-            return Refusal.RENAMES
+            return Refusal.IF_NONE_MATCH, None
+        if exclusive:
+            return Refusal.EXCLUSIVE, None
         if remote.exists(row.name):
             raise RemoteConflict(_conflict(row.name))
-    elif remote.get_available_name(row.name) != row.name:
+        return Refusal.ASKED, None
+    if _can_create_only(storage, task):
+        # Read before the lease check: an object written after it is refused.
+        return Refusal.IF_MATCH, conditional.etag_of(remote, row.name)
+    if remote.get_available_name(row.name) != row.name:
         # An earlier attempt's object: ours to replace, on a remote that renames.
         # Not once our lease ran out: it may be the copy that the worker which
         # took the row over finished, and the only one left.
-        if not row.holds_lease():
-            raise LeaseLost(
-                f"the lease on {row.name!r} ran out before the upload; another "
-                "worker may have taken the transfer over"
-            )
+        fence(row, "deleting its earlier upload")
         remote.delete(row.name)
-    return Refusal.ASKED
+    return (Refusal.EXCLUSIVE if exclusive else Refusal.ASKED), None
 
 
 def _stock_hook(task: Any) -> bool:
@@ -420,14 +487,16 @@ def _stock_hook(task: Any) -> bool:
 
 def _renames_taken_names(remote: Storage) -> bool:
     """Whether ``remote`` is Django's ``FileSystemStorage`` as it comes, which
-    opens a new file with ``O_EXCL`` and saves a taken name under another one:
-    then its own save is the existence check, without a race. A subclass that
-    changes how names are chosen or files written is asked first instead."""
+    opens a new file with ``O_EXCL`` (and would save a taken name under another
+    one): then creating the file is the existence check, without a race. A
+    subclass that changes how names are chosen or files written is asked first
+    instead."""
     cls = type(remote)
     return (
         isinstance(remote, FileSystemStorage)
         and getattr(remote, "_allow_overwrite", True) is False
         and cls.save is Storage.save
+        and cls.path is FileSystemStorage.path
         and cls.get_available_name is FileSystemStorage.get_available_name
         and cls.is_name_available is FileSystemStorage.is_name_available
         and cls.exists is FileSystemStorage.exists
@@ -616,7 +685,9 @@ def _fail(
     storage: QueuedStorage | None,
     error: BaseException,
     task: Any = None,
+    wrote: bool | None = None,
 ) -> Outcome:
+    """Record ``error`` as the attempt's; ``wrote`` as for ``mark_failure(owned=)``."""
     if task is None:
         task = storage.task_class if storage is not None else _NoTask
     retries, delay = _retry_settings(task)
@@ -627,10 +698,10 @@ def _fail(
         retry=retry,
         max_retries=retries,
         base_delay=delay,
-        disown_remote=isinstance(error, RemoteConflict),
+        owned=wrote,
     )
     if status is None:
-        return _reconcile(storage, row) if storage else Outcome.STALE
+        return _reconcile(storage, row, wrote=bool(wrote)) if storage else Outcome.STALE
     logger.warning(
         "transfer error key=%s name=%s attempt=%s status=%s error=%s",
         row.storage_key,
@@ -650,10 +721,13 @@ class _NoTask:
     default_retry_delay = None
 
 
-def _reconcile(storage: QueuedStorage | None, row: PendingTransfer) -> Outcome:
+def _reconcile(
+    storage: QueuedStorage | None, row: PendingTransfer, *, wrote: bool = False
+) -> Outcome:
     """Our lease or generation went stale while we worked: leave the ledger to
-    whoever changed it, and clean up only what nobody else can own."""
-    current = PendingTransfer.objects.filter(pk=row.pk).first()
+    whoever changed it. A worker without a live lease deletes nothing: what its
+    upload (``wrote``) may have left at the name is marked as the ledger's, for a
+    worker that holds the name's lease to replace or remove."""
     logger.info(
         "transfer stale key=%s name=%s generation=%s",
         row.storage_key,
@@ -662,20 +736,29 @@ def _reconcile(storage: QueuedStorage | None, row: PendingTransfer) -> Outcome:
     )
     if storage is None:
         return Outcome.STALE
+    if wrote:
+        # The ledger put the object there, whichever row holds the name now;
+        # unmarked, that row would fail with a conflict over it.
+        PendingTransfer.objects.for_name(row.storage_key, row.name).update(
+            remote_owned=True
+        )
+    current = PendingTransfer.objects.filter(pk=row.pk).first()
     if current is None:
-        newer = PendingTransfer.objects.for_name(row.storage_key, row.name)
-        if newer.exists():
-            # Deleted and saved again while we worked: what we may have uploaded
-            # is at the newer row's name, and the ledger put it there; unmarked,
-            # the newer row would fail with a conflict over it.
-            newer.update(remote_owned=True)
-        else:
-            storage.remote.delete(row.name)
+        if wrote and not PendingTransfer.objects.leave_tombstone(
+            row.storage_key, row.name, row.host
+        ):
+            # Saved again just now: the new row owns what we left.
+            PendingTransfer.objects.for_name(row.storage_key, row.name).update(
+                remote_owned=True
+            )
         return Outcome.STALE
     if current.deleted:
-        _delete_files(storage, current.name, remote=True)
-        current.delete_tombstone()
-        return Outcome.PURGED
+        if current.lease_token == row.lease_token and current.has_live_lease():
+            # Deleted while we held the lease: the purge is ours to finish.
+            current.claimed_from = row.claimed_from
+            current.was_owned = current.remote_owned or wrote
+            return _purge_claimed(storage, current)
+        return Outcome.STALE
     if current.lease_token == row.lease_token:
         current.release(held=storage.delayed)
     return Outcome.STALE

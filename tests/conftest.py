@@ -13,7 +13,7 @@ from django.db import transaction
 from queued_storage import registry
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
-from tests.storages import GatedStorage
+from tests.storages import GatedStorage, PausingStorage
 
 FS = "django.core.files.storage.FileSystemStorage"
 _keys = itertools.count()
@@ -101,6 +101,16 @@ def gate() -> Iterator[type[GatedStorage]]:
     GatedStorage.gate.clear()
     yield GatedStorage
     GatedStorage.gate.set()
+
+
+@pytest.fixture
+def pausing() -> Iterator[type[PausingStorage]]:
+    """A remote that pauses once in the call named by ``pausing.arm(method)``."""
+    PausingStorage.arm("")
+    yield PausingStorage
+    PausingStorage.pause_in = ""
+    PausingStorage.break_write_in = None
+    PausingStorage.resume.set()
 
 
 def content(text: str = "hello world") -> ContentFile:

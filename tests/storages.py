@@ -78,6 +78,14 @@ class RenamingStorage(CountingStorage):
         return f"renamed/{name}"
 
 
+class MisreportingStorage(CountingStorage):
+    """Writes at the name it is given and answers another one, ``elsewhere/...``."""
+
+    def _save(self, name: str, content: Any) -> str:
+        super()._save(name, content)
+        return f"elsewhere/{name}"
+
+
 class FullDiskStorage(FileSystemStorage):
     """A local storage whose writes fail."""
 
@@ -141,6 +149,82 @@ class GatedStorage(CountingStorage):
         if not type(self).gate.wait(timeout=30):
             raise TimeoutError("the test never opened the gate")
         return super()._save(name, content)
+
+
+class PausingStorage(CountingStorage):
+    """Pauses once in the method named by ``PausingStorage.pause_in`` (``exists``
+    and ``get_available_name`` after their answer, ``_save`` and ``delete`` before
+    acting) until the test sets ``resume``: a worker stopped between a check and
+    the call that acts on it. ``paused`` is set when it stops. Uploads made by
+    the thread ``break_write_in`` fail half-way."""
+
+    pause_in = ""
+    thread: threading.Thread | None = None
+    #: Uploads made by this thread write half the file and fail.
+    break_write_in: threading.Thread | None = None
+    paused = threading.Event()
+    resume = threading.Event()
+
+    @classmethod
+    def arm(cls, method: str, thread: threading.Thread | None = None) -> None:
+        """Pause the next call of ``method`` (made by ``thread``, when given), with
+        fresh ``paused`` and ``resume`` events."""
+        cls.paused = threading.Event()
+        cls.resume = threading.Event()
+        cls.thread = thread
+        cls.pause_in = method
+
+    def _pause(self, method: str) -> None:
+        cls = type(self)
+        if cls.pause_in != method or cls.thread not in (
+            None,
+            threading.current_thread(),
+        ):
+            return
+        cls.pause_in = ""
+        paused, resume = cls.paused, cls.resume
+        paused.set()
+        if not resume.wait(timeout=30):
+            raise TimeoutError("the test never resumed the paused call")
+
+    def exists(self, name: str) -> bool:
+        found = super().exists(name)
+        self._pause("exists")
+        return found
+
+    def get_available_name(self, name: str, max_length: int | None = None) -> str:
+        available = super().get_available_name(name, max_length=max_length)
+        self._pause("get_available_name")
+        return available
+
+    def _save(self, name: str, content: Any) -> str:
+        self._pause("_save")
+        if type(self).break_write_in is threading.current_thread():
+            # The connection drops half-way: what is there is half a file.
+            data = content.read()
+            super()._save(name, ContentFile(data[: len(data) // 2]))
+            raise ConnectionResetError("the connection dropped mid-upload")
+        return super()._save(name, content)
+
+    def delete(self, name: str) -> None:
+        self._pause("delete")
+        super().delete(name)
+
+
+class FailingExistsStorage(CountingStorage):
+    """Its first ``exists()`` times out, as a remote's existence check can."""
+
+    failures = 1
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.failures = type(self).failures
+
+    def exists(self, name: str) -> bool:
+        if self.failures > 0:
+            self.failures -= 1
+            raise TimeoutError("the existence check timed out")
+        return super().exists(name)
 
 
 class ExplodingStorage(FileSystemStorage):

@@ -27,7 +27,7 @@ from queued_storage.transfer import (
 )
 from tests.conftest import content, read_bytes, row_of
 from tests.factories import PendingTransferFactory
-from tests.storages import GatedStorage
+from tests.storages import GatedStorage, PausingStorage
 
 pytestmark = pytest.mark.django_db
 
@@ -517,21 +517,47 @@ def test_transfer_and_delete_keeps_the_local_copy_when_the_transfer_fails(
 # Faulty remotes
 
 
-def test_remote_that_renames_is_not_done_and_leaves_no_stray_object(
+def test_remote_that_renames_is_not_done_and_is_never_trusted_with_a_delete(
     make_storage: Callable[..., QueuedStorage],
     run_drain: Callable[..., DrainStats],
 ) -> None:
+    """The copy under the name the remote invented is reported, not deleted: the
+    engine cannot know what a name it did not choose holds."""
     storage = make_storage(remote="tests.storages.RenamingStorage")
     name = storage.save("a.txt", content("keep my name"))
 
     stats = run_drain()
 
     row = row_of(storage, name)
-    assert row.status != Status.DONE
+    assert row.status == Status.FAILED
     assert stats.done == 0
     assert "must keep the name" in row.last_error
-    assert remote_files(storage) == []
+    assert "'renamed/a.txt' was left alone" in row.last_error
+    assert remote_files(storage) == ["renamed/a.txt"]
+    assert storage.remote.calls("delete") == 0
     assert read_bytes(storage, name) == b"keep my name"
+
+
+def test_a_name_a_remote_returns_instead_of_ours_keeps_the_file_it_holds(
+    make_storage: Callable[..., QueuedStorage],
+    run_drain: Callable[..., DrainStats],
+) -> None:
+    """A remote whose save() answers another name, where another file lives: that
+    file survives, and the row fails with the remote's renaming as its error."""
+    storage = make_storage(remote="tests.storages.MisreportingStorage")
+    theirs = Path(storage.remote.location) / "elsewhere" / "a.txt"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_bytes(b"someone else's file")
+    name = storage.save("a.txt", content("mine"))
+
+    stats = run_drain()
+
+    row = row_of(storage, name)
+    assert (stats.failed, row.status) == (1, Status.FAILED)
+    assert row.last_error.startswith("RemoteRenamed: ")
+    assert theirs.read_bytes() == b"someone else's file"
+    assert storage.remote.calls("delete") == 0
+    assert read_bytes(storage, name) == b"mine"
 
 
 def test_size_mismatch_is_not_done_and_is_retried(
@@ -591,6 +617,39 @@ def test_foreign_remote_object_is_a_conflict_and_left_untouched(
     assert remote_bytes(storage, name) == b"mine"
 
 
+def test_ownership_is_earned_by_writing_not_by_claiming(
+    make_storage: Callable[..., QueuedStorage],
+    run_drain: Callable[..., DrainStats],
+    settings: Any,
+) -> None:
+    """The first attempt fails in the existence check, before it writes; then an
+    object the ledger did not write appears at the name. The second attempt must
+    not take it for its own: a conflict, and the object's bytes intact."""
+    settings.QUEUED_STORAGE_RETRY_DELAY = 0
+    storage = make_storage(remote="tests.storages.FailingExistsStorage")
+    name = storage.save("a.txt", content("mine"))
+
+    run_drain(limit=1)
+
+    row = row_of(storage, name)
+    assert (row.status, row.attempts) == (Status.QUEUED, 1)
+    assert "the existence check timed out" in row.last_error
+    assert row.remote_owned is False
+    foreign = Path(storage.remote.location) / "a.txt"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_bytes(b"not yours")
+
+    stats = run_drain()
+
+    row = row_of(storage, name)
+    assert (stats.failed, row.status, row.attempts) == (1, Status.FAILED, 2)
+    assert "did not put there" in row.last_error
+    assert row.remote_owned is False
+    assert foreign.read_bytes() == b"not yours"
+    assert storage.remote.calls("save") == 0
+    assert read_bytes(storage, name) == b"mine"
+
+
 @pytest.mark.parametrize(
     ("remote", "asks_first"),
     [
@@ -630,8 +689,9 @@ def test_a_remote_that_renames_is_its_own_existence_check(
     assert "did not put there" in row.last_error
     assert foreign.read_bytes() == b"not yours"
     assert sorted(os.listdir(foreign.parent)) == ["a.txt", "b.txt"]
-    # The remote's own save asks once; the engine asking first makes it twice.
-    assert asked.count("b.txt") == (2 if asks_first else 1)
+    # The stock storage's file is created exclusively, with no question; the
+    # subclass's own save asks once, and the engine asking first makes it twice.
+    assert asked.count("b.txt") == (2 if asks_first else 0)
 
 
 # Leases
@@ -838,6 +898,102 @@ def test_worker_whose_lease_was_taken_over_loses(
     assert storage.remote.calls("save") == 1
 
 
+def _late_worker(
+    row: PendingTransfer, pausing: type[PausingStorage]
+) -> tuple[threading.Thread, dict[str, Any]]:
+    """process_row(row) in a thread; ``pausing.paused`` is set when it pauses or
+    ends, whichever comes first."""
+
+    def work() -> Outcome:
+        try:
+            return process_row(row)
+        finally:
+            pausing.paused.set()
+
+    return in_thread(work)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("paused_in", "transferred_before"),
+    [("exists", False), ("get_available_name", True)],
+    ids=["first-upload", "re-upload"],
+)
+def test_a_late_worker_paused_before_its_upload_never_overwrites_a_newer_copy(
+    make_storage: Callable[..., QueuedStorage],
+    pausing: type[PausingStorage],
+    paused_in: str,
+    transferred_before: bool,
+) -> None:
+    """A worker stops between looking at the remote and uploading; its lease runs
+    out, another worker takes the row over and finishes it, and the name is saved
+    again and transferred again. The late worker must check its lease before the
+    upload: on a remote that overwrites, its upload (here one that fails half-way)
+    would replace the newest copy."""
+    storage = make_storage(
+        remote="tests.storages.PausingStorage",
+        remote_options={"allow_overwrite": True},
+        local_options={"allow_overwrite": True},
+    )
+    name = storage.save("a.txt", content("first"))
+    if transferred_before:
+        drain(keys=[storage.key])
+        storage.save("a.txt", content("second"))
+    [late] = PendingTransfer.objects.claim_due(limit=1, lease=300)
+    pausing.arm(paused_in)
+    worker, result = _late_worker(late, pausing)
+    pausing.break_write_in = worker
+    assert pausing.paused.wait(timeout=10)
+    assert worker.is_alive()
+
+    _expire_lease(late)
+    assert drain(keys=[storage.key]).done == 1  # the row taken over and finished
+    storage.save("a.txt", content("the newest"))
+    assert drain(keys=[storage.key]).done == 1
+    pausing.resume.set()
+
+    assert joined(worker, result) is Outcome.STALE
+    row = row_of(storage, name)
+    assert row.status == Status.DONE
+    assert remote_bytes(storage, name) == b"the newest"
+    assert read_bytes(storage, name) == b"the newest"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_late_worker_whose_name_was_deleted_never_deletes_a_newer_copy(
+    make_storage: Callable[..., QueuedStorage],
+    pausing: type[PausingStorage],
+) -> None:
+    """A worker's lease runs out during its upload; the name is deleted (the
+    tombstone purged) and the upload lands. The late worker must not remove what
+    it left by itself: by the time it would, the name can be saved and transferred
+    again, and its delete would take the newer copy."""
+    storage = make_storage(remote="tests.storages.PausingStorage")
+    name = storage.save("a.txt", content("deleted soon"))
+    [late] = PendingTransfer.objects.claim_due(limit=1, lease=300)
+    pausing.arm("_save")
+    worker, result = _late_worker(late, pausing)
+    assert pausing.paused.wait(timeout=10)
+    _expire_lease(late)
+    storage.delete(name)
+    assert not storage.exists(name)
+
+    upload = pausing.resume
+    pausing.arm("delete", worker)  # the late worker's own clean-up, if it makes one
+    upload.set()
+    assert pausing.paused.wait(timeout=10)
+    assert not storage.exists(name)  # what the upload left is not served
+    storage.save("a.txt", content("saved again"))
+    drain(keys=[storage.key])
+    pausing.resume.set()
+    joined(worker, result)
+
+    row = row_of(storage, name)
+    assert row.status == Status.DONE, row.last_error
+    assert remote_bytes(storage, name) == b"saved again"
+    assert read_bytes(storage, name) == b"saved again"
+
+
 @pytest.mark.django_db(transaction=True)
 def test_resave_during_a_transfer_hands_the_row_back_for_the_new_content(
     make_storage: Callable[..., QueuedStorage], gate: type[GatedStorage]
@@ -1005,8 +1161,10 @@ def test_drain_claims_in_batches_not_per_file(
 
     # Measured: 7 on SQLite (select, update, re-read, one UPDATE recording the
     # ten files as done, empty claim), 11 on PostgreSQL, 13 on MariaDB (savepoint
-    # pairs). Per-file claiming would need 30 and more, per-file completion 16.
-    with django_assert_max_num_queries(13):
+    # pairs), each plus one lease check per file: this remote is asked before an
+    # upload, which could overwrite a newer copy once the lease is gone. Per-file
+    # claiming would need 40 and more, per-file completion 26.
+    with django_assert_max_num_queries(23):
         stats = drain()
 
     assert stats.done == 10

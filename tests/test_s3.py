@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.core.files.base import ContentFile
+from django.db import connections
+from django.utils import timezone
 
+from queued_storage import conditional
 from queued_storage.backends import QueuedS3Storage, QueuedStorage
 from queued_storage.models import PendingTransfer
-from queued_storage.transfer import drain
+from queued_storage.transfer import Outcome, drain, process_row
 from tests.s3 import S3_OPTIONS, make_bucket, moto_s3_server, s3_client
 
 pytestmark = pytest.mark.django_db
@@ -105,3 +111,116 @@ def test_queued_s3_storage_class_defaults() -> None:
     storage = QueuedS3Storage(key="s3-defaults", remote_options={"bucket_name": "b"})
     assert storage.local_path == "django.core.files.storage.FileSystemStorage"
     assert storage.remote_path == "storages.backends.s3.S3Storage"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_s3_refuses_a_late_overwrite_whose_lease_check_passed(
+    s3_endpoint: str, make_storage: Callable[..., QueuedStorage]
+) -> None:
+    """A worker checks its lease, then stops before its upload reaches S3; its
+    lease runs out, another worker takes the row over and finishes it, and the
+    name is saved and transferred again. When the late upload arrives, S3 itself
+    refuses it: it carries If-Match with the ETag seen before the check."""
+    storage = make_storage(
+        remote="storages.backends.s3.S3Storage",
+        remote_options={
+            **S3_OPTIONS,
+            "bucket_name": make_bucket(s3_endpoint),
+            "endpoint_url": s3_endpoint,
+        },
+        local_options={"allow_overwrite": True},
+        create_only_uploads=True,
+    )
+    bucket = storage.remote.bucket_name
+    client = s3_client(s3_endpoint)
+    name = storage.save("doc.txt", ContentFile(b"first"))
+    drain(keys=[storage.key])
+    storage.save("doc.txt", ContentFile(b"second"))
+    [late] = PendingTransfer.objects.claim_due(limit=1, lease=300)
+    sent = threading.Event()
+    resume = threading.Event()
+
+    def hold(**kwargs: Any) -> None:
+        if not sent.is_set():  # the late worker's upload, the first one sent
+            sent.set()
+            assert resume.wait(timeout=30)
+
+    def late_worker() -> Outcome:
+        try:
+            return process_row(late)
+        finally:
+            sent.set()
+            connections.close_all()
+
+    # S3Storage uploads with its bucket's client, whichever thread saves.
+    events = storage.remote.bucket.meta.client.meta.events
+    events.register("before-call.s3.PutObject", hold)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        outcome = pool.submit(late_worker)
+        assert sent.wait(timeout=10)  # its lease checked, its request built
+        assert not outcome.done()
+        PendingTransfer.objects.filter(pk=late.pk).update(
+            lease_expires_at=timezone.now() - timedelta(seconds=1)
+        )
+        assert drain(keys=[storage.key]).done == 1
+        storage.save("doc.txt", ContentFile(b"the newest"))
+        assert drain(keys=[storage.key]).done == 1
+        resume.set()
+        assert outcome.result(timeout=30) is Outcome.STALE
+
+    stored = client.get_object(Bucket=bucket, Key="doc.txt")["Body"].read()
+    assert stored == b"the newest"
+    row = PendingTransfer.objects.for_name(storage.key, name).get()
+    assert row.status == PendingTransfer.Status.DONE
+    with storage.open(name) as opened:
+        assert opened.read() == b"the newest"
+
+
+def test_s3_conditional_delete_spares_an_object_written_since_its_etag_was_read(
+    s3_storage: QueuedStorage, s3_endpoint: str
+) -> None:
+    """conditional.delete_if_match(): S3 refuses to delete an object that is not
+    the one whose ETag was read, and deletes the one that is."""
+    remote = s3_storage.remote
+    bucket = remote.bucket_name
+    client = s3_client(s3_endpoint)
+    client.put_object(Bucket=bucket, Key="a.txt", Body=b"old")
+    seen = conditional.etag_of(remote, "a.txt")
+    assert seen is not None
+    client.put_object(Bucket=bucket, Key="a.txt", Body=b"newer")
+
+    with pytest.raises(Exception) as refused:
+        conditional.delete_if_match(remote, "a.txt", seen)
+
+    assert conditional.refused(refused.value)
+    assert client.get_object(Bucket=bucket, Key="a.txt")["Body"].read() == b"newer"
+    current = conditional.etag_of(remote, "a.txt")
+    assert current is not None and current != seen
+    conditional.delete_if_match(remote, "a.txt", current)
+    assert conditional.etag_of(remote, "a.txt") is None
+
+
+def test_s3_uploads_of_one_key_wanting_different_conditions_are_not_sent(
+    s3_storage: QueuedStorage, s3_endpoint: str
+) -> None:
+    """The hook cannot tell which of two uploads of one key a request belongs to
+    (the transfer manager sends it from its own thread): when they want different
+    conditions, the request fails rather than go without one."""
+    remote = s3_storage.remote
+    bucket = remote.bucket_name
+    client = s3_client(s3_endpoint)
+    client.put_object(Bucket=bucket, Key="a.txt", Body=b"old")
+    seen = conditional.etag_of(remote, "a.txt")
+
+    with (
+        conditional.conditional_upload(remote, "a.txt", seen),
+        conditional.conditional_upload(remote, "a.txt", None),
+        pytest.raises(conditional.AmbiguousCondition),
+    ):
+        remote.save("a.txt", ContentFile(b"late"))
+
+    assert client.get_object(Bucket=bucket, Key="a.txt")["Body"].read() == b"old"
+    with conditional.conditional_upload(remote, "a.txt", seen):
+        remote.save("a.txt", ContentFile(b"replaced"))
+    assert client.get_object(Bucket=bucket, Key="a.txt")["Body"].read() == b"replaced"
