@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from django.core.files.base import ContentFile
+from django.core.files.uploadedfile import TemporaryUploadedFile
 from django.db import DatabaseError, connection, transaction
 
 from queued_storage import registry
@@ -57,7 +58,11 @@ class Unsized:
         return self._data.read(size)
 
 
-def test_str_content_records_its_size_in_bytes(storage: QueuedStorage) -> None:
+@pytest.mark.parametrize("verify_checksum", [False, True], ids=["size", "checksum"])
+def test_str_content_records_its_size_in_bytes(
+    make_storage: Make, verify_checksum: bool
+) -> None:
+    storage = make_storage(verify_checksum=verify_checksum)
     text = "Grüße aus Köln"
 
     name = storage.save("n.txt", ContentFile(text))
@@ -78,6 +83,20 @@ def test_a_file_whose_size_is_wrong_records_the_bytes_written(
 
     assert row_of(storage, name).size == 12
     assert transferred(storage, name).size == storage.remote.size(name) == 12
+
+
+def test_a_moved_temporary_upload_whose_size_is_wrong_records_its_bytes(
+    storage: QueuedStorage,
+) -> None:
+    upload = TemporaryUploadedFile("t.bin", "application/octet-stream", 3, None)
+    upload.write(b"not three bytes")
+    upload.seek(0)
+
+    name = storage.save("t.bin", upload)
+    upload.close()  # as the request does: the file was moved away
+
+    assert row_of(storage, name).size == 15
+    assert transferred(storage, name).size == storage.remote.size(name) == 15
 
 
 def test_a_file_that_cannot_tell_its_size_records_the_bytes_written(
