@@ -117,6 +117,8 @@ def test_invariant_2_ledger_is_the_truth(
     assert callbacks == []
     assert not PendingTransfer.objects.filter(name="rolled-back.txt").exists()
     assert counting.remote.calls("save") == 1
+    # A failed save leaves nothing served: not even through the no-row fallback.
+    assert not counting.exists("rolled-back.txt")
 
 
 def test_invariant_3_one_worker_per_file_and_late_workers_lose(

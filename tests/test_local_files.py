@@ -314,6 +314,7 @@ def test_a_symlink_swapped_in_after_the_check_is_never_uploaded(
         assert row.status == Status.FAILED
         assert "changed while it was opened" in row.last_error
         assert storage.remote.calls("save") == 0  # type: ignore[attr-defined]
+        assert not storage.remote.exists(name)
     finally:
         registry.forget(storage.key)
 
@@ -350,6 +351,7 @@ def test_a_local_name_that_is_not_a_regular_file_is_never_uploaded(
     assert row.status == Status.FAILED
     assert "is not a regular file" in row.last_error
     assert storage.remote.calls("save") == 0  # type: ignore[attr-defined]
+    assert not storage.remote.exists(name)
 
 
 def test_a_size_mismatch_reports_the_real_size_of_both_sides(
