@@ -205,7 +205,8 @@ def _same_file(name: str, source: Any, found: os.stat_result) -> None:
     except (AttributeError, OSError, ValueError):
         return
     if (opened.st_dev, opened.st_ino) != (found.st_dev, found.st_ino):
-        raise LocalFileRefused(
+        # Retried: the next attempt checks what is there then.
+        raise TransferError(
             f"the local file {name!r} changed while it was opened for the upload"
         )
 
