@@ -11,12 +11,14 @@ import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from functools import cached_property
+from types import FrameType, TracebackType
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
 from django.core.files import File
+from django.core.files.move import file_move_safe
 from django.core.files.storage import FileSystemStorage, Storage, storages
 from django.db import DatabaseError, connections, router, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
@@ -95,23 +97,37 @@ def _remove_local(local: Storage, name: str) -> None:
         logger.warning("failed save cleanup error name=%s error=%r", name, exc)
 
 
+_FILE_SYSTEM_SAVE = FileSystemStorage._save.__code__  # type: ignore[attr-defined]
+_FILE_MOVE_SAFE = file_move_safe.__code__
+
+
 def _file_being_written(exc: BaseException, local: Storage) -> str | None:
     """The name of the file that ``FileSystemStorage._save`` of ``local`` had
     created (or truncated) when ``exc`` went through it, which it leaves behind.
     Only its frame knows the name: it may have given up the one it was asked for
     when another writer created that first, and that file is not ours."""
-    code = FileSystemStorage._save.__code__  # type: ignore[attr-defined]
     tb = exc.__traceback__
     while tb is not None:
         frame = tb.tb_frame
-        if frame.f_code is code and frame.f_locals.get("self") is local:
-            # ``fd`` is bound once its os.open() created or truncated the file.
-            if "fd" not in frame.f_locals:
-                return None
+        if frame.f_code is _FILE_SYSTEM_SAVE and frame.f_locals.get("self") is local:
             name = frame.f_locals.get("name")
-            return name if isinstance(name, str) else None
+            # ``fd`` is bound once os.open() created or truncated the file: in
+            # _save for a stream, in file_move_safe for a temporary upload copied
+            # to another file system.
+            created = "fd" in frame.f_locals or any(
+                inner.f_code is _FILE_MOVE_SAFE and "fd" in inner.f_locals
+                for inner in _inner_frames(tb)
+            )
+            return name if created and isinstance(name, str) else None
         tb = tb.tb_next
     return None
+
+
+def _inner_frames(tb: TracebackType) -> Iterator[FrameType]:
+    inner = tb.tb_next
+    while inner is not None:
+        yield inner.tb_frame
+        inner = inner.tb_next
 
 
 class _RemovedUnlessCommitted:

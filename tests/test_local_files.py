@@ -403,3 +403,35 @@ def test_a_failed_write_that_lost_a_race_for_its_name_spares_the_winner(
         assert winner.read_bytes() == b"the winner's"
     finally:
         registry.forget(storage.key)
+
+
+class _AcrossFileSystems:
+    """``os`` as ``file_move_safe`` sees it when the temporary upload directory is
+    on another file system (no rename) that fills up as the copy starts."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    @staticmethod
+    def rename(source: str, target: str) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    @staticmethod
+    def write(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_temporary_upload_whose_copy_fails_leaves_nothing_served(
+    storage: QueuedStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload = TemporaryUploadedFile("up.bin", "application/octet-stream", 11, None)
+    upload.write(b"hello world")
+    upload.seek(0)
+    monkeypatch.setattr("django.core.files.move.os", _AcrossFileSystems())
+
+    with pytest.raises(OSError, match="No space left"):
+        storage.save("up.bin", upload)
+    upload.close()
+    monkeypatch.undo()
+
+    assert_nothing_served(storage, "up.bin")
