@@ -1,5 +1,6 @@
 """Random interleavings of what users and workers do to a few names (hypothesis'
-stateful testing): saves, re-saves, deletes, transfer(), worker steps, claims
+stateful testing): saves, re-saves, deletes, transfer(), other spellings of the names (refused,
+or acting on the name they spell), worker steps, claims
 completed later, workers that crash before or after their upload, races in the
 moment between a worker's upload and its ledger update, and leases running out.
 
@@ -19,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.core.exceptions import SuspiciousFileOperation
 from django.core.files.base import ContentFile
 from django.utils import timezone
-from hypothesis import HealthCheck
+from hypothesis import HealthCheck, assume
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -45,6 +47,19 @@ FS = "django.core.files.storage.FileSystemStorage"
 NAMES = st.sampled_from(["a.txt", "dir/b.txt"])
 CONTENTS = st.binary(max_size=6)
 ACTIONS = st.sampled_from(["resave", "delete", "delete-then-save"])
+#: Spellings of a name that are not names: every entry point refuses them.
+NOT_NAMES = st.sampled_from(["./{}", "{}/", "x/../{}", "/{}", "{}/.", "dir//{}"])
+#: Entry points, called as an application would with a spelling of a name.
+CALLS: dict[str, Callable[[QueuedStorage, str], Any]] = {
+    "save": lambda storage, name: storage.save(name, ContentFile(b"stray")),
+    "delete": QueuedStorage.delete,
+    "transfer": QueuedStorage.transfer,
+    "exists": QueuedStorage.exists,
+    "open": lambda storage, name: storage.open(name).close(),
+    "size": QueuedStorage.size,
+    "url": QueuedStorage.url,
+    "listdir": QueuedStorage.listdir,
+}
 _machines = itertools.count()
 
 
@@ -228,6 +243,30 @@ class LedgerMachine(RuleBasedStateMachine):
             process_row(row)
         finally:
             HookedStorage.after_write = None
+
+    @rule(name=NAMES, spelling=NOT_NAMES, call=st.sampled_from(sorted(CALLS)))
+    def misspell(self, name: str, spelling: str, call: str) -> None:
+        """A spelling that is not a name changes nothing (the invariants check the
+        names it seems to point at)."""
+        # A directory may be spelled with its trailing slash.
+        assume(not (call == "listdir" and spelling == "{}/"))
+        with pytest.raises(SuspiciousFileOperation):
+            CALLS[call](self.queued, spelling.format(name))
+
+    @rule(data=CONTENTS, call=st.sampled_from(["save", "delete", "transfer"]))
+    def spell_with_a_backslash(self, data: bytes, call: str) -> None:
+        """``dir\\b.txt`` is ``dir/b.txt``: it acts on that file, never beside it."""
+        name, spelling = "dir/b.txt", "dir\\b.txt"
+        if call == "save":
+            assert self.queued.save(spelling, ContentFile(data)) == name
+            self.live[name] = data
+            self.deleted.discard(name)
+        elif call == "delete":
+            self.queued.delete(spelling)
+            self.live.pop(name, None)
+            self.deleted.add(name)
+        else:
+            self.queued.transfer(spelling)
 
     def _expire_leases(self) -> None:
         PendingTransfer.objects.filter(
