@@ -823,7 +823,7 @@ class QueuedStorage(Storage):
         prefetch.forget(self.key, name)
         state = self._row_state(name)
         if state is None or state.deleted:
-            if not self.local.exists(name):
+            if not self._local_file(name):
                 return False
             PendingTransfer.objects.record_save(
                 key=self.key,
@@ -842,6 +842,18 @@ class QueuedStorage(Storage):
         if queued:
             self._wake(name)
         return queued
+
+    def _local_file(self, name: str) -> bool:
+        """Whether the local storage has a file at ``name``: ``exists()`` is also
+        true of a directory, such as ``d`` of ``d/x``, which is no file to queue."""
+        local = self.local
+        if not local.exists(name):
+            return False
+        try:
+            path = local.path(name)
+        except NotImplementedError:
+            return True
+        return not os.path.isdir(path)
 
 
 def _listdir(storage: Storage, path: str) -> tuple[list[str], list[str]]:

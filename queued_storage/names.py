@@ -18,6 +18,7 @@ __all__ = [
     "check_name",
     "check_portable",
     "clean_name",
+    "misspelling",
     "portable_name",
 ]
 
@@ -106,6 +107,29 @@ def canonical_name(name: str) -> str:
             f"most {MAX_NAME_LENGTH}."
         )
     return canonical
+
+
+def misspelling(name: str) -> str | None:
+    """Why a name read from the ledger must not be acted on, or None: a spelling
+    that a storage may read as another file's name (``./x``, ``a/../x``,
+    ``d\\x``, NFD), as versions that did not canonicalise wrote rows for. Its
+    files are that other name's; removing or uploading them would reach them."""
+    spelled = unicodedata.normalize("NFC", name.replace("\\", "/"))
+    if spelled.startswith("/") or any(
+        part in ("", ".", "..") for part in spelled.split("/")
+    ):
+        return (
+            f"the ledger's name {name!r} is absolute or has an empty, '.' or '..' "
+            "path component: a storage may read it as another file's name, so "
+            "nothing was uploaded or removed"
+        )
+    if spelled != name:
+        return (
+            f"the ledger's name {name!a} is another spelling of {spelled!a}: a "
+            "storage may read it as that file's name, so nothing was uploaded or "
+            "removed"
+        )
+    return None
 
 
 def canonical_directory(path: str) -> str:

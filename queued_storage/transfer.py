@@ -29,6 +29,7 @@ from queued_storage.models import (
     PendingTransferQuerySet,
     retry_when_locked,
 )
+from queued_storage.names import misspelling
 from queued_storage.signals import file_transferred, transfer_failed
 from queued_storage.tasks import Transfer
 
@@ -54,6 +55,11 @@ class LocalFileMissing(TransferError):
 
 class LocalFileRefused(TransferError):
     # A symlink out of the local root or a special file stays what it is.
+    retry = False
+
+
+class MisspelledName(TransferError):
+    # The row's name is what it is: retrying cannot help.
     retry = False
 
 
@@ -302,6 +308,9 @@ def transfer_row(row: PendingTransfer) -> Outcome | Verified:
                 "or the models this worker loaded"
             ),
         )
+    wrong = misspelling(row.name)
+    if wrong is not None:
+        return _fail(row, storage, MisspelledName(wrong))
     if row.deleted:
         return _purge_claimed(storage, row)
     # Until the hook is built, its class stands for it: what its constructor

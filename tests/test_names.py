@@ -254,3 +254,92 @@ def test_a_name_with_a_lone_surrogate_is_refused_before_anything_is_written(
     assert not PendingTransfer.objects.exists()
     root = Path(storage.local.location)
     assert not root.exists() or not any(p.is_file() for p in root.rglob("*"))
+
+
+def test_transfer_of_a_directory_that_holds_other_names_queues_nothing(
+    transferred: QueuedStorage,
+) -> None:
+    """``docs`` is a directory of ``docs/café.txt``, no file: ``exists()`` says
+    so of a directory, but a row for it would only fail at the worker."""
+    assert transferred.transfer("docs") is False
+    assert_untouched(transferred)
+
+
+#: Rows that versions which did not canonicalise names wrote: transfer("./x")
+#: and delete("a/../x") wrote a row under the spelling they were given.
+LEGACY_SPELLINGS = [
+    "./docs/caf\u00e9.txt",
+    "a/../docs/caf\u00e9.txt",
+    "docs//caf\u00e9.txt",
+]
+
+
+@pytest.mark.parametrize("deleted", [True, False], ids=["tombstone", "queued"])
+def test_a_ledger_row_under_another_spelling_never_reaches_that_files_copies(
+    make_storage: Callable[..., QueuedStorage], deleted: bool
+) -> None:
+    """A tombstone ``./x`` left by an old ``delete("./x")`` purged ``x``'s local
+    and remote copies while ``x``'s row stayed done; a queued ``./x`` with
+    TransferAndDelete removed ``x``'s local copy. Such a row fails with a clear
+    error and touches nothing."""
+    storage = make_storage(task="queued_storage.tasks.TransferAndDelete")
+    from django.core.files.base import ContentFile
+    from django.utils import timezone
+
+    assert storage.save(NAME, ContentFile(DATA)) == NAME
+    drain(keys=[storage.key])
+    # TransferAndDelete removed NAME's local copy: one is there again, as after a
+    # re-save, for the old row to reach.
+    (Path(storage.local.location) / NAME).write_bytes(DATA)
+    for spelling in LEGACY_SPELLINGS:
+        PendingTransfer.objects.create(
+            storage_key=storage.key,
+            name=spelling,
+            size=len(DATA),
+            deleted=deleted,
+            remote_owned=True,
+            next_attempt_at=timezone.now(),
+        )
+
+    stats = drain(keys=[storage.key])
+
+    assert stats.failed == len(LEGACY_SPELLINGS)
+    assert copies(storage) == {"local": DATA, "remote": DATA}
+    assert read_bytes(storage, NAME) == DATA
+    for spelling in LEGACY_SPELLINGS:
+        row = PendingTransfer.objects.get(storage_key=storage.key, name=spelling)
+        assert row.status == PendingTransfer.Status.FAILED
+        assert "nothing was uploaded or removed" in row.last_error
+    assert PendingTransfer.objects.get(storage_key=storage.key, name=NAME).status == (
+        PendingTransfer.Status.DONE
+    )
+
+
+def test_clean_local_copies_keeps_the_file_a_row_under_another_spelling_reads_as(
+    make_storage: Callable[..., QueuedStorage],
+) -> None:
+    """A held file whose transfer an old ``transfer("./x")`` did under a row of
+    its own: that row is done, its remote copy matches, and removing "its" local
+    copy removed the only copy the held row serves."""
+    from django.core.files.base import ContentFile
+    from django.utils import timezone
+
+    storage = make_storage(delayed=True)
+    assert storage.save(NAME, ContentFile(DATA)) == NAME
+    storage.remote.save(NAME, ContentFile(DATA))
+    PendingTransfer.objects.create(
+        storage_key=storage.key,
+        name="./" + NAME,
+        size=len(DATA),
+        status=PendingTransfer.Status.DONE,
+        remote_owned=True,
+        transferred_at=timezone.now(),
+    )
+    out = StringIO()
+
+    with pytest.raises(CommandError):
+        call_command("clean_local_copies", "--older-than", "0", "-v", "2", stdout=out)
+
+    assert "nothing was uploaded or removed" in out.getvalue()
+    assert copies(storage)["local"] == DATA
+    assert read_bytes(storage, NAME) == DATA

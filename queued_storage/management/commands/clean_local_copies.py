@@ -31,6 +31,7 @@ from queued_storage.management.cli import (
     write_json,
 )
 from queued_storage.models import PendingTransfer
+from queued_storage.names import misspelling
 
 logger = logging.getLogger("queued_storage")
 
@@ -167,6 +168,11 @@ class Command(BaseCommand):
             return
         if local_copy_elsewhere(storage, row):
             self.stats.other_host += 1  # that host's own run cleans it
+            return
+        wrong = misspelling(row.name)
+        if wrong is not None:
+            self.stats.errors += 1
+            self._say("kept", row, wrong)
             return
         try:
             self._clean_copy(storage, row)
