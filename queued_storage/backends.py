@@ -159,6 +159,21 @@ class _RemovedUnlessCommitted:
             _remove_local(self.local, self.name)
 
 
+@contextlib.contextmanager
+def _quoting_no_secret() -> Iterator[None]:
+    """A configuration error quotes what was passed as a storage: a URL with a
+    password or a connection string passed there by mistake is redacted in it
+    (and the import error it chained, which quotes it too, is dropped)."""
+    try:
+        yield
+    except ImproperlyConfigured as exc:
+        text = str(exc)
+        clean = redaction.redact_with((), text)
+        if clean == text:
+            raise
+        raise ImproperlyConfigured(clean) from None
+
+
 @deconstructible
 class QueuedStorage(Storage):
     """Save to ``local`` at once and move each file to ``remote`` in the background.
@@ -189,12 +204,13 @@ class QueuedStorage(Storage):
     ) -> None:
         local = local or self.default_local
         remote = remote or self.default_remote
-        self.local_path, self.local_alias = self._check_storage_argument(
-            "local", local, local_options
-        )
-        self.remote_path, self.remote_alias = self._check_storage_argument(
-            "remote", remote, remote_options
-        )
+        with _quoting_no_secret():
+            self.local_path, self.local_alias = self._check_storage_argument(
+                "local", local, local_options
+            )
+            self.remote_path, self.remote_alias = self._check_storage_argument(
+                "remote", remote, remote_options
+            )
         self.local_options = dict(local_options or {})
         self.remote_options = dict(remote_options or {})
         self.cache_prefix = (

@@ -178,13 +178,18 @@ class _Collector:
             self.found.update(
                 line.strip() for line in lines if len(line.strip()) >= MIN_LENGTH
             )
-        # How an error may quote it: escaped, URL-encoded or decoded.
+        # How an error may quote it: escaped, URL-encoded (a path keeps its
+        # slashes) or decoded, or its UTF-8 bytes as Python shows them.
+        encoded = value.encode("utf-8", "surrogatepass")
         self.found.update(
             {
                 json.dumps(value)[1:-1],
                 repr(value)[1:-1],
+                repr(encoded)[2:-1],
                 quote(value, safe=""),
+                quote(value),
                 quote_plus(value, safe=""),
+                quote_plus(value),
                 unquote(value),
             }
         )

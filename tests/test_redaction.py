@@ -11,10 +11,13 @@ import json
 import logging
 import pathlib
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import pytest
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.test import Client
@@ -454,3 +457,54 @@ def test_admin_redacts_errors_that_a_row_kept_from_before(
     for page in pages:
         assert "OSError: denied for AccountKey=[redacted]" in page
         assert secret[:20] not in page
+
+
+#: An AWS-style secret with non-ASCII letters, slashes and plus signs.
+AWS_LIKE = "wJalr\u00c4XUtn/FEMI+K7MDENG/bPx\u00f6RfiCY"
+
+
+@pytest.mark.parametrize(
+    "quoted",
+    [
+        repr(AWS_LIKE.encode()),  # an error that shows the bytes it sent
+        quote(AWS_LIKE),  # a path keeps its "/"
+        quote_plus(AWS_LIKE),
+    ],
+    ids=["utf8-bytes-repr", "url-quoted-path", "url-quoted-form"],
+)
+def test_a_secret_quoted_as_its_utf8_bytes_or_url_encoded_keeping_slashes_is_redacted(
+    quoted: str,
+) -> None:
+    secrets = redaction.options_secrets({"credentials": {"secret": AWS_LIKE}})
+
+    text = redaction.redact_with(secrets, f"request failed: body={quoted} (retry)")
+
+    assert "[redacted]" in text
+    assert not any(piece in text for piece in ("wJalr", "FEMI", "K7MDENG", "RfiCY"))
+
+
+def test_a_url_with_a_password_given_as_a_storage_is_redacted_from_check_and_errors(
+    settings: Any,
+) -> None:
+    """A URL put where a dotted path or an alias belongs: ``manage.py check`` and
+    the error at first use quoted it whole, password included."""
+    url = "sftp://deploy:hunter2-sftp-pass@files.example/"
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "misconfigured": {
+            "BACKEND": "queued_storage.backends.QueuedStorage",
+            "OPTIONS": {"local": "queued_local", "remote": url},
+        },
+    }
+    with pytest.raises(CommandError) as checked:
+        call_command("check", stdout=io.StringIO(), stderr=io.StringIO())
+    with pytest.raises(ImproperlyConfigured) as raised:
+        QueuedStorage("queued_local", url)
+
+    check_output = str(checked.value)
+    assert "queued_storage.E001" in check_output
+    assert "deploy:[redacted]@files.example" in check_output
+    assert "hunter2" not in check_output
+    error = "".join(traceback.format_exception(raised.value))
+    assert "deploy:[redacted]@files.example" in error
+    assert "hunter2" not in error
