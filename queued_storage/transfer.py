@@ -174,23 +174,20 @@ def copy_to_remote(name: str, local: Storage, remote: Storage) -> None:
 
 
 def _regular_file_inside_root(name: str, local: Storage) -> os.stat_result | None:
-    """The status of the file ``name`` resolves to, if ``local`` keeps files on
-    disk. A symlink may point anywhere and ``FileSystemStorage.path()`` does not
-    resolve it: what resolves outside the root, or is not a regular file (a FIFO
-    would block the read for ever), is refused."""
-    try:
-        path = local.path(name)
-    except NotImplementedError:
+    """The status of the file ``name`` resolves to, if ``local`` is a
+    ``FileSystemStorage`` (``path()`` of others, such as ``InMemoryStorage``, need
+    not be where the file is). A symlink may point anywhere and ``path()`` does
+    not resolve it: what resolves outside the root, or is not a regular file (a
+    FIFO would block the read for ever), is refused."""
+    if not isinstance(local, FileSystemStorage):
         return None
-    real = os.path.realpath(path)
-    location = getattr(local, "location", None)
-    if location is not None:
-        root = os.path.realpath(location)
-        if os.path.commonpath([root, real]) != root:
-            raise LocalFileRefused(
-                f"the local file {name!r} resolves to {real!r}, outside the local "
-                f"storage's root {root!r}: only regular files inside it are uploaded"
-            )
+    real = os.path.realpath(local.path(name))
+    root = os.path.realpath(local.location)
+    if os.path.commonpath([root, real]) != root:
+        raise LocalFileRefused(
+            f"the local file {name!r} resolves to {real!r}, outside the local "
+            f"storage's root {root!r}: only regular files inside it are uploaded"
+        )
     try:
         found = os.stat(real)
     except FileNotFoundError as exc:
