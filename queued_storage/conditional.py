@@ -236,6 +236,18 @@ def honours_create_only(storage: Storage) -> bool:
     return not endpoint or ".amazonaws.com" in endpoint
 
 
+def never_sent(error: BaseException | None) -> bool:
+    """Whether ``error`` (or an error it was raised from) stopped an upload before
+    its request left: it wrote nothing."""
+    seen = 0
+    while error is not None and seen < 5:
+        if isinstance(error, AmbiguousCondition):
+            return True
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return False
+
+
 def refused(error: BaseException | None) -> bool:
     """Whether ``error`` (or an error it was raised from) is a conditional request
     that S3 refused: 412 Precondition Failed (an object exists, or another one than

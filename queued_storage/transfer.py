@@ -347,6 +347,7 @@ def transfer_row(row: PendingTransfer) -> Outcome | Verified:
         # timeout after the remote stored it): the row owns it, so the next
         # attempt replaces it instead of failing for ever over its own copy, and
         # a delete removes it.
+        sent = sent and not conditional.never_sent(exc)
         return _fail(row, storage, exc, task=task, wrote=True if sent else None)
     return Verified(row, storage, task)
 

@@ -224,3 +224,30 @@ def test_s3_uploads_of_one_key_wanting_different_conditions_are_not_sent(
     with conditional.conditional_upload(remote, "a.txt", seen):
         remote.save("a.txt", ContentFile(b"replaced"))
     assert client.get_object(Bucket=bucket, Key="a.txt")["Body"].read() == b"replaced"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_s3_an_upload_held_back_by_an_ambiguous_condition_owns_nothing(
+    s3_storage: QueuedStorage, s3_endpoint: str, settings: Any
+) -> None:
+    """An upload the hook refused to send (another upload of the key in this
+    process wanted another condition) wrote nothing: the row must not take the
+    name for its own, or its next attempt would overwrite a foreign object."""
+    settings.QUEUED_STORAGE_RETRY_DELAY = 0
+    s3_storage.create_only_uploads = True
+    remote = s3_storage.remote
+    bucket = remote.bucket_name
+    client = s3_client(s3_endpoint)
+    name = s3_storage.save("a.txt", ContentFile(b"mine"))
+
+    with conditional.conditional_upload(remote, "a.txt", '"another-upload"'):
+        assert drain(keys=[s3_storage.key], limit=1).retried == 1
+
+    row = PendingTransfer.objects.for_name(s3_storage.key, name).get()
+    assert "AmbiguousCondition" in row.last_error
+    assert row.remote_owned is False
+    client.put_object(Bucket=bucket, Key="a.txt", Body=b"theirs")
+    assert drain(keys=[s3_storage.key]).failed == 1
+    row = PendingTransfer.objects.for_name(s3_storage.key, name).get()
+    assert "did not put there" in row.last_error
+    assert client.get_object(Bucket=bucket, Key="a.txt")["Body"].read() == b"theirs"
