@@ -10,9 +10,9 @@ import posixpath
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, wraps
 from types import FrameType, TracebackType
-from typing import Any, NamedTuple
+from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 from urllib.parse import quote
 
 from django.conf import settings
@@ -157,6 +157,28 @@ class _RemovedUnlessCommitted:
         connection = self.connection
         if connection.in_atomic_block or not connection.autocommit:
             _remove_local(self.local, self.name)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _redacted_errors(
+    method: Callable[Concatenate[QueuedStorage, P], R],
+) -> Callable[Concatenate[QueuedStorage, P], R]:
+    """An error that a method of the storage raises to its caller (the local or
+    the remote storage's, quoting their configuration as client libraries may) is
+    redacted first: the application logs it, error trackers keep it."""
+
+    @wraps(method)
+    def call(self: QueuedStorage, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            redaction.scrub(self, exc)
+            raise
+
+    return call
 
 
 @contextlib.contextmanager
@@ -428,6 +450,7 @@ class QueuedStorage(Storage):
             return self.remote
         return self.local
 
+    @_redacted_errors
     def get_storage(self, name: str) -> Storage:
         """The storage that serves ``name`` now: the ledger decides."""
         return self._serving(canonical_name(name))
@@ -448,17 +471,20 @@ class QueuedStorage(Storage):
 
     # Saving
 
+    @_redacted_errors
     def get_valid_name(self, name: str) -> str:
         return portable_name(str(self.local.get_valid_name(name)))
 
     def get_alternative_name(self, file_root: str, file_ext: str) -> str:
         return str(self.local.get_alternative_name(file_root, file_ext))
 
+    @_redacted_errors
     def generate_filename(self, filename: str | os.PathLike[str]) -> str:
         """The local storage's name for an upload, made portable: what a user's
         file is called never makes the save fail."""
         return portable_name(str(self.local.generate_filename(filename)))
 
+    @_redacted_errors
     def is_name_available(self, name: str, max_length: int | None = None) -> bool:
         return self._free(clean_name(name), max_length) is not None
 
@@ -473,6 +499,7 @@ class QueuedStorage(Storage):
             return (True,)
         return None
 
+    @_redacted_errors
     def get_available_name(self, name: str, max_length: int | None = None) -> str:
         return self._available_name(name, max_length)[0]
 
@@ -527,6 +554,7 @@ class QueuedStorage(Storage):
             "file field allows a sufficient max_length."
         )
 
+    @_redacted_errors
     def save(
         self, name: str | None, content: Any, max_length: int | None = None
     ) -> str:
@@ -666,6 +694,7 @@ class QueuedStorage(Storage):
             return None
         return CountingFile(content)
 
+    @_redacted_errors
     def _save(self, name: str, content: Any) -> str:
         name = clean_name(name)
         return self._store(name, content, self._row_state(name) is not None, None)
@@ -719,6 +748,7 @@ class QueuedStorage(Storage):
 
     # Reading: from the storage the row names.
 
+    @_redacted_errors
     def _open(self, name: str, mode: str = "rb") -> File[Any]:
         if any(flag in mode for flag in "wax+"):
             raise ValueError(
@@ -741,6 +771,7 @@ class QueuedStorage(Storage):
                 raise
             return self.remote.open(name, mode)
 
+    @_redacted_errors
     def exists(self, name: str) -> bool:
         name = canonical_name(name)
         state = self._served_state(name)
@@ -752,6 +783,7 @@ class QueuedStorage(Storage):
             return True
         return bool(self.local.exists(name))
 
+    @_redacted_errors
     def size(self, name: str) -> int:
         name = canonical_name(name)
         state = self._served_state(name)
@@ -765,6 +797,7 @@ class QueuedStorage(Storage):
             return state.size
         return int(self._storage_for(name, state).size(name))
 
+    @_redacted_errors
     def url(self, name: str | None) -> str:
         # Passed through as is: some remotes (Dropbox, Libcloud) answer None, and
         # url("") is a common way to ask for the base URL.
@@ -773,22 +806,27 @@ class QueuedStorage(Storage):
         name = canonical_name(name)
         return self._serving(name).url(name)
 
+    @_redacted_errors
     def path(self, name: str) -> str:
         name = canonical_name(name)
         return str(self._serving(name).path(name))
 
+    @_redacted_errors
     def get_accessed_time(self, name: str) -> datetime:
         name = canonical_name(name)
         return self._serving(name).get_accessed_time(name)
 
+    @_redacted_errors
     def get_created_time(self, name: str) -> datetime:
         name = canonical_name(name)
         return self._serving(name).get_created_time(name)
 
+    @_redacted_errors
     def get_modified_time(self, name: str) -> datetime:
         name = canonical_name(name)
         return self._serving(name).get_modified_time(name)
 
+    @_redacted_errors
     def listdir(self, path: str) -> tuple[list[str], list[str]]:
         """Both storages' entries, each once; deleted names left out."""
         path = canonical_directory(path)
@@ -818,6 +856,7 @@ class QueuedStorage(Storage):
 
     # Changing state
 
+    @_redacted_errors
     def delete(self, name: str) -> None:
         """Hide ``name`` at once (in the caller's transaction) and remove its local
         and remote copies after commit, or leave that to the worker that holds it."""
@@ -832,6 +871,7 @@ class QueuedStorage(Storage):
             router.db_for_write(PendingTransfer), purge, self, row.pk, row.generation
         )
 
+    @_redacted_errors
     def transfer(self, name: str, *args: Any, **kwargs: Any) -> bool:
         """Queue ``name`` now: a held or failed row becomes due, with its attempts
         reset. A file already transferred is left alone. Returns whether it queued."""

@@ -102,7 +102,10 @@ class _Collector:
         #: those under secret-looking names (the rest is what its options said).
         self.every_string = every_string
         self.found: set[str] = set()
-        self.seen: set[int] = set()
+        #: What was looked into, by id, kept alive until the walk ends: the
+        #: temporaries it makes (an object's attributes, parsed JSON) are freed
+        #: as soon as they are walked, and a later one may get the same id.
+        self.seen: dict[int, Any] = {}
         self.values = 0
 
     def walk(self, value: Any, *, secret: bool, depth: int = 0) -> None:
@@ -119,7 +122,7 @@ class _Collector:
         ):
             return
         else:
-            self.seen.add(id(value))
+            self.seen[id(value)] = value
             # Whatever an object does when looked into, redaction runs on error
             # paths and must not fail there.
             with contextlib.suppress(Exception):
@@ -193,6 +196,51 @@ class _Collector:
                 unquote(value),
             }
         )
+
+
+def scrub(storage: QueuedStorage | None, error: BaseException) -> None:
+    """Redact ``error`` in place, and every error it chains, before it reaches a
+    caller: it keeps its type (a ``FileNotFoundError`` stays one), but neither its
+    message nor its traceback quotes a secret of ``storage`` or of any storage
+    this process built. What an error's own ``__str__`` makes of attributes other
+    than its arguments (and ``OSError``'s) is beyond reach."""
+    secrets = set(known_secrets())
+    if storage is not None:
+        secrets |= secrets_of(storage)
+    seen: set[int] = set()
+    stack: list[BaseException] = [error]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        # Whatever an error does when changed, the caller must get it raised.
+        with contextlib.suppress(Exception):
+            _scrub_one(secrets, current)
+        stack += [e for e in (current.__cause__, current.__context__) if e is not None]
+
+
+def _scrub_one(secrets: set[str], error: BaseException) -> None:
+    notes = getattr(error, "__notes__", None)
+    if isinstance(notes, list):
+        error.__notes__ = [redact_with(secrets, str(note)) for note in notes]
+    text = str(error)
+    if redact_with(secrets, text) == text:
+        return
+    if isinstance(error, OSError):
+        for attribute in ("strerror", "filename", "filename2"):
+            value = getattr(error, attribute)
+            if isinstance(value, str):
+                setattr(error, attribute, redact_with(secrets, value))
+    error.args = tuple(_scrub_arg(secrets, arg) for arg in error.args)
+
+
+def _scrub_arg(secrets: set[str], arg: Any) -> Any:
+    if isinstance(arg, str):
+        return redact_with(secrets, arg)
+    shown = repr(arg)
+    clean = redact_with(secrets, shown)
+    return arg if clean == shown else clean
 
 
 def options_secrets(*trees: Any) -> set[str]:

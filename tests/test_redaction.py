@@ -6,6 +6,7 @@ and made to fail quoting them, as careless client libraries do (no servers)."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -13,11 +14,12 @@ import pathlib
 import sys
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import quote, quote_plus
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
+from django.core.files.storage import FileSystemStorage
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.test import Client
@@ -508,3 +510,99 @@ def test_a_url_with_a_password_given_as_a_storage_is_redacted_from_check_and_err
     error = "".join(traceback.format_exception(raised.value))
     assert "deploy:[redacted]@files.example" in error
     assert "hunter2" not in error
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_an_error_raised_to_the_caller_quotes_no_credential_of_the_remote(
+    backend: str, make_storage: Make, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``exists()`` of a name the ledger has never seen asks the remote: what the
+    remote raised reached the application (and its request log, its error
+    tracker) with the credentials in it."""
+    path, options, secrets, extra_settings = BACKENDS[backend]()
+    for setting, value in extra_settings.items():
+        setattr(settings, setting, value)
+    monkeypatch.setattr(Leaks, "quotes", tuple(secrets))
+    storage = make_storage(remote=leaky(path), remote_options=options)
+
+    with pytest.raises(OSError) as raised:
+        storage.exists("never-saved.txt")
+
+    text = "".join(traceback.format_exception(raised.value))
+    assert "[redacted]" in text
+    for secret in secrets:
+        assert secret not in text
+
+
+TOKEN = "tok-3f9a1c77e2b54d0c"
+
+
+class RefusingRemote(FileSystemStorage):
+    """A remote whose reads fail quoting its token in an ``OSError``'s message
+    and file name, raised from the client's own error that quotes it too."""
+
+    def __init__(self, api_token: str = "", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.api_token = api_token
+
+    def _refuse(self, name: str) -> NoReturn:
+        try:
+            raise ValueError(f"the client sent token {self.api_token}")
+        except ValueError as exc:
+            raise PermissionError(
+                errno.EACCES,
+                f"denied for token {self.api_token}",
+                f"{name}?token={self.api_token}",
+            ) from exc
+
+    def exists(self, name: str) -> bool:
+        self._refuse(name)
+
+    def size(self, name: str) -> int:
+        self._refuse(name)
+
+    def url(self, name: str | None) -> str:
+        self._refuse(str(name))
+
+    def listdir(self, path: str) -> tuple[list[str], list[str]]:
+        self._refuse(path)
+
+    def get_modified_time(self, name: str) -> Any:
+        self._refuse(name)
+
+    def _open(self, name: str, mode: str = "rb") -> Any:
+        self._refuse(name)
+
+
+@pytest.mark.parametrize(
+    "call",
+    ["exists", "size", "url", "open", "listdir", "get_modified_time"],
+)
+def test_a_remote_error_keeps_its_type_and_quotes_no_secret_in_its_chain(
+    call: str, make_storage: Make, tmp_path: pathlib.Path
+) -> None:
+    storage = make_storage(
+        remote=f"{__name__}.RefusingRemote",
+        remote_options={"location": str(tmp_path / "refusing"), "api_token": TOKEN},
+    )
+    method = getattr(storage, call)
+
+    with pytest.raises(PermissionError) as raised:
+        method("" if call == "listdir" else "never-saved.txt")
+
+    assert raised.value.errno == errno.EACCES
+    text = "".join(traceback.format_exception(raised.value))
+    assert TOKEN not in text
+    assert "denied for token [redacted]" in text
+    assert "the client sent token [redacted]" in text
+
+
+def test_a_secret_in_json_after_a_credentials_object_is_found_on_every_walk() -> None:
+    """The walk remembered what it had looked into by id alone: the copy of a
+    credentials object's attributes, freed once walked, left its id to the
+    service account JSON parsed next, which was skipped as seen (its key id and
+    private key went unredacted from the second storage built on)."""
+    for _walk in range(5):
+        _path, options, secrets, _settings = BACKENDS["gcs"]()
+        found = redaction.options_secrets(options)
+        assert set(secrets) <= found
