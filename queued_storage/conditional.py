@@ -29,7 +29,7 @@ _lock = threading.Lock()
 #: Per (bucket, key): the conditions of the uploads under way in this process, in
 #: the order they began.
 _conditions: dict[tuple[str, str], list[_Condition]] = {}
-_HOOK_ID = "queued-storage-if-none-match"
+_HOOK_ID = "queued-storage-condition"
 #: (bucket, key) pairs whose upload responses are kept, and what was kept.
 _watched: Counter[tuple[str, str]] = Counter()
 _responses: dict[tuple[str, str], dict[str, str]] = {}
@@ -76,14 +76,6 @@ def _add_condition(params: dict[str, Any], **kwargs: Any) -> None:
             )
         waiting[0].sent = True
     params.update(waiting[0].header)
-
-
-@contextmanager
-def create_only(storage: Storage, name: str) -> Iterator[None]:
-    """Inside the block, an upload of ``name`` to ``storage`` (an ``S3Storage``)
-    fails with HTTP 412 if an object is already there: see :func:`refused`."""
-    with conditional_upload(storage, name, None):
-        yield
 
 
 @contextmanager

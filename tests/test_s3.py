@@ -251,3 +251,26 @@ def test_s3_an_upload_held_back_by_an_ambiguous_condition_owns_nothing(
     row = PendingTransfer.objects.for_name(s3_storage.key, name).get()
     assert "did not put there" in row.last_error
     assert client.get_object(Bucket=bucket, Key="a.txt")["Body"].read() == b"theirs"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_s3_create_only_holds_in_worker_threads_whichever_thread_made_the_bucket(
+    s3_storage: QueuedStorage, s3_endpoint: str
+) -> None:
+    """S3Storage uploads with the client of the thread that first saved (its
+    bucket's), not the uploading thread's: the condition must be on that client,
+    or a --concurrency drain's create-only uploads go without it."""
+    s3_storage.create_only_uploads = True
+    remote = s3_storage.remote
+    bucket = remote.bucket_name
+    client = s3_client(s3_endpoint)
+    remote.save("made-the-bucket.txt", ContentFile(b"by this thread"))
+    client.put_object(Bucket=bucket, Key="a.txt", Body=b"theirs")
+    names = [s3_storage.save(n, ContentFile(b"mine")) for n in ("a.txt", "b.txt")]
+
+    stats = drain(keys=[s3_storage.key], concurrency=2)
+
+    assert (stats.done, stats.failed) == (1, 1)
+    assert client.get_object(Bucket=bucket, Key="a.txt")["Body"].read() == b"theirs"
+    row = PendingTransfer.objects.for_name(s3_storage.key, names[0]).get()
+    assert "did not put there" in row.last_error
