@@ -606,3 +606,30 @@ def test_a_secret_in_json_after_a_credentials_object_is_found_on_every_walk() ->
         _path, options, secrets, _settings = BACKENDS["gcs"]()
         found = redaction.options_secrets(options)
         assert set(secrets) <= found
+
+
+def test_queue_transfers_check_remote_fails_without_quoting_the_remotes_credentials(
+    make_storage: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backfill asks the remote about each local file itself, not through
+    the storage's methods: what the remote raised left the command (and
+    manage.py's traceback) with the credentials in it."""
+    path, options, secrets, _settings = BACKENDS["s3"]()
+    monkeypatch.setattr(Leaks, "quotes", tuple(secrets))
+    storage = make_storage(remote=leaky(path), remote_options=options)
+    storage.local.save("from-before.txt", content())
+
+    with pytest.raises(OSError) as raised:
+        call_command(
+            "queue_transfers",
+            "--storage",
+            storage.key,
+            "--check-remote",
+            stdout=io.StringIO(),
+            stderr=io.StringIO(),
+        )
+
+    text = "".join(traceback.format_exception(raised.value))
+    assert "[redacted]" in text
+    for secret in secrets:
+        assert secret not in text

@@ -14,7 +14,7 @@ from django.core.files.storage import Storage
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
-from queued_storage import registry
+from queued_storage import redaction, registry
 from queued_storage.backends import QueuedStorage
 from queued_storage.conf import settings as conf
 from queued_storage.management.cli import (
@@ -157,6 +157,7 @@ class Command(BaseCommand):
                     f"The local storage of {queued_storage.key!r} has no directory "
                     f"{top!r}."
                 ) from exc
+            redaction.scrub(queued_storage, exc)
             raise
         except KeyboardInterrupt:
             display.finish()
@@ -165,6 +166,11 @@ class Command(BaseCommand):
                 "run the same command again to resume.",
                 returncode=EXIT_ERROR,
             ) from None
+        except Exception as exc:
+            # The walk and the remote checks call the storages themselves, not
+            # through the queued storage's methods, which redact what they raise.
+            redaction.scrub(queued_storage, exc)
+            raise
         display.finish()
         logger.info(
             "backfill key=%s prefix=%s dry_run=%s %s",
