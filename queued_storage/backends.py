@@ -702,7 +702,21 @@ class QueuedStorage(Storage):
     def _store(
         self, name: str, content: Any, existing: bool, max_length: int | None
     ) -> str:
-        """Save the file, then write its row."""
+        """Save the file, then write its row. The file of a name that has a row is
+        written under that row's lock, held until the row is written (and the
+        caller's transaction ends): a purge, ``TransferAndDelete`` or
+        ``clean_local_copies`` deletes an older generation's local copy under the
+        same lock after checking the row, so it never deletes this file."""
+        if not existing:
+            return self._write(name, content, existing, max_length)
+        db = router.db_for_write(PendingTransfer)
+        with transaction.atomic(using=db):
+            PendingTransfer.objects.using(db).for_name(self.key, name).lock()
+            return self._write(name, content, existing, max_length)
+
+    def _write(
+        self, name: str, content: Any, existing: bool, max_length: int | None
+    ) -> str:
         hashing = HashingFile(content) if self.verify_checksum else None
         owned = self._owns_what_it_writes(existing)
         stored = self._write_local(

@@ -412,6 +412,53 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
             )
         return given
 
+    def lock(self) -> bool:
+        """Lock this queryset's rows until the end of the transaction it runs in;
+        whether there were any. SQLite has no row locks: there an UPDATE that
+        changes nothing takes the database's write lock, which serialises writers
+        whatever the transaction mode (a read would not, in DEFERRED mode)."""
+        if connections[self.db].features.has_select_for_update:
+            locked = self.order_by().select_for_update().values_list("pk", flat=True)
+            return bool(list(locked))
+        return bool(self.update(updated_at=F("updated_at")))
+
+    @retry_when_locked
+    def claim_tombstone(
+        self, pk: int, generation: int, *, lease: float, host: str | None = None
+    ) -> PendingTransfer | None:
+        """Take a lease on the tombstone ``(pk, generation)``, as a worker's claim
+        does, unless a worker holds a live lease on the row (it finishes the purge
+        then) or the name was saved again. ``host``: only a row that host wrote.
+        Returns the claimed row, or None."""
+        now = timezone.now()
+        token = uuid.uuid4().hex
+        rows = self.filter(pk=pk, generation=generation, deleted=True).filter(
+            ~Q(status=PendingTransfer.Status.TRANSFERRING)
+            | Q(lease_expires_at__isnull=True)
+            | Q(lease_expires_at__lte=now)
+        )
+        if host is not None:
+            rows = rows.filter(host=host)
+        taken = rows.update(
+            status=PendingTransfer.Status.TRANSFERRING,
+            lease_token=token,
+            lease_expires_at=now + timedelta(seconds=lease),
+            attempts=F("attempts") + 1,
+            # As _owned_after_claim(): taken over from a worker whose lease ran out.
+            remote_owned=Case(
+                When(status=PendingTransfer.Status.TRANSFERRING, then=Value(True)),
+                default=F("remote_owned"),
+            ),
+            updated_at=now,
+        )
+        if not taken:
+            return None
+        row = self.filter(pk=pk, lease_token=token).first()
+        if row is not None:
+            row.claimed_from = PendingTransfer.Status.QUEUED
+            row.was_owned = row.remote_owned
+        return row
+
     @retry_when_locked
     def mark_done_together(self, rows: list[PendingTransfer]) -> int:
         """Record the verified transfers of ``rows`` in one statement, each row under
@@ -816,6 +863,25 @@ class PendingTransfer(models.Model):
             cursor.execute(sql, params)
             return cursor.fetchone() is not None
 
+    def while_claimed(self) -> PendingTransferQuerySet:
+        """This row, as long as this worker's claim on its generation stands."""
+        return self._leased().filter(lease_expires_at__gt=timezone.now())
+
+    def while_deleted(self) -> PendingTransferQuerySet:
+        """This row, as long as it is the tombstone of this generation."""
+        return PendingTransfer.objects.filter(
+            pk=self.pk, generation=self.generation, deleted=True
+        )
+
+    def while_done(self) -> PendingTransferQuerySet:
+        """This row, as long as its generation is the one recorded as done."""
+        return PendingTransfer.objects.filter(
+            pk=self.pk,
+            generation=self.generation,
+            status=self.Status.DONE,
+            deleted=False,
+        )
+
     @retry_when_locked
     def mark_done(self) -> bool:
         """Record the verified transfer; False if the lease or generation is stale."""
@@ -938,11 +1004,21 @@ class PendingTransfer(models.Model):
         )
 
     @retry_when_locked
+    def retry_now(self) -> bool:
+        """Make this row, queued after a failed attempt, due at once (its error is
+        kept). False if the row changed."""
+        return bool(
+            PendingTransfer.objects.filter(
+                pk=self.pk, generation=self.generation, status=self.Status.QUEUED
+            ).update(next_attempt_at=timezone.now())
+        )
+
+    @retry_when_locked
     def delete_tombstone(self) -> bool:
-        """Remove this tombstone, unless a newer save took the name over."""
-        deleted, _counts = PendingTransfer.objects.filter(
-            pk=self.pk, generation=self.generation, deleted=True
-        ).delete()
+        """Remove this tombstone that this worker purged, unless a newer save took
+        the name over (it keeps the lease: the row is then handed back) or another
+        worker took the row over."""
+        deleted, _counts = self._leased().filter(deleted=True).delete()
         return bool(deleted)
 
 

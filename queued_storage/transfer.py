@@ -593,17 +593,33 @@ def _after_done(storage: QueuedStorage, row: PendingTransfer, task: Any) -> None
     )
     errors = [error for _receiver, error in sent if isinstance(error, Exception)]
     try:
-        if (
-            task.delete_local
-            and PendingTransfer.objects.filter(
-                pk=row.pk, generation=row.generation, status=PendingTransfer.Status.DONE
-            ).exists()
-        ):
-            storage.local.delete(row.name)
+        if task.delete_local:
+            delete_local_copy(storage, row.name, row.while_done())
     except Exception as exc:
         errors.append(exc)
     for error in errors:
         _keep_late_error(storage, row, error, PendingTransfer.Status.DONE)
+
+
+@retry_when_locked
+def delete_local_copy(
+    storage: QueuedStorage, name: str, still: PendingTransferQuerySet
+) -> bool:
+    """Delete the local copy of ``name`` if its ledger row is still as ``still``
+    selects it (``row.while_done()``, ``row.while_claimed()``, ...); returns
+    whether it did.
+
+    The row stays locked from the check to the delete, and a save of a name that
+    has a row takes that lock before it writes the local file: a re-save lands
+    either before the check, which then fails, or after the delete. A check
+    without the lock would delete the re-saved file of a local storage that
+    overwrites names (invariant 5)."""
+    db = _db()
+    with transaction.atomic(using=db):
+        if not still.using(db).lock():
+            return False
+        storage.local.delete(name)
+    return True
 
 
 def _send_failed(
@@ -761,30 +777,39 @@ def _reconcile(
             )
         return Outcome.STALE
     if current.deleted:
-        if current.lease_token == row.lease_token and current.has_live_lease():
-            # Deleted while we held the lease: the purge is ours to finish.
+        if (
+            current.lease_token == row.lease_token
+            and current.generation != row.generation
+            and current.has_live_lease()
+        ):
+            # Deleted while we held the lease: the purge is ours to finish (the
+            # purge after delete() found our lease and left it to us).
             current.claimed_from = row.claimed_from
             current.was_owned = current.remote_owned or wrote
             return _purge_claimed(storage, current)
+        # Whoever holds the tombstone now purges it, or the next worker to claim it.
         return Outcome.STALE
     if current.lease_token == row.lease_token:
         current.release(held=storage.delayed)
     return Outcome.STALE
 
 
-def _delete_files(storage: QueuedStorage, name: str, *, remote: bool) -> None:
-    storage.local.delete(name)
-    if remote:
-        storage.remote.delete(name)
-
-
 def _purge_claimed(storage: QueuedStorage, row: PendingTransfer) -> Outcome:
-    if not row.holds_lease():
-        # Saved again since our claim (or taken over): the files are the new
-        # generation's, not the deleted one's.
-        return _reconcile(storage, row)
+    """Remove the files of a tombstone this worker holds a lease on, each removal
+    checked against the lease and generation just before it, then the tombstone
+    with a compare-and-set. A save of the name meanwhile keeps the lease and
+    bumps the generation: the checks fail, and the row goes back to the new
+    version."""
     try:
-        _delete_files(storage, row.name, remote=row.was_owned)
+        if not delete_local_copy(
+            storage, row.name, row.while_claimed().filter(deleted=True)
+        ):
+            return _reconcile(storage, row)
+        if row.was_owned:
+            fence(row, "deleting the remote copy of a deleted name")
+            storage.remote.delete(row.name)
+    except LeaseLost:
+        return _reconcile(storage, row)
     except Exception as exc:
         return _fail(row, storage, exc)
     if row.delete_tombstone():
@@ -796,19 +821,28 @@ def _purge_claimed(storage: QueuedStorage, row: PendingTransfer) -> Outcome:
 def purge(storage: QueuedStorage, pk: int, generation: int) -> None:
     """Remove the files of a name deleted in a committed transaction.
 
-    A worker holding the row's lease finishes the job itself; a purge that fails
-    here leaves the tombstone due, for a worker to retry."""
-    row = PendingTransfer.objects.filter(
+    The purge claims the tombstone as a worker would, and fences each removal
+    like a worker's (invariant 3), so a save of the name since the delete keeps
+    its files; a worker holding the row's lease removes the remote copy itself. A
+    purge that fails here is recorded on the tombstone, due for a worker to
+    retry."""
+    # A local copy on another host: that host's worker purges the row.
+    host = None if storage.local_shared else conf.QUEUED_STORAGE_HOSTNAME
+    row = PendingTransfer.objects.claim_tombstone(
+        pk, generation, lease=conf.QUEUED_STORAGE_LEASE, host=host
+    )
+    if row is not None:
+        if _purge_claimed(storage, row) is Outcome.RETRY:
+            # Failed here, the purge is a worker's at once, as if it had never run.
+            row.retry_now()
+        return
+    tombstone = PendingTransfer.objects.filter(
         pk=pk, generation=generation, deleted=True
     ).first()
-    if row is None:
-        return
-    if not storage.local_shared and row.host != conf.QUEUED_STORAGE_HOSTNAME:
-        return  # the local copy is on another host: its worker purges the row
-    leased = row.has_live_lease()
-    _delete_files(storage, row.name, remote=row.remote_owned)
-    if not leased:
-        row.delete_tombstone()
+    if tombstone is not None and host in (None, tombstone.host):
+        # A worker holds the row: the remote copy is its to remove. The local copy
+        # is the deleted version's and goes now, so that the name is free at once.
+        delete_local_copy(storage, tombstone.name, tombstone.while_deleted())
 
 
 class LeaseKeeper(threading.Thread):

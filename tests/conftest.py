@@ -13,7 +13,7 @@ from django.db import transaction
 from queued_storage import registry
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
-from tests.storages import GatedStorage, PausingStorage
+from tests.storages import GatedStorage, PausingStorage, WindowStorage
 
 FS = "django.core.files.storage.FileSystemStorage"
 _keys = itertools.count()
@@ -53,13 +53,15 @@ def make_storage(tmp_path: Path) -> Iterator[Callable[..., QueuedStorage]]:
 
     ``remote`` names a storage class (default: the counting FileSystemStorage); the
     test's storages get a directory of their own, any other gets ``remote_options``
-    as given. Other keyword arguments go to QueuedStorage."""
+    as given. ``local`` names the local storage's class, a FileSystemStorage.
+    Other keyword arguments go to QueuedStorage."""
     built: list[str] = []
 
     def make(
         remote: str = "tests.storages.CountingStorage",
         remote_options: dict[str, Any] | None = None,
         local_options: dict[str, Any] | None = None,
+        local: str = FS,
         **kwargs: Any,
     ) -> QueuedStorage:
         number = next(_keys)
@@ -71,7 +73,7 @@ def make_storage(tmp_path: Path) -> Iterator[Callable[..., QueuedStorage]]:
                 **(remote_options or {}),
             }
         storage = QueuedStorage(
-            FS,
+            local,
             remote,
             local_options={
                 "location": str(tmp_path / f"local{number}"),
@@ -92,6 +94,14 @@ def make_storage(tmp_path: Path) -> Iterator[Callable[..., QueuedStorage]]:
 @pytest.fixture
 def storage(make_storage: Callable[..., QueuedStorage]) -> QueuedStorage:
     return make_storage()
+
+
+@pytest.fixture
+def window() -> Iterator[type[WindowStorage]]:
+    """The local storage whose deletes a test hooks (``local=`` of make_storage)."""
+    WindowStorage.before_delete = WindowStorage.after_delete = None
+    yield WindowStorage
+    WindowStorage.before_delete = WindowStorage.after_delete = None
 
 
 @pytest.fixture

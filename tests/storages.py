@@ -383,3 +383,24 @@ class UndeletableStorage(FileSystemStorage):
 
     def delete(self, name: str) -> None:
         raise PermissionError(f"cannot delete {name}")
+
+
+class WindowStorage(FileSystemStorage):
+    """A local storage that calls ``WindowStorage.before_delete(name)`` just before
+    a file is deleted and ``WindowStorage.after_delete(name)`` just after: the
+    window between a check and a delete, where a test lands a re-save. Each hook
+    runs once."""
+
+    before_delete: Callable[[str], None] | None = None
+    after_delete: Callable[[str], None] | None = None
+
+    def delete(self, name: str) -> None:
+        hook = type(self).before_delete
+        if hook is not None:
+            type(self).before_delete = None
+            hook(name)
+        super().delete(name)
+        hook = type(self).after_delete
+        if hook is not None:
+            type(self).after_delete = None
+            hook(name)

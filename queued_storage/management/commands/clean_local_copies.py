@@ -32,6 +32,7 @@ from queued_storage.management.cli import (
 )
 from queued_storage.models import PendingTransfer
 from queued_storage.names import misspelling
+from queued_storage.transfer import delete_local_copy
 
 logger = logging.getLogger("queued_storage")
 
@@ -204,19 +205,16 @@ class Command(BaseCommand):
                     "verify_transfers)",
                 )
                 return
-        # The row is read again at the last moment: a re-save or delete of the name
-        # since the batch was read leaves the file alone.
-        still_done = PendingTransfer.objects.filter(
-            pk=row.pk,
-            generation=row.generation,
-            status=PendingTransfer.Status.DONE,
-            deleted=False,
-        ).exists()
-        if not still_done:
+        # The row is checked again at the last moment, under its lock: a re-save
+        # or delete of the name since the batch was read leaves the file alone.
+        if self.dry_run:
+            kept = not row.while_done().exists()
+        else:
+            kept = not delete_local_copy(storage, row.name, row.while_done())
+        if kept:
             self.stats.changed += 1
             return
         if not self.dry_run:
-            local.delete(row.name)
             logger.info(
                 "local copy removed key=%s name=%s bytes=%s",
                 row.storage_key,

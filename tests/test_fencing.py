@@ -1,0 +1,140 @@
+"""Removing a copy never removes a newer version's (invariants 3 and 5): the purge
+after ``delete()``, a worker's purge, ``TransferAndDelete`` and
+``clean_local_copies``, each with a re-save of the name landing in the window
+between its check and its delete. A contender thread makes the re-save there; the
+window stays open until it has returned or waits for a lock."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.core.management import call_command
+from django.utils import timezone
+
+from queued_storage.backends import QueuedStorage
+from queued_storage.models import PendingTransfer
+from queued_storage.transfer import drain
+from tests.conftest import content, read_bytes, row_of
+from tests.contention import Contender
+from tests.storages import WindowStorage
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+Make = Callable[..., QueuedStorage]
+WINDOW = "tests.storages.WindowStorage"
+TRANSFER_AND_DELETE = "queued_storage.tasks.TransferAndDelete"
+
+
+def in_the_window(func: Callable[[], Any]) -> tuple[Contender, Callable[[str], None]]:
+    """A contender running ``func``, and the hook that runs it inside a window."""
+    contender = Contender(func)
+
+    def hook(name: str) -> None:
+        contender.start()
+        contender.wait_returned_or_locked()
+
+    return contender, hook
+
+
+def assert_newer_version_everywhere(storage: QueuedStorage, name: str) -> None:
+    drain()
+    row = row_of(storage, name)
+    assert (row.status, row.deleted) == ("done", False)
+    assert read_bytes(storage, name) == b"new"
+    assert read_bytes(storage.remote, name) == b"new"
+
+
+def test_purge_spares_a_version_saved_and_transferred_before_its_remote_delete(
+    make_storage: Make, window: type[WindowStorage]
+) -> None:
+    storage = make_storage(local=WINDOW)
+    name = storage.save("doc.txt", content("old"))
+    drain()
+
+    def save_again_and_transfer() -> None:
+        assert storage.save(name, content("new")) == name
+        drain()
+
+    contender, window.after_delete = in_the_window(save_again_and_transfer)
+    storage.delete(name)  # its purge removes the local copy, then the remote one
+    contender.join()
+    assert_newer_version_everywhere(storage, name)
+
+
+def test_purge_spares_a_local_copy_saved_again_in_its_window(
+    make_storage: Make, window: type[WindowStorage]
+) -> None:
+    storage = make_storage(local=WINDOW, local_options={"allow_overwrite": True})
+    name = storage.save("doc.txt", content("old"))
+    drain()
+
+    contender, window.before_delete = in_the_window(
+        lambda: storage.save(name, content("new"))
+    )
+    storage.delete(name)
+    contender.join()
+    assert read_bytes(storage, name) == b"new"
+    assert_newer_version_everywhere(storage, name)
+
+
+def test_worker_purge_spares_a_local_copy_saved_again_in_its_window(
+    make_storage: Make, window: type[WindowStorage]
+) -> None:
+    storage = make_storage(local=WINDOW, local_options={"allow_overwrite": True})
+    name = storage.save("doc.txt", content("old"))
+    drain()
+    # The tombstone that delete() writes, its purge lost (the process stopped at
+    # the commit): a worker claims it.
+    PendingTransfer.objects.record_delete(storage.key, name)
+
+    contender, window.before_delete = in_the_window(
+        lambda: storage.save(name, content("new"))
+    )
+    drain()
+    contender.join()
+    assert read_bytes(storage, name) == b"new"
+    assert_newer_version_everywhere(storage, name)
+
+
+def test_transfer_and_delete_spares_a_local_copy_saved_again_in_its_window(
+    make_storage: Make, window: type[WindowStorage]
+) -> None:
+    storage = make_storage(
+        local=WINDOW, local_options={"allow_overwrite": True}, task=TRANSFER_AND_DELETE
+    )
+    name = storage.save("doc.txt", content("old"))
+
+    contender, window.before_delete = in_the_window(
+        lambda: storage.save(name, content("new"))
+    )
+    drain()  # the old version's transfer, then its local copy's delete
+    contender.join()
+    assert read_bytes(storage, name) == b"new"
+    assert_newer_version_everywhere(storage, name)
+    assert not storage.local.exists(name)  # the newer one's copy went, after its own
+
+
+def test_clean_local_copies_spares_a_local_copy_saved_again_in_its_window(
+    make_storage: Make, window: type[WindowStorage]
+) -> None:
+    storage = make_storage(local=WINDOW, local_options={"allow_overwrite": True})
+    name = storage.save("doc.txt", content("old"))
+    drain()
+    transferred = timezone.now() - timedelta(days=2)
+    PendingTransfer.objects.filter(pk=row_of(storage, name).pk).update(
+        transferred_at=transferred
+    )
+    saved = transferred.timestamp() - 5
+    os.utime(storage.local.path(name), (saved, saved))
+
+    contender, window.before_delete = in_the_window(
+        lambda: storage.save(name, content("new"))
+    )
+    call_command("clean_local_copies", "--older-than", "1d", verbosity=0)
+    contender.join()
+    assert read_bytes(storage, name) == b"new"
+    assert_newer_version_everywhere(storage, name)
