@@ -648,10 +648,10 @@ def _keep_late_error(
 ) -> None:
     message = storage.redact(str(error)) if storage is not None else str(error)
     logger.error(
-        "after-%s work failed key=%s name=%s error=%s: %s",
-        status,
+        "after-transfer work failed key=%s name=%s status=%s error=%s: %s",
         row.storage_key,
         row.name,
+        status,
         type(error).__name__,
         message,
     )
