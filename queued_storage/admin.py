@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 from django.contrib import admin, messages
@@ -31,6 +32,7 @@ from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
 
 from queued_storage import redaction, registry
+from queued_storage.conf import settings as conf
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
 from queued_storage.transfer import Outcome, transfer_name
 
@@ -99,7 +101,7 @@ class StuckFilter(admin.SimpleListFilter):
     def lookups(
         self, request: HttpRequest, model_admin: admin.ModelAdmin[Any]
     ) -> list[tuple[str, Any]]:
-        return [("yes", _("transferring past its lease"))]
+        return [("yes", _("transferring past its lease or the transfer timeout"))]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
         if self.value() == "yes":
@@ -242,9 +244,15 @@ class PendingTransferAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                 "time": timeuntil(row.next_attempt_at, now)
             }
         if row.status == Status.TRANSFERRING and row.lease_expires_at is not None:
-            if row.lease_expires_at < now:
+            # Past its lease, or renewed last longer ago than the transfer timeout.
+            stuck_since = min(
+                row.lease_expires_at,
+                row.updated_at
+                + timedelta(seconds=conf.QUEUED_STORAGE_TRANSFER_TIMEOUT),
+            )
+            if stuck_since < now:
                 return gettext("stuck for %(time)s") % {
-                    "time": timesince(row.lease_expires_at, now)
+                    "time": timesince(stuck_since, now)
                 }
             return gettext("lease for %(time)s") % {
                 "time": timeuntil(row.lease_expires_at, now)

@@ -103,6 +103,11 @@ def check_settings(
     host_problem = hostname_problem(conf.hostname())
     if host_problem:
         errors.append(Error(host_problem, hint=HOSTNAME_HINT, id="queued_storage.E006"))
+    errors.extend(
+        _check_number(
+            "QUEUED_STORAGE_TRANSFER_TIMEOUT", minimum=1, check_id="queued_storage.E007"
+        )
+    )
     prefix = conf.raw("QUEUED_STORAGE_CACHE_PREFIX")
     if not isinstance(prefix, str):
         errors.append(
@@ -121,7 +126,13 @@ def _tasks_framework_available() -> bool:
     )
 
 
-def _check_number(name: str, *, minimum: float, integer: bool = False) -> list[Error]:
+def _check_number(
+    name: str,
+    *,
+    minimum: float,
+    integer: bool = False,
+    check_id: str = "queued_storage.E005",
+) -> list[Error]:
     value = conf.raw(name)
     kind = numbers.Integral if integer else numbers.Real
     if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
@@ -130,7 +141,7 @@ def _check_number(name: str, *, minimum: float, integer: bool = False) -> list[E
             Error(
                 f"{name} is {value!r}.",
                 hint=f"Set it to {what} of at least {minimum:g}.",
-                id="queued_storage.E005",
+                id=check_id,
             )
         ]
     return []

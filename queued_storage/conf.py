@@ -17,6 +17,7 @@ DEFAULTS: dict[str, Any] = {
     "QUEUED_STORAGE_RETRIES": 5,
     "QUEUED_STORAGE_RETRY_DELAY": 60,
     "QUEUED_STORAGE_LEASE": 300,
+    "QUEUED_STORAGE_TRANSFER_TIMEOUT": 600,
     "QUEUED_STORAGE_CACHE_PREFIX": "queued_storage",
     "QUEUED_STORAGE_WORKER": None,
     "QUEUED_STORAGE_HOSTNAME": None,
@@ -41,6 +42,11 @@ class Settings:
     @property
     def QUEUED_STORAGE_LEASE(self) -> float:
         return float(self._get("QUEUED_STORAGE_LEASE"))
+
+    @property
+    def QUEUED_STORAGE_TRANSFER_TIMEOUT(self) -> float:
+        """Seconds a transfer may make no progress before it is abandoned."""
+        return float(self._get("QUEUED_STORAGE_TRANSFER_TIMEOUT"))
 
     @property
     def QUEUED_STORAGE_CACHE_PREFIX(self) -> str:

@@ -167,10 +167,20 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
     def failed(self) -> PendingTransferQuerySet:
         return self.filter(status=PendingTransfer.Status.FAILED)
 
-    def stuck(self, now: datetime | None = None) -> PendingTransferQuerySet:
-        """Rows whose worker's lease ran out: the worker is gone."""
+    def lease_expired(self, now: datetime | None = None) -> PendingTransferQuerySet:
+        """Rows whose worker's lease ran out: the worker is gone, or hung."""
         now = now or timezone.now()
         return self.transferring().filter(lease_expires_at__lt=now)
+
+    def stuck(self, now: datetime | None = None) -> PendingTransferQuerySet:
+        """Rows whose lease ran out, or whose attempt has run past the transfer
+        timeout without a renewal (a worker renews a running transfer's lease
+        more often than that): its worker hangs, is gone, or never started it."""
+        now = now or timezone.now()
+        timeout = timedelta(seconds=conf.QUEUED_STORAGE_TRANSFER_TIMEOUT)
+        return self.transferring().filter(
+            Q(lease_expires_at__lt=now) | Q(updated_at__lt=now - timeout)
+        )
 
     def failing(self) -> PendingTransferQuerySet:
         """Rows not done whose latest attempt failed (attempts > 0, an error kept)."""
@@ -198,7 +208,7 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
             .filter(next_attempt_at__lte=now)
             .aggregate(at=Min("next_attempt_at"))["at"]
         )
-        stuck = self.stuck(now).aggregate(at=Min("lease_expires_at"))["at"]
+        stuck = self.lease_expired(now).aggregate(at=Min("lease_expires_at"))["at"]
         return min((at for at in (queued, stuck) if at is not None), default=None)
 
     def due(self, now: datetime | None = None) -> PendingTransferQuerySet:
@@ -356,11 +366,12 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
         return taken
 
     @retry_when_locked
-    def renew_lease(self, token: str, lease: float) -> int:
-        """Push out the lease of every row still held under ``token``."""
+    def renew_lease(self, token: str, lease: float, *, pks: list[int]) -> int:
+        """Push out the lease of the rows ``pks`` that are still held under
+        ``token``: those whose transfers run, not the whole claim."""
         now = timezone.now()
         return self.filter(
-            lease_token=token, status=PendingTransfer.Status.TRANSFERRING
+            pk__in=pks, lease_token=token, status=PendingTransfer.Status.TRANSFERRING
         ).update(lease_expires_at=now + timedelta(seconds=lease), updated_at=now)
 
     @retry_when_locked

@@ -4,18 +4,20 @@ compare-and-set, so a worker that lost its lease never overwrites the ledger."""
 
 from __future__ import annotations
 
+import contextvars
+import copy
 import enum
 import logging
 import os
-import queue
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
+from django.core.files.base import File
 from django.core.files.storage import FileSystemStorage, Storage
 from django.core.files.utils import validate_file_name
 from django.db import connections, router, transaction
@@ -38,8 +40,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("queued_storage")
 
-#: Rows claimed per round trip to the ledger. The lease of a claimed batch is
-#: renewed while any of its rows is being transferred.
+#: Rows claimed per round trip to the ledger. Each row's lease is renewed while
+#: its own transfer runs; the others' run out, for another worker to take them.
 DEFAULT_BATCH_SIZE = 200
 
 
@@ -94,6 +96,10 @@ class HookContractError(TransferError):
 
 
 class UnknownStorage(TransferError):
+    pass
+
+
+class TransferTimeout(TransferError):
     pass
 
 
@@ -162,6 +168,7 @@ def copy_to_remote(name: str, local: Storage, remote: Storage) -> None:
     with source:
         if found is not None:
             _same_file(name, source, found)
+        source = _noting_reads(source)
         if _renames_taken_names(remote):
             _create_exclusively(remote, name, source)
             return
@@ -212,6 +219,47 @@ def _same_file(name: str, source: Any, found: os.stat_result) -> None:
         raise TransferError(
             f"the local file {name!r} changed while it was opened for the upload"
         )
+
+
+#: What a read of the local file calls in the thread that runs a transfer: the
+#: lease keeper's note that the transfer makes progress.
+_progress: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "queued_storage_progress", default=None
+)
+
+
+class _ReadsNoted:
+    """A file whose reads are noted as progress (in whichever thread the remote's
+    client reads it); everything else goes to the file."""
+
+    def __init__(self, file: File[Any], note: Callable[[], None]) -> None:
+        self._file = file
+        self._note = note
+
+    def read(self, *args: Any) -> Any:
+        data = self._file.read(*args)
+        self._note()
+        return data
+
+    def readinto(self, buffer: Any) -> Any:
+        count = self._file.readinto(buffer)
+        self._note()
+        return count
+
+    def __iter__(self) -> Iterator[Any]:
+        for line in self._file:
+            self._note()
+            yield line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+
+def _noting_reads(source: File[Any]) -> File[Any]:
+    note = _progress.get()
+    if note is None:
+        return source
+    return File(cast(IO[Any], _ReadsNoted(source, note)), name=source.name)
 
 
 def fence(row: PendingTransfer, before: str) -> None:
@@ -845,32 +893,150 @@ def purge(storage: QueuedStorage, pk: int, generation: int) -> None:
         delete_local_copy(storage, tombstone.name, tombstone.while_deleted())
 
 
-class LeaseKeeper(threading.Thread):
-    """Renews the lease of the rows a worker holds while it works on them."""
+class _Attempt:
+    """One row's transfer in flight, as its lease keeper sees it."""
 
-    def __init__(self, token: str, lease: float) -> None:
+    def __init__(self, row: PendingTransfer, renewed_at: float) -> None:
+        self.row = row
+        self.thread = threading.current_thread()
+        self.renewed_at = renewed_at
+        self.progress_at = time.monotonic()
+        #: The transfer returned (verified, its row waits to be recorded as done,
+        #: or recorded): no more progress to make, its lease still needed.
+        self.returned = False
+        #: Given up on for making no progress: its lease is no longer renewed, and
+        #: whatever the transfer does when it returns is a late worker's.
+        self.abandoned = False
+
+    def note_progress(self) -> None:
+        self.progress_at = time.monotonic()
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews the leases of the rows of one claim whose transfers run, each only
+    while it runs, and abandons a transfer that makes no progress for
+    ``timeout`` seconds (``on_abandon`` is called with it, in this thread).
+
+    Rows of the claim not started yet are not renewed: their leases run out, and
+    another worker may take them; a row started late checks its claim first."""
+
+    def __init__(
+        self,
+        token: str,
+        lease: float,
+        timeout: float | None = None,
+        on_abandon: Callable[[_Attempt], object] | None = None,
+    ) -> None:
         super().__init__(name=f"queued-storage-lease-{token[:8]}", daemon=True)
         self.token = token
         self.lease = lease
+        self.timeout = (
+            conf.QUEUED_STORAGE_TRANSFER_TIMEOUT if timeout is None else timeout
+        )
+        self.on_abandon = on_abandon or _abandon
+        #: A row's lease is renewed this often while its transfer runs: by a third
+        #: of the lease, and often enough that a running row never looks stuck
+        #: (its ``updated_at`` older than the timeout).
+        self.period = min(self.lease, self.timeout) / 3
+        #: When the claim took its rows (they were claimed just before this keeper
+        #: was made), on the clock the renewals are timed with.
+        self.claimed_at = time.monotonic()
         self.stopped = threading.Event()
+        self.lock = threading.Lock()
+        self.attempts: dict[int, _Attempt] = {}
+
+    @contextmanager
+    def attempt(self, row: PendingTransfer) -> Iterator[_Attempt | None]:
+        """Track the transfer of ``row`` in this thread; None if the claim on it
+        no longer stands (its lease ran out before it was started, and another
+        worker took it or a save changed it)."""
+        started = self.start_attempt(row)
+        if started is None:
+            yield None
+            return
+        noted = _progress.set(started.note_progress)
+        try:
+            yield started
+        finally:
+            _progress.reset(noted)
+
+    def start_attempt(self, row: PendingTransfer) -> _Attempt | None:
+        now = time.monotonic()
+        claimed_at = self.claimed_at
+        if now - claimed_at >= self.period:
+            # Started late: only a renewal that still finds our claim says the row
+            # is ours. Early in the lease nobody else can have taken it.
+            if not PendingTransfer.objects.renew_lease(
+                self.token, self.lease, pks=[row.pk]
+            ):
+                return None
+            claimed_at = now
+        attempt = _Attempt(row, claimed_at)
+        with self.lock:
+            self.attempts[row.pk] = attempt
+        return attempt
+
+    def returned(self, attempt: _Attempt) -> bool:
+        """Note that the transfer of ``attempt`` returned; False if it had been
+        abandoned by then, and what it did is a late worker's."""
+        with self.lock:
+            if attempt.abandoned:
+                return False
+            attempt.returned = True
+            return True
+
+    def finish(self, row: PendingTransfer) -> _Attempt | None:
+        """Stop tracking ``row``; returns its attempt (None if it was never
+        tracked, or abandoned)."""
+        with self.lock:
+            return self.attempts.pop(row.pk, None)
 
     def run(self) -> None:
         try:
-            while not self.stopped.wait(self.lease / 3):
-                try:
-                    PendingTransfer.objects.renew_lease(self.token, self.lease)
-                except Exception as exc:
-                    # Keep renewing: one failed renewal must not cost the lease of
-                    # a transfer that is still running. A fresh connection next time.
-                    logger.warning(
-                        "lease renewal failed token=%s error=%s: %s",
-                        self.token,
-                        type(exc).__name__,
-                        exc,
-                    )
-                    connections.close_all()
+            while not self.stopped.wait(self.period / 2):
+                self._tick()
         finally:
             connections.close_all()
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            hung = [
+                attempt
+                for attempt in self.attempts.values()
+                if not attempt.returned and now - attempt.progress_at >= self.timeout
+            ]
+            for attempt in hung:
+                attempt.abandoned = True
+                del self.attempts[attempt.row.pk]
+            due = any(
+                now - attempt.renewed_at >= self.period
+                for attempt in self.attempts.values()
+            )
+            renew = list(self.attempts.values()) if due else []
+        if renew:
+            try:
+                PendingTransfer.objects.renew_lease(
+                    self.token, self.lease, pks=[attempt.row.pk for attempt in renew]
+                )
+            except Exception as exc:
+                # Keep renewing: one failed renewal must not cost the lease of a
+                # transfer that is still running. A fresh connection next time.
+                logger.warning(
+                    "lease renewal failed token=%s error=%s: %s",
+                    self.token,
+                    type(exc).__name__,
+                    exc,
+                )
+                connections.close_all()
+            else:
+                for attempt in renew:
+                    attempt.renewed_at = now
+        for attempt in hung:
+            try:
+                self.on_abandon(attempt)
+            except Exception as exc:
+                _log_crash(attempt.row, exc)
 
     def __enter__(self) -> LeaseKeeper:
         self.start()
@@ -879,6 +1045,42 @@ class LeaseKeeper(threading.Thread):
     def __exit__(self, *exc_info: object) -> None:
         self.stopped.set()
         self.join()
+
+
+def _abandon(attempt: _Attempt) -> Outcome:
+    """Record a transfer that made no progress for the timeout as a failed
+    attempt, to be retried: a compare-and-set like any other, on a copy of the row,
+    since the hung transfer still holds the original and must lose with it."""
+    row = copy.copy(attempt.row)
+    timeout = conf.QUEUED_STORAGE_TRANSFER_TIMEOUT
+    logger.warning(
+        "transfer abandoned key=%s name=%s generation=%s timeout=%s",
+        row.storage_key,
+        row.name,
+        row.generation,
+        timeout,
+    )
+    try:
+        storage = registry.get(row.storage_key)
+    except Exception:
+        storage = None
+    task = storage.task_class if storage is not None else _NoTask
+    retries, delay = _retry_settings(task)
+    status = row.mark_failure(
+        TransferTimeout(
+            f"the transfer of {row.name!r} made no progress for {timeout:g} s "
+            "(QUEUED_STORAGE_TRANSFER_TIMEOUT) and was abandoned"
+        ),
+        retry=True,
+        max_retries=retries,
+        base_delay=delay,
+    )
+    if status is None:
+        return Outcome.STALE
+    if status == PendingTransfer.Status.FAILED:
+        _on_commit(_send_failed, storage, row, task)
+        return Outcome.FAILED
+    return Outcome.RETRY
 
 
 #: A verified transfer waits at most this long (seconds) to be recorded as done
@@ -934,102 +1136,231 @@ class _Completions:
             self.report(item.row, outcome)
 
 
-class _Workers:
-    """Threads that live as long as a drain, so that each keeps its connections
-    (the database's, and a remote's such as S3's, which are per thread) from one
-    claimed batch to the next."""
+class _Batch:
+    """The rows of one claim as a drain works through them: its lease keeper, its
+    completions waiting to be recorded together, the rows a stop left unstarted."""
 
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.tasks: queue.Queue[
-            tuple[Callable[[PendingTransfer], None], PendingTransfer] | None
-        ] = queue.Queue()
-        self.threads: list[threading.Thread] = []
+    def __init__(self, drain: _Drain, rows: list[PendingTransfer]) -> None:
+        self.drain = drain
+        self.rows = iter(rows)
+        #: Rows taken and neither reported nor abandoned.
+        self.in_flight = 0
+        self.unstarted: list[PendingTransfer] = []
+        self.completions = _Completions(self.report)
+        self.keeper = LeaseKeeper(
+            rows[0].lease_token, drain.lease, on_abandon=self.abandon
+        )
+        self.keeper.start()
 
-    def run(
-        self, func: Callable[[PendingTransfer], None], rows: list[PendingTransfer]
+    def report(self, row: PendingTransfer, outcome: Outcome) -> None:
+        self.keeper.finish(row)
+        self.drain.count(row, outcome, row.size or 0)
+
+    def abandon(self, attempt: _Attempt) -> None:
+        self.drain.count(attempt.row, _abandon(attempt), 0)
+        self.drain.abandon(attempt.thread, attempt.row, self)
+
+    def handle(self, row: PendingTransfer) -> None:
+        should_stop = self.drain.should_stop
+        if should_stop is not None and should_stop():
+            self.unstarted.append(row)
+            return
+        with self.keeper.attempt(row) as attempt:
+            if attempt is None:
+                self.report(row, Outcome.STALE)
+                return
+            try:
+                result = transfer_row(row)
+            except Exception as exc:
+                result = _record_crash(row, exc)
+        if not self.keeper.returned(attempt):
+            _late(row, result)
+        elif isinstance(result, Verified):
+            self.completions.add(result)
+        else:
+            self.report(row, result)
+
+    def finish(self) -> None:
+        try:
+            self.completions.flush()
+        finally:
+            self.keeper.stopped.set()
+            self.keeper.join()
+        # Rows claimed but not started go back at once, not when the lease ends.
+        PendingTransfer.objects.release_claim(self.unstarted)
+
+
+class _Drain:
+    """Claims batch after batch and transfers their rows on ``size`` threads (the
+    lanes) that live as long as the drain, so that each keeps its connections (the
+    database's, and a remote's such as S3's, which are per thread). The lane that
+    finds a batch done records it and claims the next, so that a sequential drain
+    hands nothing between threads. A lane whose transfer hangs is left behind and
+    replaced, so that the drain moves on."""
+
+    def __init__(
+        self,
+        claim: Callable[[], list[PendingTransfer]],
+        *,
+        size: int,
+        lease: float,
+        stats: DrainStats,
+        progress: ProgressCallback | None,
+        should_stop: Callable[[], bool] | None,
     ) -> None:
-        """Call ``func`` on every row, ``size`` at a time; return when all are done."""
-        while len(self.threads) < min(self.size, len(rows)):
-            thread = threading.Thread(
-                target=self._work,
-                name=f"queued-storage-worker-{len(self.threads)}",
+        self.claim = claim
+        self.size = size
+        self.lease = lease
+        self.stats = stats
+        self.progress = progress
+        self.should_stop = should_stop
+        self.changed = threading.Condition()
+        self.batch: _Batch | None = None
+        self.claiming = False
+        self.finished = False
+        self.error: BaseException | None = None
+        self.lanes: list[threading.Thread] = []
+        #: The row each lane works on.
+        self.current: dict[threading.Thread, PendingTransfer] = {}
+        self.started = 0
+        self.inline = False
+
+    def run(self) -> None:
+        if connections[_db()].in_atomic_block:
+            # The claims are not committed: only this connection sees the rows,
+            # and a hung upload keeps this drain until it returns.
+            self.inline = True
+            self.lanes.append(threading.current_thread())
+            self._lane()
+        else:
+            with self.changed:
+                self._add_lanes(self.size)
+                while not self.finished:
+                    self.changed.wait()
+                lanes = list(self.lanes)
+            for lane in lanes:
+                lane.join()
+        if self.error is not None:
+            raise self.error
+
+    def count(self, row: PendingTransfer, outcome: Outcome, size: int) -> None:
+        self.stats.count(outcome, size)
+        if self.progress is not None:
+            self.progress(self.stats, row, outcome)
+
+    def _add_lanes(self, size: int) -> None:
+        while len(self.lanes) < size:
+            lane = threading.Thread(
+                target=self._run_lane,
+                name=f"queued-storage-worker-{self.started}",
                 daemon=True,
             )
-            thread.start()
-            self.threads.append(thread)
-        for row in rows:
-            self.tasks.put((func, row))
-        self.tasks.join()
+            self.started += 1
+            self.lanes.append(lane)
+            lane.start()
 
-    def _work(self) -> None:
+    def _run_lane(self) -> None:
         try:
-            while True:
-                task = self.tasks.get()
-                try:
-                    if task is None:
-                        return
-                    func, row = task
-                    func(row)
-                finally:
-                    self.tasks.task_done()
+            self._lane()
+        except BaseException as exc:
+            with self.changed:
+                self.error = self.error or exc
+                self.finished = True
+                self.changed.notify_all()
         finally:
             connections.close_all()
 
-    def close(self) -> None:
-        for _thread in self.threads:
-            self.tasks.put(None)
-        for thread in self.threads:
-            thread.join()
-        self.threads = []
-
-
-def _process_all(
-    rows: list[PendingTransfer],
-    concurrency: int,
-    stats: DrainStats,
-    progress: ProgressCallback | None,
-    should_stop: Callable[[], bool] | None,
-    workers: _Workers | None = None,
-) -> list[PendingTransfer]:
-    """Transfer ``rows``; returns those left unstarted because of a stop."""
-    unstarted: list[PendingTransfer] = []
-
-    def report(row: PendingTransfer, outcome: Outcome) -> None:
-        stats.count(outcome, row.size or 0)
-        if progress is not None:
-            progress(stats, row, outcome)
-
-    completions = _Completions(report)
-
-    def handle(row: PendingTransfer) -> None:
-        if should_stop is not None and should_stop():
-            unstarted.append(row)
-            return
-        try:
-            result = transfer_row(row)
-        except Exception as exc:
-            result = _record_crash(row, exc)
-        if isinstance(result, Verified):
-            completions.add(result)
-        else:
-            report(row, result)
-
-    try:
-        if concurrency <= 1 or len(rows) <= 1:
-            for row in rows:
-                handle(row)
-        elif workers is not None:
-            workers.run(handle, rows)
-        else:
-            own = _Workers(concurrency)
+    def _lane(self) -> None:
+        me = threading.current_thread()
+        while True:
+            taken = self._take(me)
+            if taken is None:
+                return
+            batch, row = taken
             try:
-                own.run(handle, rows)
+                batch.handle(row)
+            except Exception as exc:
+                # The ledger failed around the transfer (its claim check, a
+                # record): the row's lease runs out, and it is retried.
+                _log_crash(row, exc)
             finally:
-                own.close()
-    finally:
-        completions.flush()
-    return unstarted
+                with self.changed:
+                    self.current.pop(me, None)
+                    left_behind = me not in self.lanes
+                    if not left_behind:
+                        batch.in_flight -= 1
+                        if not batch.in_flight:
+                            self.changed.notify_all()
+            if left_behind:
+                return
+
+    def _take(self, me: threading.Thread) -> tuple[_Batch, PendingTransfer] | None:
+        """The next row for lane ``me``; None when the drain is over (or ``me``
+        was left behind). The lane that finds the batch done moves to the next."""
+        while True:
+            with self.changed:
+                while True:
+                    if self.finished or me not in self.lanes:
+                        return None
+                    batch = self.batch
+                    if batch is not None:
+                        row = next(batch.rows, None)
+                        if row is not None:
+                            batch.in_flight += 1
+                            self.current[me] = row
+                            return batch, row
+                    if not self.claiming and (batch is None or not batch.in_flight):
+                        self.claiming = True
+                        break
+                    self.changed.wait()
+            rows: list[PendingTransfer] = []
+            try:
+                if batch is not None:
+                    batch.finish()
+                rows = self.claim()
+            except BaseException as exc:
+                self.error = exc
+            with self.changed:
+                self.claiming = False
+                self.batch = _Batch(self, rows) if rows else None
+                if self.batch is None:
+                    self.finished = True
+                self.changed.notify_all()
+
+    def abandon(
+        self, thread: threading.Thread, row: PendingTransfer, batch: _Batch
+    ) -> None:
+        """Stop waiting for ``row`` on lane ``thread`` and start a lane in its
+        place; ``thread`` ends when the transfer returns, if ever."""
+        with self.changed:
+            if (
+                self.inline
+                or self.current.get(thread) is not row
+                or thread not in self.lanes
+            ):
+                return  # it returned meanwhile, and was counted
+            self.lanes.remove(thread)
+            del self.current[thread]
+            batch.in_flight -= 1
+            self._add_lanes(len(self.lanes) + 1)
+            self.changed.notify_all()
+
+
+def _late(row: PendingTransfer, result: Outcome | Verified) -> None:
+    """A transfer that returned after it was abandoned: what it verified loses its
+    compare-and-set (the timeout took the lease), alone, outside the batch."""
+    if isinstance(result, Verified):
+        try:
+            result = complete([result])[0]
+        except Exception as exc:
+            _log_crash(row, exc)
+            return
+    logger.info(
+        "abandoned transfer returned key=%s name=%s outcome=%s",
+        row.storage_key,
+        row.name,
+        result.value,
+    )
 
 
 def _claimable(rows: PendingTransferQuerySet) -> PendingTransferQuerySet:
@@ -1065,28 +1396,23 @@ def drain(
     if keys:
         rows_qs = rows_qs.filter(storage_key__in=list(keys))
     lease = conf.QUEUED_STORAGE_LEASE
-    workers = _Workers(concurrency)
-    try:
-        while not (should_stop and should_stop()):
-            want = (
-                batch_size
-                if limit is None
-                else min(batch_size, limit - stats.processed)
-            )
-            if want <= 0:
-                break
-            rows = rows_qs.claim_due(limit=want, lease=lease)
-            if not rows:
-                break
-            token = rows[0].lease_token
-            with LeaseKeeper(token, lease):
-                unstarted = _process_all(
-                    rows, concurrency, stats, progress, should_stop, workers
-                )
-            # Rows claimed but not started go back at once, not when the lease ends.
-            PendingTransfer.objects.release_claim(unstarted)
-    finally:
-        workers.close()
+
+    def claim() -> list[PendingTransfer]:
+        if should_stop and should_stop():
+            return []
+        want = batch_size if limit is None else min(batch_size, limit - stats.processed)
+        if want <= 0:
+            return []
+        return rows_qs.claim_due(limit=want, lease=lease)
+
+    _Drain(
+        claim,
+        size=concurrency,
+        lease=lease,
+        stats=stats,
+        progress=progress,
+        should_stop=should_stop,
+    ).run()
     return stats
 
 
@@ -1097,5 +1423,15 @@ def transfer_name(key: str, name: str) -> Outcome | None:
     )
     if not rows:
         return None
-    with LeaseKeeper(rows[0].lease_token, conf.QUEUED_STORAGE_LEASE):
-        return process_row(rows[0])
+    # Runs in the caller's thread: a hung upload is abandoned (recorded, its lease
+    # left to run out) but keeps the caller until it returns, and then loses.
+    with (
+        LeaseKeeper(rows[0].lease_token, conf.QUEUED_STORAGE_LEASE) as keeper,
+        keeper.attempt(rows[0]) as attempt,
+    ):
+        if attempt is None:
+            return Outcome.STALE
+        outcome = process_row(rows[0])
+        late = not keeper.returned(attempt)
+        keeper.finish(rows[0])
+    return Outcome.STALE if late else outcome

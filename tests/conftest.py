@@ -13,7 +13,12 @@ from django.db import transaction
 from queued_storage import registry
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
-from tests.storages import GatedStorage, PausingStorage, WindowStorage
+from tests.storages import (
+    GatedStorage,
+    HangingStorage,
+    PausingStorage,
+    WindowStorage,
+)
 
 FS = "django.core.files.storage.FileSystemStorage"
 _keys = itertools.count()
@@ -121,6 +126,18 @@ def pausing() -> Iterator[type[PausingStorage]]:
     PausingStorage.pause_in = ""
     PausingStorage.break_write_in = None
     PausingStorage.resume.set()
+
+
+@pytest.fixture
+def hanging() -> Iterator[type[HangingStorage]]:
+    """A remote whose first upload of each name in ``hanging.hang`` hangs until
+    ``hanging.released.set()``."""
+    HangingStorage.hang = set()
+    for event in (HangingStorage.entered, HangingStorage.released):
+        event.clear()
+    HangingStorage.returned.clear()
+    yield HangingStorage
+    HangingStorage.released.set()
 
 
 def content(text: str = "hello world") -> ContentFile:

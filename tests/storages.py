@@ -404,3 +404,26 @@ class WindowStorage(FileSystemStorage):
         if hook is not None:
             type(self).after_delete = None
             hook(name)
+
+
+class HangingStorage(CountingStorage):
+    """The first upload of each name in ``HangingStorage.hang`` hangs until the test
+    sets ``released``: a stalled connection. Other uploads go through."""
+
+    hang: set[str] = set()
+    entered = threading.Event()
+    released = threading.Event()
+    returned = threading.Event()
+
+    def _save(self, name: str, content: Any) -> str:
+        cls = type(self)
+        if name not in cls.hang:
+            return super()._save(name, content)
+        cls.hang.discard(name)
+        cls.entered.set()
+        try:
+            if not cls.released.wait(timeout=30):
+                raise TimeoutError("the test never released the hung upload")
+            return super()._save(name, content)
+        finally:
+            cls.returned.set()

@@ -265,3 +265,19 @@ def test_manage_py_check_fails_for_a_bad_worker(settings: Any) -> None:
 
     with pytest.raises(SystemCheckError, match=r"queued_storage\.E003"):
         call_command("check")
+
+
+@pytest.mark.parametrize("value", [0, 0.5, "10m", True, None])
+def test_e007_bad_transfer_timeout(settings: Any, value: Any) -> None:
+    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = value
+
+    (error,) = errors_with("queued_storage.E007")
+
+    assert "QUEUED_STORAGE_TRANSFER_TIMEOUT" in error.msg
+    assert check_ids() == ["queued_storage.E007"]
+
+
+def test_the_default_transfer_timeout_passes_the_checks(settings: Any) -> None:
+    del settings.QUEUED_STORAGE_TRANSFER_TIMEOUT
+
+    assert check_ids() == []

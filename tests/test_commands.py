@@ -243,7 +243,7 @@ def test_transfer_status_reports_the_backlog_age_stuck_rows_and_recent_errors() 
     assert status["errors_last_hour"] == 2
     text = run("transfer_status").out
     assert "oldest due: waiting 2:00:0" in text
-    assert "stuck (lease expired): 1" in text
+    assert "stuck (lease expired, or past the transfer timeout): 1" in text
     assert "errors in the last hour: 2" in text
 
 

@@ -3,14 +3,19 @@ failures wherever they are raised, and lock aborts on the caller's side."""
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db import OperationalError, connection, transaction
+from django.core.management import call_command
+from django.db import OperationalError, connection, connections, transaction
 from django.utils import timezone
 
 from queued_storage import registry, transfer
@@ -18,7 +23,8 @@ from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.signals import file_transferred, transfer_failed
 from queued_storage.transfer import DrainStats, drain
-from tests.conftest import FS, content, row_of
+from tests.conftest import FS, content, read_bytes, row_of
+from tests.storages import HangingStorage
 
 pytestmark = pytest.mark.django_db
 
@@ -134,6 +140,173 @@ def test_release_claim_leaves_a_finished_row_alone(storage: QueuedStorage) -> No
 
     assert PendingTransfer.objects.release_claim([claimed]) == 0
     assert row_of(storage, name).status == Status.DONE
+
+
+# One hung upload holds only itself
+
+
+HANGING = "tests.storages.HangingStorage"
+
+
+def in_thread(function: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run ``function`` in a thread with its own database connection."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = function()
+        except BaseException as exc:  # handed to the test
+            result["error"] = exc
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def joined(thread: threading.Thread, result: dict[str, Any]) -> Any:
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the worker thread hung"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, what
+        threading.Event().wait(0.05)
+
+
+def join_left_behind_workers() -> None:
+    for thread in threading.enumerate():
+        if thread.name.startswith("queued-storage-worker"):
+            thread.join(timeout=30)
+            assert not thread.is_alive()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_hung_upload_renews_only_its_own_lease_and_another_worker_takes_the_rest(
+    make_storage: Callable[..., QueuedStorage],
+    hanging: type[HangingStorage],
+    settings: Any,
+) -> None:
+    settings.QUEUED_STORAGE_LEASE = 2
+    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 60
+    storage = make_storage(remote=HANGING)
+    hung, *others = (storage.save(f"{n}.txt", content(n)) for n in "abc")
+    hanging.hang = {hung}
+    worker, result = in_thread(drain)
+    assert hanging.entered.wait(timeout=30)
+    claimed_until = row_of(storage, others[0]).lease_expires_at
+    assert claimed_until is not None
+
+    def renewed() -> bool:
+        until = row_of(storage, hung).lease_expires_at
+        return until is not None and until > claimed_until
+
+    wait_until(renewed, "the hung upload's lease was never renewed")
+    renewed_until = row_of(storage, hung).lease_expires_at
+    assert renewed_until is not None
+    # A moment after the claim's leases ran out and before the renewed one does:
+    # another worker there takes the rows this one never started, not the hung one.
+    then = claimed_until + (renewed_until - claimed_until) / 2
+    rival = PendingTransfer.objects.claim_due(limit=10, lease=300, now=then)
+
+    hanging.released.set()
+    stats = joined(worker, result)
+    assert sorted(row.name for row in rival) == sorted(others)
+    assert row_of(storage, hung).status == Status.DONE
+    # The worker found its claim on the others gone and left them to the rival.
+    assert (stats.done, stats.stale) == (1, 2)
+    for name in others:
+        row = row_of(storage, name)
+        assert row.status == Status.TRANSFERRING
+        assert row.lease_token == rival[0].lease_token
+    assert storage.remote.calls("save") == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_upload_without_progress_is_abandoned_recorded_and_retried(
+    make_storage: Callable[..., QueuedStorage],
+    hanging: type[HangingStorage],
+    settings: Any,
+) -> None:
+    settings.QUEUED_STORAGE_LEASE = 30
+    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 1
+    settings.QUEUED_STORAGE_RETRY_DELAY = 0
+    storage = make_storage(remote=HANGING)
+    hung = storage.save("a.txt", content("first"))
+    other = storage.save("b.txt", content("second"))
+    hanging.hang = {hung}
+
+    # One worker thread: the drain moves on without the hung upload.
+    stats = drain(concurrency=1)
+
+    assert hanging.entered.is_set()
+    assert not hanging.returned.is_set()
+    assert (stats.done, stats.retried) == (2, 1)
+    row = row_of(storage, hung)
+    assert row.status == Status.DONE
+    assert row.attempts == 2
+    assert [entry["error"] for entry in row.error_history] == ["TransferTimeout"]
+    assert "QUEUED_STORAGE_TRANSFER_TIMEOUT" in row.error_history[0]["message"]
+    assert row_of(storage, other).status == Status.DONE
+
+    # The hung upload returns at last: a late worker, it changes nothing.
+    hanging.released.set()
+    assert hanging.returned.wait(timeout=30)
+    join_left_behind_workers()
+    after = row_of(storage, hung)
+    assert (after.status, after.generation) == (Status.DONE, row.generation)
+    assert read_bytes(storage.remote, hung) == b"first"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_slow_upload_that_keeps_reading_is_not_abandoned(
+    make_storage: Callable[..., QueuedStorage], tmp_path: Path, settings: Any
+) -> None:
+    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 1
+    storage = make_storage(
+        remote="tests.storages.JournalingStorage",
+        remote_options={
+            "journal": str(tmp_path / "journal"),
+            "delay": 0.2,
+            "chunk_size": 10,
+        },
+    )
+    # Ten chunks 0.2 s apart: twice the timeout in all, never a second without a
+    # read of the local file.
+    name = storage.save("slow.txt", content("x" * 100))
+
+    stats = drain()
+
+    assert (stats.done, stats.retried) == (1, 0)
+    assert row_of(storage, name).error_history == []
+
+
+def test_stuck_includes_a_row_whose_attempt_ran_past_the_transfer_timeout(
+    storage: QueuedStorage, settings: Any, admin_client: Any
+) -> None:
+    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 60
+    late, fresh = (storage.save(name, content()) for name in ("late.txt", "new.txt"))
+    PendingTransfer.objects.claim_due(limit=10, lease=300)
+    # Claimed a while ago, its lease still running, never renewed since.
+    PendingTransfer.objects.for_name(storage.key, late).update(
+        updated_at=timezone.now() - timedelta(seconds=61)
+    )
+
+    assert [row.name for row in PendingTransfer.objects.stuck()] == [late]
+    out = StringIO()
+    call_command("transfer_status", "--json", stdout=out)
+    assert json.loads(out.getvalue())["stuck"] == 1
+    page = admin_client.get(
+        "/admin/queued_storage/pendingtransfer/", {"stuck": "yes"}
+    ).content.decode()
+    assert late in page
+    assert fresh not in page
 
 
 # Every failure is recorded on the row, wherever it was raised

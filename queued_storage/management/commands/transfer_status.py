@@ -29,7 +29,7 @@ ERROR_WINDOW = timedelta(hours=1)
 class Command(BaseCommand):
     help = (
         "Show the ledger: rows per status and storage, how long the oldest due row "
-        "has waited, stuck rows (lease expired) and errors in the last hour. Exit "
+        "has waited, stuck rows (lease expired, or past the transfer timeout) and errors in the last hour. Exit "
         "status 3 when --max-age or --max-failed is exceeded."
     )
 
@@ -133,5 +133,7 @@ class Command(BaseCommand):
             "oldest due: "
             + ("nothing due" if age is None else f"waiting {human_seconds(age)}")
         )
-        self.stdout.write(f"stuck (lease expired): {stuck}")
+        self.stdout.write(
+            f"stuck (lease expired, or past the transfer timeout): {stuck}"
+        )
         self.stdout.write(f"errors in the last hour: {errors}")
