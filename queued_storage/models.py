@@ -793,6 +793,9 @@ class PendingTransfer(models.Model):
     claimed_from: str = ""
     #: Set on claimed rows: whether an earlier attempt may have written the remote.
     was_owned: bool = False
+    #: Set by the worker on the row it transfers: this attempt's upload was sent,
+    #: and may write the remote object whenever it returns.
+    upload_sent: bool = False
 
     class Meta:
         verbose_name = _("pending transfer")

@@ -370,7 +370,7 @@ def transfer_row(row: PendingTransfer) -> Outcome | Verified:
             # This upload may replace an object: never once another worker may
             # have taken the row over and written a newer version.
             fence(row, "an upload that may replace the remote object")
-        sent = True
+        sent = row.upload_sent = True
         with (
             conditional.conditional_upload(storage.remote, row.name, etag)
             if refusal in (Refusal.IF_NONE_MATCH, Refusal.IF_MATCH)
@@ -1074,6 +1074,9 @@ def _abandon(attempt: _Attempt) -> Outcome:
         retry=True,
         max_retries=retries,
         base_delay=delay,
+        # A hung upload may have written part of the object, and may still write:
+        # the next attempt replaces it rather than fail over it as foreign.
+        owned=True if row.upload_sent else None,
     )
     if status is None:
         return Outcome.STALE

@@ -406,6 +406,29 @@ class WindowStorage(FileSystemStorage):
             hook(name)
 
 
+class StallingStorage(CountingStorage):
+    """The first upload of each name in ``StallingStorage.stall`` writes half the
+    file and stalls until the test sets ``released``, then fails: a connection
+    that stopped mid-upload."""
+
+    stall: set[str] = set()
+    released = threading.Event()
+    returned = threading.Event()
+
+    def _save(self, name: str, content: Any) -> str:
+        cls = type(self)
+        if name not in cls.stall:
+            return super()._save(name, content)
+        cls.stall.discard(name)
+        data = content.read()
+        try:
+            super()._save(name, ContentFile(data[: len(data) // 2]))
+            cls.released.wait(timeout=30)
+            raise ConnectionResetError("the connection stalled mid-upload")
+        finally:
+            cls.returned.set()
+
+
 class HangingStorage(CountingStorage):
     """The first upload of each name in ``HangingStorage.hang`` hangs until the test
     sets ``released``: a stalled connection. Other uploads go through."""

@@ -24,7 +24,7 @@ from queued_storage.models import PendingTransfer
 from queued_storage.signals import file_transferred, transfer_failed
 from queued_storage.transfer import DrainStats, drain
 from tests.conftest import FS, content, read_bytes, row_of
-from tests.storages import HangingStorage
+from tests.storages import HangingStorage, StallingStorage
 
 pytestmark = pytest.mark.django_db
 
@@ -262,6 +262,35 @@ def test_an_upload_without_progress_is_abandoned_recorded_and_retried(
     after = row_of(storage, hung)
     assert (after.status, after.generation) == (Status.DONE, row.generation)
     assert read_bytes(storage.remote, hung) == b"first"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_abandoned_upload_that_wrote_part_of_the_file_is_replaced_not_a_conflict(
+    make_storage: Callable[..., QueuedStorage], settings: Any
+) -> None:
+    """An upload that wrote half the file and stalled is abandoned: what it wrote
+    is the row's (ownership is earned by the upload that was sent), so the retry
+    replaces it instead of failing for ever with a conflict over its own copy."""
+    settings.QUEUED_STORAGE_LEASE = 30
+    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 1
+    settings.QUEUED_STORAGE_RETRY_DELAY = 0
+    StallingStorage.released.clear()
+    StallingStorage.returned.clear()
+    storage = make_storage(remote="tests.storages.StallingStorage")
+    name = storage.save("a.txt", content("the whole file"))
+    StallingStorage.stall = {name}
+    try:
+        stats = drain(concurrency=1)
+    finally:
+        StallingStorage.released.set()
+    assert StallingStorage.returned.wait(timeout=30)
+    join_left_behind_workers()
+
+    row = row_of(storage, name)
+    assert (stats.done, stats.retried) == (1, 1)
+    assert row.status == Status.DONE, row.last_error
+    assert [entry["error"] for entry in row.error_history] == ["TransferTimeout"]
+    assert read_bytes(storage.remote, name) == b"the whole file"
 
 
 @pytest.mark.django_db(transaction=True)
