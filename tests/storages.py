@@ -338,11 +338,20 @@ class DeleteRefusingRemote(FileSystemStorage):
 class HookedStorage(FileSystemStorage):
     """Calls ``HookedStorage.before_write(name)`` as an upload starts and
     ``HookedStorage.after_write(name)`` once its bytes are written, before the
-    save returns: the moments around a worker's upload where the property test
+    save returns, and ``HookedStorage.before_delete(name)`` as a delete starts:
+    the moments around a worker's upload or a purge where the property test
     replays races, crashes and failures. Each hook runs once."""
 
     before_write: Callable[[str], None] | None = None
     after_write: Callable[[str], None] | None = None
+    before_delete: Callable[[str], None] | None = None
+
+    def delete(self, name: str) -> None:
+        hook = type(self).before_delete
+        if hook is not None:
+            type(self).before_delete = None
+            hook(name)
+        super().delete(name)
 
     def _save(self, name: str, content: Any) -> str:
         hook = type(self).before_write

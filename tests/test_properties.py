@@ -2,7 +2,9 @@
 stateful testing): saves, re-saves, deletes, transfer(), other spellings of the names (refused,
 or acting on the name they spell), worker steps, claims
 completed later, workers that crash before or after their upload, races in the
-moment between a worker's upload and its ledger update, and leases running out.
+moment between a worker's upload and its ledger update, leases running out (also
+of a live worker that another worker overtakes), and the purge after a delete run
+later, with the name saved (and transferred) again before or during it.
 
 After every step each live name opens with its last saved content and each
 deleted name does not exist. Once the workers settle (leases run out, a worker
@@ -11,9 +13,11 @@ drains), deleted names exist nowhere and the remote holds exactly the live names
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
+import unicodedata
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +26,7 @@ from typing import Any
 import pytest
 from django.core.exceptions import SuspiciousFileOperation
 from django.core.files.base import ContentFile
+from django.db import connections, router, transaction
 from django.utils import timezone
 from hypothesis import HealthCheck, assume
 from hypothesis import settings as hypothesis_settings
@@ -44,7 +49,7 @@ from tests.tools import IN_CI
 
 Status = PendingTransfer.Status
 FS = "django.core.files.storage.FileSystemStorage"
-NAMES = st.sampled_from(["a.txt", "dir/b.txt"])
+NAMES = st.sampled_from(["a.txt", "dir/b.txt", "dir/\u00e9t\u00e9.txt"])
 CONTENTS = st.binary(max_size=6)
 ACTIONS = st.sampled_from(["resave", "delete", "delete-then-save"])
 #: Spellings of a name that are not names: every entry point refuses them.
@@ -86,6 +91,8 @@ class LedgerMachine(RuleBasedStateMachine):
         self.deleted: set[str] = set()
         #: Rows claimed by workers that have not finished (or crashed) yet.
         self.claimed: list[PendingTransfer] = []
+        #: Purges of committed deletes that have not run yet, with their names.
+        self.purges: list[tuple[str, Callable[[], None]]] = []
 
     @initialize(
         delayed=st.sampled_from([False, False, True]),
@@ -116,8 +123,10 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         HookedStorage.before_write = HookedStorage.after_write = None
+        HookedStorage.before_delete = None
         if self.storage is not None:
             try:
+                self.run_purges()
                 self.settle()
             finally:
                 PendingTransfer.objects.filter(storage_key=self.storage.key).delete()
@@ -208,6 +217,26 @@ class LedgerMachine(RuleBasedStateMachine):
             HookedStorage.after_write = None
 
     @precondition(lambda self: self.claimed)
+    @rule(pick=st.integers(min_value=0), resave=st.booleans(), data=CONTENTS)
+    def overtaken(self, pick: int, resave: bool, data: bytes) -> None:
+        """A live worker stalls past its lease (GC, swap); another worker takes
+        the row over and finishes it, the name is perhaps saved again and moved
+        too; then the stalled worker carries on. It must lose everywhere."""
+        late = self.claimed.pop(pick % len(self.claimed))
+        PendingTransfer.objects.filter(pk=late.pk).update(
+            lease_expires_at=timezone.now() - timedelta(seconds=1)
+        )
+        taker = self._claim()
+        if taker is not None:
+            process_row(taker)
+        if resave and late.name in self.live:
+            self._save(late.name, data)
+            again = self._claim()
+            if again is not None:
+                process_row(again)
+        process_row(late)
+
+    @precondition(lambda self: self.claimed)
     @rule(pick=st.integers(min_value=0), written=st.booleans())
     def upload_fails(self, pick: int, written: bool) -> None:
         """The remote fails the upload: before any byte is written, or after all
@@ -253,6 +282,62 @@ class LedgerMachine(RuleBasedStateMachine):
         with pytest.raises(SuspiciousFileOperation):
             CALLS[call](self.queued, spelling.format(name))
 
+    @precondition(_known)
+    @rule(name=NAMES)
+    def delete_purged_later(self, name: str) -> None:
+        """A delete commits; its purge (an after-commit callback) runs in a later
+        step, as on a busy server or after a slow commit."""
+        connection = connections[router.db_for_write(PendingTransfer)]
+        with transaction.atomic():
+            start = len(connection.run_on_commit)
+            self.queued.delete(name)
+            callbacks = [
+                func for _ids, func, _robust in connection.run_on_commit[start:]
+            ]
+            del connection.run_on_commit[start:]
+        self.purges.extend((name, func) for func in callbacks)
+        self.live.pop(name, None)
+        self.deleted.add(name)
+
+    def _purge(self, pick: int) -> tuple[str, Callable[[], None]]:
+        return self.purges.pop(pick % len(self.purges))
+
+    def _run_purge(self, purge: Callable[[], None]) -> None:
+        # Django runs these robustly: a failure is logged, the commit stands, and
+        # the tombstone stays due for a worker (which settle() checks).
+        with contextlib.suppress(Exception):
+            purge()
+
+    @precondition(lambda self: self.purges)
+    @rule(pick=st.integers(min_value=0))
+    def purge(self, pick: int) -> None:
+        self._run_purge(self._purge(pick)[1])
+
+    @precondition(lambda self: self.purges)
+    @rule(pick=st.integers(min_value=0), data=CONTENTS, transferred=st.booleans())
+    def resave_during_purge(self, pick: int, data: bytes, transferred: bool) -> None:
+        """The deleted name is saved again (and, with ``transferred``, a worker
+        moves it) just as the purge of the deleted version removes the remote
+        copy: the newer version must survive on every side."""
+        name, purge = self._purge(pick)
+
+        def resave(deleting: str) -> None:
+            self._save(name, data)
+            if transferred:
+                row = self._claim()
+                if row is not None:
+                    process_row(row)
+
+        HookedStorage.before_delete = resave
+        try:
+            self._run_purge(purge)
+        finally:
+            HookedStorage.before_delete = None
+
+    def run_purges(self) -> None:
+        while self.purges:
+            self._run_purge(self._purge(0)[1])
+
     @rule(data=CONTENTS, call=st.sampled_from(["save", "delete", "transfer"]))
     def spell_with_a_backslash(self, data: bytes, call: str) -> None:
         """``dir\\b.txt`` is ``dir/b.txt``: it acts on that file, never beside it."""
@@ -268,6 +353,29 @@ class LedgerMachine(RuleBasedStateMachine):
         else:
             self.queued.transfer(spelling)
 
+    @rule(data=CONTENTS, call=st.sampled_from(["save", "delete", "transfer", "open"]))
+    def spell_decomposed(self, data: bytes, call: str) -> None:
+        """A name in Unicode NFD is the NFC name: it acts on that file only."""
+        name = "dir/\u00e9t\u00e9.txt"
+        spelling = unicodedata.normalize("NFD", name)
+        if call == "save":
+            assert self.queued.save(spelling, ContentFile(data)) == name
+            self.live[name] = data
+            self.deleted.discard(name)
+        elif call == "delete":
+            self.queued.delete(spelling)
+            self.live.pop(name, None)
+            self.deleted.add(name)
+        elif call == "open":
+            if name in self.live:
+                with self.queued.open(spelling) as opened:
+                    assert opened.read() == self.live[name]
+            else:
+                with pytest.raises(FileNotFoundError):
+                    self.queued.open(spelling)
+        else:
+            self.queued.transfer(spelling)
+
     def _expire_leases(self) -> None:
         PendingTransfer.objects.filter(
             storage_key=self.queued.key, status=Status.TRANSFERRING
@@ -279,6 +387,7 @@ class LedgerMachine(RuleBasedStateMachine):
         """Every worker with a claim is gone, the leases run out, a worker drains
         (held rows are queued first, as the admin's re-queue would)."""
         self.claimed.clear()
+        self.run_purges()
         self._expire_leases()
         for name in self.live:
             self.queued.transfer(name)
