@@ -892,7 +892,11 @@ class QueuedStorage(Storage):
         name = canonical_name(name)
         prefetch.forget(self.key, name)
         state = self._row_state(name)
-        if state is None or state.deleted:
+        if state is not None and state.deleted:
+            # A local copy left behind is the deleted version's, waiting for its
+            # purge: queueing it would bring the deleted file back.
+            return False
+        if state is None:
             if not self._local_file(name):
                 return False
             PendingTransfer.objects.record_save(
@@ -904,7 +908,7 @@ class QueuedStorage(Storage):
                 ),
                 host=conf.QUEUED_STORAGE_HOSTNAME,
                 held=False,
-                existing=state is not None,
+                existing=False,
             )
             queued = True
         else:

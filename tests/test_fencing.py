@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from django.core.management import call_command
+from django.db import connections, router, transaction
 from django.utils import timezone
 
 from queued_storage.backends import QueuedStorage
@@ -138,3 +139,28 @@ def test_clean_local_copies_spares_a_local_copy_saved_again_in_its_window(
     contender.join()
     assert read_bytes(storage, name) == b"new"
     assert_newer_version_everywhere(storage, name)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_transfer_never_brings_back_a_deleted_name_whose_purge_has_not_run(
+    make_storage: Callable[..., QueuedStorage],
+) -> None:
+    """The deleted version's local copy waits for its purge (a slow commit, a
+    purge that failed): transfer() must not queue it as a live file again."""
+    storage = make_storage()
+    name = storage.save("a.txt", content("deleted"))
+    connection = connections[router.db_for_write(PendingTransfer)]
+    with transaction.atomic():
+        start = len(connection.run_on_commit)
+        storage.delete(name)
+        del connection.run_on_commit[start:]  # the purge has not run yet
+    assert storage.local.exists(name)
+
+    assert storage.transfer(name) is False
+
+    assert not storage.exists(name)
+    assert row_of(storage, name).deleted
+    drain(keys=[storage.key])
+    assert not storage.exists(name)
+    assert not storage.local.exists(name)
+    assert not storage.remote.exists(name)
