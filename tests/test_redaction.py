@@ -371,12 +371,21 @@ def test_invariant_6_after_commit_failures_are_logged_redacted(
             )
             with django_capture_on_commit_callbacks(execute=True):
                 woken.save("b.txt", content())
+
+            def purge_elsewhere() -> None:
+                raise PermissionError(f"refused with {SECRET}")
+
+            with django_capture_on_commit_callbacks(execute=True):
+                redaction.after_commit("default", purge_elsewhere)
     finally:
         file_transferred.disconnect(receiver)
 
     assert SECRET not in caplog.text
     assert "error=ValueError: receiver saw {" in caplog.text
-    assert "after-commit work failed callback=purge error=PermissionError" in (
+    # The purge records its failure on the tombstone (due again for a worker).
+    assert "name=a.txt attempt=1 status=queued error=PermissionError" in caplog.text
+    assert "after-commit work failed callback=" in caplog.text
+    assert "purge_elsewhere error=PermissionError: refused with [redacted]" in (
         caplog.text
     )
     assert not [r for r in caplog.records if r.name.startswith("django.db")]
