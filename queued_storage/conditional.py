@@ -125,8 +125,8 @@ def delete_if_match(storage: Storage, name: str, etag: str) -> None:
     """Delete the object at ``name`` on ``storage`` (an ``S3Storage``) only if it
     is still the one with ``etag``; S3 refuses otherwise (see :func:`refused`)."""
     bucket, key = _target(storage, name)
-    client = storage.connection.meta.client  # type: ignore[attr-defined]
-    client.delete_object(Bucket=bucket, Key=key, IfMatch=etag)
+    # The client S3Storage.delete() sends with, as the uploads' (its bucket's).
+    _uploading_client(storage).delete_object(Bucket=bucket, Key=key, IfMatch=etag)
 
 
 def _uploading_client(storage: Storage) -> Any:

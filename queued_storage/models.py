@@ -451,15 +451,18 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
         if host is not None:
             rows = rows.filter(host=host)
         taken = rows.update(
-            status=PendingTransfer.Status.TRANSFERRING,
-            lease_token=token,
-            lease_expires_at=now + timedelta(seconds=lease),
-            attempts=F("attempts") + 1,
             # As _owned_after_claim(): taken over from a worker whose lease ran out.
+            # Before status: MariaDB and MySQL assign an UPDATE's columns left to
+            # right, each seeing the values assigned before it, and would read the
+            # status set here (every claimed tombstone owning the object there).
             remote_owned=Case(
                 When(status=PendingTransfer.Status.TRANSFERRING, then=Value(True)),
                 default=F("remote_owned"),
             ),
+            status=PendingTransfer.Status.TRANSFERRING,
+            lease_token=token,
+            lease_expires_at=now + timedelta(seconds=lease),
+            attempts=F("attempts") + 1,
             updated_at=now,
         )
         if not taken:

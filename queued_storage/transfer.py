@@ -394,8 +394,13 @@ def transfer_row(row: PendingTransfer) -> Outcome | Verified:
         # Once sent, an upload may have written the object even if it raised (a
         # timeout after the remote stored it): the row owns it, so the next
         # attempt replaces it instead of failing for ever over its own copy, and
-        # a delete removes it.
-        sent = sent and not conditional.never_sent(exc)
+        # a delete removes it. Not an upload the remote saved under another name:
+        # what is at ours is not known to be its, and may be another's.
+        sent = (
+            sent
+            and not conditional.never_sent(exc)
+            and not isinstance(exc, RemoteRenamed)
+        )
         return _fail(row, storage, exc, task=task, wrote=True if sent else None)
     return Verified(row, storage, task)
 
@@ -561,8 +566,12 @@ def _renames_taken_names(remote: Storage) -> bool:
 
 
 def _can_create_only(storage: QueuedStorage, task: Any) -> bool:
-    if not _stock_hook(task):
-        return False
+    return _stock_hook(task) and _conditional_remote(storage)
+
+
+def _conditional_remote(storage: QueuedStorage) -> bool:
+    """Whether the remote is sent conditional requests (S3, where the service is
+    known to honour them or ``create_only_uploads`` says so)."""
     if storage.create_only_uploads is False:
         return False
     if not conditional.supports_create_only(storage.remote):
@@ -854,16 +863,36 @@ def _purge_claimed(storage: QueuedStorage, row: PendingTransfer) -> Outcome:
         ):
             return _reconcile(storage, row)
         if row.was_owned:
-            fence(row, "deleting the remote copy of a deleted name")
-            storage.remote.delete(row.name)
+            _delete_remote_fenced(storage, row)
     except LeaseLost:
         return _reconcile(storage, row)
     except Exception as exc:
+        if conditional.refused(exc):
+            exc = RemoteChanged(
+                f"the remote object at {row.name!r} changed since the purge looked; "
+                "retried"
+            )
         return _fail(row, storage, exc)
     if row.delete_tombstone():
         logger.info("purged key=%s name=%s", row.storage_key, row.name)
         return Outcome.PURGED
     return _reconcile(storage, row)
+
+
+def _delete_remote_fenced(storage: QueuedStorage, row: PendingTransfer) -> None:
+    """Delete the remote copy of the tombstone ``row``, the lease checked just
+    before. Where the remote refuses a conditional delete (S3's ``If-Match``),
+    the object must be the one seen before the check: a purge paused after it,
+    whose lease ran out meanwhile, cannot remove a newer version written since."""
+    remote = storage.remote
+    if not _conditional_remote(storage):
+        fence(row, "deleting the remote copy of a deleted name")
+        remote.delete(row.name)
+        return
+    etag = conditional.etag_of(remote, row.name)
+    fence(row, "deleting the remote copy of a deleted name")
+    if etag is not None:
+        conditional.delete_if_match(remote, row.name, etag)
 
 
 def purge(storage: QueuedStorage, pk: int, generation: int) -> None:

@@ -538,6 +538,32 @@ def test_remote_that_renames_is_not_done_and_is_never_trusted_with_a_delete(
     assert read_bytes(storage, name) == b"keep my name"
 
 
+def test_a_remote_that_renames_gives_no_ownership_of_the_name(
+    make_storage: Callable[..., QueuedStorage],
+    run_drain: Callable[..., DrainStats],
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    """An upload the remote saved under another name wrote nothing at ours: the
+    row does not own what is at the name, so neither its next attempt nor a
+    delete() removes a file someone else put there since."""
+    storage = make_storage(remote="tests.storages.RenamingStorage")
+    name = storage.save("a.txt", content("mine"))
+    run_drain()
+    assert row_of(storage, name).remote_owned is False
+    theirs = Path(storage.remote.location) / "a.txt"
+    theirs.write_bytes(b"someone else's file")
+
+    assert storage.transfer(name)
+    run_drain()
+    assert theirs.read_bytes() == b"someone else's file"
+    with django_capture_on_commit_callbacks(execute=True):
+        storage.delete(name)
+    run_drain()
+
+    assert theirs.read_bytes() == b"someone else's file"
+    assert storage.remote.calls("delete") == 0
+
+
 def test_a_name_a_remote_returns_instead_of_ours_keeps_the_file_it_holds(
     make_storage: Callable[..., QueuedStorage],
     run_drain: Callable[..., DrainStats],

@@ -164,3 +164,29 @@ def test_transfer_never_brings_back_a_deleted_name_whose_purge_has_not_run(
     assert not storage.exists(name)
     assert not storage.local.exists(name)
     assert not storage.remote.exists(name)
+
+
+def test_purge_spares_a_remote_object_the_ledger_never_wrote(
+    make_storage: Make,
+) -> None:
+    """A row that failed over a remote object the ledger did not write owns
+    nothing there: deleting the name removes its local copy and its row, and
+    leaves that object alone (on MariaDB, which assigns an UPDATE's columns left
+    to right, the purge's claim read back the status it had just set and took
+    the object for the row's)."""
+    storage = make_storage()
+    theirs = os.path.join(storage.remote.location, "doc.txt")
+    os.makedirs(storage.remote.location, exist_ok=True)
+    with open(theirs, "wb") as file:
+        file.write(b"theirs")
+    name = storage.save("doc.txt", content("mine"))
+    assert drain().failed == 1
+    assert row_of(storage, name).remote_owned is False
+
+    storage.delete(name)  # its purge runs at once, after the commit
+    drain()
+
+    assert not PendingTransfer.objects.filter(storage_key=storage.key).exists()
+    assert not storage.local.exists(name)
+    with open(theirs, "rb") as file:
+        assert file.read() == b"theirs"

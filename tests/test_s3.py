@@ -274,3 +274,132 @@ def test_s3_create_only_holds_in_worker_threads_whichever_thread_made_the_bucket
     assert client.get_object(Bucket=bucket, Key="a.txt")["Body"].read() == b"theirs"
     row = PendingTransfer.objects.for_name(s3_storage.key, names[0]).get()
     assert "did not put there" in row.last_error
+
+
+@pytest.mark.django_db(transaction=True)
+def test_s3_purge_spares_a_version_written_after_its_lease_check(
+    s3_endpoint: str, make_storage: Callable[..., QueuedStorage]
+) -> None:
+    """The purge after delete() checks its lease, then stops before its delete
+    reaches S3; its lease runs out, the name is saved again and the new version
+    transferred. When the late delete arrives, S3 itself refuses it: it carries
+    If-Match with the ETag of the deleted version, read before the check."""
+    storage = make_storage(
+        remote="storages.backends.s3.S3Storage",
+        remote_options={
+            **S3_OPTIONS,
+            "bucket_name": make_bucket(s3_endpoint),
+            "endpoint_url": s3_endpoint,
+        },
+        create_only_uploads=True,
+    )
+    bucket = storage.remote.bucket_name
+    client = s3_client(s3_endpoint)
+    name = storage.save("doc.txt", ContentFile(b"old"))
+    assert drain(keys=[storage.key]).done == 1
+    sent = threading.Event()
+    resume = threading.Event()
+
+    def hold(**kwargs: Any) -> None:
+        if not sent.is_set():  # the purge's delete, the first one sent
+            sent.set()
+            assert resume.wait(timeout=30)
+
+    def delete() -> None:
+        try:
+            storage.delete(name)  # its purge runs at once, after the commit
+        finally:
+            sent.set()
+            connections.close_all()
+
+    events = storage.remote.bucket.meta.client.meta.events
+    events.register("before-call.s3.DeleteObject", hold)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        purged = pool.submit(delete)
+        assert sent.wait(timeout=10)  # its lease checked, its request built
+        assert not purged.done()
+        PendingTransfer.objects.filter(storage_key=storage.key).update(
+            lease_expires_at=timezone.now() - timedelta(seconds=1)
+        )
+        assert storage.save(name, ContentFile(b"new")) == name
+        assert drain(keys=[storage.key]).done == 1
+        resume.set()
+        purged.result(timeout=30)
+
+    assert client.get_object(Bucket=bucket, Key="doc.txt")["Body"].read() == b"new"
+    row = PendingTransfer.objects.for_name(storage.key, name).get()
+    assert (row.status, row.deleted) == (PendingTransfer.Status.DONE, False)
+    with storage.open(name) as opened:
+        assert opened.read() == b"new"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_s3_a_late_multipart_overwrite_completes_only_if_match(
+    s3_endpoint: str, make_storage: Callable[..., QueuedStorage]
+) -> None:
+    """As for a single PutObject: a late worker's multipart upload, paused before
+    its CompleteMultipartUpload while the row is taken over and a newer version
+    transferred, completes with If-Match and the ETag seen before its lease check,
+    which AWS S3 refuses then. (moto honours If-None-Match on the completion but
+    not If-Match: the test checks the header, and that the late worker loses in
+    the ledger.)"""
+    from boto3.s3.transfer import TransferConfig
+
+    part = 5 * 1024 * 1024
+    storage = make_storage(
+        remote="storages.backends.s3.S3Storage",
+        remote_options={
+            **S3_OPTIONS,
+            "bucket_name": make_bucket(s3_endpoint),
+            "endpoint_url": s3_endpoint,
+            "transfer_config": TransferConfig(
+                multipart_threshold=part, multipart_chunksize=part
+            ),
+        },
+        local_options={"allow_overwrite": True},
+        create_only_uploads=True,
+    )
+    first, second, newest = (os.urandom(part + 1) for _ in range(3))
+    name = storage.save("big.bin", ContentFile(first))
+    assert drain(keys=[storage.key]).done == 1
+    storage.save("big.bin", ContentFile(second))
+    [late] = PendingTransfer.objects.claim_due(limit=1, lease=300)
+    sent = threading.Event()
+    resume = threading.Event()
+
+    seen = conditional.etag_of(storage.remote, "big.bin")
+    conditions: list[str | None] = []
+
+    def hold(params: dict[str, Any], **kwargs: Any) -> None:
+        if not sent.is_set():  # the late worker's completion, the first one sent
+            conditions.append(params["headers"].get("If-Match"))
+            sent.set()
+            assert resume.wait(timeout=30)
+
+    def late_worker() -> Outcome:
+        try:
+            return process_row(late)
+        finally:
+            sent.set()
+            connections.close_all()
+
+    events = storage.remote.bucket.meta.client.meta.events
+    events.register("before-call.s3.CompleteMultipartUpload", hold)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        outcome = pool.submit(late_worker)
+        assert sent.wait(timeout=30)
+        assert not outcome.done()
+        PendingTransfer.objects.filter(pk=late.pk).update(
+            lease_expires_at=timezone.now() - timedelta(seconds=1)
+        )
+        assert drain(keys=[storage.key]).done == 1
+        storage.save("big.bin", ContentFile(newest))
+        assert drain(keys=[storage.key]).done == 1
+        resume.set()
+        outcome.result(timeout=30)
+
+    assert conditions == [seen]
+    row = PendingTransfer.objects.for_name(storage.key, name).get()
+    assert row.status == PendingTransfer.Status.DONE
