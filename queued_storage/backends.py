@@ -566,7 +566,12 @@ class QueuedStorage(Storage):
             content = File(content, name)
         name = clean_name(name)
         size = _known_size(content)
-        if size is None or size > SMALL_FILE:
+        if (size is None or size > SMALL_FILE) and not self._local_overwrites():
+            # The local storage creates a new file exclusively: nothing another
+            # save, purge or TransferAndDelete does to the name can touch it. One
+            # that overwrites names gets the row first, whatever the size: a row
+            # written after the copy would leave the copy unlocked, and the
+            # removal of a version whose row appeared meanwhile would remove it.
             name, existing, _ = self._available_name(name, max_length, cleaned=True)
             return self._store(name, content, existing, max_length)
         db = router.db_for_write(PendingTransfer)
@@ -576,7 +581,7 @@ class QueuedStorage(Storage):
 
     @retry_when_locked
     def _save_small_atomically(
-        self, name: str, content: Any, max_length: int | None, size: int, db: str
+        self, name: str, content: Any, max_length: int | None, size: int | None, db: str
     ) -> str:
         # Outside a transaction the row would be seen before its file is written.
         # The transaction is ours: one the database aborted over a lock is tried
@@ -585,7 +590,7 @@ class QueuedStorage(Storage):
             return self._save_small(name, content, max_length, size, db)
 
     def _save_small(
-        self, name: str, content: Any, max_length: int | None, size: int, db: str
+        self, name: str, content: Any, max_length: int | None, size: int | None, db: str
     ) -> str:
         """Save a small file: its row first (reserving a new name costs one
         statement), then the file, then the row mended if the file differs."""

@@ -459,3 +459,24 @@ class HangingStorage(CountingStorage):
             return super()._save(name, content)
         finally:
             cls.returned.set()
+
+
+class SaveWindowStorage(WindowStorage):
+    """A ``WindowStorage`` that also calls ``before_save(name)`` and
+    ``after_save(name)`` around the writes made by ``SaveWindowStorage.thread``:
+    a save stopped between its check of the ledger and its write, or between its
+    write and its row."""
+
+    thread: threading.Thread | None = None
+    before_save: Callable[[str], None] | None = None
+    after_save: Callable[[str], None] | None = None
+
+    def _save(self, name: str, content: Any) -> str:
+        cls = type(self)
+        mine = threading.current_thread() is cls.thread
+        if mine and cls.before_save is not None:
+            cls.before_save(name)
+        saved = super()._save(name, content)
+        if mine and cls.after_save is not None:
+            cls.after_save(name)
+        return saved

@@ -7,21 +7,22 @@ window stays open until it has returned or waits for a lock."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.core.management import call_command
-from django.db import connections, router, transaction
+from django.db import OperationalError, connection, connections, router, transaction
 from django.utils import timezone
 
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import drain
 from tests.conftest import content, read_bytes, row_of
-from tests.contention import Contender
-from tests.storages import WindowStorage
+from tests.contention import TIMEOUT, Contender
+from tests.storages import SaveWindowStorage, WindowStorage
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -190,3 +191,75 @@ def test_purge_spares_a_remote_object_the_ledger_never_wrote(
     assert not storage.local.exists(name)
     with open(theirs, "rb") as file:
         assert file.read() == b"theirs"
+
+
+def test_transfer_and_delete_spares_a_large_save_written_while_the_name_got_its_row(
+    make_storage: Make, window: type[WindowStorage]
+) -> None:
+    """A large save (or one of unknown size) of a name without a row, on a local
+    storage that overwrites names, and another save of the name that gets its row
+    and is transferred while the large one copies: TransferAndDelete's delete of
+    that version's local copy, landing between the large save's write and its
+    row, removed the file the large save had just written (its row then said
+    queued, with no file anywhere). Whichever save wins, its file is kept."""
+    storage = make_storage(
+        local="tests.storages.SaveWindowStorage",
+        local_options={"allow_overwrite": True},
+        task=TRANSFER_AND_DELETE,
+    )
+    window = SaveWindowStorage
+    checked, written, go_write, go_record = (threading.Event() for _ in range(4))
+    big = content("the large save")
+    big.size = None  # unknown: saved the way of a large file
+
+    def before_save(name: str) -> None:
+        checked.set()
+        assert go_write.wait(TIMEOUT)
+
+    def after_save(name: str) -> None:
+        written.set()
+        assert go_record.wait(TIMEOUT)
+
+    def in_delete_window(name: str) -> None:
+        go_write.set()
+        assert written.wait(TIMEOUT)
+
+    def save_small_and_transfer() -> None:
+        # A wait for the large save's row ends in an error here, and the window
+        # closes (SQLite's the contender sees itself).
+        with connection.cursor() as cursor:
+            if connection.vendor == "postgresql":
+                cursor.execute("SET lock_timeout = '500ms'")
+            elif connection.vendor == "mysql":
+                cursor.execute("SET SESSION innodb_lock_wait_timeout = 1")
+        try:
+            storage.save("doc.txt", content("small"))
+        except OperationalError:
+            return  # it waited for the large save, which holds the name
+        window.before_delete = in_delete_window
+        drain()  # its transfer, then its local copy's delete
+
+    window.before_save, window.after_save = before_save, after_save
+    saver = Contender(lambda: storage.save("doc.txt", big))
+    other = Contender(save_small_and_transfer)
+    window.thread = saver.thread
+    try:
+        saver.start()
+        assert checked.wait(TIMEOUT)  # past its look at the ledger
+        other.start()
+        other.wait_returned_or_locked()
+        go_write.set()
+        assert written.wait(TIMEOUT)
+        go_record.set()
+        saver.join()
+        other.join()
+    finally:
+        go_write.set()
+        go_record.set()
+        window.thread = window.before_save = window.after_save = None
+        window.before_delete = None
+    drain()
+    row = row_of(storage, "doc.txt")
+    assert (row.status, row.deleted) == ("done", False), row.last_error
+    assert read_bytes(storage, "doc.txt") == read_bytes(storage.remote, "doc.txt")
+    assert read_bytes(storage, "doc.txt") in (b"small", b"the large save")
