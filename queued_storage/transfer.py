@@ -862,6 +862,7 @@ def _purge_claimed(storage: QueuedStorage, row: PendingTransfer) -> Outcome:
             storage, row.name, row.while_claimed().filter(deleted=True)
         ):
             return _reconcile(storage, row)
+        unconditional = row.was_owned and not _conditional_remote(storage)
         if row.was_owned:
             _delete_remote_fenced(storage, row)
     except LeaseLost:
@@ -876,7 +877,37 @@ def _purge_claimed(storage: QueuedStorage, row: PendingTransfer) -> Outcome:
     if row.delete_tombstone():
         logger.info("purged key=%s name=%s", row.storage_key, row.name)
         return Outcome.PURGED
+    if unconditional:
+        _requeue_overtaken(storage, row)
     return _reconcile(storage, row)
+
+
+def _requeue_overtaken(storage: QueuedStorage, row: PendingTransfer) -> None:
+    """The purge of ``row`` lost its lease after its check, and its unconditional
+    remote delete may have removed the copy of a version saved and transferred
+    meanwhile (the window a remote without conditional deletes leaves): if that
+    version is done and its remote copy is gone, it is queued again, to be
+    uploaded from its local copy."""
+    current = (
+        PendingTransfer.objects.filter(
+            pk=row.pk, status=PendingTransfer.Status.DONE, deleted=False
+        )
+        .exclude(generation=row.generation)
+        .first()
+    )
+    if current is None or storage.remote.exists(current.name):
+        return
+    logger.warning(
+        "remote copy removed by a late purge key=%s name=%s; queued again",
+        row.storage_key,
+        row.name,
+    )
+    current.requeue_unverified(
+        RemoteChanged(
+            f"the remote copy of {row.name!r} was removed by the cleanup of an "
+            "earlier deleted version whose lease ran out; uploaded again"
+        )
+    )
 
 
 def _delete_remote_fenced(storage: QueuedStorage, row: PendingTransfer) -> None:

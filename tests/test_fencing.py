@@ -22,7 +22,7 @@ from queued_storage.models import PendingTransfer
 from queued_storage.transfer import drain
 from tests.conftest import content, read_bytes, row_of
 from tests.contention import TIMEOUT, Contender
-from tests.storages import SaveWindowStorage, WindowStorage
+from tests.storages import PausingStorage, SaveWindowStorage, WindowStorage
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -263,3 +263,34 @@ def test_transfer_and_delete_spares_a_large_save_written_while_the_name_got_its_
     assert (row.status, row.deleted) == ("done", False), row.last_error
     assert read_bytes(storage, "doc.txt") == read_bytes(storage.remote, "doc.txt")
     assert read_bytes(storage, "doc.txt") in (b"small", b"the large save")
+
+
+def test_a_late_purge_that_removed_a_newer_remote_copy_queues_it_again(
+    make_storage: Make, pausing: type[PausingStorage]
+) -> None:
+    """On a remote without conditional deletes, the purge after delete() stopped
+    between its lease check and its remote delete while its lease ran out and the
+    name was saved again and transferred: its delete removes the newer version's
+    remote copy. It finds out when it cannot remove the tombstone, and queues
+    that version again, so that its local copy is served and uploaded again."""
+    storage = make_storage(remote="tests.storages.PausingStorage")
+    name = storage.save("doc.txt", content("old"))
+    drain()
+
+    def delete() -> None:
+        storage.delete(name)  # its purge runs at once, after the commit
+
+    purge = Contender(delete)
+    pausing.arm("delete", purge.thread)
+    purge.start()
+    assert pausing.paused.wait(TIMEOUT)  # its lease checked
+    PendingTransfer.objects.filter(storage_key=storage.key).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    assert storage.save(name, content("new")) == name
+    drain()
+    pausing.resume.set()
+    purge.join()
+
+    assert read_bytes(storage, name) == b"new"
+    assert_newer_version_everywhere(storage, name)
