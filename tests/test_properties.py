@@ -338,26 +338,21 @@ class LedgerMachine(RuleBasedStateMachine):
         while self.purges:
             self._run_purge(self._purge(0)[1])
 
-    @rule(data=CONTENTS, call=st.sampled_from(["save", "delete", "transfer"]))
-    def spell_with_a_backslash(self, data: bytes, call: str) -> None:
-        """``dir\\b.txt`` is ``dir/b.txt``: it acts on that file, never beside it."""
-        name, spelling = "dir/b.txt", "dir\\b.txt"
-        if call == "save":
-            assert self.queued.save(spelling, ContentFile(data)) == name
-            self.live[name] = data
-            self.deleted.discard(name)
-        elif call == "delete":
-            self.queued.delete(spelling)
-            self.live.pop(name, None)
-            self.deleted.add(name)
-        else:
-            self.queued.transfer(spelling)
+    #: Other spellings of a name that are that name: they act on it, never beside it.
+    SPELLINGS = {
+        "dir\\b.txt": "dir/b.txt",
+        unicodedata.normalize("NFD", "dir/\u00e9t\u00e9.txt"): "dir/\u00e9t\u00e9.txt",
+    }
 
-    @rule(data=CONTENTS, call=st.sampled_from(["save", "delete", "transfer", "open"]))
-    def spell_decomposed(self, data: bytes, call: str) -> None:
-        """A name in Unicode NFD is the NFC name: it acts on that file only."""
-        name = "dir/\u00e9t\u00e9.txt"
-        spelling = unicodedata.normalize("NFD", name)
+    @rule(
+        spelling=st.sampled_from(sorted(SPELLINGS)),
+        data=CONTENTS,
+        call=st.sampled_from(["save", "delete", "transfer", "open"]),
+    )
+    def spell_otherwise(self, spelling: str, data: bytes, call: str) -> None:
+        """``dir\\b.txt`` is ``dir/b.txt``, and a name in Unicode NFD is its NFC
+        spelling: each acts on that file only."""
+        name = self.SPELLINGS[spelling]
         if call == "save":
             assert self.queued.save(spelling, ContentFile(data)) == name
             self.live[name] = data
@@ -366,13 +361,12 @@ class LedgerMachine(RuleBasedStateMachine):
             self.queued.delete(spelling)
             self.live.pop(name, None)
             self.deleted.add(name)
+        elif call == "open" and name in self.live:
+            with self.queued.open(spelling) as opened:
+                assert opened.read() == self.live[name]
         elif call == "open":
-            if name in self.live:
-                with self.queued.open(spelling) as opened:
-                    assert opened.read() == self.live[name]
-            else:
-                with pytest.raises(FileNotFoundError):
-                    self.queued.open(spelling)
+            with pytest.raises(FileNotFoundError):
+                self.queued.open(spelling)
         else:
             self.queued.transfer(spelling)
 
