@@ -245,11 +245,14 @@ class PendingTransferAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             }
         if row.status == Status.TRANSFERRING and row.lease_expires_at is not None:
             # Past its lease, or renewed last longer ago than the transfer timeout.
-            stuck_since = min(
-                row.lease_expires_at,
-                row.updated_at
-                + timedelta(seconds=conf.QUEUED_STORAGE_TRANSFER_TIMEOUT),
-            )
+            try:
+                stuck_since = min(
+                    row.lease_expires_at,
+                    row.updated_at
+                    + timedelta(seconds=conf.QUEUED_STORAGE_TRANSFER_TIMEOUT),
+                )
+            except OverflowError:  # a timeout meant as "never"
+                stuck_since = row.lease_expires_at
             if stuck_since < now:
                 return gettext("stuck for %(time)s") % {
                     "time": timesince(stuck_since, now)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -135,7 +136,14 @@ def _check_number(
 ) -> list[Error]:
     value = conf.raw(name)
     kind = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, kind)
+        # NaN compares false with everything: it passed "at least", and failed at
+        # first use (a lease or cutoff time of NaN seconds); infinity likewise.
+        or not math.isfinite(value)
+        or value < minimum
+    ):
         what = "a whole number" if integer else "a number of seconds"
         return [
             Error(

@@ -177,9 +177,13 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
         timeout without a renewal (a worker renews a running transfer's lease
         more often than that): its worker hangs, is gone, or never started it."""
         now = now or timezone.now()
-        timeout = timedelta(seconds=conf.QUEUED_STORAGE_TRANSFER_TIMEOUT)
+        try:
+            cutoff = now - timedelta(seconds=conf.QUEUED_STORAGE_TRANSFER_TIMEOUT)
+        except OverflowError:
+            # A timeout meant as "never": no attempt has run that long.
+            return self.transferring().filter(lease_expires_at__lt=now)
         return self.transferring().filter(
-            Q(lease_expires_at__lt=now) | Q(updated_at__lt=now - timeout)
+            Q(lease_expires_at__lt=now) | Q(updated_at__lt=cutoff)
         )
 
     def failing(self) -> PendingTransferQuerySet:

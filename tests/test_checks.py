@@ -197,6 +197,9 @@ def test_e004_django_tasks_worker_without_a_tasks_framework(
         ("QUEUED_STORAGE_RETRY_DELAY", -1),
         ("QUEUED_STORAGE_LEASE", 0),
         ("QUEUED_STORAGE_LEASE", True),
+        ("QUEUED_STORAGE_LEASE", float("nan")),
+        ("QUEUED_STORAGE_LEASE", float("inf")),
+        ("QUEUED_STORAGE_RETRY_DELAY", float("nan")),
         ("QUEUED_STORAGE_HEALTH_MAX_AGE", 0),
         ("QUEUED_STORAGE_HEALTH_MAX_AGE", "15m"),
         ("QUEUED_STORAGE_CACHE_PREFIX", 3),
@@ -267,7 +270,9 @@ def test_manage_py_check_fails_for_a_bad_worker(settings: Any) -> None:
         call_command("check")
 
 
-@pytest.mark.parametrize("value", [0, 0.5, "10m", True, None])
+@pytest.mark.parametrize(
+    "value", [0, 0.5, "10m", True, None, float("nan"), float("inf")]
+)
 def test_e007_bad_transfer_timeout(settings: Any, value: Any) -> None:
     settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = value
 

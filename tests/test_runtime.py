@@ -613,3 +613,21 @@ def test_a_call_inside_the_callers_transaction_raises_a_deadlock_unchanged(
         CALLS[call](lockable)
 
     assert [raised.value] == deadlock.raised
+
+
+def test_stuck_transfer_status_and_the_admin_work_with_a_transfer_timeout_of_centuries(
+    storage: QueuedStorage, settings: Any, admin_client: Any
+) -> None:
+    """A timeout meant as "never" reaches back before the first year a date can
+    hold: nothing has run past it, and the status command still reports."""
+    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 10**12
+    storage.save("a.txt", content())
+    PendingTransfer.objects.claim_due(limit=10, lease=300)
+
+    assert list(PendingTransfer.objects.stuck()) == []
+    out = StringIO()
+    call_command("transfer_status", "--json", stdout=out)
+    assert json.loads(out.getvalue())["stuck"] == 0
+    page = admin_client.get("/admin/queued_storage/pendingtransfer/")
+    assert page.status_code == 200
+    assert "lease for" in page.content.decode()
