@@ -1146,6 +1146,10 @@ def _abandon(attempt: _Attempt) -> Outcome:
     return Outcome.RETRY
 
 
+#: How often (seconds) a drain that may be stopped looks whether it was.
+STOP_POLL = 0.2
+
+
 #: A verified transfer waits at most this long (seconds) to be recorded as done
 #: together with others; a claimed batch ends with whatever is waiting. What
 #: waits when a worker is killed is uploaded again: a second here (fewer commits,
@@ -1201,14 +1205,13 @@ class _Completions:
 
 class _Batch:
     """The rows of one claim as a drain works through them: its lease keeper, its
-    completions waiting to be recorded together, the rows a stop left unstarted."""
+    completions waiting to be recorded together."""
 
     def __init__(self, drain: _Drain, rows: list[PendingTransfer]) -> None:
         self.drain = drain
         self.rows = iter(rows)
         #: Rows taken and neither reported nor abandoned.
         self.in_flight = 0
-        self.unstarted: list[PendingTransfer] = []
         self.completions = _Completions(self.report)
         self.keeper = LeaseKeeper(
             rows[0].lease_token, drain.lease, on_abandon=self.abandon
@@ -1226,7 +1229,11 @@ class _Batch:
     def handle(self, row: PendingTransfer) -> None:
         should_stop = self.drain.should_stop
         if should_stop is not None and should_stop():
-            self.unstarted.append(row)
+            # Given back at once with the rest of the claim, not when the batch
+            # ends: the transfers still in hand may take long.
+            with self.drain.changed:
+                rest = list(self.rows)
+            self.drain._hand_back([row, *rest])
             return
         with self.keeper.attempt(row) as attempt:
             if attempt is None:
@@ -1249,8 +1256,6 @@ class _Batch:
         finally:
             self.keeper.stopped.set()
             self.keeper.join()
-        # Rows claimed but not started go back at once, not when the lease ends.
-        PendingTransfer.objects.release_claim(self.unstarted)
 
 
 class _Drain:
@@ -1298,13 +1303,40 @@ class _Drain:
         else:
             with self.changed:
                 self._add_lanes(self.size)
-                while not self.finished:
-                    self.changed.wait()
-                lanes = list(self.lanes)
+            while True:
+                with self.changed:
+                    if self.finished:
+                        lanes = list(self.lanes)
+                        break
+                    self.changed.wait(None if self.should_stop is None else STOP_POLL)
+                    rest = self._unstarted_after_stop()
+                if rest:
+                    self._hand_back(rest)
             for lane in lanes:
                 lane.join()
         if self.error is not None:
             raise self.error
+
+    def _unstarted_after_stop(self) -> list[PendingTransfer]:
+        """Once asked to stop, the rows of the claim that no lane has taken: given
+        back now, not when the transfers in hand end (every lane may be busy with
+        a long upload, and a supervisor kills a worker that takes long to stop,
+        which would leave them leased for the rest of their lease)."""
+        if self.batch is None or self.should_stop is None or not self.should_stop():
+            return []
+        return list(self.batch.rows)
+
+    @staticmethod
+    def _hand_back(rows: list[PendingTransfer]) -> None:
+        try:
+            PendingTransfer.objects.release_claim(rows)
+        except Exception as exc:
+            # Left to their leases, as if the worker had been killed.
+            logger.warning(
+                "could not hand back %s unstarted row(s) error=%s",
+                len(rows),
+                type(exc).__name__,
+            )
 
     def count(self, row: PendingTransfer, outcome: Outcome, size: int) -> None:
         self.stats.count(outcome, size)
@@ -1361,6 +1393,7 @@ class _Drain:
         """The next row for lane ``me``; None when the drain is over (or ``me``
         was left behind). The lane that finds the batch done moves to the next."""
         while True:
+            flushing: _Batch | None = None
             with self.changed:
                 while True:
                     if self.finished or me not in self.lanes:
@@ -1375,7 +1408,16 @@ class _Drain:
                     if not self.claiming and (batch is None or not batch.in_flight):
                         self.claiming = True
                         break
+                    if batch is not None and batch.completions.waiting:
+                        # Nothing left to start: record what waits now, rather than
+                        # when the transfers still in hand end (a hung one holds
+                        # the batch for the transfer timeout).
+                        flushing = batch
+                        break
                     self.changed.wait()
+            if flushing is not None:
+                flushing.completions.flush()
+                continue
             rows: list[PendingTransfer] = []
             try:
                 if batch is not None:

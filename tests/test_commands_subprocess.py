@@ -195,3 +195,52 @@ def test_sigterm_hands_back_rows_re_saved_or_deleted_since_the_claim_and_exits_0
     assert tombstone.status == Status.QUEUED
     assert tombstone.lease_token == ""
     assert PendingTransfer.objects.due().filter(pk=tombstone.pk).exists()
+
+
+def test_sigterm_hands_back_the_unstarted_rows_before_the_upload_in_hand_ends(
+    fresh_storages: dict[str, Path], settings: Any, tmp_path: Path
+) -> None:
+    """A supervisor sends SIGTERM, then SIGKILL when the worker takes too long:
+    the rows the worker never started are queued again while its upload still
+    runs, not left leased to a process about to be killed."""
+    entered, gate = tmp_path / "entered", tmp_path / "gate"
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "queued_remote": {
+            "BACKEND": "tests.storages.FileGatedStorage",
+            "OPTIONS": {
+                "location": str(fresh_storages["remote"]),
+                "entered": str(entered),
+                "gate": str(gate),
+            },
+        },
+    }
+    uploading, *waiting = (
+        Document.objects.create(
+            file=ContentFile(f"file {i}".encode(), name=f"{i}.txt")
+        ).file.name
+        for i in range(3)
+    )
+    worker = start_command("process_transfers", "--loop", "--interval", "0.2", "--json")
+    try:
+        wait_for_file(entered, worker, "the worker never started an upload")
+        worker.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while PendingTransfer.objects.filter(
+            name__in=waiting, status=Status.QUEUED, lease_token=""
+        ).count() < len(waiting):
+            assert worker.poll() is None, worker.communicate()
+            assert time.monotonic() < deadline, "the rows waited for the upload"
+            time.sleep(0.05)
+        gate.touch()
+        output, _ = worker.communicate(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+
+    assert worker.returncode == 0, output
+    assert json.loads(output.strip().splitlines()[-1])["done"] == 1, output
+    assert PendingTransfer.objects.get(name=uploading).status == Status.DONE
+    for row in PendingTransfer.objects.filter(name__in=waiting):
+        assert (row.status, row.attempts) == (Status.QUEUED, 0)

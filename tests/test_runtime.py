@@ -631,3 +631,68 @@ def test_stuck_transfer_status_and_the_admin_work_with_a_transfer_timeout_of_cen
     page = admin_client.get("/admin/queued_storage/pendingtransfer/")
     assert page.status_code == 200
     assert "lease for" in page.content.decode()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_a_stop_hands_back_the_unstarted_rows_at_once_while_an_upload_is_in_hand(
+    make_storage: Callable[..., QueuedStorage],
+    hanging: type[HangingStorage],
+    concurrency: int,
+) -> None:
+    """A supervisor kills a worker that takes long to stop: the rows it claimed
+    and never started must be back in the queue before the upload in hand ends,
+    not left leased to a process about to die."""
+    storage = make_storage(remote=HANGING)
+    hung, *others = (storage.save(f"{n}.txt", content(n)) for n in "abcd")
+    hanging.hang = {hung}
+    stop = threading.Event()
+    worker, result = in_thread(
+        lambda: drain(concurrency=concurrency, should_stop=stop.is_set)
+    )
+    try:
+        assert hanging.entered.wait(timeout=30)
+        stop.set()
+
+        def handed_back() -> bool:
+            rows = [row_of(storage, name) for name in others]
+            return all(row.status != Status.TRANSFERRING for row in rows)
+
+        wait_until(handed_back, "the unstarted rows waited for the upload in hand")
+        assert not hanging.returned.is_set()
+    finally:
+        hanging.released.set()
+    stats = joined(worker, result)
+
+    assert row_of(storage, hung).status == Status.DONE
+    # What a second lane had started before the stop finished too.
+    rows = [row_of(storage, name) for name in others]
+    assert stats.done == 1 + sum(row.status == Status.DONE for row in rows)
+    for row in rows:
+        assert row.status in (Status.QUEUED, Status.DONE)
+        if row.status == Status.QUEUED:
+            assert (row.lease_token, row.attempts) == ("", 0)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_verified_row_is_recorded_done_while_an_upload_of_its_batch_hangs(
+    make_storage: Callable[..., QueuedStorage], hanging: type[HangingStorage]
+) -> None:
+    """A copy verified beside a hung upload is recorded at once: waiting for the
+    batch to end, it would stay leased (and uploaded again after a kill) for as
+    long as the other upload hangs."""
+    storage = make_storage(remote=HANGING)
+    hung, other = (storage.save(f"{n}.txt", content(n)) for n in "ab")
+    hanging.hang = {hung}
+    worker, result = in_thread(lambda: drain(concurrency=2))
+    try:
+        assert hanging.entered.wait(timeout=30)
+        wait_until(
+            lambda: row_of(storage, other).status == Status.DONE,
+            "the verified row waited for the hung upload",
+        )
+        assert not hanging.returned.is_set()
+    finally:
+        hanging.released.set()
+    stats = joined(worker, result)
+    assert stats.done == 2
