@@ -77,6 +77,15 @@ class RowState(NamedTuple):
 SMALL_FILE = 4 * 1024 * 1024
 
 
+def _rereadable(content: Any) -> bool:
+    """Whether ``content`` can be read again from its start."""
+    seekable = getattr(content, "seekable", None)
+    try:
+        return bool(seekable()) if callable(seekable) else False
+    except (OSError, ValueError):
+        return False
+
+
 def _known_size(content: Any) -> int | None:
     """The size of upload content, if it can tell without being read."""
     try:
@@ -714,10 +723,20 @@ class QueuedStorage(Storage):
         same lock after checking the row, so it never deletes this file."""
         if not existing:
             return self._write(name, content, existing, max_length)
+        if _rereadable(content):
+            return self._store_locked_retrying(name, content, max_length)
+        return self._store_locked(name, content, max_length)
+
+    def _store_locked(self, name: str, content: Any, max_length: int | None) -> str:
         db = router.db_for_write(PendingTransfer)
         with transaction.atomic(using=db):
             PendingTransfer.objects.using(db).for_name(self.key, name).lock()
-            return self._write(name, content, existing, max_length)
+            return self._write(name, content, True, max_length)
+
+    # Outside the caller's transaction this one is ours: one the database aborted
+    # over a lock is tried again as a whole, its content read again from the start
+    # (as every save reads it). Content that cannot be read twice is not retried.
+    _store_locked_retrying = retry_when_locked(_store_locked)
 
     def _write(
         self, name: str, content: Any, existing: bool, max_length: int | None

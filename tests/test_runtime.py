@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.core.files.base import ContentFile
 from django.core.management import call_command
 from django.db import OperationalError, connection, connections, transaction
 from django.utils import timezone
 
 from queued_storage import registry, transfer
-from queued_storage.backends import QueuedStorage
+from queued_storage.backends import SMALL_FILE, QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.signals import file_transferred, transfer_failed
 from queued_storage.transfer import DrainStats, drain
@@ -520,7 +521,9 @@ class DeadlockOnce:
     """An execute wrapper: the first statement that writes (or locks) ledger rows
     fails as MariaDB's deadlock victim does, without running."""
 
-    def __init__(self) -> None:
+    def __init__(self, skip: int = 0) -> None:
+        #: Ledger writes let through before the one that fails.
+        self.skip = skip
         self.raised: list[OperationalError] = []
 
     def __call__(
@@ -533,11 +536,10 @@ class DeadlockOnce:
     ) -> Any:
         text = sql.lstrip().upper()
         writes = text.startswith(("INSERT", "UPDATE", "DELETE")) or "FOR UPDATE" in text
-        if (
-            not self.raised
-            and writes
-            and PendingTransfer._meta.db_table.upper() in text
-        ):
+        ledger = writes and PendingTransfer._meta.db_table.upper() in text
+        if ledger and self.skip:
+            self.skip -= 1
+        elif ledger and not self.raised:
             error = OperationalError(
                 1213,
                 "Deadlock found when trying to get lock; try restarting transaction",
@@ -558,6 +560,16 @@ def _save_again(storage: QueuedStorage) -> None:
     assert row_of(storage, "old.txt").generation != before
 
 
+def _save_large_again(storage: QueuedStorage) -> None:
+    # Over SMALL_FILE, or of unknown size: saved under the row's lock.
+    data = b"x" * (SMALL_FILE + 1)
+    before = row_of(storage, "old.txt").generation
+    assert storage.save("old.txt", ContentFile(data)) == "old.txt"
+    row = row_of(storage, "old.txt")
+    assert (row.generation != before, row.size) == (True, len(data))
+    assert storage.local.size("old.txt") == len(data)
+
+
 def _delete(storage: QueuedStorage) -> None:
     storage.delete("old.txt")
     assert not storage.exists("old.txt")
@@ -571,6 +583,7 @@ def _transfer(storage: QueuedStorage) -> None:
 CALLS = {
     "save": _save_new,
     "save-again": _save_again,
+    "save-large-again": _save_large_again,
     "delete": _delete,
     "transfer": _transfer,
 }
@@ -696,3 +709,21 @@ def test_a_verified_row_is_recorded_done_while_an_upload_of_its_batch_hangs(
         hanging.released.set()
     stats = joined(worker, result)
     assert stats.done == 2
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("call", ["save-again", "save-large-again"])
+def test_a_save_whose_row_write_deadlocks_after_the_local_write_is_retried_whole(
+    lockable: QueuedStorage, call: str
+) -> None:
+    """The lock taken, the file written, then the row's write is the deadlock's
+    victim: the retry writes the file and its row again, and the two agree."""
+    deadlock = DeadlockOnce(skip=1)
+
+    with connection.execute_wrapper(deadlock):
+        CALLS[call](lockable)
+
+    assert len(deadlock.raised) == 1
+    row = row_of(lockable, "old.txt")
+    assert row.size == lockable.local.size("old.txt")
+    assert row.status == Status.QUEUED
