@@ -1290,6 +1290,12 @@ class _Drain:
         self.lanes: list[threading.Thread] = []
         #: The row each lane works on.
         self.current: dict[threading.Thread, PendingTransfer] = {}
+        #: Lanes whose transfer was abandoned and that were replaced: each holds a
+        #: thread and a database connection until its transfer returns, if ever.
+        self.left_behind: list[threading.Thread] = []
+        #: Lanes whose transfer was abandoned when ``size`` lanes were left behind
+        #: already: not replaced, until one of those returns.
+        self.held: dict[threading.Thread, _Batch] = {}
         self.started = 0
         self.inline = False
 
@@ -1381,8 +1387,16 @@ class _Drain:
             finally:
                 with self.changed:
                     self.current.pop(me, None)
+                    self.held.pop(me, None)
                     left_behind = me not in self.lanes
-                    if not left_behind:
+                    if left_behind:
+                        self.left_behind.remove(me)
+                        if self.held:
+                            # A place is free: a lane held on a hung transfer is
+                            # left behind in its turn, and replaced.
+                            held = next(iter(self.held))
+                            self._leave_behind(held, self.held.pop(held))
+                    else:
                         batch.in_flight -= 1
                         if not batch.in_flight:
                             self.changed.notify_all()
@@ -1444,11 +1458,30 @@ class _Drain:
                 or thread not in self.lanes
             ):
                 return  # it returned meanwhile, and was counted
-            self.lanes.remove(thread)
-            del self.current[thread]
-            batch.in_flight -= 1
-            self._add_lanes(len(self.lanes) + 1)
-            self.changed.notify_all()
+            if len(self.left_behind) >= self.size:
+                # A remote where every upload hangs would otherwise cost a thread
+                # and a database connection per file until the database refuses
+                # connections: the drain waits for this transfer instead.
+                logger.warning(
+                    "transfer abandoned and its thread kept: %s thread(s) wait on "
+                    "hung transfers already key=%s name=%s",
+                    len(self.left_behind),
+                    row.storage_key,
+                    row.name,
+                )
+                self.held[thread] = batch
+                return
+            self._leave_behind(thread, batch)
+
+    def _leave_behind(self, thread: threading.Thread, batch: _Batch) -> None:
+        """Stop waiting for the transfer on lane ``thread``, which ends when that
+        returns, and start a lane in its place (with ``changed`` held)."""
+        self.lanes.remove(thread)
+        del self.current[thread]
+        batch.in_flight -= 1
+        self.left_behind.append(thread)
+        self._add_lanes(len(self.lanes) + 1)
+        self.changed.notify_all()
 
 
 def _late(row: PendingTransfer, result: Outcome | Verified) -> None:

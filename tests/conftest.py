@@ -136,6 +136,7 @@ def hanging() -> Iterator[type[HangingStorage]]:
     for event in (HangingStorage.entered, HangingStorage.released):
         event.clear()
     HangingStorage.returned.clear()
+    HangingStorage.hanging = HangingStorage.most = 0
     yield HangingStorage
     HangingStorage.released.set()
 

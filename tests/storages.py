@@ -446,18 +446,27 @@ class HangingStorage(CountingStorage):
     entered = threading.Event()
     released = threading.Event()
     returned = threading.Event()
+    #: Uploads hanging now, and the most that ever hung at once.
+    hanging = 0
+    most = 0
+    _lock = threading.Lock()
 
     def _save(self, name: str, content: Any) -> str:
         cls = type(self)
         if name not in cls.hang:
             return super()._save(name, content)
         cls.hang.discard(name)
+        with cls._lock:
+            cls.hanging += 1
+            cls.most = max(cls.most, cls.hanging)
         cls.entered.set()
         try:
             if not cls.released.wait(timeout=30):
                 raise TimeoutError("the test never released the hung upload")
             return super()._save(name, content)
         finally:
+            with cls._lock:
+                cls.hanging -= 1
             cls.returned.set()
 
 

@@ -727,3 +727,47 @@ def test_a_save_whose_row_write_deadlocks_after_the_local_write_is_retried_whole
     row = row_of(lockable, "old.txt")
     assert row.size == lockable.local.size("old.txt")
     assert row.status == Status.QUEUED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_hung_uploads_keep_at_most_twice_the_concurrency_in_threads(
+    make_storage: Callable[..., QueuedStorage],
+    hanging: type[HangingStorage],
+    settings: Any,
+) -> None:
+    """A remote where every upload hangs: each abandoned upload keeps its thread
+    and its database connection. A lane is replaced while no more lanes than the
+    drain has are left behind; then the drain waits, holding no more."""
+    settings.QUEUED_STORAGE_LEASE = 30
+    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 1
+    settings.QUEUED_STORAGE_RETRY_DELAY = 0
+    storage = make_storage(remote=HANGING)
+    names = [storage.save(f"{n}.txt", content(n)) for n in "abcd"]
+    hanging.hang = set(names)
+    kept = threading.Event()
+
+    class Kept(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "its thread kept" in record.getMessage():
+                kept.set()
+
+    handler = Kept()
+    logging.getLogger("queued_storage").addHandler(handler)
+    worker, result = in_thread(lambda: drain(concurrency=1))
+    try:
+        wait_until(
+            lambda: kept.is_set() or hanging.most > 2,
+            "the drain neither kept a lane nor hung a third upload",
+        )
+        assert hanging.most == 2
+    finally:
+        logging.getLogger("queued_storage").removeHandler(handler)
+        hanging.released.set()
+    stats = joined(worker, result)
+    join_left_behind_workers()
+
+    assert stats.done == 4
+    for name in names:
+        row = row_of(storage, name)
+        assert row.status == Status.DONE
+        assert read_bytes(storage.remote, name) == name[0].encode()
