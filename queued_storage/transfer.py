@@ -1004,6 +1004,11 @@ class LeaseKeeper(threading.Thread):
         self.stopped = threading.Event()
         self.lock = threading.Lock()
         self.attempts: dict[int, _Attempt] = {}
+        #: Made in a transaction still open in the claiming thread (a drain or an
+        #: admin "transfer now" in the caller's transaction): nobody else sees the
+        #: rows until it commits, and this thread's own connection could only wait
+        #: for its row locks while the caller, at the end, waits for this thread.
+        self.uncommitted = connections[_db()].in_atomic_block
 
     @contextmanager
     def attempt(self, row: PendingTransfer) -> Iterator[_Attempt | None]:
@@ -1052,6 +1057,8 @@ class LeaseKeeper(threading.Thread):
             return self.attempts.pop(row.pk, None)
 
     def run(self) -> None:
+        if self.uncommitted:
+            return  # nothing to renew, and a hung transfer keeps its caller anyway
         try:
             while not self.stopped.wait(self.period / 2):
                 self._tick()

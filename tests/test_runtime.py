@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from io import StringIO
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -771,3 +772,50 @@ def test_hung_uploads_keep_at_most_twice_the_concurrency_in_threads(
         row = row_of(storage, name)
         assert row.status == Status.DONE
         assert read_bytes(storage.remote, name) == name[0].encode()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("how", ["drain", "transfer_name"])
+def test_a_transfer_in_the_callers_transaction_never_waits_for_its_own_row_locks(
+    make_storage: Callable[..., QueuedStorage],
+    hanging: type[HangingStorage],
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+) -> None:
+    """drain() or the admin's "transfer now" inside the caller's transaction (an
+    ATOMIC_REQUESTS site) with a transfer that outlasts a renewal, or the timeout:
+    the claim is not committed, so a lease keeper on a connection of its own
+    could only wait for the caller's row locks (SQLite's write lock), while the
+    caller waits for it at the end."""
+    storage = make_storage(remote=HANGING)
+    name = storage.save("a.txt", content("a"))
+    hanging.hang = {name}
+
+    def run() -> object:
+        with transaction.atomic():
+            if how == "drain":
+                return drain().done
+            return transfer.transfer_name(storage.key, name)
+
+    worker, result = in_thread(run)
+    try:
+        assert hanging.entered.wait(timeout=30)
+        # Past every renewal and the transfer timeout, for the keeper's clock.
+        later = time.monotonic() + 10 * 600
+        monkeypatch.setattr(transfer, "time", SimpleNamespace(monotonic=lambda: later))
+
+        def keepers() -> list[threading.Thread]:
+            return [
+                thread
+                for thread in threading.enumerate()
+                if thread.name.startswith("queued-storage-lease") and thread.is_alive()
+            ]
+
+        wait_until(lambda: not keepers(), "a keeper works beside the caller's claim")
+    finally:
+        hanging.released.set()
+    outcome = joined(worker, result)
+
+    assert outcome in (1, transfer.Outcome.DONE)
+    row = row_of(storage, name)
+    assert (row.status, row.error_history) == (Status.DONE, [])
