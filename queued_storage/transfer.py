@@ -746,6 +746,9 @@ def _record_crash(row: PendingTransfer, exc: Exception) -> Outcome:
             retry=True,
             max_retries=retries,
             base_delay=delay,
+            # Past the upload (its DONE record failed, say), what it wrote is the
+            # row's: the retry replaces it rather than fail over it as foreign.
+            owned=True if row.upload_sent else None,
         )
     except Exception as error:
         logger.error(

@@ -819,3 +819,48 @@ def test_a_transfer_in_the_callers_transaction_never_waits_for_its_own_row_locks
     assert outcome in (1, transfer.Outcome.DONE)
     row = row_of(storage, name)
     assert (row.status, row.error_history) == (Status.DONE, [])
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("files", [1, 3])
+def test_a_verified_upload_whose_done_record_fails_stays_the_rows_own(
+    make_storage: Callable[..., QueuedStorage],
+    monkeypatch: pytest.MonkeyPatch,
+    settings: Any,
+    files: int,
+) -> None:
+    """The database fails the DONE record of a verified upload (an error other
+    than a lock abort, or a lock abort past its tries): the attempt is kept on the
+    row, and the object its upload wrote is the row's, so the retry replaces it
+    instead of failing for good over a conflict with its own copy."""
+    settings.QUEUED_STORAGE_RETRY_DELAY = 0
+    storage = make_storage()
+    names = [storage.save(f"{i}.txt", content(f"file {i}")) for i in range(files)]
+    gone = OperationalError(2006, "MySQL server has gone away")
+    failures = {"left": 2}  # the batch's record, and a single row's
+
+    def failing(original: Callable[..., Any]) -> Callable[..., Any]:
+        def record(*args: Any, **kwargs: Any) -> Any:
+            if failures["left"]:
+                failures["left"] -= 1
+                raise gone
+            return original(*args, **kwargs)
+
+        return record
+
+    queryset = type(PendingTransfer.objects.all())
+    monkeypatch.setattr(
+        queryset, "mark_done_together", failing(queryset.mark_done_together)
+    )
+    monkeypatch.setattr(
+        PendingTransfer, "mark_done", failing(PendingTransfer.mark_done)
+    )
+
+    stats = drain()
+
+    assert stats.done == files
+    for i, name in enumerate(names):
+        row = row_of(storage, name)
+        assert row.status == Status.DONE, row.last_error
+        assert "gone away" in row.error_history[0]["message"]
+        assert read_bytes(storage.remote, name) == f"file {i}".encode()
