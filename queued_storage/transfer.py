@@ -452,9 +452,40 @@ def _complete_together(batch: list[Verified]) -> bool:
 
 def _complete_one(item: Verified) -> Outcome:
     if not item.row.mark_done():
-        return _reconcile(item.storage, item.row, wrote=True)
+        outcome = _reconcile(item.storage, item.row, wrote=True)
+        _send_newer_again(item.storage, item.row)
+        return outcome
     _done(item)
     return Outcome.DONE
+
+
+def _send_newer_again(storage: QueuedStorage, row: PendingTransfer) -> None:
+    """A late upload of ``row``'s version was written and verified at the name
+    after a newer version of it was recorded as done: on a remote without
+    conditional writes it replaced that version's object. The newer version is
+    queued again while its local copy is there, and otherwise its row says so."""
+    newer = (
+        PendingTransfer.objects.for_name(row.storage_key, row.name)
+        .filter(status=PendingTransfer.Status.DONE, deleted=False)
+        .exclude(generation=row.generation)
+        .first()
+    )
+    if newer is None:
+        return
+    error = RemoteChanged(
+        f"a late upload of an older version of {row.name!r} may have replaced its "
+        "remote copy"
+    )
+    logger.warning(
+        "late upload replaced a newer version key=%s name=%s generation=%s",
+        row.storage_key,
+        row.name,
+        newer.generation,
+    )
+    if storage.local.exists(row.name):
+        newer.requeue_unverified(error)
+    else:
+        newer.keep_error(error, status=PendingTransfer.Status.DONE)
 
 
 def _done(item: Verified) -> None:

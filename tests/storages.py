@@ -489,3 +489,28 @@ class SaveWindowStorage(WindowStorage):
         if mine and cls.after_save is not None:
             cls.after_save(name)
         return saved
+
+
+class ReadThenHangStorage(CountingStorage):
+    """The first upload of each name in ``ReadThenHangStorage.hang`` reads the whole
+    file, then hangs until the test sets ``released``, then writes what it read: a
+    request whose body was sent and whose answer is late."""
+
+    hang: set[str] = set()
+    entered = threading.Event()
+    released = threading.Event()
+    returned = threading.Event()
+
+    def _save(self, name: str, content: Any) -> str:
+        cls = type(self)
+        if name not in cls.hang:
+            return super()._save(name, content)
+        cls.hang.discard(name)
+        data = content.read()
+        cls.entered.set()
+        try:
+            if not cls.released.wait(timeout=30):
+                raise TimeoutError("the test never released the hung upload")
+            return super()._save(name, ContentFile(data))
+        finally:
+            cls.returned.set()

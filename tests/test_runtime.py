@@ -26,7 +26,7 @@ from queued_storage.models import PendingTransfer
 from queued_storage.signals import file_transferred, transfer_failed
 from queued_storage.transfer import DrainStats, drain
 from tests.conftest import FS, content, read_bytes, row_of
-from tests.storages import HangingStorage, StallingStorage
+from tests.storages import HangingStorage, ReadThenHangStorage, StallingStorage
 
 pytestmark = pytest.mark.django_db
 
@@ -864,3 +864,53 @@ def test_a_verified_upload_whose_done_record_fails_stays_the_rows_own(
         assert row.status == Status.DONE, row.last_error
         assert "gone away" in row.error_history[0]["message"]
         assert read_bytes(storage.remote, name) == f"file {i}".encode()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("task", ["Transfer", "TransferAndDelete"])
+def test_a_late_upload_that_overwrote_a_newer_version_has_the_newer_one_sent_again(
+    make_storage: Callable[..., QueuedStorage], settings: Any, task: str
+) -> None:
+    """An upload abandoned after it sent the old version's bytes returns once the
+    name was saved again and the new version transferred: on a remote that
+    overwrites, the late write replaced the new version's object. The late worker
+    knows it wrote, and queues the newer version again, so that what the remote
+    serves becomes the ledger's version again."""
+    settings.QUEUED_STORAGE_LEASE = 30
+    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 1
+    settings.QUEUED_STORAGE_RETRY_DELAY = 3600
+    hung = ReadThenHangStorage
+    hung.hang = set()
+    for event in (hung.entered, hung.released, hung.returned):
+        event.clear()
+    storage = make_storage(
+        remote="tests.storages.ReadThenHangStorage",
+        local_options={"allow_overwrite": True},
+        remote_options={"allow_overwrite": True},
+        task=f"queued_storage.tasks.{task}",
+    )
+    name = storage.save("a.txt", content("old version"))
+    hung.hang = {name}
+    try:
+        assert drain().retried == 1  # abandoned, its bytes read and in flight
+        assert hung.entered.is_set()
+        assert storage.save(name, content("the new version")) == name
+        assert drain().done == 1
+        assert read_bytes(storage.remote, name) == b"the new version"
+    finally:
+        hung.released.set()
+    assert hung.returned.wait(timeout=30)
+    join_left_behind_workers()
+
+    drain()
+
+    row = row_of(storage, name)
+    assert row.status == Status.DONE
+    if task == "TransferAndDelete":
+        # The new version's only copy was the remote's: the row says it may be
+        # gone, instead of staying silent.
+        assert "late upload of an older version" in row.last_error
+        return
+    assert read_bytes(storage.remote, name) == b"the new version"
+    with storage.open(name) as served:
+        assert served.read() == b"the new version"
