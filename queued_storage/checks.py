@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -16,7 +15,12 @@ from django.core.files.storage import storages
 from django.utils.module_loading import import_string
 
 from queued_storage import registry
-from queued_storage.conf import HOSTNAME_HINT, WORKERS, hostname_problem
+from queued_storage.conf import (
+    HOSTNAME_HINT,
+    WORKERS,
+    hostname_problem,
+    usable_number,
+)
 from queued_storage.conf import settings as conf
 
 
@@ -135,13 +139,9 @@ def _check_number(
     check_id: str = "queued_storage.E005",
 ) -> list[Error]:
     value = conf.raw(name)
-    kind = numbers.Integral if integer else numbers.Real
     if (
-        isinstance(value, bool)
-        or not isinstance(value, kind)
-        # NaN compares false with everything: it passed "at least", and failed at
-        # first use (a lease or cutoff time of NaN seconds); infinity likewise.
-        or not math.isfinite(value)
+        not usable_number(value)
+        or (integer and not isinstance(value, numbers.Integral))
         or value < minimum
     ):
         what = "a whole number" if integer else "a number of seconds"

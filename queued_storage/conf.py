@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import socket
 from typing import Any
 
@@ -31,22 +33,38 @@ class Settings:
     def _get(self, name: str) -> Any:
         return getattr(django_settings, name, DEFAULTS[name])
 
+    def _seconds(self, name: str) -> float:
+        """A number setting, refused at first use when no worker could use it
+        (``manage.py check`` also holds it to a sensible minimum)."""
+        value = self._get(name)
+        if not usable_number(value):
+            raise ImproperlyConfigured(
+                f"{name} is {value!r}; set it to a finite number of seconds "
+                "(manage.py check says which values make sense)."
+            )
+        return float(value)
+
     @property
     def QUEUED_STORAGE_RETRIES(self) -> int:
-        return int(self._get("QUEUED_STORAGE_RETRIES"))
+        value = self._get("QUEUED_STORAGE_RETRIES")
+        if not usable_number(value) or value != int(value):
+            raise ImproperlyConfigured(
+                f"QUEUED_STORAGE_RETRIES is {value!r}; set it to a whole number."
+            )
+        return int(value)
 
     @property
     def QUEUED_STORAGE_RETRY_DELAY(self) -> float:
-        return float(self._get("QUEUED_STORAGE_RETRY_DELAY"))
+        return self._seconds("QUEUED_STORAGE_RETRY_DELAY")
 
     @property
     def QUEUED_STORAGE_LEASE(self) -> float:
-        return float(self._get("QUEUED_STORAGE_LEASE"))
+        return self._seconds("QUEUED_STORAGE_LEASE")
 
     @property
     def QUEUED_STORAGE_TRANSFER_TIMEOUT(self) -> float:
         """Seconds a transfer may make no progress before it is abandoned."""
-        return float(self._get("QUEUED_STORAGE_TRANSFER_TIMEOUT"))
+        return self._seconds("QUEUED_STORAGE_TRANSFER_TIMEOUT")
 
     @property
     def QUEUED_STORAGE_CACHE_PREFIX(self) -> str:
@@ -76,11 +94,20 @@ class Settings:
     @property
     def QUEUED_STORAGE_HEALTH_MAX_AGE(self) -> float:
         """Seconds the oldest due row may wait before the health check fails."""
-        return float(self._get("QUEUED_STORAGE_HEALTH_MAX_AGE"))
+        return self._seconds("QUEUED_STORAGE_HEALTH_MAX_AGE")
 
     def raw(self, name: str) -> Any:
         """The value as the user wrote it, for the system checks."""
         return self._get(name)
+
+
+def usable_number(value: Any) -> bool:
+    """Whether ``value`` is a number a worker can compute with: finite and not
+    negative. NaN compares false with everything, so it would pass any minimum."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    number = float(value)
+    return math.isfinite(number) and number >= 0
 
 
 HOSTNAME_HINT = (

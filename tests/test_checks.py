@@ -286,3 +286,30 @@ def test_the_default_transfer_timeout_passes_the_checks(settings: Any) -> None:
     del settings.QUEUED_STORAGE_TRANSFER_TIMEOUT
 
     assert check_ids() == []
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("QUEUED_STORAGE_LEASE", float("nan")),
+        ("QUEUED_STORAGE_LEASE", float("inf")),
+        ("QUEUED_STORAGE_TRANSFER_TIMEOUT", -1),
+        ("QUEUED_STORAGE_RETRY_DELAY", "60"),
+        ("QUEUED_STORAGE_RETRIES", 2.5),
+        ("QUEUED_STORAGE_HEALTH_MAX_AGE", True),
+    ],
+)
+@pytest.mark.django_db
+def test_a_number_setting_no_worker_can_use_fails_at_first_use_naming_it(
+    settings: Any, setting: str, value: Any
+) -> None:
+    """Where checks do not run (call_command, a web process), a setting that no
+    worker can compute with is a clear error naming it, not a ValueError or a
+    NaN lease deep in the engine."""
+    from django.core.exceptions import ImproperlyConfigured
+
+    from queued_storage.conf import settings as conf
+
+    setattr(settings, setting, value)
+    with pytest.raises(ImproperlyConfigured, match=setting):
+        getattr(conf, setting)
