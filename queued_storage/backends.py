@@ -7,6 +7,7 @@ import logging
 import os
 import pathlib
 import posixpath
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -147,14 +148,30 @@ class _RemovedUnlessCommitted:
     frees this object at once (elsewhere: when the garbage collector runs). Freed
     while its connection is still in the transaction, it was rolled back; freed
     after the commit without a call (an earlier callback raised), it keeps the
-    file, which its committed row owns."""
+    file, which its committed row owns.
 
-    __slots__ = ("connection", "local", "name", "pending")
+    On a local storage that overwrites names (``contested``), the database has
+    released the name a moment before Django drops the callbacks: another save
+    may have taken it and written its file since. The file is then removed only
+    while the ledger holds the name for the removal (:func:`_remove_if_unclaimed`),
+    on a connection of its own."""
 
-    def __init__(self, connection: BaseDatabaseWrapper, local: Storage, name: str):
+    __slots__ = ("connection", "contested", "key", "local", "name", "pending")
+
+    def __init__(
+        self,
+        connection: BaseDatabaseWrapper,
+        local: Storage,
+        name: str,
+        *,
+        key: str,
+        contested: bool,
+    ):
         self.connection = connection
         self.local = local
         self.name = name
+        self.key = key
+        self.contested = contested
         self.pending = True
 
     def __call__(self) -> None:
@@ -164,8 +181,47 @@ class _RemovedUnlessCommitted:
         if not self.pending:
             return
         connection = self.connection
-        if connection.in_atomic_block or not connection.autocommit:
+        if not (connection.in_atomic_block or not connection.autocommit):
+            return
+        if not self.contested:
             _remove_local(self.local, self.name)
+            return
+        remover = threading.Thread(
+            target=_remove_if_unclaimed,
+            args=(connection.alias, self.key, self.local, self.name),
+            name="queued-storage-rollback-cleanup",
+            daemon=True,
+        )
+        remover.start()
+        if not connection.in_atomic_block:
+            # The whole transaction rolled back: it holds no lock the removal could
+            # wait for. After a savepoint's rollback the outer transaction may (on
+            # SQLite, the database's write lock): the removal runs when it can.
+            remover.join()
+
+
+def _remove_if_unclaimed(db: str, key: str, local: Storage, name: str) -> None:
+    """Remove the file a rolled-back save left at ``name``, unless a save of the
+    name has a row for it by now (committed or not: the insert waits for it)."""
+    try:
+        with transaction.atomic(using=db):
+            generation = models.reserve(
+                db, key, name, size=None, host=conf.QUEUED_STORAGE_HOSTNAME, held=True
+            )
+            if generation is None:
+                return  # another save took the name: the file there is its own
+            _remove_local(local, name)
+            PendingTransfer.objects.using(db).unreserve(key, name, generation)
+    except Exception as exc:
+        # Left in place, the file is served as one from before the ledger: never
+        # another save's file removed.
+        logger.warning(
+            "rolled-back save cleanup failed name=%s error=%s",
+            name,
+            type(exc).__name__,
+        )
+    finally:
+        connections.close_all()
 
 
 P = ParamSpec("P")
@@ -695,7 +751,14 @@ class QueuedStorage(Storage):
         connection = connections[db]
         if connection.in_atomic_block:
             transaction.on_commit(
-                _RemovedUnlessCommitted(connection, self.local, name), using=db
+                _RemovedUnlessCommitted(
+                    connection,
+                    self.local,
+                    name,
+                    key=self.key,
+                    contested=self._local_overwrites(),
+                ),
+                using=db,
             )
 
     def _counting(self, content: Any) -> CountingFile | None:

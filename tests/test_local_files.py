@@ -435,3 +435,61 @@ def test_a_temporary_upload_whose_copy_fails_leaves_nothing_served(
     monkeypatch.undo()
 
     assert_nothing_served(storage, "up.bin")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rolled_back_save_spares_the_file_of_a_save_that_took_the_name_since(
+    make_storage: Callable[..., QueuedStorage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save rolled back, on a local storage that overwrites names: once the
+    database has rolled its row back, another save may take the name and write
+    its file before Django drops the rolled-back save's callbacks, whose removal
+    must then leave the other save's file alone."""
+    from tests.contention import Contender
+
+    storage = make_storage(local_options={"allow_overwrite": True})
+    other = Contender(lambda: storage.save("doc.txt", content("theirs")))
+    rollback = connection._rollback
+
+    def rolled_back() -> None:
+        rollback()
+        monkeypatch.undo()
+        other.start()
+        other.wait_returned_or_locked()
+
+    monkeypatch.setattr(connection, "_rollback", rolled_back)
+    with pytest.raises(RuntimeError), transaction.atomic():
+        assert storage.save("doc.txt", content("mine")) == "doc.txt"
+        raise RuntimeError("the view failed")
+    other.join()
+
+    assert read_bytes(storage, "doc.txt") == b"theirs"
+    drain()
+    assert row_of(storage, "doc.txt").status == PendingTransfer.Status.DONE
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("rollback", ["transaction", "savepoint"])
+def test_a_rolled_back_save_on_a_local_storage_that_overwrites_leaves_nothing_served(
+    make_storage: Callable[..., QueuedStorage], rollback: str
+) -> None:
+    """With nobody else after the name, the cleanup that holds the name in the
+    ledger removes the rolled-back file: after a transaction's rollback at once,
+    after a savepoint's once the outer transaction lets it (on SQLite, when it
+    commits)."""
+    storage = make_storage(local_options={"allow_overwrite": True})
+
+    def save_and_fail() -> None:
+        with pytest.raises(RuntimeError), transaction.atomic():
+            assert storage.save("doc.txt", content("mine")) == "doc.txt"
+            raise RuntimeError("the view failed")
+
+    if rollback == "transaction":
+        save_and_fail()
+    else:
+        with transaction.atomic():
+            save_and_fail()
+    for thread in threading.enumerate():
+        if thread.name == "queued-storage-rollback-cleanup":
+            thread.join(timeout=30)
+    assert_nothing_served(storage, "doc.txt")
