@@ -183,6 +183,25 @@ class _RemovedUnlessCommitted:
         connection = self.connection
         if not (connection.in_atomic_block or not connection.autocommit):
             return
+        if connection.in_atomic_block and connection.vendor == "sqlite":
+            # After a savepoint's rollback the outer transaction still holds
+            # SQLite's write lock: no other save can have taken the name since,
+            # and a removal on another connection would wait for the lock, leaving
+            # the file served until the outer transaction ends (for good on a
+            # shared-cache in-memory database, which refuses at once). A row seen
+            # here is this save's, committed before a garbage collector freed this
+            # object during a later transaction.
+            try:
+                claimed = (
+                    PendingTransfer.objects.using(connection.alias)
+                    .for_name(self.key, self.name)
+                    .exists()
+                )
+            except DatabaseError:
+                claimed = True
+            if not claimed:
+                _remove_local(self.local, self.name)
+            return
         if not self.contested:
             _remove_local(self.local, self.name)
             return
@@ -195,8 +214,8 @@ class _RemovedUnlessCommitted:
         remover.start()
         if not connection.in_atomic_block:
             # The whole transaction rolled back: it holds no lock the removal could
-            # wait for. After a savepoint's rollback the outer transaction may (on
-            # SQLite, the database's write lock): the removal runs when it can.
+            # wait for. After a savepoint's rollback the outer transaction may (a
+            # row lock): the removal runs when it can.
             remover.join()
 
 

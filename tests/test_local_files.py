@@ -475,8 +475,8 @@ def test_a_rolled_back_save_on_a_local_storage_that_overwrites_leaves_nothing_se
 ) -> None:
     """With nobody else after the name, the cleanup that holds the name in the
     ledger removes the rolled-back file: after a transaction's rollback at once,
-    after a savepoint's once the outer transaction lets it (on SQLite, when it
-    commits)."""
+    after a savepoint's once the outer transaction lets it (on SQLite, which
+    keeps the outer transaction's write lock, at once)."""
     storage = make_storage(local_options={"allow_overwrite": True})
 
     def save_and_fail() -> None:
@@ -493,3 +493,54 @@ def test_a_rolled_back_save_on_a_local_storage_that_overwrites_leaves_nothing_se
         if thread.name == "queued-storage-rollback-cleanup":
             thread.join(timeout=30)
     assert_nothing_served(storage, "doc.txt")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_save_rolled_back_to_a_savepoint_on_sqlite_leaves_nothing_served_at_once(
+    make_storage: Callable[..., QueuedStorage],
+) -> None:
+    """On SQLite the outer transaction keeps the database's write lock after a
+    savepoint's rollback, so no other save can have taken the name: the file of
+    a save rolled back there is removed at once, not left served until the outer
+    transaction ends (for good on a shared-cache in-memory database, which
+    refuses a second connection's write instead of waiting)."""
+    if connection.vendor != "sqlite":
+        pytest.skip("the outer transaction holds no database-wide write lock")
+    storage = make_storage(local_options={"allow_overwrite": True})
+    with transaction.atomic():
+        with pytest.raises(RuntimeError), transaction.atomic():
+            assert storage.save("doc.txt", content("mine")) == "doc.txt"
+            raise RuntimeError("the form failed")
+        assert not storage.exists("doc.txt")
+        assert local_files(storage) == []
+        assert storage.save("doc.txt", content("again")) == "doc.txt"
+    assert read_bytes(storage, "doc.txt") == b"again"
+    assert row_of(storage, "doc.txt").status == Status.QUEUED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_committed_save_keeps_its_file_when_its_callback_is_freed_in_a_later_transaction(
+    make_storage: Callable[..., QueuedStorage],
+) -> None:
+    """An earlier callback raised after the commit: the exception's traceback
+    keeps the save's cleanup alive, and it may be freed while the connection is
+    in another transaction. The committed row is found, and the file stays."""
+    storage = make_storage(local_options={"allow_overwrite": True})
+
+    def fails() -> None:
+        raise ValueError("an earlier callback failed")
+
+    kept: list[BaseException] = []
+    try:
+        with transaction.atomic():
+            transaction.on_commit(fails)
+            assert storage.save("doc.txt", content("mine")) == "doc.txt"
+    except ValueError as exc:
+        kept.append(exc)
+    with transaction.atomic():
+        kept.clear()
+    for thread in threading.enumerate():
+        if thread.name == "queued-storage-rollback-cleanup":
+            thread.join(timeout=30)
+    assert read_bytes(storage, "doc.txt") == b"mine"
+    assert row_of(storage, "doc.txt").status == Status.QUEUED
