@@ -183,14 +183,17 @@ class _RemovedUnlessCommitted:
         connection = self.connection
         if not (connection.in_atomic_block or not connection.autocommit):
             return
-        if connection.in_atomic_block and connection.vendor == "sqlite":
-            # After a savepoint's rollback the outer transaction still holds
-            # SQLite's write lock: no other save can have taken the name since,
-            # and a removal on another connection would wait for the lock, leaving
-            # the file served until the outer transaction ends (for good on a
-            # shared-cache in-memory database, which refuses at once). A row seen
-            # here is this save's, committed before a garbage collector freed this
-            # object during a later transaction.
+        if connection.in_atomic_block and (
+            connection.vendor == "sqlite" or not self.contested
+        ):
+            # In a live transaction: after a savepoint's rollback, or freed late
+            # (an earlier callback's traceback kept it) during a later transaction.
+            # A row seen here is this save's, committed before: the file is its
+            # own. No other save can have taken the name since a savepoint's
+            # rollback on SQLite (the outer transaction holds the write lock; a
+            # removal on another connection would wait for it, leaving the file
+            # served until the outer transaction ends, for good on a shared-cache
+            # in-memory database), nor on a local storage that keeps taken names.
             try:
                 claimed = (
                     PendingTransfer.objects.using(connection.alias)

@@ -519,13 +519,14 @@ def test_a_save_rolled_back_to_a_savepoint_on_sqlite_leaves_nothing_served_at_on
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("overwrite", [True, False], ids=["overwrites", "keeps-names"])
 def test_a_committed_save_keeps_its_file_when_its_callback_is_freed_in_a_later_transaction(
-    make_storage: Callable[..., QueuedStorage],
+    make_storage: Callable[..., QueuedStorage], overwrite: bool
 ) -> None:
     """An earlier callback raised after the commit: the exception's traceback
     keeps the save's cleanup alive, and it may be freed while the connection is
     in another transaction. The committed row is found, and the file stays."""
-    storage = make_storage(local_options={"allow_overwrite": True})
+    storage = make_storage(local_options={"allow_overwrite": overwrite})
 
     def fails() -> None:
         raise ValueError("an earlier callback failed")
