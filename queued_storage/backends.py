@@ -150,7 +150,8 @@ class _RemovedUnlessCommitted:
     after the commit without a call (an earlier callback raised), it keeps the
     file, which its committed row owns.
 
-    On a local storage that overwrites names (``contested``), the database has
+    On a local storage that overwrites names (``contested()``, asked only on a
+    rollback: it costs a random name, too much for every save), the database has
     released the name a moment before Django drops the callbacks: another save
     may have taken it and written its file since. The file is then removed only
     while the ledger holds the name for the removal (:func:`_remove_if_unclaimed`),
@@ -165,7 +166,7 @@ class _RemovedUnlessCommitted:
         name: str,
         *,
         key: str,
-        contested: bool,
+        contested: Callable[[], bool],
     ):
         self.connection = connection
         self.local = local
@@ -184,7 +185,7 @@ class _RemovedUnlessCommitted:
         if not (connection.in_atomic_block or not connection.autocommit):
             return
         if connection.in_atomic_block and (
-            connection.vendor == "sqlite" or not self.contested
+            connection.vendor == "sqlite" or not self.contested()
         ):
             # In a live transaction: after a savepoint's rollback, or freed late
             # (an earlier callback's traceback kept it) during a later transaction.
@@ -205,7 +206,7 @@ class _RemovedUnlessCommitted:
             if not claimed:
                 _remove_local(self.local, self.name)
             return
-        if not self.contested:
+        if not self.contested():
             _remove_local(self.local, self.name)
             return
         remover = threading.Thread(
@@ -778,7 +779,7 @@ class QueuedStorage(Storage):
                     self.local,
                     name,
                     key=self.key,
-                    contested=self._local_overwrites(),
+                    contested=self._local_overwrites,
                 ),
                 using=db,
             )
