@@ -140,6 +140,12 @@ def _inner_frames(tb: TracebackType) -> Iterator[FrameType]:
         inner = inner.tb_next
 
 
+def _overwrites_names(storage: Storage) -> bool:
+    # Django's FileSystemStorage(allow_overwrite=True) keeps a taken name instead
+    # of inventing another one: then a save of a taken name is a re-save.
+    return bool(storage.get_alternative_name("x", ".y") == "x.y")
+
+
 class _RemovedUnlessCommitted:
     """Removes the local file a save wrote if the save's transaction rolls back.
 
@@ -150,14 +156,14 @@ class _RemovedUnlessCommitted:
     after the commit without a call (an earlier callback raised), it keeps the
     file, which its committed row owns.
 
-    On a local storage that overwrites names (``contested()``, asked only on a
-    rollback: it costs a random name, too much for every save), the database has
+    On a local storage that overwrites names (asked of the storage the file was
+    saved to, and only on a rollback: it costs a random name), the database has
     released the name a moment before Django drops the callbacks: another save
     may have taken it and written its file since. The file is then removed only
     while the ledger holds the name for the removal (:func:`_remove_if_unclaimed`),
     on a connection of its own."""
 
-    __slots__ = ("connection", "contested", "key", "local", "name", "pending")
+    __slots__ = ("connection", "key", "local", "name", "pending")
 
     def __init__(
         self,
@@ -166,13 +172,11 @@ class _RemovedUnlessCommitted:
         name: str,
         *,
         key: str,
-        contested: Callable[[], bool],
     ):
         self.connection = connection
         self.local = local
         self.name = name
         self.key = key
-        self.contested = contested
         self.pending = True
 
     def __call__(self) -> None:
@@ -185,7 +189,7 @@ class _RemovedUnlessCommitted:
         if not (connection.in_atomic_block or not connection.autocommit):
             return
         if connection.in_atomic_block and (
-            connection.vendor == "sqlite" or not self.contested()
+            connection.vendor == "sqlite" or not _overwrites_names(self.local)
         ):
             # In a live transaction: after a savepoint's rollback, or freed late
             # (an earlier callback's traceback kept it) during a later transaction.
@@ -206,7 +210,7 @@ class _RemovedUnlessCommitted:
             if not claimed:
                 _remove_local(self.local, self.name)
             return
-        if not self.contested():
+        if not _overwrites_names(self.local):
             _remove_local(self.local, self.name)
             return
         remover = threading.Thread(
@@ -513,9 +517,7 @@ class QueuedStorage(Storage):
         )
 
     def _local_overwrites(self) -> bool:
-        # Django's FileSystemStorage(allow_overwrite=True) keeps a taken name instead
-        # of inventing another one: then a save of a taken name is a re-save.
-        return bool(self.local.get_alternative_name("x", ".y") == "x.y")
+        return _overwrites_names(self.local)
 
     # The ledger, read on the request path: one indexed query, no network.
 
@@ -779,7 +781,6 @@ class QueuedStorage(Storage):
                     self.local,
                     name,
                     key=self.key,
-                    contested=self._local_overwrites,
                 ),
                 using=db,
             )
