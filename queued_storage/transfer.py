@@ -180,6 +180,90 @@ def copy_to_remote(name: str, local: Storage, remote: Storage) -> None:
         )
 
 
+@dataclass
+class _HookCall:
+    """The attempt a transfer hook runs for, as the stock copy (the base
+    ``Transfer.transfer()``) sees it when a hook calls it for the attempt's name
+    and remote."""
+
+    name: str
+    remote: Storage
+    #: Sent with S3 conditional requests: ``If-Match: etag``, or with ``etag``
+    #: None ``If-None-Match: *``.
+    conditional: bool = False
+    etag: str | None = None
+    copied: bool = False
+    #: What the stock copy raised: the attempt's error, whatever the hook then
+    #: returns or raises (a refusal must not pass for another error).
+    failure: Exception | None = None
+
+    def covers(self, name: str, remote: Storage) -> bool:
+        return name == self.name and remote is self.remote
+
+
+_hook_call: contextvars.ContextVar[_HookCall | None] = contextvars.ContextVar(
+    "queued_storage_hook_call", default=None
+)
+
+
+def stock_copy(name: str, local: Storage, remote: Storage) -> bool:
+    """The base ``Transfer.transfer()``: :func:`copy_to_remote`, ``False`` if it
+    raised (0.8's contract). For the name of the attempt a worker runs the hook
+    for, the copy is sent with the attempt's conditions and runs once (the
+    worker retries, with its backoff and what it knows of the remote object): its
+    error is kept for the worker, which records it and handles it as if the hook
+    had raised it. Another copy's error is the hook's to handle, and logged."""
+    call = _hook_call.get()
+    if call is None or not call.covers(name, remote):
+        try:
+            copy_to_remote(name, local, remote)
+        except Exception as exc:
+            # Warnings are redacted by the package's log filter.
+            logger.warning(
+                "copy failed name=%s error=%s: %s", name, type(exc).__name__, exc
+            )
+            return False
+        return True
+    if call.copied:
+        return call.failure is None
+    call.copied = True
+    try:
+        with (
+            conditional.conditional_upload(remote, name, call.etag)
+            if call.conditional
+            else nullcontext()
+        ):
+            copy_to_remote(name, local, remote)
+    except Exception as exc:
+        call.failure = exc
+        return False
+    return True
+
+
+@contextmanager
+def _calling_hook(call: _HookCall) -> Iterator[_HookCall]:
+    token = _hook_call.set(call)
+    try:
+        yield call
+    finally:
+        _hook_call.reset(token)
+
+
+def _run_hook(task: Any, call: _HookCall, local: Storage) -> Any:
+    """Call the hook for ``call``'s name; raise what the stock copy raised in it,
+    if it did (instead of a ``False``, or what the hook did after it)."""
+    with _calling_hook(call):
+        try:
+            result = task.transfer(call.name, local, call.remote)
+        except Exception:
+            if call.failure is None:
+                raise
+            result = None
+    if call.failure is not None:
+        raise call.failure
+    return result
+
+
 def _regular_file_inside_root(name: str, local: Storage) -> os.stat_result | None:
     """The status of the file ``name`` resolves to, if ``local`` is a
     ``FileSystemStorage`` (``path()`` of others, such as ``InMemoryStorage``, need
@@ -365,21 +449,21 @@ def transfer_row(row: PendingTransfer) -> Outcome | Verified:
     sent = False
     try:
         task = storage.task
-        refusal, etag = _make_room(storage, row, task)
-        if refusal in (Refusal.ASKED, Refusal.IF_MATCH):
+        room = _make_room(storage, row, task)
+        if room.refusal in (Refusal.ASKED, Refusal.IF_MATCH):
             # This upload may replace an object: never once another worker may
             # have taken the row over and written a newer version.
             fence(row, "an upload that may replace the remote object")
         sent = row.upload_sent = True
+        # One instance for the hook, its stock copy's conditions and the watch.
+        remote = storage.remote
+        call = _HookCall(row.name, remote, conditional=room.conditional, etag=room.etag)
         with (
-            conditional.conditional_upload(storage.remote, row.name, etag)
-            if refusal in (Refusal.IF_NONE_MATCH, Refusal.IF_MATCH)
-            else nullcontext(),
-            conditional.watch_upload(storage.remote, row.name)
-            if _stock_hook(task) and conditional.supports_create_only(storage.remote)
-            else nullcontext() as upload,
+            conditional.watch_upload(remote, row.name)
+            if _stock_hook(task) and conditional.supports_create_only(remote)
+            else nullcontext() as upload
         ):
-            result = task.transfer(row.name, storage.local, storage.remote)
+            result = _run_hook(task, call, storage.local)
         if result is False:
             raise TransferError("the transfer hook returned False")
         if result is not True:
@@ -544,36 +628,66 @@ class Refusal(enum.Enum):
     EXCLUSIVE = "exclusive"
 
 
-def _make_room(
-    storage: QueuedStorage, row: PendingTransfer, task: Any
-) -> tuple[Refusal, str | None]:
+@dataclass
+class Room:
+    """How an attempt's upload is kept from overwriting what it must not."""
+
+    refusal: Refusal
+    #: The stock copy of the name is sent with S3 conditional requests: with
+    #: ``If-Match: etag``, or with ``etag`` None ``If-None-Match: *``.
+    conditional: bool = False
+    etag: str | None = None
+
+
+def _make_room(storage: QueuedStorage, row: PendingTransfer, task: Any) -> Room:
     """Check that the upload may write the name, asking the remote only when the
-    upload itself cannot refuse to overwrite. Returns how the upload is refused,
-    and for ``IF_MATCH`` the ETag of the object it replaces (None: no object)."""
+    upload itself cannot refuse to overwrite.
+
+    A custom hook may write the name itself, or not call the stock copy at all:
+    it is asked first (and fenced) as if its upload were unconditional. The stock
+    copy it calls is conditional all the same where the remote is, which closes
+    the window between the check and the upload."""
     remote = storage.remote
-    exclusive = _stock_hook(task) and _renames_taken_names(remote)
+    stock = _stock_hook(task)
+    exclusive = stock and _renames_taken_names(remote)
+    conditional_remote = _conditional_remote(storage)
     if not row.was_owned and not storage.overwrite_remote:
-        if _can_create_only(storage, task):
-            return Refusal.IF_NONE_MATCH, None
+        if stock and conditional_remote:
+            return Room(Refusal.IF_NONE_MATCH, conditional=True)
         if exclusive:
-            return Refusal.EXCLUSIVE, None
+            return Room(Refusal.EXCLUSIVE)
         if remote.exists(row.name):
             raise RemoteConflict(_conflict(row.name))
-        return Refusal.ASKED, None
-    if _can_create_only(storage, task):
+        return Room(Refusal.ASKED, conditional=conditional_remote)
+    if stock and conditional_remote:
         # Read before the lease check: an object written after it is refused.
-        return Refusal.IF_MATCH, conditional.etag_of(remote, row.name)
+        return Room(
+            Refusal.IF_MATCH,
+            conditional=True,
+            etag=conditional.etag_of(remote, row.name),
+        )
+    deleted = False
     if remote.get_available_name(row.name) != row.name:
         # An earlier attempt's object: ours to replace, on a remote that renames.
         # Not once our lease ran out: it may be the copy that the worker which
         # took the row over finished, and the only one left.
         fence(row, "deleting its earlier upload")
         remote.delete(row.name)
-    return (Refusal.EXCLUSIVE if exclusive else Refusal.ASKED), None
+        deleted = True
+    if exclusive:
+        return Room(Refusal.EXCLUSIVE)
+    if conditional_remote:
+        # A custom hook's stock copy, after its lease check: what it replaces
+        # must be the object seen before that check.
+        etag = None if deleted else conditional.etag_of(remote, row.name)
+        return Room(Refusal.ASKED, conditional=True, etag=etag)
+    return Room(Refusal.ASKED)
 
 
 def _stock_hook(task: Any) -> bool:
-    # A custom hook may write other objects, or elsewhere.
+    # A custom hook may write other objects, or elsewhere, or the name itself:
+    # it is asked first even if it calls the stock copy (which keeps its
+    # conditions, see stock_copy()).
     return type(task).transfer is Transfer.transfer
 
 
@@ -594,10 +708,6 @@ def _renames_taken_names(remote: Storage) -> bool:
         and cls.exists is FileSystemStorage.exists
         and getattr(cls, "_save", None) is getattr(FileSystemStorage, "_save", 0)
     )
-
-
-def _can_create_only(storage: QueuedStorage, task: Any) -> bool:
-    return _stock_hook(task) and _conditional_remote(storage)
 
 
 def _conditional_remote(storage: QueuedStorage) -> bool:
