@@ -40,9 +40,9 @@ from benchmarks.harness import (
     side_by_side,
     timed,
 )
-from queued_storage import registry
+from queued_storage import adoption, registry
 from queued_storage.backends import QueuedStorage
-from queued_storage.models import PendingTransfer
+from queued_storage.models import PendingTransfer, StorageState
 from queued_storage.transfer import drain
 
 FS = "django.core.files.storage.FileSystemStorage"
@@ -151,7 +151,7 @@ def queued_storage(
 ) -> QueuedStorage:
     if remote_options is None:
         remote_options = {"location": str(root / "remote")}
-    return QueuedStorage(
+    storage = QueuedStorage(
         FS,
         remote,
         local_options={"location": str(root / "local"), "base_url": "/media/"},
@@ -159,11 +159,17 @@ def queued_storage(
         key=key,
         **kwargs,
     )
+    # A new site: its remote holds nothing from before the ledger, so it is
+    # declared adopted (adopt_remote_files --new) and no save asks the remote.
+    adoption.mark_adopted(storage.key)
+    return storage
 
 
 def forget(storage: QueuedStorage) -> None:
     PendingTransfer.objects.filter(storage_key=storage.key).delete()
+    StorageState.objects.filter(storage_key=storage.key).delete()
     registry.forget(storage.key)
+    adoption.forget(storage.key)
 
 
 # 1. Save path ------------------------------------------------------------------

@@ -27,7 +27,7 @@ from django.db.models.functions import Substr
 from django.utils.deconstruct import deconstructible
 from django.utils.module_loading import import_string
 
-from queued_storage import models, prefetch, redaction, registry
+from queued_storage import adoption, models, prefetch, redaction, registry
 from queued_storage.checksums import CountingFile, HashingFile, storage_sha256
 from queued_storage.conf import settings as conf
 from queued_storage.models import PendingTransfer, retry_when_locked
@@ -582,12 +582,29 @@ class QueuedStorage(Storage):
         """None if ``name`` is taken; else whether the ledger has a row for it."""
         if not self.local.is_name_available(name, max_length=max_length):
             return None
-        state = self._row_state(name)
+        state = self._row_state(name) or self._asked_of_remote(name)
         if state is None:
             return (False,)
         if state.deleted or self._local_overwrites():
             return (True,)
         return None
+
+    def _asked_of_remote(self, name: str) -> RowState | None:
+        """Until the storage is adopted, a name the ledger has no row for (and the
+        local storage no file at) is asked of the remote before it is handed out:
+        a file there (one from before the ledger) is recorded as done, so that the
+        name is taken from then on without asking again. Returns that row's state;
+        None when the name is free."""
+        db = router.db_for_write(PendingTransfer)
+        if adoption.is_adopted(db, self.key) or not self.remote.exists(name):
+            return None
+        prefetch.forget(self.key, name)
+        if adoption.record_remote_file(db, self.key, name):
+            return RowState(PendingTransfer.Status.DONE, False, None)
+        # A save of the name got its row in first: that row answers.
+        return self._row_state(name) or RowState(
+            PendingTransfer.Status.DONE, False, None
+        )
 
     @_redacted_errors
     def get_available_name(self, name: str, max_length: int | None = None) -> str:
@@ -618,6 +635,8 @@ class QueuedStorage(Storage):
                     if generation is not None:
                         return name, False, generation
                 state = self._row_state(name)
+                if state is None and reserve is None:
+                    state = self._asked_of_remote(name)
                 if state is None:
                     if reserve is None:
                         return name, False, None
@@ -685,8 +704,15 @@ class QueuedStorage(Storage):
         """Save a small file: its row first (reserving a new name costs one
         statement), then the file, then the row mended if the file differs."""
         host = conf.QUEUED_STORAGE_HOSTNAME
+        adopted = adoption.is_adopted(db, self.key)
 
         def reserve(candidate: str) -> int | None:
+            if (
+                not adopted
+                and self._row_state(candidate) is None
+                and self._asked_of_remote(candidate) is not None
+            ):
+                return None  # the remote's file: _available_name finds its row
             return models.reserve(
                 db, self.key, candidate, size=size, host=host, held=self.delayed
             )

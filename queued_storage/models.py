@@ -24,6 +24,7 @@ from queued_storage import redaction
 from queued_storage.conf import MAX_HOST_LENGTH
 from queued_storage.conf import settings as conf
 from queued_storage.names import MAX_NAME_LENGTH as MAX_NAME_LENGTH
+from queued_storage.storage_state import StorageState as StorageState
 
 #: How many entries of the error history a row keeps.
 ERROR_HISTORY_LENGTH = 10

@@ -31,6 +31,7 @@ class CountingStorage(FileSystemStorage):
 
     def exists(self, name: str) -> bool:
         self._count("exists")
+        self._count(f"exists {name}")
         return super().exists(name)
 
     def _save(self, name: str, content: Any) -> str:
@@ -210,6 +211,11 @@ class PausingStorage(CountingStorage):
         self._pause("delete")
         super().delete(name)
 
+    def listdir(self, path: str) -> tuple[list[str], list[str]]:
+        found = super().listdir(path)
+        self._pause("listdir")
+        return found
+
 
 class FailingExistsStorage(CountingStorage):
     """Its first ``exists()`` times out, as a remote's existence check can."""
@@ -245,6 +251,65 @@ class ExplodingStorage(FileSystemStorage):
         }:
             raise AssertionError(f"the remote's {name}() was called")
         return super().__getattribute__(name)
+
+
+_recording = threading.local()
+
+
+class RecordingStorage(FileSystemStorage):
+    """Records every call of the ``Storage`` API made to it, as (method, name), in
+    ``RecordingStorage.calls``: proves which calls a code path makes to the remote."""
+
+    calls: list[tuple[str, str]] = []
+    API = frozenset(
+        {
+            "exists",
+            "save",
+            "open",
+            "url",
+            "size",
+            "path",
+            "delete",
+            "listdir",
+            "get_available_name",
+            "is_name_available",
+            "get_accessed_time",
+            "get_created_time",
+            "get_modified_time",
+        }
+    )
+
+    def __getattribute__(self, name: str) -> Any:
+        found = super().__getattribute__(name)
+        if name not in type(self).API:
+            return found
+
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            inner = _recording.__dict__.setdefault("depth", 0)
+            if not inner:  # not the storage's own calls to itself
+                type(self).calls.append((name, str(args[0]) if args else ""))
+            _recording.depth = inner + 1
+            try:
+                return found(*args, **kwargs)
+            finally:
+                _recording.depth = inner
+
+        return recorded
+
+
+class SizeFailingStorage(CountingStorage):
+    """Raises ``SizeFailingStorage.error`` from ``size()`` of the name
+    ``SizeFailingStorage.fail_on``, once: a crash at a known point of a listing."""
+
+    fail_on = ""
+    error: BaseException = KeyboardInterrupt()
+
+    def size(self, name: str) -> int:
+        cls = type(self)
+        if name == cls.fail_on:
+            cls.fail_on = ""
+            raise cls.error
+        return super().size(name)
 
 
 def append_journal(journal: str, event: str, name: str) -> None:

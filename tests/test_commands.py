@@ -32,6 +32,7 @@ COMMANDS = [
     "verify_transfers",
     "requeue_transfers",
     "clean_local_copies",
+    "adopt_remote_files",
 ]
 
 

@@ -10,6 +10,7 @@ from django.core.management.base import BaseCommand, CommandParser
 from django.db.models import Count
 from django.utils import timezone
 
+from queued_storage import registry
 from queued_storage.management.cli import (
     AttentionNeeded,
     add_output_arguments,
@@ -20,7 +21,7 @@ from queued_storage.management.cli import (
     of_storages,
     write_json,
 )
-from queued_storage.models import PendingTransfer
+from queued_storage.models import PendingTransfer, StorageState
 
 STATUSES = [status.value for status in PendingTransfer.Status]
 ERROR_WINDOW = timedelta(hours=1)
@@ -29,7 +30,8 @@ ERROR_WINDOW = timedelta(hours=1)
 class Command(BaseCommand):
     help = (
         "Show the ledger: rows per status and storage, how long the oldest due row "
-        "has waited, stuck rows (lease expired, or past the transfer timeout) and errors in the last hour. Exit "
+        "has waited, stuck rows (lease expired, or past the transfer timeout), errors "
+        "in the last hour and whether each storage's remote files are adopted. Exit "
         "status 3 when --max-age or --max-failed is exceeded."
     )
 
@@ -80,6 +82,9 @@ class Command(BaseCommand):
         age = (now - oldest).total_seconds() if oldest is not None else None
         stuck = rows.stuck(now).count()
         errors = rows.errors_since(now - ERROR_WINDOW).count()
+        adoption = self._adoption(
+            keys or sorted(set(counts) | set(registry.known_keys()))
+        )
 
         problems = []
         if max_age is not None and age is not None and age > max_age.total_seconds():
@@ -103,10 +108,12 @@ class Command(BaseCommand):
                     "stuck": stuck,
                     "errors_last_hour": errors,
                     "problems": problems,
+                    "adoption": adoption,
                 },
             )
         elif verbosity > 0:
             self._print(counts, totals, age, stuck, errors)
+            self._print_adoption(adoption)
         if problems:
             raise AttentionNeeded("; ".join(problems) + ".")
 
@@ -137,3 +144,36 @@ class Command(BaseCommand):
             f"stuck (lease expired, or past the transfer timeout): {stuck}"
         )
         self.stdout.write(f"errors in the last hour: {errors}")
+
+    @staticmethod
+    def _adoption(keys: list[str]) -> dict[str, dict[str, Any]]:
+        """Per storage: whether its remote's files from before the ledger are
+        adopted, and where an unfinished adoption stopped."""
+        states = {
+            state.storage_key: state
+            for state in StorageState.objects.filter(storage_key__in=keys)
+        }
+        found: dict[str, dict[str, Any]] = {}
+        for key in keys:
+            state = states.get(key)
+            adopted_at = state.adopted_at if state else None
+            found[key] = {
+                "adopted": adopted_at is not None,
+                "adopted_at": adopted_at.isoformat() if adopted_at else None,
+                "adoption_cursor": (state.adoption_cursor or None) if state else None,
+            }
+        return found
+
+    def _print_adoption(self, adoption: dict[str, dict[str, Any]]) -> None:
+        self.stdout.write("")
+        for key, state in adoption.items():
+            if state["adopted"]:
+                self.stdout.write(f"{key}: adopted {state['adopted_at']}")
+                continue
+            stopped = state["adoption_cursor"]
+            where = f", adoption stopped after {stopped!r}" if stopped else ""
+            self.stdout.write(
+                f"{key}: not adopted{where} (a save asks the remote once about each "
+                "name the ledger has never seen; run manage.py adopt_remote_files "
+                f"--storage {key}, or --new if its remote holds nothing from before)"
+            )
