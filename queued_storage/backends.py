@@ -596,7 +596,13 @@ class QueuedStorage(Storage):
         name is taken from then on without asking again. Returns that row's state;
         None when the name is free."""
         db = router.db_for_write(PendingTransfer)
-        if adoption.is_adopted(db, self.key) or not self.remote.exists(name):
+        if adoption.is_adopted(db, self.key):
+            return None
+        return self._ask_remote(name, db)
+
+    def _ask_remote(self, name: str, db: str) -> RowState | None:
+        """:meth:`_asked_of_remote` of a storage known not to be adopted."""
+        if not self.remote.exists(name):
             return None
         prefetch.forget(self.key, name)
         if adoption.record_remote_file(db, self.key, name):
@@ -634,9 +640,10 @@ class QueuedStorage(Storage):
                     generation = reserve(name)
                     if generation is not None:
                         return name, False, generation
-                state = self._row_state(name)
-                if state is None and reserve is None:
-                    state = self._asked_of_remote(name)
+                # Not adopted, a name asked of the remote by ``reserve`` has the row
+                # that recorded it; one whose row another transaction's snapshot
+                # hides (MariaDB) is asked again rather than reserved for ever.
+                state = self._row_state(name) or self._asked_of_remote(name)
                 if state is None:
                     if reserve is None:
                         return name, False, None
@@ -710,7 +717,7 @@ class QueuedStorage(Storage):
             if (
                 not adopted
                 and self._row_state(candidate) is None
-                and self._asked_of_remote(candidate) is not None
+                and self._ask_remote(candidate, db) is not None
             ):
                 return None  # the remote's file: _available_name finds its row
             return models.reserve(

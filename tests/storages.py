@@ -312,6 +312,29 @@ class SizeFailingStorage(CountingStorage):
         return super().size(name)
 
 
+class SizeGatedStorage(CountingStorage):
+    """A remote for command processes: its ``size()`` of the name ``stop_at``
+    creates the file ``entered`` and waits for the file ``gate``, which the test
+    never creates when it kills the process there."""
+
+    def __init__(self, stop_at: str, entered: str, gate: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.stop_at = stop_at
+        self.entered = entered
+        self.gate = gate
+
+    def size(self, name: str) -> int:
+        if name == self.stop_at:
+            with open(self.entered, "w") as mark:
+                mark.write(name)
+            deadline = time.monotonic() + 60
+            while not os.path.exists(self.gate):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the test never created the gate file")
+                time.sleep(0.02)
+        return super().size(name)
+
+
 def append_journal(journal: str, event: str, name: str) -> None:
     """Append ``event<TAB>pid<TAB>time<TAB>name`` to ``journal`` in one write.
 

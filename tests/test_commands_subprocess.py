@@ -1,4 +1,5 @@
-"""``process_transfers`` and ``transfer_status`` as cron and a supervisor run them:
+"""``process_transfers``, ``transfer_status`` and ``adopt_remote_files`` as cron, a
+supervisor or an operator run them:
 real processes against this test run's database, judged by their exit status and
 output."""
 
@@ -16,7 +17,7 @@ from django.core.files.base import ContentFile
 from django.db import connection
 from django.utils import timezone
 
-from queued_storage.models import PendingTransfer
+from queued_storage.models import PendingTransfer, StorageState
 from tests.testapp.models import Document, document_storage
 from tests.workers import run_command, start_command
 
@@ -244,3 +245,54 @@ def test_sigterm_hands_back_the_unstarted_rows_before_the_upload_in_hand_ends(
     assert PendingTransfer.objects.get(name=uploading).status == Status.DONE
     for row in PendingTransfer.objects.filter(name__in=waiting):
         assert (row.status, row.attempts) == (Status.QUEUED, 0)
+
+
+def test_adopt_remote_files_killed_mid_run_resumes_when_run_again(
+    fresh_storages: dict[str, Path], settings: Any, tmp_path: Path
+) -> None:
+    remote = fresh_storages["remote"]
+    remote.mkdir(exist_ok=True)
+    files = {f"f{i}.txt": b"x" * i for i in range(1, 8)}
+    for name, data in files.items():
+        (remote / name).write_bytes(data)
+    entered, gate = tmp_path / "entered", tmp_path / "gate"
+    storages = dict(settings.STORAGES)
+    storages["queued_remote"] = {
+        "BACKEND": "tests.storages.SizeGatedStorage",
+        "OPTIONS": {
+            "location": str(remote),
+            "stop_at": "f5.txt",
+            "entered": str(entered),
+            "gate": str(gate),
+        },
+    }
+    # Batches f1 f2 | f3 f4 | f5 f6 | f7: killed in the third.
+    adopting = start_command(
+        "adopt_remote_files",
+        "--storage",
+        "documents",
+        "--batch-size",
+        "2",
+        overrides={"STORAGES": storages},
+    )
+    deadline = time.monotonic() + 60
+    while not entered.exists():
+        assert adopting.poll() is None, adopting.communicate()[0]
+        assert time.monotonic() < deadline, "the adoption never reached f5.txt"
+        time.sleep(0.02)
+    adopting.send_signal(signal.SIGKILL)
+    adopting.wait(10)
+    state = StorageState.objects.get(storage_key="documents")
+    assert (state.adopted_at, state.adoption_cursor) == (None, "f4.txt")
+
+    result = run_command("adopt_remote_files", "--storage", "documents", "--json")
+
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["resumed_after"] == "f4.txt"
+    assert (summary["scanned"], summary["recorded"]) == (7, 7)
+    rows = PendingTransfer.objects.filter(storage_key="documents")
+    assert {row.name: (row.status, row.size) for row in rows} == {
+        name: (Status.DONE, len(data)) for name, data in files.items()
+    }
+    assert StorageState.objects.get(storage_key="documents").adopted_at is not None
