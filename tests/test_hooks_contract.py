@@ -555,6 +555,48 @@ def test_a_refused_create_only_upload_fails_the_row_with_a_conflict(
     assert other.get_object(Bucket=bucket, Key=name)["Body"].read() == b"theirs"
 
 
+def test_a_remote_that_renames_fails_the_row_at_once_without_ownership(
+    make_storage: Callable[..., QueuedStorage],
+    settings: Any,
+    run_drain: Callable[..., DrainStats],
+) -> None:
+    """A permanent error passed through the base copy stays permanent, and an
+    upload the remote saved elsewhere gives the row no claim on the name."""
+    settings.QUEUED_STORAGE_RETRIES = 5
+    settings.QUEUED_STORAGE_RETRY_DELAY = 0
+    storage = make_storage(
+        remote="tests.storages.RenamingStorage", task=RecordingTransfer
+    )
+    name = storage.save("a.txt", content())
+
+    run_drain()
+
+    row = row_of(storage, name)
+    assert (row.status, row.attempts) == (Status.FAILED, 1)
+    assert row.last_error.startswith("RemoteRenamed: ")
+    assert row.remote_owned is False
+    assert RecordingTransfer.answers == [False]
+
+
+def test_a_retryable_error_after_the_upload_was_sent_makes_the_row_own_the_name(
+    make_storage: Callable[..., QueuedStorage],
+    settings: Any,
+    run_drain: Callable[..., DrainStats],
+) -> None:
+    settings.QUEUED_STORAGE_RETRY_DELAY = 600
+    storage = make_storage(
+        remote=FLAKY, remote_options={"failures": 1}, task=RecordingTransfer
+    )
+    name = storage.save("a.txt", content())
+
+    run_drain()
+
+    assert RecordingTransfer.answers == [False]
+    row = row_of(storage, name)
+    assert (row.status, row.attempts) == (Status.QUEUED, 1)
+    assert row.remote_owned is True  # the next attempt replaces what it may have left
+
+
 def test_a_size_mismatch_after_a_delegating_hook_is_retried(
     make_storage: Callable[..., QueuedStorage],
     settings: Any,
