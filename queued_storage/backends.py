@@ -1113,9 +1113,10 @@ class QueuedSFTPStorage(QueuedFileSystemStorage):
 
 
 class QueuedFTPStorage(QueuedFileSystemStorage):
-    """Files on disk first, then an FTP server."""
+    """Files on disk first, then an FTP server (``queued_storage.ftp.FTPStorage``,
+    django-storages' made to carry any name)."""
 
-    default_remote = "storages.backends.ftp.FTPStorage"
+    default_remote = "queued_storage.ftp.FTPStorage"
 
 
 class QueuedDropboxStorage(QueuedFileSystemStorage):

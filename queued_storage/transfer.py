@@ -360,6 +360,33 @@ def fence(row: PendingTransfer, before: str) -> None:
         )
 
 
+#: The lease check of the transfer that this thread runs, for a remote storage's
+#: own destructive calls (see :func:`check_lease`).
+_lease_check: contextvars.ContextVar[Callable[[str], None] | None] = (
+    contextvars.ContextVar("queued_storage_lease_check", default=None)
+)
+
+
+def check_lease(before: str) -> None:
+    """Raise :class:`LeaseLost` unless the worker whose transfer calls this still
+    holds its lease; outside a transfer, do nothing. A remote storage calls it
+    immediately before a destructive call of its own, such as removing what its
+    failed upload left (invariant 3): by then another worker may have taken the
+    row over and written the name."""
+    check = _lease_check.get()
+    if check is not None:
+        check(before)
+
+
+@contextmanager
+def _lease_checked(row: PendingTransfer) -> Iterator[None]:
+    token = _lease_check.set(lambda before: fence(row, before))
+    try:
+        yield
+    finally:
+        _lease_check.reset(token)
+
+
 class _KeepingName:
     """A ``FileSystemStorage`` seen through, whose ``_save`` finds a taken name a
     conflict instead of asking for another name."""
@@ -461,7 +488,8 @@ def transfer_row(row: PendingTransfer) -> Outcome | Verified:
         with (
             conditional.watch_upload(remote, row.name)
             if _stock_hook(task) and conditional.supports_create_only(remote)
-            else nullcontext() as upload
+            else nullcontext() as upload,
+            _lease_checked(row),
         ):
             result = _run_hook(task, call, storage.local)
         if result is False:

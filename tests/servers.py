@@ -52,9 +52,11 @@ def configure_storage(
     *,
     key: str,
     remote_options: dict[str, Any],
+    **options: Any,
 ) -> StorageT:
     """The README's STORAGES example for ``backend``, its remote pointed at a test
-    server: alias ``<key>_queued``, local copies in ``tmp_path / "media"``."""
+    server: alias ``<key>_queued``, local copies in ``tmp_path / "media"``;
+    ``options``, other ``QueuedStorage`` arguments."""
     alias = f"{key}_queued"
     settings.STORAGES = {
         **settings.STORAGES,
@@ -67,6 +69,7 @@ def configure_storage(
                 },
                 "remote_options": remote_options,
                 "key": key,
+                **options,
             },
         },
     }
@@ -78,12 +81,22 @@ def configure_storage(
 # FTP: pyftpdlib
 
 
+@dataclass
+class FTPFaults:
+    """What the test FTP server does wrong, on purpose, once each."""
+
+    #: Close the session once the next upload's first chunk is written: the
+    #: server keeps the partial file, as pyftpdlib (and most servers) do.
+    drop_next_upload: bool = False
+
+
 @dataclass(frozen=True)
 class FTPServerInfo:
     port: int
     user: str
     password: str
     root: Path
+    faults: FTPFaults
 
     @property
     def location(self) -> str:
@@ -93,27 +106,51 @@ class FTPServerInfo:
 
 @contextmanager
 def ftp_server(
-    root: Path, user: str = "uploader", password: str = "s3cr3t-ftp"
+    root: Path,
+    user: str = "uploader",
+    password: str = "s3cr3t-ftp",
+    *,
+    encoding: str = "utf8",
 ) -> Iterator[FTPServerInfo]:
-    """pyftpdlib serving ``root`` to one user, in a thread."""
+    """pyftpdlib serving ``root`` to one user, in a thread. It reads names in
+    ``encoding``, and announces UTF-8 (``FEAT UTF8``) only for ``utf8``."""
     with warnings.catch_warnings():
         # pyftpdlib is built on asyncore/asynchat, deprecated in Python 3.11.
         warnings.simplefilter("ignore", DeprecationWarning)
         require_module("pyftpdlib")
         from pyftpdlib.authorizers import DummyAuthorizer
-        from pyftpdlib.handlers import FTPHandler
+        from pyftpdlib.handlers import DTPHandler, FTPHandler
+        from pyftpdlib.ioloop import IOLoop
         from pyftpdlib.servers import FTPServer
 
     root.mkdir(parents=True, exist_ok=True)
     authorizer = DummyAuthorizer()
     authorizer.add_user(user, password, str(root), perm="elradfmwMT")
+    faults = FTPFaults()
+
+    class FaultyDTPHandler(DTPHandler):
+        def handle_read(self) -> None:
+            super().handle_read()
+            if self.receive and faults.drop_next_upload and self.tot_bytes_received:
+                faults.drop_next_upload = False
+                self.cmd_channel.close()
+
+        handle_read_event = handle_read  # pyftpdlib calls the alias
+
     # A failed login answers at once instead of after pyftpdlib's 3 s penalty.
     handler = type(
         "TestFTPHandler",
         (FTPHandler,),
-        {"authorizer": authorizer, "auth_failed_timeout": 0},
+        {
+            "authorizer": authorizer,
+            "auth_failed_timeout": 0,
+            "encoding": encoding,
+            "dtp_handler": FaultyDTPHandler,
+        },
     )
-    server = FTPServer(("127.0.0.1", 0), handler)
+    # A loop of its own: pyftpdlib's default is one per process, which two
+    # servers in two threads would share.
+    server = FTPServer(("127.0.0.1", 0), handler, ioloop=IOLoop())
     port = server.socket.getsockname()[1]
     stop = threading.Event()
 
@@ -127,7 +164,7 @@ def ftp_server(
     thread = threading.Thread(target=serve, name="test-ftp-server", daemon=True)
     thread.start()
     try:
-        yield FTPServerInfo(port, user, password, root)
+        yield FTPServerInfo(port, user, password, root, faults)
     finally:
         stop.set()
         thread.join(10)

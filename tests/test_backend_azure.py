@@ -16,6 +16,7 @@ from queued_storage import registry
 from queued_storage.backends import QueuedAzureStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import drain
+from tests.real_names import check_real_names
 from tests.servers import azurite_blob, configure_storage
 from tests.tools import require_module
 
@@ -101,3 +102,15 @@ def test_azure_round_trip(
     assert blob_bytes(container, name) is None
     assert not azure_storage.local.exists(name)
     assert not PendingTransfer.objects.filter(storage_key="azure").exists()
+
+
+def test_azure_real_names(
+    azure_storage: QueuedAzureStorage,
+    container: Any,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    check_real_names(
+        azure_storage,
+        lambda name: blob_bytes(container, name),
+        django_capture_on_commit_callbacks,
+    )

@@ -5,6 +5,7 @@ transfer (stopped at name resolution, and recorded as a retryable error)."""
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from queued_storage import registry
 from queued_storage.backends import QueuedDropboxStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import drain
+from tests.real_names import REAL_NAMES
 from tests.servers import configure_storage
 from tests.tools import require_module
 
@@ -90,3 +92,51 @@ def test_dropbox_wiring(
     assert "dropboxapi.com" in row.last_error
     assert TOKEN not in row.last_error
     assert dropbox_storage.url(name) == "/media/notes/today.txt"
+
+
+def test_dropbox_real_names_reach_the_api_whole(
+    dropbox_storage: QueuedDropboxStorage,
+    no_internet: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without a server, as far as the wire: each name reaches the Dropbox API
+    whole, as JSON that an HTTP header can carry (escaped to ASCII), in the
+    existence check and in the upload. Dropbox itself answers the check (no such
+    file); the upload is stopped before it leaves."""
+    requests = require_module("requests")
+    sent: list[tuple[str, str]] = []
+
+    def post(session: Any, url: str, headers: Any, data: Any, **kwargs: Any) -> Any:
+        if url.endswith("/files/get_metadata"):
+            sent.append(("check", json.loads(data)["path"]))
+            answer = requests.Response()
+            answer.status_code = 409
+            answer.headers["content-type"] = "application/json"
+            answer._content = json.dumps(
+                {
+                    "error_summary": "path/not_found/",
+                    "error": {".tag": "path", "path": {".tag": "not_found"}},
+                }
+            ).encode()
+            return answer
+        header = headers["Dropbox-API-Arg"]
+        assert header.isascii()
+        sent.append(("upload", json.loads(header)["path"]))
+        raise requests.ConnectionError("stopped before it leaves")
+
+    monkeypatch.setattr(requests.Session, "post", post)
+    for name in REAL_NAMES:
+        dropbox_storage.save(name, ContentFile(name.encode()))
+
+    drain(keys=["dropbox"])
+
+    assert set(sent) == {
+        (step, f"/site-uploads/{name}")
+        for name in REAL_NAMES
+        for step in ("check", "upload")
+    }
+    assert [step for step, _path in sent].count("upload") == len(REAL_NAMES)
+    rows = PendingTransfer.objects.filter(storage_key="dropbox")
+    assert {(row.status, row.attempts) for row in rows} == {
+        (PendingTransfer.Status.QUEUED, 1)
+    }

@@ -11,23 +11,33 @@ from typing import Any
 
 import pytest
 from django.core.files.base import ContentFile
+from django.db.models import F
 
 from queued_storage import registry
 from queued_storage.backends import QueuedFTPStorage
+from queued_storage.ftp import FTPStorage, parse_list
 from queued_storage.models import PendingTransfer
+from queued_storage.tasks import Transfer
 from queued_storage.transfer import drain
+from tests.real_names import check_real_names
 from tests.servers import FTPServerInfo, configure_storage, ftp_server
 
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def ftp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FTPServerInfo]:
     with ftp_server(tmp_path_factory.mktemp("ftp-root")) as info:
         yield info
 
 
-def configure(settings: Any, tmp_path: Path, location: str) -> QueuedFTPStorage:
+def configure(
+    settings: Any,
+    tmp_path: Path,
+    location: str,
+    task: str | None = None,
+    **options: Any,
+) -> QueuedFTPStorage:
     return configure_storage(
         settings,
         tmp_path,
@@ -36,7 +46,9 @@ def configure(settings: Any, tmp_path: Path, location: str) -> QueuedFTPStorage:
         remote_options={
             "location": location,
             "base_url": "https://files.example.com/",
+            **options,
         },
+        **({"task": task} if task else {}),
     )
 
 
@@ -133,3 +145,193 @@ def test_ftp_login_error_is_kept_without_the_password(
     assert password not in str(row.error_history)
     assert storage.url(name) == "/media/a.txt"
     assert ftp_read(ftp, name) is None
+
+
+def files_on(ftp: FTPServerInfo) -> list[str]:
+    """Every file on the FTP server, as the server's disk names it."""
+    return sorted(
+        str(path.relative_to(ftp.root))
+        for path in ftp.root.rglob("*")
+        if path.is_file()
+    )
+
+
+def test_ftp_real_names(
+    ftp_storage: QueuedFTPStorage,
+    ftp: FTPServerInfo,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    """Names with spaces and characters outside latin-1 reach a UTF-8 server under
+    their own names, are verified, served from it and deleted from it; a name
+    with a space does not break the listing of its folder for its neighbours."""
+    assert isinstance(ftp_storage.remote, FTPStorage)
+
+    check_real_names(
+        ftp_storage,
+        lambda name: ftp_read(ftp, name),
+        django_capture_on_commit_callbacks,
+    )
+
+    assert files_on(ftp) == []
+    name = "dir with space/été ü 文件.txt"
+    assert ftp_storage.remote.url(name) == (
+        "https://files.example.com/dir%20with%20space/"
+        "%C3%A9t%C3%A9%20%C3%BC%20%E6%96%87%E4%BB%B6.txt"
+    )
+
+
+def test_ftp_upload_dropped_mid_way_leaves_nothing(
+    ftp_storage: QueuedFTPStorage, ftp: FTPServerInfo
+) -> None:
+    """The server drops the session after the first chunk of an upload and keeps
+    the partial file: the attempt removes it, and the next one uploads it all."""
+    payload = os.urandom(300_000)
+    name = ftp_storage.save("big/part one.bin", ContentFile(payload))
+    ftp.faults.drop_next_upload = True
+
+    drain(keys=["ftp"])
+
+    row = PendingTransfer.objects.get(storage_key="ftp", name=name)
+    assert (row.status, row.attempts) == (PendingTransfer.Status.QUEUED, 1)
+    assert "Error writing file" in row.last_error
+    assert files_on(ftp) == []
+
+    row.retry_now()
+    drain(keys=["ftp"])
+
+    row.refresh_from_db()
+    assert row.status == PendingTransfer.Status.DONE, row.last_error
+    assert ftp_read(ftp, name) == payload
+    assert files_on(ftp) == [name]
+
+
+class ResavedDuringUpload(Transfer):
+    """A save of the name lands while the upload runs: the worker's claim on the
+    generation it uploads is lost."""
+
+    resaves = 1
+
+    def transfer(self, name: str, local: Any, remote: Any, **kwargs: Any) -> bool:
+        if ResavedDuringUpload.resaves:
+            ResavedDuringUpload.resaves -= 1
+            PendingTransfer.objects.filter(storage_key="ftp", name=name).update(
+                generation=F("generation") + 1
+            )
+        return super().transfer(name, local, remote, **kwargs)
+
+
+def test_ftp_partial_upload_is_kept_once_the_lease_is_lost(
+    ftp: FTPServerInfo, tmp_path: Path, settings: Any
+) -> None:
+    """A worker that lost its claim removes nothing, not even what its own failed
+    upload left: the name may be another worker's by now (invariant 3). The
+    ledger owns what is there, for the newer version's upload to replace."""
+    storage = configure(
+        settings,
+        tmp_path,
+        ftp.location,
+        task="tests.test_backend_ftp.ResavedDuringUpload",
+    )
+    try:
+        name = storage.save("kept.bin", ContentFile(os.urandom(300_000)))
+        ftp.faults.drop_next_upload = True
+        ResavedDuringUpload.resaves = 1
+        drain(keys=["ftp"], limit=1)
+
+        assert 0 < (ftp.root / name).stat().st_size < 300_000
+        row = PendingTransfer.objects.get(storage_key="ftp", name=name)
+        assert row.remote_owned
+        assert row.status == PendingTransfer.Status.QUEUED
+
+        drain(keys=["ftp"])
+    finally:
+        disconnect(storage)
+        registry.forget("ftp")
+
+    row.refresh_from_db()
+    assert row.status == PendingTransfer.Status.DONE, row.last_error
+    assert (ftp.root / name).stat().st_size == 300_000
+
+
+@pytest.fixture
+def latin1_ftp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FTPServerInfo]:
+    with ftp_server(tmp_path_factory.mktemp("latin1-root"), encoding="latin-1") as info:
+        yield info
+
+
+def test_ftp_server_without_utf8_refuses_non_ascii_names(
+    latin1_ftp: FTPServerInfo, tmp_path: Path, settings: Any
+) -> None:
+    """A server that does not announce UTF-8 would store a non-ASCII name under
+    another one: the transfer fails at once, saying so, and sends nothing; ASCII
+    names with spaces still go."""
+    storage = configure(settings, tmp_path, latin1_ftp.location)
+    try:
+        accented = storage.save("été.txt", ContentFile(b"abc"))
+        spaced = storage.save("a b/c d.txt", ContentFile(b"abcd"))
+        drain(keys=["ftp"])
+    finally:
+        disconnect(storage)
+        registry.forget("ftp")
+
+    row = PendingTransfer.objects.get(storage_key="ftp", name=accented)
+    assert (row.status, row.attempts) == (PendingTransfer.Status.FAILED, 1)
+    assert "does not announce UTF-8" in row.last_error
+    assert "set encoding" in row.last_error
+    done = PendingTransfer.objects.get(storage_key="ftp", name=spaced)
+    assert done.status == PendingTransfer.Status.DONE, done.last_error
+    assert files_on(latin1_ftp) == ["a b/c d.txt"]
+
+
+def test_ftp_encoding_set_to_the_servers(
+    latin1_ftp: FTPServerInfo,
+    tmp_path: Path,
+    settings: Any,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    """With ``encoding`` set to the server's, latin-1 names go under their own
+    names; one the encoding cannot spell fails at once and sends nothing."""
+    storage = configure(settings, tmp_path, latin1_ftp.location, encoding="latin-1")
+    try:
+        accented = storage.save("dossier/été.txt", ContentFile(b"abc"))
+        chinese = storage.save("文件.txt", ContentFile(b"abcd"))
+        drain(keys=["ftp"])
+        assert files_on(latin1_ftp) == ["dossier/été.txt"]
+        with django_capture_on_commit_callbacks(execute=True):
+            storage.delete(accented)
+    finally:
+        disconnect(storage)
+        registry.forget("ftp")
+
+    row = PendingTransfer.objects.get(storage_key="ftp", name=chinese)
+    assert (row.status, row.attempts) == (PendingTransfer.Status.FAILED, 1)
+    assert "cannot be sent in latin-1" in row.last_error
+    assert not PendingTransfer.objects.filter(storage_key="ftp", name=accented).exists()
+    assert files_on(latin1_ftp) == []
+
+
+def test_ftp_list_output_with_spaces_and_other_formats() -> None:
+    """The ``LIST`` fallback (servers without ``MLSD``) keeps names whole."""
+    lines = [
+        "total 12",
+        "drwxr-xr-x   2 ftp  ftp      4096 Dec  1 12:00 dir with space",
+        "-rw-r--r--   1 ftp  ftp         3 Dec  1 12:00 a b.txt",
+        "-rw-r--r--   1 1001 1001  1234567 Jan 31  2025  leading space.txt",
+        "-rw-r--r--   1 ftp  ftp        42 Dec  1 12:00 été 12 Dec 01 12:00 x",
+        "lrwxrwxrwx   1 ftp  ftp         9 Dec  1 12:00 link -> a b.txt",
+        "-rw-r--r--   1 owner         17 Dec  1 12:00 no group.txt",
+        "12-01-26  12:00PM       <DIR>          Windows dir",
+        "12-01-26  12:00PM                  7 Windows file.txt",
+        "something unexpected",
+    ]
+
+    dirs, files = parse_list(lines)
+
+    assert dirs == {"dir with space": 0, "Windows dir": 0}
+    assert files == {
+        "a b.txt": 3,
+        " leading space.txt": 1234567,
+        "été 12 Dec 01 12:00 x": 42,
+        "no group.txt": 17,
+        "Windows file.txt": 7,
+    }

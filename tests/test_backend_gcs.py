@@ -17,6 +17,7 @@ from queued_storage import registry
 from queued_storage.backends import QueuedGoogleCloudStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import drain
+from tests.real_names import check_real_names
 from tests.servers import configure_storage, gcs_emulator
 from tests.tools import require_module
 
@@ -100,3 +101,15 @@ def test_gcs_round_trip(
     assert blob_bytes(bucket, name) is None
     assert not gcs_storage.local.exists(name)
     assert not PendingTransfer.objects.filter(storage_key="gcs").exists()
+
+
+def test_gcs_real_names(
+    gcs_storage: QueuedGoogleCloudStorage,
+    bucket: Any,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    check_real_names(
+        gcs_storage,
+        lambda name: blob_bytes(bucket, name),
+        django_capture_on_commit_callbacks,
+    )

@@ -20,6 +20,7 @@ from queued_storage import registry
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import drain
+from tests.real_names import check_real_names
 
 pytestmark = pytest.mark.django_db
 
@@ -175,3 +176,32 @@ def test_remote_without_url_support(keys: list[str], tmp_path: Path) -> None:
     assert storage.size(name) == 6
     with storage.open(name) as opened:
         assert opened.read() == b"no url"
+
+
+@pytest.mark.parametrize("remote", [FS, MEMORY])
+def test_real_names(
+    remote: str,
+    keys: list[str],
+    tmp_path: Path,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    storage = build(
+        keys,
+        "real-names",
+        local=FS,
+        remote=remote,
+        local_options={"location": str(tmp_path / "local"), "base_url": "/media/"},
+        remote_options={"base_url": "https://remote.example/"}
+        | ({"location": str(tmp_path / "remote")} if remote == FS else {}),
+    )
+
+    def read_remote(name: str) -> bytes | None:
+        if remote == FS:
+            path = tmp_path / "remote" / name
+            return path.read_bytes() if path.exists() else None
+        if not storage.remote.exists(name):
+            return None
+        with storage.remote.open(name) as stored:
+            return bytes(stored.read())
+
+    check_real_names(storage, read_remote, django_capture_on_commit_callbacks)

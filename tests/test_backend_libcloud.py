@@ -17,6 +17,7 @@ from queued_storage import registry
 from queued_storage.backends import QueuedLibCloudStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import drain
+from tests.real_names import check_real_names
 from tests.servers import configure_storage
 from tests.tools import require_module
 
@@ -88,3 +89,23 @@ def test_libcloud_round_trip(
     assert driver.list_container_objects(driver.get_container(CONTAINER)) == []
     assert not libcloud_storage.local.exists(name)
     assert not PendingTransfer.objects.filter(storage_key="libcloud").exists()
+
+
+def test_libcloud_real_names(
+    libcloud_storage: QueuedLibCloudStorage,
+    driver_root: Path,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    from libcloud.storage.providers import Provider, get_driver
+    from libcloud.storage.types import ObjectDoesNotExistError
+
+    driver = get_driver(Provider.LOCAL)(str(driver_root))
+
+    def read_remote(name: str) -> bytes | None:
+        try:
+            stored = driver.get_object(CONTAINER, name)
+        except ObjectDoesNotExistError:
+            return None
+        return b"".join(driver.download_object_as_stream(stored))
+
+    check_real_names(libcloud_storage, read_remote, django_capture_on_commit_callbacks)

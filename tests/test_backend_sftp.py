@@ -15,6 +15,7 @@ from queued_storage import registry
 from queued_storage.backends import QueuedSFTPStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import drain
+from tests.real_names import check_real_names
 from tests.servers import SFTPServerInfo, configure_storage, sftp_server
 from tests.tools import require_module
 
@@ -136,3 +137,15 @@ def test_sftp_wrong_host_key_is_refused(
     assert "BadHostKeyException" in row.last_error
     assert not (sftp.root / "uploads" / name).exists()
     assert storage.url(name) == "/media/pinned.txt"
+
+
+def test_sftp_real_names(
+    sftp_storage: QueuedSFTPStorage,
+    sftp_client: Any,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    check_real_names(
+        sftp_storage,
+        lambda name: sftp_read(sftp_client, f"/uploads/{name}"),
+        django_capture_on_commit_callbacks,
+    )

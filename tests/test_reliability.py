@@ -141,6 +141,51 @@ def test_host_local_storage_is_drained_only_by_its_host(
     assert storage.using_remote("one.txt")
 
 
+def test_host_local_delete_leaves_both_copies_to_the_owning_host(
+    make_storage: Make, settings: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    """README "More than one host": a name deleted on another host is hidden at
+    once, and its local and remote copies wait for its own host's worker."""
+    storage = make_storage(local_shared=False)
+    settings.QUEUED_STORAGE_HOSTNAME = "web-1"
+    storage.save("one.txt", content())
+    assert drain().done == 1
+    assert storage.remote.exists("one.txt")
+
+    settings.QUEUED_STORAGE_HOSTNAME = "web-2"
+    with django_capture_on_commit_callbacks(execute=True):
+        storage.delete("one.txt")
+    assert not storage.exists("one.txt")
+    assert drain().purged == 0
+    assert storage.remote.exists("one.txt")
+    assert storage.local.exists("one.txt")
+
+    settings.QUEUED_STORAGE_HOSTNAME = "web-1"
+    assert drain().purged == 1
+    assert not storage.remote.exists("one.txt")
+    assert not storage.local.exists("one.txt")
+
+
+def test_lost_hosts_deleted_names_are_purged_from_another_host(
+    make_storage: Make, settings: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    """README "More than one host": a drain as the lost host, on a machine
+    without its disk, purges its deleted names."""
+    storage = make_storage(local_shared=False)
+    settings.QUEUED_STORAGE_HOSTNAME = "web-1"
+    storage.save("one.txt", content())
+    assert drain().done == 1
+    storage.local.delete("one.txt")  # web-1's disk, gone with it
+
+    settings.QUEUED_STORAGE_HOSTNAME = "web-2"
+    with django_capture_on_commit_callbacks(execute=True):
+        storage.delete("one.txt")
+    settings.QUEUED_STORAGE_HOSTNAME = "web-1"
+    assert drain().purged == 1
+    assert not storage.remote.exists("one.txt")
+    assert not PendingTransfer.objects.filter(storage_key=storage.key).exists()
+
+
 def test_shared_local_storage_is_drained_by_any_host(
     make_storage: Make, settings: Any
 ) -> None:

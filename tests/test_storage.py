@@ -569,7 +569,8 @@ CONVENIENCE = [
     ("QueuedAzureStorage", "storages.backends.azure_storage.AzureStorage"),
     ("QueuedGoogleCloudStorage", "storages.backends.gcloud.GoogleCloudStorage"),
     ("QueuedSFTPStorage", "storages.backends.sftpstorage.SFTPStorage"),
-    ("QueuedFTPStorage", "storages.backends.ftp.FTPStorage"),
+    # django-storages' FTPStorage, made to carry any name (queued_storage.ftp).
+    ("QueuedFTPStorage", "queued_storage.ftp.FTPStorage"),
     ("QueuedDropboxStorage", "storages.backends.dropbox.DropboxStorage"),
     (
         "QueuedLibCloudStorage",
