@@ -376,11 +376,15 @@ class PendingTransferAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             raise Http404
         if not self.has_view_or_change_permission(request, row):
             raise PermissionDenied
-        storage = registry.get(row.storage_key)
         back = reverse(
             f"{self.admin_site.name}:queued_storage_pendingtransfer_change",
             args=[row.pk],
         )
+        try:
+            storage = registry.get(row.storage_key)
+        except registry.KeyConflict as conflict:
+            self.message_user(request, str(conflict), messages.ERROR)
+            return HttpResponseRedirect(back)
         if storage is None:
             self.message_user(
                 request,

@@ -299,6 +299,8 @@ class QueuedStorage(Storage):
     #: Used when ``local``/``remote`` is not given (the convenience subclasses).
     default_local: str | None = None
     default_remote: str | None = None
+    #: The registry's epoch when this storage last registered (see _registered).
+    _registry_epoch = -1
 
     def __init__(
         self,
@@ -350,22 +352,9 @@ class QueuedStorage(Storage):
             self.local_alias or self.local_path,
             self.remote_alias or self.remote_path,
         )
-        registry.register(
-            self,
-            (
-                local,
-                remote,
-                sorted(self.local_options.items()),
-                sorted(self.remote_options.items()),
-                self.delayed,
-                self.task_path,
-                self.verify_checksum,
-                self.overwrite_remote,
-                self.local_shared,
-                self.create_only_uploads,
-                type(self).__qualname__,
-            ),
-        )
+        # Registered with the workers at first use (see _registered), not here:
+        # loading migration files builds storages with the arguments frozen in them.
+        redaction.remember(self)
 
     # Configuration
 
@@ -456,6 +445,14 @@ class QueuedStorage(Storage):
                 "characters: pass a shorter key=."
             )
         return key
+
+    def _registered(self) -> None:
+        """Register the storage with the workers of this process before its first
+        write to the ledger (the check costs an attribute read afterwards): a
+        worker finds a storage used only from code, and a storage whose key a
+        differently configured one has writes nothing."""
+        if self._registry_epoch != registry.epoch:
+            registry.register(self)
 
     def describe(self) -> str:
         """The storage's identity without its options (which may hold secrets)."""
@@ -676,6 +673,7 @@ class QueuedStorage(Storage):
     ) -> str:
         """Write ``content`` locally and record it in the ledger, in the caller's
         transaction. No call reaches the remote."""
+        self._registered()
         if name is None:
             name = content.name
         if not hasattr(content, "chunks"):
@@ -830,6 +828,7 @@ class QueuedStorage(Storage):
 
     @_redacted_errors
     def _save(self, name: str, content: Any) -> str:
+        self._registered()
         name = clean_name(name)
         return self._store(name, content, self._row_state(name) is not None, None)
 
@@ -1021,6 +1020,7 @@ class QueuedStorage(Storage):
         if not name:
             raise ValueError("The name must be given.")
         name = canonical_name(name)
+        self._registered()
         prefetch.forget(self.key, name)
         row = PendingTransfer.objects.record_delete(self.key, name)
         from queued_storage.transfer import purge
@@ -1034,6 +1034,7 @@ class QueuedStorage(Storage):
         """Queue ``name`` now: a held or failed row becomes due, with its attempts
         reset. A file already transferred is left alone. Returns whether it queued."""
         name = canonical_name(name)
+        self._registered()
         prefetch.forget(self.key, name)
         state = self._row_state(name)
         if state is not None and state.deleted:

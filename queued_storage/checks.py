@@ -53,18 +53,9 @@ def check_storages(
                 )
             )
     registry.discover()
-    for key, described in registry.conflicts().items():
-        errors.append(
-            Error(
-                f"Storage key {key!r} is shared by differently configured storages: "
-                + "; ".join(described),
-                hint=(
-                    "Give each QueuedStorage its own key= (the ledger tells storages "
-                    "apart by it), or configure them identically."
-                ),
-                id="queued_storage.E002",
-            )
-        )
+    for key, shared in registry.conflicts().items():
+        problem, fix = registry.conflict_text(key, shared)
+        errors.append(Error(problem, hint=fix, id="queued_storage.E002"))
     return errors
 
 

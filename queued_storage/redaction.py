@@ -41,8 +41,6 @@ from django.conf import settings
 from django.core.files.storage import storages
 from django.db import transaction
 
-from queued_storage import registry
-
 if TYPE_CHECKING:
     from queued_storage.backends import QueuedStorage
 
@@ -379,10 +377,24 @@ def redact_options(options: Any, text: str) -> str:
     return redact_with(options_secrets(options) | known_secrets(), text)
 
 
+#: Every storage this process built, those that loading migrations built included
+#: (their options may hold a credential that a row kept from before): for
+#: redaction only, never to find a storage by key (see queued_storage.registry).
+_built_storages: weakref.WeakSet[QueuedStorage] = weakref.WeakSet()
+
+
+def remember(storage: QueuedStorage) -> None:
+    """Redact ``storage``'s secrets wherever this process quotes an error."""
+    with _cache_lock:
+        _built_storages.add(storage)
+
+
 def known_secrets() -> frozenset[str]:
     """The secrets of every storage this process built (not building any)."""
     found: set[str] = set()
-    for storage in registry.registered():
+    with _cache_lock:
+        built = list(_built_storages)
+    for storage in built:
         try:
             found |= secrets_of(storage)
         except Exception:  # a storage that cannot be built has no attributes yet

@@ -1,7 +1,10 @@
 """Which ``QueuedStorage`` a storage key in the ledger stands for.
 
-Workers never import a path read from the database: they find storages among the
-instances the running code built, from ``settings.STORAGES`` and the models.
+Workers never import a path read from the database, and never use the storages
+that loading migration files builds (they carry the arguments frozen in each
+migration): a key stands for the storage that ``settings.STORAGES`` or a current
+model's field defines, else for one that code used (saved, deleted, queued
+with). Building a ``QueuedStorage`` registers nothing; its first use does.
 """
 
 from __future__ import annotations
@@ -9,34 +12,104 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any, cast
 
+from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
+from django.utils.functional import LazyObject, empty
+
 if TYPE_CHECKING:
     from queued_storage.backends import QueuedStorage
 
+#: The arguments that make two storages of one key behave differently.
+ARGUMENTS = (
+    "class",
+    "local",
+    "remote",
+    "local_options",
+    "remote_options",
+    "delayed",
+    "task",
+    "verify_checksum",
+    "overwrite_remote",
+    "local_shared",
+    "create_only_uploads",
+)
+
+Storages = dict[str, dict[str, "QueuedStorage"]]  # key -> configuration -> storage
+
 _lock = threading.Lock()
-_by_key: dict[str, QueuedStorage] = {}
-_configs: dict[str, dict[str, Any]] = {}
+#: Storages that code used, first come, by key (a current storage never).
+_used: Storages = {}
+#: What settings and the models define, found once per epoch; None: not yet.
+_current: Storages | None = None
+#: Moves on when settings.STORAGES changes or a key is forgotten: each storage
+#: registers again at its next use (the check of a saved flag costs nothing).
+epoch = 0
 
 
-def register(storage: QueuedStorage, config: tuple[Any, ...]) -> None:
-    """Remember ``storage`` under its key; the newest instance wins."""
-    with _lock:
-        _by_key[storage.key] = storage
-        configs = _configs.setdefault(storage.key, {})
-        configs.setdefault(repr(config), storage.describe())
+class KeyConflict(ImproperlyConfigured):
+    """Differently configured storages share a key: the ledger cannot tell their
+    rows apart, so neither may write one and no worker runs one for them."""
 
 
-def conflicts() -> dict[str, list[str]]:
-    """Keys shared by storages that were built with different arguments."""
-    with _lock:
-        return {
-            key: sorted(configs.values())
-            for key, configs in _configs.items()
-            if len(configs) > 1
-        }
+def configuration(storage: QueuedStorage) -> dict[str, str]:
+    """The storage's arguments that matter to its rows, each as a comparable text
+    (options included: they only ever leave this module as argument names)."""
+    values = {
+        "class": f"{type(storage).__module__}.{type(storage).__qualname__}",
+        "local": storage.local_alias or storage.local_path,
+        "remote": storage.remote_alias or storage.remote_path,
+        "local_options": sorted(storage.local_options.items()),
+        "remote_options": sorted(storage.remote_options.items()),
+        "delayed": storage.delayed,
+        "task": storage.task_path,
+        "verify_checksum": storage.verify_checksum,
+        "overwrite_remote": storage.overwrite_remote,
+        "local_shared": storage.local_shared,
+        "create_only_uploads": storage.create_only_uploads,
+    }
+    return {name: repr(values[name]) for name in ARGUMENTS}
 
 
-def discover() -> None:
-    """Build every ``QueuedStorage`` that settings and models declare."""
+def _fingerprint(storage: QueuedStorage) -> str:
+    return repr(sorted(configuration(storage).items()))
+
+
+def conflict_error(key: str, storages: list[QueuedStorage]) -> KeyConflict:
+    """The error naming the storages that share ``key`` and the fix."""
+    problem, fix = conflict_text(key, storages)
+    return KeyConflict(f"{problem} {fix}")
+
+
+def conflict_text(key: str, storages: list[QueuedStorage]) -> tuple[str, str]:
+    """What is wrong and how to fix it: it quotes what ``describe()`` shows and
+    the names of the arguments that differ, never an option's value."""
+    configs = [configuration(storage) for storage in storages]
+    differ = [name for name in ARGUMENTS if len({c[name] for c in configs}) > 1]
+    problem = (
+        f"Storage key {key!r} is shared by differently configured storages (they "
+        f"differ in {', '.join(differ)}): "
+        + "; ".join(storage.describe() for storage in storages)
+        + ". The ledger tells storages apart by key only: each would handle the "
+        "other's files."
+    )
+    fix = (
+        "Pass key= to each QueuedStorage (the one whose files the ledger has can "
+        f"keep key={key!r}), or configure them identically."
+    )
+    return problem, fix
+
+
+def _unwrapped(storage: Any) -> Any:
+    if isinstance(storage, LazyObject):
+        if storage._wrapped is empty:
+            storage._setup()
+        return storage._wrapped
+    return storage
+
+
+def _declared() -> list[QueuedStorage]:
+    """The ``QueuedStorage`` instances of ``settings.STORAGES`` and of the current
+    models' file fields (never a historical model's)."""
     from django.apps import apps
     from django.conf import settings
     from django.core.files.storage import storages
@@ -45,6 +118,7 @@ def discover() -> None:
 
     from queued_storage.backends import QueuedStorage
 
+    found: list[QueuedStorage] = []
     configs = cast("dict[str, dict[str, Any]]", settings.STORAGES)
     for alias, config in configs.items():
         try:
@@ -53,39 +127,116 @@ def discover() -> None:
             continue
         if isinstance(backend, type) and issubclass(backend, QueuedStorage):
             try:
-                storages[alias]  # building it registers it
+                storage = storages[alias]
             except Exception:  # reported by the system checks
                 continue
+            if isinstance(storage, QueuedStorage):
+                found.append(storage)
     for model in apps.get_models():
         for field in model._meta.get_fields():
             if isinstance(field, FileField):
-                field.storage  # noqa: B018 - already built with the model
-
-
-def get(key: str) -> QueuedStorage | None:
-    with _lock:
-        found = _by_key.get(key)
-    if found is None:
-        discover()
-        with _lock:
-            found = _by_key.get(key)
+                try:
+                    storage = _unwrapped(field.storage)
+                except Exception:  # the default storage, reported where it is used
+                    continue
+                if isinstance(storage, QueuedStorage):
+                    found.append(storage)
     return found
 
 
-def known_keys() -> list[str]:
-    discover()
+def _discovered() -> Storages:
+    global _current
     with _lock:
-        return sorted(_by_key)
+        if _current is not None:
+            return _current
+        seen = epoch
+    current: Storages = {}
+    for storage in _declared():
+        current.setdefault(storage.key, {}).setdefault(_fingerprint(storage), storage)
+    with _lock:
+        if seen == epoch:
+            _current = current
+    return current
+
+
+def discover() -> None:
+    """Find the storages that settings and the current models define (once per
+    process, again after ``settings.STORAGES`` changes)."""
+    _discovered()
+
+
+def register(storage: QueuedStorage) -> None:
+    """Make ``storage`` known to the workers of this process under its key (its
+    first use does this); :class:`KeyConflict` if a storage configured otherwise
+    has the key, before anything is written."""
+    config = _fingerprint(storage)
+    current = _discovered()
+    with _lock:
+        others = {
+            **_used.get(storage.key, {}),
+            **current.get(storage.key, {}),
+        }
+        others.pop(config, None)
+        if others:
+            raise conflict_error(storage.key, [storage, *others.values()])
+        if config not in current.get(storage.key, {}):
+            _used.setdefault(storage.key, {}).setdefault(config, storage)
+        storage._registry_epoch = epoch
+
+
+def get(key: str) -> QueuedStorage | None:
+    """The storage of ``key``, or None; :class:`KeyConflict` if storages that are
+    configured differently share it (a worker then runs no hook for the row)."""
+    found = _storages_of(key)
+    if len(found) > 1:
+        raise conflict_error(key, found)
+    return found[0] if found else None
+
+
+def _storages_of(key: str) -> list[QueuedStorage]:
+    """The storages of ``key`` by configuration: settings' and models' first, in
+    the order they are declared, then one that code used."""
+    current = _discovered().get(key, {})
+    with _lock:
+        used = _used.get(key, {})
+        return [*current.values(), *(s for c, s in used.items() if c not in current)]
+
+
+def conflicts() -> dict[str, list[QueuedStorage]]:
+    """Keys shared by differently configured storages, each with its storages."""
+    shared = {key: _storages_of(key) for key in known_keys()}
+    return {key: found for key, found in shared.items() if len(found) > 1}
+
+
+def known_keys() -> list[str]:
+    current = _discovered()
+    with _lock:
+        return sorted(set(current) | set(_used))
 
 
 def forget(key: str) -> None:
-    """Drop a key (tests build many storages)."""
+    """Drop a key (tests build many storages); settings and models are read again."""
+    global _current, epoch
     with _lock:
-        _by_key.pop(key, None)
-        _configs.pop(key, None)
+        _used.pop(key, None)
+        _current = None
+        epoch += 1
 
 
 def registered() -> list[QueuedStorage]:
-    """The storages built so far, without building any."""
+    """The storages known so far, without building any: those of settings and
+    the models once discovered, and those that code used."""
     with _lock:
-        return list(_by_key.values())
+        found = [*(_current or {}).values(), *_used.values()]
+    return [storage for by_config in found for storage in by_config.values()]
+
+
+def _storages_changed(*, setting: str, **kwargs: Any) -> None:
+    global _current, epoch
+    if setting == "STORAGES":
+        with _lock:
+            _current = None
+            epoch += 1
+
+
+setting_changed.connect(_storages_changed)

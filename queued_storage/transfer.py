@@ -454,7 +454,11 @@ def process_row(row: PendingTransfer) -> Outcome:
 def transfer_row(row: PendingTransfer) -> Outcome | Verified:
     """Transfer and verify one claimed row. A failure (or a purge) is recorded at
     once; a verified copy is returned for :func:`complete` to record."""
-    storage = registry.get(row.storage_key)
+    try:
+        storage = registry.get(row.storage_key)
+    except registry.KeyConflict as conflict:
+        # Either storage's hook could be the wrong one for this row: run none.
+        return _fail(row, None, conflict)
     if storage is None:
         return _fail(
             row,
@@ -1683,16 +1687,20 @@ def _late(row: PendingTransfer, result: Outcome | Verified) -> None:
 def _claimable(rows: PendingTransferQuerySet) -> PendingTransferQuerySet:
     """Leave out rows whose local copy lives on another host (storages built with
     ``local_shared=False``)."""
-    host_local = [
-        key
-        for key in registry.known_keys()
-        if (storage := registry.get(key)) is not None and not storage.local_shared
-    ]
+    host_local = [key for key in registry.known_keys() if not _shared_local(key)]
     if not host_local:
         return rows
     return rows.exclude(
         Q(storage_key__in=host_local) & ~Q(host=conf.QUEUED_STORAGE_HOSTNAME)
     )
+
+
+def _shared_local(key: str) -> bool:
+    try:
+        storage = registry.get(key)
+    except registry.KeyConflict:
+        return True  # any worker fails its rows with the conflict, running no hook
+    return storage is None or storage.local_shared
 
 
 def drain(

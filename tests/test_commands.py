@@ -16,6 +16,7 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
+from queued_storage import registry
 from queued_storage.backends import QueuedStorage
 from queued_storage.management.commands import queue_transfers
 from queued_storage.models import PendingTransfer
@@ -34,6 +35,15 @@ COMMANDS = [
     "clean_local_copies",
     "adopt_remote_files",
 ]
+
+
+@pytest.fixture
+def storage(make_storage: Callable[..., QueuedStorage]) -> QueuedStorage:
+    """A storage the site declares: the commands find it by key before it saved
+    anything, as they find those of settings and the models."""
+    storage = make_storage()
+    registry.register(storage)
+    return storage
 
 
 @dataclass
@@ -527,6 +537,7 @@ def test_queue_transfers_holds_rows_of_a_delayed_storage(
     make_storage: Callable[..., QueuedStorage],
 ) -> None:
     storage = make_storage(delayed=True)
+    registry.register(storage)  # declared by the site
     put_local(storage, "a.txt")
 
     run("queue_transfers", "--storage", storage.key)

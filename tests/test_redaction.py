@@ -24,7 +24,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.test import Client
 
-from queued_storage import redaction
+from queued_storage import redaction, registry
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.signals import file_transferred, transfer_failed
@@ -626,6 +626,7 @@ def test_queue_transfers_check_remote_fails_without_quoting_the_remotes_credenti
     path, options, secrets, _settings = BACKENDS["s3"]()
     monkeypatch.setattr(Leaks, "quotes", tuple(secrets))
     storage = make_storage(remote=leaky(path), remote_options=options)
+    registry.register(storage)  # a storage the site declares
     storage.local.save("from-before.txt", content())
 
     with pytest.raises(OSError) as raised:

@@ -199,7 +199,10 @@ class Command(BaseCommand):
         try:
             return self._compare(row)
         except Exception as exc:
-            storage = registry.get(row.storage_key)
+            try:
+                storage = registry.get(row.storage_key)
+            except registry.KeyConflict:
+                storage = None  # the conflict is the error reported
             return Problem(row.storage_key, row.name, ERROR, error_text(storage, exc))
 
     def _compare(self, row: PendingTransfer) -> Problem | None:

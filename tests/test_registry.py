@@ -1,0 +1,445 @@
+"""Which storage a key stands for: the code as it is now, never a migration's
+frozen arguments, and never two differently configured storages at once."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import textwrap
+from collections.abc import Callable, Iterator
+from io import StringIO
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from django.conf import settings as django_settings
+from django.core.exceptions import ImproperlyConfigured
+from django.core.files.storage import Storage, storages
+from django.core.management import call_command
+from django.db import connection
+from django.db.migrations.loader import MigrationLoader
+from django.db.migrations.recorder import MigrationRecorder
+from django.test import override_settings
+
+from queued_storage import registry
+from queued_storage.backends import QueuedStorage
+from queued_storage.models import PendingTransfer
+from queued_storage.tasks import Transfer
+from queued_storage.transfer import drain
+from tests.conftest import FS, content
+from tests.testapp.models import Document, HeldDocument
+
+BACKEND = "queued_storage.backends.QueuedStorage"
+DELETE = "queued_storage.tasks.TransferAndDelete"
+_packages = itertools.count()
+
+
+class OldTransfer(Transfer):
+    """The hook an old migration froze: it must never run."""
+
+    calls: ClassVar[list[str]] = []
+
+    def transfer(
+        self, name: str, local: Storage, remote: Storage, **kwargs: Any
+    ) -> bool:
+        self.calls.append(name)
+        return super().transfer(name, local, remote, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def no_old_transfers() -> Iterator[None]:
+    OldTransfer.calls.clear()
+    yield
+    OldTransfer.calls.clear()
+
+
+@pytest.fixture
+def forget_keys() -> Iterator[list[str]]:
+    keys: list[str] = []
+    yield keys
+    for key in keys:
+        registry.forget(key)
+
+
+def queued_alias(**options: Any) -> dict[str, Any]:
+    return {"BACKEND": BACKEND, "OPTIONS": {"local": FS, "remote": FS, **options}}
+
+
+def declare(settings: Any, **aliases: dict[str, Any]) -> None:
+    settings.STORAGES = {**settings.STORAGES, **aliases}
+
+
+# Migrations that froze older arguments: testapp's history as a site would have
+# it, the models' storages changed since. 0001 froze Document's storage under its
+# key with another remote folder, task and delayed; HeldDocument's without a key
+# and with TransferAndDelete, then 0002 without it (as a 0.8 site's would have,
+# two storages of one default key); 0003 is the models as they are now.
+
+HEADER = """\
+import queued_storage.backends
+import queued_storage.fields
+from django.db import migrations, models
+
+"""
+
+ID = (
+    "('id', models.BigAutoField(auto_created=True, primary_key=True, "
+    "serialize=False, verbose_name='ID'))"
+)
+
+
+def old_storage(old_remote: Path) -> str:
+    return (
+        "queued_storage.backends.QueuedStorage('queued_local', "
+        f"'{FS}', remote_options={{'location': {str(old_remote)!r}}}, "
+        "delayed=True, task='tests.test_registry.OldTransfer', key='documents')"
+    )
+
+
+def keyless(old_local: Path, task: str | None) -> str:
+    task_argument = f", task={task!r}" if task else ""
+    return (
+        f"queued_storage.backends.QueuedStorage('{FS}', '{FS}', "
+        f"local_options={{'location': {str(old_local)!r}}}{task_argument})"
+    )
+
+
+CURRENT_DOCUMENT = (
+    "queued_storage.backends.QueuedStorage('queued_local', 'queued_remote', "
+    "key='documents')"
+)
+CURRENT_HELD = (
+    "queued_storage.backends.QueuedStorage('queued_local', 'queued_remote', "
+    "delayed=True, key='documents-held')"
+)
+
+
+def field(storage: str, upload_to: str) -> str:
+    return (
+        f"queued_storage.fields.QueuedFileField(storage={storage}, "
+        f"upload_to={upload_to!r})"
+    )
+
+
+def alter(model: str, storage: str, upload_to: str) -> str:
+    return (
+        f"migrations.AlterField(model_name={model!r}, name='file', "
+        f"field={field(storage, upload_to)})"
+    )
+
+
+def history(tmp_path: Path) -> dict[str, str]:
+    old_local = tmp_path / "old-local"
+    initial = f"""\
+class Migration(migrations.Migration):
+    initial = True
+    dependencies = []
+    operations = [
+        migrations.CreateModel(name='Document', fields=[
+            {ID},
+            ('title', models.CharField(blank=True, max_length=100)),
+            ('file', {field(old_storage(tmp_path / "old-remote"), "docs")}),
+        ]),
+        migrations.CreateModel(name='HeldDocument', fields=[
+            {ID},
+            ('file', {field(keyless(old_local, DELETE), "held")}),
+        ]),
+    ]
+"""
+    second = f"""\
+class Migration(migrations.Migration):
+    dependencies = [('testapp', '0001_initial')]
+    operations = [{alter("helddocument", keyless(old_local, None), "held")}]
+"""
+    third = f"""\
+class Migration(migrations.Migration):
+    dependencies = [('testapp', '0002_keyless')]
+    operations = [
+        {alter("document", CURRENT_DOCUMENT, "docs")},
+        {alter("helddocument", CURRENT_HELD, "held")},
+    ]
+"""
+    return {
+        "0001_initial": initial,
+        "0002_keyless": second,
+        "0003_current": third,
+    }
+
+
+@pytest.fixture
+def old_migrations(
+    tmp_path: Path, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[list[str]]:
+    """testapp's migrations replaced by a history that froze older arguments, in a
+    package of its own (imported afresh, as a process that starts would)."""
+    package = f"registry_history_{next(_packages)}"
+    root = tmp_path / "code"
+    (root / package).mkdir(parents=True)
+    (root / package / "__init__.py").write_text("")
+    migrations = history(tmp_path)
+    for name, text in migrations.items():
+        (root / package / f"{name}.py").write_text(HEADER + textwrap.dedent(text))
+    monkeypatch.syspath_prepend(str(root))
+    settings.MIGRATION_MODULES = {"testapp": package}
+    # Django imports an app's migration files in the order of a set of names,
+    # which hash randomisation changes from one process to the next. Newest first
+    # is the order in which the oldest arguments were built last: pinned here, so
+    # that the storage a worker uses cannot depend on the order.
+    for name in sorted(migrations, reverse=True):
+        importlib.import_module(f"{package}.{name}")
+    yield list(migrations)
+
+
+def load_with_loader() -> None:
+    # As migrate and makemigrations do: the files, then the historical models.
+    MigrationLoader(None, ignore_no_migrations=True).project_state().apps  # noqa: B018
+
+
+def load_with_migrate_plan() -> None:
+    call_command("migrate", "--plan", stdout=StringIO())
+
+
+def load_with_makemigrations_check() -> None:
+    # The history ends at the models as they are: nothing to make.
+    call_command("makemigrations", "testapp", "--check", "--dry-run", stdout=StringIO())
+
+
+LOADERS = {
+    "MigrationLoader": load_with_loader,
+    "migrate --plan": load_with_migrate_plan,
+    "makemigrations --check": load_with_makemigrations_check,
+}
+
+
+def transfers_with_the_current_storage(tmp_path: Path, remote: Path) -> None:
+    document = Document.objects.create(title="a")
+    document.file.save("a.txt", content("current"))
+    name = document.file.name
+
+    stats = drain(keys=["documents"])
+
+    assert stats.done == 1
+    assert (remote / name).read_bytes() == b"current"
+    assert not (tmp_path / "old-remote").exists()
+    # The current hook (Transfer, which keeps the local copy), not the frozen one.
+    assert OldTransfer.calls == []
+    assert Document.objects.get().file.storage.local.exists(name)
+    row = PendingTransfer.objects.get(storage_key="documents", name=name)
+    assert row.status == PendingTransfer.Status.DONE
+
+
+# Storages come from the code as it is now
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("load", LOADERS.values(), ids=LOADERS.keys())
+def test_a_worker_transfers_with_the_current_storage_after_loading_old_migrations(
+    old_migrations: list[str],
+    load: Callable[[], None],
+    tmp_path: Path,
+    fresh_storages: dict[str, Path],
+) -> None:
+    load()
+
+    transfers_with_the_current_storage(tmp_path, fresh_storages["remote"])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_transfers_with_the_current_storage_after_migrate(
+    old_migrations: list[str], tmp_path: Path, fresh_storages: dict[str, Path]
+) -> None:
+    recorder = MigrationRecorder(connection)
+    applied = set(recorder.applied_migrations())
+    try:
+        call_command("migrate", "testapp", stdout=StringIO())
+        assert ("testapp", "0003_current") in recorder.applied_migrations()
+
+        transfers_with_the_current_storage(tmp_path, fresh_storages["remote"])
+    finally:
+        for migration in set(recorder.applied_migrations()) - applied:
+            recorder.record_unapplied(*migration)
+
+
+@pytest.mark.django_db
+def test_check_reports_no_key_conflict_after_loading_old_migrations(
+    old_migrations: list[str],
+) -> None:
+    load_with_loader()
+    out = StringIO()
+
+    call_command("check", stdout=out, stderr=out)
+
+    assert "queued_storage.E002" not in out.getvalue()
+
+
+def test_building_a_storage_registers_nothing(
+    tmp_path: Path, forget_keys: list[str]
+) -> None:
+    forget_keys.append("built-only")
+
+    QueuedStorage(FS, FS, local_options={"location": str(tmp_path)}, key="built-only")
+
+    assert "built-only" not in registry.known_keys()
+    assert registry.get("built-only") is None
+
+
+@pytest.mark.django_db
+def test_a_storage_used_only_from_code_is_found_by_the_worker_at_first_use(
+    tmp_path: Path, forget_keys: list[str]
+) -> None:
+    forget_keys.append("from-code")
+    storage = QueuedStorage(
+        FS,
+        FS,
+        local_options={"location": str(tmp_path / "l")},
+        remote_options={"location": str(tmp_path / "r")},
+        key="from-code",
+    )
+    assert "from-code" not in registry.known_keys()
+
+    name = storage.save("a.txt", content("code"))
+
+    assert registry.get("from-code") is storage
+    assert drain(keys=["from-code"]).done == 1
+    assert (tmp_path / "r" / name).read_bytes() == b"code"
+
+
+@pytest.mark.django_db
+def test_settings_storages_take_precedence_over_an_identical_one_from_code(
+    settings: Any, tmp_path: Path
+) -> None:
+    options = {"local_options": {"location": str(tmp_path / "l")}, "key": "twins"}
+    declare(settings, twin=queued_alias(**options))
+    twin = QueuedStorage(FS, FS, **options)
+
+    twin.save("a.txt", content())  # the same storage built twice: fine
+
+    assert registry.get("twins") is storages["twin"]
+    assert registry.conflicts() == {}
+
+
+@pytest.mark.django_db
+def test_a_storage_found_in_settings_is_forgotten_when_settings_change() -> None:
+    passing = {**django_settings.STORAGES, "passing": queued_alias(key="passing")}
+    with override_settings(STORAGES=passing):
+        found = registry.get("passing")
+        assert found is storages["passing"]
+
+    assert registry.get("passing") is None
+    assert "passing" not in registry.known_keys()
+
+
+# Two storages never share rows silently
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("use", ["save", "delete", "transfer"])
+def test_storages_sharing_a_key_raise_at_first_use_naming_both_and_write_nothing(
+    settings: Any, tmp_path: Path, use: str
+) -> None:
+    local = {"location": str(tmp_path / "local")}
+    declare(
+        settings,
+        photos=queued_alias(local_options=local),
+        thumbnails=queued_alias(local_options=local, task=DELETE),
+    )
+    storage = storages["photos"]
+
+    with pytest.raises(ImproperlyConfigured) as raised:
+        if use == "save":
+            storage.save("a.txt", content())
+        else:
+            getattr(storage, use)("a.txt")
+
+    message = str(raised.value)
+    assert storages["photos"].describe() in message
+    assert storages["thumbnails"].describe() in message
+    assert "differ in task" in message
+    assert "key=" in message
+    assert str(tmp_path) not in message  # options may hold secrets
+    assert not (tmp_path / "local").exists()
+    assert not PendingTransfer.objects.exists()
+    with pytest.raises(ImproperlyConfigured):
+        storages["thumbnails"].save("a.txt", content())
+
+
+@pytest.mark.django_db
+def test_a_storage_from_code_that_takes_a_models_key_raises_and_the_model_saves(
+    fresh_storages: dict[str, Path],
+) -> None:
+    other = QueuedStorage(
+        "queued_local", "queued_remote", key="documents", delayed=True
+    )
+
+    with pytest.raises(ImproperlyConfigured, match="differ in delayed"):
+        other.save("a.txt", content())
+    assert not (fresh_storages["local"] / "a.txt").exists()
+    assert not PendingTransfer.objects.exists()
+
+    document = Document.objects.create()
+    document.file.save("b.txt", content())
+    assert drain(keys=["documents"]).done == 1
+    assert registry.get("documents") is Document._meta.get_field("file").storage
+
+
+@pytest.mark.django_db
+def test_a_worker_never_runs_a_row_with_another_storages_hook(
+    settings: Any, tmp_path: Path
+) -> None:
+    local = {"location": str(tmp_path / "local")}
+    remote = {"location": str(tmp_path / "remote")}
+    declare(settings, a=queued_alias(local_options=local, remote_options=remote))
+    name = storages["a"].save("a.txt", content())
+    # A deployment adds a storage of the same classes with another hook.
+    declare(
+        settings,
+        b=queued_alias(
+            local_options=local,
+            remote_options=remote,
+            task="tests.test_registry.OldTransfer",
+        ),
+    )
+
+    stats = drain()
+
+    assert stats.done == 0
+    assert OldTransfer.calls == []
+    assert not (tmp_path / "remote" / name).exists()
+    assert (tmp_path / "local" / name).exists()
+    row = PendingTransfer.objects.get(name=name)
+    assert row.status != PendingTransfer.Status.DONE
+    assert "shared by differently configured storages" in row.last_error
+    assert "OldTransfer" in row.last_error
+    assert str(tmp_path) not in row.last_error
+
+
+@pytest.mark.django_db
+def test_08_storages_of_the_same_classes_with_other_tasks_and_their_own_keys(
+    old_migrations: list[str],
+    settings: Any,
+    tmp_path: Path,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    """The 0.8 docs' pattern (a storage and its TransferAndDelete twin), each
+    with a key, in a process that loaded the migrations that froze them keyless."""
+    local = {"location": str(tmp_path / "local")}
+    remote = {"location": str(tmp_path / "remote")}
+    both = {"local_options": local, "remote_options": remote}
+    declare(
+        settings,
+        images=queued_alias(**both, key="images"),
+        images_delete=queued_alias(**both, task=DELETE, key="images-delete"),
+    )
+    load_with_loader()
+    call_command("check", stdout=StringIO())  # no E002
+
+    kept = storages["images"].save("kept.txt", content("kept"))
+    moved = storages["images_delete"].save("moved.txt", content("moved"))
+    with django_capture_on_commit_callbacks(execute=True):
+        assert drain().done == 2
+
+    assert (tmp_path / "remote" / kept).read_bytes() == b"kept"
+    assert (tmp_path / "remote" / moved).read_bytes() == b"moved"
+    assert (tmp_path / "local" / kept).exists()
+    assert not (tmp_path / "local" / moved).exists()  # TransferAndDelete's doing
+    assert HeldDocument._meta.get_field("file").storage.key == "documents-held"
