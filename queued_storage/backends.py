@@ -601,6 +601,7 @@ class QueuedStorage(Storage):
         """:meth:`_asked_of_remote` of a storage known not to be adopted."""
         if not self.remote.exists(name):
             return None
+        self._registered()  # a ledger write, also from get_available_name()
         prefetch.forget(self.key, name)
         if adoption.record_remote_file(db, self.key, name):
             return RowState(PendingTransfer.Status.DONE, False, None)

@@ -18,7 +18,7 @@ from django.core.files import File
 from django.core.management import CommandError, call_command
 from django.db import connection, transaction
 
-from queued_storage import adoption
+from queued_storage import adoption, registry
 from queued_storage.adoption import remote_names
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer, StorageState
@@ -45,6 +45,7 @@ def legacy_site(
 ) -> QueuedStorage:
     """A 0.8 site after TransferAndDelete: its files on the remote only, no rows."""
     storage = make_storage(**kwargs)
+    registry.register(storage)  # declared by the site: the commands know its key
     for name, data in (LEGACY if files is None else files).items():
         path = storage.remote.path(name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -54,6 +55,7 @@ def legacy_site(
 
 
 def adopt(storage: QueuedStorage, *args: str) -> tuple[dict[str, Any], str]:
+    registry.register(storage)  # declared by the site: the command knows its key
     out, err = StringIO(), StringIO()
     call_command(
         "adopt_remote_files",
