@@ -17,6 +17,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, cast
 
+from django.core.exceptions import ImproperlyConfigured
 from django.core.files.base import File
 from django.core.files.storage import FileSystemStorage, Storage
 from django.core.files.utils import validate_file_name
@@ -26,6 +27,7 @@ from django.db.models import Q
 from queued_storage import conditional, redaction, registry
 from queued_storage.checksums import remote_sha256, storage_sha256
 from queued_storage.conf import settings as conf
+from queued_storage.conf import usable_number
 from queued_storage.models import (
     PendingTransfer,
     PendingTransferQuerySet,
@@ -180,7 +182,7 @@ def copy_to_remote(name: str, local: Storage, remote: Storage) -> None:
         )
 
 
-@dataclass
+@dataclass(eq=False)
 class _HookCall:
     """The attempt a transfer hook runs for, as the stock copy (the base
     ``Transfer.transfer()``) sees it when a hook calls it for the attempt's name
@@ -204,6 +206,24 @@ class _HookCall:
 _hook_call: contextvars.ContextVar[_HookCall | None] = contextvars.ContextVar(
     "queued_storage_hook_call", default=None
 )
+_hook_calls_lock = threading.Lock()
+#: The attempts whose hooks run in this process, by remote and name: for a hook
+#: that runs the stock copy on a thread of its own (with a timeout of its own, say),
+#: which does not see the context of the worker's thread.
+_hook_calls: dict[tuple[int, str], list[_HookCall]] = {}
+
+
+def _attempt_copying(name: str, remote: Storage) -> _HookCall | None:
+    """The attempt that a stock copy of ``name`` to ``remote`` is for, if any."""
+    call = _hook_call.get()
+    if call is not None:
+        # In the worker's thread: another name is the hook's own business.
+        return call if call.covers(name, remote) else None
+    with _hook_calls_lock:
+        calls = _hook_calls.get((id(remote), name), [])
+        # Two attempts of the name on this remote (two storages that share it, a
+        # hung attempt and the next): whose copy this is cannot be told.
+        return calls[0] if len(calls) == 1 and calls[0].covers(name, remote) else None
 
 
 def stock_copy(name: str, local: Storage, remote: Storage) -> bool:
@@ -213,8 +233,8 @@ def stock_copy(name: str, local: Storage, remote: Storage) -> bool:
     worker retries, with its backoff and what it knows of the remote object): its
     error is kept for the worker, which records it and handles it as if the hook
     had raised it. Another copy's error is the hook's to handle, and logged."""
-    call = _hook_call.get()
-    if call is None or not call.covers(name, remote):
+    call = _attempt_copying(name, remote)
+    if call is None:
         try:
             copy_to_remote(name, local, remote)
         except Exception as exc:
@@ -224,9 +244,10 @@ def stock_copy(name: str, local: Storage, remote: Storage) -> bool:
             )
             return False
         return True
-    if call.copied:
+    with _hook_calls_lock:
+        copied, call.copied = call.copied, True
+    if copied:
         return call.failure is None
-    call.copied = True
     try:
         with (
             conditional.conditional_upload(remote, name, call.etag)
@@ -243,10 +264,17 @@ def stock_copy(name: str, local: Storage, remote: Storage) -> bool:
 @contextmanager
 def _calling_hook(call: _HookCall) -> Iterator[_HookCall]:
     token = _hook_call.set(call)
+    running = (id(call.remote), call.name)
+    with _hook_calls_lock:
+        _hook_calls.setdefault(running, []).append(call)
     try:
         yield call
     finally:
         _hook_call.reset(token)
+        with _hook_calls_lock:
+            _hook_calls[running].remove(call)
+            if not _hook_calls[running]:
+                del _hook_calls[running]
 
 
 def _run_hook(task: Any, call: _HookCall, local: Storage) -> Any:
@@ -412,12 +440,38 @@ def _create_exclusively(remote: Storage, name: str, content: Any) -> None:
 
 
 def _retry_settings(task: Any) -> tuple[int, float]:
+    """The hook's ``max_retries`` and ``default_retry_delay`` (None: the
+    settings'); ``ImproperlyConfigured`` for a value no worker can use."""
+    hook = _hook_class(task).__name__
     retries = task.max_retries
     delay = task.default_retry_delay
-    return (
-        conf.QUEUED_STORAGE_RETRIES if retries is None else int(retries),
-        conf.QUEUED_STORAGE_RETRY_DELAY if delay is None else float(delay),
-    )
+    if retries is None:
+        retries = conf.QUEUED_STORAGE_RETRIES
+    elif not usable_number(retries) or retries != int(retries):
+        raise ImproperlyConfigured(
+            f"{hook}.max_retries is {retries!r}; set it to a whole number of "
+            "retries, or None for QUEUED_STORAGE_RETRIES."
+        )
+    if delay is None:
+        delay = conf.QUEUED_STORAGE_RETRY_DELAY
+    elif not usable_number(delay):
+        raise ImproperlyConfigured(
+            f"{hook}.default_retry_delay is {delay!r}; set it to a finite number of "
+            "seconds, or None for QUEUED_STORAGE_RETRY_DELAY."
+        )
+    return int(retries), float(delay)
+
+
+def _retry_limits(task: Any) -> tuple[int, float, str]:
+    """:func:`_retry_settings`, and ``""``; when the hook or the settings give no
+    limits a worker can use, no retry and why, to add to the attempt's error. The
+    error is recorded all the same: a failure that cannot be recorded leaves its
+    row to be claimed again at the end of every lease, for ever, unseen."""
+    try:
+        retries, delay = _retry_settings(task)
+    except ImproperlyConfigured as exc:
+        return 0, 0.0, f" (not retried: {exc})"
+    return retries, delay, ""
 
 
 def _db() -> str:
@@ -449,6 +503,10 @@ def process_row(row: PendingTransfer) -> Outcome:
     if isinstance(result, Outcome):
         return result
     return complete([result])[0]
+
+
+#: What a hook may raise to stop the worker, and ``except Exception`` lets through.
+_STOPS = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
 def transfer_row(row: PendingTransfer) -> Outcome | Verified:
@@ -518,6 +576,15 @@ def transfer_row(row: PendingTransfer) -> Outcome | Verified:
             and not isinstance(exc, RemoteRenamed)
         )
         return _fail(row, storage, exc, task=task, wrote=True if sent else None)
+    except _STOPS as exc:
+        # The worker stops as asked (a sys.exit() in a hook), its attempt recorded
+        # first: left leased, the row would be claimed again at the end of every
+        # lease and stop every worker that takes it, never recorded nor failed.
+        try:
+            _fail(row, storage, exc, task=task, wrote=True if sent else None)
+        except Exception as error:
+            _log_crash(row, error)
+        raise
     return Verified(row, storage, task)
 
 
@@ -912,11 +979,12 @@ def _record_crash(row: PendingTransfer, exc: Exception) -> Outcome:
         storage = None
     try:
         task = storage.task_class if storage is not None else _NoTask
-        retries, delay = _retry_settings(task)
+        retries, delay, not_retried = _retry_limits(task)
+        message = storage.redact(str(exc)) if storage is not None else str(exc)
         status = row.mark_failure(
             exc,
-            message=storage.redact(str(exc)) if storage is not None else None,
-            retry=True,
+            message=message + not_retried,
+            retry=not not_retried,
             max_retries=retries,
             base_delay=delay,
             # Past the upload (its DONE record failed, say), what it wrote is the
@@ -947,11 +1015,12 @@ def _fail(
     """Record ``error`` as the attempt's; ``wrote`` as for ``mark_failure(owned=)``."""
     if task is None:
         task = storage.task_class if storage is not None else _NoTask
-    retries, delay = _retry_settings(task)
-    retry = getattr(error, "retry", True)
+    retries, delay, not_retried = _retry_limits(task)
+    retry = getattr(error, "retry", True) and not not_retried
+    message = storage.redact(str(error)) if storage is not None else str(error)
     status = row.mark_failure(
         error,
-        message=storage.redact(str(error)) if storage is not None else None,
+        message=message + not_retried,
         retry=retry,
         max_retries=retries,
         base_delay=delay,
@@ -1308,13 +1377,15 @@ def _abandon(attempt: _Attempt) -> Outcome:
     except Exception:
         storage = None
     task = storage.task_class if storage is not None else _NoTask
-    retries, delay = _retry_settings(task)
+    retries, delay, not_retried = _retry_limits(task)
+    error = TransferTimeout(
+        f"the transfer of {row.name!r} made no progress for {timeout:g} s "
+        "(QUEUED_STORAGE_TRANSFER_TIMEOUT) and was abandoned"
+    )
     status = row.mark_failure(
-        TransferTimeout(
-            f"the transfer of {row.name!r} made no progress for {timeout:g} s "
-            "(QUEUED_STORAGE_TRANSFER_TIMEOUT) and was abandoned"
-        ),
-        retry=True,
+        error,
+        message=str(error) + not_retried,
+        retry=not not_retried,
         max_retries=retries,
         base_delay=delay,
         # A hung upload may have written part of the object, and may still write:
