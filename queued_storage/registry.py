@@ -58,8 +58,8 @@ def configuration(storage: QueuedStorage) -> dict[str, str]:
         "class": f"{type(storage).__module__}.{type(storage).__qualname__}",
         "local": storage.local_alias or storage.local_path,
         "remote": storage.remote_alias or storage.remote_path,
-        "local_options": sorted(storage.local_options.items()),
-        "remote_options": sorted(storage.remote_options.items()),
+        "local_options": _canonical(storage.local_options),
+        "remote_options": _canonical(storage.remote_options),
         "delayed": storage.delayed,
         "task": storage.task_path,
         "verify_checksum": storage.verify_checksum,
@@ -68,6 +68,17 @@ def configuration(storage: QueuedStorage) -> dict[str, str]:
         "create_only_uploads": storage.create_only_uploads,
     }
     return {name: repr(values[name]) for name in ARGUMENTS}
+
+
+def _canonical(value: Any) -> Any:
+    """``value`` with every mapping's items in order: options written in another
+    order are the same configuration."""
+    if isinstance(value, dict):
+        items = [(repr(k), _canonical(v)) for k, v in value.items()]
+        return sorted(items, key=lambda item: item[0])
+    if isinstance(value, list | tuple):
+        return [_canonical(item) for item in value]
+    return value
 
 
 def _fingerprint(storage: QueuedStorage) -> str:

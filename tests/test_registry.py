@@ -318,6 +318,27 @@ def test_settings_storages_take_precedence_over_an_identical_one_from_code(
     assert registry.conflicts() == {}
 
 
+def test_options_written_in_another_order_are_the_same_storage(
+    settings: Any, tmp_path: Path
+) -> None:
+    location = str(tmp_path / "l")
+    declare(
+        settings,
+        one=queued_alias(
+            key="ordered",
+            local_options={"location": location, "extra": {"a": 1, "b": [2, 3]}},
+        ),
+        two=queued_alias(
+            key="ordered",
+            local_options={"extra": {"b": [2, 3], "a": 1}, "location": location},
+        ),
+    )
+    registry.discover()
+
+    assert registry.conflicts() == {}
+    assert registry.get("ordered") is storages["one"]
+
+
 @pytest.mark.django_db
 def test_a_storage_found_in_settings_is_forgotten_when_settings_change() -> None:
     passing = {**django_settings.STORAGES, "passing": queued_alias(key="passing")}
