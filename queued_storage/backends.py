@@ -7,13 +7,14 @@ import logging
 import os
 import pathlib
 import posixpath
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from functools import cached_property, wraps
 from types import FrameType, TracebackType
-from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
+from typing import Any, ClassVar, Concatenate, NamedTuple, ParamSpec, TypeVar
 from urllib.parse import quote
 
 from django.conf import settings
@@ -41,6 +42,7 @@ from queued_storage.names import canonical_directory, canonical_name
 from queued_storage.names import check_name as check_name
 from queued_storage.names import clean_name as clean_name
 from queued_storage.names import portable_name as portable_name
+from queued_storage.tasks import Transfer
 
 __all__ = [
     "QueuedAzureStorage",
@@ -62,6 +64,23 @@ __all__ = [
 
 FILE_SYSTEM_STORAGE = "django.core.files.storage.FileSystemStorage"
 DEFAULT_TASK = "queued_storage.tasks.Transfer"
+#: Backends of 0.8's documentation that django-storages removed, and what is used
+#: instead (and makes the storage key: code that follows the warning keeps it).
+RENAMED_STORAGES = {
+    "storages.backends.s3boto.S3BotoStorage": "storages.backends.s3.S3Storage",
+}
+#: The arguments a 0.8 subclass set as class attributes.
+CLASS_DEFAULTS = (
+    "local",
+    "remote",
+    "local_options",
+    "remote_options",
+    "cache_prefix",
+    "delayed",
+    "task",
+)
+_NOT_SET = object()
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 MAX_KEY_LENGTH = 255
 #: Give up looking for a free name after this many tries.
 MAX_NAME_TRIES = 100
@@ -260,11 +279,14 @@ def _redacted_errors(
 ) -> Callable[Concatenate[QueuedStorage, P], R]:
     """An error that a method of the storage raises to its caller (the local or
     the remote storage's, quoting their configuration as client libraries may) is
-    redacted first: the application logs it, error trackers keep it."""
+    redacted first: the application logs it, error trackers keep it. A storage
+    that cannot be used (see :meth:`QueuedStorage.configuration_problems`) says
+    why instead of doing anything."""
 
     @wraps(method)
     def call(self: QueuedStorage, /, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
+            self._refuse_if_unusable()
             return method(self, *args, **kwargs)
         except Exception as exc:
             redaction.scrub(self, exc)
@@ -288,19 +310,97 @@ def _quoting_no_secret() -> Iterator[None]:
         raise ImproperlyConfigured(clean) from None
 
 
+def _warn_deprecated(message: str) -> None:
+    """A ``DeprecationWarning`` that points at the first caller outside this
+    package (the line that built the storage, through any subclass)."""
+    level = 1
+    frame: FrameType | None = sys._getframe(0)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, DeprecationWarning, stacklevel=level)
+
+
+def _current_path(which: str, path: str) -> str:
+    """``path``, or what replaces it if django-storages removed it since 0.8."""
+    replacement = RENAMED_STORAGES.get(path)
+    if replacement is None:
+        return path
+    _warn_deprecated(
+        f"QueuedStorage {which}={path!r}: django-storages removed that backend; "
+        f"{replacement!r} is used instead (and makes the storage key). Pass "
+        f"{which}={replacement!r}."
+    )
+    return replacement
+
+
+def _storage_hint(which: str) -> str:
+    return (
+        f"Pass {which}= as a dotted path to a Storage class (with "
+        f"{which}_options=) or as an alias in settings.STORAGES."
+    )
+
+
+def _storage_class_problem(path: str) -> str | None:
+    """Why ``path`` does not name a ``Storage`` class a queued storage can use."""
+    try:
+        storage_class = import_string(path)
+    except (ImportError, ImproperlyConfigured) as exc:
+        return (
+            "is neither an alias in settings.STORAGES nor an importable dotted path "
+            f"({exc})"
+        )
+    if not (isinstance(storage_class, type) and issubclass(storage_class, Storage)):
+        return "is not a Storage subclass"
+    if issubclass(storage_class, QueuedStorage):
+        return "is itself a QueuedStorage"
+    return None
+
+
+class _UnusableTask(Transfer):
+    """Stands for a ``task=`` path that names no ``Transfer`` subclass: building
+    it raises why, which a worker records as the attempt's error."""
+
+    problem: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        raise ImproperlyConfigured(self.problem)
+
+
 @deconstructible
 class QueuedStorage(Storage):
     """Save to ``local`` at once and move each file to ``remote`` in the background.
 
     ``local`` and ``remote`` are dotted paths to ``Storage`` classes (built with
     ``local_options``/``remote_options``) or aliases in ``settings.STORAGES``.
+
+    A subclass may set the defaults of the arguments as 0.8's class attributes
+    (``local = "..."``, ``delayed = True``, ...) or as ``default_local``, ...
     """
 
-    #: Used when ``local``/``remote`` is not given (the convenience subclasses).
+    #: The defaults of the arguments of the same names (the convenience subclasses
+    #: set ``default_local``/``default_remote``).
     default_local: str | None = None
     default_remote: str | None = None
+    default_local_options: dict[str, Any] | None = None
+    default_remote_options: dict[str, Any] | None = None
+    default_cache_prefix: str | None = None
+    default_delayed: bool = False
+    default_task: str | type = DEFAULT_TASK
     #: The registry's epoch when this storage last registered (see _registered).
     _registry_epoch = -1
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """0.8's class attributes become the ``default_*`` of their arguments. On
+        an instance ``local``, ``remote`` and ``task`` are the built storages and
+        hook: the class attribute of such a name is moved out of their way."""
+        super().__init_subclass__(**kwargs)
+        for name in CLASS_DEFAULTS:
+            value = cls.__dict__.get(name, _NOT_SET)
+            if value is _NOT_SET or hasattr(type(value), "__get__"):
+                continue  # not set here, or a property or method of the subclass
+            setattr(cls, f"default_{name}", value)
+            if name in ("local", "remote", "task"):
+                delattr(cls, name)
 
     def __init__(
         self,
@@ -309,7 +409,7 @@ class QueuedStorage(Storage):
         local_options: dict[str, Any] | None = None,
         remote_options: dict[str, Any] | None = None,
         cache_prefix: str | None = None,
-        delayed: bool = False,
+        delayed: bool | None = None,
         task: str | type | None = None,
         key: str | None = None,
         *,
@@ -320,6 +420,13 @@ class QueuedStorage(Storage):
     ) -> None:
         local = local or self.default_local
         remote = remote or self.default_remote
+        if local_options is None:
+            local_options = self.default_local_options
+        if remote_options is None:
+            remote_options = self.default_remote_options
+        #: Why each argument that names code (``local``, ``remote``, ``task``)
+        #: cannot be used; raised at first use, reported by ``manage.py check``.
+        self._problems: dict[str, str] = {}
         with _quoting_no_secret():
             self.local_path, self.local_alias = self._check_storage_argument(
                 "local", local, local_options
@@ -329,10 +436,12 @@ class QueuedStorage(Storage):
             )
         self.local_options = dict(local_options or {})
         self.remote_options = dict(remote_options or {})
+        if cache_prefix is None:
+            cache_prefix = self.default_cache_prefix
         self.cache_prefix = (
             conf.QUEUED_STORAGE_CACHE_PREFIX if cache_prefix is None else cache_prefix
         )
-        self.delayed = bool(delayed)
+        self.delayed = bool(self.default_delayed if delayed is None else delayed)
         #: Compare SHA-256 of the local and the remote copy before a row is done.
         self.verify_checksum = bool(verify_checksum)
         #: Replace a remote object at the name that the ledger did not write.
@@ -346,7 +455,9 @@ class QueuedStorage(Storage):
         self.create_only_uploads = (
             None if create_only_uploads is None else bool(create_only_uploads)
         )
-        self.task_path, self.task_class = self._check_task(task)
+        self.task_path, self.task_class = self._check_task(
+            task or self.default_task or DEFAULT_TASK
+        )
         self.key = self._check_key(
             key,
             self.local_alias or self.local_path,
@@ -358,14 +469,14 @@ class QueuedStorage(Storage):
 
     # Configuration
 
-    @staticmethod
     def _check_storage_argument(
-        which: str, value: Any, options: dict[str, Any] | None
+        self, which: str, value: Any, options: dict[str, Any] | None
     ) -> tuple[str, str]:
-        hint = (
-            f"Pass {which}= as a dotted path to a Storage class (with "
-            f"{which}_options=) or as an alias in settings.STORAGES."
-        )
+        """The dotted path and the ``STORAGES`` alias that ``value`` gives. What is
+        no path or alias at all raises now; a path that names no usable ``Storage``
+        class is kept to raise at first use, so that a migration that froze a path
+        gone since still imports."""
+        hint = _storage_hint(which)
         if value is None or value == "":
             raise ImproperlyConfigured(f"QueuedStorage needs a {which} storage. {hint}")
         if not isinstance(value, str):
@@ -387,51 +498,58 @@ class QueuedStorage(Storage):
                     f"{which}_options."
                 )
             return "", value
-        try:
-            storage_class = import_string(value)
-        except ImportError as exc:
-            raise ImproperlyConfigured(
-                f"QueuedStorage {which}={value!r} is neither an alias in "
-                f"settings.STORAGES nor an importable dotted path ({exc}). {hint}"
-            ) from exc
-        if not (isinstance(storage_class, type) and issubclass(storage_class, Storage)):
-            raise ImproperlyConfigured(
-                f"QueuedStorage {which}={value!r} is not a Storage subclass. {hint}"
+        path = _current_path(which, value)
+        problem = _storage_class_problem(path)
+        if problem is not None:
+            self._problems[which] = redaction.redact_with(
+                (), self._unusable(which, value, problem)
             )
-        if issubclass(storage_class, QueuedStorage):
-            raise ImproperlyConfigured(
-                f"QueuedStorage {which}={value!r} is itself a QueuedStorage. {hint}"
-            )
-        return value, ""
+        return path, ""
 
-    @staticmethod
-    def _check_task(task: str | type | None) -> tuple[str, type]:
-        from queued_storage.tasks import Transfer
+    def _unusable(self, which: str, value: str, problem: str) -> str:
+        """The error that the first use of a storage whose ``which`` argument is
+        ``value`` raises, ``problem`` saying what is wrong with it."""
+        return f"QueuedStorage {which}={value!r} {problem}. {_storage_hint(which)}"
 
-        if task is None:
-            task = DEFAULT_TASK
+    def _check_task(self, task: str | type) -> tuple[str, type[Transfer]]:
         if isinstance(task, type):
-            task_class = task
-            path = f"{task.__module__}.{task.__qualname__}"
-        elif isinstance(task, str):
-            path = task
-            try:
-                task_class = import_string(task)
-            except ImportError as exc:
+            if not issubclass(task, Transfer):
                 raise ImproperlyConfigured(
-                    f"QueuedStorage task={task!r} cannot be imported ({exc})."
-                ) from exc
-        else:
+                    f"QueuedStorage task={task.__module__}.{task.__qualname__} is "
+                    "not a subclass of queued_storage.tasks.Transfer."
+                )
+            return f"{task.__module__}.{task.__qualname__}", task
+        if not isinstance(task, str):
             raise ImproperlyConfigured(
                 f"QueuedStorage task= must be a dotted path to a Transfer subclass, "
                 f"not {type(task).__name__}."
             )
-        if not (isinstance(task_class, type) and issubclass(task_class, Transfer)):
-            raise ImproperlyConfigured(
-                f"QueuedStorage task={path!r} is not a subclass of "
-                "queued_storage.tasks.Transfer."
-            )
-        return path, task_class
+        try:
+            task_class = import_string(task)
+        except (ImportError, ImproperlyConfigured) as exc:
+            problem = f"cannot be imported ({exc})"
+        else:
+            if isinstance(task_class, type) and issubclass(task_class, Transfer):
+                return task, task_class
+            problem = "is not a subclass of queued_storage.tasks.Transfer"
+        message = redaction.redact_with(
+            (),
+            f"QueuedStorage task={task!r} {problem}. Pass task= a dotted path to a "
+            f"subclass of queued_storage.tasks.Transfer (the default is "
+            f"{DEFAULT_TASK!r}); a 0.8 Celery task becomes such a subclass whose "
+            "transfer() returns True or False.",
+        )
+        self._problems["task"] = message
+        return task, type("UnusableTask", (_UnusableTask,), {"problem": message})
+
+    def configuration_problems(self) -> list[str]:
+        """Why this storage cannot be used (its first use raises them); empty when
+        it can. ``manage.py check`` reports them (``queued_storage.E001``)."""
+        return list(self._problems.values())
+
+    def _refuse_if_unusable(self) -> None:
+        if self._problems:
+            raise ImproperlyConfigured(" ".join(self._problems.values()))
 
     @staticmethod
     def _check_key(key: str | None, local: str, remote: str) -> str:
@@ -489,11 +607,15 @@ class QueuedStorage(Storage):
 
     @cached_property
     def _local_instance(self) -> Storage:
+        if "local" in self._problems:
+            raise ImproperlyConfigured(self._problems["local"])
         storage: Storage = import_string(self.local_path)(**self.local_options)
         return storage
 
     @cached_property
     def _remote_instance(self) -> Storage:
+        if "remote" in self._problems:
+            raise ImproperlyConfigured(self._problems["remote"])
         storage: Storage = import_string(self.remote_path)(**self.remote_options)
         return storage
 
@@ -1090,44 +1212,59 @@ class QueuedFileSystemStorage(QueuedStorage):
     default_local = FILE_SYSTEM_STORAGE
 
 
-class QueuedS3Storage(QueuedFileSystemStorage):
+class _QueuedRemoteStorage(QueuedFileSystemStorage):
+    """A convenience class for one remote backend. ``remote`` is its first
+    argument, then ``local``, as 0.8's ``QueuedS3BotoStorage(remote=..., *args,
+    **kwargs)`` had them."""
+
+    def __init__(
+        self,
+        remote: str | None = None,
+        local: str | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(local, remote, *args, **kwargs)
+
+
+class QueuedS3Storage(_QueuedRemoteStorage):
     """Files on disk first, then S3 (django-storages' ``S3Storage``)."""
 
     default_remote = "storages.backends.s3.S3Storage"
 
 
-class QueuedAzureStorage(QueuedFileSystemStorage):
+class QueuedAzureStorage(_QueuedRemoteStorage):
     """Files on disk first, then Azure Blob Storage."""
 
     default_remote = "storages.backends.azure_storage.AzureStorage"
 
 
-class QueuedGoogleCloudStorage(QueuedFileSystemStorage):
+class QueuedGoogleCloudStorage(_QueuedRemoteStorage):
     """Files on disk first, then Google Cloud Storage."""
 
     default_remote = "storages.backends.gcloud.GoogleCloudStorage"
 
 
-class QueuedSFTPStorage(QueuedFileSystemStorage):
+class QueuedSFTPStorage(_QueuedRemoteStorage):
     """Files on disk first, then an SFTP server."""
 
     default_remote = "storages.backends.sftpstorage.SFTPStorage"
 
 
-class QueuedFTPStorage(QueuedFileSystemStorage):
+class QueuedFTPStorage(_QueuedRemoteStorage):
     """Files on disk first, then an FTP server (``queued_storage.ftp.FTPStorage``,
     django-storages' made to carry any name)."""
 
     default_remote = "queued_storage.ftp.FTPStorage"
 
 
-class QueuedDropboxStorage(QueuedFileSystemStorage):
+class QueuedDropboxStorage(_QueuedRemoteStorage):
     """Files on disk first, then Dropbox."""
 
     default_remote = "storages.backends.dropbox.DropboxStorage"
 
 
-class QueuedLibCloudStorage(QueuedFileSystemStorage):
+class QueuedLibCloudStorage(_QueuedRemoteStorage):
     """Files on disk first, then any Apache Libcloud provider."""
 
     default_remote = "storages.backends.apache_libcloud.LibCloudStorage"
@@ -1137,23 +1274,28 @@ class QueuedS3BotoStorage(QueuedS3Storage):
     """Deprecated name of :class:`QueuedS3Storage`, kept from 0.8."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        warnings.warn(
+        _warn_deprecated(
             "QueuedS3BotoStorage is deprecated: use QueuedS3Storage (django-storages' "
-            "boto3-based S3Storage).",
-            DeprecationWarning,
-            stacklevel=2,
+            "boto3-based S3Storage)."
         )
         super().__init__(*args, **kwargs)
 
 
-class _RemovedBackend(QueuedFileSystemStorage):
+class _RemovedBackend(_QueuedRemoteStorage):
+    """A 0.8 class for a backend django-storages no longer ships. It builds, so
+    that migrations that froze it import; used without a ``remote=`` that can
+    be imported (``default_remote`` is 0.8's path), it says what to do."""
+
     removed_backend = ""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise ImproperlyConfigured(
-            f"{type(self).__name__} is gone: django-storages no longer ships a "
-            f"{self.removed_backend} backend. Use QueuedStorage(local=..., "
-            "remote='dotted.path.to.YourStorage') with any Django Storage as remote."
+    def _unusable(self, which: str, value: str, problem: str) -> str:
+        if which != "remote" or value != self.default_remote:
+            return super()._unusable(which, value, problem)
+        return (
+            f"{type(self).__name__}: django-storages no longer ships a "
+            f"{self.removed_backend} backend ({value!r} cannot be imported). Pass "
+            "remote= a dotted path to the Storage class that holds these files now, "
+            "or use QueuedStorage(local=..., remote='dotted.path.to.YourStorage')."
         )
 
 
@@ -1161,27 +1303,32 @@ class QueuedCouchDBStorage(_RemovedBackend):
     """Removed: django-storages dropped its CouchDB backend."""
 
     removed_backend = "CouchDB"
+    default_remote = "storages.backends.couchdb.CouchDBStorage"
 
 
 class QueuedDatabaseStorage(_RemovedBackend):
     """Removed: django-storages dropped its database backend."""
 
     removed_backend = "database"
+    default_remote = "storages.backends.database.DatabaseStorage"
 
 
 class QueuedMogileFSStorage(_RemovedBackend):
     """Removed: django-storages dropped its MogileFS backend."""
 
     removed_backend = "MogileFS"
+    default_remote = "storages.backends.mogile.MogileFSStorage"
 
 
 class QueuedGridFSStorage(_RemovedBackend):
     """Removed: django-storages dropped its GridFS backend."""
 
     removed_backend = "GridFS"
+    default_remote = "storages.backends.mongodb.GridFSStorage"
 
 
 class QueuedCloudFilesStorage(_RemovedBackend):
     """Removed: django-storages dropped its CloudFiles backend."""
 
     removed_backend = "CloudFiles"
+    default_remote = "storages.backends.mosso.CloudFilesStorage"

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import numbers
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
-from django.apps import AppConfig
+from django.apps import AppConfig, apps
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, register
 from django.core.exceptions import ImproperlyConfigured
-from django.core.files.storage import storages
+from django.core.files.storage import default_storage, storages
+from django.db.models import FileField, Model
 from django.utils.module_loading import import_string
 
 from queued_storage import registry
@@ -22,6 +23,17 @@ from queued_storage.conf import (
     usable_number,
 )
 from queued_storage.conf import settings as conf
+
+if TYPE_CHECKING:
+    from queued_storage.backends import QueuedStorage
+
+
+#: How to fix a storage that cannot be built, whichever way it was configured.
+UNUSABLE_HINT = (
+    "Pass local= and remote= each a STORAGES alias or a dotted path to a Storage "
+    "class that can be imported, and task= a queued_storage.tasks.Transfer "
+    "subclass. Migrations that froze an old path keep importing."
+)
 
 
 @register(Tags.compatibility)
@@ -39,7 +51,7 @@ def check_storages(
         if not (isinstance(backend, type) and issubclass(backend, QueuedStorage)):
             continue
         try:
-            storages.create_storage(config)
+            built = storages.create_storage(config)
         except (ImproperlyConfigured, TypeError) as exc:
             errors.append(
                 Error(
@@ -52,6 +64,19 @@ def check_storages(
                     id="queued_storage.E001",
                 )
             )
+            continue
+        if isinstance(built, QueuedStorage):
+            errors.extend(_unusable(f"STORAGES[{alias!r}]", built, None))
+    for model in _models(app_configs):
+        for field in model._meta.get_fields():
+            if not isinstance(field, FileField) or field.storage is default_storage:
+                continue  # the default storage is reported as STORAGES['default']
+            try:
+                queued = isinstance(field.storage, QueuedStorage)
+            except Exception:  # a lazy storage whose STORAGES entry is reported
+                continue
+            if queued:
+                errors.extend(_unusable("The field's storage", field.storage, field))
     registry.discover()
     for key, shared in registry.conflicts().items():
         problem, fix = registry.conflict_text(key, shared)
@@ -113,6 +138,28 @@ def check_settings(
             )
         )
     return errors
+
+
+def _models(app_configs: Sequence[AppConfig] | None) -> Iterator[type[Model]]:
+    if app_configs is None:
+        yield from apps.get_models()
+        return
+    for app_config in app_configs:
+        yield from app_config.get_models()
+
+
+def _unusable(what: str, storage: QueuedStorage, obj: Any) -> list[Error]:
+    """E001 for a storage that builds (old migrations must import) but cannot be
+    used: its first use raises the same text."""
+    return [
+        Error(
+            f"{what} cannot be used: {problem}",
+            hint=UNUSABLE_HINT,
+            obj=obj,
+            id="queued_storage.E001",
+        )
+        for problem in storage.configuration_problems()
+    ]
 
 
 def _tasks_framework_available() -> bool:

@@ -509,8 +509,10 @@ def test_a_url_with_a_password_given_as_a_storage_is_redacted_from_check_and_err
     }
     with pytest.raises(CommandError) as checked:
         call_command("check", stdout=io.StringIO(), stderr=io.StringIO())
+    storage = QueuedStorage("queued_local", url, key="misconfigured")
+    registry.forget(storage.key)
     with pytest.raises(ImproperlyConfigured) as raised:
-        QueuedStorage("queued_local", url)
+        storage.exists("a.txt")
 
     check_output = str(checked.value)
     assert "queued_storage.E001" in check_output

@@ -473,11 +473,6 @@ def test_bad_name_raises_and_changes_nothing(storage: QueuedStorage, name: str) 
         ("remote", FileSystemStorage),
         ("local", None),
         ("remote", None),
-        ("local", "no.such.module.Storage"),
-        ("remote", "django.core.files.storage.NoSuchStorage"),
-        ("local", "collections.OrderedDict"),
-        ("remote", "django.core.files.base.ContentFile"),
-        ("remote", "queued_storage.backends.QueuedStorage"),
     ],
     ids=str,
 )
@@ -495,12 +490,57 @@ def test_bad_local_or_remote_is_improperly_configured_naming_the_argument(
 
 
 @pytest.mark.parametrize(
+    ("which", "value"),
+    [
+        ("local", "no.such.module.Storage"),
+        ("remote", "django.core.files.storage.NoSuchStorage"),
+        ("local", "collections.OrderedDict"),
+        ("remote", "django.core.files.base.ContentFile"),
+        ("remote", "queued_storage.backends.QueuedStorage"),
+    ],
+    ids=str,
+)
+def test_a_path_to_no_usable_storage_fails_at_first_use_naming_the_argument(
+    which: str, value: str, forget_keys: list[str]
+) -> None:
+    """A migration may have frozen a path that is gone since: it must import."""
+    arguments: dict[str, Any] = {"local": FS, "remote": FS, which: value}
+    storage = QueuedStorage(**arguments, key="unusable")
+    forget_keys.append(storage.key)
+
+    with pytest.raises(ImproperlyConfigured) as raised:
+        storage.save("a.txt", content())
+    with pytest.raises(ImproperlyConfigured) as built:
+        getattr(storage, which)
+
+    for error in (raised.value, built.value):
+        assert f"{which}={value!r}" in str(error)
+        other = "remote" if which == "local" else "local"
+        assert f"{other}=" not in str(error)
+    assert storage.configuration_problems() == [str(built.value)]
+    assert rows_of(storage) == []
+
+
+@pytest.mark.parametrize(
     "task",
     ["no.such.Transfer", "queued_storage.tasks.NoSuchTask", "collections.OrderedDict"],
 )
-def test_bad_task_is_improperly_configured(task: str) -> None:
+def test_bad_task_fails_at_first_use(task: str, forget_keys: list[str]) -> None:
+    storage = QueuedStorage(FS, FS, task=task, key="unusable-task")
+    forget_keys.append(storage.key)
+
+    with pytest.raises(ImproperlyConfigured, match="task"):
+        storage.save("a.txt", content())
+    with pytest.raises(ImproperlyConfigured, match="Transfer"):
+        storage.task  # noqa: B018 - building the hook raises
+
+
+@pytest.mark.parametrize("task", [dict, 42])
+def test_a_task_of_the_wrong_type_is_improperly_configured(task: Any) -> None:
     with pytest.raises(ImproperlyConfigured, match="task"):
         QueuedStorage(FS, FS, task=task, key="never-built")
+
+    assert registry.get("never-built") is None
 
 
 def test_task_names_a_transfer_subclass(make_storage: MakeStorage) -> None:
@@ -641,12 +681,16 @@ def test_queued_s3_boto_storage_is_deprecated(forget_keys: list[str]) -> None:
         "QueuedCloudFilesStorage",
     ],
 )
-def test_removed_backend_names_its_replacement(class_name: str) -> None:
+def test_removed_backend_builds_and_names_its_replacement_at_first_use(
+    class_name: str, forget_keys: list[str]
+) -> None:
+    storage = getattr(backends, class_name)(key="removed")
+    forget_keys.append(storage.key)
+
     with pytest.raises(ImproperlyConfigured) as raised:
-        getattr(backends, class_name)(remote=FS, key="never-built")
+        storage.exists("a.txt")
 
     message = str(raised.value)
     assert class_name in message
     assert "QueuedStorage(" in message
     assert "remote=" in message
-    assert registry.get("never-built") is None
