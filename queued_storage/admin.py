@@ -393,8 +393,9 @@ class PendingTransferAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                 messages.ERROR,
             )
             return HttpResponseRedirect(back)
-        target = storage.local if side == "local" else storage.remote
         try:
+            # A storage that cannot be built raises here: said on the page too.
+            target = storage.local if side == "local" else storage.remote
             url = target.url(row.name)
         except Exception as exc:
             self.message_user(

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.core.files.storage import FileSystemStorage, storages
+from django.urls import reverse
 
 from queued_storage import backends, registry
 from queued_storage.backends import QueuedStorage
@@ -271,31 +272,63 @@ def test_queued_s3_boto_storage_with_08s_remote_gets_the_same_key(
 # Storages that cannot be built today fail at first use, not at construction
 
 
+GONE_SINCE = {
+    "task": "myproject.celery_tasks.TransferToS3",
+    "remote": "storages.backends.mosso.CloudFilesStorage",
+    "local": "myproject.storage.OldLocalStorage",
+}
+
+
 @pytest.mark.django_db
+@pytest.mark.parametrize("argument", sorted(GONE_SINCE))
 def test_a_worker_records_why_the_storage_of_a_row_cannot_be_used(
-    make_storage: Callable[..., QueuedStorage], forget_keys: list[str]
+    argument: str, make_storage: Callable[..., QueuedStorage], forget_keys: list[str]
 ) -> None:
-    """The row was saved while the hook could be imported; the code that the
-    worker runs now names one that cannot."""
+    """The row was saved while the storage could be built; the code that the
+    worker runs now names a path that cannot be imported."""
     before = make_storage()
     name = before.save("a.txt", content())
     registry.forget(before.key)
-    now = QueuedStorage(
-        FS,
-        before.remote_path,
-        local_options=before.local_options,
-        remote_options=before.remote_options,
-        task="myproject.celery_tasks.TransferToS3",
-        key=before.key,
-    )
+    arguments: dict[str, Any] = {
+        "local": FS,
+        "remote": before.remote_path,
+        "local_options": before.local_options,
+        "remote_options": before.remote_options,
+        argument: GONE_SINCE[argument],
+    }
+    now = QueuedStorage(**arguments, key=before.key)
     forget_keys.append(now.key)
 
     assert drain(keys=[now.key]).retried == 1
 
     row = PendingTransfer.objects.get(storage_key=now.key, name=name)
     assert row.status == Status.QUEUED
-    assert "ImproperlyConfigured" in row.last_error
-    assert "task='myproject.celery_tasks.TransferToS3'" in row.last_error
+    assert row.last_error.startswith("ImproperlyConfigured: "), row.last_error
+    assert f"{argument}={GONE_SINCE[argument]!r}" in row.last_error
+
+
+@pytest.mark.django_db
+def test_the_admin_says_the_storage_of_a_row_cannot_be_used(
+    make_storage: Callable[..., QueuedStorage],
+    forget_keys: list[str],
+    admin_client: Any,
+) -> None:
+    before = make_storage()
+    before.save("a.txt", content())
+    registry.forget(before.key)
+    now = QueuedStorage(FS, "storages.backends.mosso.CloudFilesStorage", key=before.key)
+    forget_keys.append(now.key)
+    row = PendingTransfer.objects.get(storage_key=now.key)
+
+    response = admin_client.get(
+        reverse("admin:queued_storage_pendingtransfer_file", args=[row.pk, "remote"]),
+        follow=True,
+    )
+
+    assert response.status_code == 200
+    assert [str(m) for m in response.context["messages"]] == [
+        "The remote storage has no URL for this file (ImproperlyConfigured)."
+    ]
 
 
 UNUSABLE_STORAGES = {
