@@ -71,12 +71,13 @@ def check_storages(
         for field in model._meta.get_fields():
             if not isinstance(field, FileField) or field.storage is default_storage:
                 continue  # the default storage is reported as STORAGES['default']
+            storage = field.storage
             try:
-                queued = isinstance(field.storage, QueuedStorage)
+                if not isinstance(storage, QueuedStorage):
+                    continue
             except Exception:  # a lazy storage whose STORAGES entry is reported
                 continue
-            if queued:
-                errors.extend(_unusable("The field's storage", field.storage, field))
+            errors.extend(_unusable("The field's storage", storage, field))
     registry.discover()
     for key, shared in registry.conflicts().items():
         problem, fix = registry.conflict_text(key, shared)

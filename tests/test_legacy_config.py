@@ -272,6 +272,31 @@ def test_queued_s3_boto_storage_with_08s_remote_gets_the_same_key(
 # Storages that cannot be built today fail at first use, not at construction
 
 
+def _now_in_settings(
+    settings: Any, before: QueuedStorage, **changed: str
+) -> QueuedStorage:
+    """``before``'s configuration in ``settings.STORAGES``, as the code that a
+    worker runs has it now, with the arguments ``changed``."""
+    options: dict[str, Any] = {
+        "local": before.local_path,
+        "remote": before.remote_path,
+        "local_options": before.local_options,
+        "remote_options": before.remote_options,
+        "key": before.key,
+        **changed,
+    }
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "changed": {
+            "BACKEND": "queued_storage.backends.QueuedStorage",
+            "OPTIONS": options,
+        },
+    }
+    storage = storages["changed"]
+    assert isinstance(storage, QueuedStorage)
+    return storage
+
+
 GONE_SINCE = {
     "task": "myproject.celery_tasks.TransferToS3",
     "remote": "storages.backends.mosso.CloudFilesStorage",
@@ -282,21 +307,17 @@ GONE_SINCE = {
 @pytest.mark.django_db
 @pytest.mark.parametrize("argument", sorted(GONE_SINCE))
 def test_a_worker_records_why_the_storage_of_a_row_cannot_be_used(
-    argument: str, make_storage: Callable[..., QueuedStorage], forget_keys: list[str]
+    argument: str,
+    make_storage: Callable[..., QueuedStorage],
+    forget_keys: list[str],
+    settings: Any,
 ) -> None:
     """The row was saved while the storage could be built; the code that the
     worker runs now names a path that cannot be imported."""
     before = make_storage()
     name = before.save("a.txt", content())
     registry.forget(before.key)
-    arguments: dict[str, Any] = {
-        "local": FS,
-        "remote": before.remote_path,
-        "local_options": before.local_options,
-        "remote_options": before.remote_options,
-        argument: GONE_SINCE[argument],
-    }
-    now = QueuedStorage(**arguments, key=before.key)
+    now = _now_in_settings(settings, before, **{argument: GONE_SINCE[argument]})
     forget_keys.append(now.key)
 
     assert drain(keys=[now.key]).retried == 1
@@ -312,11 +333,12 @@ def test_the_admin_says_the_storage_of_a_row_cannot_be_used(
     make_storage: Callable[..., QueuedStorage],
     forget_keys: list[str],
     admin_client: Any,
+    settings: Any,
 ) -> None:
     before = make_storage()
     before.save("a.txt", content())
     registry.forget(before.key)
-    now = QueuedStorage(FS, "storages.backends.mosso.CloudFilesStorage", key=before.key)
+    now = _now_in_settings(settings, before, remote=GONE_SINCE["remote"])
     forget_keys.append(now.key)
     row = PendingTransfer.objects.get(storage_key=now.key)
 
