@@ -118,6 +118,14 @@ def check_settings(
                 id="queued_storage.E004",
             )
         )
+    elif worker == "celery" and importlib.util.find_spec("celery") is None:
+        errors.append(
+            Error(
+                "QUEUED_STORAGE_WORKER is 'celery' but Celery is not installed.",
+                hint="pip install 'django-queued-storage[celery]', or choose another worker.",
+                id="queued_storage.E004",
+            )
+        )
     errors.extend(_check_number("QUEUED_STORAGE_RETRIES", integer=True, minimum=0))
     errors.extend(_check_number("QUEUED_STORAGE_RETRY_DELAY", minimum=0))
     errors.extend(_check_number("QUEUED_STORAGE_LEASE", minimum=1))

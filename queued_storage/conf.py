@@ -13,7 +13,7 @@ from django.core.exceptions import ImproperlyConfigured
 #: Longest host name the ledger's ``host`` column stores.
 MAX_HOST_LENGTH = 255
 
-WORKERS = ("immediate", "django_q", "django_tasks")
+WORKERS = ("immediate", "django_q", "django_tasks", "celery")
 
 DEFAULTS: dict[str, Any] = {
     "QUEUED_STORAGE_RETRIES": 5,

@@ -134,7 +134,7 @@ def test_e002_not_raised_for_identically_configured_storages(settings: Any) -> N
 
 
 def test_e003_unknown_worker(settings: Any) -> None:
-    settings.QUEUED_STORAGE_WORKER = "celery"
+    settings.QUEUED_STORAGE_WORKER = "rq"
 
     assert check_ids() == ["queued_storage.E003"]
 
@@ -152,7 +152,7 @@ def fake_find_spec(monkeypatch: pytest.MonkeyPatch, *, missing: set[str]) -> Non
     def find_spec(name: str, *args: Any, **kwargs: Any) -> Any:
         if name in missing:
             return None
-        if name in {"django_q", "django_tasks", "django.tasks"}:
+        if name in {"django_q", "django_tasks", "django.tasks", "celery"}:
             return importlib.util.spec_from_loader(name, loader=None)
         return real(name, *args, **kwargs)
 
@@ -174,6 +174,27 @@ def test_e004_not_raised_when_django_q_is_installed(
     settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings.QUEUED_STORAGE_WORKER = "django_q"
+    fake_find_spec(monkeypatch, missing=set())
+
+    assert check_ids() == []
+
+
+def test_e004_celery_worker_without_celery(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.QUEUED_STORAGE_WORKER = "celery"
+    fake_find_spec(monkeypatch, missing={"celery"})
+
+    (error,) = errors_with("queued_storage.E004")
+
+    assert "Celery is not installed" in error.msg
+    assert error.hint and "pip install 'django-queued-storage[celery]'" in error.hint
+
+
+def test_e004_not_raised_when_celery_is_installed(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.QUEUED_STORAGE_WORKER = "celery"
     fake_find_spec(monkeypatch, missing=set())
 
     assert check_ids() == []
@@ -265,7 +286,7 @@ def test_e006_not_raised_for_a_host_name_of_255_characters(settings: Any) -> Non
 
 
 def test_manage_py_check_fails_for_a_bad_worker(settings: Any) -> None:
-    settings.QUEUED_STORAGE_WORKER = "celery"
+    settings.QUEUED_STORAGE_WORKER = "rq"
 
     with pytest.raises(SystemCheckError, match=r"queued_storage\.E003"):
         call_command("check")

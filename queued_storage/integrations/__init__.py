@@ -17,6 +17,7 @@ WAKERS = {
     "immediate": "queued_storage.transfer.transfer_name",
     "django_q": "queued_storage.integrations.django_q.enqueue",
     "django_tasks": "queued_storage.integrations.django_tasks.enqueue",
+    "celery": "queued_storage.integrations.celery.enqueue",
 }
 
 

@@ -1,0 +1,104 @@
+"""Celery as the wake-up: one task per committed save, and a beat entry that
+sweeps up whatever a lost message or a dead worker left due.
+
+The tasks are shared tasks: they belong to whichever Celery app the site runs
+(``current_app``), under names that stay the same across releases. A message
+carries the storage key and the file name, nothing else. A task delivered twice,
+or for a row that is not due (not yet, already done, held, or leased by another
+worker), claims nothing and returns ``None``: the ledger stays the truth.
+
+This module imports nothing that needs Django's app registry, so a site's
+``celery.py`` or settings can import it for ``beat_schedule()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from celery import current_app, shared_task
+
+from queued_storage import redaction
+
+logger = logging.getLogger("queued_storage")
+
+#: The task names in every message and in the beat schedule.
+TRANSFER_TASK = "queued_storage.transfer"
+SWEEP_TASK = "queued_storage.sweep"
+#: The key of the sweep's entry in ``beat_schedule``.
+SCHEDULE_NAME = "queued_storage: sweep due transfers"
+
+
+# The engine is imported when a task runs: it needs the ledger model, and so the
+# app registry, which is not ready when the site's celery.py imports this module.
+@shared_task(name=TRANSFER_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+def transfer(key: str, name: str) -> str | None:
+    """Transfer the row of ``name`` if it is due; the outcome, or ``None`` when the
+    row was not due and nothing was done."""
+    from queued_storage.transfer import transfer_name
+
+    outcome = transfer_name(key, name)
+    return None if outcome is None else outcome.value
+
+
+@shared_task(name=SWEEP_TASK)  # type: ignore[untyped-decorator]
+def sweep() -> dict[str, int]:
+    """Drain every due row: retries whose backoff ran out, expired leases, and rows
+    whose message was lost. What the beat entry runs."""
+    from queued_storage.transfer import drain
+
+    stats = drain()
+    return {
+        "done": stats.done,
+        "retried": stats.retried,
+        "failed": stats.failed,
+        "purged": stats.purged,
+        "stale": stats.stale,
+        "bytes": stats.bytes,
+    }
+
+
+def enqueue(key: str, name: str) -> None:
+    """Send the task for one row; called after the saving transaction commits.
+
+    A broker that cannot take the message costs latency, not the save: the row
+    stays due for the sweep, and the failure is logged without the broker's
+    credentials."""
+    try:
+        transfer.apply_async((key, name))
+    except Exception as exc:
+        logger.warning(
+            "celery wake-up not sent, the row waits for the sweep key=%s name=%s "
+            "error=%s: %s",
+            key,
+            name,
+            type(exc).__name__,
+            _redacted(str(exc)),
+        )
+
+
+def _redacted(text: str) -> str:
+    conf = current_app.conf
+    urls = {"broker_url": conf.broker_url, "result_backend": conf.result_backend}
+    return redaction.redact_options(urls, text)
+
+
+def beat_schedule(seconds: float = 60) -> dict[str, dict[str, Any]]:
+    """The beat entry that runs the sweep every ``seconds``, to merge into
+    ``CELERY_BEAT_SCHEDULE``. A sweep not started within its interval expires: a
+    newer one is on its way, and a stopped worker finds one, not a backlog."""
+    if isinstance(seconds, bool) or not (
+        isinstance(seconds, (int, float)) and math.isfinite(seconds)
+    ):
+        raise ValueError(f"The sweep runs every so many seconds, not {seconds!r}.")
+    if seconds < 1:
+        raise ValueError("The sweep runs every 1 second or more.")
+    every = float(seconds)
+    return {
+        SCHEDULE_NAME: {
+            "task": SWEEP_TASK,
+            "schedule": every,
+            "options": {"expires": every},
+        }
+    }
