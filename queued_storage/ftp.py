@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import ftplib
+import io
 import logging
 import posixpath
 import re
 import ssl
+import unicodedata
 from typing import Any
 from urllib.parse import urljoin
 
@@ -33,11 +35,13 @@ from queued_storage.transfer import LeaseLost, check_lease
 logger = logging.getLogger("queued_storage")
 
 #: A ``LIST`` line of a Unix server: mode, links, owner, group, size, date, name.
-#: The name is all that follows the date (spaces included).
+#: The name is all that follows the date (spaces included). The size follows one
+#: field at least and the month is letters (``Dec``, ``déc.``, ``Juli``): the link
+#: count, a short owner and a numeric group are not a size and a date.
 _UNIX_LINE = re.compile(
-    r"^(?P<kind>[-dlcbps])\S*\s.*?\s(?P<size>\d+)\s+"
-    r"(?:\w{3}\.?\s+\d{1,2}|\d{1,2}\.?\s+\w{3}\.?)\s+(?:\d{1,2}:\d{2}|\d{4})\s"
-    r"(?P<name>.+)$"
+    r"^(?P<kind>[-dlcbps])\S*\s+\S+\s+(?:.*?\s)?(?P<size>\d+)\s+"
+    r"(?:[^\W\d_]{3,4}\.?\s+\d{1,2}|\d{1,2}\.?\s+[^\W\d_]{3,4}\.?)\s+"
+    r"(?:\d{1,2}:\d{2}|\d{4})\s(?P<name>.+)$"
 )
 #: A ``LIST`` line of a Windows server: date, time, ``<DIR>`` or size, name.
 _DOS_LINE = re.compile(
@@ -56,6 +60,40 @@ class UnsupportedName(FTPStorageException):  # type: ignore[misc]
     retrying does not help, so the transfer fails at once."""
 
     retry = False
+
+
+def same_name(listed: str, name: str) -> bool:
+    """Whether a listing's ``listed`` is ``name``: a server that stores names
+    decomposed (macOS) lists an accented name in NFD, the ledger keeps NFC."""
+    return listed == name or unicodedata.normalize("NFC", listed) == name
+
+
+def _entry(entries: dict[str, int], name: str) -> str | None:
+    """The key of ``entries`` that is ``name``, its own spelling first."""
+    if name in entries:
+        return name
+    return next((listed for listed in entries if same_name(listed, name)), None)
+
+
+def list_holds(lines: list[str], name: str) -> bool:
+    """Whether ``LIST`` output may have an entry ``name`` of any kind: a file, a
+    folder, a link (``name -> target``), or a line in no known format that ends
+    with it. An existence check that missed one would let an upload overwrite
+    it, or write through a link."""
+    for line in lines:
+        entry = _UNIX_LINE.match(line) or _DOS_LINE.match(line)
+        if entry is None:
+            if line.endswith(f" {name}") or f" {name} -> " in line:
+                return True
+            continue
+        listed = entry["name"]
+        if same_name(listed, name) or (
+            entry.re is _UNIX_LINE
+            and entry["kind"] == "l"
+            and unicodedata.normalize("NFC", listed).startswith(f"{name} -> ")
+        ):
+            return True
+    return False
 
 
 def parse_list(lines: list[str]) -> Listing:
@@ -216,16 +254,43 @@ class FTPStorage(ftp.FTPStorage):  # type: ignore[misc]
     # Reading
 
     def _read(self, name: str) -> Any:
+        # By its whole name: django-storages' changes into the file's folder and
+        # stays there when the read fails, where later names would be sent
+        # relative to it (an upload then lands inside that folder).
         self._check_name(name)
-        return super()._read(name)
+        memory_file = io.BytesIO()
+        try:
+            self._connection.retrbinary(f"RETR {name}", memory_file.write)
+        except ftplib.all_errors as exc:
+            if not isinstance(exc, ftplib.error_perm):
+                self._drop_connection()  # may be out of step after a broken read
+            raise FTPStorageException(f"Error reading file {name}: {exc}") from exc
+        memory_file.seek(0)
+        return memory_file
+
+    def _mkremdirs(self, path: str) -> None:
+        # django-storages' stays in the last folder it reached when it cannot
+        # create the next one: back to where names are relative to.
+        pwd = self._connection.pwd()
+        try:
+            super()._mkremdirs(path)
+        finally:
+            self._connection.cwd(pwd)
+
+    def _list_lines(self, path: str) -> list[str]:
+        # Servers read an argument that starts with "-" as options of ls
+        # ("LIST -l"), and list the working folder instead.
+        if path.startswith("-"):
+            path = f"./{path}"
+        lines: list[str] = []
+        self._connection.retrlines(f"LIST {path}" if path else "LIST", lines.append)
+        return lines
 
     def _listing(self, path: str) -> Listing:
         """Directories and files (with sizes) at ``path``; raises ftplib's errors."""
         connection = self._connection
         if "MLST" not in self._features:
-            lines: list[str] = []
-            connection.retrlines(f"LIST {path}" if path else "LIST", lines.append)
-            return parse_list(lines)
+            return parse_list(self._list_lines(path))
         dirs: dict[str, int] = {}
         files: dict[str, int] = {}
         # The server's default facts (type and size among them): asking for facts
@@ -245,6 +310,46 @@ class FTPStorage(ftp.FTPStorage):  # type: ignore[misc]
         except ftplib.all_errors as exc:
             raise FTPStorageException(f"Error getting listing for {path}") from exc
 
+    def _holds(self, path: str, name: str) -> bool:
+        """Whether the folder ``path`` has an entry ``name`` of any kind (a link, a
+        type the server does not say), or one that differs only by case where the
+        server finds it by ``name``; raises ftplib's errors."""
+        if "MLST" in self._features:
+            listed = [
+                entry
+                for entry, facts in self._connection.mlsd(path)
+                if facts.get("type", "").lower() not in ("cdir", "pdir")
+            ]
+            if any(same_name(entry, name) for entry in listed):
+                return True
+        else:
+            lines = self._list_lines(path)
+            if list_holds(lines, name):
+                return True
+            dirs, files = parse_list(lines)
+            listed = [*dirs, *files]
+        folded = name.casefold()
+        if any(
+            unicodedata.normalize("NFC", entry).casefold() == folded for entry in listed
+        ):
+            return self._finds(posixpath.join(path, name))
+        return False
+
+    def _finds(self, name: str) -> bool:
+        """Whether the server finds ``name`` itself, for a listing that has it only
+        in another case: a server that ignores case (Windows) writes an upload of
+        it over that entry. A server that cannot say is taken to find it."""
+        connection = self._connection
+        try:
+            if "MLST" in self._features:
+                connection.sendcmd(f"MLST {name}")
+            else:
+                connection.voidcmd("TYPE I")
+                connection.size(name)
+        except ftplib.error_perm as exc:
+            return not str(exc).startswith("550")
+        return True
+
     def exists(self, name: str) -> bool:
         if self.allow_overwrite:
             return False
@@ -252,7 +357,7 @@ class FTPStorage(ftp.FTPStorage):  # type: ignore[misc]
         self._check_name(name)
         directory, basename = posixpath.split(name)
         try:
-            dirs, files = self._listing(directory)
+            return self._holds(directory, basename)
         except ftplib.error_perm as exc:
             # Servers answer a listing of a missing folder with 550 or 501, and
             # other refusals with the same codes: ask whether the folder is there.
@@ -265,15 +370,15 @@ class FTPStorage(ftp.FTPStorage):  # type: ignore[misc]
             raise FTPStorageException(
                 f"Error when testing existence of {name}"
             ) from exc
-        return basename in files or basename in dirs
 
     def size(self, name: str) -> int:
         self._start_connection()
         directory, basename = posixpath.split(name)
         _dirs, files = self._get_dir_details(directory)
-        if basename not in files:
+        listed = _entry(files, basename)
+        if listed is None:
             raise FileNotFoundError(f"{name!r} is not on the FTP server")
-        return files[basename]
+        return files[listed]
 
     def url(self, name: str) -> str:
         if self.base_url is None:

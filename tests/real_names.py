@@ -31,18 +31,19 @@ def check_real_names(
     capture_on_commit: Any,
     *,
     urls: bool = True,
+    names: tuple[str, ...] = REAL_NAMES,
 ) -> None:
-    """Each of :data:`REAL_NAMES` transfers and verifies; the remote holds its
-    exact bytes under its name (``read_remote``, the service's own client: None
-    for no object); ``exists``, ``open`` and (with ``urls``) ``url`` answer from
+    """Each of ``names`` (:data:`REAL_NAMES`) transfers and verifies; the remote
+    holds its exact bytes under its name (``read_remote``, the service's own
+    client: None for no object); ``exists``, ``open`` and (with ``urls``) ``url`` answer from
     the remote; and ``delete()`` removes the remote copy."""
-    for name in REAL_NAMES:
+    for name in names:
         assert storage.save(name, ContentFile(payload_of(name))) == name
 
     drain(keys=[storage.key])
 
     local_url = storage.local.url("")
-    for name in REAL_NAMES:
+    for name in names:
         row = PendingTransfer.objects.get(storage_key=storage.key, name=name)
         assert row.status == PendingTransfer.Status.DONE, (name, row.last_error)
         assert read_remote(name) == payload_of(name), name
@@ -56,10 +57,10 @@ def check_real_names(
             assert unquote(urlsplit(url).path).endswith(f"/{name}"), url
 
     with capture_on_commit(execute=True):
-        for name in REAL_NAMES:
+        for name in names:
             storage.delete(name)
 
-    for name in REAL_NAMES:
+    for name in names:
         assert read_remote(name) is None, name
         assert not storage.local.exists(name)
     assert not PendingTransfer.objects.filter(storage_key=storage.key).exists()

@@ -111,9 +111,13 @@ def ftp_server(
     password: str = "s3cr3t-ftp",
     *,
     encoding: str = "utf8",
+    mlsd: bool = True,
+    filesystem: Any = None,
 ) -> Iterator[FTPServerInfo]:
     """pyftpdlib serving ``root`` to one user, in a thread. It reads names in
-    ``encoding``, and announces UTF-8 (``FEAT UTF8``) only for ``utf8``."""
+    ``encoding``, and announces UTF-8 (``FEAT UTF8``) only for ``utf8``; without
+    ``mlsd`` it lists with ``LIST`` only, as older servers do; ``filesystem``, a
+    subclass of pyftpdlib's ``AbstractedFS``, stands for the server's disk."""
     with warnings.catch_warnings():
         # pyftpdlib is built on asyncore/asynchat, deprecated in Python 3.11.
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -146,6 +150,18 @@ def ftp_server(
             "auth_failed_timeout": 0,
             "encoding": encoding,
             "dtp_handler": FaultyDTPHandler,
+            **({"abstracted_fs": filesystem} if filesystem is not None else {}),
+            **(
+                {}
+                if mlsd
+                else {
+                    "proto_cmds": {
+                        cmd: info
+                        for cmd, info in FTPHandler.proto_cmds.items()
+                        if cmd not in ("MLSD", "MLST")
+                    }
+                }
+            ),
         },
     )
     # A loop of its own: pyftpdlib's default is one per process, which two
