@@ -751,14 +751,15 @@ def _make_room(storage: QueuedStorage, row: PendingTransfer, task: Any) -> Room:
     exclusive = stock and _renames_taken_names(remote)
     conditional_remote = _conditional_remote(storage)
     if not row.was_owned and not storage.overwrite_remote:
-        if stock and conditional_remote:
+        if stock and conditional_remote and _keeps_name(remote, row.name):
             return Room(Refusal.IF_NONE_MATCH, conditional=True)
         if exclusive:
             return Room(Refusal.EXCLUSIVE)
         if remote.exists(row.name):
             raise RemoteConflict(_conflict(row.name))
         return Room(Refusal.ASKED, conditional=conditional_remote)
-    if stock and conditional_remote:
+    keeps_name = _keeps_name(remote, row.name)
+    if stock and conditional_remote and keeps_name:
         # Read before the lease check: an object written after it is refused.
         return Room(
             Refusal.IF_MATCH,
@@ -766,12 +767,11 @@ def _make_room(storage: QueuedStorage, row: PendingTransfer, task: Any) -> Room:
             etag=conditional.etag_of(remote, row.name),
         )
     deleted = False
-    if remote.get_available_name(row.name) != row.name:
+    if not keeps_name:
         # An earlier attempt's object: ours to replace, on a remote that renames.
         # Not once our lease ran out: it may be the copy that the worker which
         # took the row over finished, and the only one left.
-        fence(row, "deleting its earlier upload")
-        remote.delete(row.name)
+        _delete_remote_fenced(storage, row, "deleting its earlier upload")
         deleted = True
     if exclusive:
         return Room(Refusal.EXCLUSIVE)
@@ -781,6 +781,14 @@ def _make_room(storage: QueuedStorage, row: PendingTransfer, task: Any) -> Room:
         etag = None if deleted else conditional.etag_of(remote, row.name)
         return Room(Refusal.ASKED, conditional=True, etag=etag)
     return Room(Refusal.ASKED)
+
+
+def _keeps_name(remote: Storage, name: str) -> bool:
+    """Whether ``remote`` saves ``name`` under that name. S3Storage with
+    ``file_overwrite=False`` saves a taken one under another (it asks S3 first), and
+    no conditional request refuses that upload: the object there is deleted first,
+    or is a conflict."""
+    return remote.get_available_name(name) == name
 
 
 def _stock_hook(task: Any) -> bool:
@@ -1155,18 +1163,24 @@ def _requeue_overtaken(storage: QueuedStorage, row: PendingTransfer) -> None:
     )
 
 
-def _delete_remote_fenced(storage: QueuedStorage, row: PendingTransfer) -> None:
-    """Delete the remote copy of the tombstone ``row``, the lease checked just
-    before. Where the remote refuses a conditional delete (S3's ``If-Match``),
-    the object must be the one seen before the check: a purge paused after it,
-    whose lease ran out meanwhile, cannot remove a newer version written since."""
+def _delete_remote_fenced(
+    storage: QueuedStorage,
+    row: PendingTransfer,
+    before: str = "deleting the remote copy of a deleted name",
+) -> None:
+    """Delete the remote object of ``row`` (a tombstone's, or an earlier attempt's
+    that a remote which renames taken names would not replace), the lease checked
+    just before. Where the remote refuses a conditional delete (S3's
+    ``If-Match``), the object must be the one seen before the check: a worker
+    paused after it, whose lease ran out meanwhile, cannot remove a newer version
+    written since."""
     remote = storage.remote
     if not _conditional_remote(storage):
-        fence(row, "deleting the remote copy of a deleted name")
+        fence(row, before)
         remote.delete(row.name)
         return
     etag = conditional.etag_of(remote, row.name)
-    fence(row, "deleting the remote copy of a deleted name")
+    fence(row, before)
     if etag is not None:
         conditional.delete_if_match(remote, row.name, etag)
 

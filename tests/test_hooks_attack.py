@@ -7,19 +7,22 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 from urllib.parse import unquote
 
 import pytest
 from django.core.files.base import ContentFile
 from django.core.files.storage import Storage
+from django.db import connections
+from django.utils import timezone
 
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.tasks import Transfer
-from queued_storage.transfer import DrainStats, drain, process_row
+from queued_storage.transfer import DrainStats, Outcome, drain, process_row
 from tests.conftest import content, read_bytes, row_of
-from tests.s3 import S3_OPTIONS, make_bucket, moto_s3_server
+from tests.s3 import S3_OPTIONS, make_bucket, moto_s3_server, s3_client
 
 pytestmark = pytest.mark.django_db
 
@@ -372,3 +375,133 @@ def test_a_copy_on_another_thread_of_the_hook_keeps_if_none_match(
     assert drain(keys=[storage.key]).done == 1
 
     assert sent == ["*"]
+
+
+# S3 that renames taken names: a delegating hook's delete of its earlier upload
+
+
+@pytest.mark.django_db(transaction=True)
+def test_s3_refuses_a_late_delete_of_the_earlier_upload_by_a_delegating_hook(
+    s3_endpoint: str, make_storage: Callable[..., QueuedStorage]
+) -> None:
+    """With ``file_overwrite=False`` S3Storage renames a taken name, so a custom
+    hook's attempt deletes its row's earlier upload first. A worker checks its
+    lease for that delete, then stops before it reaches S3; its lease runs out,
+    another worker finishes the row, and the name is saved and transferred again.
+    The late delete carries If-Match with the ETag seen before the check, and S3
+    refuses it: the newest version stays."""
+    storage = make_storage(
+        remote="storages.backends.s3.S3Storage",
+        remote_options={
+            **S3_OPTIONS,
+            "bucket_name": make_bucket(s3_endpoint),
+            "endpoint_url": s3_endpoint,
+            "file_overwrite": False,
+        },
+        local_options={"allow_overwrite": True},
+        create_only_uploads=True,
+        task=RecordingTransfer,
+    )
+    bucket = storage.remote.bucket_name  # type: ignore[attr-defined]
+    name = storage.save("doc.txt", ContentFile(b"first"))
+    assert drain(keys=[storage.key]).done == 1
+    storage.save("doc.txt", ContentFile(b"second"))
+    [late] = PendingTransfer.objects.claim_due(limit=1, lease=300)
+    sent = threading.Event()
+    resume = threading.Event()
+
+    def hold(**kwargs: Any) -> None:
+        if not sent.is_set():  # the late worker's delete, the first one sent
+            sent.set()
+            assert resume.wait(timeout=30)
+
+    def late_worker() -> Any:
+        try:
+            return process_row(late)
+        finally:
+            sent.set()
+            connections.close_all()
+
+    events = storage.remote.bucket.meta.client.meta.events  # type: ignore[attr-defined]
+    events.register("before-call.s3.DeleteObject", hold)
+    events.register("before-call.s3.DeleteObjects", hold)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        outcome = pool.submit(late_worker)
+        assert sent.wait(timeout=10)
+        assert not outcome.done()
+        PendingTransfer.objects.filter(pk=late.pk).update(
+            lease_expires_at=timezone.now() - timedelta(seconds=1)
+        )
+        assert drain(keys=[storage.key]).done == 1
+        storage.save("doc.txt", ContentFile(b"the newest"))
+        assert drain(keys=[storage.key]).done == 1
+        resume.set()
+        assert outcome.result(timeout=30) is Outcome.STALE
+
+    stored = s3_client(s3_endpoint).get_object(Bucket=bucket, Key="doc.txt")
+    assert stored["Body"].read() == b"the newest"
+    assert row_of(storage, name).status == Status.DONE
+
+
+@pytest.mark.parametrize("hook", [Transfer, RecordingTransfer])
+@pytest.mark.parametrize("create_only", [True, False])
+def test_a_new_version_replaces_the_old_on_s3_that_renames_taken_names(
+    make_s3_renaming: Callable[..., QueuedStorage],
+    hook: type[Transfer],
+    create_only: bool,
+) -> None:
+    storage = make_s3_renaming(task=hook, create_only_uploads=create_only)
+    name = storage.save("doc.txt", ContentFile(b"first"))
+    assert drain(keys=[storage.key]).done == 1
+    storage.save("doc.txt", ContentFile(b"second, longer"))
+
+    assert drain(keys=[storage.key]).done == 1
+
+    row = row_of(storage, name)
+    assert (row.status, row.last_error) == (Status.DONE, "")
+    assert read_bytes(storage.remote, name) == b"second, longer"
+    assert storage.remote.listdir("")[1] == ["doc.txt"]
+
+
+@pytest.fixture
+def make_s3_renaming(
+    s3_endpoint: str, make_storage: Callable[..., QueuedStorage]
+) -> Callable[..., QueuedStorage]:
+    def make(**kwargs: Any) -> QueuedStorage:
+        return make_storage(
+            remote="storages.backends.s3.S3Storage",
+            remote_options={
+                **S3_OPTIONS,
+                "bucket_name": make_bucket(s3_endpoint),
+                "endpoint_url": s3_endpoint,
+                "file_overwrite": False,
+            },
+            local_options={"allow_overwrite": True},
+            **kwargs,
+        )
+
+    return make
+
+
+@pytest.mark.parametrize("hook", [Transfer, RecordingTransfer])
+def test_a_foreign_object_on_s3_that_renames_taken_names_is_a_conflict(
+    make_s3_renaming: Callable[..., QueuedStorage],
+    s3_endpoint: str,
+    hook: type[Transfer],
+) -> None:
+    """Not a copy under another name, which the ledger would not know."""
+    storage = make_s3_renaming(task=hook, create_only_uploads=True)
+    bucket = storage.remote.bucket_name  # type: ignore[attr-defined]
+    other = s3_client(s3_endpoint)
+    other.put_object(Bucket=bucket, Key="doc.txt", Body=b"theirs")
+    name = storage.save("doc.txt", ContentFile(b"ours"))
+
+    assert drain(keys=[storage.key]).failed == 1
+
+    row = row_of(storage, name)
+    assert row.last_error.startswith("RemoteConflict: the remote already has")
+    assert row.remote_owned is False
+    keys = [item["Key"] for item in other.list_objects_v2(Bucket=bucket)["Contents"]]
+    assert keys == ["doc.txt"]
+    assert other.get_object(Bucket=bucket, Key="doc.txt")["Body"].read() == b"theirs"
