@@ -72,7 +72,7 @@ def forget(key: str) -> None:
 def _adopted_row(key: str, name: str, generation: int, now: Any) -> PendingTransfer:
     """The row of a file the remote holds that no upload of the ledger wrote: done,
     served from the remote, and owned, so that ``delete()`` removes it (as 0.8's
-    did). Its size is read by the adoption (None until then)."""
+    did). Its size is read once the row is in (None until then)."""
     return PendingTransfer(
         storage_key=key,
         name=name,
@@ -89,10 +89,11 @@ def _adopted_row(key: str, name: str, generation: int, now: Any) -> PendingTrans
     )
 
 
-def record_remote_file(db: str, key: str, name: str) -> bool:
+def record_remote_file(db: str, key: str, name: str, remote: Storage) -> int | None:
     """Record that the remote holds a file at ``name``, which has no row, in the
     caller's transaction: the name is taken from now on, without asking again.
-    False when the name got a row meanwhile (that row stays)."""
+    Returns the file's size; None when the name got a row meanwhile (that row
+    stays). Raises FileNotFoundError, recording nothing, when the file is gone."""
     if key not in _announced:
         with _lock:
             _announced.add(key)
@@ -106,7 +107,15 @@ def record_remote_file(db: str, key: str, name: str) -> bool:
     manager.bulk_create(
         [_adopted_row(key, name, generation, timezone.now())], ignore_conflicts=True
     )
-    return manager.for_name(key, name).filter(generation=generation).exists()
+    recorded = manager.for_name(key, name).filter(generation=generation)
+    try:
+        # Asked after the row is in, as the adoption asks: a file deleted and
+        # purged since the remote said it was there is found gone here.
+        size = int(remote.size(name))
+    except FileNotFoundError:
+        recorded.delete()
+        raise
+    return size if recorded.update(size=size) else None
 
 
 def state_of(key: str) -> StorageState | None:
@@ -254,9 +263,25 @@ class Adoption:
         self._keep(sizes, cursor=names[-1] if names else "")
 
     def finish(self) -> None:
-        """Mark the storage adopted (not in a dry run)."""
-        if not self.dry_run:
-            mark_adopted(self.storage.key, self.counts.as_dict())
+        """Mark the storage adopted (not in a dry run), once the rows a stopped run
+        inserted but never sized are sized: one whose file was deleted before its
+        batch went in is listed no more, and would serve a name with no file."""
+        if self.dry_run:
+            return
+        unsized = list(
+            PendingTransfer.objects.filter(
+                storage_key=self.storage.key,
+                status=PendingTransfer.Status.DONE,
+                deleted=False,
+                size__isnull=True,
+            ).values_list("pk", "generation", "name")
+        )
+        if unsized:
+            sizes = self._sizes(unsized)
+            self.counts.vanished += len(unsized) - len(sizes)
+            self.counts.recorded += len(sizes)
+            self._keep(sizes, cursor="")
+        mark_adopted(self.storage.key, self.counts.as_dict())
 
     def _valid(self, names: list[str]) -> dict[str, str]:
         valid: dict[str, str] = {}

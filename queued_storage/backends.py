@@ -725,8 +725,12 @@ class QueuedStorage(Storage):
             return None
         self._registered()  # a ledger write, also from get_available_name()
         prefetch.forget(self.key, name)
-        if adoption.record_remote_file(db, self.key, name):
-            return RowState(PendingTransfer.Status.DONE, False, None)
+        try:
+            recorded = adoption.record_remote_file(db, self.key, name, self.remote)
+        except FileNotFoundError:
+            return None  # deleted (and purged) since it answered: the name is free
+        if recorded is not None:
+            return RowState(PendingTransfer.Status.DONE, False, recorded)
         # A save of the name got its row in first: that row answers.
         return self._row_state(name) or RowState(
             PendingTransfer.Status.DONE, False, None
@@ -767,9 +771,12 @@ class QueuedStorage(Storage):
                 if state is None:
                     if reserve is None:
                         return name, False, None
-                    refused = None
-                    continue  # its row went in between: reserve it again
-                if state.deleted or self._local_overwrites():
+                    if refused == name:
+                        refused = None
+                        continue  # its row went in between: reserve it again
+                    # Refused again by a row this transaction cannot see (a snapshot
+                    # of MariaDB's REPEATABLE READ taken before it): the name is taken.
+                elif state.deleted or self._local_overwrites():
                     return name, True, None
             if not file_root:
                 file_ext = "".join(pathlib.PurePath(file_name).suffixes)

@@ -311,13 +311,15 @@ def test_an_interrupted_adoption_resumes_and_ends_with_the_same_rows(
 
     assert summary["resumed_after"] == "f4.txt"
     assert "resuming after 'f4.txt'" in err
+    # f7 was recorded, with its size, by the save that found it on the remote.
     assert {k: summary[k] for k in ("scanned", "existing", "vanished")} == {
         "scanned": 7,
-        "existing": 0,
+        "existing": 1,
         "vanished": 0,
     }
     assert StorageState.objects.get(storage_key=storage.key).adoption_counts == (
         StorageState.objects.get(storage_key=clean.key).adoption_counts
+        | {"recorded": 6, "existing": 1}
     )
     resumed = {n: r for n, r in ledger(storage).items() if n in files}
     assert resumed == ledger(clean)
@@ -439,7 +441,12 @@ def test_saves_and_deletes_during_an_adoption_keep_their_rows(
     adopter.join(10)
 
     summary = result["summary"]
-    assert (summary["recorded"], summary["vanished"]) == (len(LEGACY) - 1, 1)
+    # a.txt was recorded, with its size, by the save that found it on the remote.
+    assert (summary["recorded"], summary["existing"], summary["vanished"]) == (
+        len(LEGACY) - 2,
+        1,
+        1,
+    )
     a_row = row_of(storage, "a.txt")
     assert (a_row.generation, a_row.size) == (recorded, len(LEGACY["a.txt"]))
     assert read_bytes(storage, "a.txt") == b"old a"
