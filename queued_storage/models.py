@@ -13,7 +13,14 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
-from django.db import OperationalError, connections, models, router, transaction
+from django.db import (
+    IntegrityError,
+    OperationalError,
+    connections,
+    models,
+    router,
+    transaction,
+)
 from django.db.models import Case, F, Min, Q, Value, When
 from django.db.models.constants import OnConflict
 from django.db.models.functions import Coalesce
@@ -725,6 +732,15 @@ class PendingTransferQuerySet(models.QuerySet["PendingTransfer"]):
         A tombstone hides the name at once; the files go after commit, and a worker
         that holds a lease on the row finishes the job when it sees it.
         """
+        try:
+            return self._tombstone(key, name)
+        except IntegrityError:
+            # A save of the name inserted its row (still uncommitted when we looked)
+            # while ours waited for it: PostgreSQL reports the duplicate where
+            # MariaDB's locking read waits and finds the row. That row is ours now.
+            return self._tombstone(key, name)
+
+    def _tombstone(self, key: str, name: str) -> PendingTransfer:
         now = timezone.now()
         with transaction.atomic(using=router.db_for_write(PendingTransfer)):
             row = self.select_for_update().for_name(key, name).first()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,30 @@ def in_thread(work: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]
             connection.close()
 
     return threading.Thread(target=run), outcome
+
+
+def wait_for_a_lock_wait() -> None:
+    """Return once another session of this test's database waits for a row lock."""
+    if connection.vendor == "postgresql":
+        sql = (
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'"
+        )
+    else:
+        # innodb_trx needs the PROCESS privilege: a locking read in flight, which
+        # cannot end before the lock it asks for is free.
+        sql = (
+            "SELECT count(*) FROM information_schema.processlist WHERE db = "
+            "DATABASE() AND command = 'Query' AND info LIKE '%FOR UPDATE' AND id <> CONNECTION_ID()"
+        )
+    deadline = time.monotonic() + 10
+    with connection.cursor() as cursor:
+        while True:
+            cursor.execute(sql)
+            if cursor.fetchone()[0]:
+                return
+            assert time.monotonic() < deadline, "nothing waited for a lock"
+            time.sleep(0.01)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -203,3 +228,77 @@ def test_a_remote_that_cannot_answer_fails_the_save_and_leaves_nothing(
     assert not storage.exists("a.txt")
     # The remote answers again: the name is free.
     assert storage.save("a.txt", content("new")) == "a.txt"
+
+
+@pytest.mark.not_adopted
+@pytest.mark.django_db(transaction=True)
+def test_a_delete_while_a_save_records_the_remote_file_deletes_it(
+    make_storage: Make,
+) -> None:
+    """A save that found a 0.8 file on the remote recorded it in its transaction,
+    which is still open, when the application deletes that file: the delete
+    waits for the save and then deletes it, rather than failing."""
+    if connection.vendor == "sqlite":
+        pytest.skip("SQLite: the save's IMMEDIATE transaction holds off the delete")
+    storage = legacy_site(make_storage, {"a.txt": b"old a"})
+    recorded, finish = threading.Event(), threading.Event()
+
+    def view() -> str:
+        with transaction.atomic():
+            name = storage.save("a.txt", content("new"))
+            recorded.set()
+            assert finish.wait(10)
+            return name
+
+    saver, saved = in_thread(view)
+    saver.start()
+    assert recorded.wait(10)
+    deleter, deleted = in_thread(lambda: storage.delete("a.txt"))
+    deleter.start()
+    wait_for_a_lock_wait()  # the delete waits for the save's row
+    finish.set()
+    saver.join(30)
+    deleter.join(30)
+
+    assert "error" not in saved, saved.get("error")
+    assert "error" not in deleted, deleted.get("error")
+    assert not storage.exists("a.txt")
+    assert not storage.remote.exists("a.txt")
+    assert read_bytes(storage, saved["result"]) == b"new"
+
+
+@pytest.mark.not_adopted
+def test_listed_names_the_ledger_would_spell_otherwise_never_reach_another_row(
+    make_storage: Make,
+) -> None:
+    """Invariant 1: a remote file listed as ``d\\x.txt`` or in NFD is another file
+    than ``d/x.txt`` or the NFC name for the remote, but the same for the
+    ledger: it is skipped, and the file the ledger means keeps its own size."""
+    nfd = "cafe\u0301.txt"
+    storage = legacy_site(
+        make_storage, {"d\\x.txt": b"backslash", nfd: b"nfd", "d/x.txt": b"real"}
+    )
+
+    summary, _err = adopt(storage)
+
+    assert (summary["recorded"], summary["invalid"]) == (1, 2)
+    assert ledger(storage) == {"d/x.txt": (Status.DONE, False, 4, True)}
+    assert read_bytes(storage, "d/x.txt") == b"real"
+    assert storage.save("café.txt", content("new")) == "café.txt"
+    assert read_bytes(storage, "café.txt") == b"new"
+
+
+@pytest.mark.not_adopted
+def test_a_rolled_back_save_that_found_a_remote_file_leaves_no_file(
+    make_storage: Make,
+) -> None:
+    storage = legacy_site(make_storage, {"a.txt": b"old a"})
+
+    with pytest.raises(RuntimeError), transaction.atomic():
+        name = storage.save("a.txt", content("new"))
+        raise RuntimeError("the view failed")
+
+    assert name != "a.txt"
+    assert ledger(storage) == {}
+    assert not storage.local.exists(name)
+    assert read_bytes(storage, "a.txt") == b"old a"
