@@ -312,6 +312,17 @@ class SizeFailingStorage(CountingStorage):
         return super().size(name)
 
 
+class SizeOutageStorage(CountingStorage):
+    """A remote whose ``size()`` fails while ``SizeOutageStorage.down`` is set."""
+
+    down = False
+
+    def size(self, name: str) -> int:
+        if type(self).down:
+            raise ConnectionError("the remote is unreachable")
+        return super().size(name)
+
+
 class SizeGatedStorage(CountingStorage):
     """A remote for command processes: its ``size()`` of the name ``stop_at``
     creates the file ``entered`` and waits for the file ``gate``, which the test

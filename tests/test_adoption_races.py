@@ -18,8 +18,10 @@ from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import drain
 from tests.conftest import content, read_bytes
-from tests.storages import CountingStorage, PausingStorage
+from tests.storages import PausingStorage, SizeOutageStorage
 from tests.test_adoption import UnsizedFile, adopt, ledger, legacy_site
+from tests.test_commands import age_transfers
+from tests.test_commands import run as run_command
 
 pytestmark = pytest.mark.django_db
 
@@ -153,17 +155,6 @@ def test_a_name_deleted_while_a_save_asks_the_remote_is_not_brought_back(
     assert storage.save("a.txt", content("newer")) == "a.txt"
 
 
-class SizeOutageStorage(CountingStorage):
-    """A remote whose ``size()`` fails while ``down`` is set (an outage)."""
-
-    down = False
-
-    def size(self, name: str) -> int:
-        if type(self).down:
-            raise ConnectionError("the remote is unreachable")
-        return super().size(name)
-
-
 @pytest.mark.not_adopted
 def test_a_file_deleted_before_a_stopped_batch_went_in_is_not_brought_back(
     make_storage: Make, django_capture_on_commit_callbacks: Any
@@ -174,7 +165,7 @@ def test_a_file_deleted_before_a_stopped_batch_went_in_is_not_brought_back(
     storage = legacy_site(
         make_storage,
         {"a.txt": b"a", "b.txt": b"bb", "c.txt": b"ccc"},
-        remote="tests.test_adoption_races.SizeOutageStorage",
+        remote="tests.storages.SizeOutageStorage",
     )
     run = Adoption(storage)
     listed = list(run.names())
@@ -302,3 +293,41 @@ def test_a_rolled_back_save_that_found_a_remote_file_leaves_no_file(
     assert ledger(storage) == {}
     assert not storage.local.exists(name)
     assert read_bytes(storage, "a.txt") == b"old a"
+
+
+@pytest.mark.not_adopted
+def test_clean_local_copies_keeps_the_local_copy_of_a_file_not_sized_yet(
+    make_storage: Make,
+) -> None:
+    """Invariant 5: a 0.8 ``Transfer`` site kept local copies; one upload of it was
+    cut short. A stopped adoption left the file's row done without a size: until
+    the adoption reads it, nothing has checked the remote copy, so the local
+    copy stays, even when the cleaning is told not to ask the remote."""
+    storage = legacy_site(
+        make_storage,
+        {"a.txt": b"old"},  # the upload that was cut short
+        remote="tests.storages.SizeOutageStorage",
+    )
+    storage.local.save("a.txt", content("old a"))
+    run = Adoption(storage)
+    SizeOutageStorage.down = True
+    try:
+        with pytest.raises(ConnectionError):
+            run.record(list(run.names()))
+    finally:
+        SizeOutageStorage.down = False
+    assert ledger(storage)["a.txt"] == (Status.DONE, False, None, True)
+    age_transfers(storage, days=2)
+
+    cleaned = run_command(
+        "clean_local_copies", "--older-than", "1d", "--no-check-remote", "--json"
+    )
+
+    assert (cleaned.json["removed"], cleaned.json["unverified"]) == (0, 1)
+    assert read_bytes(storage.local, "a.txt") == b"old a"
+    adopt(storage)
+    cleaned = run_command(
+        "clean_local_copies", "--older-than", "1d", "--no-check-remote", "--json"
+    )
+    assert (cleaned.json["removed"], cleaned.json["changed"]) == (0, 1)
+    assert read_bytes(storage.local, "a.txt") == b"old a"

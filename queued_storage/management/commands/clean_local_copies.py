@@ -186,10 +186,14 @@ class Command(BaseCommand):
         if not local.exists(row.name):
             self.stats.absent += 1
             return
+        if row.size is None:
+            # An adopted file whose size its adoption has not read yet: nothing
+            # has checked the remote copy against anything.
+            self.stats.unverified += 1
+            self._say("kept", row, "not verified yet: run adopt_remote_files")
+            return
         size = local.size(row.name)
-        if (row.size is not None and size != row.size) or self._changed_since(
-            storage, row
-        ):
+        if size != row.size or self._changed_since(storage, row):
             # Written again after the transfer: not the copy the remote has.
             self.stats.changed += 1
             self._say("kept", row, "the local file changed after the transfer")
