@@ -19,6 +19,7 @@ import logging
 import posixpath
 import re
 import ssl
+import threading
 import unicodedata
 from typing import Any
 from urllib.parse import urljoin
@@ -124,11 +125,20 @@ class FTPStorage(ftp.FTPStorage):  # type: ignore[misc]
     set), ``MLSD`` listings, ``url()`` quoted, ``size()`` of a missing file a
     ``FileNotFoundError`` (not 0), and no partial upload left behind."""
 
-    _connection: Any
-
     def __init__(self, **settings: Any) -> None:
+        self._connections = threading.local()
         super().__init__(**settings)
         self._features: frozenset[str] = frozenset()
+
+    # One connection per thread: ftplib's is not thread-safe, and requests served
+    # in threads read files while a worker's threads (--concurrency) upload.
+    @property
+    def _connection(self) -> Any:
+        return getattr(self._connections, "connection", None)
+
+    @_connection.setter
+    def _connection(self, connection: Any) -> None:
+        self._connections.connection = connection
 
     def get_default_settings(self) -> dict[str, Any]:
         defaults: dict[str, Any] = super().get_default_settings()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ftplib
 import io
 import os
+import threading
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
@@ -623,3 +624,55 @@ def test_ftp_list_of_a_folder_named_like_an_option(
 
     row = PendingTransfer.objects.get(storage_key="ftp", name=name)
     assert row.status == PendingTransfer.Status.DONE, row.last_error
+
+
+def test_ftp_threads_do_not_share_a_connection(
+    ftp_storage: QueuedFTPStorage, ftp: FTPServerInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read in one thread (a request) while another thread's read is in flight
+    on the same storage (a worker's, a request's) gets its own file's bytes, and
+    so does the first: ftplib's connection is not thread-safe, so each thread
+    has its own."""
+    first, second = os.urandom(300_000), os.urandom(200_000)
+    ftp_storage.save("first.bin", ContentFile(first))
+    ftp_storage.save("second.bin", ContentFile(second))
+    drain(keys=["ftp"])
+    remote = ftp_storage.remote
+    in_flight, second_read = threading.Event(), threading.Event()
+    retrbinary = ftplib.FTP.retrbinary
+
+    def pausing_retrbinary(
+        self: ftplib.FTP, cmd: str, callback: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        def write(chunk: bytes) -> None:
+            if cmd.endswith("first.bin") and not in_flight.is_set():
+                in_flight.set()
+                second_read.wait(10)
+            callback(chunk)
+
+        return retrbinary(self, cmd, write, *args, **kwargs)
+
+    monkeypatch.setattr(ftplib.FTP, "retrbinary", pausing_retrbinary)
+    read: dict[str, Any] = {}
+
+    def read_first() -> None:
+        try:
+            read["first.bin"] = remote.open("first.bin").read()
+        except Exception as exc:
+            read["first.bin"] = exc
+        finally:
+            remote.disconnect()
+
+    thread = threading.Thread(target=read_first)
+    thread.start()
+    try:
+        assert in_flight.wait(10)
+        try:
+            read["second.bin"] = remote.open("second.bin").read()
+        except Exception as exc:
+            read["second.bin"] = exc
+    finally:
+        second_read.set()
+        thread.join(10)
+
+    assert read == {"first.bin": first, "second.bin": second}
