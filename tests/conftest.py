@@ -20,6 +20,10 @@ from tests.storages import (
     WindowStorage,
 )
 
+# The 0.8 site of tests/test_legacy08.py has settings and a test suite of its
+# own, run in processes of their own.
+collect_ignore = ["legacy08"]
+
 FS = "django.core.files.storage.FileSystemStorage"
 _keys = itertools.count()
 
