@@ -221,9 +221,9 @@ def test_site_testcases_pass_under_manage_py_test(site: dict[str, str]) -> None:
     assert "queued_storage.E" not in done.stdout + done.stderr
 
 
-def _shell(site: dict[str, str], code: str) -> Any:
+def _shell(site: dict[str, str], code: str, cwd: Path = SITE) -> Any:
     """Run ``code`` in ``manage.py shell``; it prints one JSON value."""
-    done = manage(site, "shell", "-c", code)
+    done = manage(site, "shell", "-c", code, cwd=cwd)
     assert done.returncode == 0, output(done)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -328,17 +328,26 @@ def test_site_without_key_fails_loudly_naming_both(
     # migrate runs the checks too; skipped, the first use is what must fail.
     done = manage(env, "migrate", "--noinput", "--skip-checks", cwd=copy)
     assert done.returncode == 0, output(done)
-    done = manage(
+    first_use = _shell(
         env,
-        "shell",
-        "-c",
+        "import json, os; from django.conf import settings; "
+        "from django.core.exceptions import ImproperlyConfigured; "
         "from django.core.files.base import ContentFile; "
         "from mysite.gallery.models import Photo; "
-        "Photo.objects.create(image=ContentFile(b'x', name='x.png'))",
+        "from queued_storage.models import PendingTransfer\n"
+        "try:\n"
+        "    Photo.objects.create(image=ContentFile(b'x', name='x.png'))\n"
+        "    error = None\n"
+        "except ImproperlyConfigured as exc:\n"
+        "    error = str(exc)\n"
+        "print(json.dumps([error, PendingTransfer.objects.count(), "
+        "[f for _d, _s, fs in os.walk(settings.MEDIA_ROOT) for f in fs]]))",
         cwd=copy,
     )
-    assert done.returncode != 0, output(done)
-    assert "ImproperlyConfigured" in done.stderr, output(done)
-    message = done.stderr.strip().splitlines()[-1]
-    assert message.count("QueuedS3BotoStorage") >= 2, message
+    message, rows, files = first_use
+    assert message is not None, "the first use of a storage with a shared key worked"
+    assert message.count("QueuedS3BotoStorage(") >= 1, message
+    assert message.count("Storage(local=") >= 2, message
     assert "key=" in message, message
+    assert rows == 0
+    assert files == [], "the refused save left a local file"
