@@ -46,7 +46,7 @@ def check_storages(
     for alias, config in getattr(settings, "STORAGES", {}).items():
         try:
             backend = import_string(config.get("BACKEND", ""))
-        except ImportError:
+        except Exception:  # e.g. a module whose SDK is missing: not ours to check
             continue
         if not (isinstance(backend, type) and issubclass(backend, QueuedStorage)):
             continue

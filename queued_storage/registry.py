@@ -134,7 +134,7 @@ def _declared() -> list[QueuedStorage]:
     for alias, config in configs.items():
         try:
             backend = import_string(config["BACKEND"])
-        except (ImportError, KeyError):
+        except Exception:  # e.g. a module whose SDK is missing: not a storage here
             continue
         if isinstance(backend, type) and issubclass(backend, QueuedStorage):
             try:
@@ -181,6 +181,10 @@ def register(storage: QueuedStorage) -> None:
     first use does this); :class:`KeyConflict` if a storage configured otherwise
     has the key, before anything is written."""
     config = _fingerprint(storage)
+    with _lock:
+        # The epoch of what is compared: settings that change before the storage
+        # is recorded make its next use register again, against the new ones.
+        seen = epoch
     current = _discovered()
     with _lock:
         others = {
@@ -192,7 +196,7 @@ def register(storage: QueuedStorage) -> None:
             raise conflict_error(storage.key, [storage, *others.values()])
         if config not in current.get(storage.key, {}):
             _used.setdefault(storage.key, {}).setdefault(config, storage)
-        storage._registry_epoch = epoch
+        storage._registry_epoch = seen
 
 
 def get(key: str) -> QueuedStorage | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import textwrap
+import threading
 from collections.abc import Callable, Iterator
 from io import StringIO
 from pathlib import Path
@@ -464,3 +465,270 @@ def test_08_storages_of_the_same_classes_with_other_tasks_and_their_own_keys(
     assert (tmp_path / "local" / kept).exists()
     assert not (tmp_path / "local" / moved).exists()  # TransferAndDelete's doing
     assert HeldDocument._meta.get_field("file").storage.key == "documents-held"
+
+
+# Attacks: the epoch, spellings, data migrations, secrets
+
+
+class _Paused:
+    """Holds a thread in ``register()`` between reading what settings declare and
+    recording the storage, while the test changes settings."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.read = threading.Event()
+        self.go = threading.Event()
+        self.errors: list[BaseException] = []
+        real = registry._discovered
+        paused = self
+
+        def discovered() -> registry.Storages:
+            found = real()
+            if threading.current_thread() is not threading.main_thread():
+                paused.read.set()
+                assert paused.go.wait(10)
+            return found
+
+        monkeypatch.setattr(registry, "_discovered", discovered)
+
+    def run(self, action: Callable[[], Any]) -> threading.Thread:
+        def target() -> None:
+            try:
+                action()
+            except BaseException as exc:  # asserted by the test
+                self.errors.append(exc)
+
+        thread = threading.Thread(target=target)
+        thread.start()
+        assert self.read.wait(10)
+        return thread
+
+
+@pytest.mark.django_db
+def test_a_storage_registering_while_settings_change_is_checked_against_the_new(
+    tmp_path: Path, forget_keys: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    forget_keys.append("raced")
+    local = {"location": str(tmp_path / "l")}
+    storage = QueuedStorage(FS, FS, local_options=local, key="raced")
+    paused = _Paused(monkeypatch)
+    thread = paused.run(storage._registered)
+    # A deployment's settings gain a differently configured storage of the key
+    # while the first use of this one is under way.
+    changed = {
+        **django_settings.STORAGES,
+        "raced": queued_alias(local_options=local, delayed=True, key="raced"),
+    }
+    with override_settings(STORAGES=changed):
+        paused.go.set()
+        thread.join()
+        assert paused.errors == []  # it registered before the change: fine
+
+        with pytest.raises(ImproperlyConfigured, match="differ in delayed"):
+            storage.save("a.txt", content())
+        assert not PendingTransfer.objects.exists()
+
+
+def test_two_threads_registering_storages_of_one_key_one_raises(
+    tmp_path: Path, forget_keys: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    forget_keys.append("both")
+    local = {"location": str(tmp_path / "l")}
+    first = QueuedStorage(FS, FS, local_options=local, key="both")
+    second = QueuedStorage(FS, FS, local_options=local, key="both", delayed=True)
+    paused = _Paused(monkeypatch)
+    a = paused.run(first._registered)
+    paused.read.clear()
+    b = paused.run(second._registered)  # both read settings before either records
+    paused.go.set()
+    a.join()
+    b.join()
+
+    assert len(paused.errors) == 1
+    assert isinstance(paused.errors[0], registry.KeyConflict)
+    assert len(registry._storages_of("both")) == 1
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("other", ["keys ", "Keys", "keys\u00a0"])
+def test_keys_the_database_could_fold_together_stay_two_storages(
+    tmp_path: Path,
+    forget_keys: list[str],
+    other: str,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    forget_keys.extend(["keys", other])
+    one = QueuedStorage(
+        FS,
+        FS,
+        local_options={"location": str(tmp_path / "l1")},
+        remote_options={"location": str(tmp_path / "r1")},
+        key="keys",
+    )
+    two = QueuedStorage(
+        FS,
+        FS,
+        local_options={"location": str(tmp_path / "l2")},
+        remote_options={"location": str(tmp_path / "r2")},
+        key=other,
+        task=DELETE,
+    )
+
+    one.save("a.txt", content("one"))
+    two.save("a.txt", content("two"))
+
+    assert PendingTransfer.objects.filter(storage_key="keys").count() == 1
+    assert PendingTransfer.objects.filter(storage_key=other).count() == 1
+    with django_capture_on_commit_callbacks(execute=True):
+        assert drain(keys=["keys"]).done == 1
+        assert drain(keys=[other]).done == 1
+    assert (tmp_path / "r1" / "a.txt").read_bytes() == b"one"
+    assert (tmp_path / "r2" / "a.txt").read_bytes() == b"two"
+    assert (tmp_path / "l1" / "a.txt").exists()
+    assert not (tmp_path / "l2" / "a.txt").exists()  # TransferAndDelete: its own
+
+
+@pytest.mark.django_db
+def test_a_conflicts_row_waits_with_backoff_and_its_error_has_no_secret(
+    settings: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "Zq9secretvalue"
+    local = {"location": str(tmp_path / "local")}
+    odd = {"location": str(tmp_path / "remote"), "zz": {"n": [f"x://u:{secret}@h"]}}
+    declare(settings, a=queued_alias(local_options=local, remote_options=odd))
+    name = storages["a"].save("a.txt", content())
+    declare(
+        settings,
+        b=queued_alias(local_options=local, remote_options={**odd, "zz": secret}),
+    )
+
+    with caplog.at_level("DEBUG", logger="queued_storage"):
+        assert drain().done == 0
+
+    row = PendingTransfer.objects.get(name=name)
+    assert row.status == PendingTransfer.Status.QUEUED
+    assert row.attempts == 1
+    assert row.next_attempt_at > row.updated_at
+    assert "differ in remote_options" in row.last_error
+    assert secret not in row.last_error
+    assert secret not in caplog.text
+    assert str(tmp_path) not in caplog.text
+
+
+DATA_MIGRATION = f"""\
+def save_through_history(apps, schema_editor):
+    Document = apps.get_model('testapp', 'Document')
+    storage = Document._meta.get_field('file').storage
+    assert storage is not Document_now._meta.get_field('file').storage
+    document = Document.objects.create(title='seeded')
+    document.file.save('seed.txt', ContentFile(b'seeded'))
+
+
+class Migration(migrations.Migration):
+    initial = True
+    dependencies = []
+    operations = [
+        migrations.CreateModel(name='Document', fields=[
+            {ID},
+            ('title', models.CharField(blank=True, max_length=100)),
+            ('file', {field(CURRENT_DOCUMENT, "docs")}),
+        ]),
+        migrations.CreateModel(name='HeldDocument', fields=[
+            {ID},
+            ('file', {field(CURRENT_HELD, "held")}),
+        ]),
+        migrations.RunPython(save_through_history, migrations.RunPython.noop),
+    ]
+"""
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_data_migration_saving_through_the_historical_storage_leaves_the_current(
+    tmp_path: Path,
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    fresh_storages: dict[str, Path],
+) -> None:
+    package = f"registry_data_{next(_packages)}"
+    root = tmp_path / "code"
+    (root / package).mkdir(parents=True)
+    (root / package / "__init__.py").write_text("")
+    header = HEADER + (
+        "from django.core.files.base import ContentFile\n"
+        "from tests.testapp.models import Document as Document_now\n\n"
+    )
+    (root / package / "0001_initial.py").write_text(header + DATA_MIGRATION)
+    monkeypatch.syspath_prepend(str(root))
+    settings.MIGRATION_MODULES = {"testapp": package}
+    recorder = MigrationRecorder(connection)
+    applied = set(recorder.applied_migrations())
+    try:
+        call_command("migrate", "testapp", "zero", "--fake", stdout=StringIO())
+        with connection.schema_editor() as editor:
+            editor.delete_model(HeldDocument)
+            editor.delete_model(Document)
+        call_command("migrate", "testapp", stdout=StringIO())
+        out = StringIO()
+        call_command("check", stdout=out, stderr=out)
+        assert "queued_storage.E002" not in out.getvalue()
+
+        assert drain(keys=["documents"]).done == 1
+        assert registry.get("documents") is Document._meta.get_field("file").storage
+        assert (fresh_storages["remote"] / "docs" / "seed.txt").read_bytes() == (
+            b"seeded"
+        )
+    finally:
+        PendingTransfer.objects.all().delete()
+        Document.objects.all().delete()
+        for migration in set(recorder.applied_migrations()) - applied:
+            recorder.record_unapplied(*migration)
+
+
+@pytest.mark.django_db
+def test_a_default_storage_never_built_yet_is_found_by_a_conflicting_first_use(
+    settings: Any, tmp_path: Path, forget_keys: list[str]
+) -> None:
+    forget_keys.append("dflt")
+    local = {"location": str(tmp_path / "l")}
+    declare(settings, default=queued_alias(local_options=local, key="dflt"))
+    other = QueuedStorage(FS, FS, local_options=local, key="dflt", delayed=True)
+
+    with pytest.raises(ImproperlyConfigured, match="differ in delayed"):
+        other.save("a.txt", content())
+
+    assert not PendingTransfer.objects.exists()
+
+
+@pytest.mark.django_db
+def test_an_alias_whose_backend_cannot_load_its_sdk_stops_no_other_storage(
+    settings: Any,
+    tmp_path: Path,
+    forget_keys: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """django-storages' S3, Google Cloud and libcloud modules raise
+    ImproperlyConfigured, not ImportError, when their SDK is not installed: an
+    alias that this process never uses must not fail every other storage."""
+    forget_keys.append("sdk-less")
+    package = f"registry_sdk_{next(_packages)}"
+    (tmp_path / "code" / package).mkdir(parents=True)
+    (tmp_path / "code" / package / "__init__.py").write_text(
+        "from django.core.exceptions import ImproperlyConfigured\n"
+        "raise ImproperlyConfigured('Could not load the SDK bindings.')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "code"))
+    declare(settings, backups={"BACKEND": f"{package}.Storage"})
+    storage = QueuedStorage(
+        FS,
+        FS,
+        local_options={"location": str(tmp_path / "l")},
+        remote_options={"location": str(tmp_path / "r")},
+        key="sdk-less",
+    )
+
+    name = storage.save("a.txt", content("kept"))
+
+    assert drain(keys=["sdk-less"]).done == 1
+    assert (tmp_path / "r" / name).read_bytes() == b"kept"
+    out = StringIO()
+    call_command("check", stdout=out, stderr=out)
+    assert "queued_storage.E002" not in out.getvalue()
