@@ -613,3 +613,18 @@ class ReadThenHangStorage(CountingStorage):
             return super()._save(name, ContentFile(data))
         finally:
             cls.returned.set()
+
+
+class BlindStorage(CountingStorage):
+    """A remote whose first ``exists()`` says no, whatever it holds (a replica
+    that lags); the later ones tell the truth."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.lies = 1
+
+    def exists(self, name: str) -> bool:
+        if self.lies > 0:
+            self.lies -= 1
+            return False
+        return super().exists(name)

@@ -17,7 +17,7 @@ from queued_storage.adoption import Adoption
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import drain
-from tests.conftest import content, read_bytes
+from tests.conftest import content, read_bytes, row_of
 from tests.storages import PausingStorage, SizeOutageStorage
 from tests.test_adoption import UnsizedFile, adopt, ledger, legacy_site
 from tests.test_commands import age_transfers
@@ -331,3 +331,24 @@ def test_clean_local_copies_keeps_the_local_copy_of_a_file_not_sized_yet(
     )
     assert (cleaned.json["removed"], cleaned.json["changed"]) == (0, 1)
     assert read_bytes(storage.local, "a.txt") == b"old a"
+
+
+@pytest.mark.not_adopted
+def test_a_remote_that_says_a_0_8_file_is_not_there_never_loses_it(
+    make_storage: Make,
+) -> None:
+    """Invariant 4 under a lying ``exists()`` (a replica that lags): the save gets
+    the old file's name, but the worker never overwrites the object the ledger
+    did not write; the row fails with a conflict that says what to do."""
+    storage = legacy_site(
+        make_storage, {"a.txt": b"old a"}, remote="tests.storages.BlindStorage"
+    )
+
+    assert storage.save("a.txt", content("new")) == "a.txt"
+    drain()
+
+    row = row_of(storage, "a.txt")
+    assert row.status == Status.FAILED
+    assert "RemoteConflict" in row.last_error and "re-queue" in row.last_error
+    assert read_bytes(storage.remote, "a.txt") == b"old a"
+    assert read_bytes(storage, "a.txt") == b"new"
