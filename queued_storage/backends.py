@@ -24,6 +24,7 @@ from django.core.files.move import file_move_safe
 from django.core.files.storage import FileSystemStorage, Storage, storages
 from django.db import DatabaseError, connections, router, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.migrations.loader import MigrationLoader
 from django.db.models.functions import Substr
 from django.utils.deconstruct import deconstructible
 from django.utils.module_loading import import_string
@@ -128,6 +129,7 @@ def _remove_local(local: Storage, name: str) -> None:
 
 _FILE_SYSTEM_SAVE = FileSystemStorage._save.__code__  # type: ignore[attr-defined]
 _FILE_MOVE_SAFE = file_move_safe.__code__
+_LOAD_MIGRATIONS = MigrationLoader.load_disk.__code__
 
 
 def _file_being_written(exc: BaseException, local: Storage) -> str | None:
@@ -312,12 +314,25 @@ def _quoting_no_secret() -> Iterator[None]:
 
 def _warn_deprecated(message: str) -> None:
     """A ``DeprecationWarning`` that points at the first caller outside this
-    package (the line that built the storage, through any subclass)."""
+    package (the line that built the storage, through any subclass). None for a
+    storage that a migration file froze: the site cannot change that file, and
+    with warnings as errors (``pytest -W error``) it would no longer migrate."""
     level = 1
     frame: FrameType | None = sys._getframe(0)
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
         frame, level = frame.f_back, level + 1
+    if _loading_migrations(frame):
+        return
     warnings.warn(message, DeprecationWarning, stacklevel=level)
+
+
+def _loading_migrations(frame: FrameType | None) -> bool:
+    """Whether ``frame`` runs inside Django's import of migration files."""
+    while frame is not None:
+        if frame.f_code is _LOAD_MIGRATIONS:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _current_path(which: str, path: str) -> str:
@@ -354,6 +369,22 @@ def _storage_class_problem(path: str) -> str | None:
     if issubclass(storage_class, QueuedStorage):
         return "is itself a QueuedStorage"
     return None
+
+
+def _class_attribute(cls: type, name: str) -> Any:
+    """What 0.8's class attribute ``name`` of ``cls`` is, as Python finds it: set
+    by the class or a mixin before it; ``_NOT_SET`` where a queued storage's
+    ``default_*`` (or a property or method) comes first. ``local``, ``remote``
+    or ``task`` set to None inherits, as 0.8's ``QueuedFileSystemStorage`` and
+    ``QueuedS3BotoStorage`` did (their defaults were arguments)."""
+    for klass in cls.__mro__:
+        if f"default_{name}" in vars(klass):
+            return _NOT_SET
+        value = vars(klass).get(name, _NOT_SET)
+        if value is _NOT_SET or (value is None and name in ("local", "remote", "task")):
+            continue
+        return _NOT_SET if hasattr(type(value), "__get__") else value
+    return _NOT_SET
 
 
 class _UnusableTask(Transfer):
@@ -395,12 +426,13 @@ class QueuedStorage(Storage):
         hook: the class attribute of such a name is moved out of their way."""
         super().__init_subclass__(**kwargs)
         for name in CLASS_DEFAULTS:
-            value = cls.__dict__.get(name, _NOT_SET)
-            if value is _NOT_SET or hasattr(type(value), "__get__"):
-                continue  # not set here, or a property or method of the subclass
+            value = _class_attribute(cls, name)
+            if value is _NOT_SET:
+                continue
             setattr(cls, f"default_{name}", value)
             if name in ("local", "remote", "task"):
-                delattr(cls, name)
+                # Set here or by a mixin: either would hide the property.
+                setattr(cls, name, vars(QueuedStorage)[name])
 
     def __init__(
         self,
@@ -436,6 +468,9 @@ class QueuedStorage(Storage):
             )
         self.local_options = dict(local_options or {})
         self.remote_options = dict(remote_options or {})
+        #: The registry's epoch (it moves when settings.STORAGES changes) when a
+        #: ``local``/``remote`` that named nothing was last looked up as an alias.
+        self._looked_up_epoch = registry.epoch
         if cache_prefix is None:
             cache_prefix = self.default_cache_prefix
         self.cache_prefix = (
@@ -544,12 +579,42 @@ class QueuedStorage(Storage):
 
     def configuration_problems(self) -> list[str]:
         """Why this storage cannot be used (its first use raises them); empty when
-        it can. ``manage.py check`` reports them (``queued_storage.E001``)."""
-        return list(self._problems.values())
+        it can. ``manage.py check`` reports them (``queued_storage.E001``),
+        redacted as the error of a first use is (an import error may quote a
+        value the options hold)."""
+        self._look_up_aliases_again()
+        return [self.redact(problem) for problem in self._problems.values()]
 
     def _refuse_if_unusable(self) -> None:
+        self._look_up_aliases_again()
         if self._problems:
             raise ImproperlyConfigured(" ".join(self._problems.values()))
+
+    def _look_up_aliases_again(self) -> None:
+        """A ``local``/``remote`` that was neither an alias nor a path that can be
+        imported is one once ``settings.STORAGES`` has it (``override_settings``
+        in a test, settings read after the storage was built): the storage is
+        then usable, under the same key (the alias is the text the key has)."""
+        if not self._problems or self._looked_up_epoch == registry.epoch:
+            return
+        self._looked_up_epoch = registry.epoch
+        for which in ("local", "remote"):
+            value = getattr(self, f"{which}_path")
+            if which not in self._problems or value not in settings.STORAGES:
+                continue
+            try:
+                with _quoting_no_secret():
+                    _path, alias = self._check_storage_argument(
+                        which, value, getattr(self, f"{which}_options")
+                    )
+            except ImproperlyConfigured as exc:
+                self._problems[which] = str(exc)
+                continue
+            # The alias before the problem goes: a thread using the storage
+            # meanwhile sees one or the other, never neither.
+            setattr(self, f"{which}_alias", alias)
+            setattr(self, f"{which}_path", "")
+            self._problems.pop(which, None)
 
     @staticmethod
     def _check_key(key: str | None, local: str, remote: str) -> str:
@@ -591,6 +656,7 @@ class QueuedStorage(Storage):
     @property
     def local(self) -> Storage:
         """The storage every file is saved to first."""
+        self._look_up_aliases_again()
         if self.local_alias:
             return storages[self.local_alias]
         return self._local_instance
@@ -598,6 +664,7 @@ class QueuedStorage(Storage):
     @property
     def remote(self) -> Storage:
         """The storage every file ends up on."""
+        self._look_up_aliases_again()
         if self.remote_alias:
             return storages[self.remote_alias]
         return self._remote_instance
