@@ -12,6 +12,7 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.core.files.storage import FileSystemStorage
 from django.core.files.storage import storages as storages_
+from django.urls import reverse
 
 from queued_storage import backends, registry
 from queued_storage.backends import QueuedStorage
@@ -330,6 +331,7 @@ def test_a_worker_purges_the_deleted_row_of_a_storage_that_cannot_be_used(
     make_storage: Callable[..., QueuedStorage],
     forget_keys: list[str],
     settings: Any,
+    admin_client: Any,
 ) -> None:
     """The name was deleted while its storage worked; the code the worker runs
     now cannot use that storage. The error is recorded on the tombstone, the
@@ -357,6 +359,10 @@ def test_a_worker_purges_the_deleted_row_of_a_storage_that_cannot_be_used(
     assert row.last_error.startswith("ImproperlyConfigured: ")
     assert f"{argument}={GONE_SINCE[argument]!r}" in row.last_error
     assert remote_copy.exists()
+    # The admin shows the tombstone and its error.
+    for page, args in (("changelist", []), ("change", [row.pk])):
+        url = reverse(f"admin:queued_storage_pendingtransfer_{page}", args=args)
+        assert admin_client.get(url).status_code == 200, page
 
     fixed = _now_in_settings(settings, before)
     row.retry_now()
@@ -374,14 +380,16 @@ def test_migrations_that_froze_deprecated_storages_migrate_with_warnings_as_erro
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The site's code no longer uses s3boto (it followed the warning); its old
-    migration files still build QueuedS3BotoStorage and the s3boto path, which
-    it cannot change. Run with warnings as errors (``pytest -W error``), the
+    migration files still build QueuedS3BotoStorage, the s3boto path and a
+    class of a removed backend, which it cannot change. Run with warnings as errors (``pytest -W error``), the
     loading of those files warns of nothing: migrate and makemigrations work."""
     frozen = {
         "s3boto": f"{QS}.QueuedS3BotoStorage()",
         "readme": f"{QS}.QueuedStorage('{FS}', '{S3BOTO}')",
+        "couchdb": f"{QS}.QueuedCouchDBStorage()",
     }
     current = {
+        "couchdb": f"{QS}.QueuedStorage('queued_local', 'queued_remote', key='c')",
         "s3boto": f"{QS}.QueuedS3Storage()",
         "readme": f"{QS}.QueuedStorage('{FS}', '{S3}', key='readme')",
     }
