@@ -477,3 +477,162 @@ def test_beat_schedule_refuses_an_interval_celery_could_not_keep() -> None:
     for wrong in (0, 0.5, -60, float("nan"), float("inf"), "60", True):
         with pytest.raises(ValueError, match="The sweep runs every"):
             beat_schedule(seconds=wrong)
+
+
+class SilentBroker:
+    """A broker that accepts connections and never answers (a hung broker, a
+    firewall that swallows the handshake)."""
+
+    def __init__(self) -> None:
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(16)
+        self.port = self.server.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self.server.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+def test_a_broker_that_never_answers_holds_a_save_for_about_a_second(
+    celery: Worker, caplog: pytest.LogCaptureFixture, shared_dirs: dict[str, Path]
+) -> None:
+    """The wake-up is sent in the request that saved: Celery's own publish waited
+    4 s for a silent RabbitMQ and forever for a silent Redis."""
+    from celery import Celery
+
+    broker = SilentBroker()
+    scheme = {"redis": "redis://127.0.0.1:{}/0", "rabbitmq": "amqp://127.0.0.1:{}//"}
+    silent = Celery("tests-silent", set_as_current=False)
+    silent.conf.update(broker_url=scheme[celery.kind].format(broker.port))
+    saved: list[str] = []
+    took: list[float] = []
+
+    def save() -> None:
+        silent.set_current()  # the current app is per thread
+        started = time.monotonic()
+        document = Document.objects.create(
+            file=ContentFile(b"waits", name=unique("silent"))
+        )
+        took.append(time.monotonic() - started)
+        saved.append(document.file.name)
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="queued_storage"):
+            request = threading.Thread(target=save, daemon=True)
+            request.start()
+            request.join(WAIT_TIMEOUT)
+            assert not request.is_alive(), "the save hangs on the silent broker"
+    finally:
+        silent.close()
+        broker.close()
+    [name] = saved
+    assert took[0] < 3.0
+    assert broker.accepted
+    assert row(name).status == Status.QUEUED
+    waits = "wake-up not sent, the row waits for the sweep"
+    assert f"{waits} key=documents name={name}" in caplog.text
+
+    celery.run_marker()
+    assert row(name).status == Status.DONE
+
+
+def test_an_eager_site_transfers_after_the_commit_in_the_request(
+    celery: Worker, published: list[dict[str, Any]], shared_dirs: dict[str, Path]
+) -> None:
+    """``CELERY_TASK_ALWAYS_EAGER`` runs the task in the saving process: after the
+    commit, on a row it can see, and never before."""
+    celery.app.conf.task_always_eager = True
+    try:
+        with transaction.atomic():
+            name = document_storage.save(unique("eager dé"), ContentFile(b"eager"))
+            with transaction.atomic():
+                document_storage.save(unique("inner"), ContentFile(b"inner"))
+            assert row(name).status == Status.QUEUED
+            assert not (shared_dirs["remote"] / name).exists()
+        assert row(name).status == Status.DONE
+        assert (shared_dirs["remote"] / name).read_bytes() == b"eager"
+    finally:
+        celery.app.conf.task_always_eager = False
+    assert published == []
+
+
+def test_a_save_in_a_rolled_back_savepoint_sends_nothing_and_a_held_save_neither(
+    celery: Worker, published: list[dict[str, Any]]
+) -> None:
+    from tests.testapp.models import held_storage
+
+    with transaction.atomic():
+        kept = document_storage.save(unique("kept"), ContentFile(b"kept"))
+        with pytest.raises(RuntimeError), transaction.atomic():
+            document_storage.save(unique("undone"), ContentFile(b"undone"))
+            raise RuntimeError("the inner block failed")
+        held = held_storage.save(unique("held"), ContentFile(b"held"))
+    assert [list(m["body"][0]) for m in published] == [["documents", kept]]
+
+    held_storage.transfer(held)
+    assert [list(m["body"][0]) for m in published][1:] == [["documents-held", held]]
+    celery.run_marker()
+    assert row(kept).status == Status.DONE
+    held_row = PendingTransfer.objects.for_name("documents-held", held).get()
+    assert held_row.status == Status.DONE
+
+
+def test_a_broker_error_is_redacted_of_every_connection_setting(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failover URL's second password, the transport options' passwords, the
+    read and write URLs: a client that quotes its configuration gives none away."""
+    require_module("celery", CELERY_EXTRA)
+    from celery import Celery, current_app
+
+    from queued_storage.integrations import celery as integration
+
+    secrets = {
+        "failover": "second-pw-" + uuid.uuid4().hex[:6],
+        "sentinel": "sentinel-pw-" + uuid.uuid4().hex[:6],
+        "transport": "transport-pw-" + uuid.uuid4().hex[:6],
+        "read": "read-pw-" + uuid.uuid4().hex[:6],
+        "write": "write-pw-" + uuid.uuid4().hex[:6],
+        "backend": "backend-pw-" + uuid.uuid4().hex[:6],
+    }
+    app = Celery("tests-quoting", set_as_current=False)
+    app.conf.update(
+        broker_url=f"redis://:first-pw-1@127.0.0.1:1/0;"
+        f"redis://:{secrets['failover']}@127.0.0.1:2/0",
+        broker_read_url=f"amqp://u:{secrets['read']}@127.0.0.1:1//",
+        broker_write_url=f"amqp://u:{secrets['write']}@127.0.0.1:1//",
+        broker_transport_options={
+            "sentinel_kwargs": {"password": secrets["sentinel"]},
+            "password": secrets["transport"],
+        },
+        result_backend_transport_options={"password": secrets["backend"]},
+    )
+
+    def quoting(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError(f"cannot connect with {sorted(secrets.values())}")
+
+    monkeypatch.setattr(integration.transfer, "apply_async", quoting)
+    previous = current_app._get_current_object()
+    app.set_current()
+    try:
+        with caplog.at_level(logging.WARNING, logger="queued_storage"):
+            integration.enqueue("documents", "quoted.txt")
+    finally:
+        previous.set_current()
+        app.close()
+    assert "wake-up not sent" in caplog.text
+    assert "key=documents name=quoted.txt" in caplog.text
+    for secret in secrets.values():
+        assert secret not in caplog.text

@@ -28,6 +28,8 @@ TRANSFER_TASK = "queued_storage.transfer"
 SWEEP_TASK = "queued_storage.sweep"
 #: The key of the sweep's entry in ``beat_schedule``.
 SCHEDULE_NAME = "queued_storage: sweep due transfers"
+#: Seconds a wake-up may wait on the broker: connecting, then each read or write.
+SEND_TIMEOUT = 1.0
 
 
 # The engine is imported when a task runs: it needs the ledger model, and so the
@@ -64,9 +66,21 @@ def enqueue(key: str, name: str) -> None:
 
     A broker that cannot take the message costs latency, not the save: the row
     stays due for the sweep, and the failure is logged without the broker's
-    credentials."""
+    credentials.
+
+    It runs in the request that saved: it is sent once, on a connection of its own
+    whose every wait is bounded. Celery's default would retry the publish, and
+    wait 4 s for a broker that accepts and does not answer (forever on Redis)."""
     try:
-        transfer.apply_async((key, name))
+        with current_app.connection_for_write(
+            connect_timeout=SEND_TIMEOUT,
+            transport_options={
+                "max_retries": 0,
+                "socket_timeout": SEND_TIMEOUT,
+                "socket_connect_timeout": SEND_TIMEOUT,
+            },
+        ) as connection:
+            transfer.apply_async((key, name), connection=connection, retry=False)
     except Exception as exc:
         logger.warning(
             "celery wake-up not sent, the row waits for the sweep key=%s name=%s "
@@ -78,10 +92,31 @@ def enqueue(key: str, name: str) -> None:
         )
 
 
+#: The settings of a Celery app that may hold the broker's or the result
+#: backend's credentials.
+CONNECTION_SETTINGS = (
+    "broker_url",
+    "broker_read_url",
+    "broker_write_url",
+    "broker_transport_options",
+    "broker_use_ssl",
+    "result_backend",
+    "result_backend_transport_options",
+    "redis_backend_use_ssl",
+)
+
+
 def _redacted(text: str) -> str:
     conf = current_app.conf
-    urls = {"broker_url": conf.broker_url, "result_backend": conf.result_backend}
-    return redaction.redact_options(urls, text)
+    options = {name: conf.get(name) for name in CONNECTION_SETTINGS}
+    # A failover broker_url lists its URLs, each with its password, in one string.
+    urls = [
+        url
+        for name in ("broker_url", "broker_read_url", "broker_write_url")
+        if isinstance(options[name], str)
+        for url in options[name].split(";")
+    ]
+    return redaction.redact_options([options, urls], text)
 
 
 def beat_schedule(seconds: float = 60) -> dict[str, dict[str, Any]]:
