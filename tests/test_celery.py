@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from django.core.files.base import ContentFile
-from django.db import transaction
+from django.db import connections, transaction
 
 from queued_storage.models import PendingTransfer
 from tests.conftest import FS
@@ -522,9 +522,12 @@ def test_a_broker_that_never_answers_holds_a_save_for_about_a_second(
     def save() -> None:
         silent.set_current()  # the current app is per thread
         started = time.monotonic()
-        document = Document.objects.create(
-            file=ContentFile(b"waits", name=unique("silent"))
-        )
+        try:
+            document = Document.objects.create(
+                file=ContentFile(b"waits", name=unique("silent"))
+            )
+        finally:
+            connections.close_all()  # this thread's, or the test database stays
         took.append(time.monotonic() - started)
         saved.append(document.file.name)
 
@@ -636,3 +639,30 @@ def test_a_broker_error_is_redacted_of_every_connection_setting(
     assert "key=documents name=quoted.txt" in caplog.text
     for secret in secrets.values():
         assert secret not in caplog.text
+
+
+def test_a_late_message_brings_back_no_deleted_file_and_sends_the_new_generation(
+    celery: Worker, settings: Any, shared_dirs: dict[str, Path]
+) -> None:
+    """A message that arrives after its file was deleted, and one that arrives
+    after the name was saved again: neither brings back or transfers the old
+    file."""
+    from queued_storage.integrations.celery import transfer
+
+    settings.QUEUED_STORAGE_WORKER = None  # the test sends the messages itself
+    gone = document_storage.save(unique("gone"), ContentFile(b"old"))
+    document_storage.delete(gone)
+    again = document_storage.save(unique("again"), ContentFile(b"first"))
+    document_storage.delete(again)
+    assert document_storage.save(again, ContentFile(b"second")) == again
+
+    late = [transfer.apply_async(("documents", n)).id for n in (gone, again)]
+    runs = celery.run_marker()
+    assert {r["id"] for r in runs} >= set(late)
+    assert not document_storage.exists(gone)
+    assert not (shared_dirs["remote"] / gone).exists()
+    assert not (shared_dirs["local"] / gone).exists()
+    assert row(again).status == Status.DONE
+    assert (shared_dirs["remote"] / again).read_bytes() == b"second"
+    with document_storage.open(again) as reopened:
+        assert reopened.read() == b"second"
