@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import pathlib
@@ -427,11 +428,12 @@ class QueuedStorage(Storage):
         super().__init_subclass__(**kwargs)
         for name in CLASS_DEFAULTS:
             value = _class_attribute(cls, name)
-            if value is _NOT_SET:
-                continue
-            setattr(cls, f"default_{name}", value)
-            if name in ("local", "remote", "task"):
-                # Set here or by a mixin: either would hide the property.
+            if value is not _NOT_SET:
+                setattr(cls, f"default_{name}", value)
+        for name in ("local", "remote", "task"):
+            # Set here or by a mixin, to a path or to None (which inherits):
+            # either would hide the property.
+            if not hasattr(type(inspect.getattr_static(cls, name)), "__get__"):
                 setattr(cls, name, vars(QueuedStorage)[name])
 
     def __init__(

@@ -19,6 +19,7 @@ from queued_storage.backends import QueuedStorage
 from queued_storage.checks import check_storages
 from queued_storage.fields import QueuedFieldFile, QueuedFileField
 from queued_storage.models import PendingTransfer
+from queued_storage.tasks import TransferAndDelete
 from queued_storage.transfer import drain
 from tests.conftest import FS, content
 from tests.test_legacy_config import (
@@ -116,6 +117,36 @@ def test_a_class_attribute_set_to_none_inherits(
     assert storage.describe() == RemoteSet(key="parent").describe().replace(
         "RemoteSet", "Child"
     )
+
+
+BUILT = {
+    "local": (lambda s: s.local, FileSystemStorage),
+    "remote": (lambda s: s.remote, FileSystemStorage),
+    "task": (lambda s: s.task, TransferAndDelete),
+}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("attribute", sorted(BUILT))
+def test_a_class_attribute_set_to_none_keeps_the_built_storage(
+    attribute: str, tmp_path: pathlib.Path, forget_keys: list[str]
+) -> None:
+    """On an instance of such a subclass ``local``, ``remote`` and ``task`` are
+    the built storages and hook, so that it saves and transfers."""
+    child = type("Child", (RemoteSet,), {attribute: None})
+    storage = child(
+        local_options={"location": str(tmp_path / "local")},
+        remote_options={"location": str(tmp_path / "remote")},
+        key=f"none-built-{attribute}",
+    )
+    forget_keys.append(storage.key)
+    read, built = BUILT[attribute]
+
+    assert isinstance(read(storage), built)
+    name = storage.save("report.txt", content("q4"))
+    drain()
+    assert storage.using_remote(name)
+    assert (tmp_path / "remote" / name).read_text() == "q4"
 
 
 class Delayed(RemoteSet):
