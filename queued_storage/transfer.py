@@ -113,6 +113,10 @@ class Outcome(enum.Enum):
     STALE = "stale"
 
 
+#: The counts of a drain, by name.
+DRAIN_COUNTS = ("done", "retried", "failed", "purged", "stale", "bytes")
+
+
 @dataclass
 class DrainStats:
     """What a drain did, for progress displays and the summary line."""
@@ -129,6 +133,11 @@ class DrainStats:
     @property
     def processed(self) -> int:
         return self.done + self.retried + self.failed + self.purged + self.stale
+
+    def counts(self) -> dict[str, int]:
+        """The counts by name, as the commands' ``--json`` and the wake-ups'
+        sweep tasks report them."""
+        return {name: getattr(self, name) for name in DRAIN_COUNTS}
 
     @property
     def elapsed(self) -> float:

@@ -50,15 +50,7 @@ def sweep() -> dict[str, int]:
     whose message was lost. What the beat entry runs."""
     from queued_storage.transfer import drain
 
-    stats = drain()
-    return {
-        "done": stats.done,
-        "retried": stats.retried,
-        "failed": stats.failed,
-        "purged": stats.purged,
-        "stale": stats.stale,
-        "bytes": stats.bytes,
-    }
+    return drain().counts()
 
 
 def enqueue(key: str, name: str) -> None:

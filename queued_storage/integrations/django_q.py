@@ -40,15 +40,7 @@ def transfer(key: str, name: str) -> str | None:
 def sweep() -> dict[str, int]:
     """Drain every due row: retries whose backoff ran out, expired leases, and rows
     whose wake-up task was lost. What the schedule runs."""
-    stats = drain()
-    return {
-        "done": stats.done,
-        "retried": stats.retried,
-        "failed": stats.failed,
-        "purged": stats.purged,
-        "stale": stats.stale,
-        "bytes": stats.bytes,
-    }
+    return drain().counts()
 
 
 def enqueue(key: str, name: str) -> None:

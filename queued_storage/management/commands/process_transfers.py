@@ -26,14 +26,19 @@ from queued_storage.management.cli import (
     write_json,
 )
 from queued_storage.models import PendingTransfer
-from queued_storage.transfer import DEFAULT_BATCH_SIZE, DrainStats, Outcome, drain
+from queued_storage.transfer import (
+    DEFAULT_BATCH_SIZE,
+    DRAIN_COUNTS,
+    DrainStats,
+    Outcome,
+    drain,
+)
 
 logger = logging.getLogger("queued_storage")
 
 __all__ = ["Command", "positive_float", "positive_int"]
 
 #: The counters of a drain that add up over the polls of --loop.
-DRAIN_COUNTS = ("done", "retried", "failed", "purged", "stale", "bytes")
 
 
 def progress_line(stats: DrainStats, total: int) -> str:
@@ -194,7 +199,7 @@ class Command(BaseCommand):
 
     @staticmethod
     def as_dict(stats: DrainStats, *, polls: int) -> dict[str, Any]:
-        return {name: getattr(stats, name) for name in DRAIN_COUNTS} | {
+        return stats.counts() | {
             "elapsed_seconds": round(stats.elapsed, 3),
             "bytes_per_second": round(stats.bytes / stats.elapsed, 1),
             "polls": polls,
