@@ -43,7 +43,7 @@ from benchmarks.harness import (
 from queued_storage import adoption, registry
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer, StorageState
-from queued_storage.transfer import drain
+from queued_storage.worker import drain
 
 FS = "django.core.files.storage.FileSystemStorage"
 S3 = "storages.backends.s3.S3Storage"

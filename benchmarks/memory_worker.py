@@ -43,7 +43,7 @@ def main(target: str, side: str, root: Path, endpoint: str, bucket: str) -> None
     from benchmarks.harness import s3_options
     from queued_storage.backends import QueuedStorage
     from queued_storage.models import PendingTransfer
-    from queued_storage.transfer import drain
+    from queued_storage.worker import drain
 
     fs = "django.core.files.storage.FileSystemStorage"
     remote_path = fs if target == "fs" else "storages.backends.s3.S3Storage"

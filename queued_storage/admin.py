@@ -33,8 +33,9 @@ from django.utils.translation import gettext_lazy as _
 
 from queued_storage import redaction, registry
 from queued_storage.conf import settings as conf
+from queued_storage.errors import Outcome
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
-from queued_storage.transfer import Outcome, transfer_name
+from queued_storage.worker import transfer_name
 
 if TYPE_CHECKING:
     from django_stubs_ext import StrPromise

@@ -45,6 +45,7 @@ from queued_storage.names import check_name as check_name
 from queued_storage.names import clean_name as clean_name
 from queued_storage.names import portable_name as portable_name
 from queued_storage.tasks import Transfer
+from queued_storage.tombstones import purge
 
 __all__ = [
     "QueuedAzureStorage",
@@ -1222,8 +1223,6 @@ class QueuedStorage(Storage):
         self._registered()
         prefetch.forget(self.key, name)
         row = PendingTransfer.objects.record_delete(self.key, name)
-        from queued_storage.transfer import purge
-
         redaction.after_commit(
             router.db_for_write(PendingTransfer), purge, self, row.pk, row.generation
         )

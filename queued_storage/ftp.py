@@ -31,7 +31,8 @@ from storages.backends import ftp
 from storages.backends.ftp import FTPStorageException
 from storages.utils import setting
 
-from queued_storage.transfer import LeaseLost, check_lease
+from queued_storage.copying import check_lease
+from queued_storage.errors import LeaseLost
 
 logger = logging.getLogger("queued_storage")
 

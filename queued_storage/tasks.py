@@ -10,6 +10,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from django.core.files.storage import Storage
 
+from queued_storage.conf import settings as conf
+from queued_storage.copying import stock_copy
+
 
 class _Setting:
     """A class attribute that is the setting's value whenever it is read (so
@@ -20,8 +23,6 @@ class _Setting:
         self.setting = setting
 
     def __get__(self, instance: object, owner: type | None = None) -> Any:
-        from queued_storage.conf import settings as conf
-
         # A value no worker could use raises ImproperlyConfigured here, at first use.
         return getattr(conf, self.setting)
 
@@ -49,8 +50,6 @@ class Transfer:
         records the copy's error on the row, and treats it as that error (a
         conflict, a refused conditional upload, ...), whatever a subclass that
         calls this returns or raises afterwards."""
-        from queued_storage.transfer import stock_copy
-
         return stock_copy(name, local, remote)
 
 

@@ -11,7 +11,7 @@ from django.core.files.base import ContentFile
 
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
-from queued_storage.transfer import drain
+from queued_storage.worker import drain
 
 REAL_NAMES = (
     "dir with space/été ü 文件.txt",

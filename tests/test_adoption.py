@@ -22,7 +22,7 @@ from queued_storage import adoption, registry
 from queued_storage.adoption import remote_names
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer, StorageState
-from queued_storage.transfer import drain
+from queued_storage.worker import drain
 from tests.conftest import content, read_bytes, row_of
 from tests.storages import PausingStorage, RecordingStorage, SizeFailingStorage
 

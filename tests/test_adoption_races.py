@@ -16,7 +16,7 @@ from django.db import connection, transaction
 from queued_storage.adoption import Adoption
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
-from queued_storage.transfer import drain
+from queued_storage.worker import drain
 from tests.conftest import content, read_bytes, row_of
 from tests.storages import PausingStorage, SizeOutageStorage
 from tests.test_adoption import UnsizedFile, adopt, ledger, legacy_site

@@ -17,7 +17,7 @@ from django.core.files.base import ContentFile
 from queued_storage import registry
 from queued_storage.backends import QueuedDropboxStorage
 from queued_storage.models import PendingTransfer
-from queued_storage.transfer import drain
+from queued_storage.worker import drain
 from tests.real_names import REAL_NAMES
 from tests.servers import configure_storage
 from tests.tools import require_module

@@ -20,7 +20,7 @@ from queued_storage.backends import QueuedFTPStorage
 from queued_storage.ftp import FTPStorage, parse_list
 from queued_storage.models import PendingTransfer
 from queued_storage.tasks import Transfer
-from queued_storage.transfer import drain
+from queued_storage.worker import drain
 from tests.real_names import check_real_names
 from tests.servers import FTPServerInfo, configure_storage, ftp_server
 

@@ -19,7 +19,7 @@ from django.core.files.storage import (
 from queued_storage import registry
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
-from queued_storage.transfer import drain
+from queued_storage.worker import drain
 from tests.real_names import check_real_names
 
 pytestmark = pytest.mark.django_db

@@ -18,7 +18,7 @@ from django.core.files.storage import storages
 from queued_storage import registry
 from queued_storage.backends import QueuedS3Storage
 from queued_storage.models import PendingTransfer
-from queued_storage.transfer import drain
+from queued_storage.worker import drain
 from tests.real_names import check_real_names
 from tests.s3 import make_bucket, moto_s3_server, s3_client
 from tests.servers import moto_s3_process

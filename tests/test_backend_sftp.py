@@ -14,7 +14,7 @@ from django.core.files.base import ContentFile
 from queued_storage import registry
 from queued_storage.backends import QueuedSFTPStorage
 from queued_storage.models import PendingTransfer
-from queued_storage.transfer import drain
+from queued_storage.worker import drain
 from tests.real_names import check_real_names
 from tests.servers import SFTPServerInfo, configure_storage, sftp_server
 from tests.tools import require_module

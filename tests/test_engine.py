@@ -16,15 +16,11 @@ from django.db import connections, transaction
 from django.utils import timezone
 
 from queued_storage.backends import QueuedStorage
+from queued_storage.errors import Outcome
 from queued_storage.models import MAX_RETRY_DELAY, PendingTransfer, retry_delay
 from queued_storage.signals import file_transferred, transfer_failed
-from queued_storage.transfer import (
-    DrainStats,
-    Outcome,
-    drain,
-    process_row,
-    transfer_name,
-)
+from queued_storage.transfer import process_row
+from queued_storage.worker import DrainStats, drain, transfer_name
 from tests.conftest import content, read_bytes, row_of
 from tests.factories import PendingTransferFactory
 from tests.storages import GatedStorage, PausingStorage

@@ -24,10 +24,12 @@ from django.utils import timezone
 from queued_storage import conditional, prefetch_files, prefetch_locations, registry
 from queued_storage.backends import QueuedStorage
 from queued_storage.conf import settings as conf
+from queued_storage.errors import Outcome
 from queued_storage.models import PendingTransfer
 from queued_storage.signals import file_transferred
 from queued_storage.tasks import Transfer
-from queued_storage.transfer import Outcome, Verified, complete, drain, transfer_row
+from queued_storage.transfer import Verified, complete, transfer_row
+from queued_storage.worker import drain
 from tests.conftest import content, read_bytes
 from tests.s3 import S3_OPTIONS, make_bucket, moto_s3_server, s3_client
 from tests.testapp.models import Document

@@ -9,7 +9,7 @@ import pytest
 
 from queued_storage.fields import QueuedFieldFile
 from queued_storage.models import PendingTransfer
-from queued_storage.transfer import drain
+from queued_storage.worker import drain
 from tests.conftest import content
 from tests.testapp.models import Document, HeldDocument
 

@@ -22,9 +22,11 @@ from django.test import override_settings
 from django.utils import timezone
 
 from queued_storage.backends import QueuedStorage
+from queued_storage.errors import Outcome
 from queued_storage.models import PendingTransfer
 from queued_storage.tasks import Transfer, TransferAndDelete
-from queued_storage.transfer import DrainStats, Outcome, drain, process_row
+from queued_storage.transfer import process_row
+from queued_storage.worker import DrainStats, drain
 from tests.conftest import content, read_bytes, row_of
 from tests.s3 import S3_OPTIONS, make_bucket, moto_s3_server, s3_client
 

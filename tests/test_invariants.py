@@ -19,7 +19,8 @@ from django.utils import timezone
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.signals import file_transferred
-from queued_storage.transfer import drain, process_row
+from queued_storage.transfer import process_row
+from queued_storage.worker import drain
 from tests.conftest import content
 from tests.factories import PendingTransferFactory
 from tests.storages import GatedStorage

@@ -19,7 +19,7 @@ from queued_storage.backends import QueuedStorage
 from queued_storage.checks import check_storages
 from queued_storage.models import PendingTransfer
 from queued_storage.tasks import TransferAndDelete
-from queued_storage.transfer import drain
+from queued_storage.worker import drain
 from tests.conftest import FS, content
 from tests.s3 import S3_OPTIONS, make_bucket, moto_s3_server, s3_client
 from tests.workers import run_command

@@ -20,7 +20,7 @@ from queued_storage.checks import check_storages
 from queued_storage.fields import QueuedFieldFile, QueuedFileField
 from queued_storage.models import PendingTransfer
 from queued_storage.tasks import TransferAndDelete
-from queued_storage.transfer import drain
+from queued_storage.worker import drain
 from tests.conftest import FS, content
 from tests.test_legacy_config import (
     GONE_SINCE,

@@ -21,7 +21,7 @@ from django.utils import timezone
 from queued_storage import registry
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
-from queued_storage.transfer import drain
+from queued_storage.worker import drain
 from tests.conftest import content, read_bytes, row_of
 from tests.storages import SwappingStorage
 

@@ -16,7 +16,7 @@ from django.core.management.base import CommandError
 
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
-from queued_storage.transfer import drain
+from queued_storage.worker import drain
 from tests.conftest import content, read_bytes
 
 pytestmark = pytest.mark.django_db

@@ -42,8 +42,10 @@ from hypothesis.stateful import (
 
 from queued_storage import registry
 from queued_storage.backends import QueuedStorage
+from queued_storage.errors import Outcome
 from queued_storage.models import PendingTransfer
-from queued_storage.transfer import Outcome, drain, process_row
+from queued_storage.transfer import process_row
+from queued_storage.worker import drain
 from tests.storages import HookedStorage
 from tests.tools import IN_CI
 

@@ -26,7 +26,7 @@ from queued_storage import registry
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.tasks import Transfer
-from queued_storage.transfer import drain
+from queued_storage.worker import drain
 from tests.conftest import FS, content
 from tests.testapp.models import Document, HeldDocument
 

@@ -20,11 +20,13 @@ from django.core.management import call_command
 from django.db import OperationalError, connection, connections, transaction
 from django.utils import timezone
 
-from queued_storage import registry, transfer
+from queued_storage import leases, registry, transfer
+from queued_storage import worker as runtime
 from queued_storage.backends import SMALL_FILE, QueuedStorage
+from queued_storage.errors import Outcome
 from queued_storage.models import PendingTransfer
 from queued_storage.signals import file_transferred, transfer_failed
-from queued_storage.transfer import DrainStats, drain
+from queued_storage.worker import DrainStats, drain
 from tests.conftest import FS, content, read_bytes, row_of
 from tests.storages import HangingStorage, ReadThenHangStorage, StallingStorage
 
@@ -436,7 +438,7 @@ def test_a_crash_outside_the_transfer_steps_is_an_attempt_on_the_row(
 
     monkeypatch.setattr(registry, "get", unbuildable)
     # The claim itself asks the registry only about host-local storages.
-    monkeypatch.setattr(transfer, "_claimable", lambda rows: rows)
+    monkeypatch.setattr(runtime, "_claimable", lambda rows: rows)
 
     stats = run_drain()
 
@@ -795,14 +797,16 @@ def test_a_transfer_in_the_callers_transaction_never_waits_for_its_own_row_locks
         with transaction.atomic():
             if how == "drain":
                 return drain().done
-            return transfer.transfer_name(storage.key, name)
+            return runtime.transfer_name(storage.key, name)
 
     worker, result = in_thread(run)
     try:
         assert hanging.entered.wait(timeout=30)
         # Past every renewal and the transfer timeout, for the keeper's clock.
         later = time.monotonic() + 10 * 600
-        monkeypatch.setattr(transfer, "time", SimpleNamespace(monotonic=lambda: later))
+        clock = SimpleNamespace(monotonic=lambda: later)
+        for module in (leases, transfer, runtime):
+            monkeypatch.setattr(module, "time", clock)
 
         def keepers() -> list[threading.Thread]:
             return [
@@ -816,7 +820,7 @@ def test_a_transfer_in_the_callers_transaction_never_waits_for_its_own_row_locks
         hanging.released.set()
     outcome = joined(worker, result)
 
-    assert outcome in (1, transfer.Outcome.DONE)
+    assert outcome in (1, Outcome.DONE)
     row = row_of(storage, name)
     assert (row.status, row.error_history) == (Status.DONE, [])
 

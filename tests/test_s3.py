@@ -18,8 +18,10 @@ from django.utils import timezone
 
 from queued_storage import conditional
 from queued_storage.backends import QueuedS3Storage, QueuedStorage
+from queued_storage.errors import Outcome
 from queued_storage.models import PendingTransfer
-from queued_storage.transfer import Outcome, drain, process_row
+from queued_storage.transfer import process_row
+from queued_storage.worker import drain
 from tests.s3 import S3_OPTIONS, make_bucket, moto_s3_server, s3_client
 
 pytestmark = pytest.mark.django_db

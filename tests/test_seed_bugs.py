@@ -18,8 +18,9 @@ from django.db.migrations.writer import MigrationWriter
 from django.utils import timezone
 
 from queued_storage.backends import QueuedStorage
+from queued_storage.copying import copy_to_remote
 from queued_storage.models import PendingTransfer
-from queued_storage.transfer import copy_to_remote, drain
+from queued_storage.worker import drain
 from tests.conftest import content, read_bytes, row_by_name_column
 from tests.testapp.models import Document
 

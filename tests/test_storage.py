@@ -17,7 +17,7 @@ from queued_storage import backends, registry
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.signals import file_transferred
-from queued_storage.transfer import drain
+from queued_storage.worker import drain
 from tests.conftest import FS, content, read_bytes, row_by_name_column
 
 pytestmark = pytest.mark.django_db

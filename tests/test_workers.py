@@ -19,8 +19,9 @@ from django.db import OperationalError, connections, transaction
 from django.utils import timezone
 
 from queued_storage.backends import QueuedStorage
+from queued_storage.errors import Outcome
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
-from queued_storage.transfer import Outcome, process_row
+from queued_storage.transfer import process_row
 from tests.conftest import content
 from tests.fleet import (
     DOCUMENTS,

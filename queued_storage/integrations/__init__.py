@@ -14,7 +14,7 @@ from queued_storage.conf import settings as conf
 
 #: ``QUEUED_STORAGE_WORKER`` value -> the function that wakes a worker for one row.
 WAKERS = {
-    "immediate": "queued_storage.transfer.transfer_name",
+    "immediate": "queued_storage.worker.transfer_name",
     "django_q": "queued_storage.integrations.django_q.enqueue",
     "django_tasks": "queued_storage.integrations.django_tasks.enqueue",
     "celery": "queued_storage.integrations.celery.enqueue",

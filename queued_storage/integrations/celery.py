@@ -38,7 +38,7 @@ SEND_TIMEOUT = 1.0
 def transfer(key: str, name: str) -> str | None:
     """Transfer the row of ``name`` if it is due; the outcome, or ``None`` when the
     row was not due and nothing was done."""
-    from queued_storage.transfer import transfer_name
+    from queued_storage.worker import transfer_name
 
     outcome = transfer_name(key, name)
     return None if outcome is None else outcome.value
@@ -48,7 +48,7 @@ def transfer(key: str, name: str) -> str | None:
 def sweep() -> dict[str, int]:
     """Drain every due row: retries whose backoff ran out, expired leases, and rows
     whose message was lost. What the beat entry runs."""
-    from queued_storage.transfer import drain
+    from queued_storage.worker import drain
 
     return drain().counts()
 

@@ -16,7 +16,7 @@ from django_q.conf import Conf
 from django_q.models import Schedule
 from django_q.tasks import async_task
 
-from queued_storage.transfer import drain, transfer_name
+from queued_storage.worker import drain, transfer_name
 
 #: The dotted paths django-q2 stores; the worker imports these, never a path
 #: read from the ledger.

@@ -13,7 +13,7 @@ try:
 except ImportError:  # Django 5.2: the backport
     from django_tasks import task  # type: ignore[no-redef]
 
-from queued_storage.transfer import transfer_name
+from queued_storage.worker import transfer_name
 
 
 @task()

@@ -32,7 +32,7 @@ from queued_storage.management.cli import (
 )
 from queued_storage.models import PendingTransfer
 from queued_storage.names import misspelling
-from queued_storage.transfer import delete_local_copy
+from queued_storage.tombstones import delete_local_copy
 
 logger = logging.getLogger("queued_storage")
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
+from queued_storage.errors import Outcome
 from queued_storage.management.cli import (
     AttentionNeeded,
     Progress,
@@ -26,13 +27,7 @@ from queued_storage.management.cli import (
     write_json,
 )
 from queued_storage.models import PendingTransfer
-from queued_storage.transfer import (
-    DEFAULT_BATCH_SIZE,
-    DRAIN_COUNTS,
-    DrainStats,
-    Outcome,
-    drain,
-)
+from queued_storage.worker import DEFAULT_BATCH_SIZE, DRAIN_COUNTS, DrainStats, drain
 
 logger = logging.getLogger("queued_storage")
 

@@ -1,0 +1,197 @@
+"""A stale attempt's reconcile and the purge of deleted names: each removal
+fenced with the lease and generation, the tombstone removed with a
+compare-and-set, and the locked removal of a local copy (invariant 5)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from django.db import transaction
+
+from queued_storage import conditional
+from queued_storage.conf import settings as conf
+from queued_storage.copying import conditional_remote, delete_remote_fenced
+from queued_storage.errors import LeaseLost, Outcome, RemoteChanged
+from queued_storage.failures import ledger_db, record_failure
+from queued_storage.models import (
+    PendingTransfer,
+    PendingTransferQuerySet,
+    retry_when_locked,
+)
+
+if TYPE_CHECKING:
+    from queued_storage.backends import QueuedStorage
+
+logger = logging.getLogger("queued_storage")
+
+
+@retry_when_locked
+def delete_local_copy(
+    storage: QueuedStorage, name: str, still: PendingTransferQuerySet
+) -> bool:
+    """Delete the local copy of ``name`` if its ledger row is still as ``still``
+    selects it (``row.while_done()``, ``row.while_claimed()``, ...); returns
+    whether it did.
+
+    The row stays locked from the check to the delete, and a save of a name that
+    has a row takes that lock before it writes the local file: a re-save lands
+    either before the check, which then fails, or after the delete. A check
+    without the lock would delete the re-saved file of a local storage that
+    overwrites names (invariant 5)."""
+    db = ledger_db()
+    with transaction.atomic(using=db):
+        if not still.using(db).lock():
+            return False
+        storage.local.delete(name)
+    return True
+
+
+def fail(
+    row: PendingTransfer,
+    storage: QueuedStorage | None,
+    error: BaseException,
+    task: Any = None,
+    wrote: bool | None = None,
+) -> Outcome:
+    """Record ``error`` as the attempt's (:func:`record_failure`); an attempt that
+    went stale meanwhile reconciles."""
+    outcome = record_failure(row, storage, error, task=task, wrote=wrote)
+    if outcome is not None:
+        return outcome
+    return reconcile(storage, row, wrote=bool(wrote)) if storage else Outcome.STALE
+
+
+def reconcile(
+    storage: QueuedStorage | None, row: PendingTransfer, *, wrote: bool = False
+) -> Outcome:
+    """Our lease or generation went stale while we worked: leave the ledger to
+    whoever changed it. A worker without a live lease deletes nothing: what its
+    upload (``wrote``) may have left at the name is marked as the ledger's, for a
+    worker that holds the name's lease to replace or remove."""
+    logger.info(
+        "transfer stale key=%s name=%s generation=%s",
+        row.storage_key,
+        row.name,
+        row.generation,
+    )
+    if storage is None:
+        return Outcome.STALE
+    if wrote:
+        # The ledger put the object there, whichever row holds the name now;
+        # unmarked, that row would fail with a conflict over it.
+        PendingTransfer.objects.for_name(row.storage_key, row.name).update(
+            remote_owned=True
+        )
+    current = PendingTransfer.objects.filter(pk=row.pk).first()
+    if current is None:
+        if wrote and not PendingTransfer.objects.leave_tombstone(
+            row.storage_key, row.name, row.host
+        ):
+            # Saved again just now: the new row owns what we left.
+            PendingTransfer.objects.for_name(row.storage_key, row.name).update(
+                remote_owned=True
+            )
+        return Outcome.STALE
+    if current.deleted:
+        if (
+            current.lease_token == row.lease_token
+            and current.generation != row.generation
+            and current.has_live_lease()
+        ):
+            # Deleted while we held the lease: the purge is ours to finish (the
+            # purge after delete() found our lease and left it to us).
+            current.claimed_from = row.claimed_from
+            current.was_owned = current.remote_owned or wrote
+            return purge_claimed(storage, current)
+        # Whoever holds the tombstone now purges it, or the next worker to claim it.
+        return Outcome.STALE
+    if current.lease_token == row.lease_token:
+        current.release(held=storage.delayed)
+    return Outcome.STALE
+
+
+def purge_claimed(storage: QueuedStorage, row: PendingTransfer) -> Outcome:
+    """Remove the files of a tombstone this worker holds a lease on, each removal
+    checked against the lease and generation just before it, then the tombstone
+    with a compare-and-set. A save of the name meanwhile keeps the lease and
+    bumps the generation: the checks fail, and the row goes back to the new
+    version."""
+    try:
+        if not delete_local_copy(
+            storage, row.name, row.while_claimed().filter(deleted=True)
+        ):
+            return reconcile(storage, row)
+        unconditional = row.was_owned and not conditional_remote(storage)
+        if row.was_owned:
+            delete_remote_fenced(storage, row)
+    except LeaseLost:
+        return reconcile(storage, row)
+    except Exception as exc:
+        if conditional.refused(exc):
+            exc = RemoteChanged(
+                f"the remote object at {row.name!r} changed since the purge looked; "
+                "retried"
+            )
+        return fail(row, storage, exc)
+    if row.delete_tombstone():
+        logger.info("purged key=%s name=%s", row.storage_key, row.name)
+        return Outcome.PURGED
+    if unconditional:
+        _requeue_overtaken(storage, row)
+    return reconcile(storage, row)
+
+
+def _requeue_overtaken(storage: QueuedStorage, row: PendingTransfer) -> None:
+    """The purge of ``row`` lost its lease after its check, and its unconditional
+    remote delete may have removed the copy of a version saved and transferred
+    meanwhile (the window a remote without conditional deletes leaves): if that
+    version is done and its remote copy is gone, it is queued again, to be
+    uploaded from its local copy."""
+    current = (
+        PendingTransfer.objects.filter(
+            pk=row.pk, status=PendingTransfer.Status.DONE, deleted=False
+        )
+        .exclude(generation=row.generation)
+        .first()
+    )
+    if current is None or storage.remote.exists(current.name):
+        return
+    logger.warning(
+        "remote copy removed by a late purge key=%s name=%s; queued again",
+        row.storage_key,
+        row.name,
+    )
+    current.requeue_unverified(
+        RemoteChanged(
+            f"the remote copy of {row.name!r} was removed by the cleanup of an "
+            "earlier deleted version whose lease ran out; uploaded again"
+        )
+    )
+
+
+def purge(storage: QueuedStorage, pk: int, generation: int) -> None:
+    """Remove the files of a name deleted in a committed transaction.
+
+    The purge claims the tombstone as a worker would, and fences each removal
+    like a worker's (invariant 3), so a save of the name since the delete keeps
+    its files; a worker holding the row's lease removes the remote copy itself. A
+    purge that fails here is recorded on the tombstone, due for a worker to
+    retry."""
+    # A local copy on another host: that host's worker purges the row.
+    host = None if storage.local_shared else conf.QUEUED_STORAGE_HOSTNAME
+    row = PendingTransfer.objects.claim_tombstone(
+        pk, generation, lease=conf.QUEUED_STORAGE_LEASE, host=host
+    )
+    if row is not None:
+        if purge_claimed(storage, row) is Outcome.RETRY:
+            # Failed here, the purge is a worker's at once, as if it had never run.
+            row.retry_now()
+        return
+    tombstone = PendingTransfer.objects.filter(
+        pk=pk, generation=generation, deleted=True
+    ).first()
+    if tombstone is not None and host in (None, tombstone.host):
+        # A worker holds the row: the remote copy is its to remove. The local copy
+        # is the deleted version's and goes now, so that the name is free at once.
+        delete_local_copy(storage, tombstone.name, tombstone.while_deleted())
