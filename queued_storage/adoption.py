@@ -23,6 +23,7 @@ from django.db import models, transaction
 from django.db.models import Case, Q, Value, When
 from django.utils import timezone
 
+from queued_storage import redaction
 from queued_storage.models import (
     PendingTransfer,
     StorageState,
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from queued_storage.backends import QueuedStorage
 
 logger = logging.getLogger("queued_storage")
+
+DEFAULT_BATCH_SIZE = 500
 
 #: (database alias, storage key) of the storages seen adopted by this process: an
 #: adoption is never taken back, so that once seen it costs no query.
@@ -241,6 +244,36 @@ class Adoption:
     def names(self) -> Iterator[str]:
         """The remote's file names still to record, in walk order."""
         return remote_names(self.storage.remote, self.resumed_after)
+
+    def run(
+        self,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        *,
+        after_batch: Callable[[], object] | None = None,
+    ) -> AdoptionCounts:
+        """List the remote and :meth:`record` its files ``batch_size`` at a time
+        (``after_batch`` is called after each full batch: progress), then
+        :meth:`finish`.
+
+        A remote that cannot list raises NotImplementedError. What the remote
+        raises is scrubbed of its credentials: the listing and the sizes come from
+        it directly, not through the queued storage, which redacts its own."""
+        batch: list[str] = []
+        try:
+            for name in self.names():
+                batch.append(name)
+                if len(batch) >= batch_size:
+                    self.record(batch)
+                    batch = []
+                    if after_batch is not None:
+                        after_batch()
+            if batch:
+                self.record(batch)
+            self.finish()
+        except Exception as exc:
+            redaction.scrub(self.storage, exc)
+            raise
+        return self.counts
 
     def record(self, names: list[str]) -> None:
         """Record one batch of listed names (in walk order): a done row for each

@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from queued_storage import registry
 from queued_storage.backends import QueuedStorage
-from queued_storage.management.commands import queue_transfers
+from queued_storage.backfill import Backfill
 from queued_storage.models import PendingTransfer
 from tests.conftest import content, read_bytes, row_by_name_column
 from tests.factories import PendingTransferFactory
@@ -98,10 +98,7 @@ def test_every_command_has_help_that_names_its_exit_status(
     assert "exit status" in text.lower()
 
 
-@pytest.mark.parametrize(
-    "command",
-    [c for c in COMMANDS if c != "queue_transfers"],
-)
+@pytest.mark.parametrize("command", COMMANDS)
 def test_an_unknown_storage_key_is_a_usage_error(command: str) -> None:
     extra = ["--older-than", "1d"] if command == "clean_local_copies" else []
 
@@ -483,18 +480,18 @@ def test_queue_transfers_resumes_after_an_interruption(
 ) -> None:
     for i in range(5):
         put_local(storage, f"f{i}.txt")
-    original = queue_transfers.Command._record
+    original = Backfill.record
     calls: list[int] = []
 
-    def interrupted(self: Any, names: list[str]) -> None:
+    def interrupted(self: Backfill, names: list[str]) -> None:
         calls.append(len(names))
         if len(calls) == 2:
             raise KeyboardInterrupt
         original(self, names)
 
-    monkeypatch.setattr(queue_transfers.Command, "_record", interrupted)
+    monkeypatch.setattr(Backfill, "record", interrupted)
     first = run("queue_transfers", "--storage", storage.key, "--batch-size", "2")
-    monkeypatch.setattr(queue_transfers.Command, "_record", original)
+    monkeypatch.setattr(Backfill, "record", original)
 
     assert first.code == 1
     assert "run the same command again to resume" in first.err

@@ -120,6 +120,44 @@ def of_storages(
     return rows.filter(storage_key__in=keys) if keys else rows
 
 
+def add_one_storage_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    verb: str,
+    batch_size: int,
+    batch_what: str,
+    dry_run_help: str,
+) -> None:
+    """What a command that walks one storage's files takes: ``--storage KEY`` (to
+    check with ``one_storage()``), ``--batch-size``, ``--dry-run`` and the output
+    options with progress. ``verb`` says what the command does to the storage."""
+    parser.add_argument(
+        "--storage",
+        metavar="KEY",
+        help=f"The storage to {verb} (needed when there is more than one).",
+    )
+    add_batch_size_argument(parser, default=batch_size, what=batch_what)
+    parser.add_argument("--dry-run", action="store_true", help=dry_run_help)
+    add_output_arguments(parser, progress=True)
+
+
+def one_storage(key: str | None, *, verb: str) -> QueuedStorage:
+    """The storage ``--storage KEY`` names, or the only one there is; else a usage
+    error that lists the known keys."""
+    if key is None:
+        known = registry.known_keys()
+        if len(known) != 1:
+            raise UsageError(
+                f"Name the storage to {verb} with --storage KEY. Known keys: "
+                f"{', '.join(known) or 'none'}."
+            )
+        key = known[0]
+    check_storage_keys([key])
+    storage = registry.get(key)
+    assert storage is not None  # check_storage_keys found it
+    return storage
+
+
 def add_batch_size_argument(
     parser: argparse.ArgumentParser, *, default: int, what: str
 ) -> None:

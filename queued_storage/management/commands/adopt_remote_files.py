@@ -9,37 +9,18 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from queued_storage import adoption, redaction, registry
-from queued_storage.backends import QueuedStorage
+from queued_storage import adoption
 from queued_storage.management.cli import (
     EXIT_ERROR,
     Progress,
     UsageError,
-    add_batch_size_argument,
-    add_output_arguments,
-    check_storage_keys,
+    add_one_storage_arguments,
     counters_line,
+    one_storage,
     write_json,
 )
 
 logger = logging.getLogger("queued_storage")
-
-DEFAULT_BATCH_SIZE = 500
-
-
-def pick_storage(key: str | None) -> QueuedStorage:
-    if key is None:
-        known = registry.known_keys()
-        if len(known) != 1:
-            raise UsageError(
-                "Name the storage to adopt with --storage KEY. Known keys: "
-                f"{', '.join(known) or 'none'}."
-            )
-        key = known[0]
-    check_storage_keys([key])
-    storage = registry.get(key)
-    assert storage is not None  # check_storage_keys found it
-    return storage
 
 
 class Command(BaseCommand):
@@ -55,25 +36,19 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
-            "--storage",
-            metavar="KEY",
-            help="The storage to adopt (needed when there is more than one).",
-        )
-        add_batch_size_argument(
-            parser, default=DEFAULT_BATCH_SIZE, what="Remote files per ledger batch"
-        )
-        parser.add_argument(
             "--new",
             action="store_true",
             help="Declare the storage adopted without listing its remote: it holds "
             "no file from before the ledger (a new site).",
         )
-        parser.add_argument(
-            "--dry-run",
-            action="store_true",
-            help="List the remote and count what would be recorded; write nothing.",
+        add_one_storage_arguments(
+            parser,
+            verb="adopt",
+            batch_size=adoption.DEFAULT_BATCH_SIZE,
+            batch_what="Remote files per ledger batch",
+            dry_run_help="List the remote and count what would be recorded; write "
+            "nothing.",
         )
-        add_output_arguments(parser, progress=True)
 
     def handle(
         self,
@@ -88,7 +63,7 @@ class Command(BaseCommand):
         verbosity: int,
         **options: Any,
     ) -> None:
-        queued_storage = pick_storage(storage)
+        queued_storage = one_storage(storage, verb="adopt")
         if new and dry_run:
             raise UsageError(
                 "--new writes nothing but the declaration: drop --dry-run."
@@ -107,16 +82,20 @@ class Command(BaseCommand):
                     "file from before the ledger."
                 )
             return
-        self.run = adoption.Adoption(
+        adopting = adoption.Adoption(
             queued_storage, dry_run=dry_run, skipped=self._skipped
         )
+
+        def line() -> str:
+            return counters_line(adopting.counts)
+
         display = Progress(
             self, verbosity=verbosity, as_json=json, live=progress, every=progress_every
         )
-        if self.run.resumed_after and verbosity > 0:
-            self.stderr.write(f"resuming after {self.run.resumed_after!r}")
+        if adopting.resumed_after and verbosity > 0:
+            self.stderr.write(f"resuming after {adopting.resumed_after!r}")
         try:
-            self._adopt(batch_size, display)
+            adopting.run(batch_size, after_batch=lambda: display.update(line))
         except NotImplementedError as exc:
             raise CommandError(
                 f"The remote of {queued_storage.key!r} cannot list its files. If it "
@@ -126,17 +105,12 @@ class Command(BaseCommand):
         except KeyboardInterrupt:
             display.finish()
             raise CommandError(
-                f"Interrupted ({self._line()}); run the same command again to resume.",
+                f"Interrupted ({line()}); run the same command again to resume.",
                 returncode=EXIT_ERROR,
             ) from None
-        except Exception as exc:
-            # The listing and the sizes come from the remote itself, not through
-            # the queued storage's methods, which redact what they raise.
-            redaction.scrub(queued_storage, exc)
-            raise
         display.finish()
         logger.info(
-            "adoption key=%s dry_run=%s %s", queued_storage.key, dry_run, self._line()
+            "adoption key=%s dry_run=%s %s", queued_storage.key, dry_run, line()
         )
         if json:
             write_json(
@@ -145,32 +119,17 @@ class Command(BaseCommand):
                     "storage": queued_storage.key,
                     "dry_run": dry_run,
                     "adopted": not dry_run,
-                    "resumed_after": self.run.resumed_after or None,
+                    "resumed_after": adopting.resumed_after or None,
                 }
-                | self.run.counts.as_dict(),
+                | adopting.counts.as_dict(),
             )
         elif verbosity > 0:
             if dry_run:
-                self.stdout.write(f"Would record: {self._line()}")
+                self.stdout.write(f"Would record: {line()}")
             else:
                 self.stdout.write(
-                    f"Recorded: {self._line()}; {queued_storage.key!r} is adopted."
+                    f"Recorded: {line()}; {queued_storage.key!r} is adopted."
                 )
-
-    def _adopt(self, batch_size: int, display: Progress) -> None:
-        batch: list[str] = []
-        for name in self.run.names():
-            batch.append(name)
-            if len(batch) >= batch_size:
-                self.run.record(batch)
-                batch = []
-                display.update(self._line)
-        if batch:
-            self.run.record(batch)
-        self.run.finish()
-
-    def _line(self) -> str:
-        return counters_line(self.run.counts)
 
     def _skipped(self, name: str, error: Exception) -> None:
         self.stderr.write(f"skipped {name!r}: {error}")
