@@ -1,0 +1,186 @@
+"""Cleaning local copies: remove the local copy of a file that has been on the
+remote, checked and recorded as done, for a while. Nothing else is ever removed."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Literal
+
+from django.utils import timezone
+
+from queued_storage import registry
+from queued_storage.management.cli import error_text, in_batches, local_copy_elsewhere
+from queued_storage.models import PendingTransfer, PendingTransferQuerySet
+from queued_storage.names import misspelling
+from queued_storage.tombstones import delete_local_copy
+
+if TYPE_CHECKING:
+    from queued_storage.backends import QueuedStorage
+
+logger = logging.getLogger("queued_storage")
+
+DEFAULT_BATCH_SIZE = 500
+#: A local file modified this long after its transfer counts as changed: room for
+#: a file server whose clock runs ahead of the worker's.
+CLOCK_SKEW = timedelta(seconds=60)
+#: What a check reads of a row.
+CLEAN_FIELDS = (
+    "pk",
+    "storage_key",
+    "name",
+    "generation",
+    "size",
+    "host",
+    "transferred_at",
+)
+
+
+@dataclass
+class CleanStats:
+    """A clean's counts: each row checked lands in one of the others."""
+
+    checked: int = 0
+    removed: int = 0
+    bytes: int = 0
+    absent: int = 0
+    changed: int = 0
+    other_host: int = 0
+    unknown_storage: int = 0
+    unverified: int = 0
+    errors: int = 0
+
+    @property
+    def kept_in_doubt(self) -> int:
+        """Copies kept because their remote copy could not be checked, or their
+        removal failed: what a person should look at."""
+        return self.unverified + self.errors
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+#: The CleanStats field a row counts in, besides ``checked``.
+Counted = Literal[
+    "removed",
+    "absent",
+    "changed",
+    "other_host",
+    "unknown_storage",
+    "unverified",
+    "errors",
+]
+
+
+@dataclass(frozen=True)
+class Cleaned:
+    """What happened to one row's local copy: ``counted`` names the CleanStats
+    field it counts in; ``action`` ("removed", "would remove", "kept", "error")
+    and ``reason`` are set where a person may want to hear of it."""
+
+    counted: Counted
+    action: str = ""
+    reason: str = ""
+    bytes: int = 0
+
+
+def rows_to_clean(older_than: timedelta) -> PendingTransferQuerySet:
+    """The rows whose local copy may go: done, not deleted, transferred at least
+    ``older_than`` ago."""
+    cutoff = timezone.now() - older_than
+    return PendingTransfer.objects.done().live().filter(transferred_at__lte=cutoff)
+
+
+def clean_local_copies(
+    rows: PendingTransferQuerySet,
+    *,
+    check_remote: bool = True,
+    dry_run: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    cleaned: Callable[[PendingTransfer, Cleaned, CleanStats], object] | None = None,
+) -> CleanStats:
+    """Remove the local copy of each of ``rows`` (done rows) that is the file
+    transferred, after checking (with ``check_remote``) that the remote has it
+    with the same size. ``cleaned`` hears of each row once it is counted."""
+    stats = CleanStats()
+    for batch in in_batches(rows, size=batch_size, fields=CLEAN_FIELDS):
+        for row in batch:
+            outcome = clean_one(row, check_remote=check_remote, dry_run=dry_run)
+            stats.checked += 1
+            setattr(stats, outcome.counted, getattr(stats, outcome.counted) + 1)
+            stats.bytes += outcome.bytes
+            if cleaned is not None:
+                cleaned(row, outcome, stats)
+    return stats
+
+
+def clean_one(
+    row: PendingTransfer, *, check_remote: bool = True, dry_run: bool = False
+) -> Cleaned:
+    """Remove the local copy of the done ``row`` when it is safe (see
+    :func:`clean_local_copies`); never raises for a storage's error."""
+    storage = registry.get(row.storage_key)
+    if storage is None:
+        return Cleaned("unknown_storage")
+    if local_copy_elsewhere(storage, row):
+        return Cleaned("other_host")  # that host's own run cleans it
+    wrong = misspelling(row.name)
+    if wrong is not None:
+        return Cleaned("errors", "kept", wrong)
+    try:
+        return _clean_copy(storage, row, check_remote=check_remote, dry_run=dry_run)
+    except Exception as exc:
+        return Cleaned("errors", "error", error_text(storage, exc))
+
+
+def _clean_copy(
+    storage: QueuedStorage, row: PendingTransfer, *, check_remote: bool, dry_run: bool
+) -> Cleaned:
+    local = storage.local
+    if not local.exists(row.name):
+        return Cleaned("absent")
+    if row.size is None:
+        # An adopted file whose size its adoption has not read yet: nothing has
+        # checked the remote copy against anything.
+        return Cleaned("unverified", "kept", "not verified yet: run adopt_remote_files")
+    size = local.size(row.name)
+    if size != row.size or _changed_since(storage, row):
+        # Written again after the transfer: not the copy the remote has.
+        return Cleaned("changed", "kept", "the local file changed after the transfer")
+    if check_remote:
+        remote = storage.remote
+        if not remote.exists(row.name) or remote.size(row.name) != size:
+            return Cleaned(
+                "unverified",
+                "kept",
+                "the remote copy is missing or has another size (see verify_transfers)",
+            )
+    # The row is checked again at the last moment, under its lock: a re-save or
+    # delete of the name since the batch was read leaves the file alone.
+    if dry_run:
+        kept = not row.while_done().exists()
+    else:
+        kept = not delete_local_copy(storage, row.name, row.while_done())
+    if kept:
+        return Cleaned("changed")
+    if dry_run:
+        return Cleaned("removed", "would remove", bytes=size)
+    logger.info(
+        "local copy removed key=%s name=%s bytes=%s", row.storage_key, row.name, size
+    )
+    return Cleaned("removed", "removed", bytes=size)
+
+
+def _changed_since(storage: QueuedStorage, row: PendingTransfer) -> bool:
+    transferred_at: datetime | None = row.transferred_at
+    if transferred_at is None:
+        return False
+    try:
+        modified = storage.local.get_modified_time(row.name)
+    except (NotImplementedError, AttributeError):
+        return False
+    if timezone.is_naive(modified):
+        modified = timezone.make_aware(modified, timezone.get_default_timezone())
+    return bool(modified > transferred_at + CLOCK_SKEW)
