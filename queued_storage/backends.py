@@ -30,7 +30,7 @@ from django.db.models.functions import Substr
 from django.utils.deconstruct import deconstructible
 from django.utils.module_loading import import_string
 
-from queued_storage import adoption, models, prefetch, redaction, registry
+from queued_storage import adoption, prefetch, recording, redaction, registry
 from queued_storage.checksums import CountingFile, HashingFile, storage_sha256
 from queued_storage.conf import settings as conf
 from queued_storage.models import PendingTransfer, retry_when_locked
@@ -255,8 +255,14 @@ def _remove_if_unclaimed(db: str, key: str, local: Storage, name: str) -> None:
     name has a row for it by now (committed or not: the insert waits for it)."""
     try:
         with transaction.atomic(using=db):
-            generation = models.reserve(
-                db, key, name, size=None, host=conf.QUEUED_STORAGE_HOSTNAME, held=True
+            generation = recording.reserve(
+                PendingTransfer,
+                db,
+                key,
+                name,
+                size=None,
+                host=conf.QUEUED_STORAGE_HOSTNAME,
+                held=True,
             )
             if generation is None:
                 return  # another save took the name: the file there is its own
@@ -918,8 +924,14 @@ class QueuedStorage(Storage):
                 and self._ask_remote(candidate, db) is not None
             ):
                 return None  # the remote's file: _available_name finds its row
-            return models.reserve(
-                db, self.key, candidate, size=size, host=host, held=self.delayed
+            return recording.reserve(
+                PendingTransfer,
+                db,
+                self.key,
+                candidate,
+                size=size,
+                host=host,
+                held=self.delayed,
             )
 
         # A name the ledger has never seen: its row, then the file (the local

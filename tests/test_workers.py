@@ -268,9 +268,7 @@ def test_a_claim_that_loses_its_candidates_to_another_worker_looks_again(
             rival[:] = claim()  # another worker, between our SELECT and UPDATE
         return take(*args)
 
-    monkeypatch.setattr(
-        PendingTransferQuerySet, "_take", staticmethod(take_after_a_rival)
-    )
+    monkeypatch.setattr(PendingTransferQuerySet, "_take", take_after_a_rival)
 
     mine = claim()
 
@@ -301,9 +299,7 @@ def test_a_claim_sees_a_remote_object_written_since_it_read_its_candidates(
             )
         return take(*args)
 
-    monkeypatch.setattr(
-        PendingTransferQuerySet, "_take", staticmethod(take_after_a_crashed_rival)
-    )
+    monkeypatch.setattr(PendingTransferQuerySet, "_take", take_after_a_crashed_rival)
 
     [row] = claim(limit=1)
 

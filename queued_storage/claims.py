@@ -1,0 +1,355 @@
+"""How workers take rows: claiming due rows under a lease, renewing and giving
+back leases, taking a tombstone's purge, and recording a batch done. Mixed into the
+ledger's QuerySet; every change is a compare-and-set on the lease token."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from django.db import connections, models, router, transaction
+from django.db.models import Case, F, Q, Value, When
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from queued_storage.ledger_sql import column, db_value, retry_when_locked
+
+if TYPE_CHECKING:
+    from queued_storage.models import PendingTransfer, PendingTransferQuerySet
+
+    class _LedgerQuerySet(models.QuerySet["PendingTransfer"]):
+        # Defined on the model's QuerySet, which mixes this class in.
+        def for_name(self, key: str, name: str) -> PendingTransferQuerySet: ...
+        def due(self, now: datetime | None = None) -> PendingTransferQuerySet: ...
+
+else:
+    _LedgerQuerySet = models.QuerySet
+
+#: Times a claim reads the due rows again after other workers took all it read.
+CLAIM_TRIES = 10
+
+
+class ClaimsQuerySet(_LedgerQuerySet):
+    """The worker's side of the ledger's QuerySet."""
+
+    @retry_when_locked
+    def claim_due(
+        self,
+        *,
+        limit: int,
+        lease: float,
+        now: datetime | None = None,
+    ) -> list[PendingTransfer]:
+        """Take a lease on up to ``limit`` due rows of this queryset and return them.
+
+        Each returned row carries ``claimed_from`` (its status before the claim) and
+        ``was_owned`` (whether an earlier attempt may have written the remote object:
+        one recorded an upload, or one whose lease ran out is taken over, which may
+        have been writing when its worker died).
+        """
+        now = now or timezone.now()
+        token = uuid.uuid4().hex
+        db = router.db_for_write(self.model)
+        locks = connections[db].features.has_select_for_update_skip_locked
+        candidates: list[tuple[int, str, bool]] = []
+        for _try in range(CLAIM_TRIES):
+            if locks:
+                with transaction.atomic(using=db):
+                    rows = self._due_rows(now, limit, db)
+                    candidates = [
+                        (row.pk, row.status, row.remote_owned) for row in rows
+                    ]
+                    taken = self._take(candidates, token, now, lease, db)
+                if taken == len(rows):
+                    # Locked rows cannot change between the read and the UPDATE:
+                    # its changes are applied here rather than read back.
+                    return self._as_claimed(rows, token, now, lease)
+            else:
+                # Without SKIP LOCKED (SQLite) the conditional UPDATE in _take() is
+                # what keeps two workers off one row: the database serialises it.
+                candidates = self._candidates(now, limit, db)
+                taken = self._take(candidates, token, now, lease, db)
+            # Another worker took every row we read before our UPDATE ran: look
+            # again, since "nothing claimed" ends a cron run with rows still due.
+            if taken or not candidates:
+                break
+        if not candidates:
+            return []
+        return self._claimed(candidates, token, db)
+
+    def _as_claimed(
+        self, rows: list[PendingTransfer], token: str, now: datetime, lease: float
+    ) -> list[PendingTransfer]:
+        """``rows`` as read just before :meth:`_take` took them all, with its
+        changes made here too."""
+        expires = now + timedelta(seconds=lease)
+        for row in rows:
+            row.claimed_from = row.status
+            row.was_owned = self._owned_after_claim(row.status, row.remote_owned)
+            row.status = self.model.Status.TRANSFERRING
+            row.lease_token = token
+            row.lease_expires_at = expires
+            row.attempts += 1
+            row.remote_owned = row.was_owned
+            row.updated_at = now
+        return rows
+
+    def _claimed(
+        self, candidates: list[tuple[int, str, bool]], token: str, db: str
+    ) -> list[PendingTransfer]:
+        """Read back the rows of ``candidates`` that the claim under ``token`` took."""
+        before = {pk: (status, owned) for pk, status, owned in candidates}
+        # By primary key: lease_token has no index, and a large ledger would be
+        # read whole to find the batch.
+        rows = list(
+            self.model.objects.using(db)
+            .filter(pk__in=list(before), lease_token=token)
+            .order_by("next_attempt_at", "pk")
+        )
+        for row in rows:
+            row.claimed_from, owned = before[row.pk]
+            row.was_owned = self._owned_after_claim(row.claimed_from, owned)
+        return rows
+
+    def _due_rows(self, now: datetime, limit: int, db: str) -> list[PendingTransfer]:
+        """Up to ``limit`` due rows, locked, in the order they became due."""
+        rows = self.using(db).select_for_update(skip_locked=True)
+        if connections[db].vendor != "mysql":
+            return list(rows.due(now).order_by("next_attempt_at", "pk")[:limit])
+        # InnoDB sorts the rows of due()'s OR after reading, and locks every row it
+        # reads: one claim locked the whole queue and a second worker's SKIP LOCKED
+        # found nothing due. Each half alone is read in its index's order.
+        expired = rows.filter(
+            status=self.model.Status.TRANSFERRING, lease_expires_at__lt=now
+        ).order_by("lease_expires_at", "pk")
+        found = list(expired[:limit])
+        if len(found) < limit:
+            queued = rows.filter(
+                status=self.model.Status.QUEUED, next_attempt_at__lte=now
+            ).order_by("next_attempt_at", "pk")
+            found += queued[: limit - len(found)]
+        # One batch in the order the other databases read theirs in, NULLs first
+        # as MariaDB sorts them.
+        found.sort(
+            key=lambda row: (
+                row.next_attempt_at is not None,
+                row.next_attempt_at or now,
+                row.pk,
+            )
+        )
+        return found
+
+    def _candidates(
+        self, now: datetime, limit: int, db: str
+    ) -> list[tuple[int, str, bool]]:
+        """Up to ``limit`` due rows, as (pk, status, remote_owned), unlocked."""
+        due = self.using(db).due(now).order_by("next_attempt_at", "pk")
+        return list(due.values_list("pk", "status", "remote_owned")[:limit])
+
+    def _take(
+        self,
+        candidates: list[tuple[int, str, bool]],
+        token: str,
+        now: datetime,
+        lease: float,
+        db: str,
+    ) -> int:
+        # Each row is taken only in the state it was read in, so that ``was_owned``
+        # is true: without row locks another worker may have claimed it since, and
+        # recorded an upload, or died uploading, before its lease ran out.
+        seen: dict[tuple[str, bool], list[int]] = {}
+        for pk, status, owned in candidates:
+            seen.setdefault((status, bool(owned)), []).append(pk)
+        taken = 0
+        for (status, owned), pks in seen.items():
+            taken += (
+                self.model.objects.using(db)
+                .filter(pk__in=pks, status=status, remote_owned=owned)
+                .due(now)
+                .update(
+                    status=self.model.Status.TRANSFERRING,
+                    lease_token=token,
+                    lease_expires_at=now + timedelta(seconds=lease),
+                    attempts=F("attempts") + 1,
+                    remote_owned=self._owned_after_claim(status, owned),
+                    updated_at=now,
+                )
+            )
+        return taken
+
+    @retry_when_locked
+    def renew_lease(self, token: str, lease: float, *, pks: list[int]) -> int:
+        """Push out the lease of the rows ``pks`` that are still held under
+        ``token``: those whose transfers run, not the whole claim."""
+        now = timezone.now()
+        return self.filter(
+            pk__in=pks, lease_token=token, status=self.model.Status.TRANSFERRING
+        ).update(lease_expires_at=now + timedelta(seconds=lease), updated_at=now)
+
+    @retry_when_locked
+    def release_claim(self, rows: list[PendingTransfer]) -> int:
+        """Give back claimed rows that were never started, each as it stands now.
+
+        A row still in the generation it was claimed in is queued again with the
+        claim's attempt taken back. One saved again or deleted since has a new
+        generation whose save reset its attempts: it gets that generation's state
+        (held, queued, or a tombstone due for its purge) and keeps its attempts. A
+        row another worker took over has another token and is not ours."""
+        if not rows:
+            return 0
+        now = timezone.now()
+        db = getattr(self, "_db", None) or router.db_for_write(self.model)
+        ours = Q()
+        claimed = Q()
+        for row in rows:
+            ours |= Q(pk=row.pk, lease_token=row.lease_token)
+            claimed |= Q(pk=row.pk, generation=row.generation)
+        leased = self.using(db).filter(ours, status=self.model.Status.TRANSFERRING)
+        released = {
+            "lease_token": "",
+            "lease_expires_at": None,
+            "updated_at": now,
+        }
+        # A save with held=True leaves no next attempt; a tombstone is never held.
+        held = Q(deleted=False, next_attempt_at__isnull=True)
+        when = models.DateTimeField()
+        with transaction.atomic(using=db):
+            given = leased.filter(claimed).update(
+                status=self.model.Status.QUEUED,
+                next_attempt_at=now,
+                attempts=F("attempts") - 1,
+                **released,
+            )
+            given += leased.update(
+                status=Case(
+                    When(held, then=Value(self.model.Status.HELD.value)),
+                    default=Value(self.model.Status.QUEUED.value),
+                ),
+                next_attempt_at=Case(
+                    When(held, then=Value(None, output_field=when)),
+                    default=Coalesce(
+                        F("next_attempt_at"), Value(now, output_field=when)
+                    ),
+                ),
+                **released,
+            )
+        return given
+
+    def lock(self) -> bool:
+        """Lock this queryset's rows until the end of the transaction it runs in;
+        whether there were any. SQLite has no row locks: there an UPDATE that
+        changes nothing takes the database's write lock, which serialises writers
+        whatever the transaction mode (a read would not, in DEFERRED mode)."""
+        if connections[self.db].features.has_select_for_update:
+            locked = self.order_by().select_for_update().values_list("pk", flat=True)
+            return bool(list(locked))
+        return bool(self.update(updated_at=F("updated_at")))
+
+    @retry_when_locked
+    def claim_tombstone(
+        self, pk: int, generation: int, *, lease: float, host: str | None = None
+    ) -> PendingTransfer | None:
+        """Take a lease on the tombstone ``(pk, generation)``, as a worker's claim
+        does, unless a worker holds a live lease on the row (it finishes the purge
+        then) or the name was saved again. ``host``: only a row that host wrote.
+        Returns the claimed row, or None."""
+        now = timezone.now()
+        token = uuid.uuid4().hex
+        rows = self.filter(pk=pk, generation=generation, deleted=True).filter(
+            ~Q(status=self.model.Status.TRANSFERRING)
+            | Q(lease_expires_at__isnull=True)
+            | Q(lease_expires_at__lte=now)
+        )
+        if host is not None:
+            rows = rows.filter(host=host)
+        taken = rows.update(
+            # As _owned_after_claim(): taken over from a worker whose lease ran out.
+            # Before status: MariaDB and MySQL assign an UPDATE's columns left to
+            # right, each seeing the values assigned before it, and would read the
+            # status set here (every claimed tombstone owning the object there).
+            remote_owned=Case(
+                When(status=self.model.Status.TRANSFERRING, then=Value(True)),
+                default=F("remote_owned"),
+            ),
+            status=self.model.Status.TRANSFERRING,
+            lease_token=token,
+            lease_expires_at=now + timedelta(seconds=lease),
+            attempts=F("attempts") + 1,
+            updated_at=now,
+        )
+        if not taken:
+            return None
+        row = self.filter(pk=pk, lease_token=token).first()
+        if row is not None:
+            row.claimed_from = self.model.Status.QUEUED
+            row.was_owned = row.remote_owned
+        return row
+
+    @retry_when_locked
+    def mark_done_together(self, rows: list[PendingTransfer]) -> int:
+        """Record the verified transfers of ``rows`` in one statement, each row under
+        its own compare-and-set on (row, generation, lease token); returns how many
+        rows won. The caller decides what to do when that is not all of them."""
+        if not rows:
+            return 0
+        now = timezone.now()
+        changes = self.model.done_changes(now)
+        db = getattr(self, "_db", None) or router.db_for_write(self.model)
+        connection = connections[db]
+        quote = connection.ops.quote_name
+        # Plain SQL with a row-value IN: the ORM takes longer to build an OR of
+        # fifty (pk, generation, token) conditions than the database to run it.
+        # PostgreSQL gets the keys as three arrays: a client-side cursor parses
+        # every placeholder of a statement, and three per row were a quarter of the
+        # completion's cost.
+        table = quote(self.model._meta.db_table)
+        keys = (
+            f"({quote(column(self.model, 'id'))}, {quote(column(self.model, 'generation'))},"
+            f" {quote(column(self.model, 'lease_token'))})"
+        )
+        key_params: list[Any]
+        if connection.vendor == "postgresql":
+            pks = [row.pk for row in rows]
+            match = (
+                f"{quote(column(self.model, 'id'))} = ANY(%s) AND {keys} IN"
+                " (SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::text[]))"
+            )
+            key_params = [
+                pks,
+                pks,
+                [row.generation for row in rows],
+                [row.lease_token for row in rows],
+            ]
+        else:
+            match = f"{keys} IN (" + ", ".join(["(%s, %s, %s)"] * len(rows)) + ")"
+            key_params = [
+                value
+                for row in rows
+                for value in (row.pk, row.generation, row.lease_token)
+            ]
+        sql = (
+            f"UPDATE {table} SET "
+            + ", ".join(f"{quote(column(self.model, name))} = %s" for name in changes)
+            + f" WHERE {quote(column(self.model, 'status'))} = %s"
+            f" AND {quote(column(self.model, 'deleted'))} = %s AND {match}"
+        )
+        params = [
+            db_value(self.model._meta.get_field(name), value, connection)  # type: ignore[arg-type]
+            for name, value in changes.items()
+        ]
+        params += [self.model.Status.TRANSFERRING.value, False, *key_params]
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            won = int(cursor.rowcount)
+        if won == len(rows):
+            for row in rows:
+                row.status = self.model.Status.DONE
+                row.transferred_at = now
+        return won
+
+    def _owned_after_claim(self, status: str, owned: bool) -> bool:
+        """Whether a claimed row owns its remote object: an earlier attempt recorded
+        an upload, or the row is taken over from a worker whose lease ran out, which
+        may have been writing it when it died."""
+        return bool(owned) or status == self.model.Status.TRANSFERRING

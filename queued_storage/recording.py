@@ -1,0 +1,278 @@
+"""The request side of the ledger: the rows a save, a re-save and a delete write
+(reserving a new name in one statement, recording a save, leaving a tombstone),
+and the one-query state of a name that serving it reads."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from django.db import IntegrityError, connections, models, router, transaction
+from django.db.models import Case, F, Q, Value, When
+from django.utils import timezone
+
+from queued_storage.conf import settings as conf
+from queued_storage.ledger_sql import (
+    STATEMENTS,
+    column,
+    insert_with_orm,
+    name_hash,
+    new_generation,
+    reserve_statement,
+    retry_when_locked,
+    upsert,
+)
+
+if TYPE_CHECKING:
+    from queued_storage.models import PendingTransfer, PendingTransferQuerySet
+
+    class _LedgerQuerySet(models.QuerySet["PendingTransfer"]):
+        # Defined on the model's QuerySet, which mixes this class in.
+        def for_name(self, key: str, name: str) -> PendingTransferQuerySet: ...
+        def due(self, now: datetime | None = None) -> PendingTransferQuerySet: ...
+
+else:
+    _LedgerQuerySet = models.QuerySet
+
+
+@retry_when_locked
+def reserve(
+    model: type[PendingTransfer],
+    db: str,
+    key: str,
+    name: str,
+    *,
+    size: int | None,
+    host: str,
+    held: bool,
+    checksum: str = "",
+) -> int | None:
+    """Insert the row of a name the ledger has never seen into ``model``'s table
+    in database ``db``;
+    returns its generation, or None (and writes nothing) when the name has a row.
+    One statement, on the save path: the unique index makes a save of the same
+    name in another transaction wait for this one, then find the row."""
+    now = timezone.now()
+    generation = new_generation()
+    status = model.Status.HELD if held else model.Status.QUEUED
+    values = {
+        "storage_key": key,
+        "name": name,
+        "name_hash": name_hash(name),
+        "status": status.value,
+        "generation": generation,
+        "next_attempt_at": None if held else now,
+        "size": size,
+        "checksum": checksum,
+        "host": host,
+        "created_at": now,
+        "updated_at": now,
+    }
+    statement = reserve_statement(model, db)
+    if statement is None:
+        return generation if insert_with_orm(model, values, None, db) else None
+    sql, template, slot, when = statement
+    connection = connections[db]
+    sent_now = when(now, connection)
+    params = list(template)
+    for name_of, value in values.items():
+        params[slot[name_of]] = sent_now if value is now else value
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return generation if cursor.rowcount else None
+
+
+class RecordingQuerySet(_LedgerQuerySet):
+    """The request side of the ledger's QuerySet."""
+
+    def _fresh(
+        self, *, size: int | None, host: str, held: bool, checksum: str, now: datetime
+    ) -> dict[str, Any]:
+        """The columns every save writes: a new generation, nothing tried yet."""
+        return {
+            "generation": new_generation(),
+            "deleted": False,
+            "attempts": 0,
+            "next_attempt_at": None if held else now,
+            "size": size,
+            "checksum": checksum,
+            "last_error": "",
+            "error_history": [],
+            "host": host,
+            "transferred_at": None,
+            "updated_at": now,
+        }
+
+    def _new_row(
+        self, key: str, name: str, held: bool, fresh: dict[str, Any], now: datetime
+    ) -> dict[str, Any]:
+        status = self.model.Status.HELD if held else self.model.Status.QUEUED
+        return {
+            "storage_key": key,
+            "name": name,
+            "name_hash": name_hash(name),
+            "status": status,
+            "lease_token": "",
+            "lease_expires_at": None,
+            "created_at": now,
+            **fresh,
+        }
+
+    def leave_tombstone(self, key: str, name: str, host: str) -> bool:
+        """Insert a due tombstone for ``name``, which has no row, so that a worker
+        holding its lease removes an object a late upload left at the name; True
+        if inserted, False (nothing written) when the name has a row again."""
+        now = timezone.now()
+        row = self.model(
+            storage_key=key,
+            name=name,
+            name_hash=name_hash(name),
+            deleted=True,
+            remote_owned=True,
+            next_attempt_at=now,
+            host=host,
+            created_at=now,
+            updated_at=now,
+        )
+        db = getattr(self, "_db", None) or router.db_for_write(self.model)
+        self.model.objects.using(db).bulk_create([row], ignore_conflicts=True)
+        return (
+            self.model.objects.using(db)
+            .filter(storage_key=key, name_hash=row.name_hash, generation=row.generation)
+            .exists()
+        )
+
+    @retry_when_locked
+    def unreserve(self, key: str, name: str, generation: int) -> int:
+        """Remove a row :func:`reserve` wrote whose file was not saved under its
+        name (the local storage failed, or chose another name)."""
+        deleted, _counts = (
+            self.for_name(key, name).filter(generation=generation).delete()
+        )
+        return deleted
+
+    @retry_when_locked
+    def record_file(
+        self,
+        key: str,
+        name: str,
+        generation: int,
+        size: int,
+        checksum: str,
+    ) -> int:
+        """Correct the size and checksum of a reserved row to the saved file's."""
+        return (
+            self.for_name(key, name)
+            .filter(generation=generation)
+            .update(size=size, checksum=checksum)
+        )
+
+    @retry_when_locked
+    def record_save(
+        self,
+        *,
+        key: str,
+        name: str,
+        size: int | None,
+        host: str,
+        held: bool,
+        checksum: str = "",
+        existing: bool,
+    ) -> int:
+        """Write the row for a file just saved locally; returns its generation.
+
+        A re-save of a name whose worker still holds a lease keeps that lease: the
+        worker finds the new generation when it completes, and hands the row back.
+        """
+        now = timezone.now()
+        fresh = self._fresh(size=size, host=host, held=held, checksum=checksum, now=now)
+        generation = int(fresh["generation"])
+        status = self.model.Status.HELD if held else self.model.Status.QUEUED
+        if existing:
+            leased = Q(status=self.model.Status.TRANSFERRING, lease_expires_at__gt=now)
+            updated = self.for_name(key, name).update(
+                status=Case(When(leased, then=F("status")), default=Value(status)),
+                lease_token=Case(
+                    When(leased, then=F("lease_token")), default=Value("")
+                ),
+                lease_expires_at=Case(
+                    When(leased, then=F("lease_expires_at")), default=Value(None)
+                ),
+                **fresh,
+            )
+            if updated:
+                return generation
+        db = getattr(self, "_db", None) or router.db_for_write(self.model)
+        upsert(
+            self.model,
+            self._new_row(key, name, held, fresh, now),
+            ["status", "lease_token", "lease_expires_at", *fresh],
+            db,
+        )
+        return generation
+
+    def state_of(self, key: str, name: str) -> tuple[str, bool, int | None] | None:
+        """``(status, deleted, size)`` of the row of ``name``, or None: one query on
+        the unique index, sent as plain SQL (building it with the ORM costs several
+        times the query on the request path). Ignores this queryset's filters."""
+        db = self.db
+        connection = connections[db]
+        sql = STATEMENTS.get((db, "state"))
+        if sql is None:
+            quote = connection.ops.quote_name
+            status, deleted, size, key_column, hash_column = (
+                quote(column(self.model, field))
+                for field in ("status", "deleted", "size", "storage_key", "name_hash")
+            )
+            table = quote(self.model._meta.db_table)
+            sql = STATEMENTS[(db, "state")] = (
+                f"SELECT {status}, {deleted}, {size} FROM {table} "
+                f"WHERE {key_column} = %s AND {hash_column} = %s"
+            )
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [key, name_hash(name)])
+            found = cursor.fetchone()
+        if found is None:
+            return None
+        return str(found[0]), bool(found[1]), found[2]
+
+    @retry_when_locked
+    def record_delete(self, key: str, name: str) -> PendingTransfer:
+        """Turn the row of ``name`` into a tombstone (creating one if needed).
+
+        A tombstone hides the name at once; the files go after commit, and a worker
+        that holds a lease on the row finishes the job when it sees it.
+        """
+        try:
+            return self._tombstone(key, name)
+        except IntegrityError:
+            # A save of the name inserted its row (still uncommitted when we looked)
+            # while ours waited for it: PostgreSQL reports the duplicate where
+            # MariaDB's locking read waits and finds the row. That row is ours now.
+            return self._tombstone(key, name)
+
+    def _tombstone(self, key: str, name: str) -> PendingTransfer:
+        now = timezone.now()
+        with transaction.atomic(using=router.db_for_write(self.model)):
+            row = self.select_for_update().for_name(key, name).first()
+            if row is None:
+                # A file that predates the ledger: it may be on either side.
+                row = self.model(
+                    storage_key=key,
+                    name=name,
+                    name_hash=name_hash(name),
+                    remote_owned=True,
+                    host=conf.QUEUED_STORAGE_HOSTNAME,
+                    created_at=now,
+                )
+            row.deleted = True
+            row.generation = new_generation()
+            row.updated_at = now
+            if not row.has_live_lease(now):
+                row.status = self.model.Status.QUEUED
+                row.next_attempt_at = now
+                row.lease_token = ""
+                row.lease_expires_at = None
+                row.attempts = 0
+            row.save()
+        return row
