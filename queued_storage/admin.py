@@ -1,4 +1,5 @@
-"""The ledger in the Django admin: read-only rows, changed only through actions.
+"""The ledger in the Django admin: read-only rows, changed only through actions;
+the list, its filters and columns. The custom views are in ``admin_views.py``.
 
 Every action needs the change permission; a user with only the view permission
 sees the ledger and can run none of them. Pages show the storage key and the
@@ -6,72 +7,35 @@ name, never a storage's options."""
 
 from __future__ import annotations
 
-import logging
-from collections import Counter
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from django.contrib import admin, messages
-from django.contrib.admin.options import IncorrectLookupParameters
-from django.core.exceptions import PermissionDenied
-from django.db import transaction
-from django.db.models import Count, QuerySet
+from django.db.models import QuerySet
 from django.db.models.functions import Lower
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import HttpRequest
 from django.template.defaultfilters import filesizeformat, truncatechars
-from django.template.response import TemplateResponse
-from django.urls import URLPattern, path, reverse
+from django.urls import reverse
 from django.utils import timezone
-from django.utils.functional import SimpleLazyObject
 from django.utils.html import format_html, format_html_join
-from django.utils.http import urlencode
 from django.utils.safestring import SafeString
-from django.utils.text import format_lazy, smart_split, unescape_string_literal
+from django.utils.text import smart_split, unescape_string_literal
 from django.utils.timesince import timesince, timeuntil
 from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
 
-from queued_storage import redaction, registry
+from queued_storage import registry
+from queued_storage.admin_views import (
+    STORAGE_PARAMETER,
+    PendingTransferViews,
+    log_action,
+    redacted,
+    status_badge,
+)
 from queued_storage.conf import settings as conf
-from queued_storage.errors import Outcome
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
-from queued_storage.worker import transfer_name
-
-if TYPE_CHECKING:
-    from django_stubs_ext import StrPromise
-
-logger = logging.getLogger("queued_storage")
 
 Status = PendingTransfer.Status
-
-#: At most this many rows go through "Transfer now", inline in the request.
-TRANSFER_NOW_LIMIT = 20
-#: Badge colours (background) per status.
-STATUS_COLOURS: dict[str, str] = {
-    Status.HELD: "#6c757d",
-    Status.QUEUED: "#1f6feb",
-    Status.TRANSFERRING: "#b35900",
-    Status.DONE: "#1a7f37",
-    Status.FAILED: "#cf222e",
-}
-
-
-def status_badge(status: str, label: str | StrPromise | None = None) -> SafeString:
-    colour = STATUS_COLOURS.get(status, "#6c757d")
-    return format_html(
-        '<span class="qs-status qs-status-{}" style="display:inline-block;'
-        "padding:1px 8px;border-radius:9px;color:#fff;background:{};"
-        'font-size:11px;font-weight:600;white-space:nowrap">{}</span>',
-        status,
-        colour,
-        label or Status(status).label,
-    )
-
-
-def _redacted(text: str) -> str:
-    # Rows written before today's rules, or by another process, may quote what
-    # this one knows to be a secret.
-    return redaction.redact(None, text)
 
 
 class StorageFilter(admin.SimpleListFilter):
@@ -79,7 +43,7 @@ class StorageFilter(admin.SimpleListFilter):
     keys found in the ledger would read the whole table on every page load."""
 
     title = _("storage")
-    parameter_name = "storage_key"
+    parameter_name = STORAGE_PARAMETER
 
     def lookups(
         self, request: HttpRequest, model_admin: admin.ModelAdmin[Any]
@@ -126,7 +90,7 @@ class FailingFilter(admin.SimpleListFilter):
 
 
 @admin.register(PendingTransfer)
-class PendingTransferAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class PendingTransferAdmin(PendingTransferViews):
     list_display = [
         "name",
         "storage_key",
@@ -282,11 +246,11 @@ class PendingTransferAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     @admin.display(description=_("last error"))
     def short_error(self, row: PendingTransfer) -> str:
-        return truncatechars(_redacted(row.last_error), 80)
+        return truncatechars(redacted(row.last_error), 80)
 
     @admin.display(description=_("last error"))
     def last_error_display(self, row: PendingTransfer) -> str:
-        return _redacted(row.last_error) or "-"
+        return redacted(row.last_error) or "-"
 
     @admin.display(description=_("error history"))
     def error_history_table(self, row: PendingTransfer) -> SafeString | str:
@@ -303,7 +267,7 @@ class PendingTransferAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                     entry.get("attempt", ""),
                     entry.get("at", ""),
                     entry.get("error", ""),
-                    _redacted(str(entry.get("message", ""))),
+                    redacted(str(entry.get("message", ""))),
                 )
                 for entry in reversed(entries)
             ),
@@ -348,215 +312,14 @@ class PendingTransferAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             queryset = queryset.filter(name_lower__contains=term.lower())
         return queryset, False
 
-    # Extra views
-
-    def get_urls(self) -> list[URLPattern]:
-        opts = self.opts
-        info = (opts.app_label, opts.model_name)
-        return [
-            path(
-                "requeue/",
-                self.admin_site.admin_view(self.requeue_matching_view),
-                name="{}_{}_requeue".format(*info),
-            ),
-            path(
-                "<path:object_id>/file/<str:side>/",
-                self.admin_site.admin_view(self.file_view),
-                name="{}_{}_file".format(*info),
-            ),
-            *super().get_urls(),
-        ]
-
-    def file_view(
-        self, request: HttpRequest, object_id: str, side: str
-    ) -> HttpResponse:
-        """Redirect to the local or remote URL of a row's file. The URL is made on
-        click, so a page never waits for a remote (or shows a signed URL)."""
-        row = self.get_object(request, object_id)
-        if row is None or side not in ("local", "remote"):
-            raise Http404
-        if not self.has_view_or_change_permission(request, row):
-            raise PermissionDenied
-        back = reverse(
-            f"{self.admin_site.name}:queued_storage_pendingtransfer_change",
-            args=[row.pk],
-        )
-        try:
-            storage = registry.get(row.storage_key)
-        except registry.KeyConflict as conflict:
-            self.message_user(request, str(conflict), messages.ERROR)
-            return HttpResponseRedirect(back)
-        if storage is None:
-            self.message_user(
-                request,
-                gettext("No storage with key %(key)s in this process.")
-                % {"key": row.storage_key},
-                messages.ERROR,
-            )
-            return HttpResponseRedirect(back)
-        try:
-            # A storage that cannot be built raises here: said on the page too.
-            target = storage.local if side == "local" else storage.remote
-            url = target.url(row.name)
-        except Exception as exc:
-            self.message_user(
-                request,
-                gettext("The %(side)s storage has no URL for this file (%(error)s).")
-                % {"side": side, "error": type(exc).__name__},
-                messages.ERROR,
-            )
-            return HttpResponseRedirect(back)
-        return HttpResponseRedirect(url)
-
-    def requeue_matching_view(self, request: HttpRequest) -> HttpResponse:
-        """Re-queue every row that matches the changelist's current filters, after
-        a confirmation page."""
-        if not self.has_change_permission(request):
-            raise PermissionDenied
-        try:
-            changelist = self.get_changelist_instance(request)
-        except IncorrectLookupParameters:
-            # What the changelist does with a filter it cannot apply.
-            return HttpResponseRedirect(
-                reverse(
-                    f"{self.admin_site.name}:queued_storage_pendingtransfer_changelist"
-                )
-                + "?e=1"
-            )
-        matching = cast(PendingTransferQuerySet, changelist.queryset)
-        filters = request.GET.urlencode()
-        back = reverse(
-            f"{self.admin_site.name}:queued_storage_pendingtransfer_changelist"
-        )
-        if filters:
-            back = f"{back}?{filters}"
-        requeueable = matching.filter(
-            status__in=[Status.HELD, Status.QUEUED, Status.FAILED]
-        )
-        if request.method == "POST" and request.POST.get("confirm") == "yes":
-            count = requeueable.requeue()
-            logger.info(
-                "admin requeue user=%s count=%s filters=%s",
-                request.user.get_username(),
-                count,
-                filters,
-            )
-            self.message_user(
-                request,
-                ngettext(
-                    "%(count)d transfer re-queued.",
-                    "%(count)d transfers re-queued.",
-                    count,
-                )
-                % {"count": count},
-                messages.SUCCESS,
-            )
-            return HttpResponseRedirect(back)
-        by_status = dict(
-            matching.order_by()
-            .values_list("status")
-            .annotate(number=Count("pk"))
-            .values_list("status", "number")
-        )
-        context = {
-            **self.admin_site.each_context(request),
-            "title": gettext("Re-queue matching transfers"),
-            "opts": self.opts,
-            "by_status": [
-                (status_badge(status), by_status.get(status, 0))
-                for status in Status.values
-                if by_status.get(status)
-            ],
-            "matching": sum(by_status.values()),
-            "requeueable": sum(
-                by_status.get(status, 0)
-                for status in (Status.HELD, Status.QUEUED, Status.FAILED)
-            ),
-            "filters": [
-                f"{key.removesuffix('__exact')} = {value}"
-                for key, values in request.GET.lists()
-                for value in values
-            ],
-            "back": back,
-            "query": f"?{filters}" if filters else "",
-        }
-        return TemplateResponse(
-            request,
-            "admin/queued_storage/pendingtransfer/requeue_confirmation.html",
-            context,
-        )
-
-    # Not wrapped in ATOMIC_REQUESTS: "Transfer now" runs the engine, whose claim
-    # must commit before the upload, and whose outcome as soon as it is known.
-    @transaction.non_atomic_requests
-    def changelist_view(
-        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
-    ) -> HttpResponse:
-        if (
-            request.method == "POST"
-            and "action" in request.POST
-            and not self.has_change_permission(request)
-        ):
-            # Django would quietly re-render the list; say no instead.
-            raise PermissionDenied
-        key = request.GET.get(StorageFilter.parameter_name)
-        context = {
-            "title": _("Pending transfers"),
-            # Lazy: a POST (an action) redirects without rendering the counts.
-            "status_counts": SimpleLazyObject(lambda: self.status_counts(key)),
-            "can_requeue": self.has_change_permission(request),
-            **(extra_context or {}),
-        }
-        return super().changelist_view(request, extra_context=context)
-
-    def status_counts(self, key: str | None) -> list[dict[str, Any]]:
-        """Rows per status, and stuck rows, as filter links: two queries that the
-        status indexes answer without reading the rows."""
-        rows = PendingTransfer.objects.all()
-        extra: dict[str, str] = {}
-        if key:
-            rows = rows.filter(storage_key=key)
-            extra[StorageFilter.parameter_name] = key
-        found = dict(
-            rows.order_by()
-            .values_list("status")
-            .annotate(number=Count("pk"))
-            .values_list("status", "number")
-        )
-        counts = [
-            {
-                "badge": status_badge(status),
-                "count": found.get(status, 0),
-                "query": "?" + urlencode({"status__exact": status, **extra}),
-            }
-            for status in Status.values
-        ]
-        stuck = rows.stuck().count()
-        counts.append(
-            {
-                "badge": status_badge(Status.FAILED, gettext("stuck")),
-                "count": stuck,
-                "query": "?" + urlencode({"stuck": "yes", **extra}),
-            }
-        )
-        return counts
-
     # Actions
-
-    def _log_action(self, request: HttpRequest, action: str, count: int) -> None:
-        logger.info(
-            "admin action=%s user=%s count=%s",
-            action,
-            request.user.get_username(),
-            count,
-        )
 
     @admin.action(description=_("Retry now"), permissions=["change"])
     def retry_now(
         self, request: HttpRequest, queryset: PendingTransferQuerySet
     ) -> None:
         count = queryset.requeue()
-        self._log_action(request, "retry_now", count)
+        log_action(request, "retry_now", count)
         self.message_user(
             request,
             ngettext("%(count)d transfer queued.", "%(count)d transfers queued.", count)
@@ -567,7 +330,7 @@ class PendingTransferAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     @admin.action(description=_("Hold"), permissions=["change"])
     def hold(self, request: HttpRequest, queryset: PendingTransferQuerySet) -> None:
         count = queryset.hold()
-        self._log_action(request, "hold", count)
+        log_action(request, "hold", count)
         self.message_user(
             request,
             ngettext(
@@ -578,69 +341,3 @@ class PendingTransferAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             % {"count": count},
             messages.SUCCESS,
         )
-
-    @admin.action(
-        description=format_lazy(
-            _("Transfer now (at most {limit})"), limit=TRANSFER_NOW_LIMIT
-        ),
-        permissions=["change"],
-    )
-    def transfer_now(
-        self, request: HttpRequest, queryset: PendingTransferQuerySet
-    ) -> None:
-        pks = list(
-            queryset.order_by("pk").values_list("pk", flat=True)[
-                : TRANSFER_NOW_LIMIT + 1
-            ]
-        )
-        if len(pks) > TRANSFER_NOW_LIMIT:
-            self.message_user(
-                request,
-                gettext(
-                    "Transfer now runs in this request, for at most %(limit)d rows. "
-                    "Select fewer, or use Retry now and let a worker take them."
-                )
-                % {"limit": TRANSFER_NOW_LIMIT},
-                messages.ERROR,
-            )
-            return
-        selected = PendingTransfer.objects.filter(pk__in=pks)
-        selected.requeue()
-        outcomes: Counter[str] = Counter()
-        errors: list[str] = []
-        for pk, key, name in selected.order_by("pk").values_list(
-            "pk", "storage_key", "name"
-        ):
-            outcome = transfer_name(key, name)
-            outcomes["skipped" if outcome is None else outcome.value] += 1
-            if outcome in (Outcome.RETRY, Outcome.FAILED):
-                error = (
-                    PendingTransfer.objects.filter(pk=pk)
-                    .values_list("last_error", flat=True)
-                    .first()
-                )
-                error = _redacted(error or "")
-                errors.append(f"{name}: {truncatechars(error, 200)}")
-        self._log_action(request, "transfer_now", len(pks))
-        parts = [
-            gettext("%(count)d transferred") % {"count": outcomes[Outcome.DONE.value]},
-            gettext("%(count)d to retry") % {"count": outcomes[Outcome.RETRY.value]},
-            gettext("%(count)d failed") % {"count": outcomes[Outcome.FAILED.value]},
-        ]
-        if outcomes[Outcome.PURGED.value]:
-            parts.append(
-                gettext("%(count)d deleted") % {"count": outcomes[Outcome.PURGED.value]}
-            )
-        skipped = outcomes["skipped"] + outcomes[Outcome.STALE.value]
-        if skipped:
-            parts.append(
-                gettext(
-                    "%(count)d skipped (not due: done, leased by a worker, or local "
-                    "to another host)"
-                )
-                % {"count": skipped}
-            )
-        level = messages.WARNING if errors else messages.SUCCESS
-        self.message_user(request, "; ".join(parts) + ".", level)
-        for error in errors:
-            self.message_user(request, error, messages.WARNING)
