@@ -18,6 +18,8 @@ from django.utils.module_loading import import_string
 from queued_storage import registry
 from queued_storage.conf import (
     HOSTNAME_HINT,
+    MAX_RETRIES,
+    MAX_SECONDS,
     WORKERS,
     hostname_problem,
     usable_number,
@@ -85,10 +87,34 @@ def check_storages(
     return errors
 
 
+#: The library each wake-up needs, the check that reports it missing, and the hint.
+WORKER_LIBRARIES: dict[str, tuple[tuple[str, ...], str, str, str]] = {
+    "django_q": (
+        ("django_q",),
+        "django-q2 is not installed",
+        "pip install 'django-queued-storage[q2]', or choose another worker.",
+        "queued_storage.E004",
+    ),
+    "django_tasks": (
+        ("django.tasks", "django_tasks"),
+        "neither django.tasks (Django 6.0+) nor the django-tasks backport is installed",
+        "Upgrade to Django 6, or pip install 'django-queued-storage[tasks]'.",
+        "queued_storage.E012",
+    ),
+    "celery": (
+        ("celery",),
+        "Celery is not installed",
+        "pip install 'django-queued-storage[celery]', or choose another worker.",
+        "queued_storage.E013",
+    ),
+}
+
+
 @register(Tags.compatibility)
 def check_settings(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
+    """One check ID per setting and problem, so that one can be silenced alone."""
     errors: list[CheckMessage] = []
     worker = conf.raw("QUEUED_STORAGE_WORKER")
     if worker is not None and worker not in WORKERS:
@@ -101,35 +127,38 @@ def check_settings(
                 id="queued_storage.E003",
             )
         )
-    elif worker == "django_q" and importlib.util.find_spec("django_q") is None:
-        errors.append(
-            Error(
-                "QUEUED_STORAGE_WORKER is 'django_q' but django-q2 is not installed.",
-                hint="pip install 'django-queued-storage[q2]', or choose another worker.",
-                id="queued_storage.E004",
+    elif worker in WORKER_LIBRARIES:
+        modules, missing, hint, check_id = WORKER_LIBRARIES[worker]
+        if not any(_importable(module) for module in modules):
+            errors.append(
+                Error(
+                    f"QUEUED_STORAGE_WORKER is {worker!r} but {missing}.",
+                    hint=hint,
+                    id=check_id,
+                )
             )
+    errors.extend(
+        _check_number(
+            "QUEUED_STORAGE_RETRIES",
+            integer=True,
+            minimum=0,
+            maximum=MAX_RETRIES,
+            check_id="queued_storage.E005",
         )
-    elif worker == "django_tasks" and not _tasks_framework_available():
-        errors.append(
-            Error(
-                "QUEUED_STORAGE_WORKER is 'django_tasks' but neither django.tasks "
-                "(Django 6.0+) nor the django-tasks backport is installed.",
-                hint="Upgrade to Django 6, or pip install 'django-queued-storage[tasks]'.",
-                id="queued_storage.E004",
-            )
+    )
+    errors.extend(
+        _check_number(
+            "QUEUED_STORAGE_RETRY_DELAY", minimum=0, check_id="queued_storage.E008"
         )
-    elif worker == "celery" and importlib.util.find_spec("celery") is None:
-        errors.append(
-            Error(
-                "QUEUED_STORAGE_WORKER is 'celery' but Celery is not installed.",
-                hint="pip install 'django-queued-storage[celery]', or choose another worker.",
-                id="queued_storage.E004",
-            )
+    )
+    errors.extend(
+        _check_number("QUEUED_STORAGE_LEASE", minimum=1, check_id="queued_storage.E009")
+    )
+    errors.extend(
+        _check_number(
+            "QUEUED_STORAGE_HEALTH_MAX_AGE", minimum=1, check_id="queued_storage.E010"
         )
-    errors.extend(_check_number("QUEUED_STORAGE_RETRIES", integer=True, minimum=0))
-    errors.extend(_check_number("QUEUED_STORAGE_RETRY_DELAY", minimum=0))
-    errors.extend(_check_number("QUEUED_STORAGE_LEASE", minimum=1))
-    errors.extend(_check_number("QUEUED_STORAGE_HEALTH_MAX_AGE", minimum=1))
+    )
     host_problem = hostname_problem(conf.hostname())
     if host_problem:
         errors.append(Error(host_problem, hint=HOSTNAME_HINT, id="queued_storage.E006"))
@@ -143,7 +172,9 @@ def check_settings(
         errors.append(
             Error(
                 f"QUEUED_STORAGE_CACHE_PREFIX must be a string, not {prefix!r}.",
-                id="queued_storage.E005",
+                hint="Remove it (it is accepted for 0.8's settings and unused), or "
+                "set a string.",
+                id="queued_storage.E011",
             )
         )
     return errors
@@ -171,32 +202,30 @@ def _unusable(what: str, storage: QueuedStorage, obj: Any) -> list[Error]:
     ]
 
 
-def _tasks_framework_available() -> bool:
-    return any(
-        importlib.util.find_spec(module) is not None
-        for module in ("django.tasks", "django_tasks")
-    )
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # "django.tasks" where django has no tasks
+        return False
 
 
 def _check_number(
     name: str,
     *,
     minimum: float,
+    check_id: str,
     integer: bool = False,
-    check_id: str = "queued_storage.E005",
+    maximum: float = MAX_SECONDS,
 ) -> list[Error]:
     value = conf.raw(name)
     if (
-        not usable_number(value)
+        not usable_number(value, maximum=maximum)
         or (integer and not isinstance(value, numbers.Integral))
         or value < minimum
     ):
-        what = "a whole number" if integer else "a number of seconds"
-        return [
-            Error(
-                f"{name} is {value!r}.",
-                hint=f"Set it to {what} of at least {minimum:g}.",
-                id=check_id,
-            )
-        ]
+        if integer:
+            what = f"a whole number from {minimum:g} to {maximum:g}"
+        else:
+            what = f"a number of seconds from {minimum:g} to {maximum:g} (100 years)"
+        return [Error(f"{name} is {value!r}.", hint=f"Set it to {what}.", id=check_id)]
     return []

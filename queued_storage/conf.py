@@ -13,6 +13,15 @@ from django.core.exceptions import ImproperlyConfigured
 #: Longest host name the ledger's ``host`` column stores.
 MAX_HOST_LENGTH = 255
 
+#: Longest duration a setting or a command option may give, in seconds: a hundred
+#: years. Beyond it ``now + duration`` overflows a datetime (year 9999) or a
+#: database's timestamp before anyone could mean it.
+MAX_SECONDS = 100 * 365 * 86400
+
+#: Most attempts a row may be given: the ledger's ``attempts`` column is a
+#: 32-bit integer on every database.
+MAX_RETRIES = 2**31 - 1
+
 WORKERS = ("immediate", "django_q", "django_tasks", "celery")
 
 DEFAULTS: dict[str, Any] = {
@@ -37,19 +46,20 @@ class Settings:
         """A number setting, refused at first use when no worker could use it
         (``manage.py check`` also holds it to a sensible minimum)."""
         value = self._get(name)
-        if not usable_number(value):
+        if not usable_number(value, maximum=MAX_SECONDS):
             raise ImproperlyConfigured(
-                f"{name} is {value!r}; set it to a finite number of seconds "
-                "(manage.py check says which values make sense)."
+                f"{name} is {value!r}; set it to a finite number of seconds, at "
+                "most a hundred years (manage.py check says which values make sense)."
             )
         return float(value)
 
     @property
     def QUEUED_STORAGE_RETRIES(self) -> int:
         value = self._get("QUEUED_STORAGE_RETRIES")
-        if not usable_number(value) or value != int(value):
+        if not usable_number(value, maximum=MAX_RETRIES) or value != int(value):
             raise ImproperlyConfigured(
-                f"QUEUED_STORAGE_RETRIES is {value!r}; set it to a whole number."
+                f"QUEUED_STORAGE_RETRIES is {value!r}; set it to a whole number "
+                f"from 0 to {MAX_RETRIES}."
             )
         return int(value)
 
@@ -101,13 +111,19 @@ class Settings:
         return self._get(name)
 
 
-def usable_number(value: Any) -> bool:
-    """Whether ``value`` is a number a worker can compute with: finite and not
-    negative. NaN compares false with everything, so it would pass any minimum."""
+def usable_number(value: Any, *, maximum: float | None = None) -> bool:
+    """Whether ``value`` is a number a worker can compute with: finite, not
+    negative and at most ``maximum``. NaN compares false with everything, so it
+    would pass any minimum; a huge one overflows the datetimes it is added to."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return False
-    number = float(value)
-    return math.isfinite(number) and number >= 0
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        return False
+    if not math.isfinite(number) or number < 0:
+        return False
+    return maximum is None or number <= maximum
 
 
 HOSTNAME_HINT = (

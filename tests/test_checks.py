@@ -9,11 +9,13 @@ from typing import Any
 
 import pytest
 from django.core.checks import Error, run_checks
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 
 from queued_storage import registry
-from queued_storage.checks import check_settings, check_storages
+from queued_storage.checks import WORKER_LIBRARIES, check_settings, check_storages
+from queued_storage.conf import settings as conf
 from tests.conftest import FS
 
 BACKEND = "queued_storage.backends.QueuedStorage"
@@ -179,19 +181,19 @@ def test_e004_not_raised_when_django_q_is_installed(
     assert check_ids() == []
 
 
-def test_e004_celery_worker_without_celery(
+def test_e013_celery_worker_without_celery(
     settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings.QUEUED_STORAGE_WORKER = "celery"
     fake_find_spec(monkeypatch, missing={"celery"})
 
-    (error,) = errors_with("queued_storage.E004")
+    (error,) = errors_with("queued_storage.E013")
 
     assert "Celery is not installed" in error.msg
     assert error.hint and "pip install 'django-queued-storage[celery]'" in error.hint
 
 
-def test_e004_not_raised_when_celery_is_installed(
+def test_e013_not_raised_when_celery_is_installed(
     settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings.QUEUED_STORAGE_WORKER = "celery"
@@ -200,13 +202,25 @@ def test_e004_not_raised_when_celery_is_installed(
     assert check_ids() == []
 
 
-def test_e004_django_tasks_worker_without_a_tasks_framework(
+def test_e012_django_tasks_worker_without_a_tasks_framework(
     settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings.QUEUED_STORAGE_WORKER = "django_tasks"
     fake_find_spec(monkeypatch, missing={"django_tasks", "django.tasks"})
 
-    assert check_ids() == ["queued_storage.E004"]
+    assert check_ids() == ["queued_storage.E012"]
+
+
+#: Each setting's own check ID: silencing one never hides another.
+SETTING_CHECKS = {
+    "QUEUED_STORAGE_RETRIES": "queued_storage.E005",
+    "QUEUED_STORAGE_RETRY_DELAY": "queued_storage.E008",
+    "QUEUED_STORAGE_LEASE": "queued_storage.E009",
+    "QUEUED_STORAGE_HEALTH_MAX_AGE": "queued_storage.E010",
+    "QUEUED_STORAGE_CACHE_PREFIX": "queued_storage.E011",
+    "QUEUED_STORAGE_TRANSFER_TIMEOUT": "queued_storage.E007",
+}
+HUGE_INT = 10**400  # too large for a float
 
 
 @pytest.mark.parametrize(
@@ -215,26 +229,76 @@ def test_e004_django_tasks_worker_without_a_tasks_framework(
         ("QUEUED_STORAGE_RETRIES", -1),
         ("QUEUED_STORAGE_RETRIES", 1.5),
         ("QUEUED_STORAGE_RETRIES", "5"),
+        ("QUEUED_STORAGE_RETRIES", float("nan")),
+        ("QUEUED_STORAGE_RETRIES", 2**31),
+        ("QUEUED_STORAGE_RETRIES", HUGE_INT),
         ("QUEUED_STORAGE_RETRY_DELAY", "x"),
         ("QUEUED_STORAGE_RETRY_DELAY", -1),
+        ("QUEUED_STORAGE_RETRY_DELAY", float("nan")),
+        ("QUEUED_STORAGE_RETRY_DELAY", float("-inf")),
+        ("QUEUED_STORAGE_RETRY_DELAY", 1e300),
         ("QUEUED_STORAGE_LEASE", 0),
         ("QUEUED_STORAGE_LEASE", True),
         ("QUEUED_STORAGE_LEASE", float("nan")),
         ("QUEUED_STORAGE_LEASE", float("inf")),
-        ("QUEUED_STORAGE_RETRY_DELAY", float("nan")),
+        ("QUEUED_STORAGE_LEASE", HUGE_INT),
+        ("QUEUED_STORAGE_LEASE", 100 * 365 * 86400 + 1),
         ("QUEUED_STORAGE_HEALTH_MAX_AGE", 0),
         ("QUEUED_STORAGE_HEALTH_MAX_AGE", "15m"),
+        ("QUEUED_STORAGE_HEALTH_MAX_AGE", float("inf")),
+        ("QUEUED_STORAGE_TRANSFER_TIMEOUT", float("nan")),
+        ("QUEUED_STORAGE_TRANSFER_TIMEOUT", 1e20),
         ("QUEUED_STORAGE_CACHE_PREFIX", 3),
         ("QUEUED_STORAGE_CACHE_PREFIX", None),
     ],
 )
-def test_e005_bad_number_or_prefix(settings: Any, setting: str, value: Any) -> None:
+def test_each_bad_setting_has_its_own_check_id(
+    settings: Any, setting: str, value: Any
+) -> None:
     setattr(settings, setting, value)
 
-    (error,) = errors_with("queued_storage.E005")
+    (error,) = errors_with(SETTING_CHECKS[setting])
 
     assert setting in error.msg
-    assert check_ids() == ["queued_storage.E005"]
+    assert error.hint
+    assert check_ids() == [SETTING_CHECKS[setting]]
+
+
+def test_no_two_problems_share_a_check_id() -> None:
+    worker_ids = [entry[3] for entry in WORKER_LIBRARIES.values()]
+    fixed = ["queued_storage.E001", "queued_storage.E002", "queued_storage.E003"]
+    every = [*fixed, *worker_ids, "queued_storage.E006", *SETTING_CHECKS.values()]
+    assert len(every) == len(set(every))
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "QUEUED_STORAGE_RETRY_DELAY",
+        "QUEUED_STORAGE_LEASE",
+        "QUEUED_STORAGE_TRANSFER_TIMEOUT",
+        "QUEUED_STORAGE_HEALTH_MAX_AGE",
+    ],
+)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e300, HUGE_INT])
+def test_a_duration_setting_no_worker_can_use_is_refused_at_first_use(
+    settings: Any, setting: str, value: Any
+) -> None:
+    """Where checks do not run (call_command(skip_checks=True), a shell)."""
+    setattr(settings, setting, value)
+
+    with pytest.raises(ImproperlyConfigured, match=setting):
+        getattr(conf, setting)
+
+
+@pytest.mark.parametrize("value", [float("nan"), 2**31, HUGE_INT, -1])
+def test_a_retry_count_no_worker_can_use_is_refused_at_first_use(
+    settings: Any, value: Any
+) -> None:
+    settings.QUEUED_STORAGE_RETRIES = value
+
+    with pytest.raises(ImproperlyConfigured, match="QUEUED_STORAGE_RETRIES"):
+        _ = conf.QUEUED_STORAGE_RETRIES
 
 
 @pytest.mark.parametrize(
@@ -246,9 +310,11 @@ def test_e005_bad_number_or_prefix(settings: Any, setting: str, value: Any) -> N
         ("QUEUED_STORAGE_LEASE", 1),
         ("QUEUED_STORAGE_HEALTH_MAX_AGE", 1),
         ("QUEUED_STORAGE_CACHE_PREFIX", ""),
+        ("QUEUED_STORAGE_LEASE", 100 * 365 * 86400),
+        ("QUEUED_STORAGE_RETRIES", 2**31 - 1),
     ],
 )
-def test_e005_not_raised_for_edge_values(
+def test_no_check_fails_for_edge_values(
     settings: Any, setting: str, value: Any
 ) -> None:
     setattr(settings, setting, value)

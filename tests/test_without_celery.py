@@ -41,7 +41,7 @@ SCRIPT = textwrap.dedent(
         errors = [
             {"id": e.id, "msg": e.msg, "hint": e.hint}
             for e in run_checks()
-            if e.id == "queued_storage.E004"
+            if e.id == "queued_storage.E013"
         ]
     print(json.dumps({
         "imported": imported,
