@@ -6,17 +6,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
+import math
 import re
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TextIO
 
 from django.core.management.base import BaseCommand, CommandError, OutputWrapper
 
 from queued_storage import redaction, registry
+from queued_storage.conf import MAX_SECONDS
 from queued_storage.conf import settings as conf
 
 if TYPE_CHECKING:
@@ -49,6 +53,10 @@ class AttentionNeeded(CommandError):
         super().__init__(message, returncode=EXIT_ATTENTION)
 
 
+#: The largest count an option takes: a database's 32-bit LIMIT or column.
+MAX_COUNT = 2**31 - 1
+
+
 def positive_int(value: str) -> int:
     try:
         number = int(value)
@@ -56,16 +64,26 @@ def positive_int(value: str) -> int:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
     if number < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    if number > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_COUNT}")
     return number
 
 
 def positive_float(value: str) -> float:
+    """Seconds, more than 0 and at most a hundred years; NaN ("nan" parses as a
+    float and passes every comparison) and infinity are refused."""
     try:
         number = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a finite number")
     if number <= 0:
         raise argparse.ArgumentTypeError("must be more than 0")
+    if number > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_SECONDS} seconds (a hundred years)"
+        )
     return number
 
 
@@ -74,7 +92,8 @@ DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def duration(value: str) -> timedelta:
-    """``90``, ``90s``, ``15m``, ``12h``, ``30d`` or ``2w``: a length of time."""
+    """``90``, ``90s``, ``15m``, ``12h``, ``30d`` or ``2w``: a length of time, at
+    most a hundred years (``now`` minus more overflows a datetime)."""
     match = DURATION_RE.match(value)
     if match is None:
         raise argparse.ArgumentTypeError(
@@ -82,7 +101,43 @@ def duration(value: str) -> timedelta:
             "or w (e.g. 90, 15m, 12h, 30d)"
         )
     number, unit = match.groups()
-    return timedelta(seconds=float(number) * DURATION_UNITS[unit.lower()])
+    seconds = float(number) * DURATION_UNITS[unit.lower()]
+    if not seconds <= MAX_SECONDS:  # also inf, from a number too long for a float
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is longer than a hundred years ({MAX_SECONDS // 86400}d)"
+        )
+    return timedelta(seconds=seconds)
+
+
+#: The ``queued_storage`` logger's level at each ``--verbosity``. The default (1)
+#: logs warnings only: a nightly cron drain mails its summary line, not a line
+#: per file; 2 adds a line per file and state change, 3 the debugging detail.
+VERBOSITY_LEVELS = {0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO}
+
+
+@contextmanager
+def verbosity_logging(verbosity: int) -> Iterator[None]:
+    """The ``queued_storage`` logger at the level ``verbosity`` asks for while a
+    command runs, then as it was.
+
+    A level the site's ``LOGGING`` set is only ever made more verbose, and a
+    handler to stderr is added only when no handler would show the records
+    (stdout may carry ``--json``)."""
+    logger = logging.getLogger("queued_storage")
+    wanted = VERBOSITY_LEVELS.get(verbosity, logging.DEBUG)
+    before = logger.level
+    logger.setLevel(min(wanted, before) if before != logging.NOTSET else wanted)
+    handler: logging.Handler | None = None
+    if not logger.hasHandlers():
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            logger.removeHandler(handler)
+        logger.setLevel(before)
 
 
 def check_storage_keys(keys: Iterable[str] | None) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import time
 from types import FrameType
@@ -24,6 +25,7 @@ from queued_storage.management.cli import (
     of_storages,
     positive_float,
     positive_int,
+    verbosity_logging,
     write_json,
 )
 from queued_storage.models import PendingTransfer
@@ -104,7 +106,36 @@ class Command(BaseCommand):
         verbosity: int,
         **options: Any,
     ) -> None:
-        keys = check_storage_keys(storages)
+        with verbosity_logging(verbosity):
+            self._drain_until_done(
+                loop=loop,
+                interval=interval,
+                limit=limit,
+                concurrency=concurrency,
+                keys=check_storage_keys(storages),
+                batch_size=batch_size,
+                json=json,
+                progress=progress,
+                progress_every=progress_every,
+                max_polls=max_polls,
+                verbosity=verbosity,
+            )
+
+    def _drain_until_done(
+        self,
+        *,
+        loop: bool,
+        interval: float,
+        limit: int | None,
+        concurrency: int,
+        keys: list[str],
+        batch_size: int,
+        json: bool,
+        progress: bool | None,
+        progress_every: float,
+        max_polls: int | None,
+        verbosity: int,
+    ) -> None:
         self.stopping = False
         # Put back what the caller had: call_command() must not leave the process
         # (a test run, a supervisor) with the handler of a command that has ended.
@@ -201,11 +232,32 @@ class Command(BaseCommand):
         }
 
     def _install_signal_handlers(self) -> dict[int, Any]:
-        """Stop after the current file on SIGTERM/SIGINT; returns the old handlers."""
+        """Stop after the files in hand on SIGTERM/SIGINT, at once on a second
+        one; returns the old handlers."""
 
         def stop(signum: int, frame: FrameType | None) -> None:
-            logger.info("stopping signal=%s", signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            if self.stopping:
+                # As a SIGKILL would: the files in hand keep their local copies
+                # and their rows' leases, which another worker takes over when
+                # they expire (a graceful stop would have had to wait for them).
+                logger.warning(
+                    "stopping now signal=%s the transfers in hand are abandoned; "
+                    "their rows are retried when their leases expire",
+                    name,
+                )
+                for handler in logging.getLogger("queued_storage").handlers:
+                    handler.flush()
+                self.stdout.flush()
+                os._exit(128 + signum)
+            # Set before logging: a second signal can arrive while the record is
+            # written, and its handler then runs inside this one.
             self.stopping = True
+            logger.warning(
+                "stopping signal=%s after the transfers in hand (send it again to "
+                "stop at once)",
+                name,
+            )
 
         return {
             signum: signal.signal(signum, stop)
