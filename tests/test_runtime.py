@@ -23,6 +23,7 @@ from django.utils import timezone
 from queued_storage import leases, registry, transfer
 from queued_storage import worker as runtime
 from queued_storage.backends import SMALL_FILE, QueuedStorage
+from queued_storage.conf import MAX_SECONDS
 from queued_storage.errors import Outcome
 from queued_storage.models import PendingTransfer
 from queued_storage.signals import file_transferred, transfer_failed
@@ -631,12 +632,13 @@ def test_a_call_inside_the_callers_transaction_raises_a_deadlock_unchanged(
     assert [raised.value] == deadlock.raised
 
 
-def test_stuck_transfer_status_and_the_admin_work_with_a_transfer_timeout_of_centuries(
+def test_stuck_transfer_status_and_the_admin_work_with_the_longest_transfer_timeout(
     storage: QueuedStorage, settings: Any, admin_client: Any
 ) -> None:
-    """A timeout meant as "never" reaches back before the first year a date can
-    hold: nothing has run past it, and the status command still reports."""
-    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 10**12
+    """A timeout meant as "never" (the longest accepted: a hundred years; longer
+    is refused, see tests/test_checks.py): nothing has run past it, and the
+    status command and the admin still report."""
+    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = MAX_SECONDS
     storage.save("a.txt", content())
     PendingTransfer.objects.claim_due(limit=10, lease=300)
 
