@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import numbers
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.apps import AppConfig, apps
 from django.conf import settings
@@ -25,10 +25,7 @@ from queued_storage.conf import (
     usable_number,
 )
 from queued_storage.conf import settings as conf
-
-if TYPE_CHECKING:
-    from queued_storage.backends import QueuedStorage
-
+from queued_storage.configuration import ConfiguredStorage
 
 #: How to fix a storage that cannot be built, whichever way it was configured.
 UNUSABLE_HINT = (
@@ -42,15 +39,13 @@ UNUSABLE_HINT = (
 def check_storages(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
-    from queued_storage.backends import QueuedStorage
-
     errors: list[CheckMessage] = []
     for alias, config in getattr(settings, "STORAGES", {}).items():
         try:
             backend = import_string(config.get("BACKEND", ""))
         except Exception:  # e.g. a module whose SDK is missing: not ours to check
             continue
-        if not (isinstance(backend, type) and issubclass(backend, QueuedStorage)):
+        if not (isinstance(backend, type) and issubclass(backend, ConfiguredStorage)):
             continue
         try:
             built = storages.create_storage(config)
@@ -67,7 +62,7 @@ def check_storages(
                 )
             )
             continue
-        if isinstance(built, QueuedStorage):
+        if isinstance(built, ConfiguredStorage):
             errors.extend(_unusable(f"STORAGES[{alias!r}]", built, None))
     for model in _models(app_configs):
         for field in model._meta.get_fields():
@@ -75,7 +70,7 @@ def check_storages(
                 continue  # the default storage is reported as STORAGES['default']
             storage = field.storage
             try:
-                if not isinstance(storage, QueuedStorage):
+                if not isinstance(storage, ConfiguredStorage):
                     continue
             except Exception:  # a lazy storage whose STORAGES entry is reported
                 continue
@@ -188,7 +183,7 @@ def _models(app_configs: Sequence[AppConfig] | None) -> Iterator[type[Model]]:
         yield from app_config.get_models()
 
 
-def _unusable(what: str, storage: QueuedStorage, obj: Any) -> list[Error]:
+def _unusable(what: str, storage: ConfiguredStorage, obj: Any) -> list[Error]:
     """E001 for a storage that builds (old migrations must import) but cannot be
     used: its first use raises the same text."""
     return [

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from django.db.models.fields.files import FieldFile, FileField
 
+from queued_storage.backends import QueuedStorage
+
 
 class QueuedFieldFile(FieldFile):
     def transfer(self) -> bool:
         """Queue this file's transfer now (for storages built with ``delayed=True``)."""
-        from queued_storage.backends import QueuedStorage
-
         if not isinstance(self.storage, QueuedStorage):
             raise TypeError(
                 f"{self.field} uses {type(self.storage).__name__}; transfer() needs "

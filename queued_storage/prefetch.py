@@ -12,10 +12,11 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from django.db.models import FileField, Model
 
+from queued_storage.configuration import ConfiguredStorage
 from queued_storage.models import PendingTransfer, name_hash
 
 if TYPE_CHECKING:
@@ -37,6 +38,28 @@ class NotRead:
 
 
 NOT_READ = NotRead()
+
+
+class RowState(NamedTuple):
+    status: str
+    deleted: bool
+    size: int | None
+
+
+def state_of(key: str, name: str) -> RowState | None:
+    """The state of the ledger row of ``name`` now (one indexed query), or None."""
+    found = PendingTransfer.objects.state_of(key, name)
+    return None if found is None else RowState(*found)
+
+
+def served_state(key: str, name: str) -> RowState | None:
+    """The row state that ``name`` is served by: read ahead by
+    :func:`prefetch_files` or :func:`prefetch_locations` when inside one, else
+    one query."""
+    found = prefetched(key, name)
+    if isinstance(found, NotRead):
+        return state_of(key, name)
+    return None if found is None else RowState(*found)
 
 
 def prefetched(key: str, name: str) -> State | NotRead | None:
@@ -81,10 +104,8 @@ def prefetch_files(objects: Iterable[Model], *fields: str) -> Iterator[list[Mode
         with prefetch_files(Document.objects.all()[:100]) as documents:
             html = render_to_string("list.html", {"documents": documents})
     """
-    from queued_storage.backends import QueuedStorage
-
     instances = list(objects)
-    wanted: dict[QueuedStorage, set[str]] = defaultdict(set)
+    wanted: dict[ConfiguredStorage, set[str]] = defaultdict(set)
     for instance in instances:
         for field in instance._meta.concrete_fields:
             if not isinstance(field, FileField) or (
@@ -92,7 +113,7 @@ def prefetch_files(objects: Iterable[Model], *fields: str) -> Iterator[list[Mode
             ):
                 continue
             storage = field.storage
-            if not isinstance(storage, QueuedStorage):
+            if not isinstance(storage, ConfiguredStorage):
                 continue
             name = getattr(instance, field.attname).name
             if name:
@@ -102,7 +123,7 @@ def prefetch_files(objects: Iterable[Model], *fields: str) -> Iterator[list[Mode
 
 
 @contextmanager
-def _prefetch(wanted: dict[QueuedStorage, set[str]]) -> Iterator[None]:
+def _prefetch(wanted: dict[ConfiguredStorage, set[str]]) -> Iterator[None]:
     outer = _states.get()
     states: dict[tuple[str, str], State | None] = dict(outer or {})
     for storage, names in wanted.items():

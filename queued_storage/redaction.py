@@ -42,7 +42,7 @@ from django.core.files.storage import storages
 from django.db import transaction
 
 if TYPE_CHECKING:
-    from queued_storage.backends import QueuedStorage
+    from queued_storage.configuration import ConfiguredStorage
 
 logger = logging.getLogger("queued_storage")
 
@@ -196,7 +196,7 @@ class _Collector:
         )
 
 
-def scrub(storage: QueuedStorage | None, error: BaseException) -> None:
+def scrub(storage: ConfiguredStorage | None, error: BaseException) -> None:
     """Redact ``error`` in place, and every error it chains, before it reaches a
     caller: it keeps its type (a ``FileNotFoundError`` stays one), but neither its
     message nor its traceback quotes a secret of ``storage`` or of any storage
@@ -264,11 +264,13 @@ def attribute_secrets(*instances: Any) -> set[str]:
 
 _cache_lock = threading.Lock()
 #: storage -> (what its secrets were computed from, the secrets)
-_cache: weakref.WeakKeyDictionary[QueuedStorage, tuple[tuple[Any, ...], frozenset[str]]]
+_cache: weakref.WeakKeyDictionary[
+    ConfiguredStorage, tuple[tuple[Any, ...], frozenset[str]]
+]
 _cache = weakref.WeakKeyDictionary()
 
 
-def secrets_of(storage: QueuedStorage) -> frozenset[str]:
+def secrets_of(storage: ConfiguredStorage) -> frozenset[str]:
     """``storage``'s secrets, computed once for the options, the ``STORAGES``
     entries and the built storages it uses (again only when one of those is
     replaced, as ``override_settings(STORAGES=...)`` does)."""
@@ -362,7 +364,7 @@ def redact_with(secrets: Iterable[str], text: str) -> str:
     return QUOTED_SECRET.sub(rf"\1{REDACTED}", text)
 
 
-def redact(storage: QueuedStorage | None, text: str) -> str:
+def redact(storage: ConfiguredStorage | None, text: str) -> str:
     """``text`` without ``storage``'s secrets, nor those of any other storage
     this process built (an error may quote another storage's client)."""
     secrets = set(known_secrets())
@@ -380,10 +382,10 @@ def redact_options(options: Any, text: str) -> str:
 #: Every storage this process built, those that loading migrations built included
 #: (their options may hold a credential that a row kept from before): for
 #: redaction only, never to find a storage by key (see queued_storage.registry).
-_built_storages: weakref.WeakSet[QueuedStorage] = weakref.WeakSet()
+_built_storages: weakref.WeakSet[ConfiguredStorage] = weakref.WeakSet()
 
 
-def remember(storage: QueuedStorage) -> None:
+def remember(storage: ConfiguredStorage) -> None:
     """Redact ``storage``'s secrets wherever this process quotes an error."""
     with _cache_lock:
         _built_storages.add(storage)

@@ -16,6 +16,8 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from django.utils.functional import LazyObject, empty
 
+from queued_storage.configuration import ConfiguredStorage
+
 if TYPE_CHECKING:
     from queued_storage.backends import QueuedStorage
 
@@ -127,8 +129,6 @@ def _declared() -> list[QueuedStorage]:
     from django.db.models import FileField
     from django.utils.module_loading import import_string
 
-    from queued_storage.backends import QueuedStorage
-
     found: list[QueuedStorage] = []
     configs = cast("dict[str, dict[str, Any]]", settings.STORAGES)
     for alias, config in configs.items():
@@ -136,13 +136,13 @@ def _declared() -> list[QueuedStorage]:
             backend = import_string(config["BACKEND"])
         except Exception:  # e.g. a module whose SDK is missing: not a storage here
             continue
-        if isinstance(backend, type) and issubclass(backend, QueuedStorage):
+        if isinstance(backend, type) and issubclass(backend, ConfiguredStorage):
             try:
                 storage = storages[alias]
             except Exception:  # reported by the system checks
                 continue
-            if isinstance(storage, QueuedStorage):
-                found.append(storage)
+            if isinstance(storage, ConfiguredStorage):
+                found.append(cast("QueuedStorage", storage))
     for model in apps.get_models():
         for field in model._meta.get_fields():
             if isinstance(field, FileField):
@@ -150,8 +150,8 @@ def _declared() -> list[QueuedStorage]:
                     storage = _unwrapped(field.storage)
                 except Exception:  # the default storage, reported where it is used
                     continue
-                if isinstance(storage, QueuedStorage):
-                    found.append(storage)
+                if isinstance(storage, ConfiguredStorage):
+                    found.append(cast("QueuedStorage", storage))
     return found
 
 

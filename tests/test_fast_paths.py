@@ -256,7 +256,7 @@ def test_a_large_file_gets_its_row_after_it_is_written(
     django_assert_num_queries: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("queued_storage.backends.SMALL_FILE", 5)
+    monkeypatch.setattr("queued_storage.saving.SMALL_FILE", 5)
     written: list[bool] = []
     save = storage.local.save
 

@@ -14,7 +14,7 @@ from django.core.files.storage import FileSystemStorage
 from django.core.files.storage import storages as storages_
 from django.urls import reverse
 
-from queued_storage import backends, registry
+from queued_storage import backends, configuration, registry
 from queued_storage.backends import QueuedStorage
 from queued_storage.checks import check_storages
 from queued_storage.fields import QueuedFieldFile, QueuedFileField
@@ -86,7 +86,7 @@ def test_a_mixins_class_attributes_are_the_defaults_of_the_arguments(
     after = StorageBeforeMixin(key="before-mixin")
     forget_keys.append(after.key)
     assert (after.remote_path, after.remote_options) == (FS, {})
-    assert after.task_path == backends.DEFAULT_TASK
+    assert after.task_path == configuration.DEFAULT_TASK
 
 
 class RemoteSet(backends.QueuedFileSystemStorage):

@@ -133,7 +133,7 @@ class FillsTheDisk(ContentFile):  # type: ignore[type-arg]
 def file_size(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test for a file whose row is written before it (small) and after."""
     if request.param == "large":
-        monkeypatch.setattr("queued_storage.backends.SMALL_FILE", 5)
+        monkeypatch.setattr("queued_storage.saving.SMALL_FILE", 5)
     return str(request.param)
 
 
@@ -206,7 +206,7 @@ def test_a_local_write_that_fails_midway_leaves_nothing_served(
 def test_a_large_file_whose_row_fails_leaves_nothing_served(
     storage: QueuedStorage, monkeypatch: pytest.MonkeyPatch, atomic: bool
 ) -> None:
-    monkeypatch.setattr("queued_storage.backends.SMALL_FILE", 5)
+    monkeypatch.setattr("queued_storage.saving.SMALL_FILE", 5)
     with connection.execute_wrapper(_refuse_ledger_inserts):
         if atomic:
             with pytest.raises(DatabaseError), transaction.atomic():

@@ -244,7 +244,7 @@ def test_a_name_with_a_lone_surrogate_is_refused_before_anything_is_written(
     """Not Unicode text: the database's driver raised a UnicodeEncodeError, the
     disk took it as the byte it escapes; now it is refused like other bad names."""
     if not small:
-        monkeypatch.setattr("queued_storage.backends.SMALL_FILE", 1)
+        monkeypatch.setattr("queued_storage.saving.SMALL_FILE", 1)
     for name in ("a\udc80.txt", "docs/\ud800.txt"):
         with pytest.raises(SuspiciousFileOperation, match="surrogate"):
             storage.save(name, content())

@@ -22,10 +22,11 @@ from django.utils import timezone
 
 from queued_storage import leases, registry, transfer
 from queued_storage import worker as runtime
-from queued_storage.backends import SMALL_FILE, QueuedStorage
+from queued_storage.backends import QueuedStorage
 from queued_storage.conf import MAX_SECONDS
 from queued_storage.errors import Outcome
 from queued_storage.models import PendingTransfer
+from queued_storage.saving import SMALL_FILE
 from queued_storage.signals import file_transferred, transfer_failed
 from queued_storage.worker import DrainStats, drain
 from tests.conftest import FS, content, read_bytes, row_of

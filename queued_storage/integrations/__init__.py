@@ -6,7 +6,6 @@ integration lives in its own module and is imported only when it is chosen.
 
 from __future__ import annotations
 
-from django.db import router
 from django.utils.module_loading import import_string
 
 from queued_storage import redaction
@@ -21,12 +20,11 @@ WAKERS = {
 }
 
 
-def wake_after_commit(key: str, name: str) -> None:
-    """Ask the configured worker to transfer ``name`` once the caller commits."""
+def wake_after_commit(db: str, key: str, name: str) -> None:
+    """Ask the configured worker to transfer ``name`` once the caller's
+    transaction on ``db`` (the ledger's) commits."""
     worker = conf.QUEUED_STORAGE_WORKER
     if worker is None:
         return
     wake = import_string(WAKERS[worker])
-    from queued_storage.models import PendingTransfer
-
-    redaction.after_commit(router.db_for_write(PendingTransfer), wake, key, name)
+    redaction.after_commit(db, wake, key, name)
