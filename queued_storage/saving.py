@@ -74,7 +74,7 @@ def free(
     """None if ``name`` is taken; else whether the ledger has a row for it."""
     if not storage.local.is_name_available(name, max_length=max_length):
         return None
-    state = state_of(storage.key, name) or asked_of_remote(storage, name)
+    state = state_of(storage.key, name) or _asked_of_remote(storage, name)
     if state is None:
         return (False,)
     if state.deleted or overwrites_names(storage.local):
@@ -82,7 +82,7 @@ def free(
     return None
 
 
-def asked_of_remote(storage: QueuedStorage, name: str) -> RowState | None:
+def _asked_of_remote(storage: QueuedStorage, name: str) -> RowState | None:
     """Until the storage is adopted, a name the ledger has no row for (and the
     local storage no file at) is asked of the remote before it is handed out:
     a file there (one from before the ledger) is recorded as done, so that the
@@ -95,7 +95,7 @@ def asked_of_remote(storage: QueuedStorage, name: str) -> RowState | None:
 
 
 def _ask_remote(storage: QueuedStorage, name: str, db: str) -> RowState | None:
-    """:func:`asked_of_remote` of a storage known not to be adopted."""
+    """:func:`_asked_of_remote` of a storage known not to be adopted."""
     if not storage.remote.exists(name):
         return None
     storage._registered()  # a ledger write, also from get_available_name()
@@ -139,7 +139,7 @@ def available_name(
             # Not adopted, a name asked of the remote by ``reserve`` has the row
             # that recorded it; one whose row another transaction's snapshot
             # hides (MariaDB) is asked again rather than reserved for ever.
-            state = state_of(storage.key, name) or asked_of_remote(storage, name)
+            state = state_of(storage.key, name) or _asked_of_remote(storage, name)
             if state is None:
                 if reserve is None:
                     return name, False, None
@@ -234,7 +234,7 @@ def _save_small(
             and state_of(storage.key, candidate) is None
             and _ask_remote(storage, candidate, db) is not None
         ):
-            return None  # the remote's file: _available_name finds its row
+            return None  # the remote's file: available_name finds its row
         return recording.reserve(
             PendingTransfer,
             db,
