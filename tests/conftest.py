@@ -6,13 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.core.files.base import ContentFile
-from django.core.files.storage import Storage
-from django.db import transaction
 
 from queued_storage import adoption, registry
 from queued_storage.backends import QueuedStorage
-from queued_storage.models import PendingTransfer
+from queued_storage.worker import DrainStats, drain
+from tests.helpers import FS, S3, storages_for
+from tests.s3 import S3_OPTIONS, make_bucket, moto_s3_server
 from tests.storages import (
     GatedStorage,
     HangingStorage,
@@ -24,7 +23,6 @@ from tests.storages import (
 # own, run in processes of their own.
 collect_ignore = ["legacy08"]
 
-FS = "django.core.files.storage.FileSystemStorage"
 _keys = itertools.count()
 
 
@@ -38,22 +36,19 @@ def tmp_media(tmp_path: Path, settings: Any) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def fresh_storages(tmp_path: Path, settings: Any) -> dict[str, Path]:
+def fresh_storages(
+    request: pytest.FixtureRequest, tmp_path: Path, settings: Any
+) -> dict[str, Path]:
     """Every test gets empty local and remote directories behind the
-    ``queued_local``/``queued_remote`` aliases the test models use."""
-    local = tmp_path / "local"
-    remote = tmp_path / "remote"
-    storages = dict(settings.STORAGES)
-    storages["queued_local"] = {
-        "BACKEND": FS,
-        "OPTIONS": {"location": str(local), "base_url": "/media/"},
-    }
-    storages["queued_remote"] = {
-        "BACKEND": "tests.storages.CountingStorage",
-        "OPTIONS": {"location": str(remote), "base_url": "https://remote.example/"},
-    }
-    settings.STORAGES = storages
-    return {"local": local, "remote": remote}
+    ``queued_local``/``queued_remote`` aliases the test models use. A module
+    whose worker process runs for the whole module (tests/test_celery.py) asks
+    for a module-scoped ``shared_dirs`` fixture: its directories are used."""
+    if "shared_dirs" in request.fixturenames:
+        dirs: dict[str, Path] = request.getfixturevalue("shared_dirs")
+    else:
+        dirs = {"local": tmp_path / "local", "remote": tmp_path / "remote"}
+    settings.STORAGES = storages_for(dirs, settings.STORAGES)
+    return dirs
 
 
 @pytest.fixture(autouse=True)
@@ -156,40 +151,48 @@ def hanging() -> Iterator[type[HangingStorage]]:
     HangingStorage.released.set()
 
 
-def content(text: str = "hello world") -> ContentFile:
-    return ContentFile(text.encode())
+@pytest.fixture
+def forget_keys() -> Iterator[list[str]]:
+    """Keys of storages a test builds by hand; dropped from the registry after."""
+    keys: list[str] = []
+    yield keys
+    for key in keys:
+        registry.forget(key)
 
 
-def read_bytes(storage: Storage, name: str) -> bytes:
-    """The bytes ``storage.open(name)`` reads, the file closed again."""
-    with storage.open(name) as opened:
-        data: bytes = opened.read()
-    return data
+@pytest.fixture
+def run_drain(django_capture_on_commit_callbacks: Any) -> Callable[..., DrainStats]:
+    """drain(), with the after-commit work (signals, local delete) run as it
+    would be outside the test's transaction."""
+
+    def run(**kwargs: Any) -> DrainStats:
+        with django_capture_on_commit_callbacks(execute=True):
+            return drain(**kwargs)
+
+    return run
 
 
-def row_of(storage: QueuedStorage, name: str) -> PendingTransfer:
-    """The ledger row of ``name``, found as the package finds it: by the unique
-    key (storage_key, name_hash), an exact match on the name's bytes."""
-    return PendingTransfer.objects.for_name(storage.key, name).get()
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """An S3 API over HTTP on loopback (moto), one for each test module."""
+    with moto_s3_server() as endpoint:
+        yield endpoint
 
 
-def row_by_name_column(storage: QueuedStorage, name: str) -> PendingTransfer:
-    """The ledger row whose ``name`` column equals ``name``. Unlike ``row_of`` it
-    does not go through name_hash: the database compares the column itself, which
-    is exact on every database (a binary collation on MariaDB)."""
-    return PendingTransfer.objects.get(storage_key=storage.key, name=name)
+@pytest.fixture
+def make_s3_storage(
+    s3_endpoint: str, make_storage: Callable[..., QueuedStorage]
+) -> Callable[..., QueuedStorage]:
+    """make_storage() with an S3Storage remote on a new bucket of ``s3_endpoint``;
+    ``remote_options`` are added to the bucket's."""
 
+    def make(**kwargs: Any) -> QueuedStorage:
+        remote_options = {
+            **S3_OPTIONS,
+            "bucket_name": make_bucket(s3_endpoint),
+            "endpoint_url": s3_endpoint,
+            **kwargs.pop("remote_options", {}),
+        }
+        return make_storage(remote=S3, remote_options=remote_options, **kwargs)
 
-def save_rolled_back(storage: QueuedStorage, capture_on_commit: Any) -> None:
-    """Save a file in a transaction that the view's error rolls back, with the
-    on-commit callbacks run as a request runs them; check that it left no row and
-    no remote copy."""
-    with (
-        capture_on_commit(execute=True),
-        pytest.raises(RuntimeError),
-        transaction.atomic(),
-    ):
-        name = storage.save("draft.txt", content())
-        raise RuntimeError("the view failed")
-    assert not storage.remote.exists(name)
-    assert not PendingTransfer.objects.filter(storage_key=storage.key).exists()
+    return make

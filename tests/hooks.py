@@ -77,3 +77,17 @@ class BrokenInitTransfer(Transfer):
 
     def __init__(self) -> None:
         raise RuntimeError("hook constructor exploded")
+
+
+class RecordingTransfer(Transfer):
+    """Delegates to the base copy, and keeps what it answered (a test empties
+    ``answers`` first)."""
+
+    answers: ClassVar[list[bool]] = []
+
+    def transfer(
+        self, name: str, local: Storage, remote: Storage, **kwargs: Any
+    ) -> bool:
+        answer = super().transfer(name, local, remote, **kwargs)
+        self.answers.append(answer)
+        return answer

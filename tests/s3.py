@@ -1,11 +1,27 @@
-"""An S3 API over HTTP on loopback (moto's threaded server), for the S3 tests."""
+"""An S3 API over HTTP on loopback (moto's threaded server) for the S3 tests, and
+the late worker's race they run against it."""
 
 from __future__ import annotations
 
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from django.core.files.base import ContentFile
+from django.db import connections
+from django.utils import timezone
+
+from queued_storage.backends import QueuedStorage
+from queued_storage.errors import Outcome
+from queued_storage.models import PendingTransfer
+from queued_storage.transfer import process_row
+from queued_storage.worker import drain
+
+T = TypeVar("T")
 
 S3_OPTIONS: dict[str, Any] = {
     "access_key": "testing",
@@ -53,4 +69,83 @@ def s3_client(endpoint: str) -> Any:
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
         region_name="us-east-1",
+    )
+
+
+def hold_first_request(
+    storage: QueuedStorage,
+    operations: tuple[str, ...],
+    work: Callable[[], T],
+    meanwhile: Callable[[], object],
+    seen: Callable[[dict[str, Any]], object] | None = None,
+) -> T:
+    """Run ``work`` in a thread of its own and hold the first request of
+    ``operations`` (S3 operation names: ``"PutObject"``) that the storage's S3
+    client sends, until ``meanwhile()`` has run here; what ``work`` returned.
+    ``seen`` gets the held request's parameters. A request is built, and the
+    lease checked, before it is sent: this is the moment a late worker stops."""
+    sent = threading.Event()
+    resume = threading.Event()
+
+    def hold(params: dict[str, Any], **kwargs: Any) -> None:
+        if not sent.is_set():  # the first one sent: work's
+            if seen is not None:
+                seen(params)
+            sent.set()
+            assert resume.wait(timeout=30)
+
+    def in_its_thread() -> T:
+        try:
+            return work()
+        finally:
+            sent.set()
+            connections.close_all()
+
+    # S3Storage sends with its bucket's client, whichever thread saves.
+    events = storage.remote.bucket.meta.client.meta.events  # type: ignore[attr-defined]
+    for operation in operations:
+        events.register(f"before-call.s3.{operation}", hold)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        outcome = pool.submit(in_its_thread)
+        assert sent.wait(timeout=30), "work sent none of its requests"
+        assert not outcome.done()
+        try:
+            meanwhile()
+        finally:
+            resume.set()
+        return outcome.result(timeout=30)
+
+
+def late_worker_outcome(
+    storage: QueuedStorage,
+    operations: tuple[str, ...],
+    name: str = "doc.txt",
+    versions: tuple[bytes, bytes, bytes] = (b"first", b"second", b"the newest"),
+    seen: Callable[[dict[str, Any]], object] | None = None,
+    claimed: Callable[[], object] | None = None,
+) -> Outcome:
+    """The late worker's race: ``name`` is saved and transferred, then saved
+    again; a worker claims that second version and stops at its first request of
+    ``operations``. Meanwhile its lease runs out, another worker transfers the
+    row, and a newest version is saved and transferred. Returns the late
+    worker's outcome once it went on. ``seen`` gets the held request's
+    parameters; ``claimed()`` runs once the late worker claimed its row."""
+    first, second, newest = versions
+    storage.save(name, ContentFile(first))
+    assert drain(keys=[storage.key]).done == 1
+    storage.save(name, ContentFile(second))
+    [late] = PendingTransfer.objects.claim_due(limit=1, lease=300)
+    if claimed is not None:
+        claimed()
+
+    def take_over() -> None:
+        PendingTransfer.objects.filter(pk=late.pk).update(
+            lease_expires_at=timezone.now() - timedelta(seconds=1)
+        )
+        assert drain(keys=[storage.key]).done == 1
+        storage.save(name, ContentFile(newest))
+        assert drain(keys=[storage.key]).done == 1
+
+    return hold_first_request(
+        storage, operations, lambda: process_row(late), take_over, seen
     )

@@ -18,8 +18,8 @@ from django.utils import timezone
 
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer, name_hash
-from tests.conftest import content
 from tests.factories import PendingTransferFactory
+from tests.helpers import content
 
 pytestmark = pytest.mark.django_db
 

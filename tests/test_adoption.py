@@ -23,7 +23,7 @@ from queued_storage.adoption import remote_names
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer, StorageState
 from queued_storage.worker import drain
-from tests.conftest import content, read_bytes, row_of
+from tests.helpers import content, read_bytes, row_of
 from tests.storages import PausingStorage, RecordingStorage, SizeFailingStorage
 
 pytestmark = [pytest.mark.django_db, pytest.mark.not_adopted]

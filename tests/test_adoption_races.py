@@ -17,7 +17,7 @@ from queued_storage.adoption import Adoption
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.worker import drain
-from tests.conftest import content, read_bytes, row_of
+from tests.helpers import content, read_bytes, row_of
 from tests.storages import PausingStorage, SizeOutageStorage
 from tests.test_adoption import UnsizedFile, adopt, ledger, legacy_site
 from tests.test_commands import age_transfers

@@ -20,11 +20,11 @@ from queued_storage import registry
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.worker import drain
+from tests.helpers import FS
 from tests.real_names import check_real_names
 
 pytestmark = pytest.mark.django_db
 
-FS = "django.core.files.storage.FileSystemStorage"
 MEMORY = "django.core.files.storage.InMemoryStorage"
 
 

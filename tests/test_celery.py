@@ -28,13 +28,19 @@ from django.core.files.base import ContentFile
 from django.db import connections, transaction
 
 from queued_storage.models import PendingTransfer
-from tests.conftest import FS
 from tests.databases import run_id
+from tests.helpers import storages_for
 from tests.testapp.models import Document, document_storage
 from tests.tools import group_members, missing, require_module, stop_group
 from tests.workers import ROOT, worker_env
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+# The worker runs for the whole module: the storages of every test are the
+# module's (``shared_dirs``, which conftest's fresh_storages uses when asked).
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.slow,
+    pytest.mark.usefixtures("shared_dirs"),
+]
 
 Status = PendingTransfer.Status
 CELERY_EXTRA = "'django-queued-storage[celery]'"
@@ -199,30 +205,6 @@ def reachable(url: str) -> str:
 def shared_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("celery")
     return {"local": root / "local", "remote": root / "remote", "log": root}
-
-
-def storages_for(dirs: dict[str, Path], base: dict[str, Any]) -> dict[str, Any]:
-    return {
-        **base,
-        "queued_local": {
-            "BACKEND": FS,
-            "OPTIONS": {"location": str(dirs["local"]), "base_url": "/media/"},
-        },
-        "queued_remote": {
-            "BACKEND": "tests.storages.CountingStorage",
-            "OPTIONS": {
-                "location": str(dirs["remote"]),
-                "base_url": "https://remote.example/",
-            },
-        },
-    }
-
-
-@pytest.fixture(autouse=True)
-def fresh_storages(shared_dirs: dict[str, Path], settings: Any) -> dict[str, Path]:
-    """The worker runs for the whole module: its storages are the module's."""
-    settings.STORAGES = storages_for(shared_dirs, settings.STORAGES)
-    return shared_dirs
 
 
 @pytest.fixture(scope="module", params=sorted(BROKERS))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +12,9 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 
-from queued_storage import registry
 from queued_storage.checks import WORKER_LIBRARIES, check_settings, check_storages
 from queued_storage.conf import settings as conf
-from tests.conftest import FS
-
-BACKEND = "queued_storage.backends.QueuedStorage"
+from tests.helpers import BACKEND, FS, queued_alias
 
 
 def check_ids() -> list[str]:
@@ -31,14 +27,6 @@ def errors_with(check_id: str) -> list[Error]:
         for message in check_storages() + check_settings()
         if message.id == check_id
     ]
-
-
-@pytest.fixture
-def forget_keys() -> Iterator[list[str]]:
-    keys: list[str] = []
-    yield keys
-    for key in keys:
-        registry.forget(key)
 
 
 def test_default_test_settings_pass_the_checks() -> None:
@@ -85,10 +73,6 @@ def test_e001_not_raised_for_a_good_queued_storage_in_storages(
     forget_keys.append("g")
 
     assert check_ids() == []
-
-
-def queued_alias(**options: Any) -> dict[str, Any]:
-    return {"BACKEND": BACKEND, "OPTIONS": {"local": FS, "remote": FS, **options}}
 
 
 def test_e002_two_differently_configured_storages_share_a_key(

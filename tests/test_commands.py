@@ -20,8 +20,8 @@ from queued_storage import registry
 from queued_storage.backends import QueuedStorage
 from queued_storage.backfill import Backfill
 from queued_storage.models import PendingTransfer
-from tests.conftest import content, read_bytes, row_by_name_column
 from tests.factories import PendingTransferFactory
+from tests.helpers import content, read_bytes, row_by_name_column
 
 pytestmark = pytest.mark.django_db
 
@@ -37,13 +37,12 @@ COMMANDS = [
 ]
 
 
-@pytest.fixture
-def storage(make_storage: Callable[..., QueuedStorage]) -> QueuedStorage:
-    """A storage the site declares: the commands find it by key before it saved
-    anything, as they find those of settings and the models."""
-    storage = make_storage()
-    registry.register(storage)
-    return storage
+@pytest.fixture(autouse=True)
+def declared(request: pytest.FixtureRequest) -> None:
+    """The test's ``storage`` is one the site declares: the commands find it by
+    key before it saved anything, as they find those of settings and the models."""
+    if "storage" in request.fixturenames:
+        registry.register(request.getfixturevalue("storage"))
 
 
 @dataclass

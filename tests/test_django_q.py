@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
-from tests.conftest import content, row_of, save_rolled_back
+from tests.helpers import content, row_of, save_rolled_back
 from tests.testapp.models import Document
 from tests.tools import group_members, require_module, stop_group
 from tests.workers import start_command

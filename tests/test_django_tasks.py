@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
-from tests.conftest import content, row_of, save_rolled_back
+from tests.helpers import content, row_of, save_rolled_back
 from tests.testapp.models import Document
 from tests.tools import require_module
 from tests.workers import run_command

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from django.core.files.base import ContentFile
-from django.db import connections, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from queued_storage.backends import QueuedStorage
@@ -21,15 +21,23 @@ from queued_storage.models import MAX_RETRY_DELAY, PendingTransfer, retry_delay
 from queued_storage.signals import file_transferred, transfer_failed
 from queued_storage.transfer import process_row
 from queued_storage.worker import DrainStats, drain, transfer_name
-from tests.conftest import content, read_bytes, row_of
 from tests.factories import PendingTransferFactory
+from tests.helpers import (
+    ALWAYS_FAILING,
+    FLAKY,
+    content,
+    in_thread,
+    joined,
+    local_files,
+    read_bytes,
+    remote_files,
+    row_of,
+)
 from tests.storages import GatedStorage, PausingStorage
 
 pytestmark = pytest.mark.django_db
 
 Status = PendingTransfer.Status
-FLAKY = "tests.storages.FlakyStorage"
-ALWAYS_FAILING = {"failures": 10_000}
 
 
 # Helpers
@@ -39,38 +47,6 @@ def remote_bytes(storage: QueuedStorage, name: str) -> bytes:
     return Path(storage.remote.path(name)).read_bytes()
 
 
-def files_under(location: str) -> list[str]:
-    root = Path(location)
-    return sorted(
-        str(path.relative_to(root)) for path in root.rglob("*") if path.is_file()
-    )
-
-
-def remote_files(storage: QueuedStorage) -> list[str]:
-    return files_under(storage.remote.location)
-
-
-def local_files(storage: QueuedStorage) -> list[str]:
-    return files_under(storage.local.location)
-
-
-def in_thread(function: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    """Run ``function`` in a thread with its own database connection."""
-    result: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            result["value"] = function()
-        except BaseException as exc:  # handed to the test
-            result["error"] = exc
-        finally:
-            connections.close_all()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, result
-
-
 def in_other_connection(function: Callable[[], Any]) -> Any:
     """What another connection sees: only what was committed."""
     thread, result = in_thread(function)
@@ -78,28 +54,6 @@ def in_other_connection(function: Callable[[], Any]) -> Any:
     if "error" in result:
         raise result["error"]
     return result["value"]
-
-
-def joined(thread: threading.Thread, result: dict[str, Any]) -> Any:
-    thread.join(timeout=30)
-    assert not thread.is_alive(), "the worker thread hung"
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
-
-
-@pytest.fixture
-def run_drain(
-    django_capture_on_commit_callbacks: Any,
-) -> Callable[..., DrainStats]:
-    """drain(), with the after-commit work (signals, local delete) run as it would
-    be outside the test's transaction."""
-
-    def run(**kwargs: Any) -> DrainStats:
-        with django_capture_on_commit_callbacks(execute=True):
-            return drain(**kwargs)
-
-    return run
 
 
 @pytest.fixture

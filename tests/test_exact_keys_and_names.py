@@ -14,7 +14,7 @@ from django.core.management import call_command
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.worker import drain
-from tests.conftest import read_bytes
+from tests.helpers import read_bytes
 
 pytestmark = pytest.mark.django_db
 

@@ -30,14 +30,13 @@ from queued_storage.signals import file_transferred
 from queued_storage.tasks import Transfer
 from queued_storage.transfer import Verified, complete, transfer_row
 from queued_storage.worker import drain
-from tests.conftest import content, read_bytes
-from tests.s3 import S3_OPTIONS, make_bucket, moto_s3_server, s3_client
+from tests.helpers import content, read_bytes
+from tests.s3 import s3_client
 from tests.testapp.models import Document
 
 pytestmark = pytest.mark.django_db
 
 Status = PendingTransfer.Status
-S3 = "storages.backends.s3.S3Storage"
 
 
 def done_updates(captured: CaptureQueriesContext) -> list[str]:
@@ -489,28 +488,6 @@ def test_prefetched_states_stay_in_their_thread(
 
 
 # Create-only uploads to S3
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    with moto_s3_server() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture
-def make_s3_storage(
-    s3_endpoint: str, make_storage: Callable[..., QueuedStorage]
-) -> Callable[..., QueuedStorage]:
-    def make(**kwargs: Any) -> QueuedStorage:
-        remote_options = {
-            **S3_OPTIONS,
-            "bucket_name": make_bucket(s3_endpoint),
-            "endpoint_url": s3_endpoint,
-            **kwargs.pop("remote_options", {}),
-        }
-        return make_storage(remote=S3, remote_options=remote_options, **kwargs)
-
-    return make
 
 
 def record_requests(storage: QueuedStorage) -> list[str]:

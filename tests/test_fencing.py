@@ -20,8 +20,8 @@ from django.utils import timezone
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.worker import drain
-from tests.conftest import content, read_bytes, row_of
 from tests.contention import TIMEOUT, Contender
+from tests.helpers import content, read_bytes, row_of
 from tests.storages import PausingStorage, SaveWindowStorage, WindowStorage
 
 pytestmark = pytest.mark.django_db(transaction=True)

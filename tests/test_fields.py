@@ -10,7 +10,7 @@ import pytest
 from queued_storage.fields import QueuedFieldFile
 from queued_storage.models import PendingTransfer
 from queued_storage.worker import drain
-from tests.conftest import content
+from tests.helpers import content
 from tests.testapp.models import Document, HeldDocument
 
 pytestmark = pytest.mark.django_db

@@ -5,17 +5,14 @@ delegating hooks on S3 with several worker threads."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 from typing import Any
 from urllib.parse import unquote
 
 import pytest
 from django.core.files.base import ContentFile
 from django.core.files.storage import Storage
-from django.db import connections
-from django.utils import timezone
 
 from queued_storage.backends import QueuedStorage
 from queued_storage.errors import Outcome
@@ -23,23 +20,13 @@ from queued_storage.models import PendingTransfer
 from queued_storage.tasks import Transfer
 from queued_storage.transfer import process_row
 from queued_storage.worker import DrainStats, drain
-from tests.conftest import content, read_bytes, row_of
-from tests.s3 import S3_OPTIONS, make_bucket, moto_s3_server, s3_client
+from tests.helpers import ALWAYS_FAILING, FLAKY, content, read_bytes, row_of
+from tests.hooks import RecordingTransfer
+from tests.s3 import S3_OPTIONS, late_worker_outcome, make_bucket, s3_client
 
 pytestmark = pytest.mark.django_db
 
 Status = PendingTransfer.Status
-FLAKY = "tests.storages.FlakyStorage"
-ALWAYS_FAILING = {"failures": 10_000}
-
-
-@pytest.fixture
-def run_drain(django_capture_on_commit_callbacks: Any) -> Callable[..., DrainStats]:
-    def run(**kwargs: Any) -> DrainStats:
-        with django_capture_on_commit_callbacks(execute=True):
-            return drain(**kwargs)
-
-    return run
 
 
 def limited(**limits: Any) -> type[Transfer]:
@@ -215,12 +202,6 @@ def test_a_failed_stock_copy_of_another_name_is_not_the_attempts_error(
 # S3: a delegating hook's side objects, on several worker threads
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    with moto_s3_server() as endpoint:
-        yield endpoint
-
-
 class WithThumbnail(Transfer):
     """Writes a thumbnail beside each file, then delegates; the two attempts of a
     drain with two threads meet first, so that their uploads overlap."""
@@ -275,17 +256,6 @@ def test_if_none_match_goes_with_the_attempts_key_only_on_two_threads(
 
 
 # The stock copy's error belongs to its attempt only
-
-
-class RecordingTransfer(Transfer):
-    answers: list[bool] = []
-
-    def transfer(
-        self, name: str, local: Storage, remote: Storage, **kwargs: Any
-    ) -> bool:
-        answer = super().transfer(name, local, remote, **kwargs)
-        self.answers.append(answer)
-        return answer
 
 
 @pytest.mark.parametrize(
@@ -384,7 +354,7 @@ def test_a_copy_on_another_thread_of_the_hook_keeps_if_none_match(
 
 @pytest.mark.django_db(transaction=True)
 def test_s3_refuses_a_late_delete_of_the_earlier_upload_by_a_delegating_hook(
-    s3_endpoint: str, make_storage: Callable[..., QueuedStorage]
+    s3_endpoint: str, make_s3_storage: Callable[..., QueuedStorage]
 ) -> None:
     """With ``file_overwrite=False`` S3Storage renames a taken name, so a custom
     hook's attempt deletes its row's earlier upload first. A worker checks its
@@ -392,58 +362,20 @@ def test_s3_refuses_a_late_delete_of_the_earlier_upload_by_a_delegating_hook(
     another worker finishes the row, and the name is saved and transferred again.
     The late delete carries If-Match with the ETag seen before the check, and S3
     refuses it: the newest version stays."""
-    storage = make_storage(
-        remote="storages.backends.s3.S3Storage",
-        remote_options={
-            **S3_OPTIONS,
-            "bucket_name": make_bucket(s3_endpoint),
-            "endpoint_url": s3_endpoint,
-            "file_overwrite": False,
-        },
+    storage = make_s3_storage(
+        remote_options={"file_overwrite": False},
         local_options={"allow_overwrite": True},
         create_only_uploads=True,
         task=RecordingTransfer,
     )
+
+    outcome = late_worker_outcome(storage, ("DeleteObject", "DeleteObjects"))
+
+    assert outcome is Outcome.STALE
     bucket = storage.remote.bucket_name  # type: ignore[attr-defined]
-    name = storage.save("doc.txt", ContentFile(b"first"))
-    assert drain(keys=[storage.key]).done == 1
-    storage.save("doc.txt", ContentFile(b"second"))
-    [late] = PendingTransfer.objects.claim_due(limit=1, lease=300)
-    sent = threading.Event()
-    resume = threading.Event()
-
-    def hold(**kwargs: Any) -> None:
-        if not sent.is_set():  # the late worker's delete, the first one sent
-            sent.set()
-            assert resume.wait(timeout=30)
-
-    def late_worker() -> Any:
-        try:
-            return process_row(late)
-        finally:
-            sent.set()
-            connections.close_all()
-
-    events = storage.remote.bucket.meta.client.meta.events  # type: ignore[attr-defined]
-    events.register("before-call.s3.DeleteObject", hold)
-    events.register("before-call.s3.DeleteObjects", hold)
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        outcome = pool.submit(late_worker)
-        assert sent.wait(timeout=10)
-        assert not outcome.done()
-        PendingTransfer.objects.filter(pk=late.pk).update(
-            lease_expires_at=timezone.now() - timedelta(seconds=1)
-        )
-        assert drain(keys=[storage.key]).done == 1
-        storage.save("doc.txt", ContentFile(b"the newest"))
-        assert drain(keys=[storage.key]).done == 1
-        resume.set()
-        assert outcome.result(timeout=30) is Outcome.STALE
-
     stored = s3_client(s3_endpoint).get_object(Bucket=bucket, Key="doc.txt")
     assert stored["Body"].read() == b"the newest"
-    assert row_of(storage, name).status == Status.DONE
+    assert row_of(storage, "doc.txt").status == Status.DONE
 
 
 @pytest.mark.parametrize("hook", [Transfer, RecordingTransfer])

@@ -15,7 +15,6 @@ from typing import Any, ClassVar
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
-from django.core.files.base import ContentFile
 from django.core.files.storage import FileSystemStorage, Storage
 from django.db import connections
 from django.test import override_settings
@@ -27,16 +26,13 @@ from queued_storage.models import PendingTransfer
 from queued_storage.tasks import Transfer, TransferAndDelete
 from queued_storage.transfer import process_row
 from queued_storage.worker import DrainStats, drain
-from tests.conftest import content, read_bytes, row_of
-from tests.s3 import S3_OPTIONS, make_bucket, moto_s3_server, s3_client
+from tests.helpers import ALWAYS_FAILING, FLAKY, FS, content, read_bytes, row_of
+from tests.hooks import RecordingTransfer
+from tests.s3 import late_worker_outcome, s3_client
 
 pytestmark = pytest.mark.django_db
 
 Status = PendingTransfer.Status
-FS = "django.core.files.storage.FileSystemStorage"
-FLAKY = "tests.storages.FlakyStorage"
-ALWAYS_FAILING = {"failures": 10_000}
-S3 = "storages.backends.s3.S3Storage"
 
 
 # The 0.8 docs' example, verbatim (only the noqa added).
@@ -55,19 +51,6 @@ class TransferAndNotify(Transfer):
             # call the (imaginary) notify function with the result
             notify(result)
         return result
-
-
-class RecordingTransfer(Transfer):
-    """Delegates to the base copy, and keeps what it answered."""
-
-    answers: ClassVar[list[bool]] = []
-
-    def transfer(
-        self, name: str, local: Storage, remote: Storage, **kwargs: Any
-    ) -> bool:
-        answer = super().transfer(name, local, remote, **kwargs)
-        self.answers.append(answer)
-        return answer
 
 
 class IgnoringTransfer(RecordingTransfer):
@@ -177,36 +160,6 @@ def fresh_records() -> Iterator[None]:
     FailsOnceWhenReleased.armed = True
     yield
     FailsOnceWhenReleased.release.set()
-
-
-@pytest.fixture
-def run_drain(django_capture_on_commit_callbacks: Any) -> Callable[..., DrainStats]:
-    def run(**kwargs: Any) -> DrainStats:
-        with django_capture_on_commit_callbacks(execute=True):
-            return drain(**kwargs)
-
-    return run
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    with moto_s3_server() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture
-def make_s3_storage(
-    s3_endpoint: str, make_storage: Callable[..., QueuedStorage]
-) -> Callable[..., QueuedStorage]:
-    def make(**kwargs: Any) -> QueuedStorage:
-        remote_options = {
-            **S3_OPTIONS,
-            "bucket_name": make_bucket(s3_endpoint),
-            "endpoint_url": s3_endpoint,
-        }
-        return make_storage(remote=S3, remote_options=remote_options, **kwargs)
-
-    return make
 
 
 def if_none_match_headers(storage: QueuedStorage) -> list[str | None]:
@@ -657,63 +610,24 @@ def test_a_late_worker_whose_copy_fails_leaves_the_row_to_the_new_owner(
 
 @pytest.mark.django_db(transaction=True)
 def test_s3_refuses_a_late_overwrite_by_a_delegating_hook(
-    s3_endpoint: str, make_storage: Callable[..., QueuedStorage]
+    s3_endpoint: str, make_s3_storage: Callable[..., QueuedStorage]
 ) -> None:
     """As for the stock hook: a worker checks its lease, then stops before its
     upload reaches S3; its lease runs out, another worker finishes the row, and
     the name is saved and transferred again. The late upload, made by the base
     copy inside ``TransferAndNotify``, carries If-Match and is refused."""
-    storage = make_storage(
-        remote=S3,
-        remote_options={
-            **S3_OPTIONS,
-            "bucket_name": make_bucket(s3_endpoint),
-            "endpoint_url": s3_endpoint,
-        },
+    storage = make_s3_storage(
         local_options={"allow_overwrite": True},
         create_only_uploads=True,
         task=TransferAndNotify,
     )
+
+    assert late_worker_outcome(storage, ("PutObject",)) is Outcome.STALE
+
     bucket = storage.remote.bucket_name  # type: ignore[attr-defined]
-    name = storage.save("doc.txt", ContentFile(b"first"))
-    drain(keys=[storage.key])
-    storage.save("doc.txt", ContentFile(b"second"))
-    [late] = PendingTransfer.objects.claim_due(limit=1, lease=300)
-    sent = threading.Event()
-    resume = threading.Event()
-
-    def hold(**kwargs: Any) -> None:
-        if not sent.is_set():  # the late worker's upload, the first one sent
-            sent.set()
-            assert resume.wait(timeout=30)
-
-    def late_worker() -> Outcome:
-        try:
-            return process_row(late)
-        finally:
-            sent.set()
-            connections.close_all()
-
-    events = storage.remote.bucket.meta.client.meta.events  # type: ignore[attr-defined]
-    events.register("before-call.s3.PutObject", hold)
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        outcome = pool.submit(late_worker)
-        assert sent.wait(timeout=10)
-        assert not outcome.done()
-        PendingTransfer.objects.filter(pk=late.pk).update(
-            lease_expires_at=timezone.now() - timedelta(seconds=1)
-        )
-        assert drain(keys=[storage.key]).done == 1
-        storage.save("doc.txt", ContentFile(b"the newest"))
-        assert drain(keys=[storage.key]).done == 1
-        resume.set()
-        assert outcome.result(timeout=30) is Outcome.STALE
-
     stored = s3_client(s3_endpoint).get_object(Bucket=bucket, Key="doc.txt")
     assert stored["Body"].read() == b"the newest"
-    row = row_of(storage, name)
-    assert row.status == Status.DONE
+    assert row_of(storage, "doc.txt").status == Status.DONE
     assert notified == [True, True, True]  # not the late copy, which answered False
 
 

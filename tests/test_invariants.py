@@ -21,8 +21,8 @@ from queued_storage.models import PendingTransfer
 from queued_storage.signals import file_transferred
 from queued_storage.transfer import process_row
 from queued_storage.worker import drain
-from tests.conftest import content
 from tests.factories import PendingTransferFactory
+from tests.helpers import content
 from tests.storages import GatedStorage
 
 pytestmark = pytest.mark.django_db

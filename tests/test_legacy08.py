@@ -34,7 +34,7 @@ from tests.databases import (
     server_address,
     server_credentials,
 )
-from tests.s3 import make_bucket, moto_s3_server, s3_client
+from tests.s3 import make_bucket, s3_client
 
 pytestmark = pytest.mark.slow
 
@@ -150,12 +150,6 @@ def live_database(name: str) -> Iterator[None]:
         yield
     finally:
         execute(drop)
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    with moto_s3_server() as endpoint:
-        yield endpoint
 
 
 @pytest.fixture

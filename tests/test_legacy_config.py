@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pathlib
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,22 +20,13 @@ from queued_storage.checks import check_storages
 from queued_storage.models import PendingTransfer
 from queued_storage.tasks import TransferAndDelete
 from queued_storage.worker import drain
-from tests.conftest import FS, content
-from tests.s3 import S3_OPTIONS, make_bucket, moto_s3_server, s3_client
+from tests.helpers import FS, S3, content
+from tests.s3 import S3_OPTIONS, make_bucket, s3_client
 from tests.workers import run_command
 
 Status = PendingTransfer.Status
 COUNTING = "tests.storages.CountingStorage"
-S3 = "storages.backends.s3.S3Storage"
 S3BOTO = "storages.backends.s3boto.S3BotoStorage"
-
-
-@pytest.fixture
-def forget_keys() -> Iterator[list[str]]:
-    keys: list[str] = []
-    yield keys
-    for key in keys:
-        registry.forget(key)
 
 
 class LegacySubclass(QueuedStorage):
@@ -210,12 +201,6 @@ def test_queued_file_system_storage_keeps_local_first(forget_keys: list[str]) ->
 
 
 # The 0.8 README's example: s3boto
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    with moto_s3_server() as endpoint:
-        yield endpoint
 
 
 @pytest.fixture

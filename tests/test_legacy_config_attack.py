@@ -5,7 +5,7 @@ cannot be used yet or any more, and migration files that froze deprecated ones."
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,7 +21,7 @@ from queued_storage.fields import QueuedFieldFile, QueuedFileField
 from queued_storage.models import PendingTransfer
 from queued_storage.tasks import TransferAndDelete
 from queued_storage.worker import drain
-from tests.conftest import FS, content
+from tests.helpers import FS, content
 from tests.test_legacy_config import (
     GONE_SINCE,
     QS,
@@ -37,14 +37,6 @@ GONE = "myproject.gone.Storage"
 TRANSFER_AND_DELETE = "queued_storage.tasks.TransferAndDelete"
 
 __all__ = ["legacy_app"]  # a fixture of test_legacy_config, used here
-
-
-@pytest.fixture
-def forget_keys() -> Iterator[list[str]]:
-    keys: list[str] = []
-    yield keys
-    for key in keys:
-        registry.forget(key)
 
 
 # Class attributes: where Python finds them

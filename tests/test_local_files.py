@@ -22,21 +22,13 @@ from queued_storage import registry
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.worker import drain
-from tests.conftest import content, read_bytes, row_of
+from tests.helpers import content, local_files, read_bytes, row_of
 from tests.storages import SwappingStorage
 
 pytestmark = pytest.mark.django_db
 
 Make = Callable[..., QueuedStorage]
 Status = PendingTransfer.Status
-
-
-def local_files(storage: QueuedStorage) -> list[str]:
-    """Every file under the local storage's root, relative to it."""
-    root = Path(storage.local.location)  # type: ignore[attr-defined]
-    return sorted(
-        str(path.relative_to(root)) for path in root.rglob("*") if path.is_file()
-    )
 
 
 def transferred(storage: QueuedStorage, name: str) -> PendingTransfer:

@@ -17,7 +17,7 @@ from django.core.management.base import CommandError
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.worker import drain
-from tests.conftest import content, read_bytes
+from tests.helpers import content, read_bytes
 
 pytestmark = pytest.mark.django_db
 

@@ -17,7 +17,7 @@ from django.core.management import CommandError, call_command
 
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
-from tests.conftest import content
+from tests.helpers import content
 from tests.storages import GatedStorage
 
 pytestmark = pytest.mark.django_db

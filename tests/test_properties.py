@@ -46,11 +46,11 @@ from queued_storage.errors import Outcome
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import process_row
 from queued_storage.worker import drain
+from tests.helpers import FS, files_under
 from tests.storages import HookedStorage
 from tests.tools import IN_CI
 
 Status = PendingTransfer.Status
-FS = "django.core.files.storage.FileSystemStorage"
 NAMES = st.sampled_from(["a.txt", "dir/b.txt", "dir/\u00e9t\u00e9.txt"])
 CONTENTS = st.binary(max_size=6)
 ACTIONS = st.sampled_from(["resave", "delete", "delete-then-save"])
@@ -73,13 +73,6 @@ _machines = itertools.count()
 class WorkerCrash(BaseException):
     """The worker process dies: nothing after this line of the engine runs
     (a BaseException, so the engine's ``except Exception`` does not catch it)."""
-
-
-def files_under(location: str) -> set[str]:
-    root = Path(location)
-    if not root.exists():
-        return set()
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
 
 
 class LedgerMachine(RuleBasedStateMachine):
@@ -414,11 +407,11 @@ class LedgerMachine(RuleBasedStateMachine):
             assert row.status == Status.DONE, (row, row.last_error)
             assert not row.deleted, row
         remote = self.queued.remote
-        assert files_under(remote.location) == set(self.live)
+        assert set(files_under(remote.location)) == set(self.live)
         for name, data in self.live.items():
             with remote.open(name) as opened:
                 assert opened.read() == data, name
-        local = files_under(self.queued.local.location)
+        local = set(files_under(self.queued.local.location))
         if self.queued.task_class.delete_local:
             assert local == set()
         else:

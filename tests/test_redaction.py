@@ -30,8 +30,8 @@ from queued_storage.models import PendingTransfer
 from queued_storage.signals import file_transferred, transfer_failed
 from queued_storage.tasks import Transfer
 from queued_storage.worker import drain
-from tests.conftest import content
 from tests.factories import PendingTransferFactory
+from tests.helpers import content
 from tests.tools import require_module
 
 pytestmark = pytest.mark.django_db

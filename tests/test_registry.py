@@ -27,10 +27,9 @@ from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.tasks import Transfer
 from queued_storage.worker import drain
-from tests.conftest import FS, content
+from tests.helpers import FS, content, queued_alias
 from tests.testapp.models import Document, HeldDocument
 
-BACKEND = "queued_storage.backends.QueuedStorage"
 DELETE = "queued_storage.tasks.TransferAndDelete"
 _packages = itertools.count()
 
@@ -52,18 +51,6 @@ def no_old_transfers() -> Iterator[None]:
     OldTransfer.calls.clear()
     yield
     OldTransfer.calls.clear()
-
-
-@pytest.fixture
-def forget_keys() -> Iterator[list[str]]:
-    keys: list[str] = []
-    yield keys
-    for key in keys:
-        registry.forget(key)
-
-
-def queued_alias(**options: Any) -> dict[str, Any]:
-    return {"BACKEND": BACKEND, "OPTIONS": {"local": FS, "remote": FS, **options}}
 
 
 def declare(settings: Any, **aliases: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ from queued_storage.checksums import remote_sha256
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import process_row
 from queued_storage.worker import drain
-from tests.conftest import content
+from tests.helpers import content
 from tests.s3 import S3_OPTIONS, make_bucket, moto_s3_server
 from tests.storages import GatedStorage
 

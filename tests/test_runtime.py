@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from django.core.files.base import ContentFile
 from django.core.management import call_command
-from django.db import OperationalError, connection, connections, transaction
+from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 
 from queued_storage import leases, registry, transfer
@@ -29,7 +29,7 @@ from queued_storage.models import PendingTransfer
 from queued_storage.saving import SMALL_FILE
 from queued_storage.signals import file_transferred, transfer_failed
 from queued_storage.worker import DrainStats, drain
-from tests.conftest import FS, content, read_bytes, row_of
+from tests.helpers import FS, content, in_thread, joined, read_bytes, row_of, wait_until
 from tests.storages import HangingStorage, ReadThenHangStorage, StallingStorage
 
 pytestmark = pytest.mark.django_db
@@ -154,38 +154,6 @@ def test_release_claim_leaves_a_finished_row_alone(storage: QueuedStorage) -> No
 HANGING = "tests.storages.HangingStorage"
 
 
-def in_thread(function: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    """Run ``function`` in a thread with its own database connection."""
-    result: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            result["value"] = function()
-        except BaseException as exc:  # handed to the test
-            result["error"] = exc
-        finally:
-            connections.close_all()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, result
-
-
-def joined(thread: threading.Thread, result: dict[str, Any]) -> Any:
-    thread.join(timeout=60)
-    assert not thread.is_alive(), "the worker thread hung"
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 30
-    while not condition():
-        assert time.monotonic() < deadline, what
-        threading.Event().wait(0.05)
-
-
 def join_left_behind_workers() -> None:
     for thread in threading.enumerate():
         if thread.name.startswith("queued-storage-worker"):
@@ -213,7 +181,7 @@ def test_a_hung_upload_renews_only_its_own_lease_and_another_worker_takes_the_re
         until = row_of(storage, hung).lease_expires_at
         return until is not None and until > claimed_until
 
-    wait_until(renewed, "the hung upload's lease was never renewed")
+    assert wait_until(renewed), "the hung upload's lease was never renewed"
     renewed_until = row_of(storage, hung).lease_expires_at
     assert renewed_until is not None
     # A moment after the claim's leases ran out and before the renewed one does:
@@ -345,18 +313,6 @@ def test_stuck_includes_a_row_whose_attempt_ran_past_the_transfer_timeout(
 
 
 # Every failure is recorded on the row, wherever it was raised
-
-
-@pytest.fixture
-def run_drain(django_capture_on_commit_callbacks: Any) -> Callable[..., DrainStats]:
-    """drain(), with the after-commit work (signals, local delete) run as it
-    would be outside the test's transaction."""
-
-    def run(**kwargs: Any) -> DrainStats:
-        with django_capture_on_commit_callbacks(execute=True):
-            return drain(**kwargs)
-
-    return run
 
 
 @pytest.fixture
@@ -677,7 +633,9 @@ def test_a_stop_hands_back_the_unstarted_rows_at_once_while_an_upload_is_in_hand
             rows = [row_of(storage, name) for name in others]
             return all(row.status != Status.TRANSFERRING for row in rows)
 
-        wait_until(handed_back, "the unstarted rows waited for the upload in hand")
+        assert wait_until(handed_back), (
+            "the unstarted rows waited for the upload in hand"
+        )
         assert not hanging.returned.is_set()
     finally:
         hanging.released.set()
@@ -706,9 +664,8 @@ def test_a_verified_row_is_recorded_done_while_an_upload_of_its_batch_hangs(
     worker, result = in_thread(lambda: drain(concurrency=2))
     try:
         assert hanging.entered.wait(timeout=30)
-        wait_until(
-            lambda: row_of(storage, other).status == Status.DONE,
-            "the verified row waited for the hung upload",
+        assert wait_until(lambda: row_of(storage, other).status == Status.DONE), (
+            "the verified row waited for the hung upload"
         )
         assert not hanging.returned.is_set()
     finally:
@@ -761,9 +718,8 @@ def test_hung_uploads_keep_at_most_twice_the_concurrency_in_threads(
     logging.getLogger("queued_storage").addHandler(handler)
     worker, result = in_thread(lambda: drain(concurrency=1))
     try:
-        wait_until(
-            lambda: kept.is_set() or hanging.most > 2,
-            "the drain neither kept a lane nor hung a third upload",
+        assert wait_until(lambda: kept.is_set() or hanging.most > 2), (
+            "the drain neither kept a lane nor hung a third upload"
         )
         assert hanging.most == 2
     finally:
@@ -818,7 +774,9 @@ def test_a_transfer_in_the_callers_transaction_never_waits_for_its_own_row_locks
                 if thread.name.startswith("queued-storage-lease") and thread.is_alive()
             ]
 
-        wait_until(lambda: not keepers(), "a keeper works beside the caller's claim")
+        assert wait_until(lambda: not keepers()), (
+            "a keeper works beside the caller's claim"
+        )
     finally:
         hanging.released.set()
     outcome = joined(worker, result)

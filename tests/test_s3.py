@@ -4,47 +4,35 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 import urllib.request
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.core.files.base import ContentFile
-from django.db import connections
 from django.utils import timezone
 
 from queued_storage import conditional
 from queued_storage.backends import QueuedS3Storage, QueuedStorage
 from queued_storage.errors import Outcome
 from queued_storage.models import PendingTransfer
-from queued_storage.transfer import process_row
 from queued_storage.worker import drain
-from tests.s3 import S3_OPTIONS, make_bucket, moto_s3_server, s3_client
+from tests.s3 import (
+    S3_OPTIONS,
+    hold_first_request,
+    late_worker_outcome,
+    make_bucket,
+    moto_s3_server,
+    s3_client,
+)
 
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    with moto_s3_server() as endpoint:
-        yield endpoint
-
-
 @pytest.fixture
-def s3_storage(
-    s3_endpoint: str, make_storage: Callable[..., QueuedStorage]
-) -> QueuedStorage:
-    return make_storage(
-        remote="storages.backends.s3.S3Storage",
-        remote_options={
-            **S3_OPTIONS,
-            "bucket_name": make_bucket(s3_endpoint),
-            "endpoint_url": s3_endpoint,
-        },
-    )
+def s3_storage(make_s3_storage: Callable[..., QueuedStorage]) -> QueuedStorage:
+    return make_s3_storage()
 
 
 def test_s3_end_to_end(
@@ -117,65 +105,24 @@ def test_queued_s3_storage_class_defaults() -> None:
 
 @pytest.mark.django_db(transaction=True)
 def test_s3_refuses_a_late_overwrite_whose_lease_check_passed(
-    s3_endpoint: str, make_storage: Callable[..., QueuedStorage]
+    s3_endpoint: str, make_s3_storage: Callable[..., QueuedStorage]
 ) -> None:
     """A worker checks its lease, then stops before its upload reaches S3; its
     lease runs out, another worker takes the row over and finishes it, and the
     name is saved and transferred again. When the late upload arrives, S3 itself
     refuses it: it carries If-Match with the ETag seen before the check."""
-    storage = make_storage(
-        remote="storages.backends.s3.S3Storage",
-        remote_options={
-            **S3_OPTIONS,
-            "bucket_name": make_bucket(s3_endpoint),
-            "endpoint_url": s3_endpoint,
-        },
-        local_options={"allow_overwrite": True},
-        create_only_uploads=True,
+    storage = make_s3_storage(
+        local_options={"allow_overwrite": True}, create_only_uploads=True
     )
+
+    assert late_worker_outcome(storage, ("PutObject",)) is Outcome.STALE
+
     bucket = storage.remote.bucket_name
-    client = s3_client(s3_endpoint)
-    name = storage.save("doc.txt", ContentFile(b"first"))
-    drain(keys=[storage.key])
-    storage.save("doc.txt", ContentFile(b"second"))
-    [late] = PendingTransfer.objects.claim_due(limit=1, lease=300)
-    sent = threading.Event()
-    resume = threading.Event()
-
-    def hold(**kwargs: Any) -> None:
-        if not sent.is_set():  # the late worker's upload, the first one sent
-            sent.set()
-            assert resume.wait(timeout=30)
-
-    def late_worker() -> Outcome:
-        try:
-            return process_row(late)
-        finally:
-            sent.set()
-            connections.close_all()
-
-    # S3Storage uploads with its bucket's client, whichever thread saves.
-    events = storage.remote.bucket.meta.client.meta.events
-    events.register("before-call.s3.PutObject", hold)
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        outcome = pool.submit(late_worker)
-        assert sent.wait(timeout=10)  # its lease checked, its request built
-        assert not outcome.done()
-        PendingTransfer.objects.filter(pk=late.pk).update(
-            lease_expires_at=timezone.now() - timedelta(seconds=1)
-        )
-        assert drain(keys=[storage.key]).done == 1
-        storage.save("doc.txt", ContentFile(b"the newest"))
-        assert drain(keys=[storage.key]).done == 1
-        resume.set()
-        assert outcome.result(timeout=30) is Outcome.STALE
-
-    stored = client.get_object(Bucket=bucket, Key="doc.txt")["Body"].read()
-    assert stored == b"the newest"
-    row = PendingTransfer.objects.for_name(storage.key, name).get()
+    stored = s3_client(s3_endpoint).get_object(Bucket=bucket, Key="doc.txt")
+    assert stored["Body"].read() == b"the newest"
+    row = PendingTransfer.objects.for_name(storage.key, "doc.txt").get()
     assert row.status == PendingTransfer.Status.DONE
-    with storage.open(name) as opened:
+    with storage.open("doc.txt") as opened:
         assert opened.read() == b"the newest"
 
 
@@ -280,54 +227,29 @@ def test_s3_create_only_holds_in_worker_threads_whichever_thread_made_the_bucket
 
 @pytest.mark.django_db(transaction=True)
 def test_s3_purge_spares_a_version_written_after_its_lease_check(
-    s3_endpoint: str, make_storage: Callable[..., QueuedStorage]
+    s3_endpoint: str, make_s3_storage: Callable[..., QueuedStorage]
 ) -> None:
     """The purge after delete() checks its lease, then stops before its delete
     reaches S3; its lease runs out, the name is saved again and the new version
     transferred. When the late delete arrives, S3 itself refuses it: it carries
     If-Match with the ETag of the deleted version, read before the check."""
-    storage = make_storage(
-        remote="storages.backends.s3.S3Storage",
-        remote_options={
-            **S3_OPTIONS,
-            "bucket_name": make_bucket(s3_endpoint),
-            "endpoint_url": s3_endpoint,
-        },
-        create_only_uploads=True,
-    )
+    storage = make_s3_storage(create_only_uploads=True)
     bucket = storage.remote.bucket_name
     client = s3_client(s3_endpoint)
     name = storage.save("doc.txt", ContentFile(b"old"))
     assert drain(keys=[storage.key]).done == 1
-    sent = threading.Event()
-    resume = threading.Event()
 
-    def hold(**kwargs: Any) -> None:
-        if not sent.is_set():  # the purge's delete, the first one sent
-            sent.set()
-            assert resume.wait(timeout=30)
-
-    def delete() -> None:
-        try:
-            storage.delete(name)  # its purge runs at once, after the commit
-        finally:
-            sent.set()
-            connections.close_all()
-
-    events = storage.remote.bucket.meta.client.meta.events
-    events.register("before-call.s3.DeleteObject", hold)
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        purged = pool.submit(delete)
-        assert sent.wait(timeout=10)  # its lease checked, its request built
-        assert not purged.done()
+    def saved_again() -> None:
         PendingTransfer.objects.filter(storage_key=storage.key).update(
             lease_expires_at=timezone.now() - timedelta(seconds=1)
         )
         assert storage.save(name, ContentFile(b"new")) == name
         assert drain(keys=[storage.key]).done == 1
-        resume.set()
-        purged.result(timeout=30)
+
+    # delete()'s purge runs at once, after the commit.
+    hold_first_request(
+        storage, ("DeleteObject",), lambda: storage.delete(name), saved_again
+    )
 
     assert client.get_object(Bucket=bucket, Key="doc.txt")["Body"].read() == b"new"
     row = PendingTransfer.objects.for_name(storage.key, name).get()
@@ -338,7 +260,7 @@ def test_s3_purge_spares_a_version_written_after_its_lease_check(
 
 @pytest.mark.django_db(transaction=True)
 def test_s3_a_late_multipart_overwrite_completes_only_if_match(
-    s3_endpoint: str, make_storage: Callable[..., QueuedStorage]
+    make_s3_storage: Callable[..., QueuedStorage],
 ) -> None:
     """As for a single PutObject: a late worker's multipart upload, paused before
     its CompleteMultipartUpload while the row is taken over and a newer version
@@ -349,12 +271,8 @@ def test_s3_a_late_multipart_overwrite_completes_only_if_match(
     from boto3.s3.transfer import TransferConfig
 
     part = 5 * 1024 * 1024
-    storage = make_storage(
-        remote="storages.backends.s3.S3Storage",
+    storage = make_s3_storage(
         remote_options={
-            **S3_OPTIONS,
-            "bucket_name": make_bucket(s3_endpoint),
-            "endpoint_url": s3_endpoint,
             "transfer_config": TransferConfig(
                 multipart_threshold=part, multipart_chunksize=part
             ),
@@ -363,50 +281,24 @@ def test_s3_a_late_multipart_overwrite_completes_only_if_match(
         create_only_uploads=True,
     )
     first, second, newest = (os.urandom(part + 1) for _ in range(3))
-    name = storage.save("big.bin", ContentFile(first))
-    assert drain(keys=[storage.key]).done == 1
-    storage.save("big.bin", ContentFile(second))
-    [late] = PendingTransfer.objects.claim_due(limit=1, lease=300)
-    sent = threading.Event()
-    resume = threading.Event()
-
-    seen = conditional.etag_of(storage.remote, "big.bin")
+    seen: list[str | None] = []
     conditions: list[str | None] = []
 
-    def hold(params: dict[str, Any], **kwargs: Any) -> None:
-        if not sent.is_set():  # the late worker's completion, the first one sent
-            conditions.append(params["headers"].get("If-Match"))
-            sent.set()
-            assert resume.wait(timeout=30)
+    late_worker_outcome(
+        storage,
+        ("CompleteMultipartUpload",),
+        name="big.bin",
+        versions=(first, second, newest),
+        seen=lambda params: conditions.append(params["headers"].get("If-Match")),
+        claimed=lambda: seen.append(conditional.etag_of(storage.remote, "big.bin")),
+    )
 
-    def late_worker() -> Outcome:
-        try:
-            return process_row(late)
-        finally:
-            sent.set()
-            connections.close_all()
-
-    events = storage.remote.bucket.meta.client.meta.events
-    events.register("before-call.s3.CompleteMultipartUpload", hold)
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        outcome = pool.submit(late_worker)
-        assert sent.wait(timeout=30)
-        assert not outcome.done()
-        PendingTransfer.objects.filter(pk=late.pk).update(
-            lease_expires_at=timezone.now() - timedelta(seconds=1)
-        )
-        assert drain(keys=[storage.key]).done == 1
-        storage.save("big.bin", ContentFile(newest))
-        assert drain(keys=[storage.key]).done == 1
-        resume.set()
-        outcome.result(timeout=30)
-
-    assert conditions == [seen]
+    assert len(seen) == 1 and seen[0] is not None
+    assert conditions == seen
     # moto lets the late completion through (AWS S3 refuses it): the late worker,
     # verified, finds a newer version done and has it sent again.
     drain(keys=[storage.key])
-    row = PendingTransfer.objects.for_name(storage.key, name).get()
+    row = PendingTransfer.objects.for_name(storage.key, "big.bin").get()
     assert row.status == PendingTransfer.Status.DONE
     with storage.remote.open("big.bin") as remote_copy:
         assert remote_copy.read() == newest

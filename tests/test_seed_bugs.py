@@ -21,19 +21,13 @@ from queued_storage.backends import QueuedStorage
 from queued_storage.copying import copy_to_remote
 from queued_storage.models import PendingTransfer
 from queued_storage.worker import drain
-from tests.conftest import content, read_bytes, row_by_name_column
+from tests.helpers import content, drained, read_bytes, row_by_name_column
 from tests.testapp.models import Document
 
 pytestmark = pytest.mark.django_db
 
 Status = PendingTransfer.Status
 MakeStorage = Callable[..., QueuedStorage]
-
-
-def drained(storage: QueuedStorage) -> None:
-    stats = drain(keys=[storage.key])
-    assert stats.failed == 0
-    assert stats.retried == 0
 
 
 def assert_gone(storage: QueuedStorage, name: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,7 +18,7 @@ from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.signals import file_transferred
 from queued_storage.worker import drain
-from tests.conftest import FS, content, read_bytes, row_by_name_column
+from tests.helpers import FS, content, drained, read_bytes, row_by_name_column
 
 pytestmark = pytest.mark.django_db
 
@@ -28,21 +28,6 @@ MakeStorage = Callable[..., QueuedStorage]
 
 def rows_of(storage: QueuedStorage) -> list[PendingTransfer]:
     return list(PendingTransfer.objects.filter(storage_key=storage.key))
-
-
-def drained(storage: QueuedStorage) -> None:
-    stats = drain(keys=[storage.key])
-    assert stats.failed == 0
-    assert stats.retried == 0
-
-
-@pytest.fixture
-def forget_keys() -> Iterator[list[str]]:
-    """Keys of storages a test builds by hand; dropped from the registry after."""
-    keys: list[str] = []
-    yield keys
-    for key in keys:
-        registry.forget(key)
 
 
 # Saving

@@ -22,7 +22,6 @@ from queued_storage.backends import QueuedStorage
 from queued_storage.errors import Outcome
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
 from queued_storage.transfer import process_row
-from tests.conftest import content
 from tests.fleet import (
     DOCUMENTS,
     Journal,
@@ -30,8 +29,8 @@ from tests.fleet import (
     is_sqlite,
     queue_files,
     statuses,
-    wait_until,
 )
+from tests.helpers import content, wait_until
 from tests.workers import run_command
 
 Status = PendingTransfer.Status

@@ -1,0 +1,159 @@
+"""Plain helpers the tests share: files, ledger rows, threads and waits. Fixtures
+live in conftest.py; a test module imports these, never conftest.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.files.base import ContentFile
+from django.core.files.storage import Storage
+from django.db import connections, transaction
+
+from queued_storage.backends import QueuedStorage
+from queued_storage.models import PendingTransfer
+from queued_storage.worker import drain
+
+FS = "django.core.files.storage.FileSystemStorage"
+BACKEND = "queued_storage.backends.QueuedStorage"
+S3 = "storages.backends.s3.S3Storage"
+FLAKY = "tests.storages.FlakyStorage"
+#: FlakyStorage options for a remote that never takes a file.
+ALWAYS_FAILING = {"failures": 10_000}
+Status = PendingTransfer.Status
+
+
+def content(text: str = "hello world") -> ContentFile:
+    return ContentFile(text.encode())
+
+
+def read_bytes(storage: Storage, name: str) -> bytes:
+    """The bytes ``storage.open(name)`` reads, the file closed again."""
+    with storage.open(name) as opened:
+        data: bytes = opened.read()
+    return data
+
+
+def row_of(storage: QueuedStorage, name: str) -> PendingTransfer:
+    """The ledger row of ``name``, found as the package finds it: by the unique
+    key (storage_key, name_hash), an exact match on the name's bytes."""
+    return PendingTransfer.objects.for_name(storage.key, name).get()
+
+
+def row_by_name_column(storage: QueuedStorage, name: str) -> PendingTransfer:
+    """The ledger row whose ``name`` column equals ``name``. Unlike ``row_of`` it
+    does not go through name_hash: the database compares the column itself, which
+    is exact on every database (a binary collation on MariaDB)."""
+    return PendingTransfer.objects.get(storage_key=storage.key, name=name)
+
+
+def save_rolled_back(storage: QueuedStorage, capture_on_commit: Any) -> None:
+    """Save a file in a transaction that the view's error rolls back, with the
+    on-commit callbacks run as a request runs them; check that it left no row and
+    no remote copy."""
+    with (
+        capture_on_commit(execute=True),
+        pytest.raises(RuntimeError),
+        transaction.atomic(),
+    ):
+        name = storage.save("draft.txt", content())
+        raise RuntimeError("the view failed")
+    assert not storage.remote.exists(name)
+    assert not PendingTransfer.objects.filter(storage_key=storage.key).exists()
+
+
+def storages_for(dirs: dict[str, Path], base: dict[str, Any]) -> dict[str, Any]:
+    """``base`` (a ``STORAGES`` setting) with the ``queued_local`` and
+    ``queued_remote`` aliases the test models use on ``dirs``' directories."""
+    return {
+        **base,
+        "queued_local": {
+            "BACKEND": FS,
+            "OPTIONS": {"location": str(dirs["local"]), "base_url": "/media/"},
+        },
+        "queued_remote": {
+            "BACKEND": "tests.storages.CountingStorage",
+            "OPTIONS": {
+                "location": str(dirs["remote"]),
+                "base_url": "https://remote.example/",
+            },
+        },
+    }
+
+
+def drained(storage: QueuedStorage) -> None:
+    """Drain the storage's rows; none may fail or be retried."""
+    stats = drain(keys=[storage.key])
+    assert stats.failed == 0
+    assert stats.retried == 0
+
+
+def queued_alias(**options: Any) -> dict[str, Any]:
+    """A ``STORAGES`` entry of a QueuedStorage on two FileSystemStorages."""
+    return {"BACKEND": BACKEND, "OPTIONS": {"local": FS, "remote": FS, **options}}
+
+
+def files_under(location: str) -> list[str]:
+    """Every file below ``location`` (none when it does not exist), relative to
+    it, sorted."""
+    root = Path(location)
+    return sorted(
+        str(path.relative_to(root)) for path in root.rglob("*") if path.is_file()
+    )
+
+
+def local_files(storage: QueuedStorage) -> list[str]:
+    """Every file under the local storage's root, relative to it."""
+    return files_under(storage.local.location)  # type: ignore[attr-defined]
+
+
+def remote_files(storage: QueuedStorage) -> list[str]:
+    """Every file under the remote storage's root, relative to it."""
+    return files_under(storage.remote.location)  # type: ignore[attr-defined]
+
+
+def in_thread(function: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run ``function`` in a started thread with its own database connection; the
+    dict gets its ``value`` or ``error`` (hand both to ``joined``)."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = function()
+        except BaseException as exc:  # handed to the test
+            result["error"] = exc
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def joined(
+    thread: threading.Thread, result: dict[str, Any], timeout: float = 60
+) -> Any:
+    """What the thread of ``in_thread`` returned (or raise what it raised)."""
+    thread.join(timeout=timeout)
+    assert not thread.is_alive(), "the worker thread hung"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def wait_until(
+    condition: Callable[[], object], timeout: float = 30, every: float = 0.05
+) -> bool:
+    """Poll ``condition()`` until it is true or ``timeout`` seconds pass: a
+    bounded wait on a condition (for what no event can signal, such as another
+    process's work); True when it came true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(every)
+    return bool(condition())
