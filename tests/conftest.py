@@ -8,16 +8,46 @@ from typing import Any
 import pytest
 
 from queued_storage import adoption, registry
-from queued_storage.backends import QueuedStorage
+from queued_storage.backends import (
+    QueuedAzureStorage,
+    QueuedFTPStorage,
+    QueuedGoogleCloudStorage,
+    QueuedLibCloudStorage,
+    QueuedS3Storage,
+    QueuedSFTPStorage,
+    QueuedStorage,
+)
 from queued_storage.worker import DrainStats, drain
 from tests.helpers import FS, S3, storages_for
-from tests.s3 import S3_OPTIONS, make_bucket, moto_s3_server
+from tests.s3 import S3_OPTIONS, make_bucket, moto_s3_server, s3_client
+from tests.servers import (
+    AZURE_CONTAINER,
+    GCS_BUCKET,
+    GCS_PROJECT,
+    LIBCLOUD_CONTAINER,
+    MEMORY,
+    FTPServerInfo,
+    Remote,
+    SFTPServerInfo,
+    azurite_blob,
+    configure_ftp,
+    configure_sftp,
+    configure_storage,
+    disconnect_ftp,
+    django_storage_remote,
+    ftp_read,
+    ftp_server,
+    gcs_emulator,
+    sftp_read,
+    sftp_server,
+)
 from tests.storages import (
     GatedStorage,
     HangingStorage,
     PausingStorage,
     WindowStorage,
 )
+from tests.tools import require_module
 
 # The 0.8 site of tests/test_legacy08.py has settings and a test suite of its
 # own, run in processes of their own.
@@ -196,3 +226,264 @@ def make_s3_storage(
         return make_storage(remote=S3, remote_options=remote_options, **kwargs)
 
     return make
+
+
+# The remote backends' servers, each on 127.0.0.1 with a port of its own (port 0),
+# and their storages as the README's STORAGES examples configure them. A missing
+# tool skips loudly (fails under CI=true): see tests/tools.py.
+
+
+@pytest.fixture(scope="module")
+def azurite() -> Iterator[str]:
+    """Azurite's blob service with the ``uploads`` container; its connection
+    string."""
+    blob = require_module("azure.storage.blob")
+    with azurite_blob() as connection:
+        service = blob.BlobServiceClient.from_connection_string(connection)
+        service.create_container(AZURE_CONTAINER)
+        yield connection
+
+
+@pytest.fixture(scope="module")
+def gcs_endpoint() -> Iterator[str]:
+    """The GCS emulator's JSON API, for ``STORAGE_EMULATOR_HOST``."""
+    with gcs_emulator() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def sftp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SFTPServerInfo]:
+    base = tmp_path_factory.mktemp("sftp")
+    with sftp_server(base / "root", base / "keys") as info:
+        yield info
+
+
+@pytest.fixture
+def sftp_storage(
+    sftp: SFTPServerInfo, tmp_path: Path, settings: Any
+) -> Iterator[QueuedSFTPStorage]:
+    storage = configure_sftp(settings, tmp_path, sftp, sftp.known_hosts)
+    yield storage
+    storage.remote.close()
+    registry.forget("sftp")
+
+
+@pytest.fixture
+def sftp_client(sftp: SFTPServerInfo) -> Iterator[Any]:
+    """paramiko's own SFTP client, on a connection of its own."""
+    paramiko = require_module("paramiko")
+    ssh = paramiko.SSHClient()
+    ssh.load_host_keys(str(sftp.known_hosts))
+    ssh.set_missing_host_key_policy(paramiko.RejectPolicy())
+    ssh.connect("127.0.0.1", **sftp.params)
+    client = ssh.open_sftp()
+    yield client
+    client.close()
+    ssh.close()
+
+
+@pytest.fixture
+def ftp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FTPServerInfo]:
+    with ftp_server(tmp_path_factory.mktemp("ftp-root")) as info:
+        yield info
+
+
+@pytest.fixture
+def ftp_storage(
+    ftp: FTPServerInfo, tmp_path: Path, settings: Any
+) -> Iterator[QueuedFTPStorage]:
+    storage = configure_ftp(settings, tmp_path, ftp.location)
+    yield storage
+    disconnect_ftp(storage)
+    registry.forget("ftp")
+
+
+# Each remote backend as tests/test_backends.py runs them all: ``<name>_remote``.
+
+
+@pytest.fixture
+def s3_remote(s3_endpoint: str, tmp_path: Path, settings: Any) -> Iterator[Remote]:
+    bucket = make_bucket(s3_endpoint)
+    storage = configure_storage(
+        settings,
+        tmp_path,
+        QueuedS3Storage,
+        key="s3",
+        remote_options={
+            **S3_OPTIONS,
+            "bucket_name": bucket,
+            "endpoint_url": s3_endpoint,
+        },
+    )
+    client = s3_client(s3_endpoint)
+
+    def read(name: str) -> bytes | None:
+        try:
+            return bytes(client.get_object(Bucket=bucket, Key=name)["Body"].read())
+        except client.exceptions.NoSuchKey:
+            return None
+
+    yield Remote(
+        storage,
+        read,
+        url_of=lambda name: f"{s3_endpoint}/{bucket}/{name}",
+        signed_by="Signature",
+        served_over_http=True,
+    )
+    registry.forget("s3")
+
+
+@pytest.fixture
+def azure_remote(azurite: str, tmp_path: Path, settings: Any) -> Iterator[Remote]:
+    blob = require_module("azure.storage.blob")
+    container = blob.BlobServiceClient.from_connection_string(
+        azurite
+    ).get_container_client(AZURE_CONTAINER)
+    storage = configure_storage(
+        settings,
+        tmp_path,
+        QueuedAzureStorage,
+        key="azure",
+        remote_options={
+            "connection_string": azurite,
+            "azure_container": AZURE_CONTAINER,
+            "expiration_secs": 3600,
+        },
+    )
+
+    def read(name: str) -> bytes | None:
+        client = container.get_blob_client(name)
+        if not client.exists():
+            return None
+        return bytes(client.download_blob().readall())
+
+    # A SAS URL on the blob endpoint, which Azurite serves without other auth.
+    endpoint = container.url.rsplit(f"/{AZURE_CONTAINER}", 1)[0]
+    yield Remote(
+        storage,
+        read,
+        url_of=lambda name: f"{endpoint}/{AZURE_CONTAINER}/{name}",
+        signed_by="sig",
+        served_over_http=True,
+    )
+    registry.forget("azure")
+
+
+@pytest.fixture
+def gcs_remote(
+    gcs_endpoint: str, tmp_path: Path, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Remote]:
+    # google-cloud-storage finds the emulator through STORAGE_EMULATOR_HOST and
+    # then uses anonymous credentials.
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_endpoint)
+    gcs = require_module("google.cloud.storage")
+    client = gcs.Client(project=GCS_PROJECT)
+    found = client.lookup_bucket(GCS_BUCKET)
+    if found is not None:
+        found.delete(force=True)
+    bucket = client.create_bucket(GCS_BUCKET)
+    storage = configure_storage(
+        settings,
+        tmp_path,
+        QueuedGoogleCloudStorage,
+        key="gcs",
+        remote_options={
+            "bucket_name": GCS_BUCKET,
+            "project_id": GCS_PROJECT,
+            "querystring_auth": False,
+        },
+    )
+
+    def read(name: str) -> bytes | None:
+        blob = bucket.get_blob(name)
+        return None if blob is None else bytes(blob.download_as_bytes())
+
+    yield Remote(
+        storage,
+        read,
+        url_of=lambda name: f"{gcs_endpoint}/{GCS_BUCKET}/{name}",
+        served_over_http=True,
+    )
+    registry.forget("gcs")
+
+
+@pytest.fixture
+def sftp_remote(sftp_storage: QueuedSFTPStorage, sftp_client: Any) -> Remote:
+    return Remote(
+        sftp_storage,
+        lambda name: sftp_read(sftp_client, f"/uploads/{name}"),
+        url_of=lambda name: f"https://files.example.com/{name}",
+    )
+
+
+@pytest.fixture
+def ftp_remote(ftp_storage: QueuedFTPStorage, ftp: FTPServerInfo) -> Remote:
+    return Remote(
+        ftp_storage,
+        lambda name: ftp_read(ftp, name),
+        url_of=lambda name: f"https://files.example.com/{name}",
+    )
+
+
+@pytest.fixture
+def libcloud_remote(tmp_path: Path, settings: Any) -> Iterator[Remote]:
+    """Libcloud's own ``LOCAL`` driver, which keeps containers as directories: no
+    server, but libcloud's real driver code moves the bytes. (Its cloud drivers
+    are the ones the S3, Azure and GCS cases cover through django-storages'
+    native backends.)"""
+    require_module("fasteners")  # the LOCAL driver's locking
+    from libcloud.storage.providers import Provider, get_driver
+    from libcloud.storage.types import ObjectDoesNotExistError
+
+    root = tmp_path / "libcloud"
+    (root / LIBCLOUD_CONTAINER).mkdir(parents=True)
+    # The README's example: providers in LIBCLOUD_PROVIDERS, the name in
+    # remote_options.
+    settings.LIBCLOUD_PROVIDERS = {
+        "local": {
+            "type": "libcloud.storage.types.Provider.LOCAL",
+            "user": str(root),
+            "key": None,
+            "bucket": LIBCLOUD_CONTAINER,
+        }
+    }
+    storage = configure_storage(
+        settings,
+        tmp_path,
+        QueuedLibCloudStorage,
+        key="libcloud",
+        remote_options={"provider_name": "local"},
+    )
+    driver = get_driver(Provider.LOCAL)(str(root))
+
+    def read(name: str) -> bytes | None:
+        try:
+            stored = driver.get_object(LIBCLOUD_CONTAINER, name)
+        except ObjectDoesNotExistError:
+            return None
+        return b"".join(driver.download_object_as_stream(stored))
+
+    # The LOCAL driver's "CDN URL" is the object's path on disk.
+    yield Remote(
+        storage, read, url_of=lambda name: str(root / LIBCLOUD_CONTAINER / name)
+    )
+    registry.forget("libcloud")
+
+
+@pytest.fixture
+def memory_remote(tmp_path: Path, settings: Any) -> Iterator[Remote]:
+    """Django's InMemoryStorage: any Storage serves as a remote."""
+    yield django_storage_remote(settings, tmp_path, "memory", MEMORY, {})
+    registry.forget("memory")
+
+
+@pytest.fixture
+def filesystem_remote(tmp_path: Path, settings: Any) -> Iterator[Remote]:
+    yield django_storage_remote(
+        settings,
+        tmp_path,
+        "filesystem",
+        FS,
+        {"location": str(tmp_path / "filesystem-remote")},
+    )
+    registry.forget("filesystem")

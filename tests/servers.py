@@ -9,6 +9,8 @@ see ``tests.tools.missing``.
 from __future__ import annotations
 
 import asyncio
+import ftplib
+import io
 import os
 import queue
 import re
@@ -19,7 +21,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,8 @@ from typing import Any, TypeVar
 
 from django.core.files.storage import storages
 
+from queued_storage.backends import QueuedFTPStorage, QueuedSFTPStorage, QueuedStorage
+from tests.helpers import FS
 from tests.tools import missing, require_module
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +47,15 @@ AZURITE_KEY = (
 
 
 StorageT = TypeVar("StorageT")
+
+#: The Azure container, GCS bucket and project, and libcloud container of the
+#: backend tests.
+AZURE_CONTAINER = "uploads"
+GCS_BUCKET = "uploads"
+GCS_PROJECT = "queued-storage-test"
+LIBCLOUD_CONTAINER = "uploads"
+#: Django's own storages as remotes.
+MEMORY = "django.core.files.storage.InMemoryStorage"
 
 
 def configure_storage(
@@ -440,3 +453,123 @@ def _wait_for(
             return match.group(1)
     output = "\n".join(seen[-20:])
     raise RuntimeError(f"{what} did not start within {START_TIMEOUT:.0f} s:\n{output}")
+
+
+# The remote backends as the shared backend tests see them
+
+
+@dataclass
+class Remote:
+    """A queued storage whose remote is one backend on its test server, and how
+    to check that backend from outside the package."""
+
+    storage: QueuedStorage
+    #: The object's bytes as the service's own client reads them (None: none).
+    read: Callable[[str], bytes | None]
+    #: The URL the remote serves ``name`` at, without its query.
+    url_of: Callable[[str], str]
+    #: The query parameter of a signed URL (None: URLs are not signed).
+    signed_by: str | None = None
+    #: Whether the test server itself serves ``url_of(name)`` over HTTP.
+    served_over_http: bool = False
+
+
+def django_storage_remote(
+    settings: Any, tmp_path: Path, key: str, remote: str, options: dict[str, Any]
+) -> Remote:
+    """A QueuedStorage whose remote is one of Django's own storages."""
+    storage = configure_storage(
+        settings,
+        tmp_path,
+        QueuedStorage,
+        key=key,
+        local=FS,
+        remote=remote,
+        remote_options={"base_url": f"https://{key}.example/", **options},
+    )
+
+    def read(name: str) -> bytes | None:
+        if not storage.remote.exists(name):
+            return None
+        with storage.remote.open(name) as stored:
+            return bytes(stored.read())
+
+    return Remote(storage, read, url_of=lambda name: f"https://{key}.example/{name}")
+
+
+def configure_sftp(
+    settings: Any, tmp_path: Path, sftp: SFTPServerInfo, known_hosts: Path
+) -> QueuedSFTPStorage:
+    """The README's QueuedSFTPStorage example on the test server, its host key
+    pinned in ``known_hosts``."""
+    return configure_storage(
+        settings,
+        tmp_path,
+        QueuedSFTPStorage,
+        key="sftp",
+        remote_options={
+            "host": "127.0.0.1",
+            "params": sftp.params,
+            "known_host_file": str(known_hosts),
+            "root_path": "/uploads",
+            "base_url": "https://files.example.com/",
+        },
+    )
+
+
+def sftp_read(client: Any, path: str) -> bytes | None:
+    """The file's bytes as paramiko's ``client`` reads them (None: no file)."""
+    try:
+        with client.open(path, "rb") as remote_file:
+            return bytes(remote_file.read())
+    except FileNotFoundError:
+        return None
+
+
+def configure_ftp(
+    settings: Any,
+    tmp_path: Path,
+    location: str,
+    task: str | None = None,
+    **options: Any,
+) -> QueuedFTPStorage:
+    """The README's QueuedFTPStorage example on the FTP server at ``location``."""
+    return configure_storage(
+        settings,
+        tmp_path,
+        QueuedFTPStorage,
+        key="ftp",
+        remote_options={
+            "location": location,
+            "base_url": "https://files.example.com/",
+            **options,
+        },
+        **({"task": task} if task else {}),
+    )
+
+
+def disconnect_ftp(storage: QueuedFTPStorage) -> None:
+    """Log out the remote FTPStorage, which keeps its connection between calls."""
+    remote: Any = storage.remote
+    if remote._connection is not None:
+        remote.disconnect()
+
+
+def ftp_client(ftp: FTPServerInfo) -> ftplib.FTP:
+    client = ftplib.FTP()
+    client.connect("127.0.0.1", ftp.port, timeout=10)
+    client.login(ftp.user, ftp.password)
+    return client
+
+
+def ftp_read(ftp: FTPServerInfo, name: str) -> bytes | None:
+    """The file's bytes as the FTP server serves them, or None if it has none."""
+    client = ftp_client(ftp)
+    try:
+        buffer = io.BytesIO()
+        client.retrbinary(f"RETR {name}", buffer.write)
+        return buffer.getvalue()
+    except ftplib.error_perm:
+        return None
+    finally:
+        client.quit()

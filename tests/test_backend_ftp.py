@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ftplib
-import io
 import os
 import threading
 import unicodedata
@@ -22,103 +21,15 @@ from queued_storage.models import PendingTransfer
 from queued_storage.tasks import Transfer
 from queued_storage.worker import drain
 from tests.real_names import check_real_names
-from tests.servers import FTPServerInfo, configure_storage, ftp_server
+from tests.servers import (
+    FTPServerInfo,
+    configure_ftp,
+    disconnect_ftp,
+    ftp_read,
+    ftp_server,
+)
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def ftp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FTPServerInfo]:
-    with ftp_server(tmp_path_factory.mktemp("ftp-root")) as info:
-        yield info
-
-
-def configure(
-    settings: Any,
-    tmp_path: Path,
-    location: str,
-    task: str | None = None,
-    **options: Any,
-) -> QueuedFTPStorage:
-    return configure_storage(
-        settings,
-        tmp_path,
-        QueuedFTPStorage,
-        key="ftp",
-        remote_options={
-            "location": location,
-            "base_url": "https://files.example.com/",
-            **options,
-        },
-        **({"task": task} if task else {}),
-    )
-
-
-@pytest.fixture
-def ftp_storage(
-    ftp: FTPServerInfo, tmp_path: Path, settings: Any
-) -> Iterator[QueuedFTPStorage]:
-    storage = configure(settings, tmp_path, ftp.location)
-    yield storage
-    disconnect(storage)
-    registry.forget("ftp")
-
-
-def disconnect(storage: QueuedFTPStorage) -> None:
-    """Log out the remote FTPStorage, which keeps its connection between calls."""
-    remote: Any = storage.remote
-    if remote._connection is not None:
-        remote.disconnect()
-
-
-def ftp_client(ftp: FTPServerInfo) -> ftplib.FTP:
-    client = ftplib.FTP()
-    client.connect("127.0.0.1", ftp.port, timeout=10)
-    client.login(ftp.user, ftp.password)
-    return client
-
-
-def ftp_read(ftp: FTPServerInfo, name: str) -> bytes | None:
-    """The file's bytes as the FTP server serves them, or None if it has none."""
-    client = ftp_client(ftp)
-    try:
-        buffer = io.BytesIO()
-        client.retrbinary(f"RETR {name}", buffer.write)
-        return buffer.getvalue()
-    except ftplib.error_perm:
-        return None
-    finally:
-        client.quit()
-
-
-def test_ftp_round_trip(
-    ftp_storage: QueuedFTPStorage,
-    ftp: FTPServerInfo,
-    django_capture_on_commit_callbacks: Any,
-) -> None:
-    payload = os.urandom(200_000)
-    name = ftp_storage.save("reports/2026/q1.pdf", ContentFile(payload))
-
-    assert name == "reports/2026/q1.pdf"
-    assert ftp_storage.url(name) == "/media/reports/2026/q1.pdf"
-    assert ftp_read(ftp, name) is None
-
-    stats = drain(keys=["ftp"])
-
-    row = PendingTransfer.objects.get(storage_key="ftp", name=name)
-    assert (stats.done, row.status) == (1, PendingTransfer.Status.DONE), row.last_error
-    assert ftp_read(ftp, name) == payload
-    assert ftp_storage.url(name) == "https://files.example.com/reports/2026/q1.pdf"
-    with ftp_storage.open(name) as opened:
-        assert opened.read() == payload
-
-    with django_capture_on_commit_callbacks(execute=True):
-        ftp_storage.delete(name)
-
-    assert ftp_read(ftp, name) is None
-    assert not (ftp.root / name).exists()
-    assert not ftp_storage.local.exists(name)
-    assert not PendingTransfer.objects.filter(storage_key="ftp").exists()
 
 
 def test_ftp_login_error_is_kept_without_the_password(
@@ -128,7 +39,7 @@ def test_ftp_login_error_is_kept_without_the_password(
     error text django-storages builds from the parsed location, never holds
     the password."""
     password = "wrong-passw0rd"
-    storage = configure(
+    storage = configure_ftp(
         settings,
         tmp_path,
         f"ftp://{ftp.user}:{password}@127.0.0.1:{ftp.port}/",
@@ -228,7 +139,7 @@ def test_ftp_partial_upload_is_kept_once_the_lease_is_lost(
     """A worker that lost its claim removes nothing, not even what its own failed
     upload left: the name may be another worker's by now (invariant 3). The
     ledger owns what is there, for the newer version's upload to replace."""
-    storage = configure(
+    storage = configure_ftp(
         settings,
         tmp_path,
         ftp.location,
@@ -247,7 +158,7 @@ def test_ftp_partial_upload_is_kept_once_the_lease_is_lost(
 
         drain(keys=["ftp"])
     finally:
-        disconnect(storage)
+        disconnect_ftp(storage)
         registry.forget("ftp")
 
     row.refresh_from_db()
@@ -267,13 +178,13 @@ def test_ftp_server_without_utf8_refuses_non_ascii_names(
     """A server that does not announce UTF-8 would store a non-ASCII name under
     another one: the transfer fails at once, saying so, and sends nothing; ASCII
     names with spaces still go."""
-    storage = configure(settings, tmp_path, latin1_ftp.location)
+    storage = configure_ftp(settings, tmp_path, latin1_ftp.location)
     try:
         accented = storage.save("été.txt", ContentFile(b"abc"))
         spaced = storage.save("a b/c d.txt", ContentFile(b"abcd"))
         drain(keys=["ftp"])
     finally:
-        disconnect(storage)
+        disconnect_ftp(storage)
         registry.forget("ftp")
 
     row = PendingTransfer.objects.get(storage_key="ftp", name=accented)
@@ -293,7 +204,7 @@ def test_ftp_encoding_set_to_the_servers(
 ) -> None:
     """With ``encoding`` set to the server's, latin-1 names go under their own
     names; one the encoding cannot spell fails at once and sends nothing."""
-    storage = configure(settings, tmp_path, latin1_ftp.location, encoding="latin-1")
+    storage = configure_ftp(settings, tmp_path, latin1_ftp.location, encoding="latin-1")
     try:
         accented = storage.save("dossier/été.txt", ContentFile(b"abc"))
         chinese = storage.save("文件.txt", ContentFile(b"abcd"))
@@ -302,7 +213,7 @@ def test_ftp_encoding_set_to_the_servers(
         with django_capture_on_commit_callbacks(execute=True):
             storage.delete(accented)
     finally:
-        disconnect(storage)
+        disconnect_ftp(storage)
         registry.forget("ftp")
 
     row = PendingTransfer.objects.get(storage_key="ftp", name=chinese)
@@ -398,13 +309,13 @@ def test_ftp_server_that_lists_names_in_nfd(
     foreign file under such a spelling is not overwritten (invariant 4)."""
     foreign = unicodedata.normalize("NFD", "déjà.txt")
     (nfd_ftp.root / foreign).write_bytes(b"not ours")
-    storage = configure(settings, tmp_path, nfd_ftp.location)
+    storage = configure_ftp(settings, tmp_path, nfd_ftp.location)
     try:
         name = storage.save("été/ü.txt", ContentFile(b"abc"))
         taken = storage.save("déjà.txt", ContentFile(b"ours"))
         drain(keys=["ftp"])
     finally:
-        disconnect(storage)
+        disconnect_ftp(storage)
         registry.forget("ftp")
 
     row = PendingTransfer.objects.get(storage_key="ftp", name=name)
@@ -464,13 +375,13 @@ def test_ftp_list_only_server_never_overwrites_what_it_cannot_read(
     for name in ("target.txt", "plain.txt"):
         os.utime(root / name, (1752537600, 1752537600))  # July 2025
     with ftp_server(root, mlsd=False, filesystem=filesystem) as server:
-        storage = configure(settings, tmp_path, server.location)
+        storage = configure_ftp(settings, tmp_path, server.location)
         try:
             link = storage.save("link.txt", ContentFile(b"ours"))
             plain = storage.save("plain.txt", ContentFile(b"ours too"))
             drain(keys=["ftp"])
         finally:
-            disconnect(storage)
+            disconnect_ftp(storage)
             registry.forget("ftp")
 
     assert (root / "target.txt").read_bytes() == b"not ours"
@@ -492,14 +403,14 @@ def test_ftp_folder_that_cannot_be_made_leaves_later_uploads_in_place(
     (root / "ok").mkdir()
     (root / "ok" / "blocker").write_bytes(b"a file")
     with ftp_server(root, mlsd=False) as server:
-        storage = configure(settings, tmp_path, server.location)
+        storage = configure_ftp(settings, tmp_path, server.location)
         try:
             blocked = storage.save("ok/blocker/x.txt", ContentFile(b"abc"))
             drain(keys=["ftp"], limit=1)
             other = storage.save("c/d.txt", ContentFile(b"abcd"))
             drain(keys=["ftp"], limit=1)
         finally:
-            disconnect(storage)
+            disconnect_ftp(storage)
             registry.forget("ftp")
 
         assert files_on(server) == ["c/d.txt", "ok/blocker"]
@@ -534,7 +445,7 @@ def test_ftp_awkward_names(
     (the ledger's column too), listing-like text and case variants reach the
     server whole, through ``MLSD`` or ``LIST``, and are served and deleted."""
     with ftp_server(tmp_path_factory.mktemp("awkward-root"), mlsd=mlsd) as server:
-        storage = configure(settings, tmp_path, server.location)
+        storage = configure_ftp(settings, tmp_path, server.location)
         try:
             check_real_names(
                 storage,
@@ -543,7 +454,7 @@ def test_ftp_awkward_names(
                 names=AWKWARD_NAMES,
             )
         finally:
-            disconnect(storage)
+            disconnect_ftp(storage)
             registry.forget("ftp")
         assert files_on(server) == []
 
@@ -584,14 +495,14 @@ def test_ftp_case_insensitive_server_keeps_both_versions_of_a_name(
     with ftp_server(
         root, mlsd=mlsd, filesystem=case_insensitive_filesystem()
     ) as server:
-        storage = configure(settings, tmp_path, server.location)
+        storage = configure_ftp(settings, tmp_path, server.location)
         try:
             first = storage.save("Docs/Report.txt", ContentFile(b"first"))
             drain(keys=["ftp"])
             second = storage.save("docs/report.TXT", ContentFile(b"second"))
             drain(keys=["ftp"])
         finally:
-            disconnect(storage)
+            disconnect_ftp(storage)
             registry.forget("ftp")
         assert files_on(server) == ["Docs/Report.txt"]
         assert ftp_read(server, first) == b"first"
@@ -612,12 +523,12 @@ def test_ftp_list_of_a_folder_named_like_an_option(
     root = tmp_path_factory.mktemp("option-root")
     (root / "report.txt").write_bytes(b"not ours")
     with ftp_server(root, mlsd=False) as server:
-        storage = configure(settings, tmp_path, server.location)
+        storage = configure_ftp(settings, tmp_path, server.location)
         try:
             name = storage.save("-l/report.txt", ContentFile(b"ours"))
             drain(keys=["ftp"])
         finally:
-            disconnect(storage)
+            disconnect_ftp(storage)
             registry.forget("ftp")
         assert ftp_read(server, name) == b"ours"
         assert (root / "report.txt").read_bytes() == b"not ours"

@@ -1,5 +1,7 @@
-"""Any Django ``Storage`` as local or remote: ``InMemoryStorage`` on either side,
-``STORAGES`` aliases for both, and a remote that cannot make URLs."""
+"""Any Django ``Storage`` as local or remote: ``InMemoryStorage`` as the local
+side, ``STORAGES`` aliases for both, and a remote that cannot make URLs. (The
+round trip through an ``InMemoryStorage`` or ``FileSystemStorage`` remote is
+tests/test_backends.py's, with the other backends'.)"""
 
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.worker import drain
 from tests.helpers import FS
-from tests.real_names import check_real_names
 
 pytestmark = pytest.mark.django_db
 
@@ -51,33 +52,6 @@ def build(keys: list[str], key: str, **kwargs: Any) -> QueuedStorage:
 
 def status(storage: QueuedStorage, name: str) -> str:
     return PendingTransfer.objects.get(storage_key=storage.key, name=name).status
-
-
-def test_in_memory_storage_as_remote(
-    keys: list[str], tmp_path: Path, django_capture_on_commit_callbacks: Any
-) -> None:
-    storage = build(
-        keys,
-        "fs-to-memory",
-        local=FS,
-        remote=MEMORY,
-        local_options={"location": str(tmp_path), "base_url": "/media/"},
-        remote_options={"base_url": "https://memory.example/"},
-    )
-    name = storage.save("a/b.txt", ContentFile(b"to memory"))
-    assert not storage.remote.exists(name)
-
-    drain(keys=[storage.key])
-
-    assert status(storage, name) == "done"
-    with storage.remote.open(name) as stored:
-        assert stored.read() == b"to memory"
-    assert storage.url(name) == "https://memory.example/a/b.txt"
-
-    with django_capture_on_commit_callbacks(execute=True):
-        storage.delete(name)
-    assert not storage.remote.exists(name)
-    assert not (tmp_path / name).exists()
 
 
 def test_in_memory_storage_as_local(
@@ -176,32 +150,3 @@ def test_remote_without_url_support(keys: list[str], tmp_path: Path) -> None:
     assert storage.size(name) == 6
     with storage.open(name) as opened:
         assert opened.read() == b"no url"
-
-
-@pytest.mark.parametrize("remote", [FS, MEMORY])
-def test_real_names(
-    remote: str,
-    keys: list[str],
-    tmp_path: Path,
-    django_capture_on_commit_callbacks: Any,
-) -> None:
-    storage = build(
-        keys,
-        "real-names",
-        local=FS,
-        remote=remote,
-        local_options={"location": str(tmp_path / "local"), "base_url": "/media/"},
-        remote_options={"base_url": "https://remote.example/"}
-        | ({"location": str(tmp_path / "remote")} if remote == FS else {}),
-    )
-
-    def read_remote(name: str) -> bytes | None:
-        if remote == FS:
-            path = tmp_path / "remote" / name
-            return path.read_bytes() if path.exists() else None
-        if not storage.remote.exists(name):
-            return None
-        with storage.remote.open(name) as stored:
-            return bytes(stored.read())
-
-    check_real_names(storage, read_remote, django_capture_on_commit_callbacks)

@@ -19,7 +19,6 @@ from queued_storage import registry
 from queued_storage.backends import QueuedS3Storage
 from queued_storage.models import PendingTransfer
 from queued_storage.worker import drain
-from tests.real_names import check_real_names
 from tests.s3 import make_bucket, moto_s3_server, s3_client
 from tests.servers import moto_s3_process
 from tests.tools import require_module
@@ -236,22 +235,3 @@ def test_s3_if_none_match_is_not_reachable_through_s3storage(
     assert row.status == PendingTransfer.Status.FAILED
     assert "IfNoneMatch" in row.last_error
     assert s3_client(moto_endpoint).list_objects_v2(Bucket=bucket)["KeyCount"] == 0
-
-
-def test_s3_real_names(
-    moto_endpoint: str,
-    tmp_path: Path,
-    settings: Any,
-    django_capture_on_commit_callbacks: Any,
-) -> None:
-    bucket = make_bucket(moto_endpoint)
-    storage = configure(settings, tmp_path, moto_endpoint, bucket)
-    client = s3_client(moto_endpoint)
-
-    def read_remote(name: str) -> bytes | None:
-        try:
-            return bytes(client.get_object(Bucket=bucket, Key=name)["Body"].read())
-        except client.exceptions.NoSuchKey:
-            return None
-
-    check_real_names(storage, read_remote, django_capture_on_commit_callbacks)
