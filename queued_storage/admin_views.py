@@ -15,7 +15,6 @@ from django.contrib import admin, messages
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
-from django.db.models import Count
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.defaultfilters import truncatechars
 from django.template.response import TemplateResponse
@@ -30,7 +29,11 @@ from django.utils.translation import gettext_lazy as _
 
 from queued_storage import redaction, registry
 from queued_storage.errors import Outcome
-from queued_storage.models import PendingTransfer, PendingTransferQuerySet
+from queued_storage.models import (
+    REQUEUEABLE,
+    PendingTransfer,
+    PendingTransferQuerySet,
+)
 from queued_storage.worker import transfer_name
 
 if TYPE_CHECKING:
@@ -179,7 +182,7 @@ class PendingTransferViews(admin.ModelAdmin):  # type: ignore[type-arg]
                 messages.SUCCESS,
             )
             return HttpResponseRedirect(back)
-        by_status = _counts_per_status(matching)
+        by_status = matching.status_counts()
         context = {
             **self.admin_site.each_context(request),
             "title": gettext("Re-queue matching transfers"),
@@ -190,10 +193,7 @@ class PendingTransferViews(admin.ModelAdmin):  # type: ignore[type-arg]
                 if by_status.get(status)
             ],
             "matching": sum(by_status.values()),
-            "requeueable": sum(
-                by_status.get(status, 0)
-                for status in (Status.HELD, Status.QUEUED, Status.FAILED)
-            ),
+            "requeueable": sum(by_status[status] for status in REQUEUEABLE),
             "filters": [
                 f"{key.removesuffix('__exact')} = {value}"
                 for key, values in request.GET.lists()
@@ -313,7 +313,7 @@ def status_counts(key: str | None) -> list[dict[str, Any]]:
     if key:
         rows = rows.filter(storage_key=key)
         extra[STORAGE_PARAMETER] = key
-    found = _counts_per_status(rows)
+    found = rows.status_counts()
     counts = [
         {
             "badge": status_badge(status),
@@ -330,12 +330,3 @@ def status_counts(key: str | None) -> list[dict[str, Any]]:
         }
     )
     return counts
-
-
-def _counts_per_status(rows: PendingTransferQuerySet) -> dict[str, int]:
-    return dict(
-        rows.order_by()
-        .values_list("status")
-        .annotate(number=Count("pk"))
-        .values_list("status", "number")
-    )

@@ -248,12 +248,13 @@ class ClaimsQuerySet(_LedgerQuerySet):
 
     @retry_when_locked
     def claim_tombstone(
-        self, pk: int, generation: int, *, lease: float, host: str | None = None
+        self, pk: int, generation: int, *, lease: float, local_shared: bool = True
     ) -> PendingTransfer | None:
         """Take a lease on the tombstone ``(pk, generation)``, as a worker's claim
         does, unless a worker holds a live lease on the row (it finishes the purge
-        then) or the name was saved again. ``host``: only a row that host wrote.
-        Returns the claimed row, or None."""
+        then) or the name was saved again. ``local_shared=False``: only a row whose
+        local copy this host reaches (``PendingTransfer.hosts_here()``). Returns
+        the claimed row, or None."""
         now = timezone.now()
         token = uuid.uuid4().hex
         rows = self.filter(pk=pk, generation=generation, deleted=True).filter(
@@ -261,8 +262,8 @@ class ClaimsQuerySet(_LedgerQuerySet):
             | Q(lease_expires_at__isnull=True)
             | Q(lease_expires_at__lte=now)
         )
-        if host is not None:
-            rows = rows.filter(host=host)
+        if not local_shared:
+            rows = rows.filter(host__in=self.model.hosts_here())
         taken = rows.update(
             # As _owned_after_claim(): taken over from a worker whose lease ran out.
             # Before status: MariaDB and MySQL assign an UPDATE's columns left to

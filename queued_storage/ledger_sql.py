@@ -269,6 +269,30 @@ def reserve_statement(model: type[PendingTransfer], db: str) -> _Reserve | None:
     return _RESERVE[db]
 
 
+def lease_check_sql(model: type[PendingTransfer], db: str) -> str:
+    """``SELECT 1`` of the row (pk, generation, lease token, status) whose lease
+    has not run out by the time given: ``PendingTransfer.holds_lease()``."""
+    sql = STATEMENTS.get((db, "leased"))
+    if sql is None:
+        quote = connections[db].ops.quote_name
+        pk, generation, token, status, expires = (
+            quote(column(model, field))
+            for field in (
+                "id",
+                "generation",
+                "lease_token",
+                "status",
+                "lease_expires_at",
+            )
+        )
+        sql = STATEMENTS[(db, "leased")] = (
+            f"SELECT 1 FROM {quote(model._meta.db_table)} "
+            f"WHERE {pk} = %s AND {generation} = %s AND {token} = %s "
+            f"AND {status} = %s AND {expires} > %s"
+        )
+    return sql
+
+
 def column(model: type[PendingTransfer], field_name: str) -> str:
     field = model._meta.get_field(field_name)
     assert isinstance(field, models.Field) and field.column

@@ -9,11 +9,12 @@ database in :mod:`queued_storage.ledger_sql`."""
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connections, models, router
-from django.db.models import Min, Q
+from django.db.models import Count, Min, Q
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
@@ -21,7 +22,7 @@ from queued_storage import redaction
 from queued_storage.claims import ClaimsQuerySet
 from queued_storage.conf import MAX_HOST_LENGTH
 from queued_storage.conf import settings as conf
-from queued_storage.ledger_sql import STATEMENTS, column
+from queued_storage.ledger_sql import lease_check_sql
 from queued_storage.ledger_sql import name_hash as name_hash
 from queued_storage.ledger_sql import new_generation as new_generation
 from queued_storage.ledger_sql import retry_when_locked as retry_when_locked
@@ -128,22 +129,59 @@ class PendingTransferQuerySet(ClaimsQuerySet, RecordingQuerySet):  # type: ignor
             | Q(status=PendingTransfer.Status.TRANSFERRING, lease_expires_at__lt=now)
         )
 
+    def requeueable(self) -> PendingTransferQuerySet:
+        """Rows :meth:`requeue` changes: those in :data:`REQUEUEABLE`."""
+        return self.filter(status__in=REQUEUEABLE)
+
     @retry_when_locked
     def requeue(self, now: datetime | None = None) -> int:
         """Make held, failed and waiting rows due now, with their attempts reset."""
         now = now or timezone.now()
-        return self.filter(
-            status__in=[
-                PendingTransfer.Status.HELD,
-                PendingTransfer.Status.QUEUED,
-                PendingTransfer.Status.FAILED,
-            ]
-        ).update(
+        return self.requeueable().update(
             status=PendingTransfer.Status.QUEUED,
             attempts=0,
             next_attempt_at=now,
             last_error="",
             updated_at=now,
+        )
+
+    def status_counts(self) -> dict[str, int]:
+        """Rows per status: every status once, in :class:`PendingTransfer.Status`
+        order, 0 when it has none. One grouped query, which the status indexes
+        answer without reading the rows."""
+        found = dict(
+            self.order_by()
+            .values_list("status")
+            .annotate(number=Count("pk"))
+            .values_list("status", "number")
+        )
+        return {
+            status: found.get(status, 0) for status in PendingTransfer.Status.values
+        }
+
+    def status_counts_per_storage(self) -> dict[str, dict[str, int]]:
+        """:meth:`status_counts` of each storage key that has rows, in one query
+        (grouped by key too, it reads the rows)."""
+        counts: dict[str, dict[str, int]] = {}
+        for key, status, number in (
+            self.order_by()
+            .values_list("storage_key", "status")
+            .annotate(number=Count("pk"))
+        ):
+            per_status = counts.setdefault(
+                key, dict.fromkeys(PendingTransfer.Status.values, 0)
+            )
+            per_status[status] = number
+        return counts
+
+    def reachable_here(self, host_local: Collection[str]) -> PendingTransferQuerySet:
+        """Leave out the rows of the storage keys ``host_local`` (storages built
+        with ``local_shared=False``) whose local copy is on another host's disk:
+        :meth:`PendingTransfer.hosts_here` says which those are."""
+        if not host_local:
+            return self
+        return self.exclude(
+            Q(storage_key__in=host_local) & ~Q(host__in=PendingTransfer.hosts_here())
         )
 
     def hold(self, now: datetime | None = None) -> int:
@@ -254,6 +292,22 @@ class PendingTransfer(models.Model):
             "updated_at": now,
         }
 
+    @staticmethod
+    def hosts_here() -> tuple[str, str]:
+        """The host rule: the ``host`` values of the rows whose local copy this host
+        can reach when the storage keeps local copies on each host's own disk
+        (``local_shared=False``). Only this host's processes read, transfer and
+        remove the local copies of the rows it wrote. A row with no host (``""``)
+        was written by no host's save (adoption records remote files, which have
+        no local copy): no host's disk is the wrong one, so every host may take
+        it, or nothing would transfer or purge it. With a shared local storage
+        every host reaches every row."""
+        return ("", conf.QUEUED_STORAGE_HOSTNAME)
+
+    def local_copy_here(self, *, local_shared: bool) -> bool:
+        """Whether this host can reach this row's local copy (see :meth:`hosts_here`)."""
+        return local_shared or self.host in self.hosts_here()
+
     def has_live_lease(self, now: datetime | None = None) -> bool:
         now = now or timezone.now()
         return (
@@ -281,24 +335,7 @@ class PendingTransfer(models.Model):
         it than the database to answer."""
         db = router.db_for_write(PendingTransfer)
         connection = connections[db]
-        sql = STATEMENTS.get((db, "leased"))
-        if sql is None:
-            quote = connection.ops.quote_name
-            pk, generation, token, status, expires = (
-                quote(column(PendingTransfer, field))
-                for field in (
-                    "id",
-                    "generation",
-                    "lease_token",
-                    "status",
-                    "lease_expires_at",
-                )
-            )
-            sql = STATEMENTS[(db, "leased")] = (
-                f"SELECT 1 FROM {quote(PendingTransfer._meta.db_table)} "
-                f"WHERE {pk} = %s AND {generation} = %s AND {token} = %s "
-                f"AND {status} = %s AND {expires} > %s"
-            )
+        sql = lease_check_sql(PendingTransfer, db)
         expires_at = PendingTransfer._meta.get_field("lease_expires_at")
         assert isinstance(expires_at, models.DateTimeField)
         now = expires_at.get_db_prep_save(timezone.now(), connection)
@@ -465,6 +502,16 @@ class PendingTransfer(models.Model):
         worker took the row over."""
         deleted, _counts = self._leased().filter(deleted=True).delete()
         return bool(deleted)
+
+
+#: The statuses an operator may queue again (admin, ``requeue_transfers``): rows
+#: that wait (held, queued) or gave up (failed). Not transferring (a worker holds
+#: the row) nor done (verify_transfers queues a done row whose copy is wrong).
+REQUEUEABLE: tuple[str, ...] = (
+    PendingTransfer.Status.HELD.value,
+    PendingTransfer.Status.QUEUED.value,
+    PendingTransfer.Status.FAILED.value,
+)
 
 
 def error_entry(

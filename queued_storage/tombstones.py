@@ -179,9 +179,11 @@ def purge(storage: QueuedStorage, pk: int, generation: int) -> None:
     purge that fails here is recorded on the tombstone, due for a worker to
     retry."""
     # A local copy on another host: that host's worker purges the row.
-    host = None if storage.local_shared else conf.QUEUED_STORAGE_HOSTNAME
     row = PendingTransfer.objects.claim_tombstone(
-        pk, generation, lease=conf.QUEUED_STORAGE_LEASE, host=host
+        pk,
+        generation,
+        lease=conf.QUEUED_STORAGE_LEASE,
+        local_shared=storage.local_shared,
     )
     if row is not None:
         if purge_claimed(storage, row) is Outcome.RETRY:
@@ -191,7 +193,9 @@ def purge(storage: QueuedStorage, pk: int, generation: int) -> None:
     tombstone = PendingTransfer.objects.filter(
         pk=pk, generation=generation, deleted=True
     ).first()
-    if tombstone is not None and host in (None, tombstone.host):
+    if tombstone is not None and tombstone.local_copy_here(
+        local_shared=storage.local_shared
+    ):
         # A worker holds the row: the remote copy is its to remove. The local copy
         # is the deleted version's and goes now, so that the name is free at once.
         delete_local_copy(storage, tombstone.name, tombstone.while_deleted())

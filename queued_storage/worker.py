@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from django.db import connections
-from django.db.models import Q
 
 from queued_storage import registry
 from queued_storage.conf import settings as conf
@@ -420,11 +419,7 @@ def _claimable(rows: PendingTransferQuerySet) -> PendingTransferQuerySet:
     """Leave out rows whose local copy lives on another host (storages built with
     ``local_shared=False``)."""
     host_local = [key for key in registry.known_keys() if not _shared_local(key)]
-    if not host_local:
-        return rows
-    return rows.exclude(
-        Q(storage_key__in=host_local) & ~Q(host=conf.QUEUED_STORAGE_HOSTNAME)
-    )
+    return rows.reachable_here(host_local)
 
 
 def _shared_local(key: str) -> bool:

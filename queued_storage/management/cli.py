@@ -21,7 +21,6 @@ from django.core.management.base import BaseCommand, CommandError, OutputWrapper
 
 from queued_storage import redaction, registry
 from queued_storage.conf import MAX_SECONDS
-from queued_storage.conf import settings as conf
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -245,10 +244,7 @@ def in_batches(
 def local_copy_elsewhere(storage: QueuedStorage, row: PendingTransfer) -> bool:
     """Whether the local copy of ``row`` is on another host's disk (a storage with
     ``local_shared=False``), where only a run on that host can reach it."""
-    return not getattr(storage, "local_shared", True) and row.host not in (
-        "",
-        conf.QUEUED_STORAGE_HOSTNAME,
-    )
+    return not row.local_copy_here(local_shared=getattr(storage, "local_shared", True))
 
 
 def counters_line(stats: DataclassInstance) -> str:

@@ -19,12 +19,11 @@ from queued_storage.management.cli import (
     of_storages,
     write_json,
 )
-from queued_storage.models import PendingTransfer
+from queued_storage.models import REQUEUEABLE, PendingTransfer
 
 logger = logging.getLogger("queued_storage")
 
 Status = PendingTransfer.Status
-REQUEUEABLE = [Status.FAILED.value, Status.HELD.value, Status.QUEUED.value]
 
 
 class Command(BaseCommand):

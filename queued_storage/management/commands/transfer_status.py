@@ -7,7 +7,6 @@ from datetime import timedelta
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
-from django.db.models import Count
 from django.utils import timezone
 
 from queued_storage import registry
@@ -65,15 +64,8 @@ class Command(BaseCommand):
         keys = check_storage_keys(storages)
         now = timezone.now()
         rows = of_storages(PendingTransfer.objects.all(), keys)
-        counts: dict[str, dict[str, int]] = {
-            key: dict.fromkeys(STATUSES, 0) for key in keys
-        }
-        for key, status, number in (
-            rows.order_by()
-            .values_list("storage_key", "status")
-            .annotate(number=Count("pk"))
-        ):
-            counts.setdefault(key, dict.fromkeys(STATUSES, 0))[status] = number
+        counts = {key: dict.fromkeys(STATUSES, 0) for key in keys}
+        counts.update(rows.status_counts_per_storage())
         totals = {
             status: sum(per_status[status] for per_status in counts.values())
             for status in STATUSES
