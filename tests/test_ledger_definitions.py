@@ -23,8 +23,8 @@ from queued_storage.management.commands.requeue_transfers import (
 )
 from queued_storage.models import REQUEUEABLE, PendingTransfer
 from queued_storage.worker import drain
-from tests.conftest import content
 from tests.factories import PendingTransferFactory
+from tests.helpers import content
 
 pytestmark = pytest.mark.django_db
 
