@@ -323,6 +323,16 @@ class SizeOutageStorage(CountingStorage):
         return super().size(name)
 
 
+def wait_for_gate_file(gate: str, timeout: float = 60) -> None:
+    """Wait until the test creates the file ``gate``: a gate that works across
+    processes (polled: a file has no event to wait on)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the test never created the gate file")
+        time.sleep(0.02)
+
+
 class SizeGatedStorage(CountingStorage):
     """A remote for command processes: its ``size()`` of the name ``stop_at``
     creates the file ``entered`` and waits for the file ``gate``, which the test
@@ -338,11 +348,7 @@ class SizeGatedStorage(CountingStorage):
         if name == self.stop_at:
             with open(self.entered, "w") as mark:
                 mark.write(name)
-            deadline = time.monotonic() + 60
-            while not os.path.exists(self.gate):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the test never created the gate file")
-                time.sleep(0.02)
+            wait_for_gate_file(self.gate)
         return super().size(name)
 
 
@@ -375,22 +381,27 @@ class _Paced:
 class JournalingStorage(FileSystemStorage):
     """Journals every upload (``begin`` and ``saved`` lines) to the file ``journal``,
     so a test counts the remote's writes across worker processes; ``delay`` seconds
-    between chunks of ``chunk_size`` bytes make uploads slow."""
+    between chunks of ``chunk_size`` bytes make uploads slow, and with ``gate``
+    each upload waits after its ``begin`` until the test creates that file."""
 
     def __init__(
         self,
         journal: str,
         delay: float = 0.0,
         chunk_size: int = 64 * 1024,
+        gate: str = "",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.journal = journal
         self.delay = delay
         self.chunk_size = chunk_size
+        self.gate = gate
 
     def _save(self, name: str, content: Any) -> str:
         append_journal(self.journal, "begin", name)
+        if self.gate:
+            wait_for_gate_file(self.gate)
         if self.delay:
             content = _Paced(content, self.delay, self.chunk_size)
         saved = super()._save(name, content)
@@ -478,11 +489,7 @@ class FileGatedStorage(CountingStorage):
         if not os.path.exists(self.entered):
             with open(self.entered, "w") as mark:
                 mark.write(name)
-            deadline = time.monotonic() + 60
-            while not os.path.exists(self.gate):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the test never created the gate file")
-                time.sleep(0.02)
+            wait_for_gate_file(self.gate)
         return super()._save(name, content)
 
 

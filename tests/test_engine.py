@@ -32,6 +32,7 @@ from tests.helpers import (
     read_bytes,
     remote_files,
     row_of,
+    wait_until,
 )
 from tests.storages import GatedStorage, PausingStorage
 
@@ -798,9 +799,17 @@ def test_lease_is_renewed_while_a_long_transfer_runs(
     name = storage.save("a.txt", content("slow upload"))
     worker, result = in_thread(drain)
     assert gate.entered.wait(timeout=10)
+    first = row_of(storage, name).lease_expires_at
+    assert first is not None
 
-    # Well past the first lease: only renewal keeps another worker off the row.
-    threading.Event().wait(1.6)
+    # Past the first lease, and renewed: only renewal keeps another worker off
+    # the row.
+    def renewed_past_the_first_lease() -> bool:
+        expires = row_of(storage, name).lease_expires_at
+        now = timezone.now()
+        return expires is not None and now > first and expires > now
+
+    assert wait_until(renewed_past_the_first_lease), "the lease was never renewed"
     rival = PendingTransfer.objects.claim_due(limit=10, lease=300)
     during = row_of(storage, name)
 

@@ -3,6 +3,7 @@ and what it prints."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -216,17 +217,37 @@ def test_sigterm_during_a_run_finishes_the_file_and_gives_the_rest_back(
     called_instead: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: called_instead.append(signum))
 
+    stopping = threading.Event()
+
+    class StopNoted(logging.Handler):
+        """Sets ``stopping`` once the command's signal handler has run (in the
+        main thread, between two of its bytecodes): it logs as it stops."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("stopping signal=SIGTERM"):
+                stopping.set()
+
     def stop_during_the_first_upload() -> None:
         if gate.entered.wait(timeout=10):
             os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.2)
+            stopping.wait(timeout=10)
         gate.gate.set()
 
+    noted = StopNoted()
+    logger = logging.getLogger("queued_storage")
+    logger.addHandler(noted)
+    level = logger.level
+    logger.setLevel(logging.INFO)
     helper = threading.Thread(target=stop_during_the_first_upload, daemon=True)
     helper.start()
-    output = run("--loop", "--max-polls", "5", "--interval", "0.1")
+    try:
+        output = run("--loop", "--max-polls", "5", "--interval", "0.1")
+    finally:
+        logger.removeHandler(noted)
+        logger.setLevel(level)
     helper.join(timeout=10)
 
+    assert stopping.is_set(), "the command's handler never ran"
     assert called_instead == []
     assert "Stopped. done=1 " in output
     assert statuses(storage) == {

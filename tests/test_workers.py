@@ -105,30 +105,46 @@ def test_many_worker_processes_upload_each_file_exactly_once(
 def test_slow_upload_renews_its_lease_and_is_never_taken_over(
     fresh_storages: dict[str, Path], settings: Any, tmp_path: Path
 ) -> None:
-    """One upload takes three times the lease; other workers keep polling meanwhile
-    and find nothing due, because the uploading worker renews its lease. (A 2 s
-    lease, renewed every 0.67 s, leaves room for a busy CI machine.)"""
-    lease = 2.0
+    """An upload is held (a gate file) until its worker's first lease has run out
+    and been renewed; a rival worker that polls then finds nothing due, because
+    the uploading worker renews its lease; then the upload finishes. (A 3 s lease,
+    renewed every second, leaves room for a busy CI machine.)"""
+    lease = 3.0
+    gate = tmp_path / "gate"
     journal = journaling_remote(
-        settings,
-        fresh_storages["remote"],
-        tmp_path / "journal.log",
-        delay=0.25,
-        chunk_size=64 * 1024,
+        settings, fresh_storages["remote"], tmp_path / "journal.log", gate=str(gate)
     )
     overrides = {"QUEUED_STORAGE_LEASE": lease}
-    [(name, digest)] = queue_files(
-        fresh_storages["local"], 1, size=24 * 64 * 1024
-    ).items()  # 24 chunks, 0.25 s apart: six seconds
+    [(name, digest)] = queue_files(fresh_storages["local"], 1, size=64 * 1024).items()
     uploader = Worker(tmp_path / "uploader.log", [], overrides).start()
-    assert wait_until(lambda: journal.count("begin"), timeout=30), uploader.output()
-    [begun] = journal.events()
+    try:
+        assert wait_until(lambda: journal.count("begin"), timeout=30), uploader.output()
+        [begun] = journal.events()
+        # The claim came before the upload began: its lease ran out by
+        # begun.at + lease, and only a renewal holds the row past that.
+        first_lease_over = begun.at + lease
 
-    rival_runs: list[tuple[float, float, str]] = []
-    while not journal.count("saved") and uploader.running():
-        started = time.time()
-        result = run_command("process_transfers", overrides=overrides)
-        rival_runs.append((started, time.time(), result.stdout + result.stderr))
+        def renewed_past_the_first_lease() -> bool:
+            row = PendingTransfer.objects.get(storage_key=DOCUMENTS, name=name)
+            assert row.lease_expires_at is not None
+            return (
+                time.time() > first_lease_over
+                and row.lease_expires_at.timestamp() > time.time()
+            )
+
+        assert wait_until(renewed_past_the_first_lease, timeout=lease + 30), (
+            uploader.output()
+        )
+        held = PendingTransfer.objects.get(storage_key=DOCUMENTS, name=name)
+
+        rival = run_command("process_transfers", overrides=overrides)
+
+        assert "No transfers due." in rival.stdout, rival.stdout + rival.stderr
+        row = PendingTransfer.objects.get(storage_key=DOCUMENTS, name=name)
+        assert (row.status, row.attempts) == (Status.TRANSFERRING, 1)
+        assert row.lease_token == held.lease_token
+    finally:
+        gate.touch()
     assert uploader.wait(timeout=60) == 0, uploader.output()
 
     [saved] = [event for event in journal.events() if event.kind == "saved"]
@@ -138,16 +154,6 @@ def test_slow_upload_renews_its_lease_and_is_never_taken_over(
     assert row.status == Status.DONE
     assert row.attempts == 1
     assert sha256(fresh_storages["remote"] / name) == digest
-    # Rival workers polled after the first lease would have run out, while the
-    # upload still ran: only renewal kept the row from them.
-    after_first_lease = [
-        output
-        for started, ended, output in rival_runs
-        if started > begun.at + lease and ended < saved.at
-    ]
-    assert after_first_lease, (begun, saved, rival_runs)
-    for output in after_first_lease:
-        assert "No transfers due." in output, output
 
 
 @pytest.mark.slow
