@@ -264,7 +264,7 @@ def sftp_storage(
 ) -> Iterator[QueuedSFTPStorage]:
     storage = configure_sftp(settings, tmp_path, sftp, sftp.known_hosts)
     yield storage
-    storage.remote.close()
+    storage.remote.close()  # type: ignore[attr-defined]
     registry.forget("sftp")
 
 
@@ -432,7 +432,7 @@ def libcloud_remote(tmp_path: Path, settings: Any) -> Iterator[Remote]:
     are the ones the S3, Azure and GCS cases cover through django-storages'
     native backends.)"""
     require_module("fasteners")  # the LOCAL driver's locking
-    from libcloud.storage.providers import Provider, get_driver
+    from libcloud.storage.providers import Provider, get_driver  # type: ignore[attr-defined]
     from libcloud.storage.types import ObjectDoesNotExistError
 
     root = tmp_path / "libcloud"

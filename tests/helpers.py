@@ -11,12 +11,15 @@ from typing import Any
 
 import pytest
 from django.core.files.base import ContentFile
-from django.core.files.storage import Storage
+from django.core.files.storage import FileSystemStorage, Storage
 from django.db import connections, transaction
+from django.db.models.fields.files import FieldFile
 
 from queued_storage.backends import QueuedStorage
+from queued_storage.fields import QueuedFieldFile
 from queued_storage.models import PendingTransfer
 from queued_storage.worker import drain
+from tests.storages import CountingStorage
 
 FS = "django.core.files.storage.FileSystemStorage"
 BACKEND = "queued_storage.backends.QueuedStorage"
@@ -27,7 +30,7 @@ ALWAYS_FAILING = {"failures": 10_000}
 Status = PendingTransfer.Status
 
 
-def content(text: str = "hello world") -> ContentFile:
+def content(text: str = "hello world") -> ContentFile[bytes]:
     return ContentFile(text.encode())
 
 
@@ -85,6 +88,33 @@ def storages_for(dirs: dict[str, Path], base: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def queued(storage: Storage) -> QueuedStorage:
+    """``storage`` (a ``storages[alias]``, a field's storage), which is queued."""
+    assert isinstance(storage, QueuedStorage), storage
+    return storage
+
+
+def queued_file(file: FieldFile) -> QueuedFieldFile:
+    """``file``, a model's file whose field is a QueuedFileField."""
+    assert isinstance(file, QueuedFieldFile), file
+    return file
+
+
+def deconstructed(
+    storage: QueuedStorage,
+) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+    """What a migration freezes of ``storage``: ``@deconstructible`` adds
+    ``deconstruct()``, which django-stubs does not declare."""
+    frozen: tuple[str, tuple[Any, ...], dict[str, Any]] = storage.deconstruct()  # type: ignore[attr-defined]
+    return frozen
+
+
+def saved_name(file: FieldFile) -> str:
+    """The name a saved model file got (a FieldFile's name is None before)."""
+    assert file.name, file
+    return file.name
+
+
 def drained(storage: QueuedStorage) -> None:
     """Drain the storage's rows; none may fail or be retried."""
     stats = drain(keys=[storage.key])
@@ -97,7 +127,20 @@ def queued_alias(**options: Any) -> dict[str, Any]:
     return {"BACKEND": BACKEND, "OPTIONS": {"local": FS, "remote": FS, **options}}
 
 
-def files_under(location: str) -> list[str]:
+def root_of(storage: Storage) -> Path:
+    """The directory of a FileSystemStorage (a test's local or remote side)."""
+    assert isinstance(storage, FileSystemStorage), storage
+    return Path(storage.location)
+
+
+def remote_calls(storage: QueuedStorage, method: str) -> int:
+    """How often the storage's CountingStorage remote ran ``method``."""
+    remote = storage.remote
+    assert isinstance(remote, CountingStorage), remote
+    return remote.calls(method)
+
+
+def files_under(location: str | Path) -> list[str]:
     """Every file below ``location`` (none when it does not exist), relative to
     it, sorted."""
     root = Path(location)
@@ -108,12 +151,12 @@ def files_under(location: str) -> list[str]:
 
 def local_files(storage: QueuedStorage) -> list[str]:
     """Every file under the local storage's root, relative to it."""
-    return files_under(storage.local.location)  # type: ignore[attr-defined]
+    return files_under(root_of(storage.local))
 
 
 def remote_files(storage: QueuedStorage) -> list[str]:
     """Every file under the remote storage's root, relative to it."""
-    return files_under(storage.remote.location)  # type: ignore[attr-defined]
+    return files_under(root_of(storage.remote))
 
 
 def in_thread(function: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:

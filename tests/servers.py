@@ -247,7 +247,7 @@ def sftp_server(
     # closed its socket may not have reached the server yet.
     connections: list[Any] = []
 
-    class Server(asyncssh.SSHServer):
+    class Server(asyncssh.SSHServer):  # type: ignore[name-defined]
         def connection_made(self, conn: Any) -> None:
             connections.append(conn)
 

@@ -18,13 +18,20 @@ from django.utils import timezone
 
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer, name_hash
-from tests.factories import PendingTransferFactory
-from tests.helpers import content
+from tests.factories import pending_row, pending_rows
+from tests.helpers import content, remote_calls
 
 pytestmark = pytest.mark.django_db
 
 Status = PendingTransfer.Status
 CHANGELIST = "admin:queued_storage_pendingtransfer_changelist"
+
+
+def column_of(field: Any) -> str:
+    """A concrete field's column name."""
+    column = field.column
+    assert isinstance(column, str), field
+    return column
 
 
 def changelist_url(**params: str) -> str:
@@ -88,19 +95,19 @@ def test_changelist_shows_each_row_with_a_status_badge_and_counts(
     admin_client: Client,
 ) -> None:
     now = timezone.now()
-    PendingTransferFactory(name="a/queued.txt", size=2048)
-    PendingTransferFactory(
+    pending_row(name="a/queued.txt", size=2048)
+    pending_row(
         name="a/failed.txt",
         status=Status.FAILED,
         attempts=6,
         last_error="ConnectionError: remote unreachable " + "x" * 200,
     )
-    PendingTransferFactory(
+    pending_row(
         name="a/done.txt",
         status=Status.DONE,
         transferred_at=now - timedelta(hours=3),
     )
-    PendingTransferFactory(
+    pending_row(
         name="a/stuck.txt",
         status=Status.TRANSFERRING,
         lease_expires_at=now - timedelta(minutes=10),
@@ -130,7 +137,7 @@ def test_changelist_shows_each_row_with_a_status_badge_and_counts(
 
 
 def test_newest_rows_come_first(admin_client: Client) -> None:
-    rows = [PendingTransferFactory() for _ in range(3)]
+    rows = [pending_row() for _ in range(3)]
 
     response = admin_client.get(changelist_url())
 
@@ -154,32 +161,32 @@ def test_filters_and_search(
     admin_client: Client, params: dict[str, str], expected: set[str]
 ) -> None:
     now = timezone.now()
-    PendingTransferFactory(name="fresh")
-    PendingTransferFactory(name="failed", status=Status.FAILED)
-    PendingTransferFactory(name="other", storage_key="other")
-    PendingTransferFactory(
+    pending_row(name="fresh")
+    pending_row(name="failed", status=Status.FAILED)
+    pending_row(name="other", storage_key="other")
+    pending_row(
         name="stuck",
         status=Status.TRANSFERRING,
         attempts=1,
         lease_expires_at=now - timedelta(seconds=1),
     )
     # A first attempt in progress is not failing, however many claims it took.
-    PendingTransferFactory(
+    pending_row(
         name="leased",
         status=Status.TRANSFERRING,
         attempts=1,
         lease_expires_at=now + timedelta(minutes=5),
     )
-    PendingTransferFactory(
+    pending_row(
         name="failing-queued", attempts=2, last_error="ConnectionError: timeout"
     )
-    PendingTransferFactory(
+    pending_row(
         name="failing-failed",
         status=Status.FAILED,
         attempts=6,
         last_error="ConnectionError: timeout",
     )
-    PendingTransferFactory(
+    pending_row(
         name="done-after-retries", status=Status.DONE, attempts=3, last_error=""
     )
 
@@ -192,7 +199,7 @@ def test_filters_and_search(
 def test_detail_page_is_read_only_with_history_links_and_file_facts(
     admin_client: Client,
 ) -> None:
-    row = PendingTransferFactory(
+    row = pending_row(
         name="docs/report.pdf",
         status=Status.QUEUED,
         attempts=2,
@@ -235,7 +242,7 @@ def test_detail_page_is_read_only_with_history_links_and_file_facts(
 
 
 def test_a_post_to_the_detail_page_changes_nothing(admin_client: Client) -> None:
-    row = PendingTransferFactory(status=Status.FAILED, attempts=6)
+    row = pending_row(status=Status.FAILED, attempts=6)
 
     response = admin_client.post(
         change_url(row), {"status": "done", "attempts": "0", "_save": "Save"}
@@ -247,7 +254,7 @@ def test_a_post_to_the_detail_page_changes_nothing(admin_client: Client) -> None
 
 
 def test_rows_cannot_be_added_or_deleted(admin_client: Client) -> None:
-    row = PendingTransferFactory()
+    row = pending_row()
 
     add = admin_client.get(reverse("admin:queued_storage_pendingtransfer_add"))
     delete = admin_client.post(
@@ -282,9 +289,9 @@ def test_retry_now_makes_failed_and_waiting_rows_due_with_attempts_reset(
     operator: Client,
 ) -> None:
     later = timezone.now() + timedelta(hours=1)
-    failed = PendingTransferFactory(status=Status.FAILED, attempts=6, last_error="E")
-    waiting = PendingTransferFactory(attempts=2, next_attempt_at=later)
-    done = PendingTransferFactory(status=Status.DONE, attempts=1)
+    failed = pending_row(status=Status.FAILED, attempts=6, last_error="E")
+    waiting = pending_row(attempts=2, next_attempt_at=later)
+    done = pending_row(status=Status.DONE, attempts=1)
 
     response = act(operator, "retry_now", [failed, waiting, done])
 
@@ -300,13 +307,13 @@ def test_retry_now_makes_failed_and_waiting_rows_due_with_attempts_reset(
 
 
 def test_hold_parks_queued_and_failed_rows_and_nothing_else(operator: Client) -> None:
-    queued = PendingTransferFactory()
-    failed = PendingTransferFactory(status=Status.FAILED, attempts=6)
-    leased = PendingTransferFactory(
+    queued = pending_row()
+    failed = pending_row(status=Status.FAILED, attempts=6)
+    leased = pending_row(
         status=Status.TRANSFERRING,
         lease_expires_at=timezone.now() + timedelta(minutes=5),
     )
-    tombstone = PendingTransferFactory(deleted=True)
+    tombstone = pending_row(deleted=True)
 
     response = act(operator, "hold", [queued, failed, leased, tombstone])
 
@@ -374,20 +381,18 @@ def test_transfer_now_refuses_more_rows_than_it_runs_inline(
             "status", flat=True
         )
     ) == {Status.QUEUED}
-    assert storage.remote.calls("save") == 0
+    assert remote_calls(storage, "save") == 0
 
 
 def test_requeue_matching_asks_first_then_requeues_only_the_filtered_rows(
     operator: Client,
 ) -> None:
     mine = [
-        PendingTransferFactory(status=Status.FAILED, attempts=6, storage_key="mine")
+        pending_row(status=Status.FAILED, attempts=6, storage_key="mine")
         for _ in range(3)
     ]
-    done = PendingTransferFactory(status=Status.DONE, storage_key="mine")
-    other = PendingTransferFactory(
-        status=Status.FAILED, attempts=6, storage_key="other"
-    )
+    done = pending_row(status=Status.DONE, storage_key="mine")
+    other = pending_row(status=Status.FAILED, attempts=6, storage_key="other")
     query = "?storage_key=mine"
     listing = operator.get(changelist_url(storage_key="mine"))
     assert requeue_url(query) in listing.content.decode()
@@ -414,8 +419,8 @@ def test_requeue_matching_asks_first_then_requeues_only_the_filtered_rows(
 def test_view_only_staff_sees_the_ledger_but_cannot_change_it(
     viewer: Client,
 ) -> None:
-    failed = PendingTransferFactory(status=Status.FAILED, attempts=6)
-    queued = PendingTransferFactory()
+    failed = pending_row(status=Status.FAILED, attempts=6)
+    queued = pending_row()
 
     listing = viewer.get(changelist_url())
     detail = viewer.get(change_url(failed))
@@ -450,7 +455,7 @@ def test_staff_without_any_permission_on_the_ledger_gets_nothing(
     django_user_model: Any,
 ) -> None:
     client = staff_client(django_user_model)
-    row = PendingTransferFactory()
+    row = pending_row()
 
     assert client.get(changelist_url()).status_code == 403
     assert client.get(change_url(row)).status_code == 403
@@ -495,7 +500,7 @@ class AtomicProbeStorage(FileSystemStorage):
 
     def _save(self, name: str, content: Any) -> str:
         type(self).in_transaction.append(connection.in_atomic_block)
-        return super()._save(name, content)
+        return super()._save(name, content)  # type: ignore[misc, no-any-return]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -548,11 +553,11 @@ def insert_rows(rows: list[dict[str, Any]]) -> None:
     ]
     table = connection.ops.quote_name(PendingTransfer._meta.db_table)
     columns = ", ".join(
-        connection.ops.quote_name(PendingTransfer._meta.get_field(name).column)
+        connection.ops.quote_name(column_of(PendingTransfer._meta.get_field(name)))
         for name in given
     )
     constant_columns = ", ".join(
-        connection.ops.quote_name(field.column) for field in constant
+        connection.ops.quote_name(column_of(field)) for field in constant
     )
     connection.ensure_connection()
     with connection.cursor() as cursor:
@@ -649,12 +654,12 @@ def test_transfer_now_skips_rows_that_are_not_due_and_says_so(
     (message,) = messages_of(response)
     assert message.startswith("0 transferred; 0 to retry; 0 failed; 1 skipped")
     assert fresh(row).status == Status.DONE
-    assert storage.remote.calls("save") == 0
+    assert remote_calls(storage, "save") == 0
     assert storage.local.exists(name)
 
 
 def test_requeue_matching_with_a_filter_it_cannot_apply(operator: Client) -> None:
-    PendingTransferFactory(status=Status.FAILED)
+    pending_row(status=Status.FAILED)
 
     response = operator.get(requeue_url("?attempts__nonsense=1"))
 
@@ -666,7 +671,7 @@ def test_requeue_matching_with_a_filter_it_cannot_apply(operator: Client) -> Non
 def test_actions_are_logged_with_the_user(
     operator: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
-    rows = PendingTransferFactory.create_batch(2, status=Status.FAILED)
+    rows = pending_rows(2, status=Status.FAILED)
 
     with caplog.at_level("INFO", logger="queued_storage"):
         act(operator, "retry_now", rows)

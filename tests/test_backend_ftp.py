@@ -286,7 +286,7 @@ def nfd_filesystem() -> Any:
     listed, in Unicode NFD."""
     from pyftpdlib.filesystems import AbstractedFS
 
-    class NFDFilesystem(AbstractedFS):  # type: ignore[misc]
+    class NFDFilesystem(AbstractedFS):
         def ftp2fs(self, ftppath: str) -> str:
             return unicodedata.normalize("NFD", super().ftp2fs(ftppath))
 
@@ -346,7 +346,7 @@ def japanese_list_filesystem() -> Any:
         "Dec",
     ]
 
-    class JapaneseFilesystem(AbstractedFS):  # type: ignore[misc]
+    class JapaneseFilesystem(AbstractedFS):
         def format_list(self, *args: Any, **kwargs: Any) -> Iterator[bytes]:
             for line in super().format_list(*args, **kwargs):
                 text = line.decode("utf-8")
@@ -464,7 +464,7 @@ def case_insensitive_filesystem() -> Any:
     differs from it only by case, and a new entry keeps the case it was given."""
     from pyftpdlib.filesystems import AbstractedFS
 
-    class CaseInsensitiveFilesystem(AbstractedFS):  # type: ignore[misc]
+    class CaseInsensitiveFilesystem(AbstractedFS):
         def ftp2fs(self, ftppath: str) -> str:
             path = Path(self.root)
             relative = Path(super().ftp2fs(ftppath)).relative_to(self.root)
@@ -572,7 +572,7 @@ def test_ftp_threads_do_not_share_a_connection(
         except Exception as exc:
             read["first.bin"] = exc
         finally:
-            remote.disconnect()
+            remote.disconnect()  # type: ignore[attr-defined]
 
     thread = threading.Thread(target=read_first)
     thread.start()

@@ -22,7 +22,7 @@ from queued_storage import registry
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.worker import drain
-from tests.helpers import FS
+from tests.helpers import FS, deconstructed
 
 pytestmark = pytest.mark.django_db
 
@@ -114,7 +114,7 @@ def test_storages_aliases_on_both_sides(
     with storages["archive"].open(name) as remote_copy:
         assert remote_copy.read() == b"aliased"
     assert storage.url(name) == "https://archive.example/d.txt"
-    assert storage.deconstruct()[2] == {
+    assert deconstructed(storage)[2] == {
         "local": "scratch",
         "remote": "archive",
         "key": "aliases",

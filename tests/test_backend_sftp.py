@@ -37,7 +37,7 @@ def test_sftp_wrong_host_key_is_refused(
     finally:
         # paramiko keeps the refused connection open until the client closes;
         # left open, it holds the server's shutdown (Python 3.12.1+ waits for it).
-        storage.remote.close()
+        storage.remote.close()  # type: ignore[attr-defined]
         registry.forget("sftp")
 
     row = PendingTransfer.objects.get(storage_key="sftp", name=name)

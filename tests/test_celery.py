@@ -29,7 +29,7 @@ from django.db import connections, transaction
 
 from queued_storage.models import PendingTransfer
 from tests.databases import run_id
-from tests.helpers import storages_for
+from tests.helpers import queued, saved_name, storages_for
 from tests.testapp.models import Document, document_storage
 from tests.tools import group_members, missing, require_module, stop_group
 from tests.workers import ROOT, worker_env
@@ -191,7 +191,7 @@ class Worker:
 
 def reachable(url: str) -> str:
     """Why the broker at ``url`` cannot be used, or ``""``."""
-    from kombu import Connection
+    from kombu import Connection  # type: ignore[attr-defined]
 
     try:
         with Connection(url, connect_timeout=3) as connection:
@@ -289,11 +289,11 @@ def test_a_committed_save_is_transferred_by_the_worker(
 ) -> None:
     body = uuid.uuid4().bytes * 100
     document = Document.objects.create(file=ContentFile(body, name=unique("report")))
-    name = document.file.name
+    name = saved_name(document.file)
 
     assert wait_for_status(celery, name, Status.DONE).attempts == 1
     assert (shared_dirs["remote"] / name).read_bytes() == body
-    assert Document.objects.get(pk=document.pk).file.storage.using_remote(name)
+    assert queued(Document.objects.get(pk=document.pk).file.storage).using_remote(name)
     [message] = published
     assert message["task"] == "queued_storage.transfer"
     args, kwargs, _embed = message["body"]
@@ -431,7 +431,7 @@ def test_a_broker_that_is_down_at_save_time_leaves_the_row_to_the_sweep(
     finally:
         celery.app.set_current()
         down.close()
-    name = document.file.name
+    name = saved_name(document.file)
 
     assert row(name).status == Status.QUEUED
     [record] = [r for r in caplog.records if "wake-up not sent" in r.getMessage()]
@@ -458,7 +458,7 @@ def test_beat_schedule_refuses_an_interval_celery_could_not_keep() -> None:
     }
     for wrong in (0, 0.5, -60, float("nan"), float("inf"), "60", True):
         with pytest.raises(ValueError, match="The sweep runs every"):
-            beat_schedule(seconds=wrong)
+            beat_schedule(seconds=wrong)  # type: ignore[arg-type]
 
 
 class SilentBroker:
@@ -511,7 +511,7 @@ def test_a_broker_that_never_answers_holds_a_save_for_about_a_second(
         finally:
             connections.close_all()  # this thread's, or the test database stays
         took.append(time.monotonic() - started)
-        saved.append(document.file.name)
+        saved.append(saved_name(document.file))
 
     try:
         with caplog.at_level(logging.WARNING, logger="queued_storage"):

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.core.checks import Error, run_checks
+from django.core.checks import CheckMessage, run_checks
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
@@ -17,11 +17,11 @@ from queued_storage.conf import settings as conf
 from tests.helpers import BACKEND, FS, queued_alias
 
 
-def check_ids() -> list[str]:
+def check_ids() -> list[str | None]:
     return [message.id for message in check_storages() + check_settings()]
 
 
-def errors_with(check_id: str) -> list[Error]:
+def errors_with(check_id: str) -> list[CheckMessage]:
     return [
         message
         for message in check_storages() + check_settings()

@@ -4,6 +4,7 @@ into a crontab or a supervisor's unit file, run as ``manage.py`` runs it."""
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from django.core.management import ManagementUtility, call_command
 
 from queued_storage.management.cli import verbosity_logging
 from queued_storage.models import PendingTransfer
+from tests.helpers import saved_name
 from tests.testapp.models import Document
 from tests.workers import start_command
 
@@ -174,10 +176,12 @@ class Lines:
         self.seen: list[str] = []
         assert process.stderr is not None
         stream = process.stderr
-        self.reader = threading.Thread(
-            target=lambda: [self.lines.put(line) for line in stream], daemon=True
-        )
+        self.reader = threading.Thread(target=self._pump, args=(stream,), daemon=True)
         self.reader.start()
+
+    def _pump(self, stream: Any) -> None:
+        for line in stream:
+            self.lines.put(line)
 
     def rest(self) -> str:
         """Everything printed, once the process has ended."""
@@ -215,7 +219,9 @@ def test_a_second_signal_stops_the_worker_at_once_and_loses_nothing(
             },
         },
     }
-    name = Document.objects.create(file=ContentFile(b"in hand", name="h.txt")).file.name
+    name = saved_name(
+        Document.objects.create(file=ContentFile(b"in hand", name="h.txt")).file
+    )
     worker = start_command(
         "process_transfers", "--loop", "--interval", "0.2", stderr=subprocess.PIPE
     )
@@ -274,7 +280,7 @@ def test_a_second_signal_arriving_while_the_first_is_logged_stops_at_once(
         raise Exited(status)
 
     monkeypatch.setattr(process_transfers.logger, "warning", warning)
-    monkeypatch.setattr(process_transfers.os, "_exit", exit_now)
+    monkeypatch.setattr(os, "_exit", exit_now)
     try:
         with pytest.raises(Exited) as exited:
             handler(signal.SIGINT, None)

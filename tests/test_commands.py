@@ -20,7 +20,7 @@ from queued_storage import registry
 from queued_storage.backends import QueuedStorage
 from queued_storage.backfill import Backfill
 from queued_storage.models import PendingTransfer
-from tests.factories import PendingTransferFactory
+from tests.factories import pending_row, pending_rows
 from tests.helpers import content, read_bytes, row_by_name_column
 
 pytestmark = pytest.mark.django_db
@@ -187,12 +187,10 @@ def test_process_transfers_logs_key_value_lines(
 
 
 def test_transfer_status_counts_per_status_and_storage() -> None:
-    PendingTransferFactory.create_batch(2, storage_key="photos")
-    PendingTransferFactory(storage_key="photos", status=Status.DONE)
-    PendingTransferFactory(storage_key="videos", status=Status.FAILED, last_error="E")
-    PendingTransferFactory(
-        storage_key="videos", status=Status.HELD, next_attempt_at=None
-    )
+    pending_rows(2, storage_key="photos")
+    pending_row(storage_key="photos", status=Status.DONE)
+    pending_row(storage_key="videos", status=Status.FAILED, last_error="E")
+    pending_row(storage_key="videos", status=Status.HELD, next_attempt_at=None)
 
     result = run("transfer_status", "--json")
 
@@ -223,23 +221,21 @@ def test_transfer_status_counts_per_status_and_storage() -> None:
 
 
 def test_transfer_status_reports_the_backlog_age_stuck_rows_and_recent_errors() -> None:
-    PendingTransferFactory(next_attempt_at=ago(minutes=30))
-    PendingTransferFactory(next_attempt_at=ago(minutes=1))
+    pending_row(next_attempt_at=ago(minutes=30))
+    pending_row(next_attempt_at=ago(minutes=1))
     # Not due: waiting for a retry, held, failed, or leased by a live worker.
-    PendingTransferFactory(next_attempt_at=timezone.now() + timedelta(hours=5))
-    PendingTransferFactory(status=Status.HELD, next_attempt_at=None)
-    PendingTransferFactory(
+    pending_row(next_attempt_at=timezone.now() + timedelta(hours=5))
+    pending_row(status=Status.HELD, next_attempt_at=None)
+    pending_row(
         status=Status.TRANSFERRING, lease_expires_at=timezone.now() + timedelta(1)
     )
     # Stuck: its worker's lease ran out two hours ago. The oldest due row.
-    PendingTransferFactory(
-        status=Status.TRANSFERRING, attempts=1, lease_expires_at=ago(hours=2)
-    )
-    PendingTransferFactory(
+    pending_row(status=Status.TRANSFERRING, attempts=1, lease_expires_at=ago(hours=2))
+    pending_row(
         status=Status.FAILED, attempts=6, last_error="E", updated_at=ago(minutes=5)
     )
-    PendingTransferFactory(attempts=2, last_error="E", updated_at=ago(minutes=50))
-    PendingTransferFactory(
+    pending_row(attempts=2, last_error="E", updated_at=ago(minutes=50))
+    pending_row(
         status=Status.FAILED, attempts=6, last_error="E", updated_at=ago(hours=3)
     )
 
@@ -255,7 +251,7 @@ def test_transfer_status_reports_the_backlog_age_stuck_rows_and_recent_errors() 
 
 
 def test_transfer_status_max_age_is_a_monitoring_check() -> None:
-    PendingTransferFactory(next_attempt_at=ago(minutes=30))
+    pending_row(next_attempt_at=ago(minutes=30))
 
     too_old = run("transfer_status", "--max-age", "600", "--verbosity", "0")
     fine = run("transfer_status", "--max-age", "1h", "--verbosity", "0")
@@ -268,9 +264,9 @@ def test_transfer_status_max_age_is_a_monitoring_check() -> None:
 
 
 def test_transfer_status_max_age_ignores_rows_that_are_not_due() -> None:
-    PendingTransferFactory(next_attempt_at=timezone.now() + timedelta(hours=1))
-    PendingTransferFactory(status=Status.HELD, next_attempt_at=None)
-    PendingTransferFactory(status=Status.FAILED, updated_at=ago(days=3))
+    pending_row(next_attempt_at=timezone.now() + timedelta(hours=1))
+    pending_row(status=Status.HELD, next_attempt_at=None)
+    pending_row(status=Status.FAILED, updated_at=ago(days=3))
 
     result = run("transfer_status", "--max-age", "1", "--json")
 
@@ -279,7 +275,7 @@ def test_transfer_status_max_age_ignores_rows_that_are_not_due() -> None:
 
 
 def test_transfer_status_max_failed() -> None:
-    PendingTransferFactory.create_batch(3, status=Status.FAILED)
+    pending_rows(3, status=Status.FAILED)
 
     assert run("transfer_status", "--max-failed", "3").code == 0
     result = run("transfer_status", "--max-failed", "2", "--json")
@@ -289,7 +285,7 @@ def test_transfer_status_max_failed() -> None:
 
 def test_transfer_status_of_one_storage(storage: QueuedStorage) -> None:
     storage.save("a.txt", content())
-    PendingTransferFactory(storage_key="other")
+    pending_row(storage_key="other")
 
     status = run("transfer_status", "--storage", storage.key, "--json").json
 
@@ -308,14 +304,14 @@ def test_transfer_status_rejects_a_bad_duration() -> None:
 
 
 def test_requeue_transfers_puts_failed_rows_back_and_nothing_else() -> None:
-    failed = PendingTransferFactory.create_batch(
+    failed = pending_rows(
         2, status=Status.FAILED, attempts=6, last_error="E", next_attempt_at=None
     )
-    held = PendingTransferFactory(status=Status.HELD, next_attempt_at=None)
-    waiting = PendingTransferFactory(
+    held = pending_row(status=Status.HELD, next_attempt_at=None)
+    waiting = pending_row(
         attempts=2, next_attempt_at=timezone.now() + timedelta(hours=1)
     )
-    done = PendingTransferFactory(status=Status.DONE)
+    done = pending_row(status=Status.DONE)
 
     result = run("requeue_transfers")
 
@@ -333,25 +329,25 @@ def test_requeue_transfers_puts_failed_rows_back_and_nothing_else() -> None:
 
 
 def test_requeue_transfers_filters_by_storage_error_and_age() -> None:
-    match = PendingTransferFactory(
+    match = pending_row(
         storage_key="photos",
         status=Status.FAILED,
         last_error="ConnectionError: remote unreachable",
         updated_at=ago(days=2),
     )
-    other_storage = PendingTransferFactory(
+    other_storage = pending_row(
         storage_key="videos",
         status=Status.FAILED,
         last_error="ConnectionError: remote unreachable",
         updated_at=ago(days=2),
     )
-    other_error = PendingTransferFactory(
+    other_error = pending_row(
         storage_key="photos",
         status=Status.FAILED,
         last_error="RemoteConflict: the remote already has an object",
         updated_at=ago(days=2),
     )
-    too_recent = PendingTransferFactory(
+    too_recent = pending_row(
         storage_key="photos",
         status=Status.FAILED,
         last_error="ConnectionError: remote unreachable",
@@ -389,7 +385,7 @@ def test_requeue_transfers_filters_by_storage_error_and_age() -> None:
 
 
 def test_requeue_transfers_dry_run_changes_nothing() -> None:
-    PendingTransferFactory.create_batch(3, status=Status.FAILED, attempts=6)
+    pending_rows(3, status=Status.FAILED, attempts=6)
 
     result = run("requeue_transfers", "--dry-run", "--json")
 
@@ -398,8 +394,8 @@ def test_requeue_transfers_dry_run_changes_nothing() -> None:
 
 
 def test_requeue_transfers_releases_held_rows_on_request() -> None:
-    held = PendingTransferFactory(status=Status.HELD, next_attempt_at=None)
-    failed = PendingTransferFactory(status=Status.FAILED)
+    held = pending_row(status=Status.HELD, next_attempt_at=None)
+    failed = pending_row(status=Status.FAILED)
 
     run("requeue_transfers", "--status", "held")
 

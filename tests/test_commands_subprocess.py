@@ -18,7 +18,7 @@ from django.db import connection
 from django.utils import timezone
 
 from queued_storage.models import PendingTransfer, StorageState
-from tests.helpers import wait_until
+from tests.helpers import saved_name, wait_until
 from tests.testapp.models import Document, document_storage
 from tests.workers import run_command, start_command
 
@@ -59,7 +59,7 @@ def test_process_transfers_from_cron_moves_the_files_and_exits_0(
     assert summary["bytes"] == sum(len(f"file {i}") for i in range(3))
     assert PendingTransfer.objects.done().count() == 3
     for i, document in enumerate(documents):
-        remote = fresh_storages["remote"] / document.file.name
+        remote = fresh_storages["remote"] / saved_name(document.file)
         assert remote.read_bytes() == f"file {i}".encode()
 
     again = run_command("process_transfers")
@@ -133,7 +133,7 @@ def test_process_transfers_loop_stops_on_sigterm_after_the_file_in_hand(
     assert summary["done"] == 2
     assert summary["polls"] >= 1
     for document, text in zip(documents, ("late arrival", "later still"), strict=True):
-        remote = fresh_storages["remote"] / document.file.name
+        remote = fresh_storages["remote"] / saved_name(document.file)
         assert remote.read_bytes() == text.encode()
 
 
@@ -165,9 +165,11 @@ def test_sigterm_hands_back_rows_re_saved_or_deleted_since_the_claim_and_exits_0
     }
     settings.STORAGES = storages
     uploading, resaved, deleted = (
-        Document.objects.create(
-            file=ContentFile(f"file {i}".encode(), name=f"{i}.txt")
-        ).file.name
+        saved_name(
+            Document.objects.create(
+                file=ContentFile(f"file {i}".encode(), name=f"{i}.txt")
+            ).file
+        )
         for i in range(3)
     )
     worker = start_command("process_transfers", "--loop", "--interval", "0.2", "--json")
@@ -222,9 +224,11 @@ def test_sigterm_hands_back_the_unstarted_rows_before_the_upload_in_hand_ends(
         },
     }
     uploading, *waiting = (
-        Document.objects.create(
-            file=ContentFile(f"file {i}".encode(), name=f"{i}.txt")
-        ).file.name
+        saved_name(
+            Document.objects.create(
+                file=ContentFile(f"file {i}".encode(), name=f"{i}.txt")
+            ).file
+        )
         for i in range(3)
     )
     worker = start_command("process_transfers", "--loop", "--interval", "0.2", "--json")

@@ -20,7 +20,14 @@ from django.utils import timezone
 
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
-from tests.helpers import content, row_of, save_rolled_back
+from tests.helpers import (
+    content,
+    queued,
+    remote_calls,
+    row_of,
+    save_rolled_back,
+    saved_name,
+)
 from tests.testapp.models import Document
 from tests.tools import group_members, require_module, stop_group
 from tests.workers import start_command
@@ -154,9 +161,9 @@ def test_a_task_for_a_row_already_done_does_nothing(
     with django_capture_on_commit_callbacks(execute=True):
         name = storage.save("once.txt", content())
     assert row_of(storage, name).status == Status.DONE
-    uploads = storage.remote.calls("save")
+    uploads = remote_calls(storage, "save")
     async_task("queued_storage.integrations.django_q.transfer", storage.key, name)
-    assert storage.remote.calls("save") == uploads == 1
+    assert remote_calls(storage, "save") == uploads == 1
     assert row_of(storage, name).status == Status.DONE
     second = Task.objects.order_by("-started").first()
     assert second is not None and second.success and second.result is None
@@ -314,7 +321,7 @@ def test_a_qcluster_process_drains_the_files_saved_here_and_stops_cleanly(
         document = Document.objects.create(
             file=ContentFile(body, name=f"cluster-{number}.bin")
         )
-        saved[document.file.name] = body
+        saved[saved_name(document.file)] = body
     from django_q.models import Task
 
     rows = PendingTransfer.objects.filter(storage_key="documents")
@@ -330,7 +337,8 @@ def test_a_qcluster_process_drains_the_files_saved_here_and_stops_cleanly(
     deadline = time.monotonic() + 60
     while not drained():
         if qcluster.poll() is not None or time.monotonic() > deadline:
-            output = qcluster.stdout.read() if qcluster.poll() is not None else ""
+            stdout = qcluster.stdout
+            output = stdout.read() if stdout and qcluster.poll() is not None else ""
             pytest.fail(
                 "qcluster did not drain the ledger: "
                 f"{list(rows.values_list('name', 'status', 'last_error'))}\n{output}"
@@ -340,7 +348,7 @@ def test_a_qcluster_process_drains_the_files_saved_here_and_stops_cleanly(
     remote = fresh_storages["remote"]
     for name, body in saved.items():
         assert (remote / name).read_bytes() == body
-        assert Document.objects.get(file=name).file.storage.using_remote(name)
+        assert queued(Document.objects.get(file=name).file.storage).using_remote(name)
     assert sorted(Task.objects.values_list("result", flat=True)) == ["done"] * 5
 
     qcluster.send_signal(signal.SIGTERM)

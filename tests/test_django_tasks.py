@@ -15,7 +15,14 @@ from django.utils import timezone
 
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
-from tests.helpers import content, row_of, save_rolled_back
+from tests.helpers import (
+    content,
+    queued,
+    remote_calls,
+    row_of,
+    save_rolled_back,
+    saved_name,
+)
 from tests.testapp.models import Document
 from tests.tools import require_module
 from tests.workers import run_command
@@ -123,7 +130,7 @@ def test_a_task_run_twice_uploads_once(
     with django_capture_on_commit_callbacks(execute=True):
         name = storage.save("twice.txt", content())
     assert transfer.enqueue(storage.key, name).return_value is None
-    assert storage.remote.calls("save") == 1
+    assert remote_calls(storage, "save") == 1
     assert row_of(storage, name).status == Status.DONE
 
 
@@ -142,7 +149,7 @@ def test_the_database_backend_queues_rows_that_its_worker_drains(
         document = Document.objects.create(
             file=ContentFile(body, name=f"tasks-{number}.txt")
         )
-        saved[document.file.name] = body
+        saved[saved_name(document.file)] = body
     # Enqueued after each commit, nothing run yet: the files wait on local storage.
     assert len(database_backend) == 3
     assert DBTaskResult.objects.ready().count() == 3
@@ -170,4 +177,4 @@ def test_the_database_backend_queues_rows_that_its_worker_drains(
     )
     for name, body in saved.items():
         assert (fresh_storages["remote"] / name).read_bytes() == body
-        assert Document.objects.get(file=name).file.storage.using_remote(name)
+        assert queued(Document.objects.get(file=name).file.storage).using_remote(name)

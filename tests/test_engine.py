@@ -21,7 +21,7 @@ from queued_storage.models import MAX_RETRY_DELAY, PendingTransfer, retry_delay
 from queued_storage.signals import file_transferred, transfer_failed
 from queued_storage.transfer import process_row
 from queued_storage.worker import DrainStats, drain, transfer_name
-from tests.factories import PendingTransferFactory
+from tests.factories import pending_row, pending_rows
 from tests.helpers import (
     ALWAYS_FAILING,
     FLAKY,
@@ -30,7 +30,9 @@ from tests.helpers import (
     joined,
     local_files,
     read_bytes,
+    remote_calls,
     remote_files,
+    root_of,
     row_of,
     wait_until,
 )
@@ -431,14 +433,14 @@ def test_transfer_and_delete_removes_local_only_after_the_done_commit(
     assert storage.exists(name)
     assert read_bytes(storage, name) == b"moved away"
     assert storage.url(name).startswith("https://remote.example/")
-    saves = storage.remote.calls("save")
+    saves = remote_calls(storage, "save")
 
     # Asking again for a file already moved is a no-op, not an error.
     assert storage.transfer(name) is False
     stats = drain()
 
     assert stats.processed == 0
-    assert storage.remote.calls("save") == saves == 1
+    assert remote_calls(storage, "save") == saves == 1
     row = row_of(storage, name)
     assert row.status == Status.DONE
     assert row.last_error == ""
@@ -485,7 +487,7 @@ def test_remote_that_renames_is_not_done_and_is_never_trusted_with_a_delete(
     assert "must keep the name" in row.last_error
     assert "'renamed/a.txt' was left alone" in row.last_error
     assert remote_files(storage) == ["renamed/a.txt"]
-    assert storage.remote.calls("delete") == 0
+    assert remote_calls(storage, "delete") == 0
     assert read_bytes(storage, name) == b"keep my name"
 
 
@@ -501,7 +503,7 @@ def test_a_remote_that_renames_gives_no_ownership_of_the_name(
     name = storage.save("a.txt", content("mine"))
     run_drain()
     assert row_of(storage, name).remote_owned is False
-    theirs = Path(storage.remote.location) / "a.txt"
+    theirs = root_of(storage.remote) / "a.txt"
     theirs.write_bytes(b"someone else's file")
 
     assert storage.transfer(name)
@@ -512,7 +514,7 @@ def test_a_remote_that_renames_gives_no_ownership_of_the_name(
     run_drain()
 
     assert theirs.read_bytes() == b"someone else's file"
-    assert storage.remote.calls("delete") == 0
+    assert remote_calls(storage, "delete") == 0
 
 
 def test_a_name_a_remote_returns_instead_of_ours_keeps_the_file_it_holds(
@@ -522,7 +524,7 @@ def test_a_name_a_remote_returns_instead_of_ours_keeps_the_file_it_holds(
     """A remote whose save() answers another name, where another file lives: that
     file survives, and the row fails with the remote's renaming as its error."""
     storage = make_storage(remote="tests.storages.MisreportingStorage")
-    theirs = Path(storage.remote.location) / "elsewhere" / "a.txt"
+    theirs = root_of(storage.remote) / "elsewhere" / "a.txt"
     theirs.parent.mkdir(parents=True)
     theirs.write_bytes(b"someone else's file")
     name = storage.save("a.txt", content("mine"))
@@ -533,7 +535,7 @@ def test_a_name_a_remote_returns_instead_of_ours_keeps_the_file_it_holds(
     assert (stats.failed, row.status) == (1, Status.FAILED)
     assert row.last_error.startswith("RemoteRenamed: ")
     assert theirs.read_bytes() == b"someone else's file"
-    assert storage.remote.calls("delete") == 0
+    assert remote_calls(storage, "delete") == 0
     assert read_bytes(storage, name) == b"mine"
 
 
@@ -566,7 +568,7 @@ def test_foreign_remote_object_is_a_conflict_and_left_untouched(
     run_drain: Callable[..., DrainStats],
     received: dict[str, list[dict[str, Any]]],
 ) -> None:
-    foreign = Path(storage.remote.location) / "a.txt"
+    foreign = root_of(storage.remote) / "a.txt"
     foreign.parent.mkdir(parents=True)
     foreign.write_bytes(b"not yours")
     name = storage.save("a.txt", content("mine"))
@@ -581,7 +583,7 @@ def test_foreign_remote_object_is_a_conflict_and_left_untouched(
     assert "did not put there" in row.last_error
     assert "move or delete it, then re-queue" in row.last_error
     assert foreign.read_bytes() == b"not yours"
-    assert storage.remote.calls("save") == 0
+    assert remote_calls(storage, "save") == 0
     assert read_bytes(storage, name) == b"mine"
     assert len(received["failed"]) == 1
 
@@ -612,7 +614,7 @@ def test_ownership_is_earned_by_writing_not_by_claiming(
     assert (row.status, row.attempts) == (Status.QUEUED, 1)
     assert "the existence check timed out" in row.last_error
     assert row.remote_owned is False
-    foreign = Path(storage.remote.location) / "a.txt"
+    foreign = root_of(storage.remote) / "a.txt"
     foreign.parent.mkdir(parents=True)
     foreign.write_bytes(b"not yours")
 
@@ -623,7 +625,7 @@ def test_ownership_is_earned_by_writing_not_by_claiming(
     assert "did not put there" in row.last_error
     assert row.remote_owned is False
     assert foreign.read_bytes() == b"not yours"
-    assert storage.remote.calls("save") == 0
+    assert remote_calls(storage, "save") == 0
     assert read_bytes(storage, name) == b"mine"
 
 
@@ -648,10 +650,13 @@ def test_a_remote_that_renames_is_its_own_existence_check(
     storage = make_storage(remote=remote)
     asked: list[str] = []
     exists = storage.remote.exists
-    monkeypatch.setattr(
-        storage.remote, "exists", lambda name: asked.append(name) or exists(name)
-    )
-    foreign = Path(storage.remote.location) / "a.txt"
+
+    def noting_exists(name: str) -> bool:
+        asked.append(name)
+        return exists(name)
+
+    monkeypatch.setattr(storage.remote, "exists", noting_exists)
+    foreign = root_of(storage.remote) / "a.txt"
     foreign.parent.mkdir(parents=True)
     foreign.write_bytes(b"not yours")
     taken = storage.save("a.txt", content("mine"))
@@ -686,7 +691,7 @@ def test_row_with_expired_lease_is_claimed_again_and_completed(
         attempts=1,
         remote_owned=True,
     )
-    partial = Path(storage.remote.location) / name
+    partial = root_of(storage.remote) / name
     partial.parent.mkdir(parents=True)
     partial.write_bytes(b"crash")
 
@@ -722,7 +727,7 @@ def test_row_with_live_lease_is_not_claimed(
 
 
 def test_claim_due_never_returns_a_row_twice() -> None:
-    rows = PendingTransferFactory.create_batch(5)
+    rows = pending_rows(5)
 
     first = PendingTransfer.objects.claim_due(limit=3, lease=300)
     second = PendingTransfer.objects.claim_due(limit=10, lease=300)
@@ -742,11 +747,11 @@ def test_claim_due_never_returns_a_row_twice() -> None:
 
 
 def test_claim_due_skips_rows_not_yet_due_held_done_and_failed() -> None:
-    PendingTransferFactory(next_attempt_at=timezone.now() + timedelta(minutes=1))
-    PendingTransferFactory(status=Status.HELD, next_attempt_at=None)
-    PendingTransferFactory(status=Status.DONE, next_attempt_at=None)
-    PendingTransferFactory(status=Status.FAILED, next_attempt_at=None)
-    due = PendingTransferFactory()
+    pending_row(next_attempt_at=timezone.now() + timedelta(minutes=1))
+    pending_row(status=Status.HELD, next_attempt_at=None)
+    pending_row(status=Status.DONE, next_attempt_at=None)
+    pending_row(status=Status.FAILED, next_attempt_at=None)
+    due = pending_row()
 
     claimed = PendingTransfer.objects.claim_due(limit=10, lease=300)
 
@@ -755,7 +760,7 @@ def test_claim_due_skips_rows_not_yet_due_held_done_and_failed() -> None:
 
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_claims_never_share_a_row() -> None:
-    rows = PendingTransferFactory.create_batch(40)
+    rows = pending_rows(40)
     start = threading.Barrier(6)
 
     def claim_all() -> list[int]:
@@ -772,7 +777,7 @@ def test_concurrent_claims_never_share_a_row() -> None:
 
 
 def test_release_claim_gives_unstarted_rows_back() -> None:
-    PendingTransferFactory.create_batch(3)
+    pending_rows(3)
     claimed = PendingTransfer.objects.claim_due(limit=3, lease=300)
     assert claimed[0].mark_done()  # this one was finished: not given back
 
@@ -820,7 +825,7 @@ def test_lease_is_renewed_while_a_long_transfer_runs(
     assert during.lease_expires_at > timezone.now() - timedelta(seconds=1)
     assert stats.done == 1
     assert row_of(storage, name).status == Status.DONE
-    assert storage.remote.calls("save") == 1
+    assert remote_calls(storage, "save") == 1
 
 
 # Late workers lose (compare-and-set on generation and lease token)
@@ -880,7 +885,7 @@ def test_worker_whose_lease_was_taken_over_loses(
     assert row.status == Status.DONE
     assert row.last_error == ""
     assert remote_bytes(storage, name) == b"payload"
-    assert storage.remote.calls("save") == 1
+    assert remote_calls(storage, "save") == 1
 
 
 def _late_worker(
@@ -1044,7 +1049,7 @@ def test_delete_during_a_transfer_leaves_nothing_behind(
 def test_unknown_storage_key_is_recorded_and_the_drain_goes_on(
     storage: QueuedStorage, run_drain: Callable[..., DrainStats]
 ) -> None:
-    orphan = PendingTransferFactory(storage_key="nope", name="lost.txt")
+    orphan = pending_row(storage_key="nope", name="lost.txt")
     first = storage.save("a.txt", content("one"))
     second = storage.save("b.txt", content("two"))
 
@@ -1080,7 +1085,7 @@ def test_transfer_name_transfers_only_that_name(
     assert remote_files(storage) == [wanted]
     # Not due any more: a second wake-up does nothing.
     assert transfer_name(storage.key, wanted) is None
-    assert storage.remote.calls("save") == 1
+    assert remote_calls(storage, "save") == 1
 
 
 def test_immediate_worker_transfers_only_after_commit(
@@ -1132,7 +1137,7 @@ def test_concurrent_drain_transfers_each_file_exactly_once(
 
     assert stats.done == 20
     assert stats.processed == 20
-    assert storage.remote.calls("save") == 20
+    assert remote_calls(storage, "save") == 20
     assert PendingTransfer.objects.done().count() == 20
     for i, name in enumerate(names):
         assert remote_bytes(storage, name) == f"file {i}".encode()

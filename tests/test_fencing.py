@@ -21,7 +21,7 @@ from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.worker import drain
 from tests.contention import TIMEOUT, Contender
-from tests.helpers import content, read_bytes, row_of
+from tests.helpers import content, read_bytes, root_of, row_of
 from tests.storages import PausingStorage, SaveWindowStorage, WindowStorage
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -176,8 +176,8 @@ def test_purge_spares_a_remote_object_the_ledger_never_wrote(
     to right, the purge's claim read back the status it had just set and took
     the object for the row's)."""
     storage = make_storage()
-    theirs = os.path.join(storage.remote.location, "doc.txt")
-    os.makedirs(storage.remote.location, exist_ok=True)
+    theirs = str(root_of(storage.remote) / "doc.txt")
+    root_of(storage.remote).mkdir(parents=True, exist_ok=True)
     with open(theirs, "wb") as file:
         file.write(b"theirs")
     name = storage.save("doc.txt", content("mine"))
@@ -210,7 +210,7 @@ def test_transfer_and_delete_spares_a_large_save_written_while_the_name_got_its_
     window = SaveWindowStorage
     checked, written, go_write, go_record = (threading.Event() for _ in range(4))
     big = content("the large save")
-    big.size = None  # unknown: saved the way of a large file
+    big.size = None  # type: ignore[assignment]  # unknown: saved the way of a large file
 
     def before_save(name: str) -> None:
         checked.set()

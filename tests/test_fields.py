@@ -10,7 +10,7 @@ import pytest
 from queued_storage.fields import QueuedFieldFile
 from queued_storage.models import PendingTransfer
 from queued_storage.worker import drain
-from tests.helpers import content
+from tests.helpers import content, queued_file
 from tests.testapp.models import Document, HeldDocument
 
 pytestmark = pytest.mark.django_db
@@ -42,7 +42,7 @@ def test_held_file_waits_for_transfer_then_is_drained_to_remote(
     assert document.file.url == "/media/held/report.txt"
 
     loaded = HeldDocument.objects.get(pk=document.pk)
-    assert loaded.file.transfer() is True
+    assert queued_file(loaded.file).transfer() is True
 
     assert status_of(loaded) == Status.QUEUED
     assert drain(keys=["documents-held"]).done == 1
@@ -61,7 +61,7 @@ def test_transfer_of_a_transferred_file_returns_false(
     assert status_of(document) == Status.QUEUED
     drain(keys=["documents"])
 
-    assert document.file.transfer() is False
+    assert queued_file(document.file).transfer() is False
 
     assert status_of(document) == Status.DONE
     assert drain(keys=["documents"]).processed == 0
@@ -77,7 +77,7 @@ def test_transfer_with_the_immediate_worker_runs_after_commit(
     document.file.save("now.txt", content("now"))
 
     with django_capture_on_commit_callbacks(execute=True):
-        assert document.file.transfer() is True
+        assert queued_file(document.file).transfer() is True
         assert status_of(document) == Status.QUEUED
 
     assert status_of(document) == Status.DONE

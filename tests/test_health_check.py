@@ -13,7 +13,7 @@ from django.urls import path
 from django.utils import timezone
 
 from queued_storage.models import PendingTransfer
-from tests.factories import PendingTransferFactory
+from tests.factories import pending_row
 from tests.tools import IN_CI
 
 if importlib.util.find_spec("health_check") is None:
@@ -69,12 +69,12 @@ def test_healthy_while_due_rows_are_younger_than_the_setting(
     client: Client, settings: Any
 ) -> None:
     settings.QUEUED_STORAGE_HEALTH_MAX_AGE = 600
-    PendingTransferFactory(next_attempt_at=timezone.now() - timedelta(minutes=5))
+    pending_row(next_attempt_at=timezone.now() - timedelta(minutes=5))
     # Not due, however old: a retry waiting for its backoff, held and failed rows.
     old = timezone.now() - timedelta(days=2)
-    PendingTransferFactory(next_attempt_at=timezone.now() + timedelta(hours=1))
-    PendingTransferFactory(status=Status.HELD, next_attempt_at=None, created_at=old)
-    PendingTransferFactory(status=Status.FAILED, next_attempt_at=None, updated_at=old)
+    pending_row(next_attempt_at=timezone.now() + timedelta(hours=1))
+    pending_row(status=Status.HELD, next_attempt_at=None, created_at=old)
+    pending_row(status=Status.FAILED, next_attempt_at=None, updated_at=old)
 
     assert health(client) == (200, "OK")
 
@@ -83,7 +83,7 @@ def test_unhealthy_when_the_oldest_due_row_waits_too_long(
     client: Client, settings: Any
 ) -> None:
     settings.QUEUED_STORAGE_HEALTH_MAX_AGE = 600
-    PendingTransferFactory(next_attempt_at=timezone.now() - timedelta(minutes=20))
+    pending_row(next_attempt_at=timezone.now() - timedelta(minutes=20))
 
     status, message = health(client)
 
@@ -96,7 +96,7 @@ def test_a_worker_that_died_holding_a_row_makes_it_unhealthy(
     client: Client, settings: Any
 ) -> None:
     settings.QUEUED_STORAGE_HEALTH_MAX_AGE = 600
-    PendingTransferFactory(
+    pending_row(
         status=Status.TRANSFERRING,
         lease_expires_at=timezone.now() - timedelta(minutes=30),
     )
@@ -105,10 +105,10 @@ def test_a_worker_that_died_holding_a_row_makes_it_unhealthy(
 
 
 def test_max_age_and_storage_arguments(client: Client) -> None:
-    PendingTransferFactory(
+    pending_row(
         storage_key="videos", next_attempt_at=timezone.now() - timedelta(hours=3)
     )
-    PendingTransferFactory(
+    pending_row(
         storage_key="photos", next_attempt_at=timezone.now() - timedelta(minutes=30)
     )
 

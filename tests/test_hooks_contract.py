@@ -45,7 +45,7 @@ def notify(result: Any) -> None:
 
 
 class TransferAndNotify(Transfer):
-    def transfer(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def transfer(self, *args, **kwargs):
         result = super(TransferAndNotify, self).transfer(*args, **kwargs)  # noqa: UP008
         if result:
             # call the (imaginary) notify function with the result
@@ -147,7 +147,7 @@ class FailsOnceWhenReleased(FileSystemStorage):
             if not cls.release.wait(timeout=30):
                 raise TimeoutError("the test never released the upload")
             raise ConnectionError("the upload failed after the lease ran out")
-        return super()._save(name, content)
+        return super()._save(name, content)  # type: ignore[misc, no-any-return]
 
 
 @pytest.fixture(autouse=True)
@@ -467,7 +467,7 @@ def test_a_conflict_found_by_the_exclusive_create_fails_the_row(
         path.write_bytes(b"theirs")
         return found
 
-    remote.exists = theirs_appears  # type: ignore[method-assign]
+    remote.exists = theirs_appears  # type: ignore[assignment, method-assign]
 
     run_drain()
 

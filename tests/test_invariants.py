@@ -21,8 +21,8 @@ from queued_storage.models import PendingTransfer
 from queued_storage.signals import file_transferred
 from queued_storage.transfer import process_row
 from queued_storage.worker import drain
-from tests.factories import PendingTransferFactory
-from tests.helpers import content
+from tests.factories import pending_row
+from tests.helpers import content, remote_calls
 from tests.storages import GatedStorage
 
 pytestmark = pytest.mark.django_db
@@ -102,10 +102,10 @@ def test_invariant_2_ledger_is_the_truth(
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
         with transaction.atomic():
             name = counting.save("b.txt", content())
-        assert counting.remote.calls("save") == 0
+        assert remote_calls(counting, "save") == 0
     for callback in callbacks:  # the wake-up, and what keeps the file it wrote
         callback()
-    assert counting.remote.calls("save") == 1
+    assert remote_calls(counting, "save") == 1
     assert PendingTransfer.objects.get(storage_key=counting.key).status == "done"
 
     with django_capture_on_commit_callbacks(execute=True) as callbacks:
@@ -117,7 +117,7 @@ def test_invariant_2_ledger_is_the_truth(
             pass
     assert callbacks == []
     assert not PendingTransfer.objects.filter(name="rolled-back.txt").exists()
-    assert counting.remote.calls("save") == 1
+    assert remote_calls(counting, "save") == 1
     # A failed save leaves nothing served: not even through the no-row fallback.
     assert not counting.exists("rolled-back.txt")
 
@@ -253,7 +253,7 @@ def test_invariant_6_no_secrets_in_the_ledger(
     assert secret not in page.content.decode()
 
     # A key read from the database is never imported as a path.
-    PendingTransferFactory(storage_key="os.system", name="evil.txt")
+    pending_row(storage_key="os.system", name="evil.txt")
     drain()
     evil = PendingTransfer.objects.get(name="evil.txt")
     assert "no QueuedStorage with key 'os.system'" in evil.last_error

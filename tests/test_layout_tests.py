@@ -70,13 +70,12 @@ def test_no_test_module_imports_conftest() -> None:
     importing = []
     for path, tree in modules().items():
         for node in ast.walk(tree):
-            names = (
-                [node.module or ""]
-                if isinstance(node, ast.ImportFrom)
-                else [alias.name for alias in node.names]
-                if isinstance(node, ast.Import)
-                else []
-            )
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
             if any(name.split(".")[-1] == "conftest" for name in names):
                 importing.append(f"{path.name}:{node.lineno}")
     assert not importing, (

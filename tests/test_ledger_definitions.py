@@ -23,7 +23,7 @@ from queued_storage.management.commands.requeue_transfers import (
 )
 from queued_storage.models import REQUEUEABLE, PendingTransfer
 from queued_storage.worker import drain
-from tests.factories import PendingTransferFactory
+from tests.factories import pending_row
 from tests.helpers import content
 
 pytestmark = pytest.mark.django_db
@@ -48,7 +48,7 @@ def test_the_host_rule_in_python_and_in_sql_agree(
     settings: Any, host: str, shared: bool, here: bool
 ) -> None:
     settings.QUEUED_STORAGE_HOSTNAME = "web-1"
-    row = PendingTransferFactory(storage_key="k", host=host)
+    row = pending_row(storage_key="k", host=host)
 
     host_local = [] if shared else ["k"]
     reachable = PendingTransfer.objects.reachable_here(host_local)
@@ -56,7 +56,7 @@ def test_the_host_rule_in_python_and_in_sql_agree(
     assert row.local_copy_here(local_shared=shared) is here
     assert reachable.filter(pk=row.pk).exists() is here
     storage = type("Storage", (), {"local_shared": shared})()
-    assert local_copy_elsewhere(storage, row) is not here  # type: ignore[arg-type]
+    assert local_copy_elsewhere(storage, row) is not here
 
 
 def test_a_host_local_row_with_no_host_is_purged_by_any_hosts_worker(
@@ -102,7 +102,7 @@ def test_a_host_local_row_with_no_host_is_purged_at_commit(
 
 
 def test_requeue_changes_exactly_the_requeueable_statuses() -> None:
-    rows = {status: PendingTransferFactory(status=status) for status in Status}
+    rows = {status: pending_row(status=status) for status in Status}
 
     changed = PendingTransfer.objects.requeue()
 
@@ -119,7 +119,7 @@ def test_the_command_and_the_admin_requeue_the_same_statuses(
     admin_client: Client,
 ) -> None:
     for status in Status:
-        PendingTransferFactory(status=status, attempts=3)
+        pending_row(status=status, attempts=3)
     parser = RequeueCommand().create_parser("manage.py", "requeue_transfers")
     [choices] = [
         action.choices for action in parser._actions if action.dest == "statuses"
@@ -141,7 +141,7 @@ def test_every_status_is_counted_once_in_the_admin_and_transfer_status(
     expected = {status.value: number for number, status in enumerate(Status)}
     for status, number in expected.items():
         for _ in range(number):
-            PendingTransferFactory(storage_key="k", status=status)
+            pending_row(storage_key="k", status=status)
 
     counts = PendingTransfer.objects.status_counts()
     listing = admin_client.get(

@@ -127,7 +127,7 @@ def live_database(name: str) -> Iterator[None]:
                 dbname="postgres",
                 autocommit=True,
             ) as conn:
-                conn.execute(sql)  # type: ignore[arg-type]
+                conn.execute(sql)
 
         execute(f'CREATE DATABASE "{name}"')
         drop = f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'

@@ -20,7 +20,7 @@ from queued_storage.checks import check_storages
 from queued_storage.models import PendingTransfer
 from queued_storage.tasks import TransferAndDelete
 from queued_storage.worker import drain
-from tests.helpers import FS, S3, content
+from tests.helpers import FS, S3, content, deconstructed, queued
 from tests.s3 import S3_OPTIONS, make_bucket, s3_client
 from tests.workers import run_command
 
@@ -33,8 +33,8 @@ class LegacySubclass(QueuedStorage):
     """A subclass as 0.8's documentation has them: configured by class
     attributes named as the constructor's arguments."""
 
-    local = FS
-    remote = COUNTING
+    local = FS  # type: ignore[assignment]
+    remote = COUNTING  # type: ignore[assignment]
     local_options = {"location": "/srv/legacy/local"}
     remote_options = {"location": "/srv/legacy/remote"}
     delayed = True
@@ -135,7 +135,7 @@ def test_a_subclass_deconstructs_as_itself_without_arguments(
     storage = LegacySubclass()
     forget_keys.append(storage.key)
 
-    path, args, kwargs = storage.deconstruct()
+    path, args, kwargs = deconstructed(storage)
     rebuilt = LegacySubclass(*args, **kwargs)
 
     assert (path, args, kwargs) == ("tests.test_legacy_config.LegacySubclass", (), {})
@@ -231,7 +231,7 @@ def test_the_08_readme_example_warns_then_saves_and_transfers_to_s3(
     # warning keeps its rows.
     assert storage.key == f"{FS}>{S3}"
     # Migrations keep the path as written: makemigrations sees no change.
-    assert storage.deconstruct()[1] == (FS, S3BOTO)
+    assert deconstructed(storage)[1] == (FS, S3BOTO)
 
     name = storage.save("photos/cat.jpg", content("meow"))
     assert drain(keys=[storage.key]).done == 1
@@ -373,7 +373,7 @@ def test_a_storages_entry_that_cannot_be_used_builds_fails_at_first_use_and_chec
     config, named = UNUSABLE_STORAGES[alias]
     settings.STORAGES = {**settings.STORAGES, alias: config}
 
-    storage = storages[alias]
+    storage = queued(storages[alias])
     forget_keys.append(storage.key)
     with pytest.raises(ImproperlyConfigured) as raised:
         storage.save("a.txt", content())
@@ -503,7 +503,7 @@ UNUSABLE = {
 
 
 @pytest.fixture
-def legacy_app(
+def legacy_app(  # type: ignore[misc]
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, settings: Any
 ) -> Callable[..., Callable[..., Any]]:
     """Write an app with ``_app`` and return a runner of ``manage.py`` commands

@@ -21,11 +21,10 @@ from queued_storage.fields import QueuedFieldFile, QueuedFileField
 from queued_storage.models import PendingTransfer
 from queued_storage.tasks import TransferAndDelete
 from queued_storage.worker import drain
-from tests.helpers import FS, content
+from tests.helpers import FS, S3, content, deconstructed
 from tests.test_legacy_config import (
     GONE_SINCE,
     QS,
-    S3,
     S3BOTO,
     _now_in_settings,
     _passed,
@@ -50,15 +49,15 @@ class RemoteMixin:
     task = TRANSFER_AND_DELETE
 
 
-class StorageWithMixin(RemoteMixin, QueuedStorage):
-    local = FS
+class StorageWithMixin(RemoteMixin, QueuedStorage):  # type: ignore[misc]
+    local = FS  # type: ignore[assignment]
 
 
-class StorageBeforeMixin(QueuedStorage, RemoteMixin):
+class StorageBeforeMixin(QueuedStorage, RemoteMixin):  # type: ignore[override]
     """The queued storage first: its own (empty) defaults win, as Python has it."""
 
-    local = FS
-    remote = FS
+    local = FS  # type: ignore[assignment]
+    remote = FS  # type: ignore[assignment]
 
 
 def test_a_mixins_class_attributes_are_the_defaults_of_the_arguments(
@@ -82,7 +81,7 @@ def test_a_mixins_class_attributes_are_the_defaults_of_the_arguments(
 
 
 class RemoteSet(backends.QueuedFileSystemStorage):
-    remote = COUNTING
+    remote = COUNTING  # type: ignore[assignment]
     task = TRANSFER_AND_DELETE
 
 
@@ -156,8 +155,8 @@ class ConfiguredInInit(RemoteSet):
 
 
 class S3BotoSubclass(QueuedStorage):
-    local = FS
-    remote = S3BOTO
+    local = FS  # type: ignore[assignment]
+    remote = S3BOTO  # type: ignore[assignment]
 
 
 def test_subclasses_of_subclasses_inherit_what_they_do_not_set(
@@ -171,7 +170,7 @@ def test_subclasses_of_subclasses_inherit_what_they_do_not_set(
     assert (delayed.task_path, delayed.delayed) == (TRANSFER_AND_DELETE, True)
     assert configured.local_options == {"location": "/srv/init/local"}
     assert configured.remote_options == {"location": "/srv/init/remote"}
-    assert configured.deconstruct()[1:] == (
+    assert deconstructed(configured)[1:] == (
         (None, None, {"location": "/srv/init/local"}),
         {},
     )
@@ -180,7 +179,7 @@ def test_subclasses_of_subclasses_inherit_what_they_do_not_set(
     forget_keys.append(s3boto.key)
     assert [w.filename for w in warned] == [__file__]
     assert (s3boto.remote_path, s3boto.key) == (S3, f"{FS}>{S3}")
-    assert s3boto.deconstruct()[1:] == ((), {})
+    assert deconstructed(s3boto)[1:] == ((), {})
 
 
 def test_options_changed_after_construction_change_no_storage(
@@ -278,8 +277,11 @@ def test_every_method_of_a_storage_that_cannot_be_used_raises_and_writes_nothing
         "using_local": lambda: storage.using_local("a.txt"),
         "using_remote": lambda: storage.using_remote("a.txt"),
         "remote": lambda: storage.remote,
+        # No model instance: the file of an unsaved form, say.
         "QueuedFieldFile.transfer": lambda: QueuedFieldFile(
-            None, QueuedFileField(storage=storage), "a.txt"
+            None,  # type: ignore[arg-type]
+            QueuedFileField(storage=storage),
+            "a.txt",
         ).transfer(),
     }
     for method, call in calls.items():

@@ -17,7 +17,7 @@ from django.core.management.base import CommandError
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.worker import drain
-from tests.helpers import content, read_bytes
+from tests.helpers import content, read_bytes, root_of
 
 pytestmark = pytest.mark.django_db
 
@@ -197,7 +197,7 @@ def test_queue_transfers_skips_a_local_file_whose_name_reads_as_another_file(
 ) -> None:
     """On a POSIX disk ``docs\\café.txt`` and the NFD spelling are files of their
     own; a row for either would be a second row of ``docs/café.txt``."""
-    root = Path(transferred.local.location)
+    root = root_of(transferred.local)
     for spelling in SAME_NAME:
         (root / spelling).write_bytes(b"a look-alike")
     out, err = StringIO(), StringIO()
@@ -252,7 +252,7 @@ def test_a_name_with_a_lone_surrogate_is_refused_before_anything_is_written(
             with pytest.raises(SuspiciousFileOperation, match="surrogate"):
                 entry_point(storage, name)
     assert not PendingTransfer.objects.exists()
-    root = Path(storage.local.location)
+    root = root_of(storage.local)
     assert not root.exists() or not any(p.is_file() for p in root.rglob("*"))
 
 
@@ -290,7 +290,7 @@ def test_a_ledger_row_under_another_spelling_never_reaches_that_files_copies(
     drain(keys=[storage.key])
     # TransferAndDelete removed NAME's local copy: one is there again, as after a
     # re-save, for the old row to reach.
-    (Path(storage.local.location) / NAME).write_bytes(DATA)
+    (root_of(storage.local) / NAME).write_bytes(DATA)
     for spelling in LEGACY_SPELLINGS:
         PendingTransfer.objects.create(
             storage_key=storage.key,

@@ -18,7 +18,7 @@ from django.core.management import CommandError, call_command
 
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
-from tests.helpers import content
+from tests.helpers import content, remote_calls
 from tests.storages import GatedStorage
 
 pytestmark = pytest.mark.django_db
@@ -152,7 +152,7 @@ def test_storage_option_narrows_the_run(
     assert "done=1 " in output
     assert statuses(wanted) == {wanted_name: Status.DONE}
     assert statuses(other) == {other_name: Status.QUEUED}
-    assert other.remote.calls("save") == 0
+    assert remote_calls(other, "save") == 0
 
 
 def test_limit_stops_after_that_many_rows(
@@ -165,7 +165,7 @@ def test_limit_stops_after_that_many_rows(
     assert "done=2 " in output
     assert PendingTransfer.objects.done().count() == 2
     assert PendingTransfer.objects.queued().count() == 3
-    assert storage.remote.calls("save") == 2
+    assert remote_calls(storage, "save") == 2
 
 
 def test_loop_polls_until_max_polls(
@@ -259,7 +259,7 @@ def test_sigterm_during_a_run_finishes_the_file_and_gives_the_rest_back(
     given_back = PendingTransfer.objects.filter(name__in=names[1:])
     assert all(row.lease_token == "" for row in given_back)
     assert all(row.attempts == 0 for row in given_back)
-    assert storage.remote.calls("save") == 1
+    assert remote_calls(storage, "save") == 1
 
 
 def test_loop_restores_the_signal_handlers_it_replaced(
@@ -312,7 +312,7 @@ def test_concurrency_transfers_each_file_once(
 
     assert "done=12 " in output
     assert statuses(storage) == dict.fromkeys(names, Status.DONE)
-    assert storage.remote.calls("save") == 12
+    assert remote_calls(storage, "save") == 12
 
 
 def test_one_run_over_ten_files_claims_in_batches(

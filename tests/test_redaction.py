@@ -30,7 +30,7 @@ from queued_storage.models import PendingTransfer
 from queued_storage.signals import file_transferred, transfer_failed
 from queued_storage.tasks import Transfer
 from queued_storage.worker import drain
-from tests.factories import PendingTransferFactory
+from tests.factories import pending_row
 from tests.helpers import content
 from tests.tools import require_module
 
@@ -281,9 +281,7 @@ def test_invariant_6_no_credential_of_a_django_storages_remote_leaves_the_proces
             remote=remote, remote_options=options, create_only_uploads=False
         )
     name = storage.save("report.txt", content())
-    verified = PendingTransferFactory(
-        storage_key=storage.key, status=PendingTransfer.Status.DONE
-    )
+    verified = pending_row(storage_key=storage.key, status=PendingTransfer.Status.DONE)
 
     with caplog.at_level(logging.DEBUG):
         with django_capture_on_commit_callbacks(execute=True):
@@ -451,7 +449,7 @@ def test_admin_redacts_errors_that_a_row_kept_from_before(
     storage = make_storage(
         remote="tests.storages.KeyedRemote", remote_options={"secret_key": secret}
     )
-    row = PendingTransferFactory(
+    row = pending_row(
         storage_key=storage.key,
         status=PendingTransfer.Status.FAILED,
         last_error=f"OSError: denied for AccountKey={secret}",

@@ -27,7 +27,7 @@ from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.tasks import Transfer
 from queued_storage.worker import drain
-from tests.helpers import FS, content, queued_alias
+from tests.helpers import FS, content, queued, queued_alias, saved_name
 from tests.testapp.models import Document, HeldDocument
 
 DELETE = "queued_storage.tasks.TransferAndDelete"
@@ -202,7 +202,7 @@ LOADERS = {
 def transfers_with_the_current_storage(tmp_path: Path, remote: Path) -> None:
     document = Document.objects.create(title="a")
     document.file.save("a.txt", content("current"))
-    name = document.file.name
+    name = saved_name(document.file)
 
     stats = drain(keys=["documents"])
 
@@ -211,7 +211,7 @@ def transfers_with_the_current_storage(tmp_path: Path, remote: Path) -> None:
     assert not (tmp_path / "old-remote").exists()
     # The current hook (Transfer, which keeps the local copy), not the frozen one.
     assert OldTransfer.calls == []
-    assert Document.objects.get().file.storage.local.exists(name)
+    assert queued(Document.objects.get().file.storage).local.exists(name)
     row = PendingTransfer.objects.get(storage_key="documents", name=name)
     assert row.status == PendingTransfer.Status.DONE
 
@@ -296,7 +296,10 @@ def test_a_storage_used_only_from_code_is_found_by_the_worker_at_first_use(
 def test_settings_storages_take_precedence_over_an_identical_one_from_code(
     settings: Any, tmp_path: Path
 ) -> None:
-    options = {"local_options": {"location": str(tmp_path / "l")}, "key": "twins"}
+    options: dict[str, Any] = {
+        "local_options": {"location": str(tmp_path / "l")},
+        "key": "twins",
+    }
     declare(settings, twin=queued_alias(**options))
     twin = QueuedStorage(FS, FS, **options)
 
@@ -361,8 +364,8 @@ def test_storages_sharing_a_key_raise_at_first_use_naming_both_and_write_nothing
             getattr(storage, use)("a.txt")
 
     message = str(raised.value)
-    assert storages["photos"].describe() in message
-    assert storages["thumbnails"].describe() in message
+    assert queued(storages["photos"]).describe() in message
+    assert queued(storages["thumbnails"]).describe() in message
     assert "differ in task" in message
     assert "key=" in message
     assert str(tmp_path) not in message  # options may hold secrets
@@ -451,7 +454,7 @@ def test_08_storages_of_the_same_classes_with_other_tasks_and_their_own_keys(
     assert (tmp_path / "remote" / moved).read_bytes() == b"moved"
     assert (tmp_path / "local" / kept).exists()
     assert not (tmp_path / "local" / moved).exists()  # TransferAndDelete's doing
-    assert HeldDocument._meta.get_field("file").storage.key == "documents-held"
+    assert queued(HeldDocument._meta.get_field("file").storage).key == "documents-held"
 
 
 # Attacks: the epoch, spellings, data migrations, secrets
@@ -594,6 +597,7 @@ def test_a_conflicts_row_waits_with_backoff_and_its_error_has_no_secret(
     row = PendingTransfer.objects.get(name=name)
     assert row.status == PendingTransfer.Status.QUEUED
     assert row.attempts == 1
+    assert row.next_attempt_at is not None and row.updated_at is not None
     assert row.next_attempt_at > row.updated_at
     assert "differ in remote_options" in row.last_error
     assert secret not in row.last_error

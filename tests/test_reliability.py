@@ -23,7 +23,7 @@ from queued_storage.checksums import remote_sha256
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import process_row
 from queued_storage.worker import drain
-from tests.helpers import content
+from tests.helpers import content, root_of
 from tests.s3 import S3_OPTIONS, make_bucket, moto_s3_server
 from tests.storages import GatedStorage
 
@@ -301,17 +301,17 @@ def test_hostile_name_is_rejected_and_changes_nothing(
     with pytest.raises((SuspiciousFileOperation, ValueError)):
         storage.save(name, content())
     assert not PendingTransfer.objects.exists()
-    root = Path(storage.local.location)
+    root = root_of(storage.local)
     assert not root.exists() or not any(p.is_file() for p in root.rglob("*"))
 
 
 @pytest.mark.parametrize("name", KEPT)
 def test_odd_name_is_kept_inside_the_roots(storage: QueuedStorage, name: str) -> None:
     saved = storage.save(name, content())
-    root = Path(storage.local.location).resolve()
+    root = root_of(storage.local).resolve()
     assert Path(storage.local.path(saved)).resolve().is_relative_to(root)
     drain()
-    remote_root = Path(storage.remote.location).resolve()
+    remote_root = root_of(storage.remote).resolve()
     assert Path(storage.remote.path(saved)).resolve().is_relative_to(remote_root)
     with storage.open(saved) as opened:
         assert opened.read() == b"hello world"

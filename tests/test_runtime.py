@@ -29,7 +29,16 @@ from queued_storage.models import PendingTransfer
 from queued_storage.saving import SMALL_FILE
 from queued_storage.signals import file_transferred, transfer_failed
 from queued_storage.worker import DrainStats, drain
-from tests.helpers import FS, content, in_thread, joined, read_bytes, row_of, wait_until
+from tests.helpers import (
+    FS,
+    content,
+    in_thread,
+    joined,
+    read_bytes,
+    remote_calls,
+    row_of,
+    wait_until,
+)
 from tests.storages import HangingStorage, ReadThenHangStorage, StallingStorage
 
 pytestmark = pytest.mark.django_db
@@ -199,7 +208,7 @@ def test_a_hung_upload_renews_only_its_own_lease_and_another_worker_takes_the_re
         row = row_of(storage, name)
         assert row.status == Status.TRANSFERRING
         assert row.lease_token == rival[0].lease_token
-    assert storage.remote.calls("save") == 1
+    assert remote_calls(storage, "save") == 1
 
 
 @pytest.mark.django_db(transaction=True)

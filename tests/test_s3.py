@@ -49,7 +49,7 @@ def test_s3_retry_after_outage(
             },
         )
     # The server is stopped: the first drain records a connection error.
-    storage.remote.connection.meta.client.meta.config.retries = {"max_attempts": 1}
+    storage.remote.connection.meta.client.meta.config.retries = {"max_attempts": 1}  # type: ignore[attr-defined]
     name = storage.save("doc.txt", ContentFile(b"x" * 1000))
     settings.QUEUED_STORAGE_RETRY_DELAY = 60
     drain()
@@ -80,7 +80,7 @@ def test_s3_refuses_a_late_overwrite_whose_lease_check_passed(
 
     assert late_worker_outcome(storage, ("PutObject",)) is Outcome.STALE
 
-    bucket = storage.remote.bucket_name
+    bucket = storage.remote.bucket_name  # type: ignore[attr-defined]
     stored = s3_client(s3_endpoint).get_object(Bucket=bucket, Key="doc.txt")
     assert stored["Body"].read() == b"the newest"
     row = PendingTransfer.objects.for_name(storage.key, "doc.txt").get()
@@ -95,7 +95,7 @@ def test_s3_conditional_delete_spares_an_object_written_since_its_etag_was_read(
     """conditional.delete_if_match(): S3 refuses to delete an object that is not
     the one whose ETag was read, and deletes the one that is."""
     remote = s3_storage.remote
-    bucket = remote.bucket_name
+    bucket = remote.bucket_name  # type: ignore[attr-defined]
     client = s3_client(s3_endpoint)
     client.put_object(Bucket=bucket, Key="a.txt", Body=b"old")
     seen = conditional.etag_of(remote, "a.txt")
@@ -120,7 +120,7 @@ def test_s3_uploads_of_one_key_wanting_different_conditions_are_not_sent(
     (the transfer manager sends it from its own thread): when they want different
     conditions, the request fails rather than go without one."""
     remote = s3_storage.remote
-    bucket = remote.bucket_name
+    bucket = remote.bucket_name  # type: ignore[attr-defined]
     client = s3_client(s3_endpoint)
     client.put_object(Bucket=bucket, Key="a.txt", Body=b"old")
     seen = conditional.etag_of(remote, "a.txt")
@@ -148,7 +148,7 @@ def test_s3_an_upload_held_back_by_an_ambiguous_condition_owns_nothing(
     settings.QUEUED_STORAGE_RETRY_DELAY = 0
     s3_storage.create_only_uploads = True
     remote = s3_storage.remote
-    bucket = remote.bucket_name
+    bucket = remote.bucket_name  # type: ignore[attr-defined]
     client = s3_client(s3_endpoint)
     name = s3_storage.save("a.txt", ContentFile(b"mine"))
 
@@ -174,7 +174,7 @@ def test_s3_create_only_holds_in_worker_threads_whichever_thread_made_the_bucket
     or a --concurrency drain's create-only uploads go without it."""
     s3_storage.create_only_uploads = True
     remote = s3_storage.remote
-    bucket = remote.bucket_name
+    bucket = remote.bucket_name  # type: ignore[attr-defined]
     client = s3_client(s3_endpoint)
     remote.save("made-the-bucket.txt", ContentFile(b"by this thread"))
     client.put_object(Bucket=bucket, Key="a.txt", Body=b"theirs")
@@ -197,7 +197,7 @@ def test_s3_purge_spares_a_version_written_after_its_lease_check(
     transferred. When the late delete arrives, S3 itself refuses it: it carries
     If-Match with the ETag of the deleted version, read before the check."""
     storage = make_s3_storage(create_only_uploads=True)
-    bucket = storage.remote.bucket_name
+    bucket = storage.remote.bucket_name  # type: ignore[attr-defined]
     client = s3_client(s3_endpoint)
     name = storage.save("doc.txt", ContentFile(b"old"))
     assert drain(keys=[storage.key]).done == 1

@@ -18,7 +18,7 @@ from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.signals import file_transferred
 from queued_storage.worker import drain
-from tests.helpers import FS, content, drained, read_bytes, row_by_name_column
+from tests.helpers import FS, content, drained, read_bytes, root_of, row_by_name_column
 
 pytestmark = pytest.mark.django_db
 
@@ -441,7 +441,7 @@ def test_bad_name_raises_and_changes_nothing(storage: QueuedStorage, name: str) 
         storage.save(name, content())
 
     assert rows_of(storage) == []
-    local_root = pathlib.Path(storage.local.location)
+    local_root = root_of(storage.local)
     assert not local_root.exists() or not any(local_root.rglob("*"))
     assert not (local_root.parent / "x").exists()
 
