@@ -37,6 +37,28 @@ if TYPE_CHECKING:
 logger = logging.getLogger("queued_storage")
 
 
+class Route:
+    """Where :func:`copy_file` streams to and what it checks there, looked up once
+    for the files of one local and one remote storage (for the rows of a claimed
+    batch, rather than once a file)."""
+
+    def __init__(self, local: Storage, remote: Storage) -> None:
+        self.local = local
+        self.remote = remote
+        #: The real path of a ``FileSystemStorage`` local's root, which only
+        #: regular files inside are uploaded from; None for other storages.
+        self.local_root = (
+            os.path.realpath(local.location)
+            if isinstance(local, FileSystemStorage)
+            else None
+        )
+        #: Django's ``FileSystemStorage`` as it comes: its ``_save`` writes through
+        #: this view of it, which finds a taken name a conflict.
+        self.keeping_name = (
+            _keeping_name(remote) if _renames_taken_names(remote) else None
+        )
+
+
 def copy_to_remote(name: str, local: Storage, remote: Storage) -> None:
     """Stream ``name`` from ``local`` to ``remote`` in chunks, under the same name.
 
@@ -45,7 +67,13 @@ def copy_to_remote(name: str, local: Storage, remote: Storage) -> None:
     name, a taken name being a :class:`RemoteConflict`; a remote that saves
     under another name is reported, and nothing is deleted under the name it
     returned: what is there may be another file."""
-    found = _regular_file_inside_root(name, local)
+    copy_file(name, Route(local, remote))
+
+
+def copy_file(name: str, route: Route) -> None:
+    """:func:`copy_to_remote` along ``route``."""
+    local = route.local
+    found = _regular_file_inside_root(name, route)
     try:
         source = local.open(name, "rb")
     except Exception as exc:
@@ -54,12 +82,40 @@ def copy_to_remote(name: str, local: Storage, remote: Storage) -> None:
         raise
     with source:
         if found is not None:
-            _same_file(name, source, found)
-        source = _noting_reads(source)
-        if _renames_taken_names(remote):
-            _create_exclusively(remote, name, source)
+            # Refuse what is not the file that was checked: a symlink swapped in
+            # between would otherwise be followed by the open.
+            try:
+                opened = os.fstat(source.fileno())
+            except (AttributeError, OSError, ValueError):
+                pass
+            else:
+                if (opened.st_dev, opened.st_ino) != (found.st_dev, found.st_ino):
+                    # Retried: the next attempt checks what is there then.
+                    raise TransferError(
+                        f"the local file {name!r} changed while it was opened for "
+                        "the upload"
+                    )
+        keeping_name = route.keeping_name
+        if (
+            keeping_name is None
+            or found is None
+            or found.st_size > getattr(source, "DEFAULT_CHUNK_SIZE", 0)
+        ):
+            # Noted but for a file that Django's own FileSystemStorage._save reads
+            # in one chunk (content.chunks()) as the transfer starts.
+            note = read_progress.get()
+            if note is not None:
+                source = File(
+                    cast(IO[Any], _ReadsNoted(source, note)), name=source.name
+                )
+        if keeping_name is not None:
+            # O_CREAT | O_EXCL, with Django's own directory and file modes: a taken
+            # name is a conflict, decided by the file system, and no copy is made
+            # under another name.
+            validate_file_name(name, allow_relative_path=True)
+            keeping_name._save(name, source)  # type: ignore[attr-defined]
             return
-        saved = remote.save(name, source)
+        saved = route.remote.save(name, source)
     if saved != name:
         raise RemoteRenamed(
             f"the remote saved {name!r} as {saved!r}; the remote storage must keep "
@@ -181,45 +237,49 @@ def run_hook(task: Any, call: HookCall, local: Storage) -> Any:
     return result
 
 
-def _regular_file_inside_root(name: str, local: Storage) -> os.stat_result | None:
-    """The status of the file ``name`` resolves to, if ``local`` is a
+def _regular_file_inside_root(name: str, route: Route) -> os.stat_result | None:
+    """The status of the file ``name`` resolves to, if the local storage is a
     ``FileSystemStorage`` (``path()`` of others, such as ``InMemoryStorage``, need
     not be where the file is). A symlink may point anywhere and ``path()`` does
     not resolve it: what resolves outside the root, or is not a regular file (a
     FIFO would block the read for ever), is refused."""
-    if not isinstance(local, FileSystemStorage):
+    root = route.local_root
+    if root is None:
         return None
-    real = os.path.realpath(local.path(name))
-    root = os.path.realpath(local.location)
-    if os.path.commonpath([root, real]) != root:
-        raise LocalFileRefused(
-            f"the local file {name!r} resolves to {real!r}, outside the local "
-            f"storage's root {root!r}: only regular files inside it are uploaded"
-        )
+    # Each part of the name looked at as it is under the real root: the file's
+    # own status when none is a symlink (or ".", "..", empty), else the path
+    # resolved in full.
+    real = root
+    found: os.stat_result | None = None
     try:
-        found = os.stat(real)
+        for part in name.split("/"):
+            if part in ("", ".", ".."):
+                found = None
+                break
+            real = os.path.join(real, part)
+            found = os.lstat(real)
+            if stat.S_ISLNK(found.st_mode):
+                found = None
+                break
     except FileNotFoundError as exc:
         raise LocalFileMissing(f"local file missing: {name!r}") from exc
+    if found is None:
+        real = os.path.realpath(route.local.path(name))
+        if os.path.commonpath([root, real]) != root:
+            raise LocalFileRefused(
+                f"the local file {name!r} resolves to {real!r}, outside the local "
+                f"storage's root {root!r}: only regular files inside it are uploaded"
+            )
+        try:
+            found = os.stat(real)
+        except FileNotFoundError as exc:
+            raise LocalFileMissing(f"local file missing: {name!r}") from exc
     if not stat.S_ISREG(found.st_mode):
         raise LocalFileRefused(
             f"the local file {name!r} is not a regular file: only regular files are "
             "uploaded"
         )
     return found
-
-
-def _same_file(name: str, source: Any, found: os.stat_result) -> None:
-    """Refuse ``source`` unless it is the file that was checked: a symlink swapped
-    in between would otherwise be followed by the open."""
-    try:
-        opened = os.fstat(source.fileno())
-    except (AttributeError, OSError, ValueError):
-        return
-    if (opened.st_dev, opened.st_ino) != (found.st_dev, found.st_ino):
-        # Retried: the next attempt checks what is there then.
-        raise TransferError(
-            f"the local file {name!r} changed while it was opened for the upload"
-        )
 
 
 #: What a read of the local file calls in the thread that runs a transfer: the
@@ -256,13 +316,6 @@ class _ReadsNoted:
         return getattr(self._file, name)
 
 
-def _noting_reads(source: File[Any]) -> File[Any]:
-    note = read_progress.get()
-    if note is None:
-        return source
-    return File(cast(IO[Any], _ReadsNoted(source, note)), name=source.name)
-
-
 def fence(row: PendingTransfer, before: str) -> None:
     """Raise :class:`LeaseLost` unless this worker still holds a live lease on the
     generation of ``row`` that it claimed. Called immediately before every
@@ -279,7 +332,7 @@ def fence(row: PendingTransfer, before: str) -> None:
 
 #: The lease check of the transfer that this thread runs, for a remote storage's
 #: own destructive calls (see :func:`check_lease`).
-_lease_check: contextvars.ContextVar[Callable[[str], None] | None] = (
+lease_check: contextvars.ContextVar[Callable[[str], None] | None] = (
     contextvars.ContextVar("queued_storage_lease_check", default=None)
 )
 
@@ -290,42 +343,38 @@ def check_lease(before: str) -> None:
     immediately before a destructive call of its own, such as removing what its
     failed upload left (invariant 3): by then another worker may have taken the
     row over and written the name."""
-    check = _lease_check.get()
+    check = lease_check.get()
     if check is not None:
         check(before)
 
 
-@contextmanager
-def lease_checked(row: PendingTransfer) -> Iterator[None]:
-    token = _lease_check.set(lambda before: fence(row, before))
-    try:
-        yield
-    finally:
-        _lease_check.reset(token)
+def _refuse_taken_name(
+    storage: Storage, name: str, max_length: int | None = None
+) -> str:
+    raise RemoteConflict(conflict_message(name))
 
 
-class _KeepingName:
-    """A ``FileSystemStorage`` seen through, whose ``_save`` finds a taken name a
-    conflict instead of asking for another name."""
-
-    def __init__(self, storage: Storage) -> None:
-        self._storage = storage
-
-    def __getattr__(self, attribute: str) -> Any:
-        return getattr(self._storage, attribute)
-
-    def get_available_name(self, name: str, max_length: int | None = None) -> str:
-        raise RemoteConflict(conflict_message(name))
+_keeping_classes: dict[type, type] = {}
 
 
-def _create_exclusively(remote: Storage, name: str, content: Any) -> None:
-    """Write ``content`` at ``name`` with Django's own ``FileSystemStorage._save``
-    (``O_CREAT | O_EXCL``, its directory and file modes), which asks
-    ``get_available_name`` only when the name is taken: then it is a conflict,
-    decided by the file system, and no copy is made under another name."""
-    validate_file_name(name, allow_relative_path=True)
-    save = FileSystemStorage._save  # type: ignore[attr-defined]
-    save(cast(FileSystemStorage, _KeepingName(remote)), name, content)
+def _keeping_name(remote: Storage) -> FileSystemStorage:
+    """``remote`` seen through a subclass of its class whose ``get_available_name``
+    finds a taken name a conflict: its ``_save`` (Django's own) asks it only when
+    ``O_CREAT | O_EXCL`` found the name taken. The view shares the remote's
+    attributes, so that it sees what the remote sees (its cached location, a
+    changed setting)."""
+    cls = type(remote)
+    keeping = _keeping_classes.get(cls)
+    if keeping is None:
+        keeping = type(
+            f"KeepingName{cls.__name__}",
+            (cls,),
+            {"get_available_name": _refuse_taken_name, "__module__": __name__},
+        )
+        _keeping_classes[cls] = keeping
+    view = cast(FileSystemStorage, object.__new__(keeping))
+    view.__dict__ = remote.__dict__
+    return view
 
 
 def conflict_message(name: str) -> str:
@@ -363,7 +412,14 @@ class Room:
     etag: str | None = None
 
 
-def make_room(storage: QueuedStorage, row: PendingTransfer, stock: bool) -> Room:
+def make_room(
+    storage: QueuedStorage,
+    row: PendingTransfer,
+    route: Route,
+    *,
+    stock: bool,
+    conditional_upload: bool,
+) -> Room:
     """Check that the upload may write the name, asking the remote only when the
     upload itself cannot refuse to overwrite.
 
@@ -371,10 +427,10 @@ def make_room(storage: QueuedStorage, row: PendingTransfer, stock: bool) -> Room
     it is asked first (and fenced) as if its upload were unconditional. The stock
     copy it calls is conditional all the same where the remote is, which closes
     the window between the check and the upload. ``stock``: the hook is the
-    stock one (the base ``Transfer.transfer()``)."""
-    remote = storage.remote
-    exclusive = stock and _renames_taken_names(remote)
-    conditional_upload = conditional_remote(storage)
+    stock one (the base ``Transfer.transfer()``); ``conditional_upload``: what
+    :func:`conditional_remote` says of the storage."""
+    remote = route.remote
+    exclusive = stock and route.keeping_name is not None
     if not row.was_owned and not storage.overwrite_remote:
         if stock and conditional_upload and _keeps_name(remote, row.name):
             return Room(Refusal.IF_NONE_MATCH, conditional=True)

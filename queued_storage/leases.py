@@ -127,6 +127,12 @@ class LeaseKeeper(threading.Thread):
             attempt.returned = True
             return True
 
+    def finish_all(self, rows: list[PendingTransfer]) -> None:
+        """Stop tracking ``rows``."""
+        with self.lock:
+            for row in rows:
+                self.attempts.pop(row.pk, None)
+
     def finish(self, row: PendingTransfer) -> Attempt | None:
         """Stop tracking ``row``; returns its attempt (None if it was never
         tracked, or abandoned)."""

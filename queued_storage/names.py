@@ -114,10 +114,13 @@ def misspelling(name: str) -> str | None:
     that a storage may read as another file's name (``./x``, ``a/../x``,
     ``d\\x``, NFD), as versions that did not canonicalise wrote rows for. Its
     files are that other name's; removing or uploading them would reach them."""
-    spelled = unicodedata.normalize("NFC", name.replace("\\", "/"))
-    if spelled.startswith("/") or any(
-        part in ("", ".", "..") for part in spelled.split("/")
-    ):
+    spelled = name.replace("\\", "/")
+    if not spelled.isascii():
+        spelled = unicodedata.normalize("NFC", spelled)
+    # An empty, "." or ".." part (a leading "/" is an empty one), found without a
+    # loop over the parts: this runs for every row a worker transfers.
+    wrapped = f"/{spelled}/"
+    if "//" in wrapped or "/./" in wrapped or "/../" in wrapped:
         return (
             f"the ledger's name {name!r} is absolute or has an empty, '.' or '..' "
             "path component: a storage may read it as another file's name, so "

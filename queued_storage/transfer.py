@@ -11,6 +11,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from django.core.files.storage import Storage
 from django.db import transaction
 
 from queued_storage import conditional, registry
@@ -18,9 +19,12 @@ from queued_storage.checksums import remote_sha256, storage_sha256
 from queued_storage.copying import (
     HookCall,
     Refusal,
+    Route,
+    conditional_remote,
     conflict_message,
+    copy_file,
     fence,
-    lease_checked,
+    lease_check,
     make_room,
     run_hook,
 )
@@ -63,6 +67,8 @@ class Verified:
     storage: QueuedStorage
     task: Any
     at: float = field(default_factory=time.monotonic)
+    #: The local and remote the copy went between (else the storage's).
+    route: Route | None = None
 
 
 def process_row(row: PendingTransfer) -> Outcome:
@@ -80,23 +86,45 @@ def process_row(row: PendingTransfer) -> Outcome:
 _STOPS = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
-def transfer_row(row: PendingTransfer) -> Outcome | Verified:
+class Plans(dict[str, "_Plan"]):
+    """What the transfers of a batch's rows need of their storages, by key: looked
+    up once a storage (its registry entry, local and remote, the remote's kind)
+    rather than once a row."""
+
+
+class _Plan:
+    def __init__(self, storage: QueuedStorage) -> None:
+        self.storage = storage
+        self.route = Route(storage.local, storage.remote)
+        self.conditional = conditional_remote(storage)
+        self.create_only = conditional.supports_create_only(self.route.remote)
+
+
+def transfer_row(
+    row: PendingTransfer, plans: Plans | None = None
+) -> Outcome | Verified:
     """Transfer and verify one claimed row. A failure (or a purge) is recorded at
-    once; a verified copy is returned for :func:`complete` to record."""
-    try:
-        storage = registry.get(row.storage_key)
-    except registry.KeyConflict as conflict:
-        # Either storage's hook could be the wrong one for this row: run none.
-        return fail(row, None, conflict)
-    if storage is None:
-        return fail(
-            row,
-            None,
-            UnknownStorage(
-                f"no QueuedStorage with key {row.storage_key!r} in settings.STORAGES "
-                "or the models this worker loaded"
-            ),
-        )
+    once; a verified copy is returned for :func:`complete` to record. ``plans``:
+    the storages' of the rows of the same batch, looked up once."""
+    plan = None if plans is None else plans.get(row.storage_key)
+    if plan is not None:
+        storage = plan.storage
+    else:
+        try:
+            found = registry.get(row.storage_key)
+        except registry.KeyConflict as conflict:
+            # Either storage's hook could be the wrong one for this row: run none.
+            return fail(row, None, conflict)
+        if found is None:
+            return fail(
+                row,
+                None,
+                UnknownStorage(
+                    f"no QueuedStorage with key {row.storage_key!r} in "
+                    "settings.STORAGES or the models this worker loaded"
+                ),
+            )
+        storage = found
     wrong = misspelling(row.name)
     if wrong is not None:
         return fail(row, storage, MisspelledName(wrong))
@@ -109,30 +137,54 @@ def transfer_row(row: PendingTransfer) -> Outcome | Verified:
     sent = False
     try:
         task = storage.task
-        room = make_room(storage, row, _stock_hook(task))
+        if plan is None:
+            plan = _Plan(storage)
+            if plans is not None:
+                plans[row.storage_key] = plan
+        route = plan.route
+        # One instance for the hook, its stock copy's conditions and the watch.
+        remote = route.remote
+        # A custom hook may write other objects, or elsewhere, or the name
+        # itself: it is asked first even if it calls the stock copy (which keeps
+        # its conditions, see stock_copy()).
+        stock = type(task).transfer is Transfer.transfer
+        room = make_room(
+            storage, row, route, stock=stock, conditional_upload=plan.conditional
+        )
         if room.refusal in (Refusal.ASKED, Refusal.IF_MATCH):
             # This upload may replace an object: never once another worker may
             # have taken the row over and written a newer version.
             fence(row, "an upload that may replace the remote object")
         sent = row.upload_sent = True
-        # One instance for the hook, its stock copy's conditions and the watch.
-        remote = storage.remote
-        call = HookCall(row.name, remote, conditional=room.conditional, etag=room.etag)
-        with (
-            conditional.watch_upload(remote, row.name)
-            if _stock_hook(task) and conditional.supports_create_only(remote)
-            else nullcontext() as upload,
-            lease_checked(row),
-        ):
-            result = run_hook(task, call, storage.local)
-        if result is False:
-            raise TransferError("the transfer hook returned False")
-        if result is not True:
-            raise HookContractError(
-                f"{type(task).__name__}.transfer() returned {result!r}; it must return "
-                "True (transferred) or False (retry later)"
-            )
-        _verify(storage, row, upload)
+        checked = lease_check.set(lambda before: fence(row, before))
+        try:
+            if stock:
+                # The stock hook (the base Transfer.transfer()) is its copy, sent
+                # with the attempt's conditions, as the hook would send it.
+                with (
+                    conditional.watch_upload(remote, row.name)
+                    if plan.create_only
+                    else nullcontext() as upload,
+                    conditional.conditional_upload(remote, row.name, room.etag)
+                    if room.conditional
+                    else nullcontext(),
+                ):
+                    copy_file(row.name, route)
+            else:
+                call = HookCall(
+                    row.name, remote, conditional=room.conditional, etag=room.etag
+                )
+                result = run_hook(task, call, route.local)
+                if result is False:
+                    raise TransferError("the transfer hook returned False")
+                if result is not True:
+                    raise HookContractError(
+                        f"{type(task).__name__}.transfer() returned {result!r}; it "
+                        "must return True (transferred) or False (retry later)"
+                    )
+        finally:
+            lease_check.reset(checked)
+        _verify(storage, row, remote, upload)
     except Exception as exc:
         if isinstance(exc, RemoteConflict) or conditional.refused(exc):
             return _refused(storage, row, task)
@@ -156,7 +208,7 @@ def transfer_row(row: PendingTransfer) -> Outcome | Verified:
         except Exception as error:
             log_crash(row, error)
         raise
-    return Verified(row, storage, task)
+    return Verified(row, storage, task, route=route)
 
 
 def _refused(storage: QueuedStorage, row: PendingTransfer, task: Any) -> Outcome:
@@ -199,8 +251,16 @@ def _complete_together(batch: list[Verified]) -> bool:
             transaction.set_rollback(True, using=db)
             return False
         for item in batch:
-            _log_done(item.row)
-        on_commit(_after_all_done, batch)
+            row = item.row
+            logger.info(
+                DONE_LOG,
+                row.storage_key,
+                row.name,
+                row.generation,
+                row.size or 0,
+                row.attempts,
+            )
+        on_commit(_after_done, batch)
     return True
 
 
@@ -243,47 +303,20 @@ def _send_newer_again(storage: QueuedStorage, row: PendingTransfer) -> None:
 
 
 def _done(item: Verified) -> None:
-    _log_done(item.row)
-    on_commit(_after_done, item.storage, item.row, item.task)
-
-
-def _after_all_done(batch: list[Verified]) -> None:
-    """:func:`_after_done` for each row of a batch, one failure not stopping the
-    others."""
-    for item in batch:
-        try:
-            _after_done(item.storage, item.row, item.task)
-        except Exception as exc:
-            logger.error(
-                "after-transfer work failed key=%s name=%s error=%s: %s",
-                item.row.storage_key,
-                item.row.name,
-                type(exc).__name__,
-                item.storage.redact(str(exc)),
-            )
-
-
-def _log_done(row: PendingTransfer) -> None:
+    row = item.row
     logger.info(
-        "transfer done key=%s name=%s generation=%s bytes=%s attempt=%s",
-        row.storage_key,
-        row.name,
-        row.generation,
-        row.size or 0,
-        row.attempts,
+        DONE_LOG, row.storage_key, row.name, row.generation, row.size or 0, row.attempts
     )
+    on_commit(_after_done, [item])
 
 
-def _stock_hook(task: Any) -> bool:
-    # A custom hook may write other objects, or elsewhere, or the name itself:
-    # it is asked first even if it calls the stock copy (which keeps its
-    # conditions, see stock_copy()).
-    return type(task).transfer is Transfer.transfer
+DONE_LOG = "transfer done key=%s name=%s generation=%s bytes=%s attempt=%s"
 
 
 def _verify(
     storage: QueuedStorage,
     row: PendingTransfer,
+    remote: Storage,
     upload: conditional.Upload | None = None,
 ) -> None:
     """Check the remote copy (invariant 4): its size, and its SHA-256 with
@@ -306,7 +339,7 @@ def _verify(
             )
         if not storage.verify_checksum:
             return
-    actual = storage.remote.size(row.name)
+    actual = remote.size(row.name)
     if actual != expected:
         raise SizeMismatch(
             f"the remote copy of {row.name!r} has {actual} bytes, "
@@ -314,7 +347,7 @@ def _verify(
         )
     if storage.verify_checksum:
         local_sum = row.checksum or storage_sha256(storage.local, row.name)
-        remote_sum = remote_sha256(storage.remote, row.name)
+        remote_sum = remote_sha256(remote, row.name)
         if remote_sum != local_sum:
             raise ChecksumMismatch(
                 f"checksum mismatch: the remote copy of {row.name!r} has SHA-256 "
@@ -335,24 +368,40 @@ def _local_size_text(storage: QueuedStorage, row: PendingTransfer) -> str:
     return text
 
 
-def _after_done(storage: QueuedStorage, row: PendingTransfer, task: Any) -> None:
-    """``file_transferred`` and the local delete of ``TransferAndDelete``, after the
-    ``DONE`` commit. What they raise is kept on the row, which stays done: the
-    remote copy is verified and recorded, and no retry of the upload would make a
-    receiver or the local storage behave."""
-    sent = file_transferred.send_robust(
-        sender=type(task),
-        name=row.name,
-        local=storage.local,
-        remote=storage.remote,
-        storage=storage,
-        key=row.storage_key,
-    )
-    errors = [error for _receiver, error in sent if isinstance(error, Exception)]
-    try:
-        if task.delete_local:
-            delete_local_copy(storage, row.name, row.while_done())
-    except Exception as exc:
-        errors.append(exc)
-    for error in errors:
-        keep_late_error(storage, row, error, PendingTransfer.Status.DONE)
+def _after_done(batch: list[Verified]) -> None:
+    """``file_transferred`` and the local delete of ``TransferAndDelete`` for each
+    row of ``batch``, after the ``DONE`` commit. What they raise is kept on the
+    row, which stays done: the remote copy is verified and recorded, and no retry
+    of the upload would make a receiver or the local storage behave. One row's
+    failure does not stop the others."""
+    for item in batch:
+        storage, row, task = item.storage, item.row, item.task
+        try:
+            route = item.route
+            sent = file_transferred.send_robust(
+                sender=type(task),
+                name=row.name,
+                local=storage.local if route is None else route.local,
+                remote=storage.remote if route is None else route.remote,
+                storage=storage,
+                key=row.storage_key,
+            )
+            errors: list[Exception] = []
+            for _receiver, error in sent:
+                if isinstance(error, Exception):
+                    errors.append(error)
+            try:
+                if task.delete_local:
+                    delete_local_copy(storage, row.name, row.while_done())
+            except Exception as exc:
+                errors.append(exc)
+            for error in errors:
+                keep_late_error(storage, row, error, PendingTransfer.Status.DONE)
+        except Exception as exc:
+            logger.error(
+                "after-transfer work failed key=%s name=%s error=%s: %s",
+                row.storage_key,
+                row.name,
+                type(exc).__name__,
+                storage.redact(str(exc)),
+            )

@@ -14,11 +14,12 @@ from django.db import connections
 
 from queued_storage import registry
 from queued_storage.conf import settings as conf
+from queued_storage.copying import read_progress
 from queued_storage.errors import Outcome
 from queued_storage.failures import ledger_db, log_crash, record_crash
 from queued_storage.leases import Attempt, LeaseKeeper, abandon_attempt
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
-from queued_storage.transfer import Verified, complete, process_row, transfer_row
+from queued_storage.transfer import Plans, Verified, complete, process_row, transfer_row
 
 logger = logging.getLogger("queued_storage")
 
@@ -59,18 +60,22 @@ class DrainStats:
         return max(time.monotonic() - self.started, 1e-9)
 
     def count(self, outcome: Outcome, size: int) -> None:
+        self.count_all([outcome], [size])
+
+    def count_all(self, outcomes: list[Outcome], sizes: list[int]) -> None:
         with self._lock:
-            if outcome is Outcome.DONE:
-                self.done += 1
-                self.bytes += size
-            elif outcome is Outcome.RETRY:
-                self.retried += 1
-            elif outcome is Outcome.FAILED:
-                self.failed += 1
-            elif outcome is Outcome.PURGED:
-                self.purged += 1
-            else:
-                self.stale += 1
+            for outcome, size in zip(outcomes, sizes, strict=True):
+                if outcome is Outcome.DONE:
+                    self.done += 1
+                    self.bytes += size
+                elif outcome is Outcome.RETRY:
+                    self.retried += 1
+                elif outcome is Outcome.FAILED:
+                    self.failed += 1
+                elif outcome is Outcome.PURGED:
+                    self.purged += 1
+                else:
+                    self.stale += 1
 
 
 ProgressCallback = Callable[[DrainStats, PendingTransfer, Outcome], None]
@@ -92,7 +97,9 @@ class _Completions:
     """Verified transfers waiting to be recorded as done together (one UPDATE and
     one commit for many rows, where a commit per file would bound the rate)."""
 
-    def __init__(self, report: Callable[[PendingTransfer, Outcome], None]) -> None:
+    def __init__(
+        self, report: Callable[[list[PendingTransfer], list[Outcome]], None]
+    ) -> None:
         self.report = report
         self.lock = threading.Lock()
         self.waiting: list[Verified] = []
@@ -113,8 +120,7 @@ class _Completions:
             outcomes = complete(batch)
         except Exception as exc:
             outcomes = [record_crash(item.row, exc) for item in batch]
-        for item, outcome in zip(batch, outcomes, strict=True):
-            self.report(item.row, outcome)
+        self.report([item.row for item in batch], outcomes)
 
 
 class _Batch:
@@ -126,15 +132,20 @@ class _Batch:
         self.rows = iter(rows)
         #: Rows taken and neither reported nor abandoned.
         self.in_flight = 0
-        self.completions = _Completions(self.report)
+        self.completions = _Completions(self.report_all)
+        #: The storages of the rows, looked up once for the batch.
+        self.plans = Plans()
         self.keeper = LeaseKeeper(
             rows[0].lease_token, drain.lease, on_abandon=self.abandon
         )
         self.keeper.start()
 
     def report(self, row: PendingTransfer, outcome: Outcome) -> None:
-        self.keeper.finish(row)
-        self.drain.count(row, outcome, row.size or 0)
+        self.report_all([row], [outcome])
+
+    def report_all(self, rows: list[PendingTransfer], outcomes: list[Outcome]) -> None:
+        self.keeper.finish_all(rows)
+        self.drain.count_all(rows, outcomes)
 
     def abandon(self, attempt: Attempt) -> None:
         self.drain.count(attempt.row, abandon_attempt(attempt), 0)
@@ -149,14 +160,17 @@ class _Batch:
                 rest = list(self.rows)
             self.drain._hand_back([row, *rest])
             return
-        with self.keeper.attempt(row) as attempt:
-            if attempt is None:
-                self.report(row, Outcome.STALE)
-                return
-            try:
-                result = transfer_row(row)
-            except Exception as exc:
-                result = record_crash(row, exc)
+        attempt = self.keeper.start_attempt(row)
+        if attempt is None:
+            self.report(row, Outcome.STALE)
+            return
+        noted = read_progress.set(attempt.note_progress)
+        try:
+            result = transfer_row(row, self.plans)
+        except Exception as exc:
+            result = record_crash(row, exc)
+        finally:
+            read_progress.reset(noted)
         if not self.keeper.returned(attempt):
             _late(row, result)
         elif isinstance(result, Verified):
@@ -212,6 +226,9 @@ class _Drain:
         self.held: dict[threading.Thread, _Batch] = {}
         self.started = 0
         self.inline = False
+        #: Set with ``finished``: what the thread that runs the drain waits for
+        #: (woken by nothing else, not by every row's end).
+        self.over = threading.Event()
 
     def run(self) -> None:
         if connections[ledger_db()].in_atomic_block:
@@ -223,15 +240,14 @@ class _Drain:
         else:
             with self.changed:
                 self._add_lanes(self.size)
-            while True:
+            poll = None if self.should_stop is None else STOP_POLL
+            while not self.over.wait(poll):
                 with self.changed:
-                    if self.finished:
-                        lanes = list(self.lanes)
-                        break
-                    self.changed.wait(None if self.should_stop is None else STOP_POLL)
                     rest = self._unstarted_after_stop()
                 if rest:
                     self._hand_back(rest)
+            with self.changed:
+                lanes = list(self.lanes)
             for lane in lanes:
                 lane.join()
         if self.error is not None:
@@ -259,9 +275,21 @@ class _Drain:
             )
 
     def count(self, row: PendingTransfer, outcome: Outcome, size: int) -> None:
-        self.stats.count(outcome, size)
-        if self.progress is not None:
-            self.progress(self.stats, row, outcome)
+        self.count_all([row], [outcome], [size])
+
+    def count_all(
+        self,
+        rows: list[PendingTransfer],
+        outcomes: list[Outcome],
+        sizes: list[int] | None = None,
+    ) -> None:
+        if sizes is None:
+            sizes = [row.size or 0 for row in rows]
+        self.stats.count_all(outcomes, sizes)
+        progress = self.progress
+        if progress is not None:
+            for row, outcome in zip(rows, outcomes, strict=True):
+                progress(self.stats, row, outcome)
 
     def _add_lanes(self, size: int) -> None:
         while len(self.lanes) < size:
@@ -281,6 +309,7 @@ class _Drain:
             with self.changed:
                 self.error = self.error or exc
                 self.finished = True
+                self.over.set()
                 self.changed.notify_all()
         finally:
             connections.close_all()
@@ -358,6 +387,7 @@ class _Drain:
                 self.batch = _Batch(self, rows) if rows else None
                 if self.batch is None:
                     self.finished = True
+                    self.over.set()
                 self.changed.notify_all()
 
     def abandon(

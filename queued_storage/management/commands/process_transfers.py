@@ -169,7 +169,8 @@ class Command(BaseCommand):
                     limit=limit,
                     batch_size=batch_size,
                     concurrency=concurrency,
-                    progress=show,
+                    # Nothing to show at verbosity 0: no call for every row.
+                    progress=show if display.enabled else None,
                     should_stop=lambda: self.stopping,
                 )
                 display.finish()
