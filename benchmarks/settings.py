@@ -7,6 +7,7 @@ runner) and ``QUEUED_STORAGE_BENCH_DIR`` (a temporary directory for files).
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -81,6 +82,13 @@ STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
+# The drain benchmark's storage, for the process_transfers it starts: the
+# QueuedStorage options as JSON.
+if os.environ.get("QUEUED_STORAGE_BENCH_STORAGE"):
+    STORAGES["queued"] = {
+        "BACKEND": "queued_storage.backends.QueuedStorage",
+        "OPTIONS": json.loads(os.environ["QUEUED_STORAGE_BENCH_STORAGE"]),
+    }
 
 # Rows wait for process_transfers, as with a cron deployment.
 QUEUED_STORAGE_WORKER = None

@@ -60,22 +60,29 @@ class DrainStats:
         return max(time.monotonic() - self.started, 1e-9)
 
     def count(self, outcome: Outcome, size: int) -> None:
-        self.count_all([outcome], [size])
+        with self._lock:
+            name = _COUNTED[outcome]
+            setattr(self, name, getattr(self, name) + 1)
+            if outcome is Outcome.DONE:
+                self.bytes += size
 
     def count_all(self, outcomes: list[Outcome], sizes: list[int]) -> None:
         with self._lock:
             for outcome, size in zip(outcomes, sizes, strict=True):
+                name = _COUNTED[outcome]
+                setattr(self, name, getattr(self, name) + 1)
                 if outcome is Outcome.DONE:
-                    self.done += 1
                     self.bytes += size
-                elif outcome is Outcome.RETRY:
-                    self.retried += 1
-                elif outcome is Outcome.FAILED:
-                    self.failed += 1
-                elif outcome is Outcome.PURGED:
-                    self.purged += 1
-                else:
-                    self.stale += 1
+
+
+#: The count of each outcome.
+_COUNTED = {
+    Outcome.DONE: "done",
+    Outcome.RETRY: "retried",
+    Outcome.FAILED: "failed",
+    Outcome.PURGED: "purged",
+    Outcome.STALE: "stale",
+}
 
 
 ProgressCallback = Callable[[DrainStats, PendingTransfer, Outcome], None]
@@ -285,11 +292,14 @@ class _Drain:
     ) -> None:
         if sizes is None:
             sizes = [row.size or 0 for row in rows]
-        self.stats.count_all(outcomes, sizes)
         progress = self.progress
-        if progress is not None:
-            for row, outcome in zip(rows, outcomes, strict=True):
-                progress(self.stats, row, outcome)
+        if progress is None:
+            self.stats.count_all(outcomes, sizes)
+            return
+        # A display shows the counts as of each row.
+        for row, outcome, size in zip(rows, outcomes, sizes, strict=True):
+            self.stats.count(outcome, size)
+            progress(self.stats, row, outcome)
 
     def _add_lanes(self, size: int) -> None:
         while len(self.lanes) < size:
