@@ -102,13 +102,23 @@ COMPLETE_AFTER = 0.05
 
 class _Completions:
     """Verified transfers waiting to be recorded as done together (one UPDATE and
-    one commit for many rows, where a commit per file would bound the rate)."""
+    one commit for many rows, where a commit per file would bound the rate).
+
+    With ``due`` set, the transfer that finds the oldest waiting long enough
+    calls it instead of recording them itself: the drain's own thread records
+    them, and the lanes go on copying while the commit is written out."""
 
     def __init__(
-        self, report: Callable[[list[PendingTransfer], list[Outcome]], None]
+        self,
+        report: Callable[[list[PendingTransfer], list[Outcome]], None],
+        due: Callable[[], None] | None = None,
     ) -> None:
         self.report = report
+        self.due = due
         self.lock = threading.Lock()
+        #: Held while a group is recorded: the batch's last group waits for the
+        #: one being recorded before its lease keeper stops.
+        self.recording = threading.Lock()
         self.waiting: list[Verified] = []
 
     def add(self, item: Verified) -> None:
@@ -116,18 +126,30 @@ class _Completions:
             self.waiting.append(item)
             due = time.monotonic() - self.waiting[0].at >= COMPLETE_AFTER
         if due:
+            if self.due is None:
+                self.flush()
+            else:
+                self.due()
+
+    def flush_due(self) -> None:
+        with self.lock:
+            due = bool(self.waiting) and (
+                time.monotonic() - self.waiting[0].at >= COMPLETE_AFTER
+            )
+        if due:
             self.flush()
 
     def flush(self) -> None:
-        with self.lock:
-            batch, self.waiting = self.waiting, []
-        if not batch:
-            return
-        try:
-            outcomes = complete(batch)
-        except Exception as exc:
-            outcomes = [record_crash(item.row, exc) for item in batch]
-        self.report([item.row for item in batch], outcomes)
+        with self.recording:
+            with self.lock:
+                batch, self.waiting = self.waiting, []
+            if not batch:
+                return
+            try:
+                outcomes = complete(batch)
+            except Exception as exc:
+                outcomes = [record_crash(item.row, exc) for item in batch]
+            self.report([item.row for item in batch], outcomes)
 
 
 class _Batch:
@@ -139,7 +161,9 @@ class _Batch:
         self.rows = iter(rows)
         #: Rows taken and neither reported nor abandoned.
         self.in_flight = 0
-        self.completions = _Completions(self.report_all)
+        self.completions = _Completions(
+            self.report_all, None if drain.inline else drain.wake.set
+        )
         #: The storages of the rows, looked up once for the batch.
         self.plans = Plans()
         self.keeper = LeaseKeeper(
@@ -233,9 +257,12 @@ class _Drain:
         self.held: dict[threading.Thread, _Batch] = {}
         self.started = 0
         self.inline = False
-        #: Set with ``finished``: what the thread that runs the drain waits for
-        #: (woken by nothing else, not by every row's end).
+        #: Set with ``finished``.
         self.over = threading.Event()
+        #: Wakes the thread that runs the drain: the drain is over, or verified
+        #: transfers wait long enough to be recorded (by that thread, while the
+        #: lanes go on). Not every row's end.
+        self.wake = threading.Event()
 
     def run(self) -> None:
         if connections[ledger_db()].in_atomic_block:
@@ -248,7 +275,20 @@ class _Drain:
             with self.changed:
                 self._add_lanes(self.size)
             poll = None if self.should_stop is None else STOP_POLL
-            while not self.over.wait(poll):
+            while not self.over.is_set():
+                self.wake.wait(poll)
+                self.wake.clear()
+                batch = self.batch
+                if batch is not None:
+                    try:
+                        batch.completions.flush_due()
+                    except Exception as exc:
+                        # Recorded or not, the rows are the batch's: its end
+                        # records what still waits.
+                        logger.error(
+                            "recording verified transfers failed error=%s",
+                            type(exc).__name__,
+                        )
                 with self.changed:
                     rest = self._unstarted_after_stop()
                 if rest:
@@ -320,6 +360,7 @@ class _Drain:
                 self.error = self.error or exc
                 self.finished = True
                 self.over.set()
+                self.wake.set()
                 self.changed.notify_all()
         finally:
             connections.close_all()
@@ -398,6 +439,7 @@ class _Drain:
                 if self.batch is None:
                     self.finished = True
                     self.over.set()
+                    self.wake.set()
                 self.changed.notify_all()
 
     def abandon(
