@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from django.db import connections
 
 from queued_storage import registry
+from queued_storage.completions import Completions
 from queued_storage.conf import settings as conf
 from queued_storage.copying import read_progress
 from queued_storage.errors import Outcome
@@ -92,66 +93,6 @@ ProgressCallback = Callable[[DrainStats, PendingTransfer, Outcome], None]
 STOP_POLL = 0.2
 
 
-#: A verified transfer waits at most this long (seconds) to be recorded as done
-#: together with others; a claimed batch ends with whatever is waiting. What
-#: waits when a worker is killed is uploaded again: a second here (fewer commits,
-#: a faster drain to a fast remote) made the chaos test's duplicates 25 for 12
-#: kills instead of 6 to 13.
-COMPLETE_AFTER = 0.05
-
-
-class _Completions:
-    """Verified transfers waiting to be recorded as done together (one UPDATE and
-    one commit for many rows, where a commit per file would bound the rate).
-
-    With ``due`` set, the transfer that finds the oldest waiting long enough
-    calls it instead of recording them itself: the drain's own thread records
-    them, and the lanes go on copying while the commit is written out."""
-
-    def __init__(
-        self,
-        report: Callable[[list[PendingTransfer], list[Outcome]], None],
-        due: Callable[[], None] | None = None,
-    ) -> None:
-        self.report = report
-        self.due = due
-        self.lock = threading.Lock()
-        #: Held while a group is recorded: the batch's last group waits for the
-        #: one being recorded before its lease keeper stops.
-        self.recording = threading.Lock()
-        self.waiting: list[Verified] = []
-
-    def add(self, item: Verified) -> None:
-        with self.lock:
-            self.waiting.append(item)
-            due = time.monotonic() - self.waiting[0].at >= COMPLETE_AFTER
-        if due:
-            if self.due is None:
-                self.flush()
-            else:
-                self.due()
-
-    def flush_due(self) -> None:
-        with self.lock:
-            due = bool(self.waiting) and (
-                time.monotonic() - self.waiting[0].at >= COMPLETE_AFTER
-            )
-        if due:
-            self.flush()
-
-    def flush(self) -> None:
-        with self.recording:
-            with self.lock:
-                batch, self.waiting = self.waiting, []
-            if not batch:
-                return
-            try:
-                outcomes = complete(batch)
-            except Exception as exc:
-                outcomes = [record_crash(item.row, exc) for item in batch]
-            self.report([item.row for item in batch], outcomes)
-
-
 class _Batch:
     """The rows of one claim as a drain works through them: its lease keeper, its
     completions waiting to be recorded together."""
@@ -161,7 +102,7 @@ class _Batch:
         self.rows = iter(rows)
         #: Rows taken and neither reported nor abandoned.
         self.in_flight = 0
-        self.completions = _Completions(
+        self.completions = Completions(
             self.report_all, None if drain.inline else drain.wake.set
         )
         #: The storages of the rows, looked up once for the batch.

@@ -23,12 +23,12 @@ import pytest
 from django.core.management import call_command
 
 import queued_storage
-from queued_storage import worker
+from queued_storage import completions
 from queued_storage.backends import QueuedStorage
 from queued_storage.errors import Outcome
 from queued_storage.models import PendingTransfer
 from queued_storage.worker import transfer_name
-from tests.conftest import FS, content
+from tests.helpers import FS, content
 
 PACKAGE = str(Path(queued_storage.__file__).parent)
 #: The issue's bound on the package functions one drained row passes through.
@@ -90,7 +90,7 @@ def test_a_drained_row_passes_through_at_most_25_package_functions(
 ) -> None:
     # Steady state: a claim's verified rows recorded together when it ends, as
     # on a fast remote, however slowly this machine runs the test.
-    monkeypatch.setattr(worker, "COMPLETE_AFTER", 3600.0)
+    monkeypatch.setattr(completions, "COMPLETE_AFTER", 3600.0)
     storage = make_storage(remote=FS)
     drain_counted(storage, 20, 0)  # the first drain finds the storages
 

@@ -1,0 +1,73 @@
+"""Verified transfers waiting to be recorded as done together: one compare-and-set
+UPDATE and one commit for many rows, at most :data:`COMPLETE_AFTER` after the
+oldest was verified."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from queued_storage.errors import Outcome
+from queued_storage.failures import record_crash
+from queued_storage.models import PendingTransfer
+from queued_storage.transfer import Verified, complete
+
+#: A verified transfer waits at most this long (seconds) to be recorded as done
+#: together with others; a claimed batch ends with whatever is waiting. What
+#: waits when a worker is killed is uploaded again: a second here (fewer commits,
+#: a faster drain to a fast remote) made the chaos test's duplicates 25 for 12
+#: kills instead of 6 to 13.
+COMPLETE_AFTER = 0.05
+
+
+class Completions:
+    """Verified transfers waiting to be recorded as done together (one UPDATE and
+    one commit for many rows, where a commit per file would bound the rate).
+
+    With ``due`` set, the transfer that finds the oldest waiting long enough
+    calls it instead of recording them itself: the drain's own thread records
+    them, and the lanes go on copying while the commit is written out."""
+
+    def __init__(
+        self,
+        report: Callable[[list[PendingTransfer], list[Outcome]], None],
+        due: Callable[[], None] | None = None,
+    ) -> None:
+        self.report = report
+        self.due = due
+        self.lock = threading.Lock()
+        #: Held while a group is recorded: the batch's last group waits for the
+        #: one being recorded before its lease keeper stops.
+        self.recording = threading.Lock()
+        self.waiting: list[Verified] = []
+
+    def add(self, item: Verified) -> None:
+        with self.lock:
+            self.waiting.append(item)
+            due = time.monotonic() - self.waiting[0].at >= COMPLETE_AFTER
+        if due:
+            if self.due is None:
+                self.flush()
+            else:
+                self.due()
+
+    def flush_due(self) -> None:
+        with self.lock:
+            due = bool(self.waiting) and (
+                time.monotonic() - self.waiting[0].at >= COMPLETE_AFTER
+            )
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        with self.recording:
+            with self.lock:
+                batch, self.waiting = self.waiting, []
+            if not batch:
+                return
+            try:
+                outcomes = complete(batch)
+            except Exception as exc:
+                outcomes = [record_crash(item.row, exc) for item in batch]
+            self.report([item.row for item in batch], outcomes)
