@@ -55,13 +55,13 @@ def counting_package_calls() -> Iterator[Calls]:
                     )
                 ] += 1
 
-    threading.setprofile(profile)  # type: ignore[arg-type]
-    sys.setprofile(profile)  # type: ignore[arg-type]
+    threading.setprofile(profile)
+    sys.setprofile(profile)
     try:
         yield calls
     finally:
         sys.setprofile(None)
-        threading.setprofile(None)  # type: ignore[arg-type]
+        threading.setprofile(None)
 
 
 def save_rows(storage: QueuedStorage, rows: int, start: int) -> None:
