@@ -15,6 +15,7 @@ import posixpath
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from django.core.exceptions import SuspiciousFileOperation
@@ -123,6 +124,38 @@ def record_remote_file(db: str, key: str, name: str, remote: Storage) -> int | N
 
 def state_of(key: str) -> StorageState | None:
     return StorageState.objects.filter(storage_key=key).first()
+
+
+@dataclass(frozen=True)
+class AdoptionStatus:
+    """Whether a storage's remote files from before the ledger are adopted, and
+    where an unfinished adoption stopped ("" when none did)."""
+
+    adopted_at: datetime | None
+    cursor: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "adopted": self.adopted_at is not None,
+            "adopted_at": self.adopted_at.isoformat() if self.adopted_at else None,
+            "adoption_cursor": self.cursor or None,
+        }
+
+
+def statuses(keys: list[str]) -> dict[str, AdoptionStatus]:
+    """The adoption status of each storage of ``keys``, in their order: one query."""
+    states = {
+        state.storage_key: state
+        for state in StorageState.objects.filter(storage_key__in=keys)
+    }
+    found: dict[str, AdoptionStatus] = {}
+    for key in keys:
+        state = states.get(key)
+        found[key] = AdoptionStatus(
+            adopted_at=state.adopted_at if state else None,
+            cursor=state.adoption_cursor if state else "",
+        )
+    return found
 
 
 def _state_for_update(key: str) -> StorageState:

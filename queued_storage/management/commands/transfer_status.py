@@ -10,6 +10,7 @@ from django.core.management.base import BaseCommand, CommandParser
 from django.utils import timezone
 
 from queued_storage import registry
+from queued_storage.adoption import statuses as adoption_statuses
 from queued_storage.management.cli import (
     AttentionNeeded,
     add_output_arguments,
@@ -20,7 +21,7 @@ from queued_storage.management.cli import (
     of_storages,
     write_json,
 )
-from queued_storage.models import PendingTransfer, StorageState
+from queued_storage.models import PendingTransfer
 
 STATUSES = [status.value for status in PendingTransfer.Status]
 ERROR_WINDOW = timedelta(hours=1)
@@ -74,9 +75,12 @@ class Command(BaseCommand):
         age = (now - oldest).total_seconds() if oldest is not None else None
         stuck = rows.stuck(now).count()
         errors = rows.errors_since(now - ERROR_WINDOW).count()
-        adoption = self._adoption(
-            keys or sorted(set(counts) | set(registry.known_keys()))
-        )
+        adoption = {
+            key: status.as_dict()
+            for key, status in adoption_statuses(
+                keys or sorted(set(counts) | set(registry.known_keys()))
+            ).items()
+        }
 
         problems = []
         if max_age is not None and age is not None and age > max_age.total_seconds():
@@ -136,25 +140,6 @@ class Command(BaseCommand):
             f"stuck (lease expired, or past the transfer timeout): {stuck}"
         )
         self.stdout.write(f"errors in the last hour: {errors}")
-
-    @staticmethod
-    def _adoption(keys: list[str]) -> dict[str, dict[str, Any]]:
-        """Per storage: whether its remote's files from before the ledger are
-        adopted, and where an unfinished adoption stopped."""
-        states = {
-            state.storage_key: state
-            for state in StorageState.objects.filter(storage_key__in=keys)
-        }
-        found: dict[str, dict[str, Any]] = {}
-        for key in keys:
-            state = states.get(key)
-            adopted_at = state.adopted_at if state else None
-            found[key] = {
-                "adopted": adopted_at is not None,
-                "adopted_at": adopted_at.isoformat() if adopted_at else None,
-                "adoption_cursor": (state.adoption_cursor or None) if state else None,
-            }
-        return found
 
     def _print_adoption(self, adoption: dict[str, dict[str, Any]]) -> None:
         self.stdout.write("")
