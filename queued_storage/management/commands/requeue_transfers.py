@@ -96,7 +96,7 @@ class Command(BaseCommand):
         if newer_than is not None:
             rows = rows.filter(updated_at__gte=now - newer_than)
         if dry_run:
-            count = rows.count()
+            count = rows.requeueable().count()
         else:
             count = rows.requeue(now)
             logger.info(
