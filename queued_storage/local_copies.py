@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Literal
 from django.utils import timezone
 
 from queued_storage import registry
-from queued_storage.management.cli import error_text, in_batches, local_copy_elsewhere
+from queued_storage.management.cli import error_text, in_batches
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
 from queued_storage.names import misspelling
 from queued_storage.tombstones import delete_local_copy
@@ -124,7 +124,7 @@ def clean_one(
     storage = registry.get(row.storage_key)
     if storage is None:
         return Cleaned("unknown_storage")
-    if local_copy_elsewhere(storage, row):
+    if not row.local_copy_here(local_shared=storage.local_shared):
         return Cleaned("other_host")  # that host's own run cleans it
     wrong = misspelling(row.name)
     if wrong is not None:

@@ -12,11 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from queued_storage import registry
 from queued_storage.checksums import remote_sha256, storage_sha256
-from queued_storage.management.cli import (
-    error_text,
-    in_batches,
-    local_copy_elsewhere,
-)
+from queued_storage.management.cli import error_text, in_batches
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
 
 if TYPE_CHECKING:
@@ -159,7 +155,7 @@ def fix_row(row: PendingTransfer, problem: Problem) -> None:
     storage = registry.get(row.storage_key)
     if storage is None:
         return
-    if local_copy_elsewhere(storage, row):
+    if not row.local_copy_here(local_shared=storage.local_shared):
         problem.detail += f"; its local copy is on host {row.host}: run --fix there"
         return
     try:

@@ -17,7 +17,6 @@ from django.urls import reverse
 
 from queued_storage import adoption
 from queued_storage.backends import QueuedStorage
-from queued_storage.management.cli import local_copy_elsewhere
 from queued_storage.management.commands.requeue_transfers import (
     Command as RequeueCommand,
 )
@@ -55,8 +54,6 @@ def test_the_host_rule_in_python_and_in_sql_agree(
 
     assert row.local_copy_here(local_shared=shared) is here
     assert reachable.filter(pk=row.pk).exists() is here
-    storage = type("Storage", (), {"local_shared": shared})()
-    assert local_copy_elsewhere(storage, row) is not here
 
 
 def test_a_host_local_row_with_no_host_is_purged_by_any_hosts_worker(

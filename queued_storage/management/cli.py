@@ -241,12 +241,6 @@ def in_batches(
         yield batch
 
 
-def local_copy_elsewhere(storage: QueuedStorage, row: PendingTransfer) -> bool:
-    """Whether the local copy of ``row`` is on another host's disk (a storage with
-    ``local_shared=False``), where only a run on that host can reach it."""
-    return not row.local_copy_here(local_shared=getattr(storage, "local_shared", True))
-
-
 def counters_line(stats: DataclassInstance) -> str:
     """``name=value`` for each field of a dataclass of counters, in field order."""
     return " ".join(
