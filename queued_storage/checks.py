@@ -20,6 +20,7 @@ from queued_storage.conf import (
     HOSTNAME_HINT,
     MAX_RETRIES,
     MAX_SECONDS,
+    MINIMUM_SECONDS,
     WORKERS,
     hostname_problem,
     usable_number,
@@ -142,25 +143,17 @@ def check_settings(
         )
     )
     errors.extend(
-        _check_number(
-            "QUEUED_STORAGE_RETRY_DELAY", minimum=0, check_id="queued_storage.E008"
-        )
+        _check_number("QUEUED_STORAGE_RETRY_DELAY", check_id="queued_storage.E008")
     )
+    errors.extend(_check_number("QUEUED_STORAGE_LEASE", check_id="queued_storage.E009"))
     errors.extend(
-        _check_number("QUEUED_STORAGE_LEASE", minimum=1, check_id="queued_storage.E009")
-    )
-    errors.extend(
-        _check_number(
-            "QUEUED_STORAGE_HEALTH_MAX_AGE", minimum=1, check_id="queued_storage.E010"
-        )
+        _check_number("QUEUED_STORAGE_HEALTH_MAX_AGE", check_id="queued_storage.E010")
     )
     host_problem = hostname_problem(conf.hostname())
     if host_problem:
         errors.append(Error(host_problem, hint=HOSTNAME_HINT, id="queued_storage.E006"))
     errors.extend(
-        _check_number(
-            "QUEUED_STORAGE_TRANSFER_TIMEOUT", minimum=1, check_id="queued_storage.E007"
-        )
+        _check_number("QUEUED_STORAGE_TRANSFER_TIMEOUT", check_id="queued_storage.E007")
     )
     prefix = conf.raw("QUEUED_STORAGE_CACHE_PREFIX")
     if not isinstance(prefix, str):
@@ -207,11 +200,15 @@ def _importable(module: str) -> bool:
 def _check_number(
     name: str,
     *,
-    minimum: float,
     check_id: str,
+    minimum: float | None = None,
     integer: bool = False,
     maximum: float = MAX_SECONDS,
 ) -> list[Error]:
+    """Error ``check_id`` when ``name`` is not a number from ``minimum`` (by
+    default the duration's, which its first use also holds it to) to ``maximum``."""
+    if minimum is None:
+        minimum = MINIMUM_SECONDS[name]
     value = conf.raw(name)
     if (
         not usable_number(value, maximum=maximum)

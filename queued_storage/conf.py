@@ -22,6 +22,16 @@ MAX_SECONDS = 100 * 365 * 86400
 #: 32-bit integer on every database.
 MAX_RETRIES = 2**31 - 1
 
+#: The shortest value of each duration setting, in seconds. A lease or timeout
+#: under a second makes the lease keeper renew (or abandon) in a busy loop, and a
+#: lease of 0 runs out before the upload starts: no file would ever be sent.
+MINIMUM_SECONDS: dict[str, float] = {
+    "QUEUED_STORAGE_RETRY_DELAY": 0,
+    "QUEUED_STORAGE_LEASE": 1,
+    "QUEUED_STORAGE_TRANSFER_TIMEOUT": 1,
+    "QUEUED_STORAGE_HEALTH_MAX_AGE": 1,
+}
+
 WORKERS = ("immediate", "django_q", "django_tasks", "celery")
 
 DEFAULTS: dict[str, Any] = {
@@ -43,13 +53,15 @@ class Settings:
         return getattr(django_settings, name, DEFAULTS[name])
 
     def _seconds(self, name: str) -> float:
-        """A number setting, refused at first use when no worker could use it
-        (``manage.py check`` also holds it to a sensible minimum)."""
+        """A duration setting, refused at first use as ``manage.py check`` refuses
+        it: where checks do not run (a Celery or django-q2 worker, call_command)
+        a value under the minimum would not be noticed until the worker spins."""
         value = self._get(name)
-        if not usable_number(value, maximum=MAX_SECONDS):
+        minimum = MINIMUM_SECONDS[name]
+        if not usable_number(value, maximum=MAX_SECONDS) or value < minimum:
             raise ImproperlyConfigured(
-                f"{name} is {value!r}; set it to a finite number of seconds, at "
-                "most a hundred years (manage.py check says which values make sense)."
+                f"{name} is {value!r}; set it to a number of seconds from "
+                f"{minimum:g} to {MAX_SECONDS} (a hundred years)."
             )
         return float(value)
 

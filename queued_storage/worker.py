@@ -471,6 +471,9 @@ def drain(
     if keys:
         rows_qs = rows_qs.filter(storage_key__in=list(keys))
     lease = conf.QUEUED_STORAGE_LEASE
+    # Refused (ImproperlyConfigured) before any claim, not by the first claim's
+    # lease keeper: the claimed rows would wait out their lease.
+    conf.QUEUED_STORAGE_TRANSFER_TIMEOUT  # noqa: B018
 
     def claim() -> list[PendingTransfer]:
         if should_stop and should_stop():
@@ -493,6 +496,7 @@ def drain(
 
 def transfer_name(key: str, name: str) -> Outcome | None:
     """Transfer one name now if its row is due: what a wake-up runs."""
+    conf.QUEUED_STORAGE_TRANSFER_TIMEOUT  # noqa: B018 (refused before the claim)
     rows = _claimable(PendingTransfer.objects.for_name(key, name)).claim_due(
         limit=1, lease=conf.QUEUED_STORAGE_LEASE
     )

@@ -267,5 +267,10 @@ class Command(BaseCommand):
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
-        while not self.stopping and time.monotonic() < deadline:
-            time.sleep(min(0.2, deadline - time.monotonic()))
+        while not self.stopping:
+            # One reading of the clock: read twice, the deadline can pass between
+            # the test and the sleep, and a negative sleep raises ValueError.
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(0.2, left))
