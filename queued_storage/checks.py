@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import numbers
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -27,6 +28,8 @@ from queued_storage.conf import (
 )
 from queued_storage.conf import settings as conf
 from queued_storage.configuration import ConfiguredStorage
+from queued_storage.failures import hook_limit_problem
+from queued_storage.tasks import Transfer
 
 #: How to fix a storage that cannot be built, whichever way it was configured.
 UNUSABLE_HINT = (
@@ -65,6 +68,7 @@ def check_storages(
             continue
         if isinstance(built, ConfiguredStorage):
             errors.extend(_unusable(f"STORAGES[{alias!r}]", built, None))
+            errors.extend(_hook_limits(f"STORAGES[{alias!r}]", built, None))
     for model in _models(app_configs):
         for field in model._meta.get_fields():
             if not isinstance(field, FileField) or field.storage is default_storage:
@@ -76,6 +80,7 @@ def check_storages(
             except Exception:  # a lazy storage whose STORAGES entry is reported
                 continue
             errors.extend(_unusable("The field's storage", storage, field))
+            errors.extend(_hook_limits("The field's storage", storage, field))
     registry.discover()
     for key, shared in registry.conflicts().items():
         problem, fix = registry.conflict_text(key, shared)
@@ -188,6 +193,34 @@ def _unusable(what: str, storage: ConfiguredStorage, obj: Any) -> list[Error]:
         )
         for problem in storage.configuration_problems()
     ]
+
+
+def _hook_limits(what: str, storage: ConfiguredStorage, obj: Any) -> list[Error]:
+    """E014 for a hook whose own ``max_retries`` or ``default_retry_delay`` no
+    worker can use (each failed attempt is then recorded as not retried). Those
+    it inherits are the settings', which E005 and E008 check."""
+    task = getattr(storage, "task_class", None)
+    if not isinstance(task, type):
+        return []
+    errors: list[Error] = []
+    for attribute in ("max_retries", "default_retry_delay"):
+        if inspect.getattr_static(task, attribute, None) is inspect.getattr_static(
+            Transfer, attribute
+        ):
+            continue
+        value = getattr(task, attribute)
+        problem = value is not None and hook_limit_problem(
+            task.__name__, attribute, value
+        )
+        if problem:
+            errors.append(
+                Error(
+                    f"{what} has a transfer hook that cannot be retried: {problem}",
+                    obj=obj,
+                    id="queued_storage.E014",
+                )
+            )
+    return errors
 
 
 def _importable(module: str) -> bool:

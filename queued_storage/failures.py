@@ -32,19 +32,31 @@ def _retry_settings(task: Any) -> tuple[int, float]:
     delay = task.default_retry_delay
     if retries is None:
         retries = conf.QUEUED_STORAGE_RETRIES
-    elif not usable_number(retries) or retries != int(retries):
-        raise ImproperlyConfigured(
-            f"{hook}.max_retries is {retries!r}; set it to a whole number of "
-            "retries, or None for QUEUED_STORAGE_RETRIES."
-        )
+    elif problem := hook_limit_problem(hook, "max_retries", retries):
+        raise ImproperlyConfigured(problem)
     if delay is None:
         delay = conf.QUEUED_STORAGE_RETRY_DELAY
-    elif not usable_number(delay):
-        raise ImproperlyConfigured(
-            f"{hook}.default_retry_delay is {delay!r}; set it to a finite number of "
-            "seconds, or None for QUEUED_STORAGE_RETRY_DELAY."
-        )
+    elif problem := hook_limit_problem(hook, "default_retry_delay", delay):
+        raise ImproperlyConfigured(problem)
     return int(retries), float(delay)
+
+
+def hook_limit_problem(hook: str, attribute: str, value: Any) -> str:
+    """Why a hook's own ``max_retries`` or ``default_retry_delay`` is a value no
+    worker can use, or ``""``: its first use and ``manage.py check`` say so."""
+    if attribute == "max_retries":
+        if usable_number(value) and value == int(value):
+            return ""
+        return (
+            f"{hook}.max_retries is {value!r}; set it to a whole number of "
+            "retries, or None for QUEUED_STORAGE_RETRIES."
+        )
+    if usable_number(value):
+        return ""
+    return (
+        f"{hook}.default_retry_delay is {value!r}; set it to a finite number of "
+        "seconds, or None for QUEUED_STORAGE_RETRY_DELAY."
+    )
 
 
 def retry_limits(task: Any) -> tuple[int, float, str]:

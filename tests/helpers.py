@@ -200,3 +200,8 @@ def wait_until(
             return True
         time.sleep(every)
     return bool(condition())
+
+
+class Exited(Exception):
+    """Raised by a faked ``os._exit`` (its one argument the exit status), so that
+    a test sees a stop at once without losing its process."""

@@ -3,6 +3,9 @@ stop signals (issue 14, point 4): each test is a break that was found, kept."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,11 +13,14 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.core.files.base import ContentFile
 
-from queued_storage.checks import check_settings
+from queued_storage.checks import check_settings, check_storages
 from queued_storage.conf import settings as conf
+from queued_storage.failures import retry_limits
 from queued_storage.management.commands import process_transfers
 from queued_storage.models import PendingTransfer
+from queued_storage.tasks import Transfer
 from queued_storage.worker import drain
+from tests.helpers import BACKEND, Exited
 from tests.testapp.models import Document
 
 Status = PendingTransfer.Status
@@ -102,3 +108,132 @@ def test_the_shortest_duration_the_check_accepts_is_usable(
 
     assert check_settings() == []
     assert getattr(conf, setting) == 1.0
+
+
+@pytest.fixture
+def no_alarm_left() -> Iterator[None]:
+    """os._exit is faked in these tests, so the process lives on: cancel a stop's
+    alarm, which would otherwise end the test run with the real one."""
+    before = signal.getsignal(signal.SIGALRM)
+    yield
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, before)
+
+
+def test_a_second_signal_stops_even_when_stderr_blocks(
+    monkeypatch: pytest.MonkeyPatch, no_alarm_left: None
+) -> None:
+    """stderr is a pipe nobody reads (a stalled log collector): the second
+    signal's warning blocks in its write. The second signal waited on it for as
+    long; now an alarm ends the process a moment later, the write still blocked."""
+    command = process_transfers.Command()
+    command.stopping = False
+    previous = command._install_signal_handlers()
+    handler = signal.getsignal(signal.SIGTERM)
+    assert callable(handler)
+    unblocked = threading.Event()
+    written: list[str] = []
+    exits: list[tuple[int, list[str]]] = []
+
+    def warning(message: str, *args: Any) -> None:
+        if message.startswith("stopping now"):
+            # Bounded so that the code before the fix ends too (and fails).
+            unblocked.wait(timeout=10)
+        written.append(message)
+
+    def exit_now(status: int) -> None:
+        exits.append((status, list(written)))
+        raise Exited(status)
+
+    monkeypatch.setattr(process_transfers.logger, "warning", warning)
+    monkeypatch.setattr(os, "_exit", exit_now)
+    monkeypatch.setattr(process_transfers, "STOP_NOW_WRITE_WAIT", 0.05, raising=False)
+    try:
+        handler(signal.SIGTERM, None)
+        assert command.stopping
+        with pytest.raises(Exited):
+            handler(signal.SIGTERM, None)
+    finally:
+        unblocked.set()
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+    # Exited while the second warning's write was still blocked.
+    [(status, before_exit)] = exits
+    assert status == 128 + signal.SIGTERM
+    assert [m.split()[0:2] for m in before_exit] == [["stopping", "signal=%s"]]
+
+
+class NaNRetries(Transfer):
+    max_retries = float("nan")  # type: ignore[assignment]
+
+
+class HugeRetries(Transfer):
+    max_retries = 10**400
+
+
+class InfiniteDelay(Transfer):
+    default_retry_delay = float("inf")
+
+
+class TextDelay(Transfer):
+    default_retry_delay = "60"  # type: ignore[assignment]
+
+
+class OwnLimits(Transfer):
+    max_retries = 3
+    default_retry_delay = 0.5
+
+
+class SettingsLimits(Transfer):
+    max_retries = None
+    default_retry_delay = None
+
+
+def hooked(settings: Any, forget_keys: list[str], hook: type[Transfer]) -> None:
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "hooked": {
+            "BACKEND": BACKEND,
+            "OPTIONS": {
+                "local": "queued_local",
+                "remote": "queued_remote",
+                "key": "hooked",
+                "task": f"{__name__}.{hook.__name__}",
+            },
+        },
+    }
+    forget_keys.append("hooked")
+
+
+@pytest.mark.parametrize(
+    ("hook", "attribute"),
+    [
+        (NaNRetries, "max_retries"),
+        (HugeRetries, "max_retries"),
+        (InfiniteDelay, "default_retry_delay"),
+        (TextDelay, "default_retry_delay"),
+    ],
+)
+def test_a_hook_whose_own_retry_limits_no_worker_can_use_fails_the_checks(
+    settings: Any, forget_keys: list[str], hook: type[Transfer], attribute: str
+) -> None:
+    """Its first use recorded each failed attempt as not retried, and nothing
+    before said so: manage.py check now does (E014), in the same words."""
+    hooked(settings, forget_keys, hook)
+
+    [error] = [e for e in check_storages() if e.id == "queued_storage.E014"]
+    retries, delay, not_retried = retry_limits(hook())
+
+    assert f"{hook.__name__}.{attribute} is" in error.msg
+    assert "'hooked'" in error.msg
+    assert (retries, delay) == (0, 0.0)
+    assert not_retried.removeprefix(" (not retried: ").rstrip(")") in error.msg
+
+
+@pytest.mark.parametrize("hook", [OwnLimits, SettingsLimits, Transfer])
+def test_a_hook_with_usable_or_inherited_retry_limits_passes_the_checks(
+    settings: Any, forget_keys: list[str], hook: type[Transfer]
+) -> None:
+    hooked(settings, forget_keys, hook)
+
+    assert [e.id for e in check_storages()] == []

@@ -20,7 +20,7 @@ from django.core.management import ManagementUtility, call_command
 
 from queued_storage.management.cli import verbosity_logging
 from queued_storage.models import PendingTransfer
-from tests.helpers import saved_name
+from tests.helpers import Exited, saved_name
 from tests.testapp.models import Document
 from tests.workers import start_command
 
@@ -253,10 +253,6 @@ def test_a_second_signal_stops_the_worker_at_once_and_loses_nothing(
     assert not (fresh_storages["remote"] / name).exists()
 
 
-class Exited(Exception):
-    pass
-
-
 def test_a_second_signal_arriving_while_the_first_is_logged_stops_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -281,10 +277,14 @@ def test_a_second_signal_arriving_while_the_first_is_logged_stops_at_once(
 
     monkeypatch.setattr(process_transfers.logger, "warning", warning)
     monkeypatch.setattr(os, "_exit", exit_now)
+    alarm = signal.getsignal(signal.SIGALRM)
     try:
         with pytest.raises(Exited) as exited:
             handler(signal.SIGINT, None)
     finally:
+        # The stop's alarm would end the test run with the real os._exit.
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, alarm)
         for signum, old in previous.items():
             signal.signal(signum, old)
     assert exited.value.args == (128 + signal.SIGINT,)

@@ -35,7 +35,10 @@ logger = logging.getLogger("queued_storage")
 
 __all__ = ["Command", "positive_float", "positive_int"]
 
-#: The counters of a drain that add up over the polls of --loop.
+#: Seconds a second signal lets its warning take to be written before the process
+#: exits all the same: stderr may be a pipe nobody reads (a stalled log collector),
+#: and a write to it, or a handler's lock such a write holds, waits for as long.
+STOP_NOW_WRITE_WAIT = 1.0
 
 
 def progress_line(stats: DrainStats, total: int) -> str:
@@ -242,14 +245,11 @@ class Command(BaseCommand):
                 # As a SIGKILL would: the files in hand keep their local copies
                 # and their rows' leases, which another worker takes over when
                 # they expire (a graceful stop would have had to wait for them).
-                logger.warning(
-                    "stopping now signal=%s the transfers in hand are abandoned; "
-                    "their rows are retried when their leases expire",
-                    name,
-                )
-                for handler in logging.getLogger("queued_storage").handlers:
-                    handler.flush()
-                self.stdout.flush()
+                # An alarm interrupts a write that blocks (its handler runs
+                # between bytecodes, as this one does) and exits.
+                signal.signal(signal.SIGALRM, lambda *_: os._exit(128 + signum))
+                signal.setitimer(signal.ITIMER_REAL, STOP_NOW_WRITE_WAIT)
+                self._say_stopping_now(name)
                 os._exit(128 + signum)
             # Set before logging: a second signal can arrive while the record is
             # written, and its handler then runs inside this one.
@@ -264,6 +264,16 @@ class Command(BaseCommand):
             signum: signal.signal(signum, stop)
             for signum in (signal.SIGTERM, signal.SIGINT)
         }
+
+    def _say_stopping_now(self, name: str) -> None:
+        logger.warning(
+            "stopping now signal=%s the transfers in hand are abandoned; "
+            "their rows are retried when their leases expire",
+            name,
+        )
+        for handler in logger.handlers:
+            handler.flush()
+        self.stdout.flush()
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
