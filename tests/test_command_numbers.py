@@ -16,7 +16,11 @@ from typing import Any
 
 import pytest
 from django.core.files.base import ContentFile
-from django.core.management import ManagementUtility, call_command
+from django.core.management import (
+    ManagementUtility,
+    call_command,
+    load_command_class,
+)
 
 from queued_storage.management.cli import verbosity_logging
 from queued_storage.models import PendingTransfer
@@ -289,3 +293,41 @@ def test_a_second_signal_arriving_while_the_first_is_logged_stops_at_once(
             signal.signal(signum, old)
     assert exited.value.args == (128 + signal.SIGINT,)
     assert calls[-1].startswith("stopping now")
+
+
+COMMANDS = sorted(
+    path.stem
+    for path in (
+        Path(__file__).resolve().parent.parent
+        / "queued_storage"
+        / "management"
+        / "commands"
+    ).glob("*.py")
+    if path.stem != "__init__"
+)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+@pytest.mark.parametrize(
+    ("verbosity", "level"),
+    [(0, logging.ERROR), (1, logging.WARNING), (2, logging.INFO), (3, logging.DEBUG)],
+)
+def test_every_command_sets_the_loggers_level_from_its_verbosity(
+    monkeypatch: pytest.MonkeyPatch, name: str, verbosity: int, level: int
+) -> None:
+    command = load_command_class("queued_storage", name)
+    seen: list[int] = []
+    monkeypatch.setattr(
+        command,
+        "handle",
+        lambda *args, **options: seen.append(
+            logging.getLogger("queued_storage").getEffectiveLevel()
+        ),
+    )
+
+    command.execute(
+        verbosity=verbosity, force_color=False, no_color=True, skip_checks=True
+    )
+
+    assert seen == [level]
+    assert logging.getLogger("queued_storage").level == logging.NOTSET

@@ -139,6 +139,15 @@ def verbosity_logging(verbosity: int) -> Iterator[None]:
         logger.setLevel(before)
 
 
+class LedgerCommand(BaseCommand):
+    """A command of this package: its ``--verbosity`` sets the ``queued_storage``
+    logger's level while it runs (see :func:`verbosity_logging`)."""
+
+    def execute(self, *args: Any, **options: Any) -> str | None:
+        with verbosity_logging(options.get("verbosity", 1)):
+            return super().execute(*args, **options)
+
+
 def check_storage_keys(keys: Iterable[str] | None) -> list[str]:
     """The keys asked for, each one a storage this process knows; else a usage
     error that lists the known keys."""

@@ -7,11 +7,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from queued_storage import adoption
 from queued_storage.management.cli import (
     EXIT_ERROR,
+    LedgerCommand,
     Progress,
     UsageError,
     add_one_storage_arguments,
@@ -23,7 +24,7 @@ from queued_storage.management.cli import (
 logger = logging.getLogger("queued_storage")
 
 
-class Command(BaseCommand):
+class Command(LedgerCommand):
     help = (
         "Record the files a storage's remote already holds (files saved before the "
         "ledger, e.g. by django-queued-storage 0.8) as transferred, in batches, then "

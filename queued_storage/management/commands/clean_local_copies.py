@@ -8,7 +8,7 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 
 from queued_storage.local_copies import (
     DEFAULT_BATCH_SIZE,
@@ -19,6 +19,7 @@ from queued_storage.local_copies import (
 )
 from queued_storage.management.cli import (
     AttentionNeeded,
+    LedgerCommand,
     Progress,
     add_batch_size_argument,
     add_output_arguments,
@@ -35,7 +36,7 @@ from queued_storage.models import PendingTransfer
 logger = logging.getLogger("queued_storage")
 
 
-class Command(BaseCommand):
+class Command(LedgerCommand):
     help = (
         "Delete the local copies of files recorded as done for at least "
         "--older-than, after checking that the local file is the one transferred "

@@ -6,12 +6,12 @@ import importlib.util
 from typing import Any
 
 from django.apps import apps
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
-from queued_storage.management.cli import positive_int
+from queued_storage.management.cli import LedgerCommand, positive_int
 
 
-class Command(BaseCommand):
+class Command(LedgerCommand):
     help = (
         "Create or update the django-q2 Schedule that runs the transfer engine for "
         "due retries, expired leases and lost wake-ups. Safe to run on every deploy."

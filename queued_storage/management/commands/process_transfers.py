@@ -10,11 +10,12 @@ import time
 from types import FrameType
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 
 from queued_storage.errors import Outcome
 from queued_storage.management.cli import (
     AttentionNeeded,
+    LedgerCommand,
     Progress,
     add_batch_size_argument,
     add_output_arguments,
@@ -25,7 +26,6 @@ from queued_storage.management.cli import (
     of_storages,
     positive_float,
     positive_int,
-    verbosity_logging,
     write_json,
 )
 from queued_storage.models import PendingTransfer
@@ -51,7 +51,7 @@ def progress_line(stats: DrainStats, total: int) -> str:
     )
 
 
-class Command(BaseCommand):
+class Command(LedgerCommand):
     help = (
         "Transfer due files from local to remote storage. Without --loop it keeps "
         "claiming until no row is due, then exits (for cron). Exit status: 0 done, "
@@ -109,20 +109,19 @@ class Command(BaseCommand):
         verbosity: int,
         **options: Any,
     ) -> None:
-        with verbosity_logging(verbosity):
-            self._drain_until_done(
-                loop=loop,
-                interval=interval,
-                limit=limit,
-                concurrency=concurrency,
-                keys=check_storage_keys(storages),
-                batch_size=batch_size,
-                json=json,
-                progress=progress,
-                progress_every=progress_every,
-                max_polls=max_polls,
-                verbosity=verbosity,
-            )
+        self._drain_until_done(
+            loop=loop,
+            interval=interval,
+            limit=limit,
+            concurrency=concurrency,
+            keys=check_storage_keys(storages),
+            batch_size=batch_size,
+            json=json,
+            progress=progress,
+            progress_every=progress_every,
+            max_polls=max_polls,
+            verbosity=verbosity,
+        )
 
     def _drain_until_done(
         self,

@@ -7,11 +7,12 @@ import logging
 from typing import Any
 
 from django.core.exceptions import SuspiciousFileOperation
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from queued_storage.backfill import DEFAULT_BATCH_SIZE, Backfill
 from queued_storage.management.cli import (
     EXIT_ERROR,
+    LedgerCommand,
     Progress,
     UsageError,
     add_one_storage_arguments,
@@ -24,7 +25,7 @@ from queued_storage.names import canonical_directory
 logger = logging.getLogger("queued_storage")
 
 
-class Command(BaseCommand):
+class Command(LedgerCommand):
     help = (
         "Create ledger rows for the files in a storage's local storage that have "
         "none (files saved before the app was installed, or lost rows), in batches. "

@@ -7,10 +7,11 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 from django.utils import timezone
 
 from queued_storage.management.cli import (
+    LedgerCommand,
     UsageError,
     add_output_arguments,
     add_storage_filter,
@@ -26,7 +27,7 @@ logger = logging.getLogger("queued_storage")
 Status = PendingTransfer.Status
 
 
-class Command(BaseCommand):
+class Command(LedgerCommand):
     help = (
         "Re-queue failed transfers: due now, attempts reset. Narrow with --storage, "
         "--error and --older-than; --status held or queued takes those rows instead. "

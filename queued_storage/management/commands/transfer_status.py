@@ -6,13 +6,14 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 from django.utils import timezone
 
 from queued_storage import registry
 from queued_storage.adoption import statuses as adoption_statuses
 from queued_storage.management.cli import (
     AttentionNeeded,
+    LedgerCommand,
     add_output_arguments,
     add_storage_filter,
     check_storage_keys,
@@ -27,7 +28,7 @@ STATUSES = [status.value for status in PendingTransfer.Status]
 ERROR_WINDOW = timedelta(hours=1)
 
 
-class Command(BaseCommand):
+class Command(LedgerCommand):
     help = (
         "Show the ledger: rows per status and storage, how long the oldest due row "
         "has waited, stuck rows (lease expired, or past the transfer timeout), errors "

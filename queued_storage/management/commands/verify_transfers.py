@@ -7,10 +7,11 @@ import logging
 import time
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 
 from queued_storage.management.cli import (
     AttentionNeeded,
+    LedgerCommand,
     Progress,
     add_batch_size_argument,
     add_output_arguments,
@@ -34,7 +35,7 @@ from queued_storage.verification import (
 logger = logging.getLogger("queued_storage")
 
 
-class Command(BaseCommand):
+class Command(LedgerCommand):
     help = (
         "Check that the remote has every file the ledger records as done, with the "
         "right size (--checksum: the right content). --fix re-queues the ones whose "
