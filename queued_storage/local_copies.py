@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Literal
 from django.utils import timezone
 
 from queued_storage import registry
-from queued_storage.management.cli import error_text, in_batches
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
 from queued_storage.names import misspelling
+from queued_storage.paging import in_batches
+from queued_storage.redaction import error_text
 from queued_storage.tombstones import delete_local_copy
 
 if TYPE_CHECKING:

@@ -473,3 +473,8 @@ def install_log_filter() -> None:
 
 
 install_log_filter()
+
+
+def error_text(storage: ConfiguredStorage | None, error: BaseException) -> str:
+    """``Class: message`` of an error, without the storage's credentials."""
+    return redact(storage, f"{type(error).__name__}: {error}")

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from queued_storage import registry
 from queued_storage.checksums import remote_sha256, storage_sha256
-from queued_storage.management.cli import error_text, in_batches
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
+from queued_storage.paging import in_batches
+from queued_storage.redaction import error_text
 
 if TYPE_CHECKING:
     from queued_storage.backends import QueuedStorage

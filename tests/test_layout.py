@@ -241,6 +241,19 @@ def test_no_function_local_imports_of_the_package() -> None:
     assert not stale, f"Remove from LOCAL_IMPORTS_ALLOWED (gone): {stale}"
 
 
+def test_the_logic_never_imports_the_command_line_layer() -> None:
+    """Commands are thin: what they share with the admin and the engine lives
+    below them, so only ``management`` itself imports ``management``."""
+    upward = [
+        f"{edge.importer} line {edge.line}: {edge.imported}"
+        for edge in package_imports(PACKAGE)
+        if edge.imported.startswith("queued_storage.management")
+        and not edge.importer.startswith("queued_storage.management")
+    ]
+
+    assert not upward, "Move what these need out of management/: " + "; ".join(upward)
+
+
 def test_modules_stay_small() -> None:
     too_long = oversized(PACKAGE)
 

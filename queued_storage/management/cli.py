@@ -12,21 +12,21 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TextIO
 
 from django.core.management.base import BaseCommand, CommandError, OutputWrapper
 
-from queued_storage import redaction, registry
+from queued_storage import registry
 from queued_storage.conf import MAX_SECONDS
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
     from queued_storage.backends import QueuedStorage
-    from queued_storage.models import PendingTransfer, PendingTransferQuerySet
+    from queued_storage.models import PendingTransferQuerySet
 
 #: Exit codes, the same for every command (a cron job or a monitor acts on them).
 EXIT_OK = 0
@@ -234,33 +234,12 @@ def add_batch_size_argument(
     )
 
 
-def in_batches(
-    rows: PendingTransferQuerySet, *, size: int, fields: Sequence[str]
-) -> Iterator[list[PendingTransfer]]:
-    """``rows`` in primary key order, ``size`` at a time, with only ``fields`` loaded.
-
-    Each batch starts after the last key of the one before, so a row that an
-    earlier batch changed neither shifts nor repeats the next one."""
-    last_pk = 0
-    while True:
-        batch = list(rows.filter(pk__gt=last_pk).order_by("pk").only(*fields)[:size])
-        if not batch:
-            return
-        last_pk = batch[-1].pk
-        yield batch
-
-
 def counters_line(stats: DataclassInstance) -> str:
     """``name=value`` for each field of a dataclass of counters, in field order."""
     return " ".join(
         f"{field.name}={getattr(stats, field.name)}"
         for field in dataclasses.fields(stats)
     )
-
-
-def error_text(storage: QueuedStorage | None, error: BaseException) -> str:
-    """``Class: message`` of an error, without the storage's credentials."""
-    return redaction.redact(storage, f"{type(error).__name__}: {error}")
 
 
 def human_bytes(count: float) -> str:
