@@ -26,7 +26,17 @@ sys.path.insert(0, str(ROOT))
 from tests.databases import server_address, server_credentials  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-ALL_CASES = ["save", "drain", "s3", "latency", "lookups", "memory", "scale", "overhead"]
+ALL_CASES = [
+    "save",
+    "drain",
+    "s3",
+    "latency",
+    "lookups",
+    "memory",
+    "scale",
+    "overhead",
+    "scaleout",
+]
 #: Cases whose figure depends little on the database (the remote's cost rules):
 #: run on the first database only (in full mode they take some 16 minutes a
 #: database).
@@ -198,12 +208,24 @@ def markdown(report: dict[str, Any]) -> str:
                 extra = f" ({pf['queued']} vs {pf['plain']} ms/file)"
             elif "microseconds" in item:
                 us = item["microseconds"]
-                extra = f" ({us['queued']} vs {us['remote']} µs)"
+                extra = f" ({us['queued']} vs {us['remote']} µs"
+                if "x_remote_url_alone" in item:
+                    extra += (
+                        f"; {item['ledger_queries']} query; "
+                        f"{item['x_remote_url_alone']:.2f}x remote.url() alone"
+                    )
+                extra += ")"
             elif "milliseconds" in item:
                 ms = item["milliseconds"]
                 extra = f" ({ms['large']} vs {ms['small']} ms)"
+            elif "rows_per_second" in item:
+                rates = ", ".join(f"{r:g}" for r in item["rows_per_second"])
+                extra = f" ({rates} rows/s)"
             elif "raw_save_rise_mib" in item:
-                extra = f" (raw remote.save(): {item['raw_save_rise_mib']:.1f} MiB)"
+                extra = (
+                    f" (worker {item.get('worker_rise_mib', 0):.1f} MiB, raw "
+                    f"remote.save() {item['raw_save_rise_mib']:.1f} MiB)"
+                )
             elif "render_time_ratio" in item:
                 extra = (
                     f" ({item['queries_without_prefetch']} without; render "

@@ -41,6 +41,7 @@ from benchmarks.harness import (
     side_by_side,
     timed,
 )
+from benchmarks.scaleout import case_scaleout
 from queued_storage import adoption, registry
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer, StorageState
@@ -514,10 +515,17 @@ def case_drain_s3(sizes: Sizes) -> list[dict[str, Any]]:
             )
             throughput = timing.median_throughput()
             how = "create-only uploads" if create_only else "HEAD before each upload"
+            # moto runs on this machine's cores: threads that wait on it only
+            # help while a core is free for it, so this figure measures the CPU.
+            bound = (
+                f"; CPU-bound on this machine ({os.cpu_count()} cores shared with moto)"
+                if concurrency > 1
+                else ""
+            )
             results.append(
                 figure(
                     f"drain {n} x 10 KiB to S3 (moto on loopback, {how}), "
-                    f"--concurrency {concurrency} vs raw sequential",
+                    f"--concurrency {concurrency} vs raw sequential{bound}",
                     target=target,
                     measured=throughput,
                     unit="x raw sequential throughput",
@@ -655,6 +663,12 @@ def _lookups(
     sample = [random.choice(names) for _ in range(500)]
     with CaptureQueriesContext(connection) as one:
         storage.url(names[0])
+    pks = dict(
+        PendingTransfer.objects.filter(storage_key=storage.key).values_list(
+            "name", "pk"
+        )
+    )
+    sample_pks = [(name, pks[name]) for name in sample]
 
     def queued_urls(_round: int) -> float:
         start = time.perf_counter()
@@ -663,6 +677,17 @@ def _lookups(
         return time.perf_counter() - start
 
     remote_storage = storage.remote
+    rows = PendingTransfer.objects.all()
+
+    def floor_urls(_round: int) -> float:
+        # The floor: the remote's own url() and one query on the primary key, as
+        # an application would write it with the ORM (the three columns url()
+        # needs, no model instance).
+        start = time.perf_counter()
+        for name, pk in sample_pks:
+            rows.filter(pk=pk).values_list("status", "deleted", "size").get()
+            remote_storage.url(name)
+        return time.perf_counter() - start
 
     def remote_urls(_round: int) -> float:
         start = time.perf_counter()
@@ -670,16 +695,21 @@ def _lookups(
             remote_storage.url(name)
         return time.perf_counter() - start
 
-    single = side_by_side(sizes.lookup_rounds, queued_urls, remote_urls)
+    queued_urls(0)
+    floor_urls(0)
+    single = side_by_side(sizes.lookup_rounds, queued_urls, floor_urls)
+    remote_only = side_by_side(sizes.lookup_rounds, queued_urls, remote_urls)
     ratio = single.median_ratio()
+    queries = _ledger_queries(one)
     results.append(
         figure(
             f"a single url() of a transferred file, remote {label}",
-            target="1 indexed query, <= 2x remote.url()",
+            target="<= 1.1x, 1 query",
             measured=ratio,
-            unit="x remote.url() time",
-            passed=_ledger_queries(one) <= 1 and ratio <= 2,
-            ledger_queries=_ledger_queries(one),
+            unit="x (remote.url() + one primary-key ORM query) time",
+            passed=queries <= 1 and ratio <= 1.1,
+            ledger_queries=queries,
+            x_remote_url_alone=round(remote_only.median_ratio(), 4),
             microseconds={
                 "queued": round(
                     statistics.median(single.subject) / len(sample) * 1e6, 2
@@ -756,15 +786,19 @@ def case_memory(sizes: Sizes) -> list[dict[str, Any]]:
         ]:
             queued = _memory_run(target, "queued", endpoint, bucket, size)
             raw = _memory_run(target, "raw", endpoint, bucket, size)
-            rise = queued["rise_bytes"] / MIB
+            # What the worker adds to the remote's own save() of the same file
+            # with the same TransferConfig: the peak itself is the remote's (boto3
+            # holds max_concurrency parts in memory by design).
+            difference = (queued["rise_bytes"] - raw["rise_bytes"]) / MIB
             results.append(
                 figure(
                     f"peak RSS rise of a worker transferring a {size // MIB} MiB file "
-                    f"to {label}",
-                    target="<= 64 MiB",
-                    measured=rise,
-                    unit="MiB over the worker's baseline",
-                    passed=rise <= 64,
+                    f"to {label}, over remote.save()'s own",
+                    target="<= 8 MiB",
+                    measured=difference,
+                    unit="MiB more than the raw remote.save()",
+                    passed=difference <= 8,
+                    worker_rise_mib=round(queued["rise_bytes"] / MIB, 2),
                     raw_save_rise_mib=round(raw["rise_bytes"] / MIB, 2),
                     queued=queued,
                     raw=raw,
@@ -989,6 +1023,7 @@ CASES: dict[str, Callable[[Sizes], list[dict[str, Any]]]] = {
     "memory": case_memory,
     "scale": case_scale,
     "overhead": case_overhead,
+    "scaleout": lambda sizes: case_scaleout(sizes is FULL),
 }
 
 

@@ -1,10 +1,13 @@
-"""A remote and a transfer hook that do nothing, to time the ledger alone."""
+"""Remotes and a transfer hook that spend no CPU of their own: a no-op remote and
+hook, to time the ledger alone, and a remote that waits per write, to time
+workers that wait on a remote (the scale-out benchmark)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from django.core.files.storage import Storage
+from django.core.files.storage import FileSystemStorage, Storage
 
 from queued_storage.tasks import Transfer
 
@@ -39,3 +42,16 @@ class NoopTransfer(Transfer):
 
     def transfer(self, name: str, local: Any, remote: Any, **kwargs: Any) -> bool:
         return True
+
+
+#: How long (seconds) :class:`SlowStorage` waits per write.
+WRITE_WAIT = 0.02
+
+
+class SlowStorage(FileSystemStorage):
+    """A ``FileSystemStorage`` that waits ``WRITE_WAIT`` before each write, as a
+    remote across a network would, and spends no CPU meanwhile."""
+
+    def _save(self, name: str, content: Any) -> str:
+        time.sleep(WRITE_WAIT)
+        return super()._save(name, content)

@@ -81,6 +81,17 @@ MEDIA_URL = "/media/"
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    # The scale-out benchmark's storage: its worker processes find it here.
+    "scaleout": {
+        "BACKEND": "queued_storage.backends.QueuedStorage",
+        "OPTIONS": {
+            "local": "django.core.files.storage.FileSystemStorage",
+            "remote": "benchmarks.noop.SlowStorage",
+            "local_options": {"location": os.path.join(BENCH_DIR, "scaleout-local")},
+            "remote_options": {"location": os.path.join(BENCH_DIR, "scaleout-remote")},
+            "key": "bench-scaleout",
+        },
+    },
 }
 # The drain benchmark's storage, for the process_transfers it starts: the
 # QueuedStorage options as JSON.
