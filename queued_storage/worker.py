@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from django.db import connections
 
 from queued_storage import registry
+from queued_storage.claim_size import ClaimSize
 from queued_storage.completions import Completions
 from queued_storage.conf import settings as conf
 from queued_storage.copying import read_progress
@@ -25,8 +26,9 @@ from queued_storage.transfer import Plans, Verified, complete, process_row, tran
 logger = logging.getLogger("queued_storage")
 
 
-#: Rows claimed per round trip to the ledger. Each row's lease is renewed while
-#: its own transfer runs; the others' run out, for another worker to take them.
+#: The most rows one claim takes (claim_size.ClaimSize picks how many, up to
+#: this). Each row's lease is renewed while its own transfer runs; the others'
+#: run out, for another worker to take them.
 DEFAULT_BATCH_SIZE = 200
 
 
@@ -474,14 +476,21 @@ def drain(
     # Refused (ImproperlyConfigured) before any claim, not by the first claim's
     # lease keeper: the claimed rows would wait out their lease.
     conf.QUEUED_STORAGE_TRANSFER_TIMEOUT  # noqa: B018
+    # About what the lanes will start soon, up to batch_size: rows leased here
+    # and not started are rows that another worker, idle, cannot take.
+    sizes = ClaimSize(concurrency, batch_size)
 
     def claim() -> list[PendingTransfer]:
         if should_stop and should_stop():
             return []
-        want = batch_size if limit is None else min(batch_size, limit - stats.processed)
+        want = sizes.next()
+        if limit is not None:
+            want = min(want, limit - stats.processed)
         if want <= 0:
             return []
-        return rows_qs.claim_due(limit=want, lease=lease)
+        rows = rows_qs.claim_due(limit=want, lease=lease)
+        sizes.claimed(len(rows))
+        return rows
 
     _Drain(
         claim,

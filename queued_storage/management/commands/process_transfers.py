@@ -84,7 +84,7 @@ class Command(LedgerCommand):
         )
         add_storage_filter(parser)
         add_batch_size_argument(
-            parser, default=DEFAULT_BATCH_SIZE, what="Rows claimed per query"
+            parser, default=DEFAULT_BATCH_SIZE, what="Most rows claimed per query"
         )
         add_output_arguments(parser, progress=True)
         parser.add_argument(
