@@ -7,7 +7,8 @@ while rows finish fast: enough for a short while of work at the rate the last
 claim's rows went. That while is ``CLAIM_AHEAD`` seconds, or longer where a
 claim itself is slow (a busy database's commit): long enough that claiming
 costs at most about ``1 / CLAIM_COST_SHARE`` of a worker's time, never more
-than ``MOST_AHEAD`` seconds.
+than ``MOST_AHEAD`` seconds. Rows still not started ``HAND_BACK_AFTER``
+seconds after their claim are given back.
 """
 
 from __future__ import annotations
@@ -31,8 +32,20 @@ GROWTH = 4
 #: slow commit does not make the next claims large).
 CLAIM_TIME_WEIGHT = 0.3
 
+#: Rows of a claim that no lane has started this long (seconds) after the
+#: claim are given back: every lane is held up (an upload slower than the rows
+#: before it, or hung), and another worker may be idle. Twice the most a claim
+#: is sized for.
+HAND_BACK_AFTER = 2 * MOST_AHEAD
+
 #: The clock claims are timed with (tests put a clock of their own here).
 clock = time.monotonic
+
+
+def held_too_long(claimed_at: float) -> bool:
+    """Whether rows claimed at ``claimed_at`` (a reading of :data:`clock`) and
+    not started yet are to be given back."""
+    return clock() - claimed_at >= HAND_BACK_AFTER
 
 
 class ClaimSize:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from django.db import connections
 
-from queued_storage import registry
+from queued_storage import claim_size, registry
 from queued_storage.claim_size import ClaimSize
 from queued_storage.completions import Completions
 from queued_storage.conf import settings as conf
@@ -91,7 +91,8 @@ _COUNTED = {
 ProgressCallback = Callable[[DrainStats, PendingTransfer, Outcome], None]
 
 
-#: How often (seconds) a drain that may be stopped looks whether it was.
+#: How often (seconds) a drain looks whether it was asked to stop, or holds
+#: rows it has not started for too long.
 STOP_POLL = 0.2
 
 
@@ -102,6 +103,7 @@ class _Batch:
     def __init__(self, drain: _Drain, rows: list[PendingTransfer]) -> None:
         self.drain = drain
         self.rows = iter(rows)
+        self.claimed_at = claim_size.clock()
         #: Rows taken and neither reported nor abandoned.
         self.in_flight = 0
         self.completions = Completions(
@@ -217,9 +219,8 @@ class _Drain:
         else:
             with self.changed:
                 self._add_lanes(self.size)
-            poll = None if self.should_stop is None else STOP_POLL
             while not self.over.is_set():
-                self.wake.wait(poll)
+                self.wake.wait(STOP_POLL)
                 self.wake.clear()
                 batch = self.batch
                 if batch is not None:
@@ -233,7 +234,7 @@ class _Drain:
                             type(exc).__name__,
                         )
                 with self.changed:
-                    rest = self._unstarted_after_stop()
+                    rest = self._unstarted_to_hand_back()
                 if rest:
                     self._hand_back(rest)
             with self.changed:
@@ -243,14 +244,24 @@ class _Drain:
         if self.error is not None:
             raise self.error
 
-    def _unstarted_after_stop(self) -> list[PendingTransfer]:
-        """Once asked to stop, the rows of the claim that no lane has taken: given
-        back now, not when the transfers in hand end (every lane may be busy with
-        a long upload, and a supervisor kills a worker that takes long to stop,
-        which would leave them leased for the rest of their lease)."""
-        if self.batch is None or self.should_stop is None or not self.should_stop():
+    def _unstarted_to_hand_back(self) -> list[PendingTransfer]:
+        """Once asked to stop, or once held too long (claim_size.HAND_BACK_AFTER),
+        the rows of the claim that no lane has taken: given back now, not when the
+        transfers in hand end. Every lane may be busy with a long upload: a
+        supervisor kills a worker that takes long to stop, which would leave them
+        leased for the rest of their lease, and another worker may be idle."""
+        if self.batch is None:
             return []
-        return list(self.batch.rows)
+        stopping = self.should_stop is not None and self.should_stop()
+        if not stopping and not claim_size.held_too_long(self.batch.claimed_at):
+            return []
+        rows = list(self.batch.rows)
+        if rows and not stopping:
+            logger.info(
+                "handing back %s unstarted row(s): every lane busy since the claim",
+                len(rows),
+            )
+        return rows
 
     @staticmethod
     def _hand_back(rows: list[PendingTransfer]) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from queued_storage import adoption, registry
+from queued_storage import adoption, claim_size, registry
 from queued_storage.backends import (
     QueuedAzureStorage,
     QueuedFTPStorage,
@@ -179,6 +179,15 @@ def hanging() -> Iterator[type[HangingStorage]]:
     HangingStorage.hanging = HangingStorage.most = 0
     yield HangingStorage
     HangingStorage.released.set()
+
+
+@pytest.fixture
+def whole_batch_claims(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every claim takes up to the batch size and keeps its unstarted rows, as
+    before claim_size: for tests that need rows claimed and not started (a stop,
+    a batch's record), whatever the machine's speed."""
+    monkeypatch.setattr(claim_size.ClaimSize, "next", lambda self: self.most)
+    monkeypatch.setattr(claim_size, "HAND_BACK_AFTER", float("inf"))
 
 
 @pytest.fixture

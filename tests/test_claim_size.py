@@ -20,6 +20,7 @@ from queued_storage.claim_size import (
     CLAIM_AHEAD,
     CLAIM_COST_SHARE,
     GROWTH,
+    HAND_BACK_AFTER,
     MOST_AHEAD,
     ClaimSize,
 )
@@ -283,3 +284,77 @@ def test_a_second_worker_gets_rows_while_the_first_is_busy(
     assert results["second"].done >= 1
     rows = PendingTransfer.objects.filter(storage_key=storage.key)
     assert set(rows.values_list("status", flat=True)) == {Status.DONE}
+
+
+class NameGatedRemote(FileSystemStorage):
+    """The upload of ``held`` announces itself on ``entered`` and waits for
+    ``gate``; the others go through."""
+
+    held = ""
+    entered = threading.Event()
+    gate = threading.Event()
+
+    def _save(self, name: str, content: Any) -> str:
+        if name == type(self).held:
+            type(self).entered.set()
+            if not type(self).gate.wait(timeout=60):
+                raise TimeoutError("the test never opened the gate")
+        return str(super()._save(name, content))  # type: ignore[misc]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rows_behind_a_held_up_upload_are_handed_back_to_another_worker(
+    make_storage: Callable[..., QueuedStorage],
+    tmp_path: Path,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fast row grew the claim; then one upload holds the only lane. The rows
+    claimed behind it are given back soon, not left leased while another worker
+    could take them."""
+    NameGatedRemote.held = "a.txt"
+    NameGatedRemote.entered = threading.Event()
+    NameGatedRemote.gate = threading.Event()
+    storage = storage_on(make_storage, tmp_path, NameGatedRemote)
+    x, a, *behind = [storage.save(f"{n}.txt", content(n)) for n in "xabc"]
+    handed_back = threading.Event()
+    release = PendingTransferQuerySet.release_claim
+
+    def spy(self: PendingTransferQuerySet, rows: list[PendingTransfer]) -> int:
+        given = release(self, rows)
+        handed_back.set()
+        return given
+
+    monkeypatch.setattr(PendingTransferQuerySet, "release_claim", spy)
+    results: list[DrainStats] = []
+
+    def worker() -> None:
+        try:
+            results.append(drain(keys=[storage.key], concurrency=1))
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    rows = PendingTransfer.objects.filter(storage_key=storage.key)
+    try:
+        # x alone, in no time (the test's clock stands still); then a claim of
+        # four takes a and the two behind it, and a's upload holds the lane.
+        assert NameGatedRemote.entered.wait(timeout=60)
+        waiting = rows.filter(name__in=behind)
+        assert (
+            list(waiting.values_list("status", flat=True)) == [Status.TRANSFERRING] * 2
+        )
+        assert not handed_back.is_set()
+
+        clock.advance(HAND_BACK_AFTER)
+        assert handed_back.wait(timeout=60), "the unstarted rows stayed leased"
+        rival = rows.claim_due(limit=10, lease=300)
+        assert sorted(row.name for row in rival) == sorted(behind)
+    finally:
+        NameGatedRemote.gate.set()
+        thread.join(timeout=60)
+
+    assert results[0].done == 2
+    assert rows.get(name=x).status == rows.get(name=a).status == Status.DONE
+    assert set(waiting.values_list("lease_token", flat=True)) == {rival[0].lease_token}

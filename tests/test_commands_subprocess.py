@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -20,12 +22,36 @@ from django.utils import timezone
 from queued_storage.models import PendingTransfer, StorageState
 from tests.helpers import saved_name, wait_until
 from tests.testapp.models import Document, document_storage
-from tests.workers import run_command, start_command
+from tests.workers import ROOT, run_command, start_command, worker_env
 
 # The worker processes must see the rows: committed, not in a test transaction.
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 Status = PendingTransfer.Status
+
+
+#: ``manage.py`` whose claims take up to the batch size and keep their unstarted
+#: rows (as before claim_size), for the tests that need rows claimed and not
+#: started when the signal comes, whatever the machine's speed.
+WHOLE_BATCH_CLAIMS = (
+    "import sys\n"
+    "from queued_storage import claim_size\n"
+    "claim_size.ClaimSize.next = lambda self: self.most\n"
+    "claim_size.HAND_BACK_AFTER = float('inf')\n"
+    "from django.core.management import execute_from_command_line\n"
+    "execute_from_command_line(['django', *sys.argv[1:]])\n"
+)
+
+
+def start_whole_batch_worker(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", WHOLE_BATCH_CLAIMS, *args],
+        cwd=ROOT,
+        env=worker_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def named(text: str) -> ContentFile[bytes]:
@@ -172,11 +198,14 @@ def test_sigterm_hands_back_rows_re_saved_or_deleted_since_the_claim_and_exits_0
         )
         for i in range(3)
     )
-    worker = start_command("process_transfers", "--loop", "--interval", "0.2", "--json")
+    worker = start_whole_batch_worker(
+        "process_transfers", "--loop", "--interval", "0.2", "--json"
+    )
     try:
         # The worker claimed all three and is uploading the first.
         wait_for_file(entered, worker, "the worker never started an upload")
         claimed = {row.name: row for row in PendingTransfer.objects.all()}
+        assert {row.status for row in claimed.values()} == {Status.TRANSFERRING}
         assert document_storage.save(resaved, named("saved again")) == resaved
         document_storage.delete(deleted)
         worker.send_signal(signal.SIGTERM)
@@ -231,9 +260,13 @@ def test_sigterm_hands_back_the_unstarted_rows_before_the_upload_in_hand_ends(
         )
         for i in range(3)
     )
-    worker = start_command("process_transfers", "--loop", "--interval", "0.2", "--json")
+    worker = start_whole_batch_worker(
+        "process_transfers", "--loop", "--interval", "0.2", "--json"
+    )
     try:
         wait_for_file(entered, worker, "the worker never started an upload")
+        leased = PendingTransfer.objects.filter(status=Status.TRANSFERRING)
+        assert leased.count() == 3, "the rows behind the upload were not claimed"
         worker.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
         while PendingTransfer.objects.filter(

@@ -67,6 +67,7 @@ def transferred_signals() -> Iterator[list[tuple[str, str]]]:
 # Verified transfers recorded together
 
 
+@pytest.mark.usefixtures("whole_batch_claims")  # one claim of all ten
 def test_a_drain_records_a_batch_of_transfers_with_one_update(
     storage: QueuedStorage,
     transferred_signals: list[tuple[str, str]],

@@ -624,6 +624,7 @@ def test_stuck_transfer_status_and_the_admin_work_with_the_longest_transfer_time
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("concurrency", [1, 2])
+@pytest.mark.usefixtures("whole_batch_claims")  # rows claimed and not started
 def test_a_stop_hands_back_the_unstarted_rows_at_once_while_an_upload_is_in_hand(
     make_storage: Callable[..., QueuedStorage],
     hanging: type[HangingStorage],
@@ -641,6 +642,9 @@ def test_a_stop_hands_back_the_unstarted_rows_at_once_while_an_upload_is_in_hand
     )
     try:
         assert hanging.entered.wait(timeout=30)
+        if concurrency == 1:
+            # The claim took all four: the rows behind the hung one are leased.
+            assert row_of(storage, others[-1]).status == Status.TRANSFERRING
         stop.set()
 
         def handed_back() -> bool:
@@ -802,6 +806,7 @@ def test_a_transfer_in_the_callers_transaction_never_waits_for_its_own_row_locks
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("files", [1, 3])
+@pytest.mark.usefixtures("whole_batch_claims")  # the record of a batch fails
 def test_a_verified_upload_whose_done_record_fails_stays_the_rows_own(
     make_storage: Callable[..., QueuedStorage],
     monkeypatch: pytest.MonkeyPatch,
@@ -813,9 +818,6 @@ def test_a_verified_upload_whose_done_record_fails_stays_the_rows_own(
     row, and the object its upload wrote is the row's, so the retry replaces it
     instead of failing for good over a conflict with its own copy."""
     settings.QUEUED_STORAGE_RETRY_DELAY = 0
-    # One claim takes every file, whatever the machine's speed: the record of a
-    # batch is what fails here.
-    monkeypatch.setattr(claim_size.ClaimSize, "next", lambda self: self.most)
     storage = make_storage()
     names = [storage.save(f"{i}.txt", content(f"file {i}")) for i in range(files)]
     gone = OperationalError(2006, "MySQL server has gone away")
