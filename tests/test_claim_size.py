@@ -26,7 +26,7 @@ from queued_storage.claim_size import (
 )
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
 from queued_storage.worker import DrainStats, drain
-from tests.conftest import content
+from tests.helpers import content
 
 Status = PendingTransfer.Status
 
