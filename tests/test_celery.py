@@ -111,6 +111,10 @@ class Process:
         if self.popen.poll() is None:
             stop_group(self.popen, signal.SIGTERM)
         self.reader.join(10)
+        # Closed here, not left to the garbage collector (a ResourceWarning).
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+        self.popen.wait()
         assert group_members(self.popen.pid) == []
 
 

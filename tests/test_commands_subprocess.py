@@ -323,7 +323,7 @@ def test_adopt_remote_files_killed_mid_run_resumes_when_run_again(
         assert time.monotonic() < deadline, "the adoption never reached f5.txt"
         time.sleep(0.02)
     adopting.send_signal(signal.SIGKILL)
-    adopting.wait(10)
+    adopting.communicate(timeout=10)  # reaps it and closes its pipe
     state = StorageState.objects.get(storage_key="documents")
     assert (state.adopted_at, state.adoption_cursor) == (None, "f4.txt")
 

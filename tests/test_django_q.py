@@ -307,6 +307,9 @@ def qcluster(q2: Any) -> Iterator[subprocess.Popen[str]]:
     finally:
         if process.poll() is None:
             stop_group(process, signal.SIGTERM)
+        # Closed here, not left to the garbage collector (a ResourceWarning).
+        if process.stdout is not None:
+            process.stdout.close()
         assert group_members(process.pid) == []
 
 
