@@ -5,6 +5,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# `make demo` installs only what the demo needs into the same .venv; the full
+# install (STAMP) brings all of that too.
+DEMO_STAMP := $(VENV)/.installed-demo
+# The newest Django on the newest Python, in a venv of its own (`make test-latest`,
+# and .ci/run). PYTHON_LATEST must be a Python that Django 6.1 supports.
+PYTHON_LATEST ?= python3.13
+DJANGO_LATEST := Django>=6.1,<6.2
+LATEST_VENV := .venv-django61
+LATEST_BIN := $(LATEST_VENV)/bin
+LATEST_STAMP := $(LATEST_VENV)/.installed
 ARGS ?=
 PORT ?= 8000
 
@@ -13,17 +23,35 @@ NODE_PREFIX := .cache/node
 AZURITE_VERSION := 3.35.0
 AZURITE_STAMP := $(NODE_PREFIX)/.azurite-$(AZURITE_VERSION)
 
-.PHONY: venv tools test bench bench-full demo sandbox lint format mypy clean
+.PHONY: venv venv-latest tools test test-latest ci bench bench-full demo sandbox \
+	lint format mypy clean
 
 venv: $(STAMP)
 
 # The stamp is newer than pyproject.toml once the install succeeded, so the
-# install reruns only when the dependencies may have changed.
+# install reruns only when the dependencies may have changed. The test and dev
+# tools are dependency groups (pyproject.toml), which pip installs from 25.1 on.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[test,s3,dev]"
-	touch $(STAMP)
+	$(BIN)/python -m pip install --upgrade "pip>=25.1"
+	$(BIN)/python -m pip install -e . --group dev
+	touch $(STAMP) $(DEMO_STAMP)
+
+# The package with its s3 extra (django-storages, boto3) and the demo group
+# (moto's S3 server); the q2 extra for `SANDBOX_WORKER=django_q make sandbox`.
+$(DEMO_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade "pip>=25.1"
+	$(BIN)/python -m pip install -e ".[s3,q2]" --group demo
+	touch $(DEMO_STAMP)
+
+venv-latest: $(LATEST_STAMP)
+
+$(LATEST_STAMP): pyproject.toml
+	test -x $(LATEST_BIN)/python || $(PYTHON_LATEST) -m venv $(LATEST_VENV)
+	$(LATEST_BIN)/python -m pip install --upgrade "pip>=25.1"
+	$(LATEST_BIN)/python -m pip install -e . --group test "$(DJANGO_LATEST)"
+	touch $(LATEST_STAMP)
 
 # Server tools the backend tests need beyond pip. Without npm the Azure tests
 # skip with a loud reason; under CI=true a missing npm is an error here.
@@ -46,6 +74,17 @@ tools:
 test: venv tools
 	$(BIN)/python tests/run_matrix.py $(ARGS)
 
+# The suite on the newest Django and Python: SQLite and PostgreSQL.
+test-latest: venv venv-latest tools
+	QUEUED_STORAGE_TEST_LEGS="$(LATEST_BIN)/python=sqlite,postgresql" \
+		$(BIN)/python tests/run_matrix.py $(ARGS)
+
+# What .ci/run runs: both of the above in one matrix, one summary line.
+ci: venv venv-latest tools
+	QUEUED_STORAGE_TEST_LEGS="$(BIN)/python=sqlite,postgresql,mariadb \
+		$(LATEST_BIN)/python=sqlite,postgresql" \
+		$(BIN)/python tests/run_matrix.py $(ARGS)
+
 # Benchmarks (benchmarks/README.md): side-by-side ratios against the same work
 # without the package, written to benchmarks/results/. bench: SQLite and
 # PostgreSQL, a few minutes; bench-full: the issue's sizes, MariaDB too.
@@ -55,13 +94,13 @@ bench: venv
 bench-full: venv
 	$(BIN)/python -m benchmarks --full $(ARGS)
 
-demo: venv
+demo: $(DEMO_STAMP)
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py demo
 
 # The dev server at http://127.0.0.1:$(PORT)/ (admin: admin / admin), moto's S3
 # and a worker; Ctrl-C stops all three. SANDBOX_WORKER=django_q runs qcluster.
-sandbox: venv
+sandbox: $(DEMO_STAMP)
 	$(BIN)/python manage.py runsandbox --port $(PORT)
 
 lint: venv
@@ -78,4 +117,4 @@ mypy: venv
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .tox \
 		.coverage .coverage.* test-results
-	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +
+	find . -path ./$(VENV) -prune -o -path ./$(LATEST_VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +

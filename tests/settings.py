@@ -50,7 +50,7 @@ INSTALLED_APPS = [
     "tests.testapp",
 ]
 
-# The wake-up integrations' own apps, when installed (the test extra has them; the
+# The wake-up integrations' own apps, when installed (the test group has them; the
 # core passes its tests without them, and their tests fail under CI=true).
 for _module, _app in [
     ("django_q", "django_q"),

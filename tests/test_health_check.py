@@ -19,10 +19,10 @@ from tests.tools import IN_CI
 if importlib.util.find_spec("health_check") is None:
     if IN_CI:
         raise RuntimeError(
-            "django-health-check is missing under CI: the test extra installs it"
+            "django-health-check is missing under CI: the test group installs it"
         )
     pytest.skip(
-        "django-health-check is not installed (pip install -e '.[test]'): "
+        "django-health-check is not installed (pip install -e . --group test): "
         "the health check plugin is NOT tested",
         allow_module_level=True,
     )

@@ -19,9 +19,9 @@ import pytest
 from tests.databases import selected_vendor
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
-#: ``pip install`` arguments for the test extra, which brings the backend tests'
-#: servers and client libraries.
-TEST_EXTRA = "-e '.[test]'"
+#: ``pip install`` arguments for the test dependency group, which brings the
+#: backend tests' servers and client libraries.
+TEST_EXTRA = "-e . --group test"
 
 
 def missing(reason: str) -> NoReturn:
