@@ -52,6 +52,8 @@ from tests.tools import require_module
 # The 0.8 site of tests/test_legacy08.py has settings and a test suite of its
 # own, run in processes of their own.
 collect_ignore = ["legacy08"]
+# The any_database marker and its deselection on the matrix's server legs.
+pytest_plugins = ["tests.legs"]
 
 _keys = itertools.count()
 
