@@ -246,6 +246,11 @@ def test_a_second_signal_stops_the_worker_at_once_and_loses_nothing(
         if worker.poll() is None:
             worker.kill()
             worker.wait()
+        lines.reader.join(timeout=30)
+        # Closed here, not left to the garbage collector (a ResourceWarning).
+        for pipe in (worker.stdout, worker.stderr):
+            if pipe is not None:
+                pipe.close()
 
     assert worker.returncode == 128 + signum, lines.rest()
     assert "stopping now" in lines.rest()
