@@ -196,7 +196,7 @@ def run_pytest(leg: Leg, pytest_args: list[str], buffered: bool) -> RunResult:
     else:
         print(header, end="", flush=True)
     with (
-        log_path.open("w", encoding="utf-8") as log,
+        log_path.open("w", encoding="utf-8", buffering=1) as log,
         subprocess.Popen(
             command,
             cwd=ROOT,
