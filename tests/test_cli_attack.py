@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.core.files.base import ContentFile
+from django.core.management import ManagementUtility, call_command
 
 from queued_storage.checks import check_settings, check_storages
 from queued_storage.conf import settings as conf
@@ -237,3 +238,24 @@ def test_a_hook_with_usable_or_inherited_retry_limits_passes_the_checks(
     hooked(settings, forget_keys, hook)
 
     assert [e.id for e in check_storages()] == []
+
+
+@pytest.mark.parametrize("value", ["-1", "-5", "2147483648"])
+def test_transfer_status_refuses_a_failed_threshold_no_count_can_meet(
+    capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    """``--max-failed -1`` was taken: "more than -1 failed" is always true, and
+    every run exited 3 ("0 transfers are failed, more than -1") as if rows had
+    failed."""
+    with pytest.raises(SystemExit) as exit_info:
+        ManagementUtility(
+            ["manage.py", "transfer_status", "--max-failed", value]
+        ).execute()
+
+    assert exit_info.value.code == 2
+    assert "--max-failed" in capsys.readouterr().err
+
+
+@pytest.mark.django_db
+def test_transfer_status_takes_a_failed_threshold_of_zero() -> None:
+    call_command("transfer_status", "--max-failed", "0", verbosity=0)

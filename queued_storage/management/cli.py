@@ -57,12 +57,21 @@ MAX_COUNT = 2**31 - 1
 
 
 def positive_int(value: str) -> int:
+    return _count(value, minimum=1)
+
+
+def non_negative_int(value: str) -> int:
+    """A count that may be 0, e.g. a threshold "more than N"."""
+    return _count(value, minimum=0)
+
+
+def _count(value: str, *, minimum: int) -> int:
     try:
         number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+    if number < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}")
     if number > MAX_COUNT:
         raise argparse.ArgumentTypeError(f"must be at most {MAX_COUNT}")
     return number

@@ -19,6 +19,7 @@ from queued_storage.management.cli import (
     check_storage_keys,
     duration,
     human_seconds,
+    non_negative_int,
     of_storages,
     write_json,
 )
@@ -47,7 +48,7 @@ class Command(LedgerCommand):
         )
         parser.add_argument(
             "--max-failed",
-            type=int,
+            type=non_negative_int,
             metavar="N",
             help="Exit with status 3 when more than N rows are failed.",
         )
