@@ -3,6 +3,7 @@ stop signals (issue 14, point 4): each test is a break that was found, kept."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -17,6 +18,7 @@ from django.core.management import ManagementUtility, call_command
 from queued_storage.checks import check_settings, check_storages
 from queued_storage.conf import settings as conf
 from queued_storage.failures import retry_limits
+from queued_storage.management.cli import verbosity_logging
 from queued_storage.management.commands import process_transfers
 from queued_storage.models import PendingTransfer
 from queued_storage.tasks import Transfer
@@ -259,3 +261,35 @@ def test_transfer_status_refuses_a_failed_threshold_no_count_can_meet(
 @pytest.mark.django_db
 def test_transfer_status_takes_a_failed_threshold_of_zero() -> None:
     call_command("transfer_status", "--max-failed", "0", verbosity=0)
+
+
+def test_two_commands_at_once_leave_the_logger_as_the_site_had_it() -> None:
+    """Two call_command() in threads of one process, the first to start ending
+    first: the second put back the level the first had set (WARNING), and the
+    process logged no INFO line of the package again; meanwhile the second ran
+    at -v 2 without its INFO lines. One thread, the same order of steps."""
+    logger = logging.getLogger("queued_storage")
+    assert logger.level == logging.NOTSET
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    keep = Keep()
+    logger.addHandler(keep)
+    first, second = verbosity_logging(1), verbosity_logging(2)
+    try:
+        first.__enter__()
+        second.__enter__()
+        logger.info("both run")
+        first.__exit__(None, None, None)
+        logger.info("the second runs")
+        second.__exit__(None, None, None)
+        level = logger.level
+    finally:
+        logger.removeHandler(keep)
+        logger.setLevel(logging.NOTSET)
+
+    assert seen == ["both run", "the second runs"]
+    assert level == logging.NOTSET

@@ -123,6 +123,49 @@ def duration(value: str) -> timedelta:
 VERBOSITY_LEVELS = {0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO}
 
 
+class _Verbosity:
+    """The ``--verbosity`` of every command running in this process at once (two
+    call_command() in threads): the logger is as verbose as the most verbose of
+    them, and as the site had it once the last one ends, whatever the order."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.wanted: list[int] = []
+        self.site_level = logging.NOTSET
+        self.handler: logging.Handler | None = None
+
+    def enter(self, logger: logging.Logger, wanted: int) -> None:
+        with self.lock:
+            if not self.wanted:
+                self.site_level = logger.level
+                if not logger.hasHandlers():
+                    self.handler = logging.StreamHandler(sys.stderr)
+                    self.handler.setFormatter(
+                        logging.Formatter("%(levelname)s %(message)s")
+                    )
+                    logger.addHandler(self.handler)
+            self.wanted.append(wanted)
+            self._apply(logger)
+
+    def exit(self, logger: logging.Logger, wanted: int) -> None:
+        with self.lock:
+            self.wanted.remove(wanted)
+            if self.wanted:
+                self._apply(logger)
+                return
+            if self.handler is not None:
+                logger.removeHandler(self.handler)
+                self.handler = None
+            logger.setLevel(self.site_level)
+
+    def _apply(self, logger: logging.Logger) -> None:
+        levels = self.wanted + [self.site_level] * (self.site_level != logging.NOTSET)
+        logger.setLevel(min(levels))
+
+
+_verbosity = _Verbosity()
+
+
 @contextmanager
 def verbosity_logging(verbosity: int) -> Iterator[None]:
     """The ``queued_storage`` logger at the level ``verbosity`` asks for while a
@@ -133,19 +176,11 @@ def verbosity_logging(verbosity: int) -> Iterator[None]:
     (stdout may carry ``--json``)."""
     logger = logging.getLogger("queued_storage")
     wanted = VERBOSITY_LEVELS.get(verbosity, logging.DEBUG)
-    before = logger.level
-    logger.setLevel(min(wanted, before) if before != logging.NOTSET else wanted)
-    handler: logging.Handler | None = None
-    if not logger.hasHandlers():
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-        logger.addHandler(handler)
+    _verbosity.enter(logger, wanted)
     try:
         yield
     finally:
-        if handler is not None:
-            logger.removeHandler(handler)
-        logger.setLevel(before)
+        _verbosity.exit(logger, wanted)
 
 
 class LedgerCommand(BaseCommand):
