@@ -336,3 +336,20 @@ def test_every_command_sets_the_loggers_level_from_its_verbosity(
 
     assert seen == [level]
     assert logging.getLogger("queued_storage").level == logging.NOTSET
+
+
+def test_a_level_the_site_set_on_the_root_logger_is_kept_too(
+    records: list[logging.LogRecord],
+) -> None:
+    """LOGGING = {"root": {"level": "INFO", ...}}: the package's own logger has
+    no level of its own, and -v 1 must not hide what the site asked for."""
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(logging.INFO)
+    try:
+        with verbosity_logging(1):
+            logging.getLogger("queued_storage").info("kept key=k")
+    finally:
+        root.setLevel(before)
+    assert [r.getMessage() for r in records] == ["kept key=k"]
+    assert logging.getLogger("queued_storage").level == logging.NOTSET

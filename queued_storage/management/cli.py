@@ -132,12 +132,14 @@ class _Verbosity:
         self.lock = threading.Lock()
         self.wanted: list[int] = []
         self.site_level = logging.NOTSET
+        self.site_floor = logging.NOTSET
         self.handler: logging.Handler | None = None
 
     def enter(self, logger: logging.Logger, wanted: int) -> None:
         with self.lock:
             if not self.wanted:
                 self.site_level = logger.level
+                self.site_floor = _asked_by_site(logger)
                 if not logger.hasHandlers():
                     self.handler = logging.StreamHandler(sys.stderr)
                     self.handler.setFormatter(
@@ -159,8 +161,18 @@ class _Verbosity:
             logger.setLevel(self.site_level)
 
     def _apply(self, logger: logging.Logger) -> None:
-        levels = self.wanted + [self.site_level] * (self.site_level != logging.NOTSET)
-        logger.setLevel(min(levels))
+        floor = self.site_floor
+        logger.setLevel(min([*self.wanted, floor] if floor else self.wanted))
+
+
+def _asked_by_site(logger: logging.Logger) -> int:
+    """The level the site's ``LOGGING`` asked of ``logger``: its own, or, unset,
+    one it inherits that is more verbose than Python's default ``WARNING`` (a
+    ``"root"`` at ``INFO``); ``NOTSET`` when the site asked for nothing."""
+    if logger.level != logging.NOTSET:
+        return logger.level
+    inherited = logger.getEffectiveLevel()
+    return inherited if inherited < logging.WARNING else logging.NOTSET
 
 
 _verbosity = _Verbosity()
