@@ -212,7 +212,9 @@ def markdown(report: dict[str, Any]) -> str:
                 if "x_remote_url_alone" in item:
                     extra += (
                         f"; {item['ledger_queries']} query; "
-                        f"{item['x_remote_url_alone']:.2f}x remote.url() alone"
+                        f"{item['x_remote_url_alone']:.2f}x remote.url() alone, "
+                        f"{item.get('x_raw_sql_floor', 0):.2f}x with the query as "
+                        "plain SQL"
                     )
                 extra += ")"
             elif "milliseconds" in item:
