@@ -222,7 +222,9 @@ def markdown(report: dict[str, Any]) -> str:
                 extra = f" ({ms['large']} vs {ms['small']} ms)"
             elif "rows_per_second" in item:
                 rates = ", ".join(f"{r:g}" for r in item["rows_per_second"])
-                extra = f" ({rates} rows/s)"
+                cpu = ", ".join(f"{ms:.1f}" for ms in item["worker_cpu_ms_per_row"])
+                load = ", ".join(f"{x:.1f}" for x in item["load_average"])
+                extra = f" ({rates} rows/s; worker CPU {cpu} ms/row; load {load})"
             elif "raw_save_rise_mib" in item:
                 extra = (
                     f" (worker {item.get('worker_rise_mib', 0):.1f} MiB, raw "

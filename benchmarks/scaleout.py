@@ -165,6 +165,16 @@ def drain_seconds(backlog: int, prefix: str) -> float:
     return float(last.timestamp() - committed)
 
 
+def cpu_seconds(processes: list[subprocess.Popen[bytes]]) -> float:
+    """The CPU time (user and system, all threads) the processes have used."""
+    total = 0
+    for process in processes:
+        with open(f"/proc/{process.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def _clear() -> None:
     PendingTransfer.objects.filter(storage_key=KEY).delete()
     entry = cast("dict[str, Any]", settings.STORAGES["scaleout"])
@@ -179,18 +189,34 @@ def case_scaleout(full: bool) -> list[dict[str, Any]]:
     plan = plan_for(full)
     adoption.mark_adopted(KEY)  # a new site: no save asks the remote first
     seconds: dict[tuple[int, int], list[float]] = {}
+    cpu_ms: dict[tuple[int, int], list[float]] = {}
+    load: dict[tuple[int, int], list[float]] = {}
     with scratch("scaleout-logs") as logs:
         for number in range(plan.rounds):
             order = plan.workers if number % 2 == 0 else plan.workers[::-1]
             for workers in order:
                 _clear()
-                with running_workers(workers, logs):
+                with running_workers(workers, logs) as processes:
                     for backlog in plan.backlogs:
+                        before = cpu_seconds(processes)
                         taken = drain_seconds(backlog, f"r{number}-{backlog}")
+                        cpu = cpu_seconds(processes) - before
                         seconds.setdefault((workers, backlog), []).append(taken)
+                        # What the workers spent (their database server's share
+                        # not counted) against the machine's cores: where N
+                        # workers' rate times this nears the cores free for them,
+                        # the figure measures the CPU, not the claims.
+                        cpu_ms.setdefault((workers, backlog), []).append(
+                            cpu / backlog * 1000
+                        )
+                        load.setdefault((workers, backlog), []).append(
+                            os.getloadavg()[0]
+                        )
                         print(
                             f"    scaleout: {workers} worker(s), {backlog} rows: "
-                            f"{taken:.2f} s ({backlog / taken:.1f} rows/s)",
+                            f"{taken:.2f} s ({backlog / taken:.1f} rows/s), worker "
+                            f"CPU {cpu / backlog * 1000:.2f} ms/row, load "
+                            f"{os.getloadavg()[0]:.1f}",
                             flush=True,
                         )
                         _clear()
@@ -222,6 +248,10 @@ def case_scaleout(full: bool) -> list[dict[str, Any]]:
                     "seconds": [round(t, 3) for t in seconds[(workers, backlog)]],
                     "ratios": [round(r, 4) for r in ratios],
                     "interval": INTERVAL,
+                    "worker_cpu_ms_per_row": [
+                        round(ms, 3) for ms in cpu_ms[(workers, backlog)]
+                    ],
+                    "load_average": [round(x, 2) for x in load[(workers, backlog)]],
                 }
             )
     return results
