@@ -1,7 +1,8 @@
 """One transfer of a big file in a process of its own, reporting its peak RSS.
 
-``python -m benchmarks.memory_worker fs|s3|s3-tuned queued|raw ROOT ENDPOINT
-BUCKET``:
+``python -m benchmarks.memory_worker fs|s3|s3-tuned queued|raw|raw-thread ROOT
+ENDPOINT BUCKET`` (``raw-thread``: the raw save in a new thread, as a drain's
+lane makes it, with the client S3Storage builds per thread):
 ROOT/local holds ``big.bin`` (the file to move) and ``small.bin`` (moved first,
 untimed, so that every code path is loaded before the baseline is read). The
 peak is the kernel's high-water mark (VmHWM), reset after the baseline; prints
@@ -14,6 +15,7 @@ import json
 import os
 import resource
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +76,19 @@ def main(target: str, side: str, root: Path, endpoint: str, bucket: str) -> None
     local, remote = storage.local, storage.remote
     size = local.size("big.bin")
 
+    def raw_save(name: str) -> None:
+        with local.open(name, "rb") as source:
+            remote.save(name, source)
+
     def move(name: str) -> None:
         if side == "raw":
-            with local.open(name, "rb") as source:
-                remote.save(name, source)
+            raw_save(name)
+        elif side == "raw-thread":
+            # As a drain does: each in a thread of its own, whose remote builds
+            # its own client (S3Storage keeps one per thread).
+            thread = threading.Thread(target=raw_save, args=(name,))
+            thread.start()
+            thread.join()
         else:
             storage.transfer(name)
             stats = drain(keys=[key])
