@@ -100,7 +100,12 @@ class _Batch:
     """The rows of one claim as a drain works through them: its lease keeper, its
     completions waiting to be recorded together."""
 
-    def __init__(self, drain: _Drain, rows: list[PendingTransfer]) -> None:
+    def __init__(
+        self,
+        drain: _Drain,
+        rows: list[PendingTransfer],
+        carried: tuple[list[Verified], LeaseKeeper] | None = None,
+    ) -> None:
         self.drain = drain
         self.rows = iter(rows)
         self.claimed_at = claim_size.clock()
@@ -115,12 +120,22 @@ class _Batch:
             rows[0].lease_token, drain.lease, on_abandon=self.abandon
         )
         self.keeper.start()
+        #: The keeper of the batch before, renewing the leases of its verified
+        #: rows that wait here to be recorded with this batch's first group.
+        self.retired: LeaseKeeper | None = None
+        if carried is not None:
+            self.completions.waiting, self.retired = carried
 
     def report(self, row: PendingTransfer, outcome: Outcome) -> None:
         self.report_all([row], [outcome])
 
     def report_all(self, rows: list[PendingTransfer], outcomes: list[Outcome]) -> None:
         self.keeper.finish_all(rows)
+        retired, self.retired = self.retired, None
+        if retired is not None:
+            # The batch before's rows were recorded in this group, the first.
+            retired.stopped.set()
+            retired.join()
         self.drain.count_all(rows, outcomes)
 
     def abandon(self, attempt: Attempt) -> None:
@@ -154,12 +169,23 @@ class _Batch:
         else:
             self.report(row, result)
 
-    def finish(self) -> None:
+    def finish(self, carry: bool = False) -> tuple[list[Verified], LeaseKeeper] | None:
+        """Record what waits and stop the lease keeper; with ``carry`` (another
+        batch follows), hand what waits and the keeper that renews its leases to
+        that batch instead, to be recorded with its first group: one commit
+        fewer a batch."""
+        completions = self.completions
+        if carry and self.retired is None:
+            with completions.recording, completions.lock:
+                waiting, completions.waiting = completions.waiting, []
+            if waiting:
+                return waiting, self.keeper
         try:
-            self.completions.flush()
+            completions.flush()
         finally:
             self.keeper.stopped.set()
             self.keeper.join()
+        return None
 
 
 class _Drain:
@@ -179,8 +205,13 @@ class _Drain:
         stats: DrainStats,
         progress: ProgressCallback | None,
         should_stop: Callable[[], bool] | None,
+        carry: bool = False,
     ) -> None:
         self.claim = claim
+        #: Claim the next batch before the last one's verified rows are
+        #: recorded, which are then recorded with the next batch's first group.
+        #: Not with a limit: it counts the rows recorded when the claim is made.
+        self.carry = carry
         self.size = size
         self.lease = lease
         self.stats = stats
@@ -381,15 +412,30 @@ class _Drain:
                 flushing.completions.flush()
                 continue
             rows: list[PendingTransfer] = []
+            carried: tuple[list[Verified], LeaseKeeper] | None = None
             try:
-                if batch is not None:
-                    batch.finish()
-                rows = self.claim()
+                if self.carry:
+                    try:
+                        rows = self.claim()
+                    finally:
+                        if batch is not None:
+                            carried = batch.finish(carry=bool(rows))
+                    if not rows and batch is not None:
+                        # What the batch's end recorded may be due again at once
+                        # (a retry without delay), in this drain.
+                        rows = self.claim()
+                else:
+                    if batch is not None:
+                        batch.finish()
+                    rows = self.claim()
             except BaseException as exc:
                 self.error = exc
+                if rows:
+                    self._hand_back(rows)
+                    rows = []
             with self.changed:
                 self.claiming = False
-                self.batch = _Batch(self, rows) if rows else None
+                self.batch = _Batch(self, rows, carried) if rows else None
                 if self.batch is None:
                     self.finished = True
                     self.over.set()
@@ -510,6 +556,7 @@ def drain(
         stats=stats,
         progress=progress,
         should_stop=should_stop,
+        carry=limit is None,
     ).run()
     return stats
 
