@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 from django.db import connections
 
@@ -21,6 +19,7 @@ from queued_storage.errors import Outcome
 from queued_storage.failures import ledger_db, log_crash, record_crash
 from queued_storage.leases import Attempt, LeaseKeeper, abandon_attempt
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
+from queued_storage.stats import DrainStats, ProgressCallback
 from queued_storage.transfer import Plans, Verified, complete, process_row, transfer_row
 
 logger = logging.getLogger("queued_storage")
@@ -30,65 +29,6 @@ logger = logging.getLogger("queued_storage")
 #: this). Each row's lease is renewed while its own transfer runs; the others'
 #: run out, for another worker to take them.
 DEFAULT_BATCH_SIZE = 200
-
-
-#: The counts of a drain, by name.
-DRAIN_COUNTS = ("done", "retried", "failed", "purged", "stale", "bytes")
-
-
-@dataclass
-class DrainStats:
-    """What a drain did, for progress displays and the summary line."""
-
-    done: int = 0
-    retried: int = 0
-    failed: int = 0
-    purged: int = 0
-    stale: int = 0
-    bytes: int = 0
-    started: float = field(default_factory=time.monotonic)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @property
-    def processed(self) -> int:
-        return self.done + self.retried + self.failed + self.purged + self.stale
-
-    def counts(self) -> dict[str, int]:
-        """The counts by name, as the commands' ``--json`` and the wake-ups'
-        sweep tasks report them."""
-        return {name: getattr(self, name) for name in DRAIN_COUNTS}
-
-    @property
-    def elapsed(self) -> float:
-        return max(time.monotonic() - self.started, 1e-9)
-
-    def count(self, outcome: Outcome, size: int) -> None:
-        with self._lock:
-            name = _COUNTED[outcome]
-            setattr(self, name, getattr(self, name) + 1)
-            if outcome is Outcome.DONE:
-                self.bytes += size
-
-    def count_all(self, outcomes: list[Outcome], sizes: list[int]) -> None:
-        with self._lock:
-            for outcome, size in zip(outcomes, sizes, strict=True):
-                name = _COUNTED[outcome]
-                setattr(self, name, getattr(self, name) + 1)
-                if outcome is Outcome.DONE:
-                    self.bytes += size
-
-
-#: The count of each outcome.
-_COUNTED = {
-    Outcome.DONE: "done",
-    Outcome.RETRY: "retried",
-    Outcome.FAILED: "failed",
-    Outcome.PURGED: "purged",
-    Outcome.STALE: "stale",
-}
-
-
-ProgressCallback = Callable[[DrainStats, PendingTransfer, Outcome], None]
 
 
 #: How often (seconds) a drain looks whether it was asked to stop, or holds

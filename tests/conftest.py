@@ -17,7 +17,8 @@ from queued_storage.backends import (
     QueuedSFTPStorage,
     QueuedStorage,
 )
-from queued_storage.worker import DrainStats, drain
+from queued_storage.stats import DrainStats
+from queued_storage.worker import drain
 from tests.helpers import FS, S3, storages_for
 from tests.s3 import S3_OPTIONS, make_bucket, moto_s3_server, s3_client
 from tests.servers import (

@@ -20,8 +20,9 @@ from queued_storage.backends import QueuedStorage
 from queued_storage.errors import Outcome
 from queued_storage.models import MAX_RETRY_DELAY, PendingTransfer, retry_delay
 from queued_storage.signals import file_transferred, transfer_failed
+from queued_storage.stats import DrainStats
 from queued_storage.transfer import process_row
-from queued_storage.worker import DrainStats, drain, transfer_name
+from queued_storage.worker import drain, transfer_name
 from tests.factories import pending_row, pending_rows
 from tests.helpers import (
     ALWAYS_FAILING,

@@ -17,9 +17,10 @@ from django.core.files.storage import Storage
 from queued_storage.backends import QueuedStorage
 from queued_storage.errors import Outcome
 from queued_storage.models import PendingTransfer
+from queued_storage.stats import DrainStats
 from queued_storage.tasks import Transfer
 from queued_storage.transfer import process_row
-from queued_storage.worker import DrainStats, drain
+from queued_storage.worker import drain
 from tests.helpers import ALWAYS_FAILING, FLAKY, content, read_bytes, row_of
 from tests.hooks import RecordingTransfer
 from tests.s3 import S3_OPTIONS, late_worker_outcome, make_bucket, s3_client

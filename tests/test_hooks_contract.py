@@ -23,9 +23,10 @@ from django.utils import timezone
 from queued_storage.backends import QueuedStorage
 from queued_storage.errors import Outcome
 from queued_storage.models import PendingTransfer
+from queued_storage.stats import DrainStats
 from queued_storage.tasks import Transfer, TransferAndDelete
 from queued_storage.transfer import process_row
-from queued_storage.worker import DrainStats, drain
+from queued_storage.worker import drain
 from tests.helpers import ALWAYS_FAILING, FLAKY, FS, content, read_bytes, row_of
 from tests.hooks import RecordingTransfer
 from tests.s3 import late_worker_outcome, s3_client

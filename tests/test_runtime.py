@@ -28,7 +28,8 @@ from queued_storage.errors import Outcome
 from queued_storage.models import PendingTransfer
 from queued_storage.saving import SMALL_FILE
 from queued_storage.signals import file_transferred, transfer_failed
-from queued_storage.worker import DrainStats, drain
+from queued_storage.stats import DrainStats
+from queued_storage.worker import drain
 from tests.helpers import (
     FS,
     content,

@@ -29,7 +29,8 @@ from queued_storage.management.cli import (
     write_json,
 )
 from queued_storage.models import PendingTransfer
-from queued_storage.worker import DEFAULT_BATCH_SIZE, DRAIN_COUNTS, DrainStats, drain
+from queued_storage.stats import DRAIN_COUNTS, DrainStats
+from queued_storage.worker import DEFAULT_BATCH_SIZE, drain
 
 logger = logging.getLogger("queued_storage")
 
