@@ -20,7 +20,7 @@ from django.core.management import call_command
 from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 
-from queued_storage import claim_size, leases, registry, transfer
+from queued_storage import claim_size, completions, leases, registry, stats, transfer
 from queued_storage import worker as runtime
 from queued_storage.backends import QueuedStorage
 from queued_storage.conf import MAX_SECONDS
@@ -783,7 +783,7 @@ def test_a_transfer_in_the_callers_transaction_never_waits_for_its_own_row_locks
         # Past every renewal and the transfer timeout, for the keeper's clock.
         later = time.monotonic() + 10 * 600
         clock = SimpleNamespace(monotonic=lambda: later)
-        for module in (leases, transfer, runtime):
+        for module in (leases, transfer, completions, stats):
             monkeypatch.setattr(module, "time", clock)
 
         def keepers() -> list[threading.Thread]:
