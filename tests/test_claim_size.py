@@ -25,7 +25,8 @@ from queued_storage.claim_size import (
     ClaimSize,
 )
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
-from queued_storage.worker import DrainStats, drain
+from queued_storage.stats import DrainStats
+from queued_storage.worker import drain
 from tests.helpers import content
 
 Status = PendingTransfer.Status
