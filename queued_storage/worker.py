@@ -355,14 +355,15 @@ class _Drain:
             carried: tuple[list[Verified], LeaseKeeper] | None = None
             try:
                 if self.carry:
+                    retried = self.stats.retried
                     try:
                         rows = self.claim()
                     finally:
                         if batch is not None:
                             carried = batch.finish(carry=bool(rows))
-                    if not rows and batch is not None:
-                        # What the batch's end recorded may be due again at once
-                        # (a retry without delay), in this drain.
+                    if not rows and self.stats.retried != retried:
+                        # A retry recorded since the claim may be due again at
+                        # once (no delay): in this drain.
                         rows = self.claim()
                 else:
                     if batch is not None:
