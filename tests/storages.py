@@ -18,13 +18,15 @@ from django.core.files.storage import FileSystemStorage
 
 #: Calls per (storage location, method name), for tests that pin network use.
 CALLS: Counter[tuple[str, str]] = Counter()
+COUNTING_LOCK = threading.Lock()
 
 
 class CountingStorage(FileSystemStorage):
     """Counts calls to the methods that would reach the network on a real remote."""
 
     def _count(self, method: str) -> None:
-        CALLS[(str(self.location), method)] += 1
+        with COUNTING_LOCK:  # += on a Counter is a read and a write
+            CALLS[(str(self.location), method)] += 1
 
     def calls(self, method: str) -> int:
         return CALLS[(str(self.location), method)]
@@ -66,8 +68,12 @@ class FlakyStorage(CountingStorage):
         self.failures = failures
 
     def _save(self, name: str, content: Any) -> str:
-        if self.failures > 0:
-            self.failures -= 1
+        # Lanes share the instance: two uploads at once must not both take the
+        # last failure.
+        with COUNTING_LOCK:
+            fail = self.failures > 0
+            self.failures -= fail
+        if fail:
             raise ConnectionError("remote unreachable")
         return super()._save(name, content)
 

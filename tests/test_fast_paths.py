@@ -21,7 +21,14 @@ from django.template import Context, Template
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from queued_storage import conditional, prefetch_files, prefetch_locations, registry
+from queued_storage import (
+    claim_size,
+    completions,
+    conditional,
+    prefetch_files,
+    prefetch_locations,
+    registry,
+)
 from queued_storage.backends import QueuedStorage
 from queued_storage.conf import settings as conf
 from queued_storage.errors import Outcome
@@ -72,7 +79,12 @@ def test_a_drain_records_a_batch_of_transfers_with_one_update(
     storage: QueuedStorage,
     transferred_signals: list[tuple[str, str]],
     django_capture_on_commit_callbacks: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # One claim, recorded at its end: a loaded machine must not stretch the
+    # copies over the 50 ms that records a group early, nor shrink the claim.
+    monkeypatch.setattr(claim_size, "clock", lambda: 0.0)
+    monkeypatch.setattr(completions, "COMPLETE_AFTER", 3600.0)
     names = [storage.save(f"f{i}.txt", content(f"file {i}")) for i in range(10)]
 
     with (
