@@ -461,10 +461,15 @@ class PendingTransfer(models.Model):
             )
         )
 
-    def requeue_unverified(self, error: BaseException | str) -> bool:
+    def requeue_unverified(
+        self, error: BaseException | str, *, host: str | None = None
+    ) -> bool:
         """Queue a done row again whose remote copy failed a later check, keeping
-        the error; the remote object is ours to replace. False if the row changed."""
+        the error; the remote object is ours to replace. ``host``: the host whose
+        disk holds the local copy to send (a row with no host would be any host's
+        to take). False if the row changed."""
         now = timezone.now()
+        hosted = {} if host is None else {"host": host}
         entry = error_entry(error, self.attempts, now)
         history = [*list(self.error_history or []), entry][-ERROR_HISTORY_LENGTH:]
         return bool(
@@ -482,6 +487,7 @@ class PendingTransfer(models.Model):
                 last_error=entry["text"],
                 error_history=history,
                 updated_at=now,
+                **hosted,
             )
         )
 

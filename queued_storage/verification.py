@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from queued_storage import registry
 from queued_storage.checksums import remote_sha256, storage_sha256
+from queued_storage.conf import settings as conf
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
 from queued_storage.paging import in_batches
 from queued_storage.redaction import error_text
@@ -167,7 +168,10 @@ def fix_row(row: PendingTransfer, problem: Problem) -> None:
     if not has_local:
         problem.detail += "; no local copy to send again"
         return
-    if row.requeue_unverified(VerificationFailed(problem.detail)):
+    # The copy found is on this host's disk: a row with no host (adopted) is this
+    # host's to send, or another host's worker would take it and find nothing.
+    host = None if storage.local_shared else conf.QUEUED_STORAGE_HOSTNAME
+    if row.requeue_unverified(VerificationFailed(problem.detail), host=host):
         problem.fixed = True
         logger.warning(
             "requeued unverified key=%s name=%s problem=%s",
