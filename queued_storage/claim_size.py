@@ -13,7 +13,12 @@ seconds after their claim are given back.
 
 from __future__ import annotations
 
+import logging
 import time
+
+from queued_storage.models import PendingTransfer
+
+logger = logging.getLogger("queued_storage")
 
 #: Seconds of work a claim takes at least, at the rate the worker's last claim
 #: went: about 150 rows of a drain to a fast remote (0.3 ms a row), one row per
@@ -48,12 +53,25 @@ def held_too_long(claimed_at: float) -> bool:
     return clock() - claimed_at >= HAND_BACK_AFTER
 
 
+def hand_back(rows: list[PendingTransfer]) -> None:
+    """Give back claimed rows that no lane started."""
+    try:
+        PendingTransfer.objects.release_claim(rows)
+    except Exception as exc:
+        # Left to their leases, as if the worker had been killed.
+        logger.warning(
+            "could not hand back %s unstarted row(s) error=%s",
+            len(rows),
+            type(exc).__name__,
+        )
+
+
 class ClaimSize:
     """The size of each claim of one drain with ``concurrency`` lanes, at most
     ``most`` rows (the batch size). Ask :meth:`next` just before each claim and
-    tell :meth:`claimed` how many rows it took: a drain claims again only once
-    every row of its last claim has ended, so the time between two claims is
-    the time the last one's rows took."""
+    tell :meth:`claimed` how many rows it took: a drain claims again once every
+    row of its last claim has started and a lane is free, so the time between
+    two claims is about the time the last one's rows took to get going."""
 
     def __init__(self, concurrency: int, most: int) -> None:
         self.most = max(1, most)

@@ -229,6 +229,20 @@ def known_keys() -> list[str]:
         return sorted(set(current) | set(_used))
 
 
+def host_local_keys() -> list[str]:
+    """The keys of the storages that keep local copies on each host's own disk
+    (``local_shared=False``)."""
+    return [key for key in known_keys() if not _shared_local(key)]
+
+
+def _shared_local(key: str) -> bool:
+    try:
+        storage = get(key)
+    except KeyConflict:
+        return True  # any worker fails its rows with the conflict, running no hook
+    return storage is None or storage.local_shared
+
+
 def forget(key: str) -> None:
     """Drop a key (tests build many storages); settings and models are read again."""
     global _current, epoch

@@ -405,3 +405,20 @@ def _after_done(batch: list[Verified]) -> None:
                 type(exc).__name__,
                 storage.redact(str(exc)),
             )
+
+
+def late_result(row: PendingTransfer, result: Outcome | Verified) -> None:
+    """A transfer that returned after it was abandoned: what it verified loses its
+    compare-and-set (the timeout took the lease), alone, outside the batch."""
+    if isinstance(result, Verified):
+        try:
+            result = complete([result])[0]
+        except Exception as exc:
+            log_crash(row, exc)
+            return
+    logger.info(
+        "abandoned transfer returned key=%s name=%s outcome=%s",
+        row.storage_key,
+        row.name,
+        result.value,
+    )

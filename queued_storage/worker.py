@@ -20,7 +20,13 @@ from queued_storage.failures import ledger_db, log_crash, record_crash
 from queued_storage.leases import Attempt, LeaseKeeper, abandon_attempt
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
 from queued_storage.stats import DrainStats, ProgressCallback
-from queued_storage.transfer import Plans, Verified, complete, process_row, transfer_row
+from queued_storage.transfer import (
+    Plans,
+    Verified,
+    late_result,
+    process_row,
+    transfer_row,
+)
 
 logger = logging.getLogger("queued_storage")
 
@@ -89,7 +95,7 @@ class _Batch:
             # ends: the transfers still in hand may take long.
             with self.drain.changed:
                 rest = list(self.rows)
-            self.drain._hand_back([row, *rest])
+            claim_size.hand_back([row, *rest])
             return
         attempt = self.keeper.start_attempt(row)
         if attempt is None:
@@ -103,7 +109,7 @@ class _Batch:
         finally:
             read_progress.reset(noted)
         if not self.keeper.returned(attempt):
-            _late(row, result)
+            late_result(row, result)
         elif isinstance(result, Verified):
             self.completions.add(result)
         else:
@@ -159,6 +165,17 @@ class _Drain:
         self.should_stop = should_stop
         self.changed = threading.Condition()
         self.batch: _Batch | None = None
+        #: Batches before this one whose last rows still run (a free lane claims
+        #: without waiting for a slow upload), ended by the lane that ends their
+        #: last row; ``running``: those rows; ``ended``: such batches whose last
+        #: row was abandoned, for a lane to end (a keeper cannot stop itself).
+        self.older: list[_Batch] = []
+        self.running = 0
+        self.ended: list[_Batch] = []
+        #: The last claim found nothing while rows ran: claim again once one ends
+        #: (a retry without delay is due again); ``ends``: rows ended so far.
+        self.dry = False
+        self.ends = 0
         self.claiming = False
         self.finished = False
         self.error: BaseException | None = None
@@ -193,8 +210,11 @@ class _Drain:
             while not self.over.is_set():
                 self.wake.wait(STOP_POLL)
                 self.wake.clear()
-                batch = self.batch
-                if batch is not None:
+                with self.changed:
+                    batches = [*self.older, self.batch]
+                for batch in batches:
+                    if batch is None:
+                        continue
                     try:
                         batch.completions.flush_due()
                     except Exception as exc:
@@ -207,11 +227,15 @@ class _Drain:
                 with self.changed:
                     rest = self._unstarted_to_hand_back()
                 if rest:
-                    self._hand_back(rest)
+                    claim_size.hand_back(rest)
             with self.changed:
                 lanes = list(self.lanes)
             for lane in lanes:
                 lane.join()
+            with self.changed:
+                ended, self.ended = [*self.ended, *self.older], []
+            for batch in ended:
+                batch.finish()
         if self.error is not None:
             raise self.error
 
@@ -233,18 +257,6 @@ class _Drain:
                 len(rows),
             )
         return rows
-
-    @staticmethod
-    def _hand_back(rows: list[PendingTransfer]) -> None:
-        try:
-            PendingTransfer.objects.release_claim(rows)
-        except Exception as exc:
-            # Left to their leases, as if the worker had been killed.
-            logger.warning(
-                "could not hand back %s unstarted row(s) error=%s",
-                len(rows),
-                type(exc).__name__,
-            )
 
     def count(self, row: PendingTransfer, outcome: Outcome, size: int) -> None:
         self.count_all([row], [outcome], [size])
@@ -297,6 +309,7 @@ class _Drain:
             if taken is None:
                 return
             batch, row = taken
+            ended: _Batch | None = None
             try:
                 batch.handle(row)
             except Exception as exc:
@@ -316,21 +329,42 @@ class _Drain:
                             held = next(iter(self.held))
                             self._leave_behind(held, self.held.pop(held))
                     else:
-                        batch.in_flight -= 1
-                        if not batch.in_flight:
-                            self.changed.notify_all()
+                        ended = self._row_ended(batch)
+            if ended is not None:
+                ended.finish()
             if left_behind:
                 return
 
+    def _row_ended(self, batch: _Batch) -> _Batch | None:
+        """A row of ``batch`` ended (with ``changed`` held); returns the batch
+        when it is an older one and that was its last row, for the caller to end."""
+        batch.in_flight -= 1
+        self.dry = False
+        self.ends += 1
+        self.changed.notify_all()
+        if batch is self.batch:
+            return None
+        self.running -= 1
+        if batch.in_flight:
+            return None
+        self.older.remove(batch)
+        return batch
+
     def _take(self, me: threading.Thread) -> tuple[_Batch, PendingTransfer] | None:
         """The next row for lane ``me``; None when the drain is over (or ``me``
-        was left behind). The lane that finds the batch done moves to the next."""
+        was left behind). A lane that finds no row left to start claims the next
+        batch, without waiting for the rows of this one still running (one slow
+        upload would keep every other lane idle): that batch becomes an older one."""
         while True:
-            flushing: _Batch | None = None
+            ended: list[_Batch] = []
+            older = False
             with self.changed:
                 while True:
                     if self.finished or me not in self.lanes:
                         return None
+                    if self.ended:
+                        ended, self.ended = self.ended, []
+                        break
                     batch = self.batch
                     if batch is not None:
                         row = next(batch.rows, None)
@@ -338,22 +372,28 @@ class _Drain:
                             batch.in_flight += 1
                             self.current[me] = row
                             return batch, row
-                    if not self.claiming and (batch is None or not batch.in_flight):
+                    if not self.claiming and not (self.dry and self.running):
                         self.claiming = True
-                        break
-                    if batch is not None and batch.completions.waiting:
-                        # Nothing left to start: record what waits now, rather than
-                        # when the transfers still in hand end (a hung one holds
-                        # the batch for the transfer timeout).
-                        flushing = batch
+                        if batch is not None and batch.in_flight:
+                            self.older.append(batch)
+                            self.running += batch.in_flight
+                            older = True
+                        self.batch = None
+                        ends = self.ends
                         break
                     self.changed.wait()
-            if flushing is not None:
-                flushing.completions.flush()
+            if ended:
+                for done in ended:
+                    done.finish()
                 continue
             rows: list[PendingTransfer] = []
             carried: tuple[list[Verified], LeaseKeeper] | None = None
             try:
+                if older and batch is not None:
+                    # What its ended rows verified is recorded now, not when its
+                    # slowest upload ends; its keeper renews the rest meanwhile.
+                    batch.completions.flush()
+                    batch = None
                 if self.carry:
                     retried = self.stats.retried
                     try:
@@ -372,12 +412,19 @@ class _Drain:
             except BaseException as exc:
                 self.error = exc
                 if rows:
-                    self._hand_back(rows)
+                    claim_size.hand_back(rows)
                     rows = []
             with self.changed:
                 self.claiming = False
                 self.batch = _Batch(self, rows, carried) if rows else None
-                if self.batch is None:
+                # Found nothing while rows run: one of them may be retried
+                # without delay, due again at once; claim again once one ends
+                # (at once if one ended during the claim).
+                fresh = self.ends != ends
+                self.dry = not rows and not fresh
+                if self.batch is None and (
+                    self.error is not None or not (fresh or self.running)
+                ):
                     self.finished = True
                     self.over.set()
                     self.wake.set()
@@ -415,42 +462,18 @@ class _Drain:
         returns, and start a lane in its place (with ``changed`` held)."""
         self.lanes.remove(thread)
         del self.current[thread]
-        batch.in_flight -= 1
+        ended = self._row_ended(batch)
+        if ended is not None:
+            self.ended.append(ended)
         self.left_behind.append(thread)
         self._add_lanes(len(self.lanes) + 1)
         self.changed.notify_all()
 
 
-def _late(row: PendingTransfer, result: Outcome | Verified) -> None:
-    """A transfer that returned after it was abandoned: what it verified loses its
-    compare-and-set (the timeout took the lease), alone, outside the batch."""
-    if isinstance(result, Verified):
-        try:
-            result = complete([result])[0]
-        except Exception as exc:
-            log_crash(row, exc)
-            return
-    logger.info(
-        "abandoned transfer returned key=%s name=%s outcome=%s",
-        row.storage_key,
-        row.name,
-        result.value,
-    )
-
-
 def _claimable(rows: PendingTransferQuerySet) -> PendingTransferQuerySet:
     """Leave out rows whose local copy lives on another host (storages built with
     ``local_shared=False``)."""
-    host_local = [key for key in registry.known_keys() if not _shared_local(key)]
-    return rows.reachable_here(host_local)
-
-
-def _shared_local(key: str) -> bool:
-    try:
-        storage = registry.get(key)
-    except registry.KeyConflict:
-        return True  # any worker fails its rows with the conflict, running no hook
-    return storage is None or storage.local_shared
+    return rows.reachable_here(registry.host_local_keys())
 
 
 def drain(

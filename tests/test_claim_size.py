@@ -232,8 +232,10 @@ def test_a_worker_with_slow_rows_claims_a_row_per_lane(
 
     assert stats.done == 10
     # A second a row on two lanes: never more than the two it starts at once
-    # (the last claim finds nothing).
-    assert claim_limits == [2] * 6
+    # (a free lane claims while the other's row runs; the last claims find
+    # nothing).
+    assert len(claim_limits) >= 6
+    assert set(claim_limits) == {2}
 
 
 @pytest.mark.django_db(transaction=True)

@@ -1,0 +1,185 @@
+"""Attacks on claim sizing (claim_size.ClaimSize and the drain's hand-back): a
+worker that claims about a row per lane must not leave its other lanes idle
+behind one slow upload while rows are due."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.files.storage import FileSystemStorage
+from django.db import connections
+
+from queued_storage.backends import QueuedStorage
+from queued_storage.models import PendingTransfer, PendingTransferQuerySet
+from queued_storage.stats import DrainStats
+from queued_storage.worker import _Drain, drain
+from tests.helpers import content
+
+Status = PendingTransfer.Status
+
+
+class SlowOneRemote(FileSystemStorage):
+    """The upload of ``held`` announces itself on ``entered`` and waits for
+    ``gate`` (a large file, a slow link); the others go through."""
+
+    held = ""
+    entered = threading.Event()
+    gate = threading.Event()
+
+    def _save(self, name: str, content: Any) -> str:
+        if name == type(self).held:
+            type(self).entered.set()
+            if not type(self).gate.wait(timeout=60):
+                raise TimeoutError("the test never opened the gate")
+        return str(super()._save(name, content))  # type: ignore[misc]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_slow_upload_does_not_idle_the_other_lanes(
+    make_storage: Callable[..., QueuedStorage], tmp_path: Path
+) -> None:
+    """Two lanes, one held by a slow upload: the other lane drains the rest of the
+    backlog meanwhile. A drain claimed again only once every row of its last
+    claim had ended, and a claim of a row per lane left the free lane waiting
+    for the slow upload (up to the transfer timeout) with rows due."""
+    SlowOneRemote.held = "a.txt"
+    SlowOneRemote.entered = threading.Event()
+    SlowOneRemote.gate = threading.Event()
+    storage = make_storage(
+        remote=f"{__name__}.{SlowOneRemote.__name__}",
+        remote_options={"location": str(tmp_path / "remote")},
+    )
+    names = [storage.save(f"{n}.txt", content(n)) for n in "abcdefgh"]
+    rest = PendingTransfer.objects.filter(storage_key=storage.key).exclude(name="a.txt")
+    results: list[DrainStats] = []
+    errors: list[BaseException] = []
+    others_done = threading.Event()
+
+    def progress(stats: DrainStats, row: PendingTransfer, outcome: Any) -> None:
+        if stats.done == len(names) - 1:
+            others_done.set()
+
+    def worker() -> None:
+        try:
+            results.append(drain(keys=[storage.key], concurrency=2, progress=progress))
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert SlowOneRemote.entered.wait(timeout=60)
+        # Bounded: the free lane needs a moment per row, not the slow upload.
+        finished = others_done.wait(timeout=30)
+        assert finished, (
+            "the free lane waited for the slow upload: "
+            f"{rest.filter(status=Status.DONE).count()} of {rest.count()} done"
+        )
+    finally:
+        SlowOneRemote.gate.set()
+        thread.join(timeout=60)
+
+    assert not errors
+    assert results[0].done == len(names)
+    rows = PendingTransfer.objects.filter(storage_key=storage.key)
+    assert set(rows.values_list("status", flat=True)) == {Status.DONE}
+
+
+class FailFirstRemote(FileSystemStorage):
+    """The first upload of ``held`` announces itself on ``entered``, waits for
+    ``gate`` and fails (retryable); every other upload goes through."""
+
+    held = ""
+    entered = threading.Event()
+    gate = threading.Event()
+    failed = False
+
+    def _save(self, name: str, content: Any) -> str:
+        cls = type(self)
+        if name == cls.held and not cls.failed:
+            cls.entered.set()
+            if not cls.gate.wait(timeout=60):
+                raise TimeoutError("the test never opened the gate")
+            cls.failed = True
+            raise ConnectionError("the link dropped")
+        return str(super()._save(name, content))  # type: ignore[misc]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_retry_without_delay_after_a_free_lanes_empty_claim_runs_in_the_drain(
+    make_storage: Callable[..., QueuedStorage],
+    tmp_path: Path,
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The free lane claims while a slow upload runs and finds nothing; the slow
+    upload fails with a retry due at once, and ends before that claim returns:
+    the drain retries it, as a drain whose claims waited for every row did."""
+    settings.QUEUED_STORAGE_RETRY_DELAY = 0
+    FailFirstRemote.held = "a.txt"
+    FailFirstRemote.entered = threading.Event()
+    FailFirstRemote.gate = threading.Event()
+    FailFirstRemote.failed = False
+    storage = make_storage(
+        remote=f"{__name__}.{FailFirstRemote.__name__}",
+        remote_options={"location": str(tmp_path / "remote")},
+    )
+    for n in "ab":
+        storage.save(f"{n}.txt", content(n))
+    rows = PendingTransfer.objects.filter(storage_key=storage.key)
+    results: list[DrainStats] = []
+    errors: list[BaseException] = []
+    b_done = threading.Event()
+    claimed_empty = threading.Event()
+    a_ended = threading.Event()
+    claim_due = PendingTransferQuerySet.claim_due
+    row_ended = _Drain._row_ended
+
+    def spy_claim(self: PendingTransferQuerySet, **kwargs: Any) -> list[Any]:
+        found = claim_due(self, **kwargs)
+        if not found and not claimed_empty.is_set():
+            claimed_empty.set()
+            # The slow row ends (its retry due at once) while this claim is out.
+            assert a_ended.wait(timeout=60)
+        return found
+
+    def spy_ended(drain: _Drain, batch: Any) -> Any:
+        ended = row_ended(drain, batch)
+        if FailFirstRemote.failed:
+            a_ended.set()
+        return ended
+
+    monkeypatch.setattr(PendingTransferQuerySet, "claim_due", spy_claim)
+    monkeypatch.setattr(_Drain, "_row_ended", spy_ended)
+
+    def progress(stats: DrainStats, row: PendingTransfer, outcome: Any) -> None:
+        if row.name == "b.txt":
+            b_done.set()
+
+    def worker() -> None:
+        try:
+            results.append(drain(keys=[storage.key], concurrency=2, progress=progress))
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert FailFirstRemote.entered.wait(timeout=60)
+        assert b_done.wait(timeout=30)
+        assert claimed_empty.wait(timeout=30)
+    finally:
+        FailFirstRemote.gate.set()
+        thread.join(timeout=60)
+
+    assert not errors
+    assert (results[0].done, results[0].retried) == (2, 1)
+    assert set(rows.values_list("status", flat=True)) == {Status.DONE}
