@@ -13,12 +13,7 @@ seconds after their claim are given back.
 
 from __future__ import annotations
 
-import logging
 import time
-
-from queued_storage.models import PendingTransfer
-
-logger = logging.getLogger("queued_storage")
 
 #: Seconds of work a claim takes at least, at the rate the worker's last claim
 #: went: about 150 rows of a drain to a fast remote (0.3 ms a row), one row per
@@ -51,19 +46,6 @@ def held_too_long(claimed_at: float) -> bool:
     """Whether rows claimed at ``claimed_at`` (a reading of :data:`clock`) and
     not started yet are to be given back."""
     return clock() - claimed_at >= HAND_BACK_AFTER
-
-
-def hand_back(rows: list[PendingTransfer]) -> None:
-    """Give back claimed rows that no lane started."""
-    try:
-        PendingTransfer.objects.release_claim(rows)
-    except Exception as exc:
-        # Left to their leases, as if the worker had been killed.
-        logger.warning(
-            "could not hand back %s unstarted row(s) error=%s",
-            len(rows),
-            type(exc).__name__,
-        )
 
 
 class ClaimSize:

@@ -236,3 +236,16 @@ def abandon_attempt(attempt: Attempt) -> Outcome:
         on_commit(send_failed, storage, row, task)
         return Outcome.FAILED
     return Outcome.RETRY
+
+
+def hand_back(rows: list[PendingTransfer]) -> None:
+    """Give back claimed rows that no lane started."""
+    try:
+        PendingTransfer.objects.release_claim(rows)
+    except Exception as exc:
+        # Left to their leases, as if the worker had been killed.
+        logger.warning(
+            "could not hand back %s unstarted row(s) error=%s",
+            len(rows),
+            type(exc).__name__,
+        )

@@ -17,7 +17,7 @@ from queued_storage.conf import settings as conf
 from queued_storage.copying import read_progress
 from queued_storage.errors import Outcome
 from queued_storage.failures import ledger_db, log_crash, record_crash
-from queued_storage.leases import Attempt, LeaseKeeper, abandon_attempt
+from queued_storage.leases import Attempt, LeaseKeeper, abandon_attempt, hand_back
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
 from queued_storage.stats import DrainStats, ProgressCallback
 from queued_storage.transfer import (
@@ -95,7 +95,7 @@ class _Batch:
             # ends: the transfers still in hand may take long.
             with self.drain.changed:
                 rest = list(self.rows)
-            claim_size.hand_back([row, *rest])
+            hand_back([row, *rest])
             return
         attempt = self.keeper.start_attempt(row)
         if attempt is None:
@@ -154,8 +154,8 @@ class _Drain:
         carry: bool = False,
     ) -> None:
         self.claim = claim
-        #: Claim the next batch before the last one's verified rows are
-        #: recorded, which are then recorded with the next batch's first group.
+        #: Claim the next batch before the last one's rows are recorded (they go
+        #: with its first group) or have all ended (a slow upload idles no lane).
         #: Not with a limit: it counts the rows recorded when the claim is made.
         self.carry = carry
         self.size = size
@@ -227,7 +227,7 @@ class _Drain:
                 with self.changed:
                     rest = self._unstarted_to_hand_back()
                 if rest:
-                    claim_size.hand_back(rest)
+                    hand_back(rest)
             with self.changed:
                 lanes = list(self.lanes)
             for lane in lanes:
@@ -372,7 +372,11 @@ class _Drain:
                             batch.in_flight += 1
                             self.current[me] = row
                             return batch, row
-                    if not self.claiming and not (self.dry and self.running):
+                    if (
+                        not self.claiming
+                        and not (self.dry and self.running)
+                        and (self.carry or batch is None or not batch.in_flight)
+                    ):
                         self.claiming = True
                         if batch is not None and batch.in_flight:
                             self.older.append(batch)
@@ -390,8 +394,7 @@ class _Drain:
             carried: tuple[list[Verified], LeaseKeeper] | None = None
             try:
                 if older and batch is not None:
-                    # What its ended rows verified is recorded now, not when its
-                    # slowest upload ends; its keeper renews the rest meanwhile.
+                    # Recorded now, not at its slowest upload's end.
                     batch.completions.flush()
                     batch = None
                 if self.carry:
@@ -412,7 +415,7 @@ class _Drain:
             except BaseException as exc:
                 self.error = exc
                 if rows:
-                    claim_size.hand_back(rows)
+                    hand_back(rows)
                     rows = []
             with self.changed:
                 self.claiming = False

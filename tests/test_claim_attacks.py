@@ -18,24 +18,9 @@ from queued_storage.models import PendingTransfer, PendingTransferQuerySet
 from queued_storage.stats import DrainStats
 from queued_storage.worker import _Drain, drain
 from tests.helpers import content
+from tests.test_claim_size import NameGatedRemote, storage_on
 
 Status = PendingTransfer.Status
-
-
-class SlowOneRemote(FileSystemStorage):
-    """The upload of ``held`` announces itself on ``entered`` and waits for
-    ``gate`` (a large file, a slow link); the others go through."""
-
-    held = ""
-    entered = threading.Event()
-    gate = threading.Event()
-
-    def _save(self, name: str, content: Any) -> str:
-        if name == type(self).held:
-            type(self).entered.set()
-            if not type(self).gate.wait(timeout=60):
-                raise TimeoutError("the test never opened the gate")
-        return str(super()._save(name, content))  # type: ignore[misc]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -46,13 +31,10 @@ def test_one_slow_upload_does_not_idle_the_other_lanes(
     backlog meanwhile. A drain claimed again only once every row of its last
     claim had ended, and a claim of a row per lane left the free lane waiting
     for the slow upload (up to the transfer timeout) with rows due."""
-    SlowOneRemote.held = "a.txt"
-    SlowOneRemote.entered = threading.Event()
-    SlowOneRemote.gate = threading.Event()
-    storage = make_storage(
-        remote=f"{__name__}.{SlowOneRemote.__name__}",
-        remote_options={"location": str(tmp_path / "remote")},
-    )
+    NameGatedRemote.held = "a.txt"
+    NameGatedRemote.entered = threading.Event()
+    NameGatedRemote.gate = threading.Event()
+    storage = storage_on(make_storage, tmp_path, NameGatedRemote)
     names = [storage.save(f"{n}.txt", content(n)) for n in "abcdefgh"]
     rest = PendingTransfer.objects.filter(storage_key=storage.key).exclude(name="a.txt")
     results: list[DrainStats] = []
@@ -74,7 +56,7 @@ def test_one_slow_upload_does_not_idle_the_other_lanes(
     thread = threading.Thread(target=worker)
     thread.start()
     try:
-        assert SlowOneRemote.entered.wait(timeout=60)
+        assert NameGatedRemote.entered.wait(timeout=60)
         # Bounded: the free lane needs a moment per row, not the slow upload.
         finished = others_done.wait(timeout=30)
         assert finished, (
@@ -82,7 +64,7 @@ def test_one_slow_upload_does_not_idle_the_other_lanes(
             f"{rest.filter(status=Status.DONE).count()} of {rest.count()} done"
         )
     finally:
-        SlowOneRemote.gate.set()
+        NameGatedRemote.gate.set()
         thread.join(timeout=60)
 
     assert not errors
@@ -183,3 +165,55 @@ def test_a_retry_without_delay_after_a_free_lanes_empty_claim_runs_in_the_drain(
     assert not errors
     assert (results[0].done, results[0].retried) == (2, 1)
     assert set(rows.values_list("status", flat=True)) == {Status.DONE}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_limited_drain_claims_no_more_than_its_limit_while_rows_run(
+    make_storage: Callable[..., QueuedStorage],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--limit 2 on two lanes, one upload slow: the free lane does not claim a
+    third row while the slow one runs (the limit counts rows recorded)."""
+    NameGatedRemote.held = "a.txt"
+    NameGatedRemote.entered = threading.Event()
+    NameGatedRemote.gate = threading.Event()
+    storage = storage_on(make_storage, tmp_path, NameGatedRemote)
+    for n in "abc":
+        storage.save(f"{n}.txt", content(n))
+    claim_due = PendingTransferQuerySet.claim_due
+    claims: list[int] = []
+    second_claim = threading.Event()
+
+    def spy_claim(self: PendingTransferQuerySet, **kwargs: Any) -> list[Any]:
+        claims.append(kwargs["limit"])
+        if len(claims) == 2:
+            second_claim.set()
+        return claim_due(self, **kwargs)
+
+    monkeypatch.setattr(PendingTransferQuerySet, "claim_due", spy_claim)
+    results: list[DrainStats] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            results.append(drain(keys=[storage.key], concurrency=2, limit=2))
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert NameGatedRemote.entered.wait(timeout=60)
+        # Bounded: a free lane that claims while a.txt runs does so at once.
+        second_claim.wait(timeout=3)
+    finally:
+        NameGatedRemote.gate.set()
+        thread.join(timeout=60)
+
+    assert not errors
+    assert results[0].done == 2
+    rows = PendingTransfer.objects.filter(storage_key=storage.key)
+    assert rows.filter(status=Status.DONE).count() == 2
