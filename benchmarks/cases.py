@@ -24,7 +24,7 @@ from typing import Any
 from django.core.files.base import ContentFile
 from django.core.files.storage import FileSystemStorage, Storage
 from django.core.management import call_command
-from django.db import connections, transaction
+from django.db import connections, router, transaction
 from django.template import Context, Template
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -44,6 +44,7 @@ from benchmarks.harness import (
 from benchmarks.scaleout import case_scaleout
 from queued_storage import adoption, registry
 from queued_storage.backends import QueuedStorage
+from queued_storage.ledger_sql import name_hash, new_generation
 from queued_storage.models import PendingTransfer, StorageState
 from queued_storage.worker import drain
 
@@ -182,6 +183,148 @@ WARM_UP_FILES = 200
 
 
 def case_save(sizes: Sizes) -> list[dict[str, Any]]:
+    return [
+        _save_against_ledger_floor(sizes, orm=True),
+        _save_against_ledger_floor(sizes, orm=False),
+        *_save_against_file_field(sizes),
+    ]
+
+
+def _twin_insert(connection: Any) -> tuple[str, list[Any], dict[str, int]]:
+    """The plain ``INSERT`` of one :class:`LedgerTwin` row, built once: its SQL,
+    its parameters with every default filled in, and where the columns a save
+    sets go."""
+    from benchmarks.benchapp.models import LedgerTwin
+
+    fields = [f for f in LedgerTwin._meta.concrete_fields if not f.primary_key]
+    quote = connection.ops.quote_name
+    sql = (
+        f"INSERT INTO {quote(LedgerTwin._meta.db_table)} "
+        f"({', '.join(quote(f.column) for f in fields)}) "
+        f"VALUES ({', '.join(['%s'] * len(fields))})"
+    )
+    template = [f.get_db_prep_save(f.get_default(), connection) for f in fields]
+    return sql, template, {f.name: i for i, f in enumerate(fields)}
+
+
+def _save_against_ledger_floor(sizes: Sizes, *, orm: bool) -> dict[str, Any]:
+    """``QueuedStorage.save()`` against the issue's floor: a plain
+    ``FileSystemStorage.save()`` plus one ``INSERT`` of a row shaped like the
+    ledger's (:class:`LedgerTwin`: the same columns, unique constraint and
+    indexes), each side ``n`` saves of a 10 KiB file in one
+    ``transaction.atomic()``. A save must write its file and its row in the
+    caller's transaction (DESIGN invariant 2): no save can cost less.
+
+    ``orm``: the row is written with ``objects.create()`` (the issue's floor);
+    else with plain SQL built once, parameters and all (the database's own cost
+    only, what the package's save sends too)."""
+    from benchmarks.benchapp.models import LedgerTwin
+
+    data = os.urandom(10 * KIB)
+    host = "bench"
+    connection = connections[router.db_for_write(LedgerTwin)]
+    sql, template, slot = _twin_insert(connection)
+    when = LedgerTwin._meta.get_field("created_at")
+
+    def contents(n: int) -> list[tuple[str, ContentFile[bytes]]]:
+        return [(f"docs/{i}.bin", ContentFile(data)) for i in range(n)]
+
+    def queued(n: int) -> Callable[[int], float]:
+        def run(_round: int) -> float:
+            with scratch("save") as root:
+                storage = queued_storage(root, key=new_key("save"))
+                files = contents(n)
+
+                def saves() -> None:
+                    with transaction.atomic():
+                        for name, content in files:
+                            storage.save(name, content)
+
+                seconds, _ = timed(saves)
+                rows = PendingTransfer.objects.filter(storage_key=storage.key)
+                assert rows.queued().count() == n, "every save must leave a row"
+                forget(storage)
+            return seconds
+
+        return run
+
+    def insert_orm(key: str, name: str, size: int) -> None:
+        LedgerTwin.objects.create(
+            storage_key=key,
+            name=name,
+            name_hash=name_hash(name),
+            size=size,
+            host=host,
+            next_attempt_at=timezone.now(),
+        )
+
+    def insert_sql(key: str, name: str, size: int) -> None:
+        now = when.get_db_prep_save(timezone.now(), connection)
+        params = list(template)
+        for column_name, value in (
+            ("storage_key", key),
+            ("name", name),
+            ("name_hash", name_hash(name)),
+            ("generation", new_generation()),
+            ("size", size),
+            ("host", host),
+            ("next_attempt_at", now),
+            ("created_at", now),
+            ("updated_at", now),
+        ):
+            params[slot[column_name]] = value
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+
+    insert = insert_orm if orm else insert_sql
+
+    def floor(n: int) -> Callable[[int], float]:
+        def run(_round: int) -> float:
+            with scratch("save") as root:
+                plain = FileSystemStorage(
+                    location=str(root / "plain"), base_url="/media/"
+                )
+                key = new_key("floor")
+                files = contents(n)
+
+                def saves() -> None:
+                    with transaction.atomic():
+                        for name, content in files:
+                            insert(key, plain.save(name, content), content.size)
+
+                seconds, _ = timed(saves)
+                assert LedgerTwin.objects.filter(storage_key=key).count() == n
+                LedgerTwin.objects.all().delete()
+            return seconds
+
+        return run
+
+    n = sizes.save_files
+    queued(WARM_UP_FILES)(0)  # warm-up, untimed
+    floor(WARM_UP_FILES)(0)
+    rounds = sizes.save_rounds if orm else sizes.save_reported_rounds
+    timing = side_by_side(rounds, queued(n), floor(n))
+    ratio = timing.median_ratio()
+    how = "ORM INSERT" if orm else "INSERT as SQL built once"
+    return figure(
+        f"save, {n} QueuedStorage.save() of a 10 KiB file in transaction.atomic(), "
+        f"floor: FileSystemStorage.save() + one ledger-shaped {how}",
+        target="<= 1.05" if orm else "reported",
+        measured=ratio,
+        unit=f"x FileSystemStorage.save() + one ledger-shaped {how}",
+        passed=ratio <= 1.05 if orm else None,
+        per_file_ms={
+            "queued": round(statistics.median(timing.subject) / n * 1000, 4),
+            "plain": round(statistics.median(timing.floor) / n * 1000, 4),
+        },
+        **timing.as_dict(),
+    )
+
+
+def _save_against_file_field(sizes: Sizes) -> list[dict[str, Any]]:
+    """``Model.objects.create(file=...)`` with a ``QueuedFileField`` against the
+    same with a ``FileField`` and ``FileSystemStorage`` (no ledger row), in
+    ``transaction.atomic()`` and in autocommit."""
     from benchmarks.benchapp.models import PlainDoc, QueuedDoc
 
     data = os.urandom(10 * KIB)
@@ -243,7 +386,8 @@ def case_save(sizes: Sizes) -> list[dict[str, Any]]:
         mode = "transaction.atomic()" if atomic else "autocommit"
         results.append(
             figure(
-                f"save path, {n} creations with a 10 KiB file, {mode}",
+                f"save path, {n} model creations with a 10 KiB file, {mode}, "
+                "floor: FileField + FileSystemStorage",
                 target=target,
                 measured=ratio,
                 unit="x FileField+FileSystemStorage time",
