@@ -1,0 +1,88 @@
+"""Attacks on verified rows carried from one claimed batch into the next, to be
+recorded with its first group: their leases stay renewed until that group is
+recorded, whatever the next batch reports first."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from queued_storage import claim_size, completions
+from queued_storage.backends import QueuedStorage
+from queued_storage.models import PendingTransfer
+from queued_storage.worker import drain
+from tests.helpers import content, in_thread, joined, row_of, wait_until
+from tests.storages import CountingStorage
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+Status = PendingTransfer.Status
+
+
+class RefusingStorage(CountingStorage):
+    """Refuses every upload of a name that starts with ``refused``."""
+
+    def _save(self, name: str, content: Any) -> str:
+        if name.startswith("refused"):
+            raise ConnectionError("remote unreachable")
+        return super()._save(name, content)
+
+
+def test_a_carried_rows_lease_is_renewed_until_its_group_is_recorded(
+    make_storage: Callable[..., QueuedStorage],
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """The next batch's first report was a failure of its own row: that stopped
+    the keeper renewing the carried row, whose group was not recorded yet. Its
+    lease then ran out while this worker still held the verified copy, and
+    another worker would take it over and upload it again."""
+    settings.QUEUED_STORAGE_LEASE = 1
+    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 60
+    storage = make_storage(
+        remote=f"{__name__}.RefusingStorage",
+        remote_options={"location": str(tmp_path / "remote")},
+    )
+    carried = storage.save("carried.txt", content("c"))
+    storage.save("refused.txt", content("r"))
+    # One row a claim: the carried row's batch, then the refused row's.
+    monkeypatch.setattr(claim_size.ClaimSize, "next", lambda self: 1)
+    # Nothing recorded by age: the carried row waits for the second batch's end.
+    monkeypatch.setattr(completions, "COMPLETE_AFTER", float("inf"))
+    recording = threading.Event()
+    release = threading.Event()
+    mark_done = PendingTransfer.mark_done
+
+    def gated_mark_done(row: PendingTransfer) -> bool:
+        if row.name == carried:
+            recording.set()
+            if not release.wait(timeout=30):
+                raise TimeoutError("the test never released the record")
+        return mark_done(row)
+
+    monkeypatch.setattr(PendingTransfer, "mark_done", gated_mark_done)
+    worker, result = in_thread(drain)
+    try:
+        assert recording.wait(timeout=30)
+        # The second batch's row was reported before the carried row's record.
+        assert row_of(storage, "refused.txt").status == Status.QUEUED
+        held_until = row_of(storage, carried).lease_expires_at
+        assert held_until is not None
+
+        def renewed() -> bool:
+            until = row_of(storage, carried).lease_expires_at
+            return until is not None and until > held_until
+
+        assert wait_until(renewed, timeout=10), (
+            "the carried row's lease was not renewed while it waited for its record"
+        )
+    finally:
+        release.set()
+    stats = joined(worker, result)
+    assert row_of(storage, carried).status == Status.DONE
+    assert (stats.done, stats.retried) == (1, 1)
