@@ -408,15 +408,17 @@ class _Drain:
                     batch.completions.flush()
                     batch = None
                 if self.carry:
-                    retried = self.stats.retried
+                    stats = self.stats
+                    retried = stats.retried, stats.stale
                     try:
                         rows = self.claim()
                     finally:
                         if batch is not None:
                             carried = batch.finish(carry=bool(rows))
-                    if not rows and self.stats.retried != retried:
+                    if not rows and (stats.retried, stats.stale) != retried:
                         # A retry recorded since the claim may be due again at
-                        # once (no delay): in this drain.
+                        # once (no delay), and so may a stale row given back (its
+                        # name saved again before its record): in this drain.
                         rows = self.claim()
                 else:
                     if batch is not None:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from django.utils import timezone
 
 from queued_storage import claim_size, completions
 from queued_storage.backends import QueuedStorage
@@ -86,3 +88,75 @@ def test_a_carried_rows_lease_is_renewed_until_its_group_is_recorded(
     stats = joined(worker, result)
     assert row_of(storage, carried).status == Status.DONE
     assert (stats.done, stats.retried) == (1, 1)
+
+
+@pytest.mark.parametrize("change", ["taken-over", "deleted", "saved-again"])
+def test_a_carried_row_changed_before_its_group_is_recorded_loses_alone(
+    make_storage: Callable[..., QueuedStorage],
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    change: str,
+) -> None:
+    """Between a carried row's verification and its group's record (the next
+    batch's end), another worker takes the row over, or the name is deleted or
+    saved again: the record's compare-and-set loses, the TransferAndDelete local
+    delete leaves the file alone, and what the ledger then says is served."""
+    settings.QUEUED_STORAGE_LEASE = 60
+    storage = make_storage(
+        remote=f"{__name__}.RefusingStorage",
+        remote_options={"location": str(tmp_path / "remote")},
+        local_options={"allow_overwrite": True},
+        task="queued_storage.tasks.TransferAndDelete",
+    )
+    carried = storage.save("carried.txt", content("old"))
+    storage.save("refused.txt", content("r"))
+    monkeypatch.setattr(claim_size.ClaimSize, "next", lambda self: 1)
+    monkeypatch.setattr(completions, "COMPLETE_AFTER", float("inf"))
+    recording = threading.Event()
+    release = threading.Event()
+    mark_done = PendingTransfer.mark_done
+
+    def gated_mark_done(row: PendingTransfer) -> bool:
+        if row.name == carried and not recording.is_set():
+            recording.set()
+            if not release.wait(timeout=30):
+                raise TimeoutError("the test never released the record")
+        return mark_done(row)
+
+    monkeypatch.setattr(PendingTransfer, "mark_done", gated_mark_done)
+    worker, result = in_thread(drain)
+    try:
+        assert recording.wait(timeout=30)
+        assert storage.remote.exists(carried)
+        if change == "taken-over":
+            taken = PendingTransfer.objects.for_name(storage.key, carried).update(
+                lease_token="another-worker",
+                lease_expires_at=timezone.now() + timedelta(seconds=60),
+            )
+            assert taken == 1
+        elif change == "deleted":
+            storage.delete(carried)
+        else:
+            assert storage.save(carried, content("new")) == carried
+    finally:
+        release.set()
+    stats = joined(worker, result)
+    local, remote = storage.local, storage.remote
+    if change == "taken-over":
+        row = row_of(storage, carried)
+        assert (row.status, row.lease_token) == (Status.TRANSFERRING, "another-worker")
+        assert local.exists(carried), "the local copy of a row another worker holds"
+        assert stats.done == 0
+    elif change == "deleted":
+        assert not storage.exists(carried)
+        assert not local.exists(carried)
+        assert not remote.exists(carried)
+    else:
+        row = row_of(storage, carried)
+        assert row.status == Status.DONE
+        with remote.open(carried) as remote_file:
+            assert remote_file.read() == b"new"
+        assert not local.exists(carried)
+        with storage.open(carried) as served:
+            assert served.read() == b"new"
