@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from queued_storage.errors import Outcome
 from queued_storage.failures import record_crash
+from queued_storage.leases import LeaseKeeper
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import Verified, complete
 
@@ -48,6 +49,22 @@ class Completions:
         #: one being recorded before its lease keeper stops.
         self.recording = threading.Lock()
         self.waiting: list[Verified] = []
+        #: The keeper of the batch before, renewing the leases of its verified
+        #: rows carried in to wait here (see :meth:`carry_in`).
+        self.retired: LeaseKeeper | None = None
+
+    def carry_in(self, waiting: list[Verified], keeper: LeaseKeeper) -> None:
+        """Wait with the verified rows of the batch before, whose leases ``keeper``
+        renews until the group that records them: the next group, which takes
+        them with all that waits. Not the next report: a row reported on its own
+        (a failure) leaves them waiting, and their leases could run out."""
+        self.waiting, self.retired = waiting, keeper
+
+    def stop_retired(self) -> None:
+        retired, self.retired = self.retired, None
+        if retired is not None:
+            retired.stopped.set()
+            retired.join()
 
     def _due(self) -> bool:
         """Whether the waiting transfers are to be recorded now (``lock`` held)."""
@@ -83,4 +100,6 @@ class Completions:
                 outcomes = complete(batch)
             except Exception as exc:
                 outcomes = [record_crash(item.row, exc) for item in batch]
+            # The rows carried in, if any, were recorded in this group.
+            self.stop_retired()
             self.report([item.row for item in batch], outcomes)

@@ -66,29 +66,14 @@ class _Batch:
             rows[0].lease_token, drain.lease, on_abandon=self.abandon
         )
         self.keeper.start()
-        #: The keeper of the batch before, renewing the leases of its verified
-        #: rows that wait here to be recorded with this batch's first group.
-        self.retired: LeaseKeeper | None = None
-        #: The first of those rows: the group that records it records them all
-        #: (they wait at the front, and a group takes all that wait).
-        self.carried: PendingTransfer | None = None
         if carried is not None:
-            self.completions.waiting, self.retired = carried
-            self.carried = carried[0][0].row
+            self.completions.carry_in(*carried)
 
     def report(self, row: PendingTransfer, outcome: Outcome) -> None:
         self.report_all([row], [outcome])
 
     def report_all(self, rows: list[PendingTransfer], outcomes: list[Outcome]) -> None:
         self.keeper.finish_all(rows)
-        retired = self.retired
-        if retired is not None and rows[0] is self.carried:
-            # The batch before's rows were recorded in this group. Not before: a
-            # row of this batch reported on its own (a failure) leaves them
-            # waiting, their leases to be renewed until their group's commit.
-            self.retired = self.carried = None
-            retired.stopped.set()
-            retired.join()
         self.drain.count_all(rows, outcomes)
 
     def abandon(self, attempt: Attempt) -> None:
@@ -128,7 +113,7 @@ class _Batch:
         that batch instead, to be recorded with its first group: one commit
         fewer a batch."""
         completions = self.completions
-        if carry and self.retired is None:
+        if carry and completions.retired is None:
             with completions.recording, completions.lock:
                 waiting, completions.waiting = completions.waiting, []
             if waiting:
@@ -136,11 +121,9 @@ class _Batch:
         try:
             completions.flush()
         finally:
-            retired, self.retired = self.retired, None
-            for keeper in (self.keeper, retired):
-                if keeper is not None:
-                    keeper.stopped.set()
-                    keeper.join()
+            completions.stop_retired()
+            self.keeper.stopped.set()
+            self.keeper.join()
         return None
 
 
