@@ -138,6 +138,7 @@ class _Drain:
     def __init__(
         self,
         claim: Callable[[], list[PendingTransfer]],
+        first: list[PendingTransfer],
         *,
         size: int,
         lease: float,
@@ -147,6 +148,9 @@ class _Drain:
         carry: bool = False,
     ) -> None:
         self.claim = claim
+        #: The rows of the first claim, made by the caller before any lane starts:
+        #: a poll that finds nothing due starts no thread.
+        self.first = first
         #: Claim the next batch before the last one's rows are recorded (they go
         #: with its first group) or have all ended (a slow upload idles no lane).
         #: Not with a limit: it counts the rows recorded when the claim is made.
@@ -195,10 +199,12 @@ class _Drain:
             # The claims are not committed: only this connection sees the rows,
             # and a hung upload keeps this drain until it returns.
             self.inline = True
+            self.batch = _Batch(self, self.first)
             self.lanes.append(threading.current_thread())
             self._lane()
         else:
             with self.changed:
+                self.batch = _Batch(self, self.first)
                 self._add_lanes(self.size)
             while not self.over.is_set():
                 self.wake.wait(STOP_POLL)
@@ -511,8 +517,14 @@ def drain(
         sizes.claimed(len(rows))
         return rows
 
+    # On the caller's thread: an idle poll (a --loop worker's, most of its polls)
+    # is this one query, with no lane started, so no thread and no connection.
+    first = claim()
+    if not first:
+        return stats
     _Drain(
         claim,
+        first,
         size=concurrency,
         lease=lease,
         stats=stats,

@@ -15,13 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.core.management import call_command
 from django.db import OperationalError, connections, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from queued_storage.backends import QueuedStorage
 from queued_storage.errors import Outcome
+from queued_storage.failures import ledger_db
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
 from queued_storage.transfer import process_row
+from queued_storage.worker import drain
 from tests.fleet import (
     DOCUMENTS,
     Journal,
@@ -443,3 +447,45 @@ def test_a_ledger_update_aborted_over_a_lock_is_tried_again(
     assert PendingTransfer.objects.get(pk=row.pk).status == Status.DONE
     with storage.remote.open(name) as uploaded:
         assert uploaded.read() == b"payload"
+
+
+def test_an_idle_loop_poll_is_one_query_and_starts_no_thread(
+    storage: QueuedStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8 workers polling an empty ledger pay each poll: no lane (thread, database
+    connection) is started for a poll that finds nothing due, and the poll is
+    its claim alone."""
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def counting_start(thread: threading.Thread) -> None:
+        started.append(thread.name)
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", counting_start)
+    with CaptureQueriesContext(connections[ledger_db()]) as queries:
+        call_command(
+            "process_transfers",
+            "--loop",
+            "--max-polls",
+            "3",
+            "--interval",
+            "0.01",
+            "--concurrency",
+            "4",
+            verbosity=0,
+        )
+    assert started == []
+    # The claim: the same few statements each poll, none for counting what is due.
+    assert not [q for q in queries.captured_queries if "COUNT(" in q["sql"]]
+    assert len(queries.captured_queries) % 3 == 0
+
+
+def test_a_drain_with_rows_due_still_transfers_them_on_its_lanes(
+    storage: QueuedStorage,
+) -> None:
+    """The first claim is the caller's; its rows go to the lanes all the same."""
+    names = [storage.save(f"lane{i}.txt", content(f"lane {i}")) for i in range(6)]
+    stats = drain(keys=[storage.key], concurrency=3)
+    assert stats.done == 6
+    assert all(storage.remote.exists(name) for name in names)

@@ -149,7 +149,6 @@ class Command(LedgerCommand):
         try:
             while True:
                 polls += 1
-                total = of_storages(PendingTransfer.objects.due(), keys).count()
                 display = Progress(
                     self,
                     verbosity=verbosity,
@@ -158,14 +157,24 @@ class Command(LedgerCommand):
                     every=progress_every,
                 )
 
+                # Counted when a line is first shown, not before each poll: an
+                # idle --loop poll is then its claim alone.
+                total: list[int] = []
+
                 def show(
                     stats: DrainStats,
                     row: PendingTransfer,
                     outcome: Outcome,
                     display: Progress = display,
-                    total: int = total,
+                    total: list[int] = total,
                 ) -> None:
-                    display.update(lambda: progress_line(stats, total))
+                    display.update(lambda: progress_line(stats, _total(total, stats)))
+
+                def _total(total: list[int], stats: DrainStats) -> int:
+                    if not total:
+                        due = of_storages(PendingTransfer.objects.due(), keys).count()
+                        total.append(stats.processed + due)
+                    return total[0]
 
                 stats = drain(
                     keys=keys or None,
