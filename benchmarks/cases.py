@@ -723,6 +723,52 @@ def case_drain_s3_latency(sizes: Sizes) -> list[dict[str, Any]]:
     ]
 
 
+#: Rows of each side of the lanes case: at 20 ms a write, 8 s sequential.
+LANES_FILES = 400
+
+
+def _drain_slow(concurrency: int) -> float:
+    """``process_transfers --concurrency`` over fresh rows to a remote that waits
+    :data:`benchmarks.noop.WRITE_WAIT` a write and spends no CPU."""
+    with scratch("lanes") as root:
+        storage = queued_storage(
+            root,
+            remote="benchmarks.noop.SlowStorage",
+            remote_options={"location": str(root / "remote")},
+            key=new_key("lanes"),
+        )
+        _prepare_rows(storage, LANES_FILES, os.urandom(KIB))
+        try:
+            seconds = _drain_command(concurrency)
+            done = PendingTransfer.objects.filter(storage_key=storage.key).done()
+            assert done.count() == LANES_FILES, "process_transfers left rows behind"
+        finally:
+            forget(storage)
+    return seconds
+
+
+def case_drain_lanes(sizes: Sizes) -> list[dict[str, Any]]:
+    from benchmarks.noop import WRITE_WAIT
+
+    timing = side_by_side(
+        sizes.latency_rounds + 1,
+        lambda number: _drain_slow(8),
+        lambda number: _drain_slow(1),
+    )
+    speedup = timing.median_throughput()
+    return [
+        figure(
+            f"drain {LANES_FILES} x 1 KiB to a remote that waits "
+            f"{WRITE_WAIT * 1000:.0f} ms a write (no CPU): --concurrency 8 vs 1",
+            target=">= 7",
+            measured=speedup,
+            unit="x --concurrency 1 throughput (8 at most)",
+            passed=speedup >= 7,
+            **timing.as_dict(),
+        )
+    ]
+
+
 # 3. Lookups ------------------------------------------------------------------------
 
 TEMPLATE = Template(
@@ -1178,6 +1224,7 @@ CASES: dict[str, Callable[[Sizes], list[dict[str, Any]]]] = {
     "drain": case_drain_fs,
     "s3": case_drain_s3,
     "latency": case_drain_s3_latency,
+    "lanes": case_drain_lanes,
     "lookups": case_lookups,
     "memory": case_memory,
     "scale": case_scale,
