@@ -52,6 +52,14 @@ def progress_line(stats: DrainStats, total: int) -> str:
     )
 
 
+def _total(total: list[int], stats: DrainStats, keys: list[str]) -> int:
+    """The rows of a poll's progress line: counted once, into ``total``."""
+    if not total:
+        due = of_storages(PendingTransfer.objects.due(), keys).count()
+        total.append(stats.processed + due)
+    return total[0]
+
+
 class Command(LedgerCommand):
     help = (
         "Transfer due files from local to remote storage. Without --loop it keeps "
@@ -157,9 +165,12 @@ class Command(LedgerCommand):
                     every=progress_every,
                 )
 
-                # Counted when a line is first shown, not before each poll: an
-                # idle --loop poll is then its claim alone.
+                # With --loop, counted when a line is first shown (without the
+                # rows in hand then), not before each poll: an idle poll is then
+                # its claim alone.
                 total: list[int] = []
+                if display.enabled and not loop:
+                    _total(total, DrainStats(), keys)
 
                 def show(
                     stats: DrainStats,
@@ -168,13 +179,9 @@ class Command(LedgerCommand):
                     display: Progress = display,
                     total: list[int] = total,
                 ) -> None:
-                    display.update(lambda: progress_line(stats, _total(total, stats)))
-
-                def _total(total: list[int], stats: DrainStats) -> int:
-                    if not total:
-                        due = of_storages(PendingTransfer.objects.due(), keys).count()
-                        total.append(stats.processed + due)
-                    return total[0]
+                    display.update(
+                        lambda: progress_line(stats, _total(total, stats, keys))
+                    )
 
                 stats = drain(
                     keys=keys or None,
