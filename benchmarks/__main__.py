@@ -31,6 +31,7 @@ ALL_CASES = [
     "drain",
     "s3",
     "latency",
+    "lanes",
     "lookups",
     "memory",
     "scale",
