@@ -210,7 +210,7 @@ class _Drain:
                 self.wake.wait(STOP_POLL)
                 self.wake.clear()
                 with self.changed:
-                    batches = [*self.older, self.batch]
+                    batches: list[_Batch | None] = [*self.older, self.batch]
                 for batch in batches:
                     if batch is None:
                         continue
