@@ -160,3 +160,46 @@ def test_a_carried_row_changed_before_its_group_is_recorded_loses_alone(
         assert not local.exists(carried)
         with storage.open(carried) as served:
             assert served.read() == b"new"
+
+
+class StoppingStorage(CountingStorage):
+    """Asks the drain to stop (``stop``) from the upload of a name that starts
+    with ``stop``, which then fails."""
+
+    stop = threading.Event()
+
+    def _save(self, name: str, content: Any) -> str:
+        if name.startswith("stop"):
+            type(self).stop.set()
+            raise ConnectionError("remote unreachable")
+        return super()._save(name, content)
+
+
+def test_a_stop_after_the_next_claim_still_records_the_carried_rows(
+    make_storage: Callable[..., QueuedStorage],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """A stop (SIGTERM) that comes after the next batch was claimed and before
+    the carried rows were recorded: they are recorded, and nothing is left
+    leased."""
+    StoppingStorage.stop.clear()
+    storage = make_storage(
+        remote=f"{__name__}.StoppingStorage",
+        remote_options={"location": str(tmp_path / "remote")},
+    )
+    carried = storage.save("carried.txt", content("c"))
+    stopping = storage.save("stop.txt", content("s"))
+    later = storage.save("later.txt", content("l"))
+    monkeypatch.setattr(claim_size.ClaimSize, "next", lambda self: 1)
+    monkeypatch.setattr(completions, "COMPLETE_AFTER", float("inf"))
+
+    stats = drain(should_stop=StoppingStorage.stop.is_set)
+
+    assert StoppingStorage.stop.is_set()
+    assert row_of(storage, carried).status == Status.DONE
+    assert row_of(storage, stopping).status == Status.QUEUED
+    row = row_of(storage, later)
+    assert (row.status, row.attempts, row.lease_token) == (Status.QUEUED, 0, "")
+    assert (stats.done, stats.retried) == (1, 1)
+    assert not PendingTransfer.objects.filter(status=Status.TRANSFERRING).exists()
