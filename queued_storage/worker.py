@@ -138,7 +138,6 @@ class _Drain:
     def __init__(
         self,
         claim: Callable[[], list[PendingTransfer]],
-        first: list[PendingTransfer],
         *,
         size: int,
         lease: float,
@@ -148,9 +147,6 @@ class _Drain:
         carry: bool = False,
     ) -> None:
         self.claim = claim
-        #: The rows of the first claim, made by the caller before any lane starts:
-        #: a poll that finds nothing due starts no thread.
-        self.first = first
         #: Claim the next batch before the last one's rows are recorded (they go
         #: with its first group) or have all ended (a slow upload idles no lane).
         #: Not with a limit: it counts the rows recorded when the claim is made.
@@ -194,17 +190,16 @@ class _Drain:
         #: lanes go on). Not every row's end.
         self.wake = threading.Event()
 
-    def run(self) -> None:
-        if connections[ledger_db()].in_atomic_block:
-            # The claims are not committed: only this connection sees the rows,
-            # and a hung upload keeps this drain until it returns.
-            self.inline = True
-            self.batch = _Batch(self, self.first)
+    def run(self, first: list[PendingTransfer]) -> None:
+        # In an atomic block the claims are not committed: only this connection
+        # sees the rows, and a hung upload keeps this drain until it returns.
+        self.inline = connections[ledger_db()].in_atomic_block
+        self.batch = _Batch(self, first)
+        if self.inline:
             self.lanes.append(threading.current_thread())
             self._lane()
         else:
             with self.changed:
-                self.batch = _Batch(self, self.first)
                 self._add_lanes(self.size)
             while not self.over.is_set():
                 self.wake.wait(STOP_POLL)
@@ -517,21 +512,19 @@ def drain(
         sizes.claimed(len(rows))
         return rows
 
-    # On the caller's thread: an idle poll (a --loop worker's, most of its polls)
-    # is this one query, with no lane started, so no thread and no connection.
+    # The first claim is the caller's: an idle poll starts no lane (no thread).
     first = claim()
     if not first:
         return stats
     _Drain(
         claim,
-        first,
         size=concurrency,
         lease=lease,
         stats=stats,
         progress=progress,
         should_stop=should_stop,
         carry=limit is None,
-    ).run()
+    ).run(first)
     return stats
 
 
