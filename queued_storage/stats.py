@@ -68,3 +68,20 @@ _COUNTED = {
 
 
 ProgressCallback = Callable[[DrainStats, PendingTransfer, Outcome], None]
+
+
+def count_rows(
+    stats: DrainStats,
+    progress: ProgressCallback | None,
+    rows: list[PendingTransfer],
+    outcomes: list[Outcome],
+) -> None:
+    """Count the outcomes of ``rows`` (the bytes of the rows done) in ``stats``;
+    a display (``progress``) is shown the counts as of each row."""
+    sizes = [row.size or 0 for row in rows]
+    if progress is None:
+        stats.count_all(outcomes, sizes)
+        return
+    for row, outcome, size in zip(rows, outcomes, sizes, strict=True):
+        stats.count(outcome, size)
+        progress(stats, row, outcome)

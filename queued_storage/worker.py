@@ -19,7 +19,7 @@ from queued_storage.errors import Outcome
 from queued_storage.failures import ledger_db, log_crash, record_crash
 from queued_storage.leases import Attempt, LeaseKeeper, abandon_attempt, hand_back
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
-from queued_storage.stats import DrainStats, ProgressCallback
+from queued_storage.stats import DrainStats, ProgressCallback, count_rows
 from queued_storage.transfer import (
     Plans,
     Verified,
@@ -74,10 +74,11 @@ class _Batch:
 
     def report_all(self, rows: list[PendingTransfer], outcomes: list[Outcome]) -> None:
         self.keeper.finish_all(rows)
-        self.drain.count_all(rows, outcomes)
+        count_rows(self.drain.stats, self.drain.progress, rows, outcomes)
 
     def abandon(self, attempt: Attempt) -> None:
-        self.drain.count(attempt.row, abandon_attempt(attempt), 0)
+        outcome = abandon_attempt(attempt)
+        count_rows(self.drain.stats, self.drain.progress, [attempt.row], [outcome])
         self.drain.abandon(attempt.thread, attempt.row, self)
 
     def handle(self, row: PendingTransfer) -> None:
@@ -252,26 +253,6 @@ class _Drain:
             )
         return rows
 
-    def count(self, row: PendingTransfer, outcome: Outcome, size: int) -> None:
-        self.count_all([row], [outcome], [size])
-
-    def count_all(
-        self,
-        rows: list[PendingTransfer],
-        outcomes: list[Outcome],
-        sizes: list[int] | None = None,
-    ) -> None:
-        if sizes is None:
-            sizes = [row.size or 0 for row in rows]
-        progress = self.progress
-        if progress is None:
-            self.stats.count_all(outcomes, sizes)
-            return
-        # A display shows the counts as of each row.
-        for row, outcome, size in zip(rows, outcomes, sizes, strict=True):
-            self.stats.count(outcome, size)
-            progress(self.stats, row, outcome)
-
     def _add_lanes(self, size: int) -> None:
         while len(self.lanes) < size:
             lane = threading.Thread(
@@ -325,7 +306,7 @@ class _Drain:
                     else:
                         ended = self._row_ended(batch)
             if ended is not None:
-                ended.finish()
+                self._end_older(ended)
             if left_behind:
                 return
 
@@ -338,11 +319,24 @@ class _Drain:
         self.changed.notify_all()
         if batch is self.batch:
             return None
-        self.running -= 1
         if batch.in_flight:
+            self.running -= 1
             return None
         self.older.remove(batch)
         return batch
+
+    def _end_older(self, batch: _Batch) -> None:
+        """End an older batch whose last row ended: ``running`` counts that row
+        until then, since what the end records (a row given back stale, a retry)
+        may be due at once, for a claim in this drain."""
+        try:
+            batch.finish()
+        finally:
+            with self.changed:
+                self.running -= 1
+                self.dry = False
+                self.ends += 1
+                self.changed.notify_all()
 
     def _take(self, me: threading.Thread) -> tuple[_Batch, PendingTransfer] | None:
         """The next row for lane ``me``; None when the drain is over (or ``me``
@@ -382,7 +376,7 @@ class _Drain:
                     self.changed.wait()
             if ended:
                 for done in ended:
-                    done.finish()
+                    self._end_older(done)
                 continue
             rows: list[PendingTransfer] = []
             carried: tuple[list[Verified], LeaseKeeper] | None = None

@@ -1,0 +1,105 @@
+"""Attacks on batches a drain ends while it works on a newer one: a free lane
+claims the next batch while the last rows of the one before still run, and the
+lane that ends an older batch's last row records what it verified."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from queued_storage import claim_size, completions
+from queued_storage.backends import QueuedStorage
+from queued_storage.models import PendingTransfer, PendingTransferQuerySet
+from queued_storage.transfer import Verified, complete
+from queued_storage.worker import drain
+from tests.helpers import content, in_thread, joined, row_of, wait_until
+from tests.storages import CountingStorage
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+Status = PendingTransfer.Status
+
+#: Opened by the test: the upload of ``slow.txt`` goes on.
+SLOW_GOES_ON = threading.Event()
+
+
+class SlowStorage(CountingStorage):
+    """Holds the upload of ``slow.txt`` until the test opens SLOW_GOES_ON."""
+
+    def _save(self, name: str, content: Any) -> str:
+        if name.startswith("slow") and not SLOW_GOES_ON.wait(timeout=30):
+            raise TimeoutError("the test never let the slow upload go on")
+        return super()._save(name, content)
+
+
+def test_a_row_given_back_at_an_older_batchs_end_is_claimed_again_in_the_drain(
+    make_storage: Callable[..., QueuedStorage],
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Two lanes, one batch of two rows: the fast row ends, its lane claims the
+    next batch and finds nothing (the slow row still runs). The slow row ends;
+    the other lane claims again, finds nothing, and the drain ended there, while
+    the slow row's lane was still recording it: the name had been saved again
+    since its verification, the record gave the row back queued and due, and the
+    drain ended with it due (as a retry without delay would be)."""
+    SLOW_GOES_ON.clear()
+    settings.QUEUED_STORAGE_LEASE = 60
+    storage = make_storage(
+        remote=f"{__name__}.SlowStorage",
+        remote_options={"location": str(tmp_path / "remote")},
+        local_options={"allow_overwrite": True},
+    )
+    storage.save("slow.txt", content("old"))
+    storage.save("fast.txt", content("f"))
+    monkeypatch.setattr(claim_size.ClaimSize, "next", lambda self: 2)
+    # Recorded only when a batch ends, not by age on the drain's thread.
+    monkeypatch.setattr(completions, "COMPLETE_AFTER", float("inf"))
+    claims: list[int] = []
+    claims_lock = threading.Lock()
+    claim_due = PendingTransferQuerySet.claim_due
+
+    def counted_claim_due(self: Any, *args: Any, **kwargs: Any) -> Any:
+        rows = claim_due(self, *args, **kwargs)
+        with claims_lock:
+            claims.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(PendingTransferQuerySet, "claim_due", counted_claim_due)
+    recording = threading.Event()
+    release = threading.Event()
+
+    def gated_complete(batch: list[Verified]) -> Any:
+        if any(item.row.name == "slow.txt" for item in batch):
+            recording.set()
+            if not release.wait(timeout=30):
+                raise TimeoutError("the test never released the record")
+        return complete(batch)
+
+    monkeypatch.setattr(completions, "complete", gated_complete)
+    worker, result = in_thread(lambda: drain(concurrency=2))
+    try:
+        # The caller's claim (both rows), the fast row's lane's (nothing).
+        assert wait_until(lambda: len(claims) >= 2)
+        assert claims[:2] == [2, 0]
+        SLOW_GOES_ON.set()
+        assert recording.wait(timeout=30)
+        # The other lane claims once the slow row has ended: nothing due yet.
+        assert wait_until(lambda: len(claims) >= 3)
+        assert storage.save("slow.txt", content("new")) == "slow.txt"
+    finally:
+        SLOW_GOES_ON.set()
+        release.set()
+    stats = joined(worker, result)
+    row = row_of(storage, "slow.txt")
+    assert row.status == Status.DONE, "the row saved again is left due"
+    assert row.lease_token is None or row.lease_expires_at is None
+    with storage.remote.open("slow.txt") as remote_file:
+        assert remote_file.read() == b"new"
+    assert row_of(storage, "fast.txt").status == Status.DONE
+    assert (stats.done, stats.stale) == (2, 1)
