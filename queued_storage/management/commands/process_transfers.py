@@ -11,8 +11,10 @@ from types import FrameType
 from typing import Any
 
 from django.core.management.base import CommandParser
+from django.db import Error, close_old_connections, connections
 
 from queued_storage.errors import Outcome
+from queued_storage.failures import ledger_db
 from queued_storage.management.cli import (
     AttentionNeeded,
     LedgerCommand,
@@ -183,15 +185,29 @@ class Command(LedgerCommand):
                         lambda: progress_line(stats, _total(total, stats, keys))
                     )
 
-                stats = drain(
-                    keys=keys or None,
-                    limit=limit,
-                    batch_size=batch_size,
-                    concurrency=concurrency,
-                    # Nothing to show at verbosity 0: no call for every row.
-                    progress=show if display.enabled else None,
-                    should_stop=lambda: self.stopping,
-                )
+                try:
+                    stats = drain(
+                        keys=keys or None,
+                        limit=limit,
+                        batch_size=batch_size,
+                        concurrency=concurrency,
+                        # Nothing to show at verbosity 0: no call for every row.
+                        progress=show if display.enabled else None,
+                        should_stop=lambda: self.stopping,
+                    )
+                except Error as exc:  # InterfaceError too: the base class
+                    if not loop or connections[ledger_db()].in_atomic_block:
+                        raise
+                    # The server dropped the connection (restarted, an idle
+                    # timeout): Django checks it only around a request, so this
+                    # one stays broken unless closed here, and every later poll
+                    # failed. The next poll, after the interval, reconnects.
+                    logger.error(
+                        "poll failed error=%s (retried after the interval)",
+                        type(exc).__name__,
+                    )
+                    close_old_connections()
+                    stats = DrainStats()
                 display.finish()
                 self._add(totals, stats)
                 if stats.processed:
