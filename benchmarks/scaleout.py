@@ -115,6 +115,9 @@ def running_workers(count: int, logs: Path) -> Iterator[list[subprocess.Popen[by
         try:
             names = {_app_name(number) for number in range(count)}
             deadline = time.monotonic() + START_TIMEOUT
+            # Seen once each: an idle poll is its claim alone, a transaction
+            # whose last statement (what pg_stat_activity shows) is its COMMIT.
+            seen: set[str] = set()
             while True:
                 with connection.cursor() as cursor:
                     cursor.execute(
@@ -122,7 +125,8 @@ def running_workers(count: int, logs: Path) -> Iterator[list[subprocess.Popen[by
                         "WHERE datname = current_database() AND query LIKE %s",
                         ["%queued_storage_pendingtransfer%"],
                     )
-                    polling = {row[0] for row in cursor.fetchall()} & names
+                    seen |= {row[0] for row in cursor.fetchall()} & names
+                polling = seen
                 if polling == names:
                     break
                 dead = [p.returncode for p in processes if p.poll() is not None]
