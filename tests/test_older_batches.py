@@ -103,3 +103,109 @@ def test_a_row_given_back_at_an_older_batchs_end_is_claimed_again_in_the_drain(
         assert remote_file.read() == b"new"
     assert row_of(storage, "fast.txt").status == Status.DONE
     assert (stats.done, stats.stale) == (2, 1)
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_a_stop_during_a_claim_hands_its_rows_back(
+    make_storage: Callable[..., QueuedStorage],
+    monkeypatch: pytest.MonkeyPatch,
+    concurrency: int,
+) -> None:
+    """The stop comes while the second claim's query runs: the rows it took are
+    given back unstarted, what the first claim verified is recorded, and no row
+    is left leased to the drain that ended."""
+    storage = make_storage()
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt"):
+        storage.save(name, content(name))
+    monkeypatch.setattr(claim_size.ClaimSize, "next", lambda self: 2)
+    stopping = threading.Event()
+    claim_due = PendingTransferQuerySet.claim_due
+    claimed: list[list[str]] = []
+
+    def stopped_during_claim(self: Any, *args: Any, **kwargs: Any) -> Any:
+        rows = claim_due(self, *args, **kwargs)
+        claimed.append([row.name for row in rows])
+        if len(claimed) == 2:
+            stopping.set()
+        return rows
+
+    monkeypatch.setattr(PendingTransferQuerySet, "claim_due", stopped_during_claim)
+    stats = drain(concurrency=concurrency, should_stop=stopping.is_set)
+    assert len(claimed) == 2 and len(claimed[1]) == 2
+    for name in claimed[0]:
+        assert row_of(storage, name).status == Status.DONE
+    for name in claimed[1]:
+        row = row_of(storage, name)
+        assert (row.status, row.lease_expires_at, row.attempts) == (
+            Status.QUEUED,
+            None,
+            0,
+        )
+        assert not storage.remote.exists(name)
+    assert (stats.done, stats.processed) == (2, 2)
+
+
+def test_a_stop_while_an_older_batch_runs_keeps_its_lease_and_hands_back_the_rest(
+    make_storage: Callable[..., QueuedStorage],
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """The stop comes with the next batch's claim while the older batch's slow
+    row still runs: the new batch's rows are given back at once, the slow row's
+    lease is renewed until it ends, and it is recorded."""
+    SLOW_GOES_ON.clear()
+    settings.QUEUED_STORAGE_LEASE = 1
+    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 60
+    storage = make_storage(
+        remote=f"{__name__}.SlowStorage",
+        remote_options={"location": str(tmp_path / "remote")},
+    )
+    for name in ("slow.txt", "fast.txt", "c.txt", "d.txt"):
+        storage.save(name, content(name))
+    monkeypatch.setattr(claim_size.ClaimSize, "next", lambda self: 2)
+    stopping = threading.Event()
+    claim_due = PendingTransferQuerySet.claim_due
+    claimed: list[list[str]] = []
+
+    def stopped_during_claim(self: Any, *args: Any, **kwargs: Any) -> Any:
+        rows = claim_due(self, *args, **kwargs)
+        claimed.append([row.name for row in rows])
+        if len(claimed) == 2:
+            stopping.set()
+        return rows
+
+    monkeypatch.setattr(PendingTransferQuerySet, "claim_due", stopped_during_claim)
+    worker, result = in_thread(
+        lambda: drain(concurrency=2, should_stop=stopping.is_set)
+    )
+    try:
+        assert stopping.wait(timeout=30)
+        assert sorted(claimed[0]) == ["fast.txt", "slow.txt"]
+
+        def handed_back() -> bool:
+            rows = [row_of(storage, name) for name in claimed[1]]
+            return all(row.lease_expires_at is None for row in rows)
+
+        assert wait_until(handed_back), "the new batch's rows stay leased"
+        first = row_of(storage, "slow.txt").lease_expires_at
+        assert first is not None
+
+        def renewed() -> bool:
+            until = row_of(storage, "slow.txt").lease_expires_at
+            return until is not None and until > first
+
+        assert wait_until(renewed), "the running row's lease is not renewed"
+    finally:
+        SLOW_GOES_ON.set()
+    stats = joined(worker, result)
+    assert row_of(storage, "slow.txt").status == Status.DONE
+    assert row_of(storage, "fast.txt").status == Status.DONE
+    for name in claimed[1]:
+        row = row_of(storage, name)
+        assert (row.status, row.lease_expires_at, row.attempts) == (
+            Status.QUEUED,
+            None,
+            0,
+        )
+    assert (stats.done, stats.processed) == (2, 2)
