@@ -209,3 +209,45 @@ def test_a_stop_while_an_older_batch_runs_keeps_its_lease_and_hands_back_the_res
             0,
         )
     assert (stats.done, stats.processed) == (2, 2)
+
+
+class RefusingStorage(CountingStorage):
+    """Refuses every upload at once: a fast failure."""
+
+    def _save(self, name: str, content: Any) -> str:
+        raise ConnectionError("remote unreachable")
+
+
+@pytest.mark.parametrize("limit", [1, 3, 5])
+def test_a_limit_holds_with_lanes_and_fast_failures_retried_without_delay(
+    make_storage: Callable[..., QueuedStorage], settings: Any, limit: int
+) -> None:
+    """Every upload fails at once and is due again at once: a drain with a limit
+    and two lanes makes exactly ``limit`` attempts, each counted once."""
+    settings.QUEUED_STORAGE_RETRY_DELAY = 0
+    settings.QUEUED_STORAGE_RETRIES = 10
+    storage = make_storage(remote=f"{__name__}.RefusingStorage")
+    for name in ("a.txt", "b.txt"):
+        storage.save(name, content(name))
+    stats = drain(limit=limit, concurrency=2)
+    attempts = sum(row_of(storage, name).attempts for name in ("a.txt", "b.txt"))
+    assert (stats.retried, stats.processed, attempts) == (limit, limit, limit)
+    for name in ("a.txt", "b.txt"):
+        row = row_of(storage, name)
+        assert (row.status, row.lease_expires_at) == (Status.QUEUED, None)
+
+
+@pytest.mark.parametrize("concurrency", [1, 2, 3])
+def test_fast_failures_retried_without_delay_use_their_attempts_in_one_drain(
+    make_storage: Callable[..., QueuedStorage], settings: Any, concurrency: int
+) -> None:
+    settings.QUEUED_STORAGE_RETRY_DELAY = 0
+    settings.QUEUED_STORAGE_RETRIES = 4
+    storage = make_storage(remote=f"{__name__}.RefusingStorage")
+    for name in ("a.txt", "b.txt"):
+        storage.save(name, content(name))
+    stats = drain(concurrency=concurrency)
+    for name in ("a.txt", "b.txt"):
+        row = row_of(storage, name)
+        assert (row.status, row.attempts) == (Status.FAILED, 5)  # 1 + 4 retries
+    assert (stats.retried, stats.failed, stats.processed) == (8, 2, 10)
