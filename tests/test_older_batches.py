@@ -251,3 +251,68 @@ def test_fast_failures_retried_without_delay_use_their_attempts_in_one_drain(
         row = row_of(storage, name)
         assert (row.status, row.attempts) == (Status.FAILED, 5)  # 1 + 4 retries
     assert (stats.retried, stats.failed, stats.processed) == (8, 2, 10)
+
+
+#: Opened by the test: the first, hung upload of ``hung.txt`` returns.
+HUNG_RETURNS = threading.Event()
+
+
+class HangingOnceStorage(CountingStorage):
+    """The first upload of ``hung.txt`` hangs (no progress) until the test opens
+    HUNG_RETURNS, and then writes stale bytes; later uploads go through."""
+
+    hung = 0
+    lock = threading.Lock()
+
+    def _save(self, name: str, content: Any) -> str:
+        if name.startswith("hung"):
+            with HangingOnceStorage.lock:
+                HangingOnceStorage.hung += 1
+                first = HangingOnceStorage.hung == 1
+            if first and not HUNG_RETURNS.wait(timeout=30):
+                raise TimeoutError("the test never let the hung upload return")
+        return super()._save(name, content)
+
+
+def test_an_older_batchs_abandoned_row_is_retried_in_the_drain_and_its_late_return_loses(
+    make_storage: Callable[..., QueuedStorage],
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Two lanes, one batch: the fast row ends and its lane claims on (the batch
+    becomes an older one); the hung row is abandoned by the transfer timeout,
+    which ends the older batch, is due again at once and is uploaded again in
+    the same drain; the hung upload then returns, and loses."""
+    HUNG_RETURNS.clear()
+    HangingOnceStorage.hung = 0
+    settings.QUEUED_STORAGE_LEASE = 60
+    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 1
+    settings.QUEUED_STORAGE_RETRY_DELAY = 0
+    storage = make_storage(
+        remote=f"{__name__}.HangingOnceStorage",
+        remote_options={"location": str(tmp_path / "remote")},
+    )
+    storage.save("hung.txt", content("h"))
+    storage.save("fast.txt", content("f"))
+    monkeypatch.setattr(claim_size.ClaimSize, "next", lambda self: 2)
+    worker, result = in_thread(lambda: drain(concurrency=2))
+    try:
+        assert wait_until(lambda: row_of(storage, "hung.txt").status == Status.DONE)
+    finally:
+        HUNG_RETURNS.set()
+    # The drain need not wait for the lane left behind on the hung upload.
+    stats = joined(worker, result)
+
+    def lanes_ended() -> bool:
+        names = [thread.name for thread in threading.enumerate()]
+        return not any(name.startswith("queued-storage-") for name in names)
+
+    assert wait_until(lanes_ended), "the hung upload's lane never returned"
+    with storage.remote.open("hung.txt") as remote_file:
+        assert remote_file.read() == b"h"
+    row = row_of(storage, "hung.txt")
+    assert (row.status, row.attempts, row.lease_expires_at) == (Status.DONE, 2, None)
+    assert HangingOnceStorage.hung == 2
+    assert (stats.done, stats.retried, stats.processed) == (2, 1, 3)
+    assert row_of(storage, "fast.txt").status == Status.DONE
