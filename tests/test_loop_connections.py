@@ -1,17 +1,20 @@
 """Attacks on a ``process_transfers --loop`` worker's database connection: the
 server drops it between two polls (a restarted PostgreSQL or MariaDB, a proxy's
-idle timeout), and the worker's next poll must not end the worker."""
+idle timeout), and the worker's next poll must not end the worker; its idle
+polls leave nothing behind; its ``--storage KEY`` keeps to this host's rows."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
 from io import StringIO
+from typing import Any
 
 import pytest
 from django.core.management import call_command
 from django.db import connection, connections
 
+from queued_storage import registry
 from queued_storage.backends import QueuedStorage
 from queued_storage.management.commands.process_transfers import Command
 from queued_storage.models import PendingTransfer
@@ -106,3 +109,36 @@ def test_no_thread_or_connection_is_left_by_many_idle_polls(
 
 def _open_connections() -> int:
     return sum(1 for conn in connections.all() if conn.connection is not None)
+
+
+@pytest.mark.parametrize("concurrency", ["1", "2"])
+def test_storage_key_on_another_host_takes_only_this_hosts_rows(
+    make_storage: Callable[..., QueuedStorage], settings: Any, concurrency: str
+) -> None:
+    """``--storage KEY`` of a storage whose local copies are each host's own
+    (local_shared=False), run on web-2: web-1's row is left as it was, unclaimed
+    and unattempted, and web-2's is transferred."""
+    storage = make_storage(local_shared=False)
+    registry.register(storage)
+    settings.QUEUED_STORAGE_HOSTNAME = "web-1"
+    storage.save("web1.txt", content("1"))
+    settings.QUEUED_STORAGE_HOSTNAME = "web-2"
+    storage.save("web2.txt", content("2"))
+    out = StringIO()
+    call_command(
+        "process_transfers",
+        "--storage",
+        storage.key,
+        "--concurrency",
+        concurrency,
+        stdout=out,
+    )
+    assert "done=1 " in out.getvalue()
+    other = row_of(storage, "web1.txt")
+    assert (other.status, other.attempts, other.lease_expires_at) == (
+        PendingTransfer.Status.QUEUED,
+        0,
+        None,
+    )
+    assert row_of(storage, "web2.txt").status == PendingTransfer.Status.DONE
+    assert not storage.remote.exists("web1.txt")
