@@ -11,13 +11,12 @@ from typing import Any
 
 import pytest
 from django.core.files.storage import FileSystemStorage
-from django.db import connections
 
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
 from queued_storage.stats import DrainStats
 from queued_storage.worker import _Drain, drain
-from tests.helpers import content
+from tests.helpers import content, in_thread, joined
 from tests.test_claim_size import NameGatedRemote, storage_on
 
 Status = PendingTransfer.Status
@@ -37,24 +36,15 @@ def test_one_slow_upload_does_not_idle_the_other_lanes(
     storage = storage_on(make_storage, tmp_path, NameGatedRemote)
     names = [storage.save(f"{n}.txt", content(n)) for n in "abcdefgh"]
     rest = PendingTransfer.objects.filter(storage_key=storage.key).exclude(name="a.txt")
-    results: list[DrainStats] = []
-    errors: list[BaseException] = []
     others_done = threading.Event()
 
     def progress(stats: DrainStats, row: PendingTransfer, outcome: Any) -> None:
         if stats.done == len(names) - 1:
             others_done.set()
 
-    def worker() -> None:
-        try:
-            results.append(drain(keys=[storage.key], concurrency=2, progress=progress))
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            connections.close_all()
-
-    thread = threading.Thread(target=worker)
-    thread.start()
+    thread, result = in_thread(
+        lambda: drain(keys=[storage.key], concurrency=2, progress=progress)
+    )
     try:
         assert NameGatedRemote.entered.wait(timeout=60)
         # Bounded: the free lane needs a moment per row, not the slow upload.
@@ -67,8 +57,8 @@ def test_one_slow_upload_does_not_idle_the_other_lanes(
         NameGatedRemote.gate.set()
         thread.join(timeout=60)
 
-    assert not errors
-    assert results[0].done == len(names)
+    stats = joined(thread, result)
+    assert stats.done == len(names)
     rows = PendingTransfer.objects.filter(storage_key=storage.key)
     assert set(rows.values_list("status", flat=True)) == {Status.DONE}
 
@@ -115,8 +105,6 @@ def test_a_retry_without_delay_after_a_free_lanes_empty_claim_runs_in_the_drain(
     for n in "ab":
         storage.save(f"{n}.txt", content(n))
     rows = PendingTransfer.objects.filter(storage_key=storage.key)
-    results: list[DrainStats] = []
-    errors: list[BaseException] = []
     b_done = threading.Event()
     claimed_empty = threading.Event()
     a_ended = threading.Event()
@@ -144,16 +132,9 @@ def test_a_retry_without_delay_after_a_free_lanes_empty_claim_runs_in_the_drain(
         if row.name == "b.txt":
             b_done.set()
 
-    def worker() -> None:
-        try:
-            results.append(drain(keys=[storage.key], concurrency=2, progress=progress))
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            connections.close_all()
-
-    thread = threading.Thread(target=worker)
-    thread.start()
+    thread, result = in_thread(
+        lambda: drain(keys=[storage.key], concurrency=2, progress=progress)
+    )
     try:
         assert FailFirstRemote.entered.wait(timeout=60)
         assert b_done.wait(timeout=30)
@@ -162,8 +143,8 @@ def test_a_retry_without_delay_after_a_free_lanes_empty_claim_runs_in_the_drain(
         FailFirstRemote.gate.set()
         thread.join(timeout=60)
 
-    assert not errors
-    assert (results[0].done, results[0].retried) == (2, 1)
+    stats = joined(thread, result)
+    assert (stats.done, stats.retried) == (2, 1)
     assert set(rows.values_list("status", flat=True)) == {Status.DONE}
 
 
@@ -192,19 +173,10 @@ def test_a_limited_drain_claims_no_more_than_its_limit_while_rows_run(
         return claim_due(self, **kwargs)
 
     monkeypatch.setattr(PendingTransferQuerySet, "claim_due", spy_claim)
-    results: list[DrainStats] = []
-    errors: list[BaseException] = []
 
-    def worker() -> None:
-        try:
-            results.append(drain(keys=[storage.key], concurrency=2, limit=2))
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            connections.close_all()
-
-    thread = threading.Thread(target=worker)
-    thread.start()
+    thread, result = in_thread(
+        lambda: drain(keys=[storage.key], concurrency=2, limit=2)
+    )
     try:
         assert NameGatedRemote.entered.wait(timeout=60)
         # Bounded: a free lane that claims while a.txt runs does so at once.
@@ -213,7 +185,7 @@ def test_a_limited_drain_claims_no_more_than_its_limit_while_rows_run(
         NameGatedRemote.gate.set()
         thread.join(timeout=60)
 
-    assert not errors
-    assert results[0].done == 2
+    stats = joined(thread, result)
+    assert stats.done == 2
     rows = PendingTransfer.objects.filter(storage_key=storage.key)
     assert rows.filter(status=Status.DONE).count() == 2
