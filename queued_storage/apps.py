@@ -11,3 +11,4 @@ class QueuedStorageConfig(AppConfig):
 
     def ready(self) -> None:
         from queued_storage import checks  # noqa: F401 - registers the checks
+        from queued_storage.integrations import prometheus  # noqa: F401 - its check

@@ -25,6 +25,10 @@ LOCAL_IMPORTS_ALLOWED = {
         "ledger model, which exists only once the app registry is ready (Django's "
         "own apps register their checks from ready() too)"
     ),
+    ("queued_storage.apps", "queued_storage.integrations.prometheus"): (
+        "the metrics' system check is registered when that module is imported, "
+        "and it imports the ledger model (ready() is the first time it can)"
+    ),
     ("queued_storage.integrations.celery", "queued_storage.worker"): (
         "a site's celery.py or settings import this module for beat_schedule() "
         "before Django's app registry is ready; the engine needs the ledger model"

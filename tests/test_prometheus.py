@@ -1,0 +1,438 @@
+"""The Prometheus metrics: read from the ledger at scrape time, so every worker
+process on every host is counted, served by a view the site mounts and guards."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+import urllib.request
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.core.checks import CheckMessage, run_checks
+from django.core.exceptions import ImproperlyConfigured
+from django.core.files.base import ContentFile
+from django.test import Client
+from django.utils import timezone
+
+from queued_storage.backends import QueuedStorage
+from queued_storage.models import PendingTransfer
+from queued_storage.worker import drain
+from tests.factories import pending_row
+from tests.helpers import in_thread, joined
+from tests.storages import GatedStorage
+from tests.testapp.models import Document
+from tests.tools import IN_CI
+from tests.workers import ROOT, run_command, worker_env
+
+if importlib.util.find_spec("prometheus_client") is None:
+    if IN_CI:
+        raise RuntimeError(
+            "prometheus_client is missing under CI: the test group has it"
+        )
+    pytest.skip(
+        "prometheus_client is not installed (pip install -e . --group test): the "
+        "Prometheus metrics are NOT tested",
+        allow_module_level=True,
+    )
+
+from prometheus_client import parser
+
+from queued_storage.integrations import prometheus
+
+pytestmark = pytest.mark.urls("tests.metrics_urls")
+
+Status = PendingTransfer.Status
+TOKEN = "scrape-token-for-the-tests-0123456789"
+#: What one scrape reads, whatever the number of rows and storages: the rows per
+#: storage and status, and the oldest due row of each storage with due rows.
+SCRAPE_QUERIES = 2
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def samples(text: str) -> Samples:
+    """Every sample of an exposition text, by name and labels."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in parser.text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(found: Samples, name: str, **labels: str) -> float:
+    return found[(name, frozenset(labels.items()))]
+
+
+def rows(found: Samples, storage: str) -> dict[str, float]:
+    return {
+        status: value(found, "queued_storage_rows", storage=storage, status=status)
+        for status in Status.values
+    }
+
+
+def scrape_client(client: Client, **headers: str) -> Samples:
+    response = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 200, response.content
+    return samples(response.content.decode())
+
+
+def ours(messages: list[CheckMessage]) -> list[CheckMessage]:
+    return [m for m in messages if (m.id or "").startswith("queued_storage.")]
+
+
+@pytest.fixture
+def token(settings: Any) -> str:
+    settings.QUEUED_STORAGE_METRICS_TOKEN = TOKEN
+    return TOKEN
+
+
+# Over HTTP, while workers drain
+
+
+def scrape_http(url: str) -> Samples:
+    request = urllib.request.Request(
+        f"{url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        return samples(response.read().decode())
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_scrape_over_http_sees_a_drain_in_this_process_and_a_worker_process(
+    live_server: Any,
+    make_storage: Callable[..., QueuedStorage],
+    gate: type[GatedStorage],
+    token: str,
+) -> None:
+    storage = make_storage(remote="tests.storages.GatedStorage")
+    for number in range(3):
+        storage.save(f"photo-{number}.jpg", ContentFile(b"x" * (number + 1)))
+    for number in range(2):
+        Document.objects.create(file=ContentFile(b"doc" * 10, name=f"d{number}.txt"))
+    scrapes = [scrape_http(live_server.url)]
+    assert rows(scrapes[0], storage.key) == {
+        **dict.fromkeys(Status.values, 0),
+        "queued": 3,
+    }
+    assert rows(scrapes[0], "documents")["queued"] == 2
+
+    # A drain in a thread of this process, its first upload held at the remote.
+    thread, result = in_thread(lambda: drain(keys=[storage.key]))
+    assert gate.entered.wait(timeout=30)
+    scrapes.append(scrape_http(live_server.url))
+    during = rows(scrapes[1], storage.key)
+    assert during["transferring"] >= 1
+    assert during["done"] == 0
+    assert during["queued"] + during["transferring"] == 3
+    gate.gate.set()
+    assert joined(thread, result).done == 3
+    scrapes.append(scrape_http(live_server.url))
+    assert rows(scrapes[2], storage.key)["done"] == 3
+    assert (
+        value(scrapes[2], "queued_storage_oldest_due_seconds", storage=storage.key) == 0
+    )
+
+    # Another worker process, as on another host: its transfers are counted too.
+    worker = run_command("process_transfers", "--storage", "documents")
+    assert worker.returncode == 0, worker.stdout + worker.stderr
+    scrapes.append(scrape_http(live_server.url))
+    assert rows(scrapes[3], "documents")["done"] == 2
+    assert rows(scrapes[3], storage.key)["done"] == 3
+
+
+# What a scrape reads
+
+
+@pytest.mark.django_db
+def test_a_scrape_makes_the_same_few_queries_whatever_the_rows(
+    client: Client, token: str, django_assert_num_queries: Any
+) -> None:
+    now = timezone.now()
+    pending_row(storage_key="one", name="a", status=Status.QUEUED, next_attempt_at=now)
+    with django_assert_num_queries(SCRAPE_QUERIES):
+        scrape_client(client)
+
+    for key in ("one", "two", "three"):
+        for number in range(20):
+            pending_row(
+                storage_key=key,
+                name=f"{key}-{number}",
+                status=[Status.QUEUED, Status.TRANSFERRING, Status.DONE][number % 3],
+                next_attempt_at=now - timedelta(seconds=number),
+                lease_expires_at=now - timedelta(seconds=number),
+            )
+    with django_assert_num_queries(SCRAPE_QUERIES):
+        found = scrape_client(client)
+
+    assert rows(found, "two") == {
+        **dict.fromkeys(Status.values, 0),
+        "queued": 7,
+        "transferring": 7,
+        "done": 6,
+    }
+
+
+@pytest.mark.django_db
+def test_the_oldest_due_age_is_that_of_each_storages_longest_waiting_due_row(
+    client: Client, token: str
+) -> None:
+    now = timezone.now()
+    pending_row(
+        storage_key="late",
+        name="due",
+        status=Status.QUEUED,
+        next_attempt_at=now - timedelta(minutes=10),
+    )
+    pending_row(
+        storage_key="late",
+        name="later",
+        status=Status.QUEUED,
+        next_attempt_at=now + timedelta(hours=1),
+    )
+    pending_row(
+        storage_key="stuck",
+        name="lease ran out",
+        status=Status.TRANSFERRING,
+        lease_expires_at=now - timedelta(minutes=20),
+    )
+    pending_row(
+        storage_key="busy",
+        name="leased",
+        status=Status.TRANSFERRING,
+        lease_expires_at=now + timedelta(minutes=5),
+    )
+    pending_row(storage_key="idle", name="done", status=Status.DONE)
+
+    found = scrape_client(client)
+
+    def age(key: str) -> float:
+        return value(found, "queued_storage_oldest_due_seconds", storage=key)
+
+    assert 600 <= age("late") < 660
+    assert 1200 <= age("stuck") < 1260
+    assert age("busy") == 0
+    assert age("idle") == 0
+
+
+@pytest.mark.django_db
+def test_labels_carry_the_storage_key_never_its_options(
+    client: Client, token: str, make_storage: Callable[..., QueuedStorage]
+) -> None:
+    secret = "s3cr3t-remote-password"
+    storage = make_storage(
+        remote="tests.storages.CountingStorage",
+        remote_options={"base_url": f"https://user:{secret}@remote.example/"},
+    )
+    storage.save("a.txt", ContentFile(b"a"))
+
+    response = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+
+    text = response.content.decode()
+    assert f'storage="{storage.key}"' in text
+    assert secret not in text
+
+
+@pytest.mark.django_db
+def test_openmetrics_is_served_to_a_client_that_asks_for_it(
+    client: Client, token: str
+) -> None:
+    pending_row(storage_key="one", name="a")
+
+    response = client.get(
+        "/metrics",
+        headers={
+            "Authorization": f"Bearer {TOKEN}",
+            "Accept": "application/openmetrics-text; version=1.0.0",
+        },
+    )
+
+    assert response["Content-Type"].startswith("application/openmetrics-text")
+    assert response.content.decode().endswith("# EOF\n")
+    assert response["Cache-Control"].startswith("max-age=0")
+
+
+# Who may scrape
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "Bearer wrong", f"Basic {TOKEN}", f"Bearer {TOKEN}x", "Bearer"],
+)
+def test_a_scrape_without_the_token_is_refused(
+    client: Client, token: str, authorization: str | None
+) -> None:
+    headers = {} if authorization is None else {"Authorization": authorization}
+
+    response = client.get("/metrics", headers=headers)
+
+    assert response.status_code == 403
+    assert b"queued_storage" not in response.content
+
+
+@pytest.mark.django_db
+def test_with_neither_setting_the_guarded_view_refuses_everyone(client: Client) -> None:
+    assert client.get("/metrics").status_code == 403
+    assert client.get("/metrics", REMOTE_ADDR="127.0.0.1").status_code == 403
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("address", "allowed"),
+    [
+        ("10.1.2.3", True),
+        ("::ffff:10.1.2.3", True),
+        ("2001:db8::1", True),
+        ("10.2.0.1", False),
+        ("127.0.0.1", False),
+        ("", False),
+    ],
+)
+def test_an_allowed_address_may_scrape_without_the_token(
+    client: Client, settings: Any, address: str, allowed: bool
+) -> None:
+    settings.QUEUED_STORAGE_METRICS_ALLOWED_IPS = ["10.1.0.0/16", "2001:db8::1"]
+
+    response = client.get("/metrics", REMOTE_ADDR=address)
+
+    assert response.status_code == (200 if allowed else 403)
+
+
+@pytest.mark.django_db
+def test_the_unguarded_view_answers_anyone_and_only_reads(client: Client) -> None:
+    assert client.get("/open/metrics").status_code == 200
+    assert client.head("/open/metrics").status_code == 200
+    assert client.post("/open/metrics").status_code == 405
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("QUEUED_STORAGE_METRICS_TOKEN", ""),
+        ("QUEUED_STORAGE_METRICS_TOKEN", 12345),
+        ("QUEUED_STORAGE_METRICS_TOKEN", "two words"),
+        ("QUEUED_STORAGE_METRICS_ALLOWED_IPS", "10.0.0.0/8"),
+        ("QUEUED_STORAGE_METRICS_ALLOWED_IPS", ["10.0.0.0/8", "intranet"]),
+    ],
+)
+def test_a_bad_setting_is_a_check_error_and_an_error_at_first_use(
+    client: Client, settings: Any, name: str, value: Any
+) -> None:
+    setattr(settings, name, value)
+    check_id = {
+        "QUEUED_STORAGE_METRICS_TOKEN": "queued_storage.E021",
+        "QUEUED_STORAGE_METRICS_ALLOWED_IPS": "queued_storage.E022",
+    }[name]
+
+    [error] = ours(run_checks())
+
+    assert error.id == check_id
+    assert name in error.msg
+    with pytest.raises(ImproperlyConfigured, match=name):
+        client.get("/metrics")
+
+
+def test_the_check_warns_when_the_guarded_view_would_refuse_every_scrape(
+    settings: Any,
+) -> None:
+    [warning] = ours(run_checks())
+    assert warning.id == "queued_storage.W020"
+    assert warning.hint is not None and "unguarded_metrics_view" in warning.hint
+
+    settings.QUEUED_STORAGE_METRICS_TOKEN = TOKEN
+    assert ours(run_checks()) == []
+
+
+def test_the_check_is_silent_where_no_urlconf_mounts_the_views(settings: Any) -> None:
+    settings.ROOT_URLCONF = "tests.urls"
+
+    assert prometheus.mounted_views(__import__("tests.urls").urls.urlpatterns) == set()
+    assert ours(run_checks()) == []
+
+
+# Without the extra
+
+# Runs in a process of its own where prometheus_client is absent, as on a site
+# that never installed the extra: a None in sys.modules makes its import fail.
+WITHOUT_PROMETHEUS = textwrap.dedent(
+    """
+    import importlib, json, pkgutil, sys
+
+    sys.modules["prometheus_client"] = None
+
+    import django
+    django.setup()
+    import queued_storage
+    from django.core.checks import run_checks
+    from django.test import RequestFactory
+    from django.test.utils import override_settings
+
+    refused = {}
+    for module in pkgutil.walk_packages(queued_storage.__path__, "queued_storage."):
+        try:
+            importlib.import_module(module.name)
+        except ImportError as exc:
+            refused[module.name] = str(exc)
+
+    def ours():
+        return [
+            {"id": e.id, "msg": e.msg, "hint": e.hint}
+            for e in run_checks()
+            if e.id.startswith("queued_storage.")
+        ]
+
+    report = {"refused": refused, "unmounted": ours()}
+    with override_settings(ROOT_URLCONF="tests.metrics_urls"):
+        report["mounted"] = ours()
+        from queued_storage.integrations import prometheus
+        try:
+            prometheus.unguarded_metrics_view(RequestFactory().get("/open/metrics"))
+        except Exception as exc:
+            report["first_use"] = f"{type(exc).__name__}: {exc}"
+    with override_settings(QUEUED_STORAGE_METRICS_TOKEN="x" * 20):
+        report["configured"] = ours()
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.mark.slow
+def test_without_the_extra_the_check_and_the_first_use_say_what_to_install() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_PROMETHEUS],
+        cwd=ROOT,
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+
+    assert report["refused"] == {}
+    assert report["unmounted"] == []
+    [mounted] = [m for m in report["mounted"] if m["id"] == "queued_storage.E020"]
+    assert mounted["msg"] == (
+        "The URLconf mounts metrics_view and unguarded_metrics_view but "
+        "prometheus_client is not installed."
+    )
+    assert mounted["hint"] == "pip install 'django-queued-storage[prometheus]'."
+    assert report["first_use"] == (
+        "ImproperlyConfigured: The Prometheus metrics need prometheus_client: "
+        "pip install 'django-queued-storage[prometheus]'."
+    )
+    [configured] = report["configured"]
+    assert configured["id"] == "queued_storage.E020"
+    assert configured["msg"] == (
+        "QUEUED_STORAGE_METRICS_TOKEN is set but prometheus_client is not installed."
+    )
