@@ -160,6 +160,11 @@ def check_settings(
     errors.extend(
         _check_number("QUEUED_STORAGE_TRANSFER_TIMEOUT", check_id="queued_storage.E007")
     )
+    errors.extend(
+        _check_number(
+            "QUEUED_STORAGE_HISTORY_RETENTION", check_id="queued_storage.E015"
+        )
+    )
     prefix = conf.raw("QUEUED_STORAGE_CACHE_PREFIX")
     if not isinstance(prefix, str):
         errors.append(

@@ -30,6 +30,8 @@ MINIMUM_SECONDS: dict[str, float] = {
     "QUEUED_STORAGE_LEASE": 1,
     "QUEUED_STORAGE_TRANSFER_TIMEOUT": 1,
     "QUEUED_STORAGE_HEALTH_MAX_AGE": 1,
+    # The dashboard charts the last day.
+    "QUEUED_STORAGE_HISTORY_RETENTION": 86400,
 }
 
 WORKERS = ("immediate", "django_q", "django_tasks", "celery")
@@ -43,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "QUEUED_STORAGE_WORKER": None,
     "QUEUED_STORAGE_HOSTNAME": None,
     "QUEUED_STORAGE_HEALTH_MAX_AGE": 900,
+    "QUEUED_STORAGE_HISTORY_RETENTION": 2 * 86400,
 }
 
 
@@ -117,6 +120,12 @@ class Settings:
     def QUEUED_STORAGE_HEALTH_MAX_AGE(self) -> float:
         """Seconds the oldest due row may wait before the health check fails."""
         return self._seconds("QUEUED_STORAGE_HEALTH_MAX_AGE")
+
+    @property
+    def QUEUED_STORAGE_HISTORY_RETENTION(self) -> float:
+        """Seconds the per-minute transfer history is kept before it is folded
+        into each storage's totals."""
+        return self._seconds("QUEUED_STORAGE_HISTORY_RETENTION")
 
     def raw(self, name: str) -> Any:
         """The value as the user wrote it, for the system checks."""

@@ -13,12 +13,12 @@ from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import connections, models, router
+from django.db import connections, models, router, transaction
 from django.db.models import Count, Min, Q
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from queued_storage import redaction
+from queued_storage import history, redaction
 from queued_storage.claims import ClaimsQuerySet
 from queued_storage.conf import MAX_HOST_LENGTH
 from queued_storage.conf import settings as conf
@@ -392,13 +392,13 @@ class PendingTransfer(models.Model):
         generation is stale."""
         now = timezone.now()
         entry = error_entry(error, self.attempts, now, message=message)
-        history = [*list(self.error_history or []), entry][-ERROR_HISTORY_LENGTH:]
+        errors = [*list(self.error_history or []), entry][-ERROR_HISTORY_LENGTH:]
         gives_up = not retry or self.attempts > max_retries
         changes: dict[str, Any] = {
             "lease_token": "",
             "lease_expires_at": None,
             "last_error": entry["text"],
-            "error_history": history,
+            "error_history": errors,
             "updated_at": now,
         }
         if gives_up:
@@ -411,8 +411,11 @@ class PendingTransfer(models.Model):
             )
         if owned is not None:
             changes["remote_owned"] = owned
-        if not self._leased().update(**changes):
-            return None
+        db = router.db_for_write(PendingTransfer)
+        with transaction.atomic(using=db):
+            if not self._leased().update(**changes):
+                return None
+            history.count_failure(self.storage_key, db)
         for field, value in changes.items():
             setattr(self, field, value)
         return str(changes["status"])

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from django.core.files.storage import Storage
 from django.db import transaction
 
-from queued_storage import conditional, registry
+from queued_storage import conditional, history, registry
 from queued_storage.checksums import remote_sha256, storage_sha256
 from queued_storage.copying import (
     HookCall,
@@ -69,6 +69,8 @@ class Verified:
     at: float = field(default_factory=time.monotonic)
     #: The local and remote the copy went between (else the storage's).
     route: Route | None = None
+    #: When the attempt's transfer started (``time.monotonic()``), for its duration.
+    started: float = field(default_factory=time.monotonic)
 
 
 def process_row(row: PendingTransfer) -> Outcome:
@@ -106,6 +108,7 @@ def transfer_row(
     """Transfer and verify one claimed row. A failure (or a purge) is recorded at
     once; a verified copy is returned for :func:`complete` to record. ``plans``:
     the storages' of the rows of the same batch, looked up once."""
+    started = time.monotonic()
     plan = None if plans is None else plans.get(row.storage_key)
     if plan is not None:
         storage = plan.storage
@@ -208,7 +211,7 @@ def transfer_row(
         except Exception as error:
             log_crash(row, error)
         raise
-    return Verified(row, storage, task, route=route)
+    return Verified(row, storage, task, route=route, started=started)
 
 
 def _refused(storage: QueuedStorage, row: PendingTransfer, task: Any) -> Outcome:
@@ -250,6 +253,7 @@ def _complete_together(batch: list[Verified]) -> bool:
         if won != len(batch):
             transaction.set_rollback(True, using=db)
             return False
+        history.count_done(batch, db)
         for item in batch:
             row = item.row
             logger.info(
@@ -264,8 +268,19 @@ def _complete_together(batch: list[Verified]) -> bool:
     return True
 
 
+@retry_when_locked
+def _mark_done(item: Verified) -> bool:
+    """``mark_done()``, counted in the history by the same transaction."""
+    db = ledger_db()
+    with transaction.atomic(using=db):
+        if not item.row.mark_done():
+            return False
+        history.count_done([item], db)
+    return True
+
+
 def _complete_one(item: Verified) -> Outcome:
-    if not item.row.mark_done():
+    if not _mark_done(item):
         outcome = reconcile(item.storage, item.row, wrote=True)
         _send_newer_again(item.storage, item.row)
         return outcome

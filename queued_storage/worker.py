@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 
 from django.db import connections
 
-from queued_storage import claim_size, registry
+from queued_storage import claim_size, history, registry
 from queued_storage.claim_size import ClaimSize
 from queued_storage.completions import Completions
 from queued_storage.conf import settings as conf
@@ -519,6 +519,7 @@ def drain(
         should_stop=should_stop,
         carry=limit is None,
     ).run(first)
+    history.prune_now_and_then()
     return stats
 
 

@@ -203,6 +203,7 @@ SETTING_CHECKS = {
     "QUEUED_STORAGE_HEALTH_MAX_AGE": "queued_storage.E010",
     "QUEUED_STORAGE_CACHE_PREFIX": "queued_storage.E011",
     "QUEUED_STORAGE_TRANSFER_TIMEOUT": "queued_storage.E007",
+    "QUEUED_STORAGE_HISTORY_RETENTION": "queued_storage.E015",
 }
 HUGE_INT = 10**400  # too large for a float
 
@@ -232,6 +233,8 @@ HUGE_INT = 10**400  # too large for a float
         ("QUEUED_STORAGE_HEALTH_MAX_AGE", float("inf")),
         ("QUEUED_STORAGE_TRANSFER_TIMEOUT", float("nan")),
         ("QUEUED_STORAGE_TRANSFER_TIMEOUT", 1e20),
+        ("QUEUED_STORAGE_HISTORY_RETENTION", 3600),
+        ("QUEUED_STORAGE_HISTORY_RETENTION", float("inf")),
         ("QUEUED_STORAGE_CACHE_PREFIX", 3),
         ("QUEUED_STORAGE_CACHE_PREFIX", None),
     ],
@@ -262,6 +265,7 @@ def test_no_two_problems_share_a_check_id() -> None:
         "QUEUED_STORAGE_LEASE",
         "QUEUED_STORAGE_TRANSFER_TIMEOUT",
         "QUEUED_STORAGE_HEALTH_MAX_AGE",
+        "QUEUED_STORAGE_HISTORY_RETENTION",
     ],
 )
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e300, HUGE_INT])
