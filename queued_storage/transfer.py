@@ -269,8 +269,9 @@ def _complete_together(batch: list[Verified]) -> bool:
 
 
 @retry_when_locked
-def _mark_done(item: Verified) -> bool:
-    """``mark_done()``, counted in the history by the same transaction."""
+def record_done(item: Verified) -> bool:
+    """Record one verified transfer (``mark_done()``) and count it in the
+    history, in one transaction; False if its lease or generation is stale."""
     db = ledger_db()
     with transaction.atomic(using=db):
         if not item.row.mark_done():
@@ -280,7 +281,7 @@ def _mark_done(item: Verified) -> bool:
 
 
 def _complete_one(item: Verified) -> Outcome:
-    if not _mark_done(item):
+    if not record_done(item):
         outcome = reconcile(item.storage, item.row, wrote=True)
         _send_newer_again(item.storage, item.row)
         return outcome

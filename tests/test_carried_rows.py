@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
-from queued_storage import claim_size, completions
+from queued_storage import claim_size, completions, transfer
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
+from queued_storage.transfer import Verified
 from queued_storage.worker import drain
 from tests.helpers import content, in_thread, joined, row_of, wait_until
 from tests.storages import CountingStorage
@@ -58,16 +59,16 @@ def test_a_carried_rows_lease_is_renewed_until_its_group_is_recorded(
     monkeypatch.setattr(completions, "COMPLETE_AFTER", float("inf"))
     recording = threading.Event()
     release = threading.Event()
-    mark_done = PendingTransfer.mark_done
+    record_done = transfer.record_done
 
-    def gated_mark_done(row: PendingTransfer) -> bool:
-        if row.name == carried:
+    def gated_record_done(item: Verified) -> bool:
+        if item.row.name == carried:
             recording.set()
             if not release.wait(timeout=30):
                 raise TimeoutError("the test never released the record")
-        return mark_done(row)
+        return record_done(item)
 
-    monkeypatch.setattr(PendingTransfer, "mark_done", gated_mark_done)
+    monkeypatch.setattr(transfer, "record_done", gated_record_done)
     worker, result = in_thread(drain)
     try:
         assert recording.wait(timeout=30)
@@ -115,16 +116,16 @@ def test_a_carried_row_changed_before_its_group_is_recorded_loses_alone(
     monkeypatch.setattr(completions, "COMPLETE_AFTER", float("inf"))
     recording = threading.Event()
     release = threading.Event()
-    mark_done = PendingTransfer.mark_done
+    record_done = transfer.record_done
 
-    def gated_mark_done(row: PendingTransfer) -> bool:
-        if row.name == carried and not recording.is_set():
+    def gated_record_done(item: Verified) -> bool:
+        if item.row.name == carried and not recording.is_set():
             recording.set()
             if not release.wait(timeout=30):
                 raise TimeoutError("the test never released the record")
-        return mark_done(row)
+        return record_done(item)
 
-    monkeypatch.setattr(PendingTransfer, "mark_done", gated_mark_done)
+    monkeypatch.setattr(transfer, "record_done", gated_record_done)
     worker, result = in_thread(drain)
     try:
         assert recording.wait(timeout=30)
