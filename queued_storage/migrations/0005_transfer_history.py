@@ -39,7 +39,7 @@ def compare_key_exactly(apps, schema_editor):
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('queued_storage', '0003_storage_state'),
+        ('queued_storage', '0004_storage_controls'),
     ]
 
     operations = [
