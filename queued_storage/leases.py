@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from django.db import connections
+from django.utils import timezone
 
 from queued_storage import registry
 from queued_storage.conf import settings as conf
@@ -114,6 +115,7 @@ class LeaseKeeper(threading.Thread):
                 return None
             claimed_at = now
         attempt = Attempt(row, claimed_at)
+        row.attempt_started_at = timezone.now()
         with self.lock:
             self.attempts[row.pk] = attempt
         return attempt

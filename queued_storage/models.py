@@ -18,10 +18,13 @@ from django.db.models import Count, Min, Q
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from queued_storage import history, redaction
+from queued_storage import history
 from queued_storage.claims import ClaimsQuerySet
 from queued_storage.conf import MAX_HOST_LENGTH
 from queued_storage.conf import settings as conf
+from queued_storage.error_history import ERROR_HISTORY_LENGTH as ERROR_HISTORY_LENGTH
+from queued_storage.error_history import ERROR_MESSAGE_LENGTH as ERROR_MESSAGE_LENGTH
+from queued_storage.error_history import error_entry
 from queued_storage.ledger_sql import lease_check_sql
 from queued_storage.ledger_sql import name_hash as name_hash
 from queued_storage.ledger_sql import new_generation as new_generation
@@ -30,10 +33,6 @@ from queued_storage.names import MAX_NAME_LENGTH as MAX_NAME_LENGTH
 from queued_storage.recording import RecordingQuerySet
 from queued_storage.storage_state import StorageState as StorageState
 
-#: How many entries of the error history a row keeps.
-ERROR_HISTORY_LENGTH = 10
-#: Error messages are cut to this length before they are stored.
-ERROR_MESSAGE_LENGTH = 2000
 #: Longest retry delay, whatever the attempt number.
 MAX_RETRY_DELAY = 24 * 60 * 60
 
@@ -251,6 +250,9 @@ class PendingTransfer(models.Model):
     #: Set by the worker on the row it transfers: this attempt's upload was sent,
     #: and may write the remote object whenever it returns.
     upload_sent: bool = False
+    #: Set by the worker when this row's attempt starts: a failure records how
+    #: long the attempt ran.
+    attempt_started_at: datetime | None = None
 
     class Meta:
         verbose_name = _("pending transfer")
@@ -391,7 +393,9 @@ class PendingTransfer(models.Model):
         get as far as an upload. Returns the new status, or None when the lease or
         generation is stale."""
         now = timezone.now()
-        entry = error_entry(error, self.attempts, now, message=message)
+        entry = error_entry(
+            error, self.attempts, now, message, started=self.attempt_started_at
+        )
         errors = [*list(self.error_history or []), entry][-ERROR_HISTORY_LENGTH:]
         gives_up = not retry or self.attempts > max_retries
         changes: dict[str, Any] = {
@@ -521,29 +525,3 @@ REQUEUEABLE: tuple[str, ...] = (
     PendingTransfer.Status.QUEUED.value,
     PendingTransfer.Status.FAILED.value,
 )
-
-
-def error_entry(
-    error: BaseException | str,
-    attempt: int,
-    now: datetime,
-    message: str | None = None,
-) -> dict[str, Any]:
-    """What the ledger keeps of an error: class, message, attempt and time.
-    ``message`` replaces the error's own text; either is kept without the
-    secrets of any storage this process built."""
-    if isinstance(error, BaseException):
-        kind = type(error).__name__
-        text = str(error)
-    else:
-        kind, text = "TransferError", error
-    if message is None:
-        message = text
-    message = redaction.redact(None, message)[:ERROR_MESSAGE_LENGTH]
-    return {
-        "attempt": attempt,
-        "at": now.isoformat(),
-        "error": kind,
-        "message": message,
-        "text": f"{kind}: {message}" if message else kind,
-    }
