@@ -14,10 +14,10 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.db.models.functions import Lower
 from django.http import HttpRequest
-from django.template.defaultfilters import filesizeformat, truncatechars
-from django.urls import reverse
+from django.template.defaultfilters import filesizeformat
 from django.utils import timezone
-from django.utils.html import format_html, format_html_join
+from django.utils.formats import date_format
+from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.text import smart_split, unescape_string_literal
 from django.utils.timesince import timesince, timeuntil
@@ -25,9 +25,9 @@ from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
 
 from queued_storage import registry
+from queued_storage.admin_detail import PendingTransferDetail
 from queued_storage.admin_views import (
     STORAGE_PARAMETER,
-    PendingTransferViews,
     log_action,
     redacted,
     status_badge,
@@ -36,6 +36,23 @@ from queued_storage.conf import settings as conf
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
 
 Status = PendingTransfer.Status
+
+#: The changelist shows this many characters of a name or an error (the whole
+#: text in the tooltip), so that its columns fit a 1280-pixel window.
+NAME_CUT = 60
+ERROR_CUT = 60
+
+
+def cut_text(text: str, length: int, *, keep_end: bool = False) -> SafeString:
+    """``text`` cut to ``length`` characters (its end kept for a path, whose file
+    name is there), whole in the tooltip."""
+    if len(text) <= length:
+        shown = text
+    elif keep_end:
+        shown = "…" + text[-(length - 1) :]
+    else:
+        shown = text[: length - 1] + "…"
+    return format_html('<span title="{}">{}</span>', text, shown)
 
 
 class StorageFilter(admin.SimpleListFilter):
@@ -90,16 +107,16 @@ class FailingFilter(admin.SimpleListFilter):
 
 
 @admin.register(PendingTransfer)
-class PendingTransferAdmin(PendingTransferViews):
+class PendingTransferAdmin(PendingTransferDetail):
+    # Five columns, to fit beside the navigation and the filters in a 1280-pixel
+    # window: the storage key under the name, the attempts under the status, the
+    # last update under the next attempt or age.
     list_display = [
-        "name",
-        "storage_key",
-        "status_badge",
-        "attempts",
-        "next_attempt_or_age",
+        "name_display",
+        "status_and_attempts",
+        "when",
         "size_display",
         "short_error",
-        "updated_at",
     ]
     list_filter = ["status", StorageFilter, StuckFilter, FailingFilter, "deleted"]
     # Searched in get_search_results(); listed so that the changelist has a box.
@@ -120,7 +137,7 @@ class PendingTransferAdmin(PendingTransferViews):
                     "name",
                     "storage_key",
                     "status_badge",
-                    "deleted",
+                    "deleted_state",
                     "file_links",
                 ]
             },
@@ -133,7 +150,7 @@ class PendingTransferAdmin(PendingTransferViews):
                     "next_attempt_at",
                     "lease_expires_at",
                     "transferred_at",
-                    "remote_owned",
+                    "remote_state",
                     "generation",
                 ]
             },
@@ -143,6 +160,7 @@ class PendingTransferAdmin(PendingTransferViews):
         (_("Times"), {"fields": ["created_at", "updated_at"]}),
     ]
     change_list_template = "admin/queued_storage/pendingtransfer/change_list.html"
+    change_form_template = "admin/queued_storage/pendingtransfer/change_form.html"
 
     # Read-only: the ledger changes through actions (each a short, conditional
     # update), never through a form that would write back a stale row.
@@ -203,10 +221,10 @@ class PendingTransferAdmin(PendingTransferViews):
         if row.status == Status.QUEUED and row.next_attempt_at is not None:
             if row.next_attempt_at <= now:
                 return gettext("due for %(time)s") % {
-                    "time": timesince(row.next_attempt_at, now)
+                    "time": timesince(row.next_attempt_at, now, depth=1)
                 }
             return gettext("in %(time)s") % {
-                "time": timeuntil(row.next_attempt_at, now)
+                "time": timeuntil(row.next_attempt_at, now, depth=1)
             }
         if row.status == Status.TRANSFERRING and row.lease_expires_at is not None:
             # Past its lease, or renewed last longer ago than the transfer timeout.
@@ -220,18 +238,18 @@ class PendingTransferAdmin(PendingTransferViews):
                 stuck_since = row.lease_expires_at
             if stuck_since < now:
                 return gettext("stuck for %(time)s") % {
-                    "time": timesince(stuck_since, now)
+                    "time": timesince(stuck_since, now, depth=1)
                 }
             return gettext("lease for %(time)s") % {
-                "time": timeuntil(row.lease_expires_at, now)
+                "time": timeuntil(row.lease_expires_at, now, depth=1)
             }
         if row.status == Status.DONE and row.transferred_at is not None:
             return gettext("done %(time)s ago") % {
-                "time": timesince(row.transferred_at, now)
+                "time": timesince(row.transferred_at, now, depth=1)
             }
         return gettext("%(status)s %(time)s ago") % {
             "status": Status(row.status).label,
-            "time": timesince(row.updated_at, now),
+            "time": timesince(row.updated_at, now, depth=1),
         }
 
     @admin.display(description=_("size"), ordering="size")
@@ -244,58 +262,57 @@ class PendingTransferAdmin(PendingTransferViews):
             return self.size_display(row)
         return f"{filesizeformat(row.size)} ({row.size} bytes)"
 
+    @admin.display(description=_("name / storage"), ordering="name")
+    def name_display(self, row: PendingTransfer) -> SafeString:
+        return format_html(
+            '{}<br><span class="qs-key">{}</span>',
+            cut_text(row.name, NAME_CUT, keep_end=True),
+            row.storage_key,
+        )
+
+    @admin.display(description=_("status"), ordering="status")
+    def status_and_attempts(self, row: PendingTransfer) -> SafeString:
+        if not row.attempts:
+            return self.status_badge(row)
+        return format_html(
+            '{}<br><span class="qs-attempts">{}</span>',
+            self.status_badge(row),
+            ngettext("%(count)d attempt", "%(count)d attempts", row.attempts)
+            % {"count": row.attempts},
+        )
+
+    @admin.display(description=_("next attempt / age"), ordering="next_attempt_at")
+    def when(self, row: PendingTransfer) -> SafeString:
+        return format_html(
+            '{}<br><span class="qs-updated">{}</span>',
+            self.next_attempt_or_age(row),
+            self.updated(row),
+        )
+
     @admin.display(description=_("last error"))
-    def short_error(self, row: PendingTransfer) -> str:
-        return truncatechars(redacted(row.last_error), 80)
+    def short_error(self, row: PendingTransfer) -> SafeString | str:
+        return cut_text(redacted(row.last_error), ERROR_CUT) if row.last_error else ""
+
+    def updated(self, row: PendingTransfer) -> SafeString:
+        """The time today, the day this year, the date before; whole in the
+        tooltip."""
+        local = timezone.localtime(row.updated_at)
+        today = timezone.localdate()
+        if local.date() == today:
+            shown = date_format(local, "TIME_FORMAT")
+        elif local.year == today.year:
+            shown = date_format(local, "MONTH_DAY_FORMAT")
+        else:
+            shown = date_format(local, "SHORT_DATE_FORMAT")
+        return format_html(
+            '<span title="{}">{}</span>',
+            date_format(local, "DATETIME_FORMAT"),
+            gettext("updated %(time)s") % {"time": shown},
+        )
 
     @admin.display(description=_("last error"))
     def last_error_display(self, row: PendingTransfer) -> str:
         return redacted(row.last_error) or "-"
-
-    @admin.display(description=_("error history"))
-    def error_history_table(self, row: PendingTransfer) -> SafeString | str:
-        entries = [
-            entry for entry in row.error_history or [] if isinstance(entry, dict)
-        ]
-        if not entries:
-            return "-"
-        body = format_html_join(
-            "",
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            (
-                (
-                    entry.get("attempt", ""),
-                    entry.get("at", ""),
-                    entry.get("error", ""),
-                    redacted(str(entry.get("message", ""))),
-                )
-                for entry in reversed(entries)
-            ),
-        )
-        return format_html(
-            "<table><thead><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr>"
-            "</thead><tbody>{}</tbody></table>",
-            _("attempt"),
-            _("time"),
-            _("error"),
-            _("message"),
-            body,
-        )
-
-    @admin.display(description=_("open"))
-    def file_links(self, row: PendingTransfer) -> SafeString | str:
-        if row.pk is None or row.deleted:
-            return "-"
-        links = []
-        for side, label in (("local", _("local copy")), ("remote", _("remote copy"))):
-            url = reverse(
-                f"{self.admin_site.name}:queued_storage_pendingtransfer_file",
-                args=[row.pk, side],
-            )
-            links.append((url, label))
-        return format_html_join(
-            " · ", '<a href="{}" target="_blank" rel="noopener">{}</a>', links
-        )
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[Any], search_term: str

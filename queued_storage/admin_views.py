@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Any, cast
 from django.contrib import admin, messages
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
 from django.db import transaction
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.defaultfilters import truncatechars
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
-from django.utils.functional import SimpleLazyObject
+from django.utils.functional import SimpleLazyObject, cached_property
 from django.utils.html import format_html
 from django.utils.http import urlencode
 from django.utils.safestring import SafeString
@@ -85,8 +86,48 @@ def log_action(request: HttpRequest, action: str, count: int) -> None:
     )
 
 
+def count_line(by_status: dict[str, int]) -> str:
+    """What the changelist's rows are: "3 transfers, 2 done, 1 failed"."""
+    total = sum(by_status.values())
+    present = [(status, count) for status, count in by_status.items() if count]
+    if len(present) == 1:
+        return ngettext(
+            "%(count)d transfer, %(status)s",
+            "%(count)d transfers, all %(status)s",
+            total,
+        ) % {"count": total, "status": Status(present[0][0]).label}
+    line = ngettext("%(count)d transfer", "%(count)d transfers", total) % {
+        "count": total
+    }
+    parts = [
+        gettext("%(count)d %(status)s")
+        % {"count": count, "status": Status(status).label}
+        for status, count in present
+    ]
+    return ", ".join([line, *parts])
+
+
+class LedgerPaginator(Paginator):  # type: ignore[type-arg]
+    """Counts the changelist's rows per status in the one query that would have
+    counted them, for the line that says what the list holds."""
+
+    @cached_property
+    def by_status(self) -> dict[str, int]:
+        return cast(PendingTransferQuerySet, self.object_list).status_counts()
+
+    @cached_property
+    def count(self) -> int:
+        return sum(self.by_status.values())
+
+    @cached_property
+    def summary(self) -> str:
+        return count_line(self.by_status)
+
+
 class PendingTransferViews(admin.ModelAdmin):  # type: ignore[type-arg]
     """The custom views and the "Transfer now" action of the ledger's admin."""
+
+    paginator = LedgerPaginator
 
     def get_urls(self) -> list[URLPattern]:
         opts = self.opts
