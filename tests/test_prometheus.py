@@ -21,7 +21,7 @@ from django.test import Client
 from django.utils import timezone
 
 from queued_storage.backends import QueuedStorage
-from queued_storage.models import PendingTransfer
+from queued_storage.models import PendingTransfer, StorageState
 from queued_storage.worker import drain
 from tests.factories import pending_row
 from tests.helpers import in_thread, joined
@@ -50,8 +50,9 @@ pytestmark = pytest.mark.urls("tests.metrics_urls")
 Status = PendingTransfer.Status
 TOKEN = "scrape-token-for-the-tests-0123456789"
 #: What one scrape reads, whatever the number of rows and storages: the rows per
-#: storage and status, and the oldest due row of each storage with due rows.
-SCRAPE_QUERIES = 2
+#: storage and status, the storages' pause and breaker, and the oldest due row of
+#: each storage with due rows.
+SCRAPE_QUERIES = 3
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -161,6 +162,8 @@ def test_a_scrape_makes_the_same_few_queries_whatever_the_rows(
     with django_assert_num_queries(SCRAPE_QUERIES):
         scrape_client(client)
 
+    StorageState.objects.create(storage_key="two", paused_at=now)
+    StorageState.objects.create(storage_key="four", breaker_opened_at=now)
     for key in ("one", "two", "three"):
         for number in range(20):
             pending_row(
@@ -221,6 +224,49 @@ def test_the_oldest_due_age_is_that_of_each_storages_longest_waiting_due_row(
     assert 1200 <= age("stuck") < 1260
     assert age("busy") == 0
     assert age("idle") == 0
+
+
+@pytest.mark.django_db
+def test_paused_and_breaker_state_per_storage(client: Client, token: str) -> None:
+    now = timezone.now()
+    StorageState.objects.create(storage_key="paused", paused_at=now)
+    StorageState.objects.create(
+        storage_key="open",
+        breaker_opened_at=now - timedelta(minutes=5),
+        breaker_probe_at=now + timedelta(minutes=5),
+    )
+    StorageState.objects.create(
+        storage_key="probing",
+        breaker_opened_at=now - timedelta(minutes=5),
+        breaker_probe_at=now - timedelta(seconds=1),
+    )
+    pending_row(storage_key="running", name="a")
+
+    found = scrape_client(client)
+
+    def gauge(name: str, key: str) -> float:
+        return value(found, f"queued_storage_{name}", storage=key)
+
+    def state(key: str) -> list[str]:
+        return [
+            name
+            for name in ("closed", "open", "half-open")
+            if value(found, "queued_storage_breaker_state", storage=key, state=name)
+        ]
+
+    assert [gauge("paused", k) for k in ("paused", "open", "running")] == [1, 0, 0]
+    assert [gauge("breaker_open", k) for k in ("paused", "open", "probing")] == [
+        0,
+        1,
+        1,
+    ]
+    assert gauge("breaker_open", "running") == 0
+    assert state("paused") == ["closed"]
+    assert state("open") == ["open"]
+    assert state("probing") == ["half-open"]
+    assert state("running") == ["closed"]
+    # A storage known only by its state row is listed with its rows, all 0.
+    assert rows(found, "open") == dict.fromkeys(Status.values, 0)
 
 
 @pytest.mark.django_db

@@ -35,6 +35,12 @@ from django.views.decorators.cache import never_cache
 
 from queued_storage import registry
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
+from queued_storage.storage_state import (
+    BREAKER_CLOSED,
+    BREAKER_STATES,
+    Controls,
+    storage_controls,
+)
 
 try:
     from prometheus_client import CollectorRegistry
@@ -87,24 +93,31 @@ class LedgerReading:
     rows: dict[str, dict[str, int]]
     #: When the longest-waiting due row of each storage became due.
     oldest_due: dict[str, datetime] = field(default_factory=dict)
+    #: Whether each storage is paused, and its circuit breaker.
+    controls: dict[str, Controls] = field(default_factory=dict)
 
 
-def read_ledger(using: str | None = None) -> LedgerReading:
-    """The ledger's state per storage: the storages that have rows and those the
-    settings and models configure."""
-    db = using or router.db_for_read(PendingTransfer)
-    rows = PendingTransfer.objects.using(db)
+def read_ledger() -> LedgerReading:
+    """The ledger's state per storage: every storage that has rows or a state
+    row, or that the settings and models configure."""
+    rows = PendingTransfer.objects.using(router.db_for_read(PendingTransfer))
     now = timezone.now()
     counts = rows.status_counts_per_storage()
-    for key in registry.known_keys():
+    controls = storage_controls(now=now)
+    for key in [*registry.known_keys(), *controls]:
         counts.setdefault(key, dict.fromkeys(Status.values, 0))
+    for key in counts:
+        controls.setdefault(key, Controls(key))
     waiting = [
         key
         for key, per_status in sorted(counts.items())
         if per_status[Status.QUEUED] or per_status[Status.TRANSFERRING]
     ]
     return LedgerReading(
-        at=now, rows=counts, oldest_due=oldest_due_per_storage(rows, waiting, now)
+        at=now,
+        rows=counts,
+        oldest_due=oldest_due_per_storage(rows, waiting, now),
+        controls=controls,
     )
 
 
@@ -151,15 +164,12 @@ class LedgerCollector:
     ledger when it is collected. Register it in a registry of your own, or in
     ``prometheus_client.REGISTRY`` beside the site's other metrics."""
 
-    def __init__(self, using: str | None = None) -> None:
-        self.using = using
-
     def describe(self) -> list[Metric]:
         """The metric families without samples: registering reads nothing."""
         return _families(None)
 
     def collect(self) -> list[Metric]:
-        return _families(read_ledger(self.using))
+        return _families(read_ledger())
 
 
 def _families(reading: LedgerReading | None) -> list[Metric]:
@@ -176,6 +186,23 @@ def _families(reading: LedgerReading | None) -> list[Metric]:
         labels=["storage"],
         unit="seconds",
     )
+    paused = GaugeMetricFamily(
+        "queued_storage_paused",
+        "1 while an operator has paused the storage's transfers, else 0.",
+        labels=["storage"],
+    )
+    breaker_open = GaugeMetricFamily(
+        "queued_storage_breaker_open",
+        "1 while the storage's circuit breaker holds its transfers back (open, "
+        "or half-open: one probe row due or running), 0 while it is closed.",
+        labels=["storage"],
+    )
+    breaker_state = GaugeMetricFamily(
+        "queued_storage_breaker_state",
+        "The storage's circuit breaker: 1 for its state (closed, open or "
+        "half-open), 0 for the others.",
+        labels=["storage", "state"],
+    )
     if reading is not None:
         for key, per_status in sorted(reading.rows.items()):
             for status, number in per_status.items():
@@ -183,7 +210,12 @@ def _families(reading: LedgerReading | None) -> list[Metric]:
             due_at = reading.oldest_due.get(key)
             waited = 0.0 if due_at is None else (reading.at - due_at).total_seconds()
             oldest.add_metric([key], max(waited, 0.0))
-    return [rows, oldest]
+            controls = reading.controls[key]
+            paused.add_metric([key], int(controls.paused))
+            breaker_open.add_metric([key], int(controls.breaker != BREAKER_CLOSED))
+            for state in BREAKER_STATES:
+                breaker_state.add_metric([key, state], int(controls.breaker == state))
+    return [rows, oldest, paused, breaker_open, breaker_state]
 
 
 @functools.cache
