@@ -158,6 +158,33 @@ class GatedStorage(CountingStorage):
         return super()._save(name, content)
 
 
+class SteppingStorage(CountingStorage):
+    """Lets the first ``free`` uploads through; each one after sets ``held`` and
+    waits until the test sets ``release``: a drain stopped with files done."""
+
+    free = 1
+    uploads = 0
+    held = threading.Event()
+    release = threading.Event()
+
+    @classmethod
+    def reset(cls, free: int) -> None:
+        with COUNTING_LOCK:
+            cls.free, cls.uploads = free, 0
+        cls.held, cls.release = threading.Event(), threading.Event()
+
+    def _save(self, name: str, content: Any) -> str:
+        cls = type(self)
+        with COUNTING_LOCK:
+            cls.uploads += 1
+            hold = cls.uploads > cls.free
+        if hold:
+            cls.held.set()
+            if not cls.release.wait(timeout=30):
+                raise TimeoutError("the test never released the upload")
+        return super()._save(name, content)
+
+
 class PausingStorage(CountingStorage):
     """Pauses once in the method named by ``PausingStorage.pause_in`` (``exists``
     and ``get_available_name`` after their answer, ``_save`` and ``delete`` before

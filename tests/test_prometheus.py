@@ -4,10 +4,12 @@ process on every host is counted, served by a view the site mounts and guards.""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import subprocess
 import sys
 import textwrap
+import threading
 import urllib.request
 from collections.abc import Callable
 from datetime import timedelta
@@ -20,12 +22,15 @@ from django.core.files.base import ContentFile
 from django.test import Client
 from django.utils import timezone
 
+from queued_storage import history
 from queued_storage.backends import QueuedStorage
+from queued_storage.errors import Outcome
 from queued_storage.models import PendingTransfer, StorageState
+from queued_storage.stats import DrainStats
 from queued_storage.worker import drain
 from tests.factories import pending_row
-from tests.helpers import in_thread, joined
-from tests.storages import GatedStorage
+from tests.helpers import FLAKY, in_thread, joined
+from tests.storages import SteppingStorage
 from tests.testapp.models import Document
 from tests.tools import IN_CI
 from tests.workers import ROOT, run_command, worker_env
@@ -50,9 +55,9 @@ pytestmark = pytest.mark.urls("tests.metrics_urls")
 Status = PendingTransfer.Status
 TOKEN = "scrape-token-for-the-tests-0123456789"
 #: What one scrape reads, whatever the number of rows and storages: the rows per
-#: storage and status, the storages' pause and breaker, and the oldest due row of
-#: each storage with due rows.
-SCRAPE_QUERIES = 3
+#: storage and status, the storages' pause and breaker, their history's totals,
+#: and the oldest due row of each storage with due rows.
+SCRAPE_QUERIES = 4
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -106,17 +111,62 @@ def scrape_http(url: str) -> Samples:
         return samples(response.read().decode())
 
 
+#: The counters' samples: none may ever go down.
+COUNTERS = (
+    "queued_storage_transfers_total",
+    "queued_storage_transfer_bytes_total",
+    "queued_storage_transfer_failures_total",
+    "queued_storage_transfer_duration_seconds_bucket",
+    "queued_storage_transfer_duration_seconds_count",
+    "queued_storage_transfer_duration_seconds_sum",
+)
+
+
+def totals(found: Samples, storage: str) -> tuple[float, float, float, float]:
+    """Transfers, bytes, failed attempts, and the histogram's count of ``storage``."""
+    return (
+        value(found, "queued_storage_transfers_total", storage=storage),
+        value(found, "queued_storage_transfer_bytes_total", storage=storage),
+        value(found, "queued_storage_transfer_failures_total", storage=storage),
+        value(found, "queued_storage_transfer_duration_seconds_count", storage=storage),
+    )
+
+
+def assert_histogram(found: Samples, storage: str) -> None:
+    """The buckets are cumulative and end with +Inf, which is the count."""
+    buckets = sorted(
+        (float(dict(labels)["le"]), number)
+        for (name, labels), number in found.items()
+        if name == "queued_storage_transfer_duration_seconds_bucket"
+        and dict(labels)["storage"] == storage
+    )
+    assert buckets[-1][0] == float("inf")
+    counts = [number for _bound, number in buckets]
+    assert counts == sorted(counts)
+    assert counts[-1] == value(
+        found, "queued_storage_transfer_duration_seconds_count", storage=storage
+    )
+
+
+def assert_never_decrease(scrapes: list[Samples]) -> None:
+    for before, after in itertools.pairwise(scrapes):
+        for (name, labels), number in before.items():
+            if name in COUNTERS:
+                assert after[(name, labels)] >= number, (name, dict(labels))
+
+
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
 def test_a_scrape_over_http_sees_a_drain_in_this_process_and_a_worker_process(
     live_server: Any,
     make_storage: Callable[..., QueuedStorage],
-    gate: type[GatedStorage],
     token: str,
 ) -> None:
-    storage = make_storage(remote="tests.storages.GatedStorage")
-    for number in range(3):
-        storage.save(f"photo-{number}.jpg", ContentFile(b"x" * (number + 1)))
+    SteppingStorage.reset(free=1)
+    storage = make_storage(remote="tests.storages.SteppingStorage")
+    sizes = {f"photo-{number}.jpg": 100 * (number + 1) for number in range(3)}
+    for name, size in sizes.items():
+        storage.save(name, ContentFile(b"x" * size))
     for number in range(2):
         Document.objects.create(file=ContentFile(b"doc" * 10, name=f"d{number}.txt"))
     scrapes = [scrape_http(live_server.url)]
@@ -125,29 +175,45 @@ def test_a_scrape_over_http_sees_a_drain_in_this_process_and_a_worker_process(
         "queued": 3,
     }
     assert rows(scrapes[0], "documents")["queued"] == 2
+    assert totals(scrapes[0], storage.key) == (0, 0, 0, 0)
 
-    # A drain in a thread of this process, its first upload held at the remote.
-    thread, result = in_thread(lambda: drain(keys=[storage.key]))
-    assert gate.entered.wait(timeout=30)
+    # A drain in a thread of this process: the first file is recorded done (the
+    # progress display is shown it after the commit), the second upload is held.
+    first_done = threading.Event()
+
+    def shown(stats: DrainStats, row: PendingTransfer, outcome: Outcome) -> None:
+        if outcome is Outcome.DONE:
+            first_done.set()
+
+    thread, result = in_thread(lambda: drain(keys=[storage.key], progress=shown))
+    assert first_done.wait(timeout=30)
+    assert SteppingStorage.held.wait(timeout=30)
     scrapes.append(scrape_http(live_server.url))
     during = rows(scrapes[1], storage.key)
+    assert during["done"] == 1
     assert during["transferring"] >= 1
-    assert during["done"] == 0
-    assert during["queued"] + during["transferring"] == 3
-    gate.gate.set()
+    assert during["queued"] + during["transferring"] == 2
+    [done] = PendingTransfer.objects.filter(storage_key=storage.key).done()
+    assert totals(scrapes[1], storage.key) == (1, sizes[done.name], 0, 1)
+    SteppingStorage.release.set()
     assert joined(thread, result).done == 3
     scrapes.append(scrape_http(live_server.url))
     assert rows(scrapes[2], storage.key)["done"] == 3
+    assert totals(scrapes[2], storage.key) == (3, sum(sizes.values()), 0, 3)
     assert (
         value(scrapes[2], "queued_storage_oldest_due_seconds", storage=storage.key) == 0
     )
+    assert_histogram(scrapes[2], storage.key)
 
     # Another worker process, as on another host: its transfers are counted too.
     worker = run_command("process_transfers", "--storage", "documents")
     assert worker.returncode == 0, worker.stdout + worker.stderr
     scrapes.append(scrape_http(live_server.url))
     assert rows(scrapes[3], "documents")["done"] == 2
-    assert rows(scrapes[3], storage.key)["done"] == 3
+    assert totals(scrapes[3], "documents") == (2, 60, 0, 2)
+    assert totals(scrapes[3], storage.key) == (3, sum(sizes.values()), 0, 3)
+    assert_histogram(scrapes[3], "documents")
+    assert_never_decrease(scrapes)
 
 
 # What a scrape reads
@@ -267,6 +333,35 @@ def test_paused_and_breaker_state_per_storage(client: Client, token: str) -> Non
     assert state("running") == ["closed"]
     # A storage known only by its state row is listed with its rows, all 0.
     assert rows(found, "open") == dict.fromkeys(Status.values, 0)
+
+
+@pytest.mark.django_db
+def test_failed_attempts_are_counted_and_the_counters_survive_pruning(
+    client: Client,
+    token: str,
+    settings: Any,
+    make_storage: Callable[..., QueuedStorage],
+    run_drain: Callable[..., DrainStats],
+) -> None:
+    settings.QUEUED_STORAGE_RETRY_DELAY = 0
+    storage = make_storage(remote=FLAKY, remote_options={"failures": 2})
+    storage.save("a.txt", ContentFile(b"a" * 10))
+
+    assert run_drain(keys=[storage.key]).done == 1
+    counted = scrape_client(client)
+    assert (
+        value(counted, "queued_storage_transfer_failures_total", storage=storage.key)
+        == 2
+    )
+    assert value(counted, "queued_storage_transfers_total", storage=storage.key) == 1
+
+    # Minutes past the retention are folded into the storage's carry row.
+    history.TransferMinute.objects.update(minute=timezone.now() - timedelta(days=30))
+    assert history.prune() == 1
+    pruned = scrape_client(client)
+    assert {n: v for n, v in pruned.items() if n[0] in COUNTERS} == {
+        n: v for n, v in counted.items() if n[0] in COUNTERS
+    }
 
 
 @pytest.mark.django_db

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hmac
 import ipaddress
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,7 +34,7 @@ from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
 
-from queued_storage import registry
+from queued_storage import history, registry
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
 from queued_storage.storage_state import (
     BREAKER_CLOSED,
@@ -44,7 +45,12 @@ from queued_storage.storage_state import (
 
 try:
     from prometheus_client import CollectorRegistry
-    from prometheus_client.core import GaugeMetricFamily, Metric
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+        Metric,
+    )
     from prometheus_client.exposition import choose_encoder
 except ImportError:  # the extra is not installed: the check and the view say so
     installed = False
@@ -95,6 +101,8 @@ class LedgerReading:
     oldest_due: dict[str, datetime] = field(default_factory=dict)
     #: Whether each storage is paused, and its circuit breaker.
     controls: dict[str, Controls] = field(default_factory=dict)
+    #: Everything each storage's history holds: totals that only grow.
+    totals: dict[str, history.Counts] = field(default_factory=dict)
 
 
 def read_ledger() -> LedgerReading:
@@ -104,7 +112,8 @@ def read_ledger() -> LedgerReading:
     now = timezone.now()
     counts = rows.status_counts_per_storage()
     controls = storage_controls(now=now)
-    for key in [*registry.known_keys(), *controls]:
+    totals = history.totals()
+    for key in [*registry.known_keys(), *controls, *totals]:
         counts.setdefault(key, dict.fromkeys(Status.values, 0))
     for key in counts:
         controls.setdefault(key, Controls(key))
@@ -118,6 +127,7 @@ def read_ledger() -> LedgerReading:
         rows=counts,
         oldest_due=oldest_due_per_storage(rows, waiting, now),
         controls=controls,
+        totals=totals,
     )
 
 
@@ -215,7 +225,60 @@ def _families(reading: LedgerReading | None) -> list[Metric]:
             breaker_open.add_metric([key], int(controls.breaker != BREAKER_CLOSED))
             for state in BREAKER_STATES:
                 breaker_state.add_metric([key, state], int(controls.breaker == state))
-    return [rows, oldest, paused, breaker_open, breaker_state]
+    transfers = CounterMetricFamily(
+        "queued_storage_transfers",
+        "Transfers done (the remote copy verified and the row recorded done), per "
+        "storage.",
+        labels=["storage"],
+    )
+    transfer_bytes = CounterMetricFamily(
+        "queued_storage_transfer_bytes",
+        "Bytes of the transfers done, per storage.",
+        labels=["storage"],
+        unit="bytes",
+    )
+    failures = CounterMetricFamily(
+        "queued_storage_transfer_failures",
+        "Failed transfer attempts (retried later or given up), per storage.",
+        labels=["storage"],
+    )
+    durations = HistogramMetricFamily(
+        "queued_storage_transfer_duration_seconds",
+        "Seconds from the start of a transfer to its verified remote copy, of "
+        "the transfers done, per storage.",
+        labels=["storage"],
+        unit="seconds",
+    )
+    if reading is not None:
+        for key in sorted(reading.rows):
+            counts = reading.totals.get(key) or history.Counts()
+            transfers.add_metric([key], counts.files)
+            transfer_bytes.add_metric([key], counts.bytes)
+            failures.add_metric([key], counts.failures)
+            buckets = zip(
+                history.BOUNDS, history.cumulative(counts.buckets), strict=True
+            )
+            durations.add_metric(
+                [key],
+                [(_le(bound), count) for bound, count in buckets],
+                counts.duration_sum,
+            )
+    return [
+        rows,
+        oldest,
+        paused,
+        breaker_open,
+        breaker_state,
+        transfers,
+        transfer_bytes,
+        failures,
+        durations,
+    ]
+
+
+def _le(bound: float) -> str:
+    """A bucket's bound as prometheus_client writes its own: 1.0, 0.25, +Inf."""
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
 
 
 @functools.cache
