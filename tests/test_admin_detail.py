@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import Permission
+from django.db import connection
 from django.test import Client, override_settings
 from django.urls import reverse
 from django.utils import timezone
@@ -25,6 +26,7 @@ from tests.browser import SCREENSHOTS, chromium_page
 from tests.factories import pending_row, pending_rows
 from tests.helpers import FLAKY, content, remote_calls
 from tests.test_admin import (
+    AtomicProbeStorage,
     change_url,
     changelist_url,
     file_url,
@@ -160,6 +162,29 @@ def test_transfer_now_on_the_page_transfers_the_row(
     assert messages_of(response) == ["1 transferred; 0 to retry; 0 failed."]
     assert fresh(row).status == Status.DONE
     assert remote_calls(storage, "save") == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_transfer_now_on_the_page_commits_as_it_goes_under_atomic_requests(
+    operator: Client,
+    make_storage: Callable[..., QueuedStorage],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(connection.settings_dict, "ATOMIC_REQUESTS", True)
+    AtomicProbeStorage.in_transaction.clear()
+    storage = make_storage(
+        remote="tests.test_admin.AtomicProbeStorage",
+        remote_options={"location": str(tmp_path / "probe")},
+    )
+    storage.save("a.txt", content())
+    row = PendingTransfer.objects.get(storage_key=storage.key)
+
+    response = press(operator, row, "transfer_now")
+
+    assert messages_of(response) == ["1 transferred; 0 to retry; 0 failed."]
+    # The claim was committed before the upload started.
+    assert AtomicProbeStorage.in_transaction == [False]
 
 
 @pytest.mark.django_db
