@@ -38,11 +38,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP) $(DEMO_STAMP)
 
 # The package with its s3 extra (django-storages, boto3) and the demo group
-# (moto's S3 server); the q2 extra for `SANDBOX_WORKER=django_q make sandbox`.
+# (moto's S3 server); the q2 extra for `SANDBOX_WORKER=django_q make sandbox`,
+# the prometheus extra for the sandbox's /metrics.
 $(DEMO_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade "pip>=25.1"
-	$(BIN)/python -m pip install -e ".[s3,q2]" --group demo
+	$(BIN)/python -m pip install -e ".[s3,q2,prometheus]" --group demo
 	touch $(DEMO_STAMP)
 
 venv-latest: $(LATEST_STAMP)

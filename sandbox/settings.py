@@ -121,6 +121,8 @@ QUEUED_STORAGE_RETRIES = 2
 QUEUED_STORAGE_RETRY_DELAY = 2
 QUEUED_STORAGE_LEASE = 60
 QUEUED_STORAGE_WORKER = SANDBOX_WORKER
+# /metrics answers this machine only: curl http://127.0.0.1:8000/metrics
+QUEUED_STORAGE_METRICS_ALLOWED_IPS = ["127.0.0.1", "::1"]
 
 # Used when SANDBOX_WORKER=django_q: the ORM broker, in the sandbox's database.
 Q_CLUSTER = {
