@@ -29,6 +29,7 @@ from django.template import Context, Template
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from benchmarks.dashboard_case import case_dashboard
 from benchmarks.harness import (
     ROOT,
     latency_proxy,
@@ -1230,6 +1231,7 @@ CASES: dict[str, Callable[[Sizes], list[dict[str, Any]]]] = {
     "scale": case_scale,
     "overhead": case_overhead,
     "scaleout": lambda sizes: case_scaleout(sizes is FULL),
+    "dashboard": case_dashboard,
 }
 
 

@@ -24,6 +24,7 @@ from django.utils.timesince import timesince, timeuntil
 from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
 
+from queued_storage import dashboard_admin as dashboard_admin  # registers its page
 from queued_storage import registry
 from queued_storage.admin_detail import PendingTransferDetail
 from queued_storage.admin_views import (

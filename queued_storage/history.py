@@ -114,6 +114,16 @@ class TransferMinute(models.Model):
         return f"{self.storage_key} {self.minute:%Y-%m-%d %H:%M}"
 
 
+class TransferDashboard(TransferMinute):
+    """The admin index's entry for the transfer dashboard (``dashboard.py``): a
+    proxy, no table of its own; its page needs the view permission on the ledger."""
+
+    class Meta:
+        proxy = True
+        verbose_name = _("transfer dashboard")
+        verbose_name_plural = _("transfer dashboard")
+
+
 @dataclass(frozen=True)
 class Counts:
     """Files and bytes done, failed attempts, and the durations of the transfers

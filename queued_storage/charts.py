@@ -1,0 +1,104 @@
+"""Bar charts as inline SVG, rendered on the server: no JavaScript, no library, no
+build step. Each bar has a ``<title>`` (its time and value, shown on hover), the
+axis has labels in the current time zone, and the tallest bar fills the plot."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
+
+#: Size of a chart (SVG user units, one CSS pixel each).
+WIDTH = 260
+HEIGHT = 96
+#: Room for the axis labels below the bars and the scale on their left.
+BOTTOM = 16
+LEFT = 64
+TOP = 6
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One bar: the start of its interval and its value."""
+
+    at: datetime
+    value: float
+
+
+def local_time(at: datetime) -> str:
+    """``HH:MM`` in the current time zone (``TIME_ZONE``, or the one activated)."""
+    if timezone.is_aware(at):
+        at = timezone.localtime(at)
+    return at.strftime("%H:%M")
+
+
+def bar_chart(
+    bars: Sequence[Bar],
+    *,
+    label: str,
+    colour: str,
+    text: Callable[[float], str],
+    every: int,
+    css_class: str = "qs-chart",
+) -> SafeString:
+    """An SVG bar chart of ``bars`` (oldest first): ``text`` formats a value for
+    the scale and the bars' titles, and every ``every``-th bar's start is an axis
+    label. A chart of zeros has no bar taller than its baseline."""
+    plot_width = WIDTH - LEFT
+    plot_height = HEIGHT - BOTTOM - TOP
+    tallest = max((bar.value for bar in bars), default=0.0)
+    step = plot_width / max(len(bars), 1)
+    rects = []
+    ticks = []
+    for index, bar in enumerate(bars):
+        x = LEFT + index * step
+        height = 0.0 if tallest <= 0 else bar.value / tallest * plot_height
+        rects.append(
+            (
+                f"{x:.2f}",
+                f"{TOP + plot_height - height:.2f}",
+                f"{max(step - 1, 1):.2f}",
+                f"{height:.2f}",
+                f"{local_time(bar.at)}: {text(bar.value)}",
+            )
+        )
+        if index % every == 0:
+            ticks.append((f"{x:.2f}", f"{HEIGHT - 3}", local_time(bar.at)))
+    baseline = TOP + plot_height
+    return format_html(
+        '<svg class="{}" role="img" xmlns="http://www.w3.org/2000/svg" '
+        'width="{}" height="{}" viewBox="0 0 {} {}"><title>{}</title>'
+        '<line x1="{}" y1="{}" x2="{}" y2="{}" stroke="#999" stroke-width="1"/>'
+        '<text class="qs-scale" x="{}" y="{}" text-anchor="end" font-size="10">{}'
+        "</text>"
+        '<text class="qs-scale" x="{}" y="{}" text-anchor="end" font-size="10">0'
+        "</text>"
+        '<g fill="{}">{}</g><g font-size="10" fill="currentColor">{}</g></svg>',
+        css_class,
+        WIDTH,
+        HEIGHT,
+        WIDTH,
+        HEIGHT,
+        label,
+        LEFT,
+        baseline,
+        WIDTH,
+        baseline,
+        LEFT - 4,
+        TOP + 8,
+        text(tallest),
+        LEFT - 4,
+        baseline,
+        colour,
+        format_html_join(
+            "",
+            '<rect class="qs-bar" x="{}" y="{}" width="{}" height="{}">'
+            "<title>{}</title></rect>",
+            rects,
+        ),
+        format_html_join("", '<text x="{}" y="{}">{}</text>', ticks),
+    )
