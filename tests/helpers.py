@@ -15,6 +15,7 @@ from django.core.files.storage import FileSystemStorage, Storage
 from django.db import connections, transaction
 from django.db.models.fields.files import FieldFile
 
+from queued_storage import history
 from queued_storage.backends import QueuedStorage
 from queued_storage.fields import QueuedFieldFile
 from queued_storage.models import PendingTransfer
@@ -205,3 +206,10 @@ def wait_until(
 class Exited(Exception):
     """Raised by a faked ``os._exit`` (its one argument the exit status), so that
     a test sees a stop at once without losing its process."""
+
+
+def add_history(key: str, minute: Any, **counts: Any) -> None:
+    """Add ``counts`` (files, bytes, failures, duration_sum, bucket columns) to
+    ``key``'s history row of ``minute``, as workers do."""
+    values = [counts.get(name, 0) for name in history.COUNTED]
+    history._add({key: values}, minute, history.history_db())

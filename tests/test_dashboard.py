@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from html import unescape
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -25,7 +25,7 @@ from queued_storage.backends import QueuedStorage
 from queued_storage.charts import Bar, bar_chart
 from queued_storage.failures import ledger_db
 from queued_storage.models import PendingTransfer, StorageState
-from tests.helpers import content
+from tests.helpers import add_history, content
 
 pytestmark = pytest.mark.django_db
 
@@ -37,24 +37,22 @@ BAR = re.compile(
 )
 
 
-def staff(django_user_model: Any, *codenames: str) -> Client:
+def client_of(django_user_model: Any, *codenames: str) -> Client:
+    """A logged-in staff user's client with the ledger app's ``codenames``."""
     user = django_user_model.objects.create_user(
-        username="-".join(codenames) or "staff", password="x", is_staff=True
+        username="dash-" + "-".join(codenames), password="x", is_staff=True
     )
-    user.user_permissions.set(Permission.objects.filter(codename__in=codenames))
+    for permission in Permission.objects.filter(codename__in=codenames):
+        user.user_permissions.add(permission)
     client = Client()
     client.force_login(user)
     return client
 
 
 @pytest.fixture
-def viewer(django_user_model: Any) -> Client:
-    return staff(django_user_model, "view_pendingtransfer")
-
-
-def add_minute(key: str, minute: datetime, **counts: Any) -> None:
-    values = [counts.get(name, 0) for name in history.COUNTED]
-    history._add({key: values}, minute, ledger_db())
+def ledger_viewer(django_user_model: Any) -> Client:
+    """Staff with only the view permission on the ledger."""
+    return client_of(django_user_model, "view_pendingtransfer")
 
 
 def section(html: str, key: str) -> str:
@@ -79,27 +77,27 @@ def charts(html: str) -> list[str]:
 
 
 def test_the_view_permission_on_the_ledger_opens_the_dashboard(
-    viewer: Client, django_user_model: Any, admin_client: Client
+    ledger_viewer: Client, django_user_model: Any, admin_client: Client
 ) -> None:
-    assert viewer.get(URL).status_code == 200
+    assert ledger_viewer.get(URL).status_code == 200
     assert admin_client.get(URL).status_code == 200
-    changer = staff(django_user_model, "change_pendingtransfer")
+    changer = client_of(django_user_model, "change_pendingtransfer")
     assert changer.get(URL).status_code == 200
     # Staff without it: refused; not logged in: to the login page.
-    assert staff(django_user_model).get(URL).status_code == 403
+    assert client_of(django_user_model).get(URL).status_code == 403
     anonymous = Client().get(URL)
     assert anonymous.status_code == 302
     assert "/admin/login/" in anonymous["Location"]
 
 
 def test_the_admin_index_and_the_ledger_list_link_to_it(
-    viewer: Client, django_user_model: Any
+    ledger_viewer: Client, django_user_model: Any
 ) -> None:
     assert reverse("admin:queued_storage_transferdashboard_changelist") == URL
-    assert f'href="{URL}"' in viewer.get(reverse("admin:index")).content.decode()
+    assert f'href="{URL}"' in ledger_viewer.get(reverse("admin:index")).content.decode()
     changelist = reverse("admin:queued_storage_pendingtransfer_changelist")
-    assert f'href="{URL}"' in viewer.get(changelist).content.decode()
-    nobody = staff(django_user_model, "view_storagestate")
+    assert f'href="{URL}"' in ledger_viewer.get(changelist).content.decode()
+    nobody = client_of(django_user_model, "view_storagestate")
     assert URL not in nobody.get(reverse("admin:index")).content.decode()
     assert nobody.post(URL).status_code == 403
 
@@ -108,7 +106,7 @@ def test_the_admin_index_and_the_ledger_list_link_to_it(
 
 
 def test_each_storage_shows_its_rows_by_status_linked_to_the_filtered_list(
-    viewer: Client, make_storage: Callable[..., QueuedStorage]
+    ledger_viewer: Client, make_storage: Callable[..., QueuedStorage]
 ) -> None:
     first, second = make_storage(), make_storage()
     for i in range(3):
@@ -121,7 +119,7 @@ def test_each_storage_shows_its_rows_by_status_linked_to_the_filtered_list(
         storage_key=second.key, name="d.txt", status=Status.DONE
     )
 
-    html = viewer.get(URL).content.decode()
+    html = ledger_viewer.get(URL).content.decode()
 
     mine = section(html, first.key)
     counts = dict(
@@ -147,14 +145,16 @@ def test_each_storage_shows_its_rows_by_status_linked_to_the_filtered_list(
     assert {"storage_key": [first.key], "failing": ["yes"]} in found
     # Each link is one the ledger's list accepts: it filters, it does not reset.
     changelist = reverse("admin:queued_storage_pendingtransfer_changelist")
-    page = viewer.get(changelist, {"storage_key": first.key, "status__exact": "queued"})
+    page = ledger_viewer.get(
+        changelist, {"storage_key": first.key, "status__exact": "queued"}
+    )
     assert page.status_code == 200
     assert "?e=1" not in page.request["QUERY_STRING"]
     assert page.context["cl"].result_count == 3
 
 
 def test_oldest_due_and_stuck_rows(
-    viewer: Client, storage: QueuedStorage, settings: Any
+    ledger_viewer: Client, storage: QueuedStorage, settings: Any
 ) -> None:
     settings.QUEUED_STORAGE_HEALTH_MAX_AGE = 600
     now = timezone.now()
@@ -170,7 +170,7 @@ def test_oldest_due_and_stuck_rows(
         lease_expires_at=now - timedelta(minutes=5),
     )
 
-    mine = section(viewer.get(URL).content.decode(), storage.key)
+    mine = section(ledger_viewer.get(URL).content.decode(), storage.key)
 
     oldest = re.search(r'qs-oldest-due.*?qs-count">([^<]*)<', mine, flags=re.S)
     assert oldest and oldest.group(1).strip().startswith("3\xa0hours")
@@ -180,7 +180,9 @@ def test_oldest_due_and_stuck_rows(
     assert overdue and overdue.group(1) == "1"  # late.txt, not fresh.txt
 
 
-def test_paused_and_breaker_state(viewer: Client, storage: QueuedStorage) -> None:
+def test_paused_and_breaker_state(
+    ledger_viewer: Client, storage: QueuedStorage
+) -> None:
     now = timezone.now()
     StorageState.objects.update_or_create(
         storage_key=storage.key,
@@ -194,7 +196,7 @@ def test_paused_and_breaker_state(viewer: Client, storage: QueuedStorage) -> Non
         },
     )
 
-    mine = section(viewer.get(URL).content.decode(), storage.key)
+    mine = section(ledger_viewer.get(URL).content.decode(), storage.key)
 
     assert "paused</span>" in mine and "by ops" in mine and "bucket migration" in mine
     assert "breaker open</span>" in mine
@@ -202,13 +204,13 @@ def test_paused_and_breaker_state(viewer: Client, storage: QueuedStorage) -> Non
 
 
 def test_done_rows_are_counted_up_to_a_limit(
-    viewer: Client, storage: QueuedStorage, monkeypatch: pytest.MonkeyPatch
+    ledger_viewer: Client, storage: QueuedStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(dashboard, "DONE_COUNT_LIMIT", 3)
     for i in range(5):
         storage.save(f"d{i}.txt", content("d"))
     PendingTransfer.objects.filter(storage_key=storage.key).update(status=Status.DONE)
-    mine = section(viewer.get(URL).content.decode(), storage.key)
+    mine = section(ledger_viewer.get(URL).content.decode(), storage.key)
     assert re.search(r'qs-status-done".*?qs-count">3\+<', mine)
 
 
@@ -216,15 +218,15 @@ def test_done_rows_are_counted_up_to_a_limit(
 
 
 def test_the_last_hours_chart_has_a_bar_per_minute_in_proportion_with_local_times(
-    viewer: Client, storage: QueuedStorage, settings: Any
+    ledger_viewer: Client, storage: QueuedStorage, settings: Any
 ) -> None:
     settings.TIME_ZONE = "Asia/Kolkata"  # UTC+05:30: a local time is not UTC's
     now = timezone.now()
     minute = history.this_minute(now)
-    add_minute(storage.key, minute - timedelta(minutes=10), files=10, bytes=4096)
-    add_minute(storage.key, minute - timedelta(minutes=20), files=5, failures=2)
+    add_history(storage.key, minute - timedelta(minutes=10), files=10, bytes=4096)
+    add_history(storage.key, minute - timedelta(minutes=20), files=5, failures=2)
 
-    html = section(viewer.get(URL).content.decode(), storage.key)
+    html = section(ledger_viewer.get(URL).content.decode(), storage.key)
 
     files_hour, bytes_hour, failures_hour, files_day, *_rest = charts(html)
     bars = BAR.findall(files_hour)
@@ -269,15 +271,15 @@ def test_a_chart_of_zeros_draws_no_bar_taller_than_its_baseline() -> None:
 
 
 def test_the_query_count_does_not_grow_with_rows_or_minutes(
-    viewer: Client, make_storage: Callable[..., QueuedStorage]
+    ledger_viewer: Client, make_storage: Callable[..., QueuedStorage]
 ) -> None:
     first = make_storage()
     first.save("a.txt", content("a"))
-    viewer.get(URL)  # the session, the permissions cache
+    ledger_viewer.get(URL)  # the session, the permissions cache
 
     def queries() -> int:
         with CaptureQueriesContext(connections[ledger_db()]) as captured:
-            assert viewer.get(URL).status_code == 200
+            assert ledger_viewer.get(URL).status_code == 200
         return len(captured.captured_queries)
 
     few = queries()
@@ -292,8 +294,8 @@ def test_the_query_count_does_not_grow_with_rows_or_minutes(
     )
     for minutes in range(0, 24 * 60, 7):
         minute = history.this_minute(now - timedelta(minutes=minutes))
-        add_minute(first.key, minute, files=1)
-        add_minute(others[0].key, minute, failures=1)
+        add_history(first.key, minute, files=1)
+        add_history(others[0].key, minute, failures=1)
     many = queries()
 
     # Session, user and the user's and groups' permissions (4); the rows not

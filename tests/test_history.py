@@ -40,7 +40,7 @@ from queued_storage.history import (
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import Verified, complete, transfer_row
 from queued_storage.worker import drain
-from tests.helpers import ALWAYS_FAILING, FLAKY, content, in_thread, joined
+from tests.helpers import ALWAYS_FAILING, FLAKY, add_history, content, in_thread, joined
 
 Status = PendingTransfer.Status
 DAY = timedelta(days=1)
@@ -63,13 +63,6 @@ def done_updates(captured: CaptureQueriesContext) -> list[str]:
         and "transferred_at" in query["sql"]
         and "'done'" in query["sql"]
     ]
-
-
-def add_minute(key: str, minute: datetime, **counts: Any) -> None:
-    """Add ``counts`` (files, bytes, failures, duration_sum, bucket columns) to
-    ``key``'s row of ``minute``, as workers do."""
-    values = [counts.get(name, 0) for name in history.COUNTED]
-    history._add({key: values}, minute, ledger_db())
 
 
 @dataclass
@@ -262,8 +255,8 @@ def test_concurrent_workers_lose_no_increment(
 def old_and_new_minutes(key: str, now: datetime) -> None:
     """Minutes at 3, 2.5 and 2 days and a second old, and one an hour old."""
     for age in (timedelta(days=3), timedelta(days=2.5), 2 * DAY + timedelta(minutes=1)):
-        add_minute(key, history.this_minute(now - age), files=2, bytes=20, le_1=2)
-    add_minute(key, history.this_minute(now - timedelta(hours=1)), files=1, failures=3)
+        add_history(key, history.this_minute(now - age), files=2, bytes=20, le_1=2)
+    add_history(key, history.this_minute(now - timedelta(hours=1)), files=1, failures=3)
 
 
 @pytest.mark.django_db
@@ -292,14 +285,14 @@ def test_pruning_folds_old_minutes_into_one_carry_row_and_totals_stay(
 
     # Pruned again later: the same carry row grows, totals only grow.
     assert prune(now) == 0
-    add_minute("a", history.this_minute(now - 4 * DAY), files=5)
+    add_history("a", history.this_minute(now - 4 * DAY), files=5)
     assert prune(now) == 1
     assert totals(["a"])["a"].files == 12
     assert TransferMinute.objects.filter(storage_key="a").count() == 2
 
     # A longer retention keeps more.
     settings.QUEUED_STORAGE_HISTORY_RETENTION = 10 * DAY.total_seconds()
-    add_minute("a", history.this_minute(now - 4 * DAY), files=5)
+    add_history("a", history.this_minute(now - 4 * DAY), files=5)
     assert prune(now) == 0
 
 
@@ -312,7 +305,7 @@ def test_pruners_running_at_once_fold_each_minute_once(
     keys = ["p1", "p2", "p3"]
     for key in keys:
         for minutes in range(20):
-            add_minute(
+            add_history(
                 key,
                 history.this_minute(now - 3 * DAY - timedelta(minutes=minutes)),
                 files=1,
@@ -341,7 +334,7 @@ def test_a_drain_prunes_at_most_every_ten_minutes(
 ) -> None:
     monkeypatch.setattr(history, "_pruned", {})
     old = history.this_minute(timezone.now() - 3 * DAY)
-    add_minute(storage.key, old, files=1)
+    add_history(storage.key, old, files=1)
 
     drain(keys=[storage.key])  # nothing due: no pruning
     assert TransferMinute.objects.filter(minute=old).exists()
@@ -350,7 +343,7 @@ def test_a_drain_prunes_at_most_every_ten_minutes(
     drain(keys=[storage.key])
     assert not TransferMinute.objects.filter(minute=old).exists()
 
-    add_minute(storage.key, old, files=1)
+    add_history(storage.key, old, files=1)
     storage.save("b.txt", content("b"))
     drain(keys=[storage.key])
     assert TransferMinute.objects.filter(minute=old).exists()  # pruned just now
