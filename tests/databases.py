@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 ENV_VAR = "QUEUED_STORAGE_TEST_DB"
@@ -103,3 +105,51 @@ def database_settings(vendor: str) -> dict[str, Any]:
     raise ValueError(
         f"{ENV_VAR}={vendor!r} is not supported; use one of: {', '.join(VENDORS)}."
     )
+
+
+@contextmanager
+def live_database(name: str) -> Iterator[None]:
+    """An empty database ``name`` on the selected server, as a live site has one
+    (not a test database): created, then dropped afterwards. Nothing on SQLite,
+    where a new file is one."""
+    vendor = selected_vendor()
+    if vendor == "sqlite":
+        yield
+        return
+    host, port = server_address(vendor)
+    user, password = server_credentials(vendor)
+    if vendor == "postgresql":
+        import psycopg
+
+        def execute(sql: str) -> None:
+            with psycopg.connect(
+                host=host,
+                port=port,
+                user=user,
+                password=password,
+                dbname="postgres",
+                autocommit=True,
+            ) as conn:
+                conn.execute(sql)
+
+        execute(f'CREATE DATABASE "{name}"')
+        drop = f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
+    else:
+        import pymysql
+
+        def execute(sql: str) -> None:
+            conn = pymysql.connect(host=host, port=port, user=user, password=password)
+            try:
+                with conn.cursor() as cursor:
+                    cursor.execute(sql)
+            finally:
+                conn.close()
+
+        execute(
+            f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
+        )
+        drop = f"DROP DATABASE IF EXISTS `{name}`"
+    try:
+        yield
+    finally:
+        execute(drop)

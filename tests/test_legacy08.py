@@ -22,18 +22,12 @@ import sys
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.databases import (
-    run_id,
-    selected_vendor,
-    server_address,
-    server_credentials,
-)
+from tests.databases import live_database, run_id
 from tests.s3 import make_bucket, s3_client
 
 pytestmark = pytest.mark.slow
@@ -103,53 +97,6 @@ def output(done: subprocess.CompletedProcess[str]) -> str:
 
 def database_name(purpose: str) -> str:
     return f"legacy08_{run_id()}_{purpose}_{uuid.uuid4().hex[:6]}"
-
-
-@contextmanager
-def live_database(name: str) -> Iterator[None]:
-    """An empty database for the site, as a live site has one (not a test
-    database): created on the server, dropped afterwards."""
-    vendor = selected_vendor()
-    if vendor == "sqlite":
-        yield
-        return
-    host, port = server_address(vendor)
-    user, password = server_credentials(vendor)
-    if vendor == "postgresql":
-        import psycopg
-
-        def execute(sql: str) -> None:
-            with psycopg.connect(
-                host=host,
-                port=port,
-                user=user,
-                password=password,
-                dbname="postgres",
-                autocommit=True,
-            ) as conn:
-                conn.execute(sql)
-
-        execute(f'CREATE DATABASE "{name}"')
-        drop = f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
-    else:
-        import pymysql
-
-        def execute(sql: str) -> None:
-            conn = pymysql.connect(host=host, port=port, user=user, password=password)
-            try:
-                with conn.cursor() as cursor:
-                    cursor.execute(sql)
-            finally:
-                conn.close()
-
-        execute(
-            f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
-        )
-        drop = f"DROP DATABASE IF EXISTS `{name}`"
-    try:
-        yield
-    finally:
-        execute(drop)
 
 
 @pytest.fixture
