@@ -14,11 +14,18 @@ from urllib.parse import quote
 
 from django.core.files import File
 from django.core.files.storage import Storage
-from django.db import router
+from django.db import OperationalError, ProgrammingError, router
 from django.db.models.functions import Substr
 from django.utils.deconstruct import deconstructible
 
-from queued_storage import prefetch, redaction, registry, saving
+from queued_storage import (
+    checks,  # noqa: F401 - registered without the app too (E016)
+    installation,
+    prefetch,
+    redaction,
+    registry,
+    saving,
+)
 from queued_storage.checksums import storage_sha256
 from queued_storage.conf import settings as conf
 from queued_storage.configuration import (
@@ -77,6 +84,12 @@ def _redacted_errors(
         try:
             self._refuse_if_unusable()
             return method(self, *args, **kwargs)
+        except (ProgrammingError, OperationalError) as exc:
+            redaction.scrub(self, exc)
+            # Asked only now, off the hot path: a ledger not migrated where it
+            # lives says how to fix it instead of "no such table".
+            installation.raise_if_not_migrated(exc)
+            raise
         except Exception as exc:
             redaction.scrub(self, exc)
             raise

@@ -11,12 +11,14 @@ from typing import Any
 from django.apps import AppConfig, apps
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, register
+from django.core.checks import Warning as CheckWarning
 from django.core.exceptions import ImproperlyConfigured
 from django.core.files.storage import default_storage, storages
+from django.db import connections
 from django.db.models import FileField, Model
 from django.utils.module_loading import import_string
 
-from queued_storage import registry
+from queued_storage import installation, registry
 from queued_storage.conf import (
     HOSTNAME_HINT,
     MAX_RETRIES,
@@ -176,6 +178,73 @@ def check_settings(
             )
         )
     return errors
+
+
+@register(Tags.compatibility)
+def check_installed(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """E016 for a site that uses a storage without the app. Registered when
+    :mod:`queued_storage.backends` is imported (by a model field's storage, a 0.8
+    subclass, or code), since without the app no ``ready()`` registers it."""
+    if installation.installed():
+        return []
+    used = [f"STORAGES[{alias!r}]" for alias in _queued_aliases()]
+    for model in apps.get_models():
+        for field in model._meta.get_fields():
+            if not isinstance(field, FileField) or field.storage is default_storage:
+                continue
+            try:
+                queued = isinstance(field.storage, ConfiguredStorage)
+            except Exception:  # a lazy storage whose STORAGES entry is reported
+                continue
+            if queued:
+                used.append(f"{model._meta.label}.{field.name}")
+    where = f" (used by {', '.join(used)})" if used else ""
+    return [
+        Error(
+            f"{installation.NOT_INSTALLED}{where}.",
+            hint=installation.NOT_INSTALLED_HINT,
+            id="queued_storage.E016",
+        )
+    ]
+
+
+def _queued_aliases() -> list[str]:
+    found = []
+    for alias, config in getattr(settings, "STORAGES", {}).items():
+        try:
+            backend = import_string(config.get("BACKEND", ""))
+        except Exception:  # reported by check_storages where it is ours
+            continue
+        if isinstance(backend, type) and issubclass(backend, ConfiguredStorage):
+            found.append(alias)
+    return found
+
+
+@register(Tags.database)
+def check_ledger_tables(
+    app_configs: Sequence[AppConfig] | None = None,
+    databases: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> list[CheckMessage]:
+    """W001/W002 for a ledger not migrated on a database it is routed to. Only
+    with ``--database`` (and before ``migrate``, which is why these are warnings:
+    an error would stop the command that fixes it); the plain check asks no
+    database."""
+    if not databases or not installation.installed():
+        return []
+    messages: list[CheckMessage] = []
+    for alias, models in installation.ledger_databases().items():
+        if alias not in databases:
+            continue
+        found = installation.not_migrated(connections[alias], models)
+        if found is not None:
+            check_id = (
+                "queued_storage.W001" if found.tables_behind else "queued_storage.W002"
+            )
+            messages.append(CheckWarning(found.problem, hint=found.hint, id=check_id))
+    return messages
 
 
 def _models(app_configs: Sequence[AppConfig] | None) -> Iterator[type[Model]]:

@@ -22,7 +22,7 @@ from django.core.signals import setting_changed
 from django.db.migrations.loader import MigrationLoader
 from django.utils.module_loading import import_string
 
-from queued_storage import redaction
+from queued_storage import installation, redaction
 from queued_storage.conf import settings as conf
 from queued_storage.tasks import Transfer
 
@@ -347,6 +347,7 @@ class ConfiguredStorage(Storage):
         return [self.redact(problem) for problem in self._problems.values()]
 
     def _refuse_if_unusable(self) -> None:
+        installation.refuse_unless_installed(self.key)
         self._look_up_aliases_again()
         if self._problems:
             raise ImproperlyConfigured(" ".join(self._problems.values()))

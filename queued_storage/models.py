@@ -255,6 +255,8 @@ class PendingTransfer(models.Model):
     attempt_started_at: datetime | None = None
 
     class Meta:
+        # Declared, so that a site without the app imports this and hears why.
+        app_label = "queued_storage"
         verbose_name = _("pending transfer")
         verbose_name_plural = _("pending transfers")
         ordering = ["-created_at", "-pk"]

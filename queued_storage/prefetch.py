@@ -14,8 +14,10 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, NamedTuple
 
+from django.db import OperationalError, ProgrammingError
 from django.db.models import FileField, Model
 
+from queued_storage import installation
 from queued_storage.configuration import ConfiguredStorage
 from queued_storage.models import PendingTransfer, name_hash
 
@@ -127,7 +129,12 @@ def _prefetch(wanted: dict[ConfiguredStorage, set[str]]) -> Iterator[None]:
     outer = _states.get()
     states: dict[tuple[str, str], State | None] = dict(outer or {})
     for storage, names in wanted.items():
-        states.update(_read(storage.key, names))
+        installation.refuse_unless_installed(storage.key)
+        try:
+            states.update(_read(storage.key, names))
+        except (ProgrammingError, OperationalError) as exc:
+            installation.raise_if_not_migrated(exc)
+            raise
     token = _states.set(states)
     try:
         yield

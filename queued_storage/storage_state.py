@@ -102,6 +102,7 @@ class StorageState(models.Model):
     updated_at = models.DateTimeField(_("updated at"), default=timezone.now)
 
     class Meta:
+        app_label = "queued_storage"  # see PendingTransfer.Meta
         verbose_name = _("storage state")
         verbose_name_plural = _("storage states")
         ordering = ["storage_key"]
