@@ -100,6 +100,7 @@ class TransferMinute(models.Model):
     le_inf = models.BigIntegerField(_("done in over 300 s"), default=0)
 
     class Meta:
+        app_label = "queued_storage"  # see PendingTransfer.Meta
         verbose_name = _("transfer minute")
         verbose_name_plural = _("transfer minutes")
         ordering = ["storage_key", "minute"]
