@@ -120,6 +120,7 @@ class TransferDashboard(TransferMinute):
     proxy, no table of its own; its page needs the view permission on the ledger."""
 
     class Meta:
+        app_label = "queued_storage"  # see PendingTransfer.Meta
         proxy = True
         verbose_name = _("transfer dashboard")
         verbose_name_plural = _("transfer dashboard")

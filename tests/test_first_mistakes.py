@@ -477,3 +477,15 @@ def test_the_database_check_costs_a_query_per_table_and_the_loaders(
         assert checks.check_ledger_tables(databases=[connection.alias]) == []
     with django_assert_num_queries(0):
         assert checks.check_ledger_tables(databases=None) == []
+
+
+def test_every_model_of_the_app_declares_its_app_label() -> None:
+    """Without it, a site without the app dies importing queued_storage.backends
+    (Django's "doesn't declare an explicit app_label") instead of hearing E016."""
+    undeclared = [
+        model.__name__
+        for model in apps.get_app_config(LABEL).get_models(include_auto_created=True)
+        if model._meta.original_attrs.get("app_label") != LABEL
+    ]
+
+    assert undeclared == [], 'add app_label = "queued_storage" to their Meta'
