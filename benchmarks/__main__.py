@@ -230,8 +230,12 @@ def markdown(report: dict[str, Any]) -> str:
             elif "raw_save_rise_mib" in item:
                 extra = (
                     f" (worker {item.get('worker_rise_mib', 0):.1f} MiB, raw "
-                    f"remote.save() {item['raw_save_rise_mib']:.1f} MiB)"
+                    f"remote.save() {item['raw_save_rise_mib']:.1f} MiB"
                 )
+                fixed = item.get("fixed_mmap_threshold_difference_mib")
+                if fixed is not None:
+                    extra += f"; {fixed:+.1f} MiB with glibc's mmap threshold fixed"
+                extra += ")"
             elif "render_time_ratio" in item:
                 extra = (
                     f" ({item['queries_without_prefetch']} without; render "

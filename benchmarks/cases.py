@@ -78,6 +78,8 @@ class Sizes:
     scale_rows: int
     scale_rounds: int
     memory_bytes: int
+    #: Rounds of the memory case, queued and raw interleaved (medians reported).
+    memory_rounds: int
     #: Also drain to S3 with a HEAD before each upload (create-only off).
     s3_head_first: bool
 
@@ -99,6 +101,7 @@ QUICK = Sizes(
     scale_rows=1_000_000,
     scale_rounds=6,
     memory_bytes=256 * MIB,
+    memory_rounds=5,
     s3_head_first=False,
 )
 FULL = Sizes(
@@ -118,6 +121,7 @@ FULL = Sizes(
     scale_rows=1_000_000,
     scale_rounds=12,
     memory_bytes=1024 * MIB,
+    memory_rounds=5,
     s3_head_first=True,
 )
 
@@ -944,8 +948,19 @@ def case_lookups(sizes: Sizes) -> list[dict[str, Any]]:
 # 4. Memory --------------------------------------------------------------------------
 
 
+#: glibc's malloc with a fixed mmap threshold: every buffer of a part is mapped and
+#: unmapped on its own, instead of the threshold rising to a part's size after the
+#: first one is freed (after which freed parts may stay resident in an arena).
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 def _memory_run(
-    target: str, side: str, endpoint: str, bucket: str, size: int
+    target: str,
+    side: str,
+    endpoint: str,
+    bucket: str,
+    size: int,
+    env_extra: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     with scratch("memory") as root:
         local = root / "local"
@@ -956,6 +971,7 @@ def _memory_run(
         (local / "small.bin").write_bytes(b"x" * 1024)
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT)
+        env.update(env_extra or {})
         output = subprocess.run(
             [
                 sys.executable,
@@ -990,24 +1006,65 @@ def case_memory(sizes: Sizes) -> list[dict[str, Any]]:
             ("s3", "S3 (multipart, boto3's default TransferConfig)"),
             ("s3-tuned", "S3 (multipart, the README's TransferConfig)"),
         ]:
-            queued = _memory_run(target, "queued", endpoint, bucket, size)
-            raw = _memory_run(target, "raw", endpoint, bucket, size)
+            # Interleaved rounds, each in a process of its own: the peak of a
+            # multipart upload moves by a part or so from run to run with the
+            # timing of boto3's threads, on either side.
+            queued_runs, raw_runs = [], []
+            for _ in range(sizes.memory_rounds):
+                queued_runs.append(
+                    _memory_run(target, "queued", endpoint, bucket, size)
+                )
+                raw_runs.append(_memory_run(target, "raw", endpoint, bucket, size))
+            # The same with glibc's mmap threshold fixed: what the worker itself
+            # holds, without the allocator's keeping of a freed part or not.
+            fixed: dict[str, list[float]] = {"queued": [], "raw": []}
+            if target != "fs":
+                for _ in range(sizes.memory_rounds):
+                    for side in fixed:
+                        run = _memory_run(
+                            target, side, endpoint, bucket, size, FIXED_MMAP_THRESHOLD
+                        )
+                        fixed[side].append(run["rise_bytes"] / MIB)
+            queued_rise = statistics.median(r["rise_bytes"] for r in queued_runs)
+            raw_rise = statistics.median(r["rise_bytes"] for r in raw_runs)
             # What the worker adds to the remote's own save() of the same file
             # with the same TransferConfig: the peak itself is the remote's (boto3
             # holds max_concurrency parts in memory by design).
-            difference = (queued["rise_bytes"] - raw["rise_bytes"]) / MIB
+            difference = (queued_rise - raw_rise) / MIB
             results.append(
                 figure(
                     f"peak RSS rise of a worker transferring a {size // MIB} MiB file "
-                    f"to {label}, over remote.save()'s own",
+                    f"to {label}, over remote.save()'s own (median of "
+                    f"{sizes.memory_rounds} rounds each)",
                     target="<= 8 MiB",
                     measured=difference,
                     unit="MiB more than the raw remote.save()",
                     passed=difference <= 8,
-                    worker_rise_mib=round(queued["rise_bytes"] / MIB, 2),
-                    raw_save_rise_mib=round(raw["rise_bytes"] / MIB, 2),
-                    queued=queued,
-                    raw=raw,
+                    worker_rise_mib=round(queued_rise / MIB, 2),
+                    raw_save_rise_mib=round(raw_rise / MIB, 2),
+                    worker_rises_mib=[
+                        round(r["rise_bytes"] / MIB, 2) for r in queued_runs
+                    ],
+                    raw_save_rises_mib=[
+                        round(r["rise_bytes"] / MIB, 2) for r in raw_runs
+                    ],
+                    fixed_mmap_threshold_difference_mib=(
+                        round(
+                            statistics.median(fixed["queued"])
+                            - statistics.median(fixed["raw"]),
+                            2,
+                        )
+                        if fixed["queued"]
+                        else None
+                    ),
+                    fixed_mmap_threshold_worker_rises_mib=[
+                        round(r, 2) for r in fixed["queued"]
+                    ],
+                    fixed_mmap_threshold_raw_save_rises_mib=[
+                        round(r, 2) for r in fixed["raw"]
+                    ],
+                    queued=queued_runs[0],
+                    raw=raw_runs[0],
                 )
             )
     return results

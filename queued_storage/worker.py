@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 
 from django.db import connections
 
-from queued_storage import claim_size, history, registry
+from queued_storage import claim_size, history, lanes, registry
 from queued_storage.claim_size import ClaimSize
 from queued_storage.completions import Completions
 from queued_storage.conf import settings as conf
@@ -173,7 +173,8 @@ class _Drain:
         self.claiming = False
         self.finished = False
         self.error: BaseException | None = None
-        self.lanes: list[threading.Thread] = []
+        #: The lanes, by thread (pooled: see lanes.py), and their runs.
+        self.lanes: dict[threading.Thread, lanes.Lane | None] = {}
         #: The row each lane works on.
         self.current: dict[threading.Thread, PendingTransfer] = {}
         #: Lanes whose transfer was abandoned and that were replaced: each holds a
@@ -197,7 +198,7 @@ class _Drain:
         self.inline = connections[ledger_db()].in_atomic_block
         self.batch = _Batch(self, first)
         if self.inline:
-            self.lanes.append(threading.current_thread())
+            self.lanes[threading.current_thread()] = None
             self._lane()
         else:
             with self.changed:
@@ -224,9 +225,10 @@ class _Drain:
                 if rest:
                     hand_back(rest)
             with self.changed:
-                lanes = list(self.lanes)
-            for lane in lanes:
-                lane.join()
+                runs = list(self.lanes.values())
+            for run in runs:
+                if run is not None:
+                    run.join()
             with self.changed:
                 ended, self.ended = [*self.ended, *self.older], []
             for batch in ended:
@@ -255,14 +257,11 @@ class _Drain:
 
     def _add_lanes(self, size: int) -> None:
         while len(self.lanes) < size:
-            lane = threading.Thread(
-                target=self._run_lane,
-                name=f"queued-storage-worker-{self.started}",
-                daemon=True,
-            )
+            name = f"queued-storage-worker-{self.started}"
             self.started += 1
-            self.lanes.append(lane)
-            lane.start()
+            # Under ``changed``: the lane waits for it before it takes a row.
+            run = lanes.start(self._run_lane, name)
+            self.lanes[run.thread] = run
 
     def _run_lane(self) -> None:
         try:
@@ -453,7 +452,7 @@ class _Drain:
     def _leave_behind(self, thread: threading.Thread, batch: _Batch) -> None:
         """Stop waiting for the transfer on lane ``thread``, which ends when that
         returns, and start a lane in its place (with ``changed`` held)."""
-        self.lanes.remove(thread)
+        del self.lanes[thread]
         del self.current[thread]
         ended = self._row_ended(batch)
         if ended is not None:

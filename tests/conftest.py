@@ -99,8 +99,8 @@ def make_storage(tmp_path: Path) -> Iterator[Callable[..., QueuedStorage]]:
     """Build a QueuedStorage on two directories of this test, with a unique key.
 
     ``remote`` names a storage class (default: the counting FileSystemStorage); the
-    test's storages get a directory of their own, any other gets ``remote_options``
-    as given. ``local`` names the local storage's class, a FileSystemStorage.
+    test suite's storages (any class under ``tests.``) get a directory of their own,
+    any other gets ``remote_options`` as given. ``local`` names the local storage's class, a FileSystemStorage.
     Other keyword arguments go to QueuedStorage."""
     built: list[str] = []
 
@@ -113,7 +113,7 @@ def make_storage(tmp_path: Path) -> Iterator[Callable[..., QueuedStorage]]:
     ) -> QueuedStorage:
         number = next(_keys)
         kwargs.setdefault("key", f"test-{number}")
-        if remote.startswith("tests.storages.") or remote == FS:
+        if remote.startswith("tests.") or remote == FS:
             remote_options = {
                 "location": str(tmp_path / f"remote{number}"),
                 "base_url": "https://remote.example/",

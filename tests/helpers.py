@@ -203,6 +203,20 @@ def wait_until(
     return bool(condition())
 
 
+def lanes_returned(timeout: float = 30) -> bool:
+    """Wait until no drain's lane runs in any thread: each lane thread ended or
+    was parked for the next drain (queued_storage/lanes.py), a lane left behind
+    on a hung transfer included, once that returned."""
+
+    def returned() -> bool:
+        return not any(
+            thread.name.startswith("queued-storage-worker") and thread.is_alive()
+            for thread in threading.enumerate()
+        )
+
+    return wait_until(returned, timeout)
+
+
 class Exited(Exception):
     """Raised by a faked ``os._exit`` (its one argument the exit status), so that
     a test sees a stop at once without losing its process."""

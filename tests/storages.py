@@ -668,3 +668,23 @@ class BlindStorage(CountingStorage):
             self.lies -= 1
             return False
         return super().exists(name)
+
+
+#: The thread of each upload, by name (for ThreadClientStorage).
+UPLOAD_THREADS: dict[str, int] = {}
+#: The clients ThreadClientStorage built, one per thread, as S3Storage does.
+CLIENTS_BUILT: list[int] = []
+
+
+class ThreadClientStorage(CountingStorage):
+    """Builds a client the first time a thread uploads, as django-storages'
+    S3Storage does (its boto3 client is per thread)."""
+
+    _threads = threading.local()
+
+    def _save(self, name: str, content: Any) -> str:
+        if getattr(self._threads, "client", None) is None:
+            self._threads.client = object()
+            CLIENTS_BUILT.append(threading.get_ident())
+        UPLOAD_THREADS[name] = threading.get_ident()
+        return super()._save(name, content)

@@ -16,7 +16,14 @@ from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
 from queued_storage.transfer import Verified, complete
 from queued_storage.worker import drain
-from tests.helpers import content, in_thread, joined, row_of, wait_until
+from tests.helpers import (
+    content,
+    in_thread,
+    joined,
+    lanes_returned,
+    row_of,
+    wait_until,
+)
 from tests.storages import CountingStorage
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -304,11 +311,7 @@ def test_an_older_batchs_abandoned_row_is_retried_in_the_drain_and_its_late_retu
     # The drain need not wait for the lane left behind on the hung upload.
     stats = joined(worker, result)
 
-    def lanes_ended() -> bool:
-        names = [thread.name for thread in threading.enumerate()]
-        return not any(name.startswith("queued-storage-") for name in names)
-
-    assert wait_until(lanes_ended), "the hung upload's lane never returned"
+    assert lanes_returned(), "the hung upload's lane never returned"
     with storage.remote.open("hung.txt") as remote_file:
         assert remote_file.read() == b"h"
     row = row_of(storage, "hung.txt")

@@ -35,6 +35,7 @@ from tests.helpers import (
     content,
     in_thread,
     joined,
+    lanes_returned,
     read_bytes,
     remote_calls,
     row_of,
@@ -165,10 +166,7 @@ HANGING = "tests.storages.HangingStorage"
 
 
 def join_left_behind_workers() -> None:
-    for thread in threading.enumerate():
-        if thread.name.startswith("queued-storage-worker"):
-            thread.join(timeout=30)
-            assert not thread.is_alive()
+    assert lanes_returned(), "a lane left behind on a hung transfer never returned"
 
 
 @pytest.mark.django_db(transaction=True)
