@@ -104,6 +104,14 @@ class _Pool:
         with self.lock:
             return len(self.idle)
 
+    def retire(self) -> list[_Thread]:
+        """End the parked threads (each wakes, finds no lane, and ends)."""
+        with self.lock:
+            idle, self.idle = self.idle, []
+            for thread in idle:
+                thread.handed.notify()
+        return idle
+
     def after_fork(self) -> None:
         # The parked threads are the parent's: none runs in the child, and the
         # lock may have been held by one of them when the process forked.
@@ -135,3 +143,11 @@ def start(target: Callable[[], None], name: str) -> Lane:
 def parked() -> int:
     """How many threads wait parked for a lane."""
     return _pool.parked()
+
+
+def retire_parked(timeout: float | None = None) -> None:
+    """End the threads parked now and wait for them (up to ``timeout`` seconds
+    each): the next lanes start on new threads, which pick up what a new thread
+    starts with (a profiler set with ``threading.setprofile``, say)."""
+    for thread in _pool.retire():
+        thread.join(timeout)

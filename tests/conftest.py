@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.core.files.storage import FileSystemStorage
+from django.utils.module_loading import import_string
 
 from queued_storage import adoption, claim_size, registry
 from queued_storage.backends import (
@@ -99,8 +101,8 @@ def make_storage(tmp_path: Path) -> Iterator[Callable[..., QueuedStorage]]:
     """Build a QueuedStorage on two directories of this test, with a unique key.
 
     ``remote`` names a storage class (default: the counting FileSystemStorage); the
-    test suite's storages (any class under ``tests.``) get a directory of their own,
-    any other gets ``remote_options`` as given. ``local`` names the local storage's class, a FileSystemStorage.
+    test suite's file system storages (any FileSystemStorage under ``tests.``) get
+    a directory of their own, any other gets ``remote_options`` as given. ``local`` names the local storage's class, a FileSystemStorage.
     Other keyword arguments go to QueuedStorage."""
     built: list[str] = []
 
@@ -113,7 +115,10 @@ def make_storage(tmp_path: Path) -> Iterator[Callable[..., QueuedStorage]]:
     ) -> QueuedStorage:
         number = next(_keys)
         kwargs.setdefault("key", f"test-{number}")
-        if remote.startswith("tests.") or remote == FS:
+        if remote == FS or (
+            remote.startswith("tests.")
+            and issubclass(import_string(remote), FileSystemStorage)
+        ):
             remote_options = {
                 "location": str(tmp_path / f"remote{number}"),
                 "base_url": "https://remote.example/",

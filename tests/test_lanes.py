@@ -79,21 +79,23 @@ def test_a_thread_parked_too_long_ends(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_no_more_than_max_idle_threads_wait(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lanes, "MAX_IDLE", lanes.parked() + 1)
     gate = threading.Event()
-    first = lanes.start(gate.wait, "queued-storage-test-cap-1")
-    second = lanes.start(gate.wait, "queued-storage-test-cap-2")
-    assert first.thread is not second.thread
+
+    def hold() -> None:
+        gate.wait(timeout=30)
+
+    held = [lanes.start(hold, f"queued-storage-test-cap-{n}") for n in range(3)]
+    assert len({lane.thread for lane in held}) == 3
+    # Room for one more parked thread: one of the three parks, two end.
+    monkeypatch.setattr(lanes, "MAX_IDLE", lanes.parked() + 1)
     gate.set()
-    assert first.join(timeout=30)
-    assert second.join(timeout=30)
-    # One of them parked; the other found the pool full and ended.
-    ended = [lane.thread for lane in (first, second) if not lane.thread.is_alive()]
-    for lane in (first, second):
-        if lane.thread.name != lanes.IDLE_NAME:
-            lane.thread.join(timeout=30)
-            ended.append(lane.thread)
-    assert len(set(ended)) == 1
+    for lane in held:
+        assert lane.join(timeout=30)
+    ended = [lane.thread for lane in held if lane.thread.name != lanes.IDLE_NAME]
+    for thread in ended:
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    assert len(ended) == 2
     assert lanes.parked() == lanes.MAX_IDLE
 
 
@@ -143,3 +145,13 @@ def test_a_forked_child_runs_lanes_on_threads_of_its_own() -> None:
         os.close(read)
         os.waitpid(pid, 0)
     assert reported == bytes([0])
+
+
+def test_retire_parked_ends_every_parked_thread() -> None:
+    runs = [lanes.start(lambda: None, f"queued-storage-test-retire-{n}") for n in "ab"]
+    for lane in runs:
+        assert lane.join(timeout=30)
+    assert lanes.parked() >= 1
+    lanes.retire_parked(timeout=30)
+    assert lanes.parked() == 0
+    assert not any(lane.thread.is_alive() for lane in runs)

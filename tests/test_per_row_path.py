@@ -23,7 +23,7 @@ import pytest
 from django.core.management import call_command
 
 import queued_storage
-from queued_storage import completions
+from queued_storage import completions, lanes
 from queued_storage.backends import QueuedStorage
 from queued_storage.errors import Outcome
 from queued_storage.models import PendingTransfer
@@ -55,6 +55,8 @@ def counting_package_calls() -> Iterator[Calls]:
                     )
                 ] += 1
 
+    # Lanes run on new threads, which start with the profile.
+    lanes.retire_parked(timeout=30)
     threading.setprofile(profile)
     sys.setprofile(profile)
     try:
