@@ -5,7 +5,14 @@ Each measurement starts N workers against an empty ledger and waits until each
 has polled it (its connection, named by ``PGAPPNAME``, has queried the ledger
 in ``pg_stat_activity``); start-up is not timed. Then one transaction saves the
 backlog (local files and their rows), and the clock runs from its commit to the
-last row's ``transferred_at``. A figure is N workers' rate as a multiple of one
+last row's ``transferred_at``.
+
+The first backlog a fresh worker process sees costs it more than the next (its
+first claim, record and history update on a new database backend, its lane and
+lease threads, code run for the first time: tens of milliseconds each, which N
+workers spend at once on the machine's cores). That backlog is timed and
+reported as the "first backlog" figure; the figures with a target are timed on
+the backlogs after it, as a worker that has been running a while meets them. A figure is N workers' rate as a multiple of one
 worker's, for the same backlog in the same round; rounds alternate the order of
 N.
 
@@ -201,6 +208,9 @@ def case_scaleout(full: bool) -> list[dict[str, Any]]:
             for workers in order:
                 _clear()
                 with running_workers(workers, logs) as processes:
+                    first = drain_seconds(plan.backlogs[0], f"r{number}-first")
+                    seconds.setdefault((workers, -plan.backlogs[0]), []).append(first)
+                    _clear()
                     for backlog in plan.backlogs:
                         before = cpu_seconds(processes)
                         taken = drain_seconds(backlog, f"r{number}-{backlog}")
@@ -226,6 +236,27 @@ def case_scaleout(full: bool) -> list[dict[str, Any]]:
                         _clear()
     _clear()
     results = []
+    first = plan.backlogs[0]
+    one = seconds.get((1, -first))
+    for workers in plan.workers:
+        if one is None:
+            break
+        ratios = [
+            base / taken
+            for base, taken in zip(one, seconds[(workers, -first)], strict=True)
+        ]
+        results.append(
+            {
+                "figure": f"{workers} --loop worker(s) just started, their first "
+                f"backlog ({first} rows), remote waiting 20 ms per write",
+                "target": "reported",
+                "measured": round(statistics.median(ratios), 4),
+                "unit": "x one worker's rate",
+                "passed": None,
+                "seconds": [round(t, 3) for t in seconds[(workers, -first)]],
+                "ratios": [round(r, 4) for r in ratios],
+            }
+        )
     for backlog in plan.backlogs:
         one = seconds[(1, backlog)]
         for workers in plan.workers:
@@ -240,7 +271,8 @@ def case_scaleout(full: bool) -> list[dict[str, Any]]:
             results.append(
                 {
                     "figure": f"{workers} running --loop worker(s), backlog of "
-                    f"{backlog} rows, remote waiting 20 ms per write",
+                    f"{backlog} rows (after their first), remote waiting 20 ms per "
+                    "write",
                     "target": f">= {limit:.2f}" if applies else "reported",
                     "measured": round(ratio, 4),
                     "unit": "x one worker's rate",
