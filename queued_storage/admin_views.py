@@ -29,6 +29,7 @@ from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
 
 from queued_storage import redaction, registry
+from queued_storage.admin_controls import control_urls
 from queued_storage.errors import Outcome
 from queued_storage.models import (
     REQUEUEABLE,
@@ -143,6 +144,7 @@ class PendingTransferViews(admin.ModelAdmin):  # type: ignore[type-arg]
                 self.admin_site.admin_view(self.file_view),
                 name="{}_{}_file".format(*info),
             ),
+            *control_urls(self),
             *super().get_urls(),
         ]
 

@@ -156,6 +156,7 @@ def check_settings(
     errors.extend(
         _check_number("QUEUED_STORAGE_HEALTH_MAX_AGE", check_id="queued_storage.E010")
     )
+    errors.extend(_check_breaker())
     host_problem = hostname_problem(conf.hostname())
     if host_problem:
         errors.append(Error(host_problem, hint=HOSTNAME_HINT, id="queued_storage.E006"))
@@ -245,6 +246,17 @@ def check_ledger_tables(
             )
             messages.append(CheckWarning(found.problem, hint=found.hint, id=check_id))
     return messages
+
+
+def _check_breaker() -> list[Error]:
+    """E018 for a breaker threshold no worker can use."""
+    return _check_number(
+        "QUEUED_STORAGE_BREAKER_FAILURES",
+        integer=True,
+        minimum=0,
+        maximum=MAX_RETRIES,
+        check_id="queued_storage.E018",
+    )
 
 
 def _models(app_configs: Sequence[AppConfig] | None) -> Iterator[type[Model]]:

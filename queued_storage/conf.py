@@ -46,7 +46,16 @@ DEFAULTS: dict[str, Any] = {
     "QUEUED_STORAGE_HOSTNAME": None,
     "QUEUED_STORAGE_HEALTH_MAX_AGE": 900,
     "QUEUED_STORAGE_HISTORY_RETENTION": 2 * 86400,
+    "QUEUED_STORAGE_BREAKER_FAILURES": 5,
 }
+
+#: The circuit breaker's first backoff is QUEUED_STORAGE_RETRY_DELAY, at least
+#: this many seconds; each failed probe doubles it, up to
+#: ``BREAKER_BACKOFF_FACTOR`` times the retry delay and at most
+#: ``MAX_BREAKER_BACKOFF`` seconds (60 s, 120 s, ... 32 min by default).
+MIN_BREAKER_BACKOFF = 1.0
+BREAKER_BACKOFF_FACTOR = 32
+MAX_BREAKER_BACKOFF = 3600.0
 
 
 class Settings:
@@ -68,15 +77,34 @@ class Settings:
             )
         return float(value)
 
-    @property
-    def QUEUED_STORAGE_RETRIES(self) -> int:
-        value = self._get("QUEUED_STORAGE_RETRIES")
+    def _count(self, name: str, what: str = "") -> int:
+        value = self._get(name)
         if not usable_number(value, maximum=MAX_RETRIES) or value != int(value):
             raise ImproperlyConfigured(
-                f"QUEUED_STORAGE_RETRIES is {value!r}; set it to a whole number "
-                f"from 0 to {MAX_RETRIES}."
+                f"{name} is {value!r}; set it to a whole number from 0 to "
+                f"{MAX_RETRIES}{what}."
             )
         return int(value)
+
+    @property
+    def QUEUED_STORAGE_RETRIES(self) -> int:
+        return self._count("QUEUED_STORAGE_RETRIES")
+
+    @property
+    def QUEUED_STORAGE_BREAKER_FAILURES(self) -> int:
+        """Consecutive remote failures of a storage that open its circuit breaker;
+        0: no breaker."""
+        return self._count("QUEUED_STORAGE_BREAKER_FAILURES", " (0: no breaker)")
+
+    def breaker_backoff(self, previous: float = 0.0) -> float:
+        """Seconds an open breaker waits before its next probe: the first after
+        ``previous`` 0, else twice ``previous``, capped (see MIN_BREAKER_BACKOFF)."""
+        delay = self.QUEUED_STORAGE_RETRY_DELAY
+        first = min(max(delay, MIN_BREAKER_BACKOFF), MAX_BREAKER_BACKOFF)
+        if previous <= 0:
+            return first
+        cap = max(first, min(delay * BREAKER_BACKOFF_FACTOR, MAX_BREAKER_BACKOFF))
+        return min(previous * 2, cap)
 
     @property
     def QUEUED_STORAGE_RETRY_DELAY(self) -> float:

@@ -52,6 +52,10 @@ class RemoteChanged(TransferError):
     attempt of the row (or a newer version) wrote it meanwhile."""
 
 
+class HookDeclined(TransferError):
+    """The transfer hook returned False: the remote did not take the file."""
+
+
 class HookContractError(TransferError):
     retry = False
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from django.core.exceptions import ImproperlyConfigured
 from django.db import router
 
-from queued_storage import redaction, registry
+from queued_storage import breaker, redaction, registry
 from queued_storage.conf import settings as conf
 from queued_storage.conf import usable_number
 from queued_storage.errors import Outcome
@@ -138,6 +138,7 @@ def record_crash(row: PendingTransfer, exc: Exception) -> Outcome:
     except Exception:
         storage = None
     try:
+        breaker.forget_probe(row)  # a crash says nothing of the remote
         task = storage.task_class if storage is not None else NoTask
         retries, delay, not_retried = retry_limits(task)
         message = storage.redact(str(exc)) if storage is not None else str(exc)
@@ -180,13 +181,16 @@ def record_failure(
     retries, delay, not_retried = retry_limits(task)
     retry = getattr(error, "retry", True) and not not_retried
     message = storage.redact(str(error)) if storage is not None else str(error)
+    spared = breaker.note_failure(row, error)
     status = row.mark_failure(
         error,
-        message=message + not_retried,
+        message=message + (breaker.SPARED if spared else "") + not_retried,
         retry=retry,
         max_retries=retries,
-        base_delay=delay,
+        # Due again at once: the breaker, not the row's backoff, says when.
+        base_delay=0 if spared else delay,
         owned=wrote,
+        counted=not spared,
     )
     if status is None:
         return None

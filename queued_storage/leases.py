@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from django.db import connections
 from django.utils import timezone
 
-from queued_storage import registry
+from queued_storage import breaker, registry
 from queued_storage.conf import settings as conf
 from queued_storage.copying import read_progress
 from queued_storage.errors import Outcome, TransferTimeout
@@ -222,12 +222,14 @@ def abandon_attempt(attempt: Attempt) -> Outcome:
         f"the transfer of {row.name!r} made no progress for {timeout:g} s "
         "(QUEUED_STORAGE_TRANSFER_TIMEOUT) and was abandoned"
     )
+    spared = breaker.note_failure(row, error)  # a remote that hangs fails
     status = row.mark_failure(
         error,
-        message=str(error) + not_retried,
+        message=str(error) + (breaker.SPARED if spared else "") + not_retried,
         retry=not not_retried,
         max_retries=retries,
-        base_delay=delay,
+        base_delay=0 if spared else delay,
+        counted=not spared,
         # A hung upload may have written part of the object, and may still write:
         # the next attempt replaces it rather than fail over it as foreign.
         owned=True if row.upload_sent else None,

@@ -388,18 +388,19 @@ class PendingTransfer(models.Model):
         base_delay: float,
         owned: bool | None = None,
         message: str | None = None,
+        counted: bool = True,
     ) -> str | None:
         """Record an attempt's error; back off or give up. ``owned``: True when the
         attempt's upload was sent (it may have written the remote object), False
         when the object there is not the ledger's, None when the attempt did not
         get as far as an upload. Returns the new status, or None when the lease or
-        generation is stale."""
+        generation is stale. ``counted=False``: taken back, never the last."""
         now = timezone.now()
         entry = error_entry(
             error, self.attempts, now, message, started=self.attempt_started_at
         )
         errors = [*list(self.error_history or []), entry][-ERROR_HISTORY_LENGTH:]
-        gives_up = not retry or self.attempts > max_retries
+        gives_up = not retry or (counted and self.attempts > max_retries)
         changes: dict[str, Any] = {
             "lease_token": "",
             "lease_expires_at": None,
@@ -417,6 +418,8 @@ class PendingTransfer(models.Model):
             )
         if owned is not None:
             changes["remote_owned"] = owned
+        if not counted:
+            changes["attempts"] = max(self.attempts - 1, 0)
         db = router.db_for_write(PendingTransfer)
         with transaction.atomic(using=db):
             if not self._leased().update(**changes):

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from django.core.files.storage import Storage
 from django.db import transaction
 
-from queued_storage import conditional, history, registry
+from queued_storage import breaker, conditional, history, registry
 from queued_storage.checksums import remote_sha256, storage_sha256
 from queued_storage.copying import (
     HookCall,
@@ -31,6 +31,7 @@ from queued_storage.copying import (
 from queued_storage.errors import (
     ChecksumMismatch,
     HookContractError,
+    HookDeclined,
     MisspelledName,
     Outcome,
     RemoteChanged,
@@ -108,6 +109,11 @@ def transfer_row(
     """Transfer and verify one claimed row. A failure (or a purge) is recorded at
     once; a verified copy is returned for :func:`complete` to record. ``plans``:
     the storages' of the rows of the same batch, looked up once."""
+    seen = breaker.seen
+    if row.storage_key in seen.stopped and row.lease_token not in seen.probes:
+        # Paused, or its breaker opened, since the claim: given back unstarted.
+        PendingTransfer.objects.release_claim([row])
+        return Outcome.STALE
     started = time.monotonic()
     plan = None if plans is None else plans.get(row.storage_key)
     if plan is not None:
@@ -179,7 +185,7 @@ def transfer_row(
                 )
                 result = run_hook(task, call, route.local)
                 if result is False:
-                    raise TransferError("the transfer hook returned False")
+                    raise HookDeclined("the transfer hook returned False")
                 if result is not True:
                     raise HookContractError(
                         f"{type(task).__name__}.transfer() returned {result!r}; it "
@@ -211,6 +217,10 @@ def transfer_row(
         except Exception as error:
             log_crash(row, error)
         raise
+    if breaker.seen.failing:
+        # The remote took it: it works again (said before the next claim, which
+        # may come before this row's record).
+        breaker.note_success([row])
     return Verified(row, storage, task, route=route, started=started)
 
 

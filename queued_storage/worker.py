@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 
 from django.db import connections
 
-from queued_storage import claim_size, history, lanes, registry
+from queued_storage import claim_size, controls, history, lanes, registry
 from queued_storage.claim_size import ClaimSize
 from queued_storage.completions import Completions
 from queued_storage.conf import settings as conf
@@ -483,8 +483,9 @@ def drain(
     drain, up to its attempt limit."""
     stats = DrainStats()
     rows_qs = _claimable(PendingTransfer.objects.all())
+    keys = list(keys) if keys else None
     if keys:
-        rows_qs = rows_qs.filter(storage_key__in=list(keys))
+        rows_qs = rows_qs.filter(storage_key__in=keys)
     lease = conf.QUEUED_STORAGE_LEASE
     # Refused (ImproperlyConfigured) before any claim, not by the first claim's
     # lease keeper: the claimed rows would wait out their lease.
@@ -501,7 +502,7 @@ def drain(
             want = min(want, limit - stats.processed)
         if want <= 0:
             return []
-        rows = rows_qs.claim_due(limit=want, lease=lease)
+        rows = controls.claim(rows_qs, limit=want, lease=lease, keys=keys)
         sizes.claimed(len(rows))
         return rows
 
@@ -525,9 +526,9 @@ def drain(
 def transfer_name(key: str, name: str) -> Outcome | None:
     """Transfer one name now if its row is due: what a wake-up runs."""
     conf.QUEUED_STORAGE_TRANSFER_TIMEOUT  # noqa: B018 (refused before the claim)
-    rows = _claimable(PendingTransfer.objects.for_name(key, name)).claim_due(
-        limit=1, lease=conf.QUEUED_STORAGE_LEASE
-    )
+    claimable = _claimable(PendingTransfer.objects.for_name(key, name))
+    lease = conf.QUEUED_STORAGE_LEASE
+    rows = controls.claim(claimable, limit=1, lease=lease, keys=[key])
     if not rows:
         return None
     # Runs in the caller's thread: a hung upload is abandoned (recorded, its lease

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import FileSystemStorage, Storage
 from django.db import connections, transaction
 from django.db.models.fields.files import FieldFile
+from django.utils import timezone
 
 from queued_storage import history
 from queued_storage.backends import QueuedStorage
@@ -187,6 +189,20 @@ def joined(
     if "error" in result:
         raise result["error"]
     return result["value"]
+
+
+class Clock:
+    """A clock the test moves (e.g. ``queued_storage.breaker.clock``): hours of
+    an outage in no time."""
+
+    def __init__(self) -> None:
+        self.now = timezone.now()
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
 
 
 def wait_until(

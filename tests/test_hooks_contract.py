@@ -404,7 +404,7 @@ def test_a_hook_returning_false_after_a_good_copy_is_retried_as_such(
 
     row = row_of(storage, name)
     assert row.status == Status.FAILED
-    assert row.last_error == "TransferError: the transfer hook returned False"
+    assert row.last_error == "HookDeclined: the transfer hook returned False"
 
 
 # The docs' TransferAndNotify

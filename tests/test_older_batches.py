@@ -227,13 +227,23 @@ class RefusingStorage(CountingStorage):
 
 @pytest.mark.parametrize("limit", [1, 3, 5])
 def test_a_limit_holds_with_lanes_and_fast_failures_retried_without_delay(
-    make_storage: Callable[..., QueuedStorage], settings: Any, limit: int
+    make_storage: Callable[..., QueuedStorage],
+    settings: Any,
+    limit: int,
+    tmp_path: Path,
 ) -> None:
     """Every upload fails at once and is due again at once: a drain with a limit
     and two lanes makes exactly ``limit`` attempts, each counted once."""
     settings.QUEUED_STORAGE_RETRY_DELAY = 0
     settings.QUEUED_STORAGE_RETRIES = 10
-    storage = make_storage(remote=f"{__name__}.RefusingStorage")
+    # Each row's own attempts, as they count without the breaker (which would
+    # take every attempt after the fifth failure in a row: test_breaker.py).
+    settings.QUEUED_STORAGE_BREAKER_FAILURES = 0
+    storage = make_storage(
+        remote=f"{__name__}.RefusingStorage",
+        # Its own directory: MEDIA_ROOT is shared, and may hold an a.txt.
+        remote_options={"location": str(tmp_path / "remote")},
+    )
     for name in ("a.txt", "b.txt"):
         storage.save(name, content(name))
     stats = drain(limit=limit, concurrency=2)
@@ -246,11 +256,19 @@ def test_a_limit_holds_with_lanes_and_fast_failures_retried_without_delay(
 
 @pytest.mark.parametrize("concurrency", [1, 2, 3])
 def test_fast_failures_retried_without_delay_use_their_attempts_in_one_drain(
-    make_storage: Callable[..., QueuedStorage], settings: Any, concurrency: int
+    make_storage: Callable[..., QueuedStorage],
+    settings: Any,
+    concurrency: int,
+    tmp_path: Path,
 ) -> None:
     settings.QUEUED_STORAGE_RETRY_DELAY = 0
     settings.QUEUED_STORAGE_RETRIES = 4
-    storage = make_storage(remote=f"{__name__}.RefusingStorage")
+    settings.QUEUED_STORAGE_BREAKER_FAILURES = 0  # the rows' own limits
+    storage = make_storage(
+        remote=f"{__name__}.RefusingStorage",
+        # Its own directory: MEDIA_ROOT is shared, and may hold an a.txt.
+        remote_options={"location": str(tmp_path / "remote")},
+    )
     for name in ("a.txt", "b.txt"):
         storage.save(name, content(name))
     stats = drain(concurrency=concurrency)

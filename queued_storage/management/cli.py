@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import getpass
 import json
 import logging
 import math
 import re
+import socket
 import sys
 import threading
 import time
@@ -218,6 +220,15 @@ def check_storage_keys(keys: Iterable[str] | None) -> list[str]:
             f"{', '.join(known) or 'none'}."
         )
     return wanted
+
+
+def operator() -> str:
+    """Who runs the command, as the ledger records who paused a storage."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name in the environment nor the password database
+        user = "?"
+    return f"manage.py ({user}@{socket.gethostname()})"
 
 
 def add_storage_filter(parser: argparse.ArgumentParser) -> None:

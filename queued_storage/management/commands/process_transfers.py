@@ -32,6 +32,7 @@ from queued_storage.management.cli import (
 )
 from queued_storage.models import PendingTransfer
 from queued_storage.stats import DRAIN_COUNTS, DrainStats
+from queued_storage.storage_state import paused_keys
 from queued_storage.worker import DEFAULT_BATCH_SIZE, drain
 
 logger = logging.getLogger("queued_storage")
@@ -120,12 +121,27 @@ class Command(LedgerCommand):
         verbosity: int,
         **options: Any,
     ) -> None:
+        keys = check_storage_keys(storages)
+        # Read for what to say, and whether --storage leaves anything to do.
+        paused = paused_keys(keys or None) if keys or verbosity > 0 else []
+        if paused and verbosity > 0:
+            (self.stderr if json else self.stdout).write(
+                f"Paused, their transfers wait: {', '.join(paused)} (manage.py "
+                "resume_transfers KEY)."
+            )
+        if keys and set(keys) <= set(paused) and not loop:
+            # Nothing this run may do: said, and not an error (a cron job runs on).
+            if json:
+                write_json(
+                    self, self.as_dict(DrainStats(), polls=0) | {"paused": paused}
+                )
+            return
         self._drain_until_done(
             loop=loop,
             interval=interval,
             limit=limit,
             concurrency=concurrency,
-            keys=check_storage_keys(storages),
+            keys=keys,
             batch_size=batch_size,
             json=json,
             progress=progress,

@@ -24,6 +24,7 @@ from queued_storage.management.cli import (
     write_json,
 )
 from queued_storage.models import PendingTransfer
+from queued_storage.storage_state import BREAKER_CLOSED, Controls, storage_controls
 
 STATUSES = [status.value for status in PendingTransfer.Status]
 ERROR_WINDOW = timedelta(hours=1)
@@ -33,7 +34,8 @@ class Command(LedgerCommand):
     help = (
         "Show the ledger: rows per status and storage, how long the oldest due row "
         "has waited, stuck rows (lease expired, or past the transfer timeout), errors "
-        "in the last hour and whether each storage's remote files are adopted. Exit "
+        "in the last hour, whether each storage's remote files are adopted, and "
+        "which storages are paused or have their circuit breaker open. Exit "
         "status 3 when --max-age or --max-failed is exceeded."
     )
 
@@ -77,12 +79,11 @@ class Command(LedgerCommand):
         age = (now - oldest).total_seconds() if oldest is not None else None
         stuck = rows.stuck(now).count()
         errors = rows.errors_since(now - ERROR_WINDOW).count()
+        shown = keys or sorted(set(counts) | set(registry.known_keys()))
         adoption = {
-            key: status.as_dict()
-            for key, status in adoption_statuses(
-                keys or sorted(set(counts) | set(registry.known_keys()))
-            ).items()
+            key: status.as_dict() for key, status in adoption_statuses(shown).items()
         }
+        controls = storage_controls(shown, now=now)
 
         problems = []
         if max_age is not None and age is not None and age > max_age.total_seconds():
@@ -107,11 +108,15 @@ class Command(LedgerCommand):
                     "errors_last_hour": errors,
                     "problems": problems,
                     "adoption": adoption,
+                    "controls": {
+                        key: state.as_dict() for key, state in controls.items()
+                    },
                 },
             )
         elif verbosity > 0:
             self._print(counts, totals, age, stuck, errors)
             self._print_adoption(adoption)
+            self._print_controls(controls)
         if problems:
             raise AttentionNeeded("; ".join(problems) + ".")
 
@@ -156,3 +161,28 @@ class Command(LedgerCommand):
                 "name the ledger has never seen; run manage.py adopt_remote_files "
                 f"--storage {key}, or --new if its remote holds nothing from before)"
             )
+
+    def _print_controls(self, controls: dict[str, Controls]) -> None:
+        """A line per storage that is paused or whose breaker is not closed."""
+        lines = []
+        for key, state in controls.items():
+            if state.paused:
+                by = f" by {state.paused_by}" if state.paused_by else ""
+                why = f": {state.pause_reason}" if state.pause_reason else ""
+                lines.append(
+                    f"{key}: paused since {state.paused_at:%Y-%m-%d %H:%M:%S %Z}"
+                    f"{by}{why} (manage.py resume_transfers {key})"
+                )
+            if state.breaker != BREAKER_CLOSED:
+                probe = state.next_probe_at
+                lines.append(
+                    f"{key}: circuit breaker {state.breaker} since "
+                    f"{state.since:%Y-%m-%d %H:%M:%S %Z} after "
+                    f"{state.consecutive_failures} remote failure(s) in a row; next "
+                    f"probe {f'{probe:%Y-%m-%d %H:%M:%S %Z}' if probe else 'now'}"
+                )
+        self.stdout.write("")
+        if not lines:
+            self.stdout.write("No storage paused; every circuit breaker closed.")
+        for line in lines:
+            self.stdout.write(line)
