@@ -47,6 +47,7 @@ if importlib.util.find_spec("prometheus_client") is None:
     )
 
 from prometheus_client import CollectorRegistry, parser
+from prometheus_client.openmetrics import parser as openmetrics_parser
 
 from queued_storage.integrations import prometheus
 
@@ -416,8 +417,18 @@ def test_openmetrics_is_served_to_a_client_that_asks_for_it(
     )
 
     assert response["Content-Type"].startswith("application/openmetrics-text")
-    assert response.content.decode().endswith("# EOF\n")
     assert response["Cache-Control"].startswith("max-age=0")
+    # The OpenMetrics parser is strict: units, counter and histogram samples.
+    families = {
+        family.name: family
+        for family in openmetrics_parser.text_string_to_metric_families(
+            response.content.decode()
+        )
+    }
+    assert families["queued_storage_transfers"].type == "counter"
+    assert families["queued_storage_transfer_bytes"].unit == "bytes"
+    assert families["queued_storage_transfer_duration_seconds"].type == "histogram"
+    assert families["queued_storage_oldest_due_seconds"].unit == "seconds"
 
 
 # Who may scrape
