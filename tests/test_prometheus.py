@@ -22,14 +22,14 @@ from django.core.files.base import ContentFile
 from django.test import Client
 from django.utils import timezone
 
-from queued_storage import history
+from queued_storage import history, pausing
 from queued_storage.backends import QueuedStorage
 from queued_storage.errors import Outcome
 from queued_storage.models import PendingTransfer, StorageState
 from queued_storage.stats import DrainStats
 from queued_storage.worker import drain
 from tests.factories import pending_row
-from tests.helpers import FLAKY, in_thread, joined
+from tests.helpers import ALWAYS_FAILING, FLAKY, in_thread, joined
 from tests.storages import SteppingStorage
 from tests.testapp.models import Document
 from tests.tools import IN_CI
@@ -382,6 +382,41 @@ def test_failed_attempts_are_counted_and_the_counters_survive_pruning(
     assert {n: v for n, v in pruned.items() if n[0] in COUNTERS} == {
         n: v for n, v in counted.items() if n[0] in COUNTERS
     }
+
+
+@pytest.mark.django_db
+def test_a_pause_and_an_open_breaker_show_at_the_next_scrape(
+    client: Client,
+    token: str,
+    settings: Any,
+    make_storage: Callable[..., QueuedStorage],
+    run_drain: Callable[..., DrainStats],
+) -> None:
+    settings.QUEUED_STORAGE_BREAKER_FAILURES = 2
+    settings.QUEUED_STORAGE_RETRY_DELAY = 60  # the breaker's backoff: a minute
+    storage = make_storage(remote=FLAKY, remote_options=ALWAYS_FAILING)
+    for number in range(4):
+        storage.save(f"f{number}.txt", ContentFile(b"x"))
+
+    run_drain(keys=[storage.key])
+
+    opened = scrape_client(client)
+    assert value(opened, "queued_storage_breaker_open", storage=storage.key) == 1
+    assert {
+        state
+        for state in ("closed", "open", "half-open")
+        if value(
+            opened, "queued_storage_breaker_state", storage=storage.key, state=state
+        )
+    } == {"open"}
+    assert totals(opened, storage.key) == (0, 0, 2, 0)
+    assert rows(opened, storage.key)["queued"] == 4
+
+    assert pausing.pause([storage.key], by="ops", reason="maintenance")
+    assert value(scrape_client(client), "queued_storage_paused", storage=storage.key)
+    assert pausing.resume([storage.key], by="ops")
+    resumed = scrape_client(client)
+    assert value(resumed, "queued_storage_paused", storage=storage.key) == 0
 
 
 @pytest.mark.django_db
