@@ -26,7 +26,7 @@ from django.utils.translation import gettext_lazy as _
 
 from queued_storage import dashboard_admin as dashboard_admin  # registers its page
 from queued_storage import registry
-from queued_storage.admin_detail import PendingTransferDetail
+from queued_storage.admin_detail import PendingTransferDetail, shown_in_zone
 from queued_storage.admin_views import (
     STORAGE_PARAMETER,
     log_action,
@@ -297,8 +297,8 @@ class PendingTransferAdmin(PendingTransferDetail):
     def updated(self, row: PendingTransfer) -> SafeString:
         """The time today, the day this year, the date before; whole in the
         tooltip."""
-        local = timezone.localtime(row.updated_at)
-        today = timezone.localdate()
+        local = shown_in_zone(row.updated_at)
+        today = shown_in_zone(timezone.now()).date()  # also where USE_TZ is False
         if local.date() == today:
             shown = date_format(local, "TIME_FORMAT")
         elif local.year == today.year:

