@@ -74,7 +74,9 @@ def status_badge(status: str, label: str | StrPromise | None = None) -> SafeStri
 def redacted(text: str) -> str:
     """``text`` without the secrets this process knows of."""
     # Rows written before today's rules, or by another process, may quote what
-    # this one knows to be a secret.
+    # this one knows to be a secret. The storages of settings and models are
+    # built first: a page may be the first thing a web process shows.
+    registry.discover()
     return redaction.redact(None, text)
 
 

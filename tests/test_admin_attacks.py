@@ -101,3 +101,40 @@ def test_the_admin_pages_work_where_use_tz_is_false(admin_client: Client) -> Non
         200,
     )
     assert listed.content.decode().count('<span class="qs-updated">') == 3
+
+
+# Broke: a transfer's page, when it was the first page a web process showed,
+# quoted the secrets of a storage configured in STORAGES that an older row's error
+# quoted (redaction knew only the storages the process had built; the changelist
+# built them through its storage filter, the transfer's page did not).
+
+
+@pytest.mark.django_db
+def test_a_transfers_page_shown_first_in_its_process_quotes_no_secret(
+    admin_client: Client, settings: Any, tmp_path: Path
+) -> None:
+    secret = "vault-credential-7f3a9c11"
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "vault": queued_alias(
+            key="vault",
+            local_options={"location": str(tmp_path / "local")},
+            remote="tests.storages.KeyedRemote",
+            remote_options={"secret_key": secret, "location": str(tmp_path / "r")},
+        ),
+    }
+    gc.collect()  # no storage built before holds the new alias's options
+    # Written before today's redaction rules: an error quoting the secret bare.
+    error = f"ClientError: the signature does not match {secret}"
+    row = pending_row(
+        storage_key="vault",
+        status=Status.FAILED,
+        attempts=1,
+        last_error=error,
+        error_history=[error_entry("x", 1, timezone.now(), message=error)],
+    )
+
+    page = admin_client.get(change_url(row)).content.decode()
+
+    assert "ClientError: the signature does not match [redacted]" in page
+    assert secret not in page
