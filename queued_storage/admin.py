@@ -32,6 +32,7 @@ from queued_storage.admin_views import (
     log_action,
     redacted,
     status_badge,
+    status_label,
 )
 from queued_storage.conf import settings as conf
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
@@ -249,7 +250,7 @@ class PendingTransferAdmin(PendingTransferDetail):
                 "time": timesince(row.transferred_at, now, depth=1)
             }
         return gettext("%(status)s %(time)s ago") % {
-            "status": Status(row.status).label,
+            "status": status_label(row.status),
             "time": timesince(row.updated_at, now, depth=1),
         }
 

@@ -24,11 +24,16 @@ from django.urls import URLPattern, path
 from django.utils import formats, timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
-from django.utils.translation import gettext
+from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
 
-from queued_storage.admin_views import PendingTransferViews, redacted
-from queued_storage.error_history import entry_duration, entry_time
+from queued_storage.admin_views import PendingTransferViews, redacted, status_label
+from queued_storage.error_history import (
+    ERROR_HISTORY_LENGTH,
+    entries,
+    entry_duration,
+    entry_time,
+)
 from queued_storage.models import REQUEUEABLE, PendingTransfer
 
 Status = PendingTransfer.Status
@@ -74,11 +79,6 @@ def action_problem(action: str, row: PendingTransfer) -> str:
         if status in REQUEUEABLE
         else gettext("its status is %(status)s") % {"status": status_label(status)}
     )
-
-
-def status_label(status: str) -> str:
-    """A status as the admin names it; a value no status has, as it is."""
-    return str(Status(status).label) if status in Status.values else status or "?"
 
 
 def shown_in_zone(value: datetime) -> datetime:
@@ -255,18 +255,19 @@ class PendingTransferDetail(PendingTransferViews):
 
     @admin.display(description=_("error history"))
     def error_history_table(self, row: PendingTransfer) -> SafeString | str:
-        entries = [
-            entry for entry in row.error_history or [] if isinstance(entry, dict)
-        ]
-        if not entries:
+        found = entries(row.error_history)
+        if not found:
             return "-"
+        # A row keeps the last ERROR_HISTORY_LENGTH; one written otherwise (by
+        # hand, by a bug) may hold thousands, which would make a page of megabytes.
+        shown = found[-ERROR_HISTORY_LENGTH:]
         body = format_html_join(
             "",
             '<tr><td>{}</td><td title="{}">{}</td><td>{}</td><td>{}</td>'
             '<td class="qs-message">{}</td></tr>',
-            (history_cells(entry) for entry in reversed(entries)),
+            (history_cells(entry) for entry in reversed(shown)),
         )
-        return format_html(
+        table = format_html(
             '<table class="qs-history"><thead><tr><th>{}</th><th>{}</th><th>{}</th>'
             "<th>{}</th><th>{}</th></tr></thead><tbody>{}</tbody></table>",
             _("attempt"),
@@ -275,6 +276,19 @@ class PendingTransferDetail(PendingTransferViews):
             _("error"),
             _("message"),
             body,
+        )
+        older = len(found) - len(shown)
+        if not older:
+            return table
+        return format_html(
+            '{}<p class="help qs-history-older">{}</p>',
+            table,
+            ngettext(
+                "%(count)d older entry not shown.",
+                "%(count)d older entries not shown.",
+                older,
+            )
+            % {"count": older},
         )
 
     @admin.display(description=_("open"))
@@ -297,10 +311,16 @@ class PendingTransferDetail(PendingTransferViews):
 def history_cells(entry: dict[str, Any]) -> tuple[Any, ...]:
     at = entry_time(entry)
     duration = entry_duration(entry)
+    try:
+        exact, shown = ("", "") if at is None else (exact_time(at), local_time(at))
+    except OverflowError:  # e.g. 9999-12-31 late in the day, shown further east
+        at = None
+    if at is None:  # an unreadable time is shown as it is
+        exact, shown = "", str(entry.get("at", ""))
     return (
         entry.get("attempt", ""),
-        "" if at is None else exact_time(at),
-        str(entry.get("at", "")) if at is None else local_time(at),
+        exact,
+        shown,
         "-" if duration is None else duration_text(duration),
         entry.get("error", ""),
         redacted(str(entry.get("message", ""))),

@@ -67,8 +67,14 @@ def status_badge(status: str, label: str | StrPromise | None = None) -> SafeStri
         'font-size:11px;font-weight:600;white-space:nowrap">{}</span>',
         status,
         colour,
-        label or Status(status).label,
+        label or status_label(status),
     )
+
+
+def status_label(status: str) -> str:
+    """A status as the admin names it; a value no status has (a newer version's,
+    or one written by hand), as it is."""
+    return str(Status(status).label) if status in Status.values else status or "?"
 
 
 def redacted(text: str) -> str:
@@ -98,13 +104,13 @@ def count_line(by_status: dict[str, int]) -> str:
             "%(count)d transfer, %(status)s",
             "%(count)d transfers, all %(status)s",
             total,
-        ) % {"count": total, "status": Status(present[0][0]).label}
+        ) % {"count": total, "status": status_label(present[0][0])}
     line = ngettext("%(count)d transfer", "%(count)d transfers", total) % {
         "count": total
     }
     parts = [
         gettext("%(count)d %(status)s")
-        % {"count": count, "status": Status(status).label}
+        % {"count": count, "status": status_label(status)}
         for status, count in present
     ]
     return ", ".join([line, *parts])

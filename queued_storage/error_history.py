@@ -3,6 +3,7 @@ failure writes, and how one is read back, old entries included."""
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any
 
@@ -47,6 +48,15 @@ def error_entry(
     return entry
 
 
+def entries(history: Any) -> list[dict[str, Any]]:
+    """The entries of a row's error history, whatever its JSON holds: what is not
+    a list (written by hand or by a bug) has none, and what is not an entry in
+    it is left out."""
+    if not isinstance(history, list):
+        return []
+    return [entry for entry in history if isinstance(entry, dict)]
+
+
 def entry_time(entry: dict[str, Any]) -> datetime | None:
     """When the entry's attempt failed; None if the entry has no readable time."""
     at = entry.get("at")
@@ -62,4 +72,8 @@ def entry_duration(entry: dict[str, Any]) -> float | None:
     duration = entry.get("duration")
     if isinstance(duration, bool) or not isinstance(duration, int | float):
         return None
-    return float(duration) if duration >= 0 else None
+    try:
+        seconds = float(duration)  # JSON's 1e400: inf, or an int too large
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None

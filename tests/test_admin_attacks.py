@@ -138,3 +138,95 @@ def test_a_transfers_page_shown_first_in_its_process_quotes_no_secret(
 
     assert "ClientError: the signature does not match [redacted]" in page
     assert secret not in page
+
+
+# Broke: a row whose error history was written by hand, by a bug or by another
+# version made its page a server error: a history that is not a list, a duration
+# of 1e400 (SQLite and MariaDB read it as infinity, PostgreSQL as a 401-digit
+# integer), a time that the active time zone cannot show.
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("history", "shown"),
+    [
+        ("5", "-"),
+        ('"not a history"', "-"),
+        ('{"attempt": 1}', "-"),
+        ('[{"attempt": 7, "at": "2026-01-01T00:00:00+00:00", "duration": 1e400}]', "7"),
+        (
+            '[{"attempt": 7, "at": "2026-01-01T00:00:00+00:00", "duration": -1e400}]',
+            "7",
+        ),
+        ('[{"attempt": 7, "at": "9999-12-31T23:59:59-05:00"}]', "9999-12-31T23:59:59"),
+        ('[{"attempt": 7, "at": "0001-01-01T00:00:00+05:00"}]', "0001-01-01T00:00:00"),
+    ],
+)
+def test_a_malformed_error_history_leaves_the_page_readable(
+    admin_client: Client, history: str, shown: str
+) -> None:
+    row = pending_row(status=Status.FAILED, attempts=7, last_error="OSError: x")
+    table = connection.ops.quote_name(PendingTransfer._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table} SET error_history = %s WHERE id = %s", [history, row.pk]
+        )
+
+    response = admin_client.get(change_url(row))
+
+    assert response.status_code == 200
+    cell = re.search(
+        r'field-error_history_table.*?<div class="readonly">(.*?)</div>',
+        response.content.decode(),
+        re.DOTALL,
+    )
+    assert cell is not None
+    assert shown in cell[1]
+    assert "OSError: x" in response.content.decode()
+
+
+# Broke: a history of thousands of entries (a row keeps ten) made a page of
+# megabytes: 5,000 entries of 2,000 characters took 10 MB and a second (2,000 of 500
+# here: MariaDB's default max_allowed_packet).
+
+
+@pytest.mark.django_db
+def test_an_overlong_error_history_shows_its_newest_entries(
+    admin_client: Client, django_assert_num_queries: Any
+) -> None:
+    at = datetime(2026, 7, 1, 10, 0, tzinfo=dt_timezone.utc)
+    row = pending_row(
+        status=Status.FAILED,
+        error_history=[
+            error_entry(OSError(f"attempt {n:05d} " + "x" * 500), n, at)
+            for n in range(2000)
+        ],
+    )
+    admin_client.get(change_url(row))  # warms the session
+
+    with django_assert_num_queries(3):
+        page = admin_client.get(change_url(row)).content.decode()
+
+    assert page.count("<tr><td>") == ERROR_HISTORY_LENGTH
+    assert "attempt 01999 " in page and "attempt 01990 " in page
+    assert "attempt 01989 " not in page
+    assert "1990 older entries not shown." in page
+    assert len(page) < 100_000
+
+
+# Broke: a row with a status this version does not name (a newer version's, or
+# one written by hand) made its page and the changelist server errors.
+
+
+@pytest.mark.django_db
+def test_a_status_this_version_does_not_know_is_shown_as_it_is(
+    admin_client: Client,
+) -> None:
+    row = pending_row(status="paused", attempts=1)
+
+    listed = admin_client.get(changelist_url())
+    shown = admin_client.get(change_url(row))
+
+    assert (listed.status_code, shown.status_code) == (200, 200)
+    assert "qs-status-paused" in listed.content.decode()
+    assert "its status is paused" in shown.content.decode()
