@@ -230,3 +230,52 @@ def test_a_status_this_version_does_not_know_is_shown_as_it_is(
     assert (listed.status_code, shown.status_code) == (200, 200)
     assert "qs-status-paused" in listed.content.decode()
     assert "its status is paused" in shown.content.decode()
+
+
+# Broke: a storage key of 255 characters with no place to break made the
+# dashboard 2,989 px wide in a 1280-pixel window (the list and the transfer's page
+# held).
+
+
+@pytest.mark.slow
+@sqlite_leg_only
+@pytest.mark.django_db(transaction=True)
+def test_a_255_character_storage_key_fits_1280_pixels(
+    tmp_path: Path, live_server: Any, admin_user: Any
+) -> None:
+    now = timezone.now()
+    key = "media-" + "k" * 249
+    word = "ZeroDivisionError" * 20
+    row = pending_row(
+        storage_key=key,
+        name="n" * 1000,
+        status=Status.FAILED,
+        attempts=3,
+        last_error=f"{word}: {'m' * 500}",
+        host="h" * 200,
+        error_history=[
+            {**error_entry("x", 1, now), "error": word, "message": "m" * 2000},
+            {"attempt": "1" * 100, "at": "t" * 300, "error": "e", "message": "x"},
+        ],
+    )
+    pending_row(
+        storage_key=key, status=Status.QUEUED, next_attempt_at=now - timedelta(hours=2)
+    )
+    cookie = session_cookie(live_server, admin_user)
+    shots = SCREENSHOTS / "admin"
+    shots.mkdir(parents=True, exist_ok=True)
+    widths = {}
+    # No database access in here: Playwright runs an event loop in this thread.
+    with chromium_page(tmp_path / "profile") as page:
+        page.set_viewport_size({"width": 1280, "height": 800})
+        page.context.add_cookies([cookie])
+        for label, url in [
+            ("list", changelist_url()),
+            ("detail", change_url(row)),
+            ("dashboard", reverse(DASHBOARD)),
+        ]:
+            page.goto(live_server.url + url)
+            page.screenshot(path=str(shots / f"long-key-{label}.png"), full_page=True)
+            widths[label] = page_width(page)
+
+    assert widths == {"list": 1280, "detail": 1280, "dashboard": 1280}
