@@ -279,3 +279,168 @@ def test_a_255_character_storage_key_fits_1280_pixels(
             widths[label] = page_width(page)
 
     assert widths == {"list": 1280, "detail": 1280, "dashboard": 1280}
+
+
+# Held: markup in a name, a storage key, an error, the error history's fields or a
+# forged button's form is escaped wherever it is shown (titles, SVG, messages).
+
+INJECTED = (
+    '"><img src=x onerror=alert(1)><svg onload=alert(2)><script>alert(3)</script>'
+)
+
+
+@pytest.mark.django_db
+def test_injected_markup_is_escaped_on_every_page(admin_client: Client) -> None:
+    now = timezone.now()
+    key = f"k{INJECTED}"
+    row = pending_row(
+        storage_key=key,
+        name=f"d/{INJECTED}" * 3,
+        status=Status.FAILED,
+        attempts=2,
+        last_error=f"E{INJECTED}" * 5,
+        host=INJECTED,
+        checksum=INJECTED[:64],
+        error_history=[
+            {"attempt": INJECTED, "at": INJECTED, "error": INJECTED, "message": "m"},
+            {**error_entry("x", 1, now, message=INJECTED), "error": INJECTED},
+        ],
+    )
+    pending_row(
+        storage_key=key, status=Status.QUEUED, next_attempt_at=now - timedelta(hours=1)
+    )
+    forged = admin_client.post(
+        run_url(row, "retry_now"),
+        {"status": INJECTED, "generation": INJECTED},
+        follow=True,
+    )
+    pages = {
+        "detail": admin_client.get(change_url(row)).content.decode(),
+        "list": admin_client.get(changelist_url()).content.decode(),
+        "search": admin_client.get(changelist_url(q="img")).content.decode(),
+        "key": admin_client.get(
+            reverse("admin:queued_storage_pendingtransfer_changelist")
+            + "?"
+            + urlencode({"storage_key": key})
+        ).content.decode(),
+        "dashboard": admin_client.get(reverse(DASHBOARD)).content.decode(),
+        "message": forged.content.decode(),
+    }
+
+    assert "it was &quot;&gt;&lt;img src=x" in pages["message"]
+    for where, page in pages.items():
+        assert "&lt;img src=x onerror=alert(1)&gt;" in page, where
+        for raw in ("<img src=x", "<svg onload", "<script>alert"):
+            assert raw not in page, (where, raw)
+    assert fresh(row).status == Status.FAILED
+
+
+# Held: forged posts to a button with a pk that is no row's change nothing.
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "pk", ["abc", "99999999999999999999999", "-1", "1.0", "%20", "1/../1"]
+)
+def test_a_button_posted_for_a_pk_that_is_no_rows_changes_nothing(
+    operator: Client, pk: str
+) -> None:
+    row = pending_row(status=Status.FAILED, attempts=6)
+    base = "/admin/queued_storage/pendingtransfer/"
+    assert run_url(row, "hold").startswith(base)
+
+    for action in ("retry_now", "hold", "transfer_now"):
+        response = operator.post(
+            f"{base}{pk}/run/{action}/", {"status": "failed", "generation": "0"}
+        )
+        assert response.status_code in (302, 404), (pk, action)
+
+    assert (fresh(row).status, fresh(row).attempts) == (Status.FAILED, 6)
+
+
+# Held (invariant 3): Transfer now on a row whose lease had run out, taken over by
+# a worker between the page's check and the engine's claim, uploads nothing.
+
+
+@pytest.mark.django_db(transaction=True)
+def test_transfer_now_loses_to_a_worker_that_took_the_row_over_after_the_check(
+    operator: Client, storage: QueuedStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage.save("docs/a.txt", content())
+    PendingTransfer.objects.filter(storage_key=storage.key).update(
+        status=Status.TRANSFERRING,
+        lease_token="gone",
+        lease_expires_at=timezone.now() - timedelta(minutes=1),
+    )
+    row = PendingTransfer.objects.get(storage_key=storage.key)
+    page = operator.get(change_url(row)).content.decode()
+    assert buttons_of(page) == {"transfer_now"}
+    checked = admin_detail.action_problem
+
+    def then_taken_over(action: str, current: PendingTransfer) -> str:
+        problem = checked(action, current)
+        PendingTransfer.objects.filter(pk=current.pk).update(
+            lease_token="live", lease_expires_at=timezone.now() + timedelta(minutes=5)
+        )
+        return problem
+
+    monkeypatch.setattr(admin_detail, "action_problem", then_taken_over)
+
+    response = press(operator, row, "transfer_now")
+
+    (message,) = messages_of(response)
+    assert message.startswith("0 transferred; 0 to retry; 0 failed; 1 skipped")
+    assert remote_calls(storage, "save") == 0
+    assert (fresh(row).status, fresh(row).lease_token) == (Status.TRANSFERRING, "live")
+
+
+# Held (invariant 2): the changelist, the dashboard and each status's page ask the
+# remote nothing.
+
+
+class TripwireRemote(FileSystemStorage):
+    """A remote that records every method of it that is looked up."""
+
+    looked_up: ClassVar[list[str]] = []
+
+    def __getattribute__(self, name: str) -> Any:
+        value = super().__getattribute__(name)
+        if not name.startswith("_") and callable(value):
+            type(self).looked_up.append(name)
+        return value
+
+
+@pytest.mark.django_db
+def test_the_pages_ask_the_remote_nothing(
+    admin_client: Client, make_storage: Any
+) -> None:
+    storage = make_storage(remote="tests.test_admin_attacks.TripwireRemote")
+    registry.register(storage)
+    now = timezone.now()
+    rows = [
+        pending_row(
+            storage_key=storage.key,
+            status=status,
+            attempts=1,
+            last_error="OSError: x",
+            remote_owned=True,
+            transferred_at=now if status == Status.DONE else None,
+            lease_expires_at=now + timedelta(minutes=1)
+            if status == Status.TRANSFERRING
+            else None,
+        )
+        for status in Status.values
+    ]
+    storage.remote.exists("probe")
+    assert "exists" in TripwireRemote.looked_up  # the tripwire works
+    TripwireRemote.looked_up.clear()
+
+    for url in [
+        changelist_url(),
+        changelist_url(storage_key=storage.key),
+        reverse(DASHBOARD),
+        *(change_url(row) for row in rows),
+    ]:
+        assert admin_client.get(url).status_code == 200, url
+
+    assert TripwireRemote.looked_up == []
