@@ -35,6 +35,7 @@ from queued_storage.error_history import (
     entry_time,
 )
 from queued_storage.models import REQUEUEABLE, PendingTransfer
+from queued_storage.storage_state import paused_keys
 
 Status = PendingTransfer.Status
 
@@ -53,8 +54,10 @@ ROW_ACTIONS: dict[str, tuple[Any, Any]] = {
 }
 
 
-def action_problem(action: str, row: PendingTransfer) -> str:
-    """Why ``action`` does not apply to ``row`` as it stands, or ``""``."""
+def action_problem(action: str, row: PendingTransfer, *, paused: bool = False) -> str:
+    """Why ``action`` does not apply to ``row`` as it stands, or ``""``;
+    ``paused``: the row's storage is paused, which no worker, Transfer now
+    included, starts a transfer of."""
     status = row.status
     if status == Status.DONE:
         return gettext(
@@ -68,6 +71,11 @@ def action_problem(action: str, row: PendingTransfer) -> str:
             ) % {"time": local_time(row.lease_expires_at)}
         if action != "transfer_now":
             return gettext("a worker's lease on it ran out; Transfer now takes it over")
+    if action == "transfer_now" and paused:
+        return gettext(
+            "its storage is paused; resume it first (Retry now queues it for then)"
+        )
+    if status == Status.TRANSFERRING:
         return ""
     if action == "hold":
         if status == Status.HELD:
@@ -79,6 +87,11 @@ def action_problem(action: str, row: PendingTransfer) -> str:
         if status in REQUEUEABLE
         else gettext("its status is %(status)s") % {"status": status_label(status)}
     )
+
+
+def storage_paused(row: PendingTransfer) -> bool:
+    """Whether the transfers of the row's storage are paused (one query)."""
+    return bool(paused_keys([row.storage_key]))
 
 
 def shown_in_zone(value: datetime) -> datetime:
@@ -146,11 +159,12 @@ class PendingTransferDetail(PendingTransferViews):
         """The buttons of the actions that apply to ``row``, and why the others
         do not; nothing for a user who may run none of them."""
         allowed = self.get_actions(request)
+        paused = "transfer_now" in allowed and storage_paused(row)
         buttons, notes = [], []
         for action, (label, help_text) in ROW_ACTIONS.items():
             if action not in allowed:
                 continue
-            if problem := action_problem(action, row):
+            if problem := action_problem(action, row, paused=paused):
                 notes.append(
                     gettext("%(action)s: not now, %(reason)s.")
                     % {"action": label, "reason": problem}
@@ -207,7 +221,8 @@ class PendingTransferDetail(PendingTransferViews):
                 messages.WARNING,
             )
             return HttpResponseRedirect(back)
-        if problem := action_problem(action, row):
+        paused = action == "transfer_now" and storage_paused(row)
+        if problem := action_problem(action, row, paused=paused):
             self.message_user(
                 request,
                 gettext("%(action)s was not run: %(reason)s.")

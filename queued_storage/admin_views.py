@@ -36,6 +36,7 @@ from queued_storage.models import (
     PendingTransfer,
     PendingTransferQuerySet,
 )
+from queued_storage.storage_state import paused_keys
 from queued_storage.worker import transfer_name
 
 if TYPE_CHECKING:
@@ -318,6 +319,15 @@ class PendingTransferViews(admin.ModelAdmin):  # type: ignore[type-arg]
             parts.append(
                 gettext("%(count)d deleted") % {"count": outcomes[Outcome.PURGED.value]}
             )
+        if outcomes["paused"]:
+            parts.append(
+                ngettext(
+                    "%(count)d not started: its storage is paused (resume it first)",
+                    "%(count)d not started: their storage is paused (resume it first)",
+                    outcomes["paused"],
+                )
+                % {"count": outcomes["paused"]}
+            )
         skipped = outcomes["skipped"] + outcomes[Outcome.STALE.value]
         if skipped:
             parts.append(
@@ -335,17 +345,21 @@ class PendingTransferViews(admin.ModelAdmin):  # type: ignore[type-arg]
 
 def transfer_rows(pks: list[int]) -> tuple[Counter[str], list[str]]:
     """Re-queue the rows ``pks`` and transfer each in this thread, as a worker
-    would: the count per outcome ("skipped" for a row the engine did not take)
-    and ``name: error`` of each that failed."""
+    would: the count per outcome ("skipped" for a row the engine did not take,
+    "paused" for one it did not take because its storage is paused) and
+    ``name: error`` of each that failed."""
     selected = PendingTransfer.objects.filter(pk__in=pks)
     selected.requeue()
     outcomes: Counter[str] = Counter()
     errors: list[str] = []
-    for pk, key, name in selected.order_by("pk").values_list(
-        "pk", "storage_key", "name"
-    ):
+    rows = list(selected.order_by("pk").values_list("pk", "storage_key", "name"))
+    paused = set(paused_keys({key for _pk, key, _name in rows}))
+    for pk, key, name in rows:
         outcome = transfer_name(key, name)
-        outcomes["skipped" if outcome is None else outcome.value] += 1
+        if outcome is None:
+            outcomes["paused" if key in paused else "skipped"] += 1
+            continue
+        outcomes[outcome.value] += 1
         if outcome in (Outcome.RETRY, Outcome.FAILED):
             error = (
                 PendingTransfer.objects.filter(pk=pk)

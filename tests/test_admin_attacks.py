@@ -28,6 +28,7 @@ from queued_storage import admin_detail, registry
 from queued_storage.backends import QueuedStorage
 from queued_storage.error_history import ERROR_HISTORY_LENGTH, error_entry
 from queued_storage.models import PendingTransfer
+from queued_storage.pausing import pause, resume
 from tests.browser import SCREENSHOTS, chromium_page
 from tests.factories import pending_row
 from tests.helpers import content, queued_alias, remote_calls
@@ -204,7 +205,8 @@ def test_an_overlong_error_history_shows_its_newest_entries(
     )
     admin_client.get(change_url(row))  # warms the session
 
-    with django_assert_num_queries(3):
+    # The session, the user, the row, its storage's pause.
+    with django_assert_num_queries(4):
         page = admin_client.get(change_url(row)).content.decode()
 
     assert page.count("<tr><td>") == ERROR_HISTORY_LENGTH
@@ -281,8 +283,55 @@ def test_a_255_character_storage_key_fits_1280_pixels(
     assert widths == {"list": 1280, "detail": 1280, "dashboard": 1280}
 
 
-# Held: markup in a name, a storage key, an error, the error history's fields or a
-# forged button's form is escaped wherever it is shown (titles, SVG, messages).
+# Broke: on a paused storage's row, a transfer's page offered Transfer now, and
+# Transfer now (the button and the action) said the row was skipped as "not due:
+# done, leased by a worker, or local to another host" (the pause held: nothing
+# was uploaded).
+
+
+@pytest.mark.django_db(transaction=True)
+def test_transfer_now_on_a_paused_storage_says_it_is_paused(
+    operator: Client, storage: QueuedStorage
+) -> None:
+    storage.save("docs/a.txt", content())
+    row = PendingTransfer.objects.get(storage_key=storage.key)
+    pause([storage.key], by="ops", reason="remote maintenance")
+
+    page = operator.get(change_url(row)).content.decode()
+    pressed = press(operator, row, "transfer_now")
+    acted = operator.post(
+        changelist_url(),
+        {"action": "transfer_now", "_selected_action": [row.pk]},
+        follow=True,
+    )
+
+    assert buttons_of(page) == {"retry_now", "hold"}
+    assert "Transfer now: not now, its storage is paused; resume it first" in page
+    assert messages_of(pressed) == [
+        "Transfer now was not run: its storage is paused; resume it first (Retry "
+        "now queues it for then)."
+    ]
+    assert messages_of(acted) == [
+        "0 transferred; 0 to retry; 0 failed; 1 not started: its storage is paused "
+        "(resume it first)."
+    ]
+    assert remote_calls(storage, "save") == 0
+    assert fresh(row).status == Status.QUEUED
+
+    resume([storage.key], by="ops")
+    assert buttons_of(operator.get(change_url(row)).content.decode()) == {
+        "retry_now",
+        "hold",
+        "transfer_now",
+    }
+    assert messages_of(press(operator, row, "transfer_now")) == [
+        "1 transferred; 0 to retry; 0 failed."
+    ]
+
+
+# Held: markup in a name, a storage key, an error, the error history's fields, a
+# pause's reason and author or a forged button's form is escaped wherever it is
+# shown (titles, SVG, messages).
 
 INJECTED = (
     '"><img src=x onerror=alert(1)><svg onload=alert(2)><script>alert(3)</script>'
@@ -309,6 +358,7 @@ def test_injected_markup_is_escaped_on_every_page(admin_client: Client) -> None:
     pending_row(
         storage_key=key, status=Status.QUEUED, next_attempt_at=now - timedelta(hours=1)
     )
+    pause([key], by=INJECTED, reason=INJECTED)  # shown on the dashboard
     forged = admin_client.post(
         run_url(row, "retry_now"),
         {"status": INJECTED, "generation": INJECTED},
@@ -328,6 +378,7 @@ def test_injected_markup_is_escaped_on_every_page(admin_client: Client) -> None:
     }
 
     assert "it was &quot;&gt;&lt;img src=x" in pages["message"]
+    assert 'class="qs-paused"' in pages["dashboard"]
     for where, page in pages.items():
         assert "&lt;img src=x onerror=alert(1)&gt;" in page, where
         for raw in ("<img src=x", "<svg onload", "<script>alert"):
@@ -377,8 +428,8 @@ def test_transfer_now_loses_to_a_worker_that_took_the_row_over_after_the_check(
     assert buttons_of(page) == {"transfer_now"}
     checked = admin_detail.action_problem
 
-    def then_taken_over(action: str, current: PendingTransfer) -> str:
-        problem = checked(action, current)
+    def then_taken_over(action: str, current: PendingTransfer, **flags: bool) -> str:
+        problem = checked(action, current, **flags)
         PendingTransfer.objects.filter(pk=current.pk).update(
             lease_token="live", lease_expires_at=timezone.now() + timedelta(minutes=5)
         )
