@@ -38,6 +38,7 @@ ALL_CASES = [
     "overhead",
     "scaleout",
     "dashboard",
+    "metrics",
 ]
 #: Cases whose figure depends little on the database (the remote's cost rules):
 #: run on the first database only (in full mode they take some 16 minutes a

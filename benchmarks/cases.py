@@ -42,6 +42,7 @@ from benchmarks.harness import (
     side_by_side,
     timed,
 )
+from benchmarks.metrics_case import case_metrics
 from benchmarks.scaleout import case_scaleout
 from queued_storage import adoption, registry
 from queued_storage.backends import QueuedStorage
@@ -1289,6 +1290,7 @@ CASES: dict[str, Callable[[Sizes], list[dict[str, Any]]]] = {
     "overhead": case_overhead,
     "scaleout": lambda sizes: case_scaleout(sizes is FULL),
     "dashboard": case_dashboard,
+    "metrics": case_metrics,
 }
 
 
