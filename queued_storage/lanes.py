@@ -7,16 +7,21 @@ poll of ``process_transfers --loop``, and a worker would hold two while the old
 one is collected. So a lane's thread is parked when its drain is done with it,
 and the next drain in the process runs its lane there, with the clients it built.
 
-A parked thread holds no database connection (a lane closes its connections when
-it ends), ends after :data:`IDLE_SECONDS` without work, and is forgotten in a
-child process after ``fork()`` (threads do not survive a fork).
+A lane runs as on a new thread: in a context of its own, with database
+connections of its own, closed when it ends. A parked thread holds no connection
+and nothing of the drain it ran for, ends after :data:`IDLE_SECONDS` without work,
+and is forgotten in a child process after ``fork()`` (threads do not survive a
+fork).
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
 import threading
 from collections.abc import Callable
+
+from django.db import connections
 
 #: A thread parked this long (seconds) without a lane to run ends.
 IDLE_SECONDS = 300.0
@@ -43,20 +48,31 @@ class _Thread(threading.Thread):
         work = self.work
         while work is not None:
             target, ended = work
+            # Not kept while parked: the drain (its rows, stats, callbacks)
+            # would live as long as the thread.
+            work = None
+            raised: BaseException | None = None
+            # As on a new thread: in a context of its own (not with the language
+            # or time zone the last lane activated), and with new database
+            # connections (not one closed in a transaction, never reopened).
             try:
-                target()
-            except BaseException:
-                # Not parked: the thread ends with what the lane raised.
-                with pool.lock:
-                    self.work = None
-                ended.set()
-                raise
+                contextvars.Context().run(target)
+            except BaseException as exc:
+                raised = exc
+            del target
+            try:
+                _close_connections()
+            except BaseException as exc:
+                raised = raised or exc
             # Parked before its drain hears that the lane ended: a drain that
             # starts next in this process finds the thread, and its clients.
             with pool.lock:
                 self.work = None
-                parked = pool.park(self)
+                parked = raised is None and pool.park(self)
             ended.set()
+            if raised is not None:
+                # Not parked: the thread ends with what the lane raised.
+                raise raised
             if not parked:
                 return
             with pool.lock:
@@ -65,6 +81,15 @@ class _Thread(threading.Thread):
                 if self.work is None:
                     pool.unpark(self)
                 work = self.work
+
+
+def _close_connections() -> None:
+    """Close this thread's database connections and forget them."""
+    for connection in connections.all(initialized_only=True):
+        try:
+            connection.close()
+        finally:
+            del connections[connection.alias]
 
 
 class _Pool:

@@ -273,8 +273,6 @@ class _Drain:
                 self.over.set()
                 self.wake.set()
                 self.changed.notify_all()
-        finally:
-            connections.close_all()
 
     def _lane(self) -> None:
         me = threading.current_thread()

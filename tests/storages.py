@@ -15,6 +15,8 @@ from typing import Any
 
 from django.core.files.base import ContentFile
 from django.core.files.storage import FileSystemStorage
+from django.db import transaction
+from django.utils import timezone, translation
 
 #: Calls per (storage location, method name), for tests that pin network use.
 CALLS: Counter[tuple[str, str]] = Counter()
@@ -688,3 +690,31 @@ class ThreadClientStorage(CountingStorage):
             CLIENTS_BUILT.append(threading.get_ident())
         UPLOAD_THREADS[name] = threading.get_ident()
         return super()._save(name, content)
+
+
+#: What each upload of a StateLeakingStorage found when it began, by name.
+FOUND_AT_UPLOAD: dict[str, dict[str, Any]] = {}
+
+
+class StateLeakingStorage(CountingStorage):
+    """Notes the language and time zone active when each upload begins; the upload
+    of a name in ``leak_activation`` then leaves French and Paris activated on its
+    thread, and that of a name in ``leak_transaction`` a transaction open on its
+    thread's ledger connection, as a careless remote or hook could."""
+
+    leak_activation: set[str] = set()
+    leak_transaction: set[str] = set()
+
+    def _save(self, name: str, content: Any) -> str:
+        FOUND_AT_UPLOAD[name] = {
+            "language": translation.get_language(),
+            "timezone": timezone.get_current_timezone_name(),
+        }
+        UPLOAD_THREADS[name] = threading.get_ident()
+        saved = super()._save(name, content)
+        if name in self.leak_activation:
+            translation.activate("fr")
+            timezone.activate("Europe/Paris")
+        if name in self.leak_transaction:
+            transaction.atomic().__enter__()
+        return saved
