@@ -718,3 +718,17 @@ class StateLeakingStorage(CountingStorage):
         if name in self.leak_transaction:
             transaction.atomic().__enter__()
         return saved
+
+
+#: The thread of each upload that hung, by name (for HangingThreadStorage).
+HUNG_THREADS: dict[str, int] = {}
+
+
+class HangingThreadStorage(HangingStorage):
+    """A ``HangingStorage`` that notes the thread of each upload: in
+    ``HUNG_THREADS`` for one that hangs, else in ``UPLOAD_THREADS``."""
+
+    def _save(self, name: str, content: Any) -> str:
+        threads = HUNG_THREADS if name in type(self).hang else UPLOAD_THREADS
+        threads[name] = threading.get_ident()
+        return super()._save(name, content)

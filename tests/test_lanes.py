@@ -24,6 +24,9 @@ Status = PendingTransfer.Status
 
 @pytest.fixture(autouse=True)
 def _fresh_records() -> Iterator[None]:
+    # Threads parked by an earlier test have a client already (ThreadClientStorage's
+    # per-thread client is the class's): a test would find none built.
+    lanes.retire_parked(timeout=30)
     UPLOAD_THREADS.clear()
     CLIENTS_BUILT.clear()
     yield

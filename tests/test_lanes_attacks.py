@@ -1,24 +1,33 @@
 """Attacks on the lane threads kept from one drain to the next (queued_storage/lanes.py):
-what a parked thread keeps, what a drain's lane finds of the last one on its thread."""
+what a parked thread keeps, what a drain's lane finds of the last one on its thread,
+a lane left behind on a hung upload, drains at once, an idle thread's end racing a
+drain's start, and the threads and connections of many busy polls."""
 
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 from collections.abc import Callable, Iterator
+from io import StringIO
 from typing import Any
 
 import pytest
 from django.conf import settings as django_settings
+from django.core.management import call_command
+from django.db.backends.signals import connection_created
 
 from queued_storage import lanes
 from queued_storage.backends import QueuedStorage
+from queued_storage.management.commands.process_transfers import Command
 from queued_storage.models import PendingTransfer
 from queued_storage.worker import drain
-from tests.helpers import content, row_of
+from tests.helpers import content, in_thread, joined, lanes_returned, row_of
 from tests.storages import (
     FOUND_AT_UPLOAD,
+    HUNG_THREADS,
     UPLOAD_THREADS,
+    HangingStorage,
     StateLeakingStorage,
 )
 
@@ -103,3 +112,161 @@ def test_a_drain_starts_without_a_transaction_the_last_drain_left_on_its_thread(
     assert UPLOAD_THREADS.get("second.txt") == UPLOAD_THREADS["first.txt"]
     assert stats.done == 1
     assert row_of(storage, name).status == Status.DONE
+
+
+HANGING_THREAD = "tests.storages.HangingThreadStorage"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_lane_left_behind_on_a_hung_upload_gets_no_lane_until_it_returns(
+    make_storage: Callable[..., QueuedStorage],
+    hanging: type[HangingStorage],
+    settings: Any,
+) -> None:
+    """Attack that held: the next drain runs beside the hung thread, never on it
+    (it would wait for the hung upload); once the upload returns, the thread is
+    parked, and the next drain's lane runs there."""
+    settings.QUEUED_STORAGE_LEASE = 30
+    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 1
+    settings.QUEUED_STORAGE_RETRY_DELAY = 0
+    HUNG_THREADS.clear()
+    storage = make_storage(remote=HANGING_THREAD)
+    hung = storage.save("hung.txt", content("h"))
+    hanging.hang = {hung}
+    stats = drain(concurrency=1)
+    assert (stats.done, stats.retried) == (1, 1)
+    hung_thread = HUNG_THREADS[hung]
+    assert UPLOAD_THREADS[hung] != hung_thread
+
+    # Two lanes: more than the pool holds parked, none on the hung thread.
+    storage.save("beside.txt", content("b"))
+    storage.save("beside2.txt", content("c"))
+    assert drain(concurrency=2).done == 2
+    assert not hanging.returned.is_set()
+    assert hung_thread not in {
+        UPLOAD_THREADS["beside.txt"],
+        UPLOAD_THREADS["beside2.txt"],
+    }
+
+    hanging.released.set()
+    assert hanging.returned.wait(timeout=30)
+    assert lanes_returned()
+    after = storage.save("after.txt", content("a"))
+    assert drain(concurrency=1).done == 1
+    assert UPLOAD_THREADS[after] == hung_thread
+    assert row_of(storage, hung).status == Status.DONE
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_drains_at_once_share_the_pool_and_neither_waits_for_the_other(
+    make_storage: Callable[..., QueuedStorage],
+    hanging: type[HangingStorage],
+) -> None:
+    """Attack that held: a wake-up's drain beside a --loop drain in one process."""
+    slow = make_storage(remote=HANGING_THREAD)
+    fast = make_storage(remote=HANGING_THREAD)
+    held = slow.save("held.txt", content("h"))
+    hanging.hang = {held}
+    worker, result = in_thread(lambda: drain(keys=[slow.key]))
+    assert hanging.entered.wait(timeout=30)
+    name = fast.save("fast.txt", content("f"))
+    assert drain(keys=[fast.key]).done == 1
+    assert row_of(fast, name).status == Status.DONE
+    assert UPLOAD_THREADS[name] != HUNG_THREADS[held]
+    assert row_of(slow, held).status == Status.TRANSFERRING
+    hanging.released.set()
+    assert joined(worker, result).done == 1
+    assert row_of(slow, held).status == Status.DONE
+
+
+def test_a_lane_handed_to_a_thread_whose_wait_just_timed_out_runs() -> None:
+    """Attack that held: start() takes a parked thread after its idle wait timed
+    out and before it took the pool's lock again to end: the thread runs the
+    lane instead of ending with it (the drain would wait for ever)."""
+    timed_out = threading.Event()
+    handed = threading.Event()
+
+    class TimesOut:
+        """A parked thread's wait that times out, the lock released until
+        ``handed``."""
+
+        def __init__(self, condition: threading.Condition) -> None:
+            self.condition = condition
+
+        def wait(self, timeout: float | None = None) -> bool:
+            lock = lanes._pool.lock
+            lock.release()
+            try:
+                timed_out.set()
+                assert handed.wait(timeout=30)
+            finally:
+                lock.acquire()
+            return False
+
+        def notify(self) -> None:
+            self.condition.notify()
+
+    def times_out_when_parked() -> None:
+        thread = threading.current_thread()
+        assert isinstance(thread, lanes._Thread)
+        thread.handed = TimesOut(thread.handed)  # type: ignore[assignment]
+
+    first = lanes.start(times_out_when_parked, "queued-storage-test-expiry")
+    assert first.join(timeout=30)
+    assert timed_out.wait(timeout=30)
+    ran = threading.Event()
+    # The pool hands out the thread parked last: the one whose wait timed out.
+    second = lanes.start(ran.set, "queued-storage-test-expiry-2")
+    handed.set()
+    assert second.thread is first.thread
+    assert second.join(timeout=30)
+    assert ran.is_set()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_busy_polls_leave_as_many_threads_and_no_more_connections(
+    make_storage: Callable[..., QueuedStorage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attack that held: each of 100 busy polls of ``process_transfers --loop
+    --concurrency 3`` finds a file: its lanes park, and the next poll's run on
+    them; after the first, no poll adds a thread or leaves a connection open
+    (the command's own aside), in any thread."""
+    storage = make_storage()
+    opened: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def note(sender: Any, connection: Any, **kwargs: Any) -> None:
+        opened.add(connection)
+
+    connection_created.connect(note)
+    counts: list[tuple[int, int]] = []
+    names: list[str] = []
+
+    def between_polls(self: Command, seconds: float) -> None:
+        counts.append(
+            (
+                threading.active_count(),
+                sum(1 for wrapper in opened if wrapper.connection is not None),
+            )
+        )
+        names.append(storage.save(f"poll{len(counts)}.txt", content("x")))
+
+    monkeypatch.setattr(Command, "_sleep", between_polls)
+    try:
+        storage.save("poll0.txt", content("x"))
+        call_command(
+            "process_transfers",
+            "--loop",
+            "--concurrency",
+            "3",
+            "--max-polls",
+            "201",
+            "--interval",
+            "1",
+            stdout=StringIO(),
+        )
+    finally:
+        connection_created.disconnect(note)
+    assert len(counts) == 100
+    assert len(set(counts)) == 1, counts
+    assert counts[0][1] <= 1
+    assert all(row_of(storage, name).status == Status.DONE for name in names[:-1])
