@@ -76,7 +76,8 @@ class _Thread(threading.Thread):
             if not parked:
                 return
             with pool.lock:
-                if self.work is None:
+                # Not when retired since it parked: no lane could come.
+                if self.work is None and self in pool.idle:
                     self.handed.wait(IDLE_SECONDS)
                 if self.work is None:
                     pool.unpark(self)

@@ -270,3 +270,36 @@ def test_busy_polls_leave_as_many_threads_and_no_more_connections(
     assert len(set(counts)) == 1, counts
     assert counts[0][1] <= 1
     assert all(row_of(storage, name).status == Status.DONE for name in names[:-1])
+
+
+def test_a_thread_retired_before_it_waits_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """retire_parked() between a thread's parking and its wait (the drain has
+    heard that the lane ended, the thread has not taken the pool's lock again):
+    the thread waited its 5 idle minutes for a lane nobody could hand it, and
+    retire_parked() for it (for ever, without a timeout)."""
+    signalled = threading.Event()
+    gate = threading.Event()
+
+    class HeldAfterSet(threading.Event):
+        """A lane's end, heard by its drain while its thread is held."""
+
+        def set(self) -> None:
+            super().set()
+            if isinstance(threading.current_thread(), lanes._Thread):
+                signalled.set()
+                assert gate.wait(timeout=30)
+
+    class Threading:
+        Event = HeldAfterSet
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(threading, name)
+
+    monkeypatch.setattr(lanes, "threading", Threading())
+    lane = lanes.start(lambda: None, "queued-storage-test-retired")
+    assert lane.join(timeout=30)
+    assert signalled.wait(timeout=30)
+    assert lane.thread in lanes._pool.retire()
+    gate.set()
+    lane.thread.join(timeout=30)
+    assert not lane.thread.is_alive()
