@@ -24,7 +24,7 @@ from queued_storage.conf import MAX_HOST_LENGTH
 from queued_storage.conf import settings as conf
 from queued_storage.error_history import ERROR_HISTORY_LENGTH as ERROR_HISTORY_LENGTH
 from queued_storage.error_history import ERROR_MESSAGE_LENGTH as ERROR_MESSAGE_LENGTH
-from queued_storage.error_history import error_entry
+from queued_storage.error_history import entries, error_entry
 from queued_storage.ledger_sql import lease_check_sql
 from queued_storage.ledger_sql import name_hash as name_hash
 from queued_storage.ledger_sql import new_generation as new_generation
@@ -399,7 +399,7 @@ class PendingTransfer(models.Model):
         entry = error_entry(
             error, self.attempts, now, message, started=self.attempt_started_at
         )
-        errors = [*list(self.error_history or []), entry][-ERROR_HISTORY_LENGTH:]
+        errors = [*entries(self.error_history), entry][-ERROR_HISTORY_LENGTH:]
         gives_up = not retry or (counted and self.attempts > max_retries)
         changes: dict[str, Any] = {
             "lease_token": "",
@@ -447,7 +447,7 @@ class PendingTransfer(models.Model):
         history, last_error = found
         entry = error_entry(error, self.attempts, now, message=message)
         changes: dict[str, Any] = {
-            "error_history": [*list(history or []), entry][-ERROR_HISTORY_LENGTH:],
+            "error_history": [*entries(history), entry][-ERROR_HISTORY_LENGTH:],
             "last_error": last_error or entry["text"],
         }
         if not mine.update(**changes):
@@ -483,7 +483,7 @@ class PendingTransfer(models.Model):
         now = timezone.now()
         hosted = {} if host is None else {"host": host}
         entry = error_entry(error, self.attempts, now)
-        history = [*list(self.error_history or []), entry][-ERROR_HISTORY_LENGTH:]
+        history = [*entries(self.error_history), entry][-ERROR_HISTORY_LENGTH:]
         return bool(
             PendingTransfer.objects.filter(
                 pk=self.pk,

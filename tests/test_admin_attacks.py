@@ -29,9 +29,10 @@ from queued_storage.backends import QueuedStorage
 from queued_storage.error_history import ERROR_HISTORY_LENGTH, error_entry
 from queued_storage.models import PendingTransfer
 from queued_storage.pausing import pause, resume
+from queued_storage.worker import drain
 from tests.browser import SCREENSHOTS, chromium_page
 from tests.factories import pending_row
-from tests.helpers import content, queued_alias, remote_calls
+from tests.helpers import FLAKY, content, queued_alias, remote_calls
 from tests.test_admin import change_url, changelist_url, fresh, messages_of, operator
 from tests.test_admin_detail import (
     buttons_of,
@@ -184,6 +185,35 @@ def test_a_malformed_error_history_leaves_the_page_readable(
     assert cell is not None
     assert shown in cell[1]
     assert "OSError: x" in response.content.decode()
+
+
+# Broke (the worker, invariant 7): a row whose error history was not a list (5)
+# crashed the worker's record of its failure ("could not record a crash"): the row
+# stayed transferring, its attempt and error unrecorded, until its lease ran out,
+# and again at every attempt. Now the failure is kept, in a history of entries.
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("history", ["5", '"not a history"', '[1, "x", {"a": 1}]'])
+def test_a_failure_of_a_row_with_a_malformed_history_is_recorded(
+    make_storage: Any, history: str
+) -> None:
+    storage = make_storage(remote=FLAKY, remote_options={"failures": 1})
+    storage.save("docs/fails.txt", content())
+    row = PendingTransfer.objects.get(storage_key=storage.key)
+    table = connection.ops.quote_name(PendingTransfer._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table} SET error_history = %s WHERE id = %s", [history, row.pk]
+        )
+
+    stats = drain(keys=[storage.key])
+
+    row = fresh(row)
+    assert (stats.retried, row.status, row.attempts) == (1, Status.QUEUED, 1)
+    kept = [e for e in row.error_history if isinstance(e, dict) and "error" in e]
+    assert [entry["error"] for entry in kept] == ["ConnectionError"]
+    assert row.last_error == "ConnectionError: remote unreachable"
 
 
 # Broke: a history of thousands of entries (a row keeps ten) made a page of
