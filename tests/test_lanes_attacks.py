@@ -6,6 +6,9 @@ drain's start, and the threads and connections of many busy polls."""
 from __future__ import annotations
 
 import gc
+import os
+import select
+import signal
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -303,3 +306,47 @@ def test_a_thread_retired_before_it_waits_ends(monkeypatch: pytest.MonkeyPatch) 
     gate.set()
     lane.thread.join(timeout=30)
     assert not lane.thread.is_alive()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_mid_lane_with_the_pools_lock_held_runs_lanes() -> None:
+    """Attack that held: fork() while a lane runs and holds the pool's lock (a
+    Celery prefork child, say): the child has no parked thread and starts its
+    lanes on threads of its own without waiting for the lock; the parent's lane
+    ends and parks."""
+    inside = threading.Event()
+    gate = threading.Event()
+
+    def holds_the_lock() -> None:
+        with lanes._pool.lock:
+            inside.set()
+            assert gate.wait(timeout=30)
+
+    running = lanes.start(holds_the_lock, "queued-storage-test-mid-lane")
+    assert inside.wait(timeout=30)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child reports through the pipe)
+        status = 1
+        try:
+            parked = lanes.parked()
+            ran = threading.Event()
+            ended = lanes.start(ran.set, "queued-storage-test-child").join(timeout=10)
+            status = 0 if (parked == 0 and ended and ran.is_set()) else 3
+        finally:
+            os.write(write, bytes([status]))
+            os._exit(status)
+    os.close(write)
+    try:
+        # A child stuck on the lock it inherited never reports: ended, not waited on.
+        ready, _, _ = select.select([read], [], [], 30)
+        reported = os.read(read, 1) if ready else b"stuck"
+    finally:
+        os.close(read)
+        gate.set()
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert reported == bytes([0])
+    assert running.join(timeout=30)
+    assert running.thread.name == lanes.IDLE_NAME
