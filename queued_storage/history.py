@@ -38,13 +38,20 @@ from datetime import timezone as dt_timezone
 from typing import Any, Protocol
 
 from django.conf import settings as django_settings
-from django.db import connections, models, router, transaction
+from django.db import (
+    DatabaseError,
+    OperationalError,
+    connections,
+    models,
+    router,
+    transaction,
+)
 from django.db.models import F, Sum
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from queued_storage.conf import settings as conf
-from queued_storage.ledger_sql import retry_when_locked
+from queued_storage.ledger_sql import lost_a_lock, retry_when_locked
 
 logger = logging.getLogger("queued_storage")
 
@@ -243,6 +250,23 @@ def count_failure(key: str, db: str) -> None:
     _add({key: [0, 0, 1, 0.0] + [0] * len(BOUNDS)}, this_minute(), db)
 
 
+class HistoryUnavailable(Exception):
+    """The history could not be written (its table or a column missing: a worker
+    deployed before ``migrate``, say). The caller's transaction is rolled back,
+    and the caller records the transfer or the error again without its count:
+    the ledger is the truth, the history only counts it."""
+
+
+def not_counted(error: HistoryUnavailable, keys: Iterable[str], what: str) -> None:
+    """Say in the log that ``what`` of storages ``keys`` went uncounted."""
+    logger.error(
+        "transfer history not written, %s not counted keys=%s error=%s",
+        what,
+        ",".join(sorted(set(keys))),
+        error,
+    )
+
+
 #: Per database alias, the upsert that adds to a minute's row.
 _UPSERTS: dict[str, str] = {}
 
@@ -286,9 +310,17 @@ def _add(per_key: dict[str, list[Any]], minute: datetime, db: str) -> None:
     field = TransferMinute._meta.get_field("minute")
     assert isinstance(field, models.DateTimeField)
     when = field.get_db_prep_save(minute, connection)
-    with connection.cursor() as cursor:
-        for key in sorted(per_key):
-            cursor.execute(sql, [key, when, *per_key[key]])
+    try:
+        with connection.cursor() as cursor:
+            for key in sorted(per_key):
+                cursor.execute(sql, [key, when, *per_key[key]])
+    except DatabaseError as error:
+        if isinstance(error, OperationalError) and lost_a_lock(error):
+            raise  # the whole transaction is done again, with its count
+        first_line = str(error).strip().splitlines()[:1]
+        raise HistoryUnavailable(
+            f"{type(error).__name__}: {''.join(first_line)}"
+        ) from error
 
 
 #: When this process last pruned (``time.monotonic()``), if it has.

@@ -28,7 +28,7 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
-def _lost_a_lock(error: OperationalError) -> bool:
+def lost_a_lock(error: OperationalError) -> bool:
     """A deadlock victim (MariaDB 1213, PostgreSQL), a lock wait that timed out
     (MariaDB 1205), or SQLite's busy timeout: the statement changed nothing."""
     code = error.args[0] if error.args else None
@@ -56,7 +56,7 @@ def retry_when_locked(func: Callable[_P, _R]) -> Callable[_P, _R]:
                 db = router.db_for_write(model)
                 if (
                     attempt == LOCKED_TRIES
-                    or not _lost_a_lock(error)
+                    or not lost_a_lock(error)
                     or connections[db].in_atomic_block
                 ):
                     raise

@@ -421,10 +421,17 @@ class PendingTransfer(models.Model):
         if not counted:
             changes["attempts"] = max(self.attempts - 1, 0)
         db = router.db_for_write(PendingTransfer)
-        with transaction.atomic(using=db):
-            if not self._leased().update(**changes):
-                return None
-            history.count_failure(self.storage_key, db)
+        try:
+            with transaction.atomic(using=db):
+                if not self._leased().update(**changes):
+                    return None
+                history.count_failure(self.storage_key, db)
+        except history.HistoryUnavailable as error:
+            # Rolled back: the error is kept without its count (see record_done()).
+            history.not_counted(error, [self.storage_key], "1 failed attempt")
+            with transaction.atomic(using=db):
+                if not self._leased().update(**changes):
+                    return None
         for field, value in changes.items():
             setattr(self, field, value)
         return str(changes["status"])

@@ -254,39 +254,54 @@ def complete(batch: list[Verified]) -> list[Outcome]:
 
 
 @retry_when_locked
-def _complete_together(batch: list[Verified]) -> bool:
+def _complete_together(batch: list[Verified], counted: bool = True) -> bool:
     db = ledger_db()
-    with transaction.atomic(using=db):
-        won = PendingTransfer.objects.using(db).mark_done_together(
-            [item.row for item in batch]
-        )
-        if won != len(batch):
-            transaction.set_rollback(True, using=db)
-            return False
-        history.count_done(batch, db)
-        for item in batch:
-            row = item.row
-            logger.info(
-                DONE_LOG,
-                row.storage_key,
-                row.name,
-                row.generation,
-                row.size or 0,
-                row.attempts,
+    try:
+        with transaction.atomic(using=db):
+            won = PendingTransfer.objects.using(db).mark_done_together(
+                [item.row for item in batch]
             )
-        on_commit(_after_done, batch)
+            if won != len(batch):
+                transaction.set_rollback(True, using=db)
+                return False
+            if counted:
+                history.count_done(batch, db)
+            for item in batch:
+                row = item.row
+                logger.info(
+                    DONE_LOG,
+                    row.storage_key,
+                    row.name,
+                    row.generation,
+                    row.size or 0,
+                    row.attempts,
+                )
+            on_commit(_after_done, batch)
+    except history.HistoryUnavailable as error:
+        # Rolled back: recorded again without the count (see record_done()).
+        keys = [item.row.storage_key for item in batch]
+        history.not_counted(error, keys, f"{len(batch)} done transfer(s)")
+        return _complete_together(batch, counted=False)
     return True
 
 
 @retry_when_locked
-def record_done(item: Verified) -> bool:
+def record_done(item: Verified, counted: bool = True) -> bool:
     """Record one verified transfer (``mark_done()``) and count it in the
-    history, in one transaction; False if its lease or generation is stale."""
+    history, in one transaction; False if its lease or generation is stale. A
+    history that cannot be written costs the count, never the done record: the
+    transaction is rolled back and done again without it, and the log says so."""
     db = ledger_db()
-    with transaction.atomic(using=db):
-        if not item.row.mark_done():
-            return False
-        history.count_done([item], db)
+    try:
+        with transaction.atomic(using=db):
+            if not item.row.mark_done():
+                return False
+            if counted:
+                history.count_done([item], db)
+    except history.HistoryUnavailable as error:
+        item.row.status = PendingTransfer.Status.TRANSFERRING  # rolled back
+        history.not_counted(error, [item.row.storage_key], "1 done transfer")
+        return record_done(item, counted=False)
     return True
 
 
