@@ -3,9 +3,10 @@ age of its oldest due row, stuck and long-overdue rows, whether it is paused and
 its circuit breaker, and charts (inline SVG) of its throughput and failures over
 the last hour and the last day. Its admin page is ``dashboard_admin.py``.
 
-Four queries whatever the ledger's size, the history's minutes or the number of
-storages: one grouped query over the rows not done (the status indexes find
-them), one of the done rows counted up to a limit a storage (``LIMIT``), one of
+Four queries whatever the ledger's size or the history's minutes (and one more a
+250 storages past the first 250): one grouped query over the rows not done (the
+status indexes find them), one of the done rows counted up to a limit a storage
+(``LIMIT``, :data:`KEYS_A_QUERY` storages a query), one of
 the history's last day (:mod:`queued_storage.history`) and one of the storages'
 controls."""
 
@@ -35,6 +36,9 @@ Status = PendingTransfer.Status
 #: :data:`DONE_COUNT_LIMIT`, so that a large ledger is never read whole.
 NOT_DONE = (Status.HELD, Status.QUEUED, Status.TRANSFERRING, Status.FAILED)
 DONE_COUNT_LIMIT = 10_000
+#: Storages whose done rows one query counts (a SELECT each, in one UNION ALL):
+#: SQLite allows 500 in a compound SELECT.
+KEYS_A_QUERY = 250
 #: The day chart's bars: this many minutes each.
 DAY_BAR_MINUTES = 15
 MINUTE = timedelta(minutes=1)
@@ -113,22 +117,26 @@ def _backlog(now: datetime) -> dict[str, dict[str, Any]]:
 
 def _done_counts(keys: list[str]) -> dict[str, int]:
     """Done rows of each of ``keys``, counted up to one more than the limit: one
-    query, a ``LIMIT`` a storage, so that a large ledger is never read whole."""
-    if not keys:
-        return {}
+    query a :data:`KEYS_A_QUERY` storages, a ``LIMIT`` a storage, so that a large
+    ledger is never read whole."""
     db = router.db_for_read(PendingTransfer)
-    parts, params = [], []
-    for index, key in enumerate(keys):
-        done = PendingTransfer.objects.using(db).filter(
-            storage_key=key, status=Status.DONE
-        )
-        limited = done.order_by().values_list("pk")[: DONE_COUNT_LIMIT + 1]
-        inner, inner_params = limited.query.get_compiler(using=db).as_sql()
-        parts.append(f"SELECT {index}, COUNT(*) FROM ({inner}) AS done_{index}")
-        params.extend(inner_params)
-    with connections[db].cursor() as cursor:
-        cursor.execute(" UNION ALL ".join(parts), params)
-        return {keys[int(index)]: int(count) for index, count in cursor.fetchall()}
+    found: dict[str, int] = {}
+    for first in range(0, len(keys), KEYS_A_QUERY):
+        chunk = keys[first : first + KEYS_A_QUERY]
+        parts, params = [], []
+        for index, key in enumerate(chunk):
+            done = PendingTransfer.objects.using(db).filter(
+                storage_key=key, status=Status.DONE
+            )
+            limited = done.order_by().values_list("pk")[: DONE_COUNT_LIMIT + 1]
+            inner, inner_params = limited.query.get_compiler(using=db).as_sql()
+            parts.append(f"SELECT {index}, COUNT(*) FROM ({inner}) AS done_{index}")
+            params.extend(inner_params)
+        with connections[db].cursor() as cursor:
+            cursor.execute(" UNION ALL ".join(parts), params)
+            for index, count in cursor.fetchall():
+                found[chunk[int(index)]] = int(count)
+    return found
 
 
 def _window(

@@ -81,6 +81,9 @@ Status = PendingTransfer.Status
 #: case of benchmarks/ compares the two); ``queued_storage_transfers_total``
 #: counts what is done.
 COUNTED = [status for status in Status.values if status != Status.DONE]
+#: Storages whose oldest due rows one query reads (two columns each): SQLite
+#: allows 2,000 columns in a result.
+KEYS_A_QUERY = 500
 
 # Reading the ledger
 
@@ -146,33 +149,33 @@ def oldest_due_per_storage(
 ) -> dict[str, datetime]:
     """When the longest-waiting due row of each of ``keys`` became due (queued
     and due, by ``next_attempt_at``; or leased by a worker whose lease ran out,
-    by ``lease_expires_at``). One query: two indexed LIMIT 1 subqueries a key,
-    in the select list of a query that reads one row."""
-    if not keys:
-        return {}
-    columns: dict[str, Subquery] = {}
-    for number, key in enumerate(keys):
-        of_key = rows.filter(storage_key=key)
-        columns[f"queued_{number}"] = Subquery(
-            of_key.queued()
-            .filter(next_attempt_at__lte=now)
-            .order_by("next_attempt_at")
-            .values("next_attempt_at")[:1]
-        )
-        columns[f"stuck_{number}"] = Subquery(
-            of_key.lease_expired(now)
-            .order_by("lease_expires_at")
-            .values("lease_expires_at")[:1]
-        )
-    found = list(rows.order_by().annotate(**columns).values(*columns)[:1])
-    if not found:  # no row at all, so none is due
-        return {}
-    oldest = {}
-    for number, key in enumerate(keys):
-        times = [found[0][f"queued_{number}"], found[0][f"stuck_{number}"]]
-        due = [at for at in times if at is not None]
-        if due:
-            oldest[key] = min(due)
+    by ``lease_expires_at``). One query a :data:`KEYS_A_QUERY` keys: two indexed
+    LIMIT 1 subqueries a key, in the select list of a query that reads one row."""
+    oldest: dict[str, datetime] = {}
+    for first in range(0, len(keys), KEYS_A_QUERY):
+        chunk = keys[first : first + KEYS_A_QUERY]
+        columns: dict[str, Subquery] = {}
+        for number, key in enumerate(chunk):
+            of_key = rows.filter(storage_key=key)
+            columns[f"queued_{number}"] = Subquery(
+                of_key.queued()
+                .filter(next_attempt_at__lte=now)
+                .order_by("next_attempt_at")
+                .values("next_attempt_at")[:1]
+            )
+            columns[f"stuck_{number}"] = Subquery(
+                of_key.lease_expired(now)
+                .order_by("lease_expires_at")
+                .values("lease_expires_at")[:1]
+            )
+        found = list(rows.order_by().annotate(**columns).values(*columns)[:1])
+        if not found:  # no row at all, so none is due
+            return {}
+        for number, key in enumerate(chunk):
+            times = [found[0][f"queued_{number}"], found[0][f"stuck_{number}"]]
+            due = [at for at in times if at is not None]
+            if due:
+                oldest[key] = min(due)
     return oldest
 
 
