@@ -28,7 +28,15 @@ from queued_storage.ledger_sql import retry_when_locked
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import Verified, complete, transfer_row
 from queued_storage.worker import drain
-from tests.helpers import ALWAYS_FAILING, FLAKY, content, in_thread, joined
+from tests.helpers import (
+    ALWAYS_FAILING,
+    FLAKY,
+    content,
+    in_thread,
+    joined,
+    lanes_returned,
+)
+from tests.storages import HangingStorage
 
 Status = PendingTransfer.Status
 
@@ -336,3 +344,32 @@ def test_local_naive_times_count_chart_and_prune_as_utc_does(
             "minute", flat=True
         )
     ) == [history.carry_minute()]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_abandoned_upload_is_one_failure_and_its_late_return_counts_nothing(
+    make_storage: Callable[..., QueuedStorage],
+    hanging: type[HangingStorage],
+    settings: Any,
+) -> None:
+    settings.QUEUED_STORAGE_LEASE = 30
+    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 1
+    settings.QUEUED_STORAGE_RETRY_DELAY = 0
+    settings.QUEUED_STORAGE_BREAKER_FAILURES = 0
+    storage = make_storage(remote="tests.storages.HangingStorage")
+    hung = storage.save("a.txt", content("first"))
+    storage.save("b.txt", content("second"))
+    hanging.hang = {hung}
+
+    stats = drain(concurrency=1)  # abandons the hung upload, retries it at once
+
+    assert (stats.done, stats.retried) == (2, 1)
+    counted = totals([storage.key])[storage.key]
+    assert (counted.files, counted.failures, sum(counted.buckets)) == (2, 1, 2)
+
+    # The hung upload returns at last: a late worker, counted nowhere.
+    hanging.released.set()
+    assert hanging.returned.wait(timeout=30)
+    assert lanes_returned(), "the lane left behind on the hung upload never returned"
+    assert totals([storage.key])[storage.key] == counted
+    TransferMinute.objects.filter(storage_key=storage.key).delete()
