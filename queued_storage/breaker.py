@@ -4,8 +4,8 @@ storage is claimed until a probe), reopen with twice the backoff when the probe
 fails, close at the first success. What counts is a failure of the remote (it
 raised, hung, or the hook returned False), never a file's own problem.
 
-While a storage's breaker is open, the failures of its attempts (the one that
-opened it, the rows already in hand, the probe) do not use up the rows'
+While a storage's breaker is open, the failures of its attempts (the rows
+already in hand, the probe; not the one that opened it) do not use up the rows'
 attempts: an outage longer than the retry horizon leaves rows queued, not
 failed. Their errors are kept on the rows all the same (invariant 7)."""
 
@@ -119,8 +119,9 @@ def _db() -> str:
 
 def note_failure(row: PendingTransfer, error: BaseException) -> bool:
     """Count the failed attempt of ``row`` against its storage if ``error`` is its
-    remote's; whether the storage's breaker is open after it (it opened it, or
-    was open): that attempt is then not counted against the row's retries."""
+    remote's; whether the storage's breaker was open already (the attempt was
+    in hand, or the probe): that attempt is then not counted against the row's
+    retries."""
     probe = row.lease_token in seen.probes
     seen.probes.discard(row.lease_token)
     threshold = conf.QUEUED_STORAGE_BREAKER_FAILURES
@@ -165,6 +166,11 @@ def _count_failure(key: str, token: str, threshold: int) -> bool:
                 state.breaker_failures,
                 backoff,
             )
+            # Counted, as the failures before it were: were the attempt that
+            # opens the breaker taken back, a file the remote alone refuses
+            # would open it again at each retry and never fail (invariant 7).
+            seen.failing.add(key)
+            return False
         elif token and state.breaker_probe_token == token:
             backoff = conf.breaker_backoff(state.breaker_backoff)
             rows.update(
@@ -180,6 +186,15 @@ def _count_failure(key: str, token: str, threshold: int) -> bool:
             )
     seen.failing.add(key)
     return True
+
+
+@retry_when_locked
+def renew_probe(token: str, lease: float) -> None:
+    """The probe row under ``token`` still runs, its lease renewed: its turn lasts
+    as long, so that no other worker probes its storage meanwhile."""
+    StorageState.objects.using(_db()).filter(breaker_probe_token=token).update(
+        breaker_probe_at=clock() + timedelta(seconds=lease)
+    )
 
 
 def forget_probe(row: PendingTransfer) -> None:

@@ -171,6 +171,8 @@ class LeaseKeeper(threading.Thread):
                 PendingTransfer.objects.renew_lease(
                     self.token, self.lease, pks=[attempt.row.pk for attempt in renew]
                 )
+                if self.token in breaker.seen.probes:
+                    breaker.renew_probe(self.token, self.lease)
             except Exception as exc:
                 # Keep renewing: one failed renewal must not cost the lease of a
                 # transfer that is still running. A fresh connection next time.

@@ -9,7 +9,7 @@ import pytest
 from django.core.files.storage import FileSystemStorage
 from django.utils.module_loading import import_string
 
-from queued_storage import adoption, claim_size, registry
+from queued_storage import adoption, breaker, claim_size, registry
 from queued_storage.backends import (
     QueuedAzureStorage,
     QueuedFTPStorage,
@@ -21,7 +21,7 @@ from queued_storage.backends import (
 )
 from queued_storage.stats import DrainStats
 from queued_storage.worker import drain
-from tests.helpers import FS, S3, storages_for
+from tests.helpers import FS, S3, Clock, storages_for
 from tests.s3 import S3_OPTIONS, make_bucket, moto_s3_server, s3_client
 from tests.servers import (
     AZURE_CONTAINER,
@@ -504,3 +504,12 @@ def filesystem_remote(tmp_path: Path, settings: Any) -> Iterator[Remote]:
         {"location": str(tmp_path / "filesystem-remote")},
     )
     registry.forget("filesystem")
+
+
+@pytest.fixture
+def breaker_clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """The circuit breaker's clock, moved by the test (the rows' own due times
+    are made due by hand): an outage of hours in no time."""
+    ticking = Clock()
+    monkeypatch.setattr(breaker, "clock", ticking)
+    return ticking

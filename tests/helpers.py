@@ -21,6 +21,7 @@ from queued_storage import history
 from queued_storage.backends import QueuedStorage
 from queued_storage.fields import QueuedFieldFile
 from queued_storage.models import PendingTransfer
+from queued_storage.storage_state import StorageState
 from queued_storage.worker import drain
 from tests.storages import CountingStorage
 
@@ -243,3 +244,15 @@ def add_history(key: str, minute: Any, **counts: Any) -> None:
     ``key``'s history row of ``minute``, as workers do."""
     values = [counts.get(name, 0) for name in history.COUNTED]
     history._add({key: values}, minute, history.history_db())
+
+
+def open_breaker(storage: QueuedStorage, clock: Clock) -> None:
+    """The storage's circuit breaker open after three failures, its probe due
+    now on ``clock``."""
+    StorageState.objects.create(
+        storage_key=storage.key,
+        breaker_failures=3,
+        breaker_opened_at=clock.now - timedelta(minutes=1),
+        breaker_probe_at=clock.now,
+        breaker_backoff=4,
+    )

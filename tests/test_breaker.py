@@ -56,15 +56,6 @@ Status = PendingTransfer.Status
 
 
 @pytest.fixture
-def breaker_clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    """The breaker's clock, moved by the test (the rows' own due times are made
-    due by hand): an outage of hours in no time."""
-    ticking = Clock()
-    monkeypatch.setattr(breaker, "clock", ticking)
-    return ticking
-
-
-@pytest.fixture
 def limits(settings: Any) -> None:
     settings.QUEUED_STORAGE_RETRIES = 1
     settings.QUEUED_STORAGE_RETRY_DELAY = 1  # backoff 1 s, doubled up to 32 s
@@ -319,10 +310,11 @@ def test_an_upload_that_hangs_past_the_timeout_counts_as_the_remotes_failure(
     hanging: type[HangingStorage],
 ) -> None:
     """Abandoned after the transfer timeout: a remote failure, which here opens
-    the breaker (threshold 1) and so does not fail the row (no retries)."""
+    the breaker (threshold 1); counted against the row, as the failure that opens
+    the breaker is, and the row waits for the probe."""
     settings.QUEUED_STORAGE_LEASE = 30
     settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 1
-    settings.QUEUED_STORAGE_RETRIES = 0
+    settings.QUEUED_STORAGE_RETRIES = 1
     settings.QUEUED_STORAGE_BREAKER_FAILURES = 1
     storage = make_storage(remote="tests.storages.HangingStorage")
     name = storage.save("hung.txt", content())
@@ -331,7 +323,7 @@ def test_an_upload_that_hangs_past_the_timeout_counts_as_the_remotes_failure(
         drain(keys=[storage.key])  # ends with the hung upload left behind
 
         row = row_of(storage, name)
-        assert (row.status, row.attempts) == (Status.QUEUED, 0)
+        assert (row.status, row.attempts) == (Status.QUEUED, 1)
         assert [entry["error"] for entry in row.error_history] == ["TransferTimeout"]
         assert controls_of(storage, breaker_clock).breaker == BREAKER_OPEN
     finally:
