@@ -36,7 +36,7 @@ from queued_storage.models import (
     PendingTransfer,
     PendingTransferQuerySet,
 )
-from queued_storage.storage_state import paused_keys
+from queued_storage.storage_state import BREAKER_CLOSED, storage_controls
 from queued_storage.worker import transfer_name
 
 if TYPE_CHECKING:
@@ -328,6 +328,17 @@ class PendingTransferViews(admin.ModelAdmin):  # type: ignore[type-arg]
                 )
                 % {"count": outcomes["paused"]}
             )
+        if outcomes["breaker"]:
+            parts.append(
+                ngettext(
+                    "%(count)d not started: its storage's circuit breaker is open "
+                    "(one probe row tries the remote when its backoff ends)",
+                    "%(count)d not started: their storage's circuit breaker is open "
+                    "(one probe row tries the remote when its backoff ends)",
+                    outcomes["breaker"],
+                )
+                % {"count": outcomes["breaker"]}
+            )
         skipped = outcomes["skipped"] + outcomes[Outcome.STALE.value]
         if skipped:
             parts.append(
@@ -346,18 +357,24 @@ class PendingTransferViews(admin.ModelAdmin):  # type: ignore[type-arg]
 def transfer_rows(pks: list[int]) -> tuple[Counter[str], list[str]]:
     """Re-queue the rows ``pks`` and transfer each in this thread, as a worker
     would: the count per outcome ("skipped" for a row the engine did not take,
-    "paused" for one it did not take because its storage is paused) and
-    ``name: error`` of each that failed."""
+    "paused" for one it did not take because its storage is paused, "breaker"
+    because its storage's circuit breaker is open) and ``name: error`` of each
+    that failed."""
     selected = PendingTransfer.objects.filter(pk__in=pks)
     selected.requeue()
     outcomes: Counter[str] = Counter()
     errors: list[str] = []
     rows = list(selected.order_by("pk").values_list("pk", "storage_key", "name"))
-    paused = set(paused_keys({key for _pk, key, _name in rows}))
+    controls = storage_controls(sorted({key for _pk, key, _name in rows}))
     for pk, key, name in rows:
         outcome = transfer_name(key, name)
         if outcome is None:
-            outcomes["paused" if key in paused else "skipped"] += 1
+            if controls[key].paused:
+                outcomes["paused"] += 1
+            elif controls[key].breaker != BREAKER_CLOSED:
+                outcomes["breaker"] += 1
+            else:
+                outcomes["skipped"] += 1
             continue
         outcomes[outcome.value] += 1
         if outcome in (Outcome.RETRY, Outcome.FAILED):
