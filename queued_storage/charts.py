@@ -17,6 +17,8 @@ WIDTH = 260
 HEIGHT = 96
 #: Room for the axis labels below the bars and the scale on their left.
 BOTTOM = 16
+#: The width of an axis label (``HH:MM`` at 10 px): none starts closer to the edge.
+TICK_WIDTH = 28
 LEFT = 64
 TOP = 6
 
@@ -43,11 +45,13 @@ def bar_chart(
     colour: str,
     text: Callable[[float], str],
     every: int,
+    tick: Callable[[datetime], bool] | None = None,
     css_class: str = "qs-chart",
 ) -> SafeString:
     """An SVG bar chart of ``bars`` (oldest first): ``text`` formats a value for
     the scale and the bars' titles, and every ``every``-th bar's start is an axis
-    label. A chart of zeros has no bar taller than its baseline."""
+    label (or, with ``tick``, each bar's whose start it accepts: e.g. whole hours).
+    A chart of zeros has no bar taller than its baseline and no scale above it."""
     plot_width = WIDTH - LEFT
     plot_height = HEIGHT - BOTTOM - TOP
     tallest = max((bar.value for bar in bars), default=0.0)
@@ -66,7 +70,8 @@ def bar_chart(
                 f"{local_time(bar.at)}: {text(bar.value)}",
             )
         )
-        if index % every == 0:
+        ticked = tick(bar.at) if tick is not None else index % every == 0
+        if ticked and x + TICK_WIDTH <= WIDTH:
             ticks.append((f"{x:.2f}", f"{HEIGHT - 3}", local_time(bar.at)))
     baseline = TOP + plot_height
     return format_html(
@@ -90,7 +95,7 @@ def bar_chart(
         baseline,
         LEFT - 4,
         TOP + 8,
-        text(tallest),
+        text(tallest) if tallest > 0 else "",
         LEFT - 4,
         baseline,
         colour,

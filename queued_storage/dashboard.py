@@ -12,6 +12,7 @@ controls."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -182,7 +183,15 @@ def _bytes_per_minute(value: float) -> str:
     return gettext("%(size)s/min") % {"size": filesizeformat(int(value))}
 
 
-def _charts(window: Window, every: int) -> list[tuple[str, SafeString]]:
+def _every_six_hours(at: datetime) -> bool:
+    """The day chart's axis labels: 00:00, 06:00, 12:00 and 18:00, local time."""
+    local = timezone.localtime(at) if timezone.is_aware(at) else at  # USE_TZ False
+    return local.minute == 0 and local.hour % 6 == 0
+
+
+def _charts(
+    window: Window, every: int, tick: Callable[[datetime], bool] | None = None
+) -> list[tuple[str, SafeString]]:
     """(title, SVG) of the window's charts: files, bytes and failed attempts."""
     charts = []
     for title, bars, colour, text in [
@@ -201,7 +210,9 @@ def _charts(window: Window, every: int) -> list[tuple[str, SafeString]]:
         ),
     ]:
         label = f"{title}, {window.label}"
-        svg = bar_chart(bars, label=label, colour=colour, text=text, every=every)
+        svg = bar_chart(
+            bars, label=label, colour=colour, text=text, every=every, tick=tick
+        )
         charts.append((title, svg))
     return charts
 
@@ -251,6 +262,8 @@ def summaries(now: datetime | None = None) -> list[StorageSummary]:
         summary.day = _window(
             gettext("last day"), minutes, day_starts, DAY_BAR_MINUTES, now_minute
         )
-        summary.day.charts = _charts(summary.day, every=4 * 60 // DAY_BAR_MINUTES)
+        summary.day.charts = _charts(
+            summary.day, every=6 * 60 // DAY_BAR_MINUTES, tick=_every_six_hours
+        )
         found.append(summary)
     return found

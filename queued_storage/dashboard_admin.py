@@ -19,11 +19,12 @@ from django.utils.safestring import SafeString
 from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
+from queued_storage.admin_controls import PAUSE_URL_NAME, RESUME_URL_NAME
 from queued_storage.admin_views import STORAGE_PARAMETER, status_badge
 from queued_storage.dashboard import DONE_COUNT_LIMIT, StorageSummary, summaries
 from queued_storage.history import TransferDashboard
 from queued_storage.models import PendingTransfer
-from queued_storage.storage_state import BREAKER_CLOSED, Controls
+from queued_storage.storage_state import BREAKER_CLOSED, MAX_REASON_LENGTH, Controls
 
 Status = PendingTransfer.Status
 
@@ -115,6 +116,11 @@ class TransferDashboardAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             )
         ]
 
+    def can_pause(self, request: HttpRequest) -> bool:
+        """The pause and resume buttons are the ledger's: its change permission."""
+        ledger = self.admin_site._registry.get(PendingTransfer)
+        return ledger is not None and ledger.has_change_permission(request)
+
     def dashboard_view(self, request: HttpRequest) -> HttpResponse:
         if not can_view(request):
             raise PermissionDenied
@@ -139,5 +145,10 @@ class TransferDashboardAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             "storages": storages,
             "changelist": reverse("admin:queued_storage_pendingtransfer_changelist"),
             "done_limit": DONE_COUNT_LIMIT,
+            "can_pause": self.can_pause(request),
+            "pause_url": reverse(f"{self.admin_site.name}:{PAUSE_URL_NAME}"),
+            "resume_url": reverse(f"{self.admin_site.name}:{RESUME_URL_NAME}"),
+            "reason_length": MAX_REASON_LENGTH,
+            "here": request.get_full_path(),
         }
         return TemplateResponse(request, "admin/queued_storage/dashboard.html", context)

@@ -203,6 +203,33 @@ def test_paused_and_breaker_state(
     assert "after 7 consecutive failures" in mine
 
 
+def test_pause_and_resume_buttons_for_the_ledgers_change_permission_only(
+    ledger_viewer: Client,
+    django_user_model: Any,
+    storage: QueuedStorage,
+) -> None:
+    storage.save("a.txt", content("a"))
+    changer = client_of(django_user_model, "change_pendingtransfer")
+    pause_url = reverse("admin:queued_storage_pendingtransfer_pause")
+
+    mine = section(changer.get(URL).content.decode(), storage.key)
+    assert f'action="{pause_url}" class="qs-pause"' in mine
+    assert f'name="key" value="{storage.key}"' in mine
+    assert f'name="next" value="{URL}"' in mine
+    assert "csrfmiddlewaretoken" in mine
+    viewed = section(ledger_viewer.get(URL).content.decode(), storage.key)
+    assert 'class="qs-pause"' not in viewed and "<form" not in viewed
+
+    paused = changer.post(
+        pause_url, {"key": storage.key, "reason": "upgrade", "next": URL}, follow=True
+    )
+    assert paused.redirect_chain == [(URL, 302)]
+    mine = section(paused.content.decode(), storage.key)
+    assert "Reason: upgrade" in mine and 'class="qs-pause"' not in mine
+    resume_url = reverse("admin:queued_storage_pendingtransfer_resume")
+    assert f'action="{resume_url}" class="qs-resume"' in mine
+
+
 def test_done_rows_are_counted_up_to_a_limit(
     ledger_viewer: Client, storage: QueuedStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
