@@ -149,7 +149,7 @@ class PendingTransferAdmin(PendingTransferDetail):
             {
                 "fields": [
                     "attempts",
-                    "next_attempt_at",
+                    "next_attempt",
                     "lease_expires_at",
                     "transferred_at",
                     "remote_state",

@@ -253,6 +253,24 @@ class PendingTransferDetail(PendingTransferViews):
             )
         return gettext("No")
 
+    @admin.display(description=_("next attempt"))
+    def next_attempt(self, row: PendingTransfer) -> str:
+        """When a worker takes the row next, as its status decides: the time only
+        for a queued row; a failed, held, done or transferring row has none."""
+        if row.status == Status.QUEUED:
+            if row.next_attempt_at is None:
+                return gettext("Due now.")
+            return local_time(row.next_attempt_at)
+        if row.status == Status.FAILED:
+            return gettext("None: out of attempts, waits to be re-queued.")
+        if row.status == Status.HELD:
+            return gettext("None: held, waits for transfer() or Retry now.")
+        if row.status == Status.TRANSFERRING:
+            return gettext("None: a worker is transferring it.")
+        if row.status == Status.DONE:
+            return gettext("None: done.")
+        return local_time(row.next_attempt_at)
+
     @admin.display(description=_("remote object"))
     def remote_state(self, row: PendingTransfer) -> str:
         if row.status == Status.DONE and row.remote_owned:

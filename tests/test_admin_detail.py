@@ -434,6 +434,40 @@ def test_state_texts_describe_the_rows_real_state(
     assert "Remote object is ours" not in page
 
 
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("status", "shown"),
+    [
+        (Status.FAILED, "None: out of attempts, waits to be re-queued."),
+        (Status.HELD, "None: held, waits for transfer() or Retry now."),
+        (Status.TRANSFERRING, "None: a worker is transferring it."),
+        (Status.DONE, "None: done."),
+    ],
+)
+def test_a_row_no_worker_will_take_shows_no_next_attempt_time(
+    admin_client: Client, status: str, shown: str
+) -> None:
+    """A failed row's old next attempt time read as if it would be retried."""
+    row = pending_row(status=status, next_attempt_at=timezone.now())
+
+    page = admin_client.get(change_url(row)).content.decode()
+
+    assert f'<div class="readonly">{shown}</div>' in page
+
+
+@pytest.mark.django_db
+def test_a_queued_rows_next_attempt_is_its_local_time(
+    admin_client: Client, settings: Any
+) -> None:
+    settings.TIME_ZONE = "Asia/Kolkata"
+    when = datetime(2026, 12, 1, 12, 0, tzinfo=dt_timezone.utc)
+    row = pending_row(status=Status.QUEUED, next_attempt_at=when)
+
+    page = admin_client.get(change_url(row)).content.decode()
+
+    assert "Dec. 1, 2026, 5:30 p.m." in page
+
+
 # Links to the copies
 
 
