@@ -175,11 +175,21 @@ def test_two_workers_racing_for_the_probe_one_takes_it(
         breaker_backoff=4,
     )
     both_read = threading.Barrier(2, timeout=30)
+    probe_claimed = threading.Event()
     take_probe = controls._take_probe
 
     def meeting(*args: Any) -> PendingTransfer | None:
         both_read.wait()
-        return take_probe(*args)
+        taken = take_probe(*args)
+        if taken is None:
+            # The loser's own claim comes after the winner's probe claim: on
+            # MariaDB its scan (FOR UPDATE SKIP LOCKED) locks the rows it reads
+            # for a moment, and a probe claim meeting them then finds nothing
+            # and hands the turn back (the probe slips one poll).
+            probe_claimed.wait(timeout=30)
+        else:
+            probe_claimed.set()
+        return taken
 
     monkeypatch.setattr(controls, "_take_probe", meeting)
 
