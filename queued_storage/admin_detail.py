@@ -230,7 +230,8 @@ class PendingTransferDetail(PendingTransferViews):
                 messages.WARNING,
             )
             return HttpResponseRedirect(back)
-        run = found[0]
+        # Django 6.1 gives an Action (its tuple indexes are deprecated), 5.2 a tuple.
+        run = getattr(found, "func", None) or found[0]
         # The row as the page showed it: a change in between matches nothing.
         run(
             self,

@@ -290,20 +290,20 @@ def test_first_save_without_the_app_says_what_to_do_and_writes_nothing(
 # The ledger not migrated
 
 
-def test_plain_check_asks_no_database(site_root: Path) -> None:
-    """The database check runs with --database only (and before migrate): a
-    plain check passes on a site whose database cannot even be reached."""
-    database = database_settings(selected_vendor())
-    if database["ENGINE"].endswith("sqlite3"):
-        database["NAME"] = str(site_root / "no such directory" / "db.sqlite3")
-    else:
-        database["NAME"] = f"no_such_database_{uuid.uuid4().hex[:6]}"
-    manage = manage_with(site_settings(site_root, database, "queued_storage"))
+def test_plain_check_asks_no_database(
+    site_root: Path, empty_database: dict[str, Any]
+) -> None:
+    """The database check runs with --database only (and before migrate): a plain
+    check of a site whose ledger is not migrated reports nothing of it. (On Django
+    6.1 Django's own JSONField check opens a connection in a plain check, so a
+    database that cannot be reached is no test of ours there.)"""
+    manage = manage_with(site_settings(site_root, empty_database, "queued_storage"))
 
     plain = manage("check")
 
     assert plain.returncode == 0, plain.stderr
     assert "System check identified no issues" in plain.stdout
+    assert "W001" not in plain.stdout + plain.stderr
 
 
 def test_empty_database_database_check_warns_w001_and_migrate_fixes_it(
