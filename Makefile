@@ -82,7 +82,7 @@ test-latest: venv venv-latest tools
 
 # What .ci/run runs: both of the above in one matrix, one summary line. The legs
 # start in this order; mariadb first, as the longest (it has the chaos test), so
-# that two at a time end close together.
+# that the legs running together end close together.
 ci: venv venv-latest tools
 	QUEUED_STORAGE_TEST_LEGS="$(BIN)/python=mariadb,sqlite,postgresql \
 		$(LATEST_BIN)/python=sqlite,postgresql" \
