@@ -12,15 +12,16 @@ from functools import wraps
 from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import quote
 
+from django.core.exceptions import ImproperlyConfigured
 from django.core.files import File
 from django.core.files.storage import Storage
 from django.db import OperationalError, ProgrammingError, router
-from django.db.models.functions import Substr
 from django.utils.deconstruct import deconstructible
 
 from queued_storage import (
     checks,  # noqa: F401 - registered without the app too (E016)
     installation,
+    listing,
     prefetch,
     redaction,
     registry,
@@ -34,6 +35,7 @@ from queued_storage.configuration import (
     warn_deprecated,
 )
 from queued_storage.integrations import wake_after_commit
+from queued_storage.mirror_config import MirrorTarget
 from queued_storage.models import PendingTransfer
 
 # The name rules lived here before queued_storage.names; they stay importable.
@@ -49,6 +51,7 @@ from queued_storage.prefetch import RowState
 from queued_storage.tombstones import purge
 
 __all__ = [
+    "MirrorStorage",
     "QueuedAzureStorage",
     "QueuedCloudFilesStorage",
     "QueuedCouchDBStorage",
@@ -118,6 +121,9 @@ class QueuedStorage(ConfiguredStorage):
         differently configured one has writes nothing."""
         if self._registry_epoch != registry.epoch:
             registry.register(self)
+
+    def _build_mirror(self, target: MirrorTarget) -> MirrorStorage:
+        return MirrorStorage(self, target)
 
     # Serving: the ledger's row decides (one indexed query, no network).
 
@@ -268,30 +274,7 @@ class QueuedStorage(ConfiguredStorage):
     @_redacted_errors
     def listdir(self, path: str) -> tuple[list[str], list[str]]:
         """Both storages' entries, each once; deleted names left out."""
-        path = canonical_directory(path)
-        dirs, files = _listdir(self.local, path)
-        try:
-            remote_dirs, remote_files = _listdir(self.remote, path)
-        except NotImplementedError:
-            remote_dirs, remote_files = self._ledger_listdir(path, done=True)
-        hidden = set(self._ledger_listdir(path, done=False)[1])
-        merged_dirs = sorted(set(dirs) | set(remote_dirs))
-        merged_files = sorted((set(files) | set(remote_files)) - hidden)
-        return merged_dirs, merged_files
-
-    def _ledger_listdir(self, path: str, *, done: bool) -> tuple[list[str], list[str]]:
-        prefix = f"{path}/" if path else ""
-        rows = PendingTransfer.objects.filter(storage_key=self.key)
-        if prefix:
-            # Not name__startswith: SQLite's LIKE ignores the case of ASCII letters.
-            rows = rows.alias(head=Substr("name", 1, len(prefix))).filter(head=prefix)
-        rows = rows.done().live() if done else rows.filter(deleted=True)
-        dirs: set[str] = set()
-        files: set[str] = set()
-        for name in rows.values_list("name", flat=True):
-            head, _sep, tail = name[len(prefix) :].partition("/")
-            (dirs if tail else files).add(head)
-        return sorted(dirs), sorted(files)
+        return listing.listdir(self, canonical_directory(path))
 
     # Changing state
 
@@ -355,12 +338,57 @@ class QueuedStorage(ConfiguredStorage):
         return not os.path.isdir(path)
 
 
-def _listdir(storage: Storage, path: str) -> tuple[list[str], list[str]]:
-    try:
-        dirs, files = storage.listdir(path)
-    except FileNotFoundError:
-        return [], []
-    return list(dirs), list(files)
+class MirrorStorage(QueuedStorage):
+    """Mirror ``mirror_name`` of the storage ``primary``: the rows of its copies
+    under a key of their own, its remote the mirror's target, the rest of the
+    primary's arguments. Files reach it from the primary (see
+    :mod:`queued_storage.mirrors`), never from a save, delete or transfer of its own."""
+
+    def __init__(self, primary: QueuedStorage, target: MirrorTarget) -> None:
+        self.primary = primary
+        self.mirror_name = target.name
+        super().__init__(
+            primary.local_alias or primary.local_path,
+            target.storage,
+            local_options=primary.local_options or None,
+            remote_options=target.options or None,
+            # The primary's task as it was given: one that cannot be imported
+            # says so here too, at first use.
+            task=primary.task_path
+            if "task" in primary._problems
+            else primary.task_class,
+            key=target.key,
+            verify_checksum=primary.verify_checksum,
+            overwrite_remote=primary.overwrite_remote,
+            local_shared=primary.local_shared,
+            create_only_uploads=primary.create_only_uploads,
+        )
+
+    @property
+    def local(self) -> Storage:
+        """The primary's local storage, the same instance."""
+        assert self.primary is not None
+        return self.primary.local
+
+    def describe(self) -> str:
+        remote = self.remote_alias or self.remote_path
+        return (
+            f"MirrorStorage({self.mirror_name!r} of {self.primary_key!r}, "
+            f"remote={remote!r}, task={self.task_path!r})"
+        )
+
+    @property
+    def primary_key(self) -> str:
+        assert self.primary is not None
+        return self.primary.key
+
+    def _through_primary(self, *args: Any, **kwargs: Any) -> Any:
+        raise ImproperlyConfigured(
+            f"{self!r} is mirror {self.mirror_name!r} of storage "
+            f"{self.primary_key!r}: save, delete and transfer files through that one."
+        )
+
+    save = delete = transfer = _through_primary
 
 
 class QueuedFileSystemStorage(QueuedStorage):

@@ -11,9 +11,10 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from functools import cached_property
 from types import FrameType
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -24,7 +25,11 @@ from django.utils.module_loading import import_string
 
 from queued_storage import installation, redaction
 from queued_storage.conf import settings as conf
+from queued_storage.mirror_config import MirrorTarget, parse_mirrors
 from queued_storage.tasks import Transfer
+
+if TYPE_CHECKING:
+    from queued_storage.backends import MirrorStorage, QueuedStorage
 
 FILE_SYSTEM_STORAGE = "django.core.files.storage.FileSystemStorage"
 DEFAULT_TASK = "queued_storage.tasks.Transfer"
@@ -42,6 +47,7 @@ CLASS_DEFAULTS = (
     "cache_prefix",
     "delayed",
     "task",
+    "mirrors",
 )
 _NOT_SET = object()
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -179,6 +185,11 @@ class ConfiguredStorage(Storage):
     default_cache_prefix: str | None = None
     default_delayed: bool = False
     default_task: str | type = DEFAULT_TASK
+    default_mirrors: dict[str, Any] | None = None
+    #: Set on a mirror's storage (``MirrorStorage``): the storage it mirrors, and
+    #: its name there.
+    primary: QueuedStorage | None = None
+    mirror_name: str = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """0.8's class attributes become the ``default_*`` of their arguments. On
@@ -189,7 +200,7 @@ class ConfiguredStorage(Storage):
             value = _class_attribute(cls, name)
             if value is not _NOT_SET:
                 setattr(cls, f"default_{name}", value)
-        for name in ("local", "remote", "task"):
+        for name in ("local", "remote", "task", "mirrors"):
             # Set here or by a mixin, to a path or to None (which inherits):
             # either would hide the property.
             if not hasattr(type(inspect.getattr_static(cls, name)), "__get__"):
@@ -210,6 +221,7 @@ class ConfiguredStorage(Storage):
         overwrite_remote: bool = False,
         local_shared: bool = True,
         create_only_uploads: bool | None = None,
+        mirrors: dict[str, Any] | None = None,
     ) -> None:
         local = local or self.default_local
         remote = remote or self.default_remote
@@ -259,6 +271,20 @@ class ConfiguredStorage(Storage):
             self.local_alias or self.local_path,
             self.remote_alias or self.remote_path,
         )
+        #: Each mirror's target by name: the storage copies every file there too.
+        self.mirror_targets = parse_mirrors(
+            self.default_mirrors if mirrors is None else mirrors,
+            self.key,
+            max_key_length=MAX_KEY_LENGTH,
+        )
+        with _quoting_no_secret():
+            for target in list(self.mirror_targets.values()):
+                self._check_mirror_target(target)
+        #: The name of the mirror that may serve reads (``"serve": True``), or None.
+        self.serving_mirror = next(
+            (name for name, target in self.mirror_targets.items() if target.serve),
+            None,
+        )
         # Registered with the workers at first use (QueuedStorage._registered),
         # not here: loading migration files builds storages with the arguments frozen in them.
         redaction.remember(self)
@@ -301,6 +327,59 @@ class ConfiguredStorage(Storage):
                 (), self._unusable(which, value, problem)
             )
         return path, ""
+
+    def _check_mirror_target(self, target: MirrorTarget) -> None:
+        """As :meth:`_check_storage_argument` for a mirror's target: an alias given
+        options raises now; a path that names no usable ``Storage`` class is a
+        problem, raised at first use and reported by ``manage.py check``."""
+        which = f"mirrors[{target.name!r}]"
+        value = target.storage
+        if value in getattr(settings, "STORAGES", {}):
+            if target.options:
+                raise ImproperlyConfigured(
+                    f"QueuedStorage {which} storage {value!r} is a STORAGES alias; "
+                    f"put its options in settings.STORAGES[{value!r}]['OPTIONS'], "
+                    "not in the mirror's options."
+                )
+            self._problems.pop(f"mirror {target.name}", None)
+            return
+        path = _current_path(which, value)
+        if path != value:
+            target = replace(target, storage=path)
+            self.mirror_targets[target.name] = target
+        problem = _storage_class_problem(path)
+        if problem is not None:
+            self._problems[f"mirror {target.name}"] = redaction.redact_with(
+                (),
+                f"QueuedStorage {which} storage {value!r} {problem}. Give the "
+                "mirror a STORAGES alias or a dotted path to a Storage class (with "
+                "its options).",
+            )
+
+    def mirror_key(self, name: str) -> str:
+        """The ledger key of the rows of mirror ``name``."""
+        return self.mirror_targets[name].key
+
+    @cached_property
+    def mirrors(self) -> dict[str, MirrorStorage]:
+        """Each mirror's storage by name, built at first use: a queued storage
+        of its own key whose remote is the mirror's target."""
+        return {
+            name: self._build_mirror(target)
+            for name, target in self.mirror_targets.items()
+        }
+
+    def _build_mirror(self, target: MirrorTarget) -> MirrorStorage:
+        raise ImproperlyConfigured(f"{type(self).__name__} cannot have mirrors.")
+
+    @property
+    def destinations(self) -> list[tuple[str, str, QueuedStorage]]:
+        """``(mirror name, ledger key, storage)`` of each place every file goes:
+        first the primary remote (name ``""``, this storage), then each mirror."""
+        primary: list[tuple[str, str, QueuedStorage]] = [
+            ("", self.key, cast("QueuedStorage", self))
+        ]
+        return primary + [(name, m.key, m) for name, m in self.mirrors.items()]
 
     def _unusable(self, which: str, value: str, problem: str) -> str:
         """The error that the first use of a storage whose ``which`` argument is
@@ -377,6 +456,13 @@ class ConfiguredStorage(Storage):
             setattr(self, f"{which}_alias", alias)
             setattr(self, f"{which}_path", "")
             self._problems.pop(which, None)
+        for name, target in list(self.mirror_targets.items()):
+            if f"mirror {name}" in self._problems:
+                try:
+                    with _quoting_no_secret():
+                        self._check_mirror_target(target)
+                except ImproperlyConfigured as exc:
+                    self._problems[f"mirror {name}"] = str(exc)
 
     @staticmethod
     def _check_key(key: str | None, local: str, remote: str) -> str:
@@ -395,9 +481,12 @@ class ConfiguredStorage(Storage):
         """The storage's identity without its options (which may hold secrets)."""
         local = self.local_alias or self.local_path
         remote = self.remote_alias or self.remote_path
+        mirrors = (
+            f", mirrors={list(self.mirror_targets)}" if self.mirror_targets else ""
+        )
         return (
             f"{type(self).__name__}(local={local!r}, remote={remote!r}, "
-            f"delayed={self.delayed}, task={self.task_path!r})"
+            f"delayed={self.delayed}, task={self.task_path!r}{mirrors})"
         )
 
     def redact(self, text: str) -> str:

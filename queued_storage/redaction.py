@@ -275,12 +275,19 @@ def secrets_of(storage: ConfiguredStorage) -> frozenset[str]:
     entries and the built storages it uses (again only when one of those is
     replaced, as ``override_settings(STORAGES=...)`` does)."""
     configs = cast("dict[str, dict[str, Any]]", getattr(settings, "STORAGES", {}))
-    aliases = [a for a in (storage.local_alias, storage.remote_alias) if a in configs]
+    # A mirror's target too: an error of the storage may quote its client.
+    targets = list(getattr(storage, "mirror_targets", {}).values())
+    named = [storage.local_alias, storage.remote_alias, *(t.storage for t in targets)]
+    aliases = [a for a in named if a in configs]
     built = [storage.__dict__.get(n) for n in ("_local_instance", "_remote_instance")]
     instances = [b for b in map(_built, aliases) if b] + [b for b in built if b]
-    sources = (
+    options = (
         storage.local_options,
         storage.remote_options,
+        *(t.options for t in targets),
+    )
+    sources = (
+        *options,
         *(configs[alias] for alias in aliases),
         *instances,
     )
@@ -289,8 +296,7 @@ def secrets_of(storage: ConfiguredStorage) -> frozenset[str]:
     if cached is not None and _same(cached[0], sources):
         return cached[1]
     found = options_secrets(
-        storage.local_options,
-        storage.remote_options,
+        *options,
         *(configs[alias].get("OPTIONS", {}) for alias in aliases),
     ) | attribute_secrets(*instances)
     found -= {
@@ -300,6 +306,8 @@ def secrets_of(storage: ConfiguredStorage) -> frozenset[str]:
         storage.local_alias,
         storage.remote_alias,
         storage.task_path,
+        *(t.storage for t in targets),
+        *(t.key for t in targets),
         REDACTED,
     }
     secrets = frozenset(s for s in found if len(s) >= MIN_SECRET_LENGTH)

@@ -34,6 +34,8 @@ ARGUMENTS = (
     "overwrite_remote",
     "local_shared",
     "create_only_uploads",
+    "mirrors",
+    "mirror_of",
 )
 
 Storages = dict[str, dict[str, "QueuedStorage"]]  # key -> configuration -> storage
@@ -68,6 +70,14 @@ def configuration(storage: QueuedStorage) -> dict[str, str]:
         "overwrite_remote": storage.overwrite_remote,
         "local_shared": storage.local_shared,
         "create_only_uploads": storage.create_only_uploads,
+        "mirrors": _canonical(
+            {name: t.as_argument() for name, t in storage.mirror_targets.items()}
+        ),
+        "mirror_of": (
+            None
+            if storage.primary is None
+            else (storage.primary.key, storage.mirror_name)
+        ),
     }
     return {name: repr(values[name]) for name in ARGUMENTS}
 
@@ -120,9 +130,21 @@ def _unwrapped(storage: Any) -> Any:
     return storage
 
 
+def with_mirrors(storages: list[QueuedStorage]) -> list[QueuedStorage]:
+    """``storages``, each followed by its mirrors' storages."""
+    found: list[QueuedStorage] = []
+    for storage in storages:
+        found.append(storage)
+        try:
+            found.extend(storage.mirrors.values())
+        except ImproperlyConfigured:  # raised at the storage's first use, and checked
+            continue
+    return found
+
+
 def _declared() -> list[QueuedStorage]:
     """The ``QueuedStorage`` instances of ``settings.STORAGES`` and of the current
-    models' file fields (never a historical model's)."""
+    models' file fields (never a historical model's), and their mirrors'."""
     from django.apps import apps
     from django.conf import settings
     from django.core.files.storage import storages
@@ -152,7 +174,7 @@ def _declared() -> list[QueuedStorage]:
                     continue
                 if isinstance(storage, ConfiguredStorage):
                     found.append(cast("QueuedStorage", storage))
-    return found
+    return with_mirrors(found)
 
 
 def _discovered() -> Storages:
@@ -177,25 +199,28 @@ def discover() -> None:
 
 
 def register(storage: QueuedStorage) -> None:
-    """Make ``storage`` known to the workers of this process under its key (its
-    first use does this); :class:`KeyConflict` if a storage configured otherwise
-    has the key, before anything is written."""
-    config = _fingerprint(storage)
+    """Make ``storage`` and its mirrors known to the workers of this process under
+    their keys (its first use does this); :class:`KeyConflict` if a storage
+    configured otherwise has one of the keys, before anything is written."""
+    mirrors = list(storage.mirrors.values())
+    members = [(_fingerprint(member), member) for member in [storage, *mirrors]]
     with _lock:
         # The epoch of what is compared: settings that change before the storage
         # is recorded make its next use register again, against the new ones.
         seen = epoch
     current = _discovered()
     with _lock:
-        others = {
-            **_used.get(storage.key, {}),
-            **current.get(storage.key, {}),
-        }
-        others.pop(config, None)
-        if others:
-            raise conflict_error(storage.key, [storage, *others.values()])
-        if config not in current.get(storage.key, {}):
-            _used.setdefault(storage.key, {}).setdefault(config, storage)
+        for config, member in members:
+            others = {
+                **_used.get(member.key, {}),
+                **current.get(member.key, {}),
+            }
+            others.pop(config, None)
+            if others:
+                raise conflict_error(member.key, [member, *others.values()])
+        for config, member in members:
+            if config not in current.get(member.key, {}):
+                _used.setdefault(member.key, {}).setdefault(config, member)
         storage._registry_epoch = seen
 
 
@@ -244,10 +269,13 @@ def _shared_local(key: str) -> bool:
 
 
 def forget(key: str) -> None:
-    """Drop a key (tests build many storages); settings and models are read again."""
+    """Drop a key, and its storages' mirrors' (tests build many storages);
+    settings and models are read again."""
     global _current, epoch
     with _lock:
-        _used.pop(key, None)
+        for storage in _used.pop(key, {}).values():
+            for name in storage.mirror_targets:
+                _used.pop(storage.mirror_key(name), None)
         _current = None
         epoch += 1
 
