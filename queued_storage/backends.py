@@ -131,6 +131,8 @@ class QueuedStorage(ConfiguredStorage):
         if state is None:
             return self.local if self.local.exists(name) else self.remote
         if state.status == PendingTransfer.Status.DONE and not state.deleted:
+            if state.mirrored and (mirror := self.serving_mirror) is not None:
+                return self.mirrors[mirror].remote
             return self.remote
         return self.local
 
@@ -141,13 +143,15 @@ class QueuedStorage(ConfiguredStorage):
 
     def _serving(self, name: str) -> Storage:
         """:meth:`get_storage` of a name in its canonical spelling."""
-        return self._storage_for(name, prefetch.served_state(self.key, name))
+        return self._storage_for(name, prefetch.served_state(self, name))
 
     def using_local(self, name: str) -> bool:
         return self.get_storage(name) is self.local
 
     def using_remote(self, name: str) -> bool:
-        return self.get_storage(name) is self.remote
+        """Whether a remote serves ``name``: this storage's, or its serving
+        mirror's."""
+        return self.get_storage(name) is not self.local
 
     def get_cache_key(self, name: str) -> str:
         """Kept for code written for 0.8; nothing is cached under it any more."""
@@ -201,7 +205,7 @@ class QueuedStorage(ConfiguredStorage):
                 "with save() so that the ledger knows about the file."
             )
         name = canonical_name(name)
-        state = prefetch.served_state(self.key, name)
+        state = prefetch.served_state(self, name)
         if state is not None and state.deleted:
             raise FileNotFoundError(f"{name!r} was deleted.")
         storage = self._storage_for(name, state)
@@ -211,15 +215,15 @@ class QueuedStorage(ConfiguredStorage):
             if storage is not self.local:
                 raise
             # A worker may have finished, and dropped the local copy, since we looked.
-            state = prefetch.state_of(self.key, name)
+            state = prefetch.current_state(self, name)
             if state is None or state.status != PendingTransfer.Status.DONE:
                 raise
-            return self.remote.open(name, mode)
+            return self._storage_for(name, state).open(name, mode)
 
     @_redacted_errors
     def exists(self, name: str) -> bool:
         name = canonical_name(name)
-        state = prefetch.served_state(self.key, name)
+        state = prefetch.served_state(self, name)
         if state is None:
             return bool(self.local.exists(name) or self.remote.exists(name))
         if state.deleted:
@@ -231,7 +235,7 @@ class QueuedStorage(ConfiguredStorage):
     @_redacted_errors
     def size(self, name: str) -> int:
         name = canonical_name(name)
-        state = prefetch.served_state(self.key, name)
+        state = prefetch.served_state(self, name)
         if state is not None and state.deleted:
             raise FileNotFoundError(f"{name!r} was deleted.")
         if (

@@ -24,13 +24,14 @@ from queued_storage.models import PendingTransfer, name_hash
 if TYPE_CHECKING:
     from queued_storage.backends import QueuedStorage
 
-#: A row state as ``PendingTransferQuerySet.state_of`` returns it.
-State = tuple[str, bool, int | None]
+#: A row as ``PendingTransferQuerySet.states_with_mirror`` returns it:
+#: ``(status, deleted, size, generation)``.
+Row = tuple[str, bool, int | None, int]
 
 #: Names per query: well under every database's limit on query parameters.
 CHUNK = 500
 
-_states: ContextVar[dict[tuple[str, str], State | None] | None] = ContextVar(
+_states: ContextVar[dict[tuple[str, str], RowState | None] | None] = ContextVar(
     "queued_storage_prefetched", default=None
 )
 
@@ -46,6 +47,9 @@ class RowState(NamedTuple):
     status: str
     deleted: bool
     size: int | None
+    #: Served by the serving mirror's remote (see :func:`serving`), not the
+    #: storage's own.
+    mirrored: bool = False
 
 
 def state_of(key: str, name: str) -> RowState | None:
@@ -54,17 +58,54 @@ def state_of(key: str, name: str) -> RowState | None:
     return None if found is None else RowState(*found)
 
 
-def served_state(key: str, name: str) -> RowState | None:
+def served_state(storage: ConfiguredStorage, name: str) -> RowState | None:
     """The row state that ``name`` is served by: read ahead by
     :func:`prefetch_files` or :func:`prefetch_locations` when inside one, else
-    one query."""
-    found = prefetched(key, name)
-    if isinstance(found, NotRead):
-        return state_of(key, name)
-    return None if found is None else RowState(*found)
+    one query (on the rows of the storage and of its serving mirror, if any)."""
+    found = prefetched(storage.key, name)
+    if not isinstance(found, NotRead):
+        return found
+    mirror = storage.serving_mirror
+    if mirror is None:
+        return state_of(storage.key, name)
+    return serving(
+        *PendingTransfer.objects.states_with_mirror(
+            storage.key, storage.mirror_key(mirror), name
+        )
+    )
 
 
-def prefetched(key: str, name: str) -> State | NotRead | None:
+def current_state(storage: ConfiguredStorage, name: str) -> RowState | None:
+    """The row state that ``name`` is served by now, never one read ahead."""
+    mirror = storage.serving_mirror
+    if mirror is None:
+        return state_of(storage.key, name)
+    return serving(
+        *PendingTransfer.objects.states_with_mirror(
+            storage.key, storage.mirror_key(mirror), name
+        )
+    )
+
+
+def serving(primary: Row | None, mirror: Row | None) -> RowState | None:
+    """Which row serves a name of a storage with a serving mirror: the mirror's,
+    once it is done and live at the storage's generation or a newer one (or the
+    storage has no row of the name), so that a file is served from the new remote
+    only once verified there; else the storage's own row, as without a mirror.
+    A tombstone of the storage hides the name whatever its mirror row says."""
+    if (
+        mirror is not None
+        and mirror[0] == PendingTransfer.Status.DONE
+        and not mirror[1]
+        and (primary is None or (not primary[1] and mirror[3] >= primary[3]))
+    ):
+        return RowState(mirror[0], False, mirror[2], True)
+    if primary is None:
+        return None
+    return RowState(primary[0], primary[1], primary[2])
+
+
+def prefetched(key: str, name: str) -> RowState | NotRead | None:
     """The state read ahead for ``name`` in this context (None: no row), or
     ``NOT_READ``."""
     states = _states.get()
@@ -127,11 +168,16 @@ def prefetch_files(objects: Iterable[Model], *fields: str) -> Iterator[list[Mode
 @contextmanager
 def _prefetch(wanted: dict[ConfiguredStorage, set[str]]) -> Iterator[None]:
     outer = _states.get()
-    states: dict[tuple[str, str], State | None] = dict(outer or {})
+    states: dict[tuple[str, str], RowState | None] = dict(outer or {})
     for storage, names in wanted.items():
         installation.refuse_unless_installed(storage.key)
+        mirror = storage.serving_mirror
         try:
-            states.update(_read(storage.key, names))
+            if mirror is None:
+                states.update(_read(storage.key, names))
+            else:
+                mirror_key = storage.mirror_key(mirror)
+                states.update(_read_with_mirror(storage.key, mirror_key, names))
         except (ProgrammingError, OperationalError) as exc:
             installation.raise_if_not_migrated(exc)
             raise
@@ -142,8 +188,10 @@ def _prefetch(wanted: dict[ConfiguredStorage, set[str]]) -> Iterator[None]:
         _states.reset(token)
 
 
-def _read(key: str, names: set[str]) -> dict[tuple[str, str], State | None]:
-    found: dict[tuple[str, str], State | None] = {(key, name): None for name in names}
+def _read(key: str, names: set[str]) -> dict[tuple[str, str], RowState | None]:
+    found: dict[tuple[str, str], RowState | None] = dict.fromkeys(
+        ((key, name) for name in names), None
+    )
     ordered = sorted(names)
     for start in range(0, len(ordered), CHUNK):
         by_hash = {name_hash(name): name for name in ordered[start : start + CHUNK]}
@@ -151,5 +199,30 @@ def _read(key: str, names: set[str]) -> dict[tuple[str, str], State | None]:
             storage_key=key, name_hash__in=list(by_hash)
         ).values_list("name_hash", "status", "deleted", "size")
         for hashed, status, deleted, size in rows:
-            found[(key, by_hash[hashed])] = (str(status), bool(deleted), size)
+            found[(key, by_hash[hashed])] = RowState(str(status), bool(deleted), size)
+    return found
+
+
+def _read_with_mirror(
+    key: str, mirror_key: str, names: set[str]
+) -> dict[tuple[str, str], RowState | None]:
+    """:func:`_read` for a storage with a serving mirror: its rows and the
+    mirror's in one query per chunk, each name's state as :func:`serving` says."""
+    found: dict[tuple[str, str], RowState | None] = {}
+    ordered = sorted(names)
+    for start in range(0, len(ordered), CHUNK):
+        by_hash = {name_hash(name): name for name in ordered[start : start + CHUNK]}
+        pairs: dict[str, list[Row | None]] = {
+            hashed: [None, None] for hashed in by_hash
+        }
+        rows = PendingTransfer.objects.filter(
+            storage_key__in=[key, mirror_key], name_hash__in=list(by_hash)
+        ).values_list(
+            "storage_key", "name_hash", "status", "deleted", "size", "generation"
+        )
+        for row_key, hashed, status, deleted, size, generation in rows:
+            row = (str(status), bool(deleted), size, int(generation))
+            pairs[hashed][0 if row_key == key else 1] = row
+        for hashed, (primary, mirror) in pairs.items():
+            found[(key, by_hash[hashed])] = serving(primary, mirror)
     return found

@@ -236,6 +236,48 @@ class RecordingQuerySet(_LedgerQuerySet):
             return None
         return str(found[0]), bool(found[1]), found[2]
 
+    def states_with_mirror(
+        self, key: str, mirror_key: str, name: str
+    ) -> tuple[
+        tuple[str, bool, int | None, int] | None,
+        tuple[str, bool, int | None, int] | None,
+    ]:
+        """``(status, deleted, size, generation)`` of the row of ``name`` under
+        ``key`` and under ``mirror_key`` (None where there is none): one query on
+        the unique index, as plain SQL like :meth:`state_of`."""
+        db = self.db
+        connection = connections[db]
+        sql = STATEMENTS.get((db, "mirrored state"))
+        if sql is None:
+            quote = connection.ops.quote_name
+            key_column, status, deleted, size, generation, hash_column = (
+                quote(column(self.model, field))
+                for field in (
+                    "storage_key",
+                    "status",
+                    "deleted",
+                    "size",
+                    "generation",
+                    "name_hash",
+                )
+            )
+            table = quote(self.model._meta.db_table)
+            sql = STATEMENTS[(db, "mirrored state")] = (
+                f"SELECT {key_column}, {status}, {deleted}, {size}, {generation} "
+                f"FROM {table} WHERE {key_column} IN (%s, %s) AND {hash_column} = %s"
+            )
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [key, mirror_key, name_hash(name)])
+            found = cursor.fetchall()
+        primary = mirror = None
+        for row_key, status, deleted, size, generation in found:
+            state = (str(status), bool(deleted), size, int(generation))
+            if row_key == key:
+                primary = state
+            else:
+                mirror = state
+        return primary, mirror
+
     @retry_when_locked
     def record_delete(self, key: str, name: str) -> PendingTransfer:
         """Turn the row of ``name`` into a tombstone (creating one if needed).
