@@ -8,7 +8,8 @@ Four queries whatever the ledger's size or the history's minutes (and one more a
 status indexes find them), one of the done rows counted up to a limit a storage
 (``LIMIT``, :data:`KEYS_A_QUERY` storages a query), one of
 the history's last day (:mod:`queued_storage.history`) and one of the storages'
-controls."""
+controls; and, for each storage with a serving mirror, one that reads its rows to
+count the files verified on the new remote (:mod:`queued_storage.migration`)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from queued_storage import registry
 from queued_storage.charts import Bar, bar_chart
 from queued_storage.conf import settings as conf
 from queued_storage.history import Counts, series
+from queued_storage.migration import MigrationProgress, migrations
 from queued_storage.models import PendingTransfer
 from queued_storage.storage_state import Controls, storage_controls
 
@@ -77,6 +79,8 @@ class StorageSummary:
     controls: Controls | None = None
     hour: Window | None = None
     day: Window | None = None
+    #: The copy to its serving mirror, if it has one (a migration under way).
+    migration: MigrationProgress | None = None
 
 
 def _backlog(now: datetime) -> dict[str, dict[str, Any]]:
@@ -236,9 +240,14 @@ def summaries(now: datetime | None = None) -> list[StorageSummary]:
         set(registry.known_keys()) | set(backlog) | set(history) | set(controls)
     )
     done_counts = _done_counts(keys)
+    migrating = migrations(keys)
     found = []
     for key in keys:
-        summary = StorageSummary(key=key, controls=controls.get(key) or Controls(key))
+        summary = StorageSummary(
+            key=key,
+            controls=controls.get(key) or Controls(key),
+            migration=migrating.get(key),
+        )
         per_status = backlog.get(key, {})
         for status in Status.values:
             summary.counts[status] = per_status.get(status, {}).get("number", 0)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.db import connections, router
 
+from queued_storage import registry
 from queued_storage.configuration import DEFAULT_TASK
 from queued_storage.ledger_sql import column
 from queued_storage.models import PendingTransfer
@@ -142,6 +143,21 @@ def progress(key: str, mirror_key: str) -> MigrationProgress:
         blocked=blocked,
         missing=missing,
     )
+
+
+def migrations(keys: list[str]) -> dict[str, MigrationProgress]:
+    """The :func:`progress` of each storage of ``keys`` that has a serving mirror
+    (a migration under way): one query each."""
+    found = {}
+    for key in keys:
+        try:
+            storage = registry.get(key)
+        except registry.KeyConflict:
+            continue  # the dashboard shows the conflict's storages as they are
+        if storage is None or storage.serving_mirror is None:
+            continue
+        found[key] = progress(key, storage.mirror_key(storage.serving_mirror))
+    return found
 
 
 def switch_arguments(storage: QueuedStorage, mirror: QueuedStorage) -> dict[str, str]:

@@ -21,7 +21,7 @@ from queued_storage.backends import (
 )
 from queued_storage.stats import DrainStats
 from queued_storage.worker import drain
-from tests.helpers import FS, S3, Clock, storages_for
+from tests.helpers import FS, NEW_URL, OLD_URL, S3, Clock, storages_for
 from tests.s3 import S3_OPTIONS, make_bucket, moto_s3_server, s3_client
 from tests.servers import (
     AZURE_CONTAINER,
@@ -147,6 +147,22 @@ def make_storage(tmp_path: Path) -> Iterator[Callable[..., QueuedStorage]]:
 @pytest.fixture
 def storage(make_storage: Callable[..., QueuedStorage]) -> QueuedStorage:
     return make_storage()
+
+
+@pytest.fixture
+def migrating(
+    make_storage: Callable[..., QueuedStorage], tmp_path: Path
+) -> tuple[QueuedStorage, QueuedStorage]:
+    """A storage on an old remote (URLs under ``OLD_URL``) and its serving mirror
+    ``new`` on a new one (``NEW_URL``): a migration under way."""
+    new = {"location": str(tmp_path / "new-remote"), "base_url": NEW_URL}
+    storage = make_storage(
+        remote=FS,
+        remote_options={"base_url": OLD_URL},
+        local_options={"allow_overwrite": True},  # a save of a name re-saves it
+        mirrors={"new": {"storage": FS, "options": new, "serve": True}},
+    )
+    return storage, storage.mirrors["new"]
 
 
 @pytest.fixture

@@ -28,6 +28,9 @@ from tests.storages import CountingStorage
 FS = "django.core.files.storage.FileSystemStorage"
 BACKEND = "queued_storage.backends.QueuedStorage"
 S3 = "storages.backends.s3.S3Storage"
+#: The base URLs of the old and the new remote of the ``migrating`` fixture.
+OLD_URL = "https://old.example/"
+NEW_URL = "https://new.example/"
 FLAKY = "tests.storages.FlakyStorage"
 #: FlakyStorage options for a remote that never takes a file.
 ALWAYS_FAILING = {"failures": 10_000}

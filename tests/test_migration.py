@@ -6,8 +6,10 @@ switch only when every live file is verified."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
+from django.utils.html import strip_tags
 
 from queued_storage.backends import QueuedStorage
 from queued_storage.migration import (
@@ -17,12 +19,15 @@ from queued_storage.migration import (
     switch_configuration,
 )
 from queued_storage.models import PendingTransfer
+from queued_storage.worker import drain
 from tests.factories import pending_row
+from tests.helpers import content, row_of
 
 pytestmark = pytest.mark.django_db
 
 Status = PendingTransfer.Status
 KEY, NEW = "media", "media-new"
+DASHBOARD = "/admin/queued_storage/transferdashboard/"
 
 
 def file(
@@ -146,3 +151,34 @@ def test_the_switch_configuration_quotes_no_option(
     assert text.startswith("queued_storage.backends.QueuedStorage(\n")
     assert "    remote_options=...,  # the mirror's options\n" in text
     assert text.endswith("\n)")
+
+
+def test_the_dashboard_shows_a_migrations_progress(
+    migrating: tuple[QueuedStorage, QueuedStorage], admin_client: Any
+) -> None:
+    storage, mirror = migrating
+    names = [storage.save(f"f{i}.txt", content("x")) for i in range(3)]
+    drain(keys=[storage.key])
+    for name in names[:2]:
+        pending_row(
+            storage_key=mirror.key,
+            name=name,
+            status=Status.DONE,
+            generation=row_of(storage, name).generation,
+        )
+    pending_row(
+        storage_key=mirror.key,
+        name=names[2],
+        status=Status.FAILED,
+        generation=row_of(storage, names[2]).generation,
+    )
+
+    html = admin_client.get(DASHBOARD).content.decode()
+
+    text = " ".join(strip_tags(html).split())
+    assert f"Migrating to {mirror.key}: 2 of 3 files verified. 1 copy failed." in text
+    assert text.count("Migrating to") == 1  # the mirror's own rows are no migration
+
+    PendingTransfer.objects.filter(storage_key=mirror.key).update(status=Status.DONE)
+    text = " ".join(strip_tags(admin_client.get(DASHBOARD).content.decode()).split())
+    assert f"Migrating to {mirror.key}: 3 of 3 files verified. Ready to switch" in text

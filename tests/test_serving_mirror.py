@@ -7,7 +7,6 @@ then. Storages without a serving mirror read as before: one row, one query."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,28 +18,14 @@ from queued_storage import prefetch_files, prefetch_locations
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.worker import drain
-from tests.helpers import FS, read_bytes, row_of
+from tests.helpers import NEW_URL, OLD_URL, read_bytes, row_of
 from tests.testapp.models import Document
 
 pytestmark = pytest.mark.django_db
 
 Status = PendingTransfer.Status
-OLD = "https://old.example/"
-NEW = "https://new.example/"
+OLD, NEW = OLD_URL, NEW_URL
 Pair = tuple[QueuedStorage, QueuedStorage]
-
-
-@pytest.fixture
-def migrating(make_storage: Callable[..., QueuedStorage], tmp_path: Path) -> Pair:
-    """A storage on the old remote and its serving mirror on the new one."""
-    new = {"location": str(tmp_path / "new-remote"), "base_url": NEW}
-    storage = make_storage(
-        remote=FS,
-        remote_options={"base_url": OLD},
-        local_options={"allow_overwrite": True},  # a save of a name re-saves it
-        mirrors={"new": {"storage": FS, "options": new, "serve": True}},
-    )
-    return storage, storage.mirrors["new"]
 
 
 def saved_and_done(storage: QueuedStorage, name: str, payload: bytes) -> str:
