@@ -3,12 +3,16 @@ the late worker's race they run against it."""
 
 from __future__ import annotations
 
+import base64
+import re
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 from django.core.files.base import ContentFile
@@ -20,6 +24,7 @@ from queued_storage.errors import Outcome
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import process_row
 from queued_storage.worker import drain
+from tests.servers import ROOT, server_process, wait_for
 
 T = TypeVar("T")
 
@@ -149,3 +154,55 @@ def late_worker_outcome(
     return hold_first_request(
         storage, operations, lambda: process_row(late), take_over, seen
     )
+
+
+#: moto's S3 API alone (no dispatch between moto's services: a third of each
+#: request's time in a test of thousands) in a process of its own, with the
+#: buckets and objects listed in the file ``sys.argv[1]`` (lines of bucket,
+#: key and base64 data, tab-separated; a bucket alone on a line is created)
+#: made before it listens.
+SEEDED_MOTO_CHILD = """
+import base64, sys, threading
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.moto_server.werkzeug_app import MotoRequestHandler, create_backend_app
+from moto.s3.models import s3_backends
+from werkzeug.serving import make_server
+
+class Quiet(MotoRequestHandler):
+    def log_request(self, *args, **kwargs):
+        pass
+
+backend = s3_backends[DEFAULT_ACCOUNT_ID]["global"]
+with open(sys.argv[1]) as seed:
+    for line in seed:
+        bucket, _, rest = line.rstrip("\\n").partition("\\t")
+        if not rest:
+            backend.create_bucket(bucket, "us-east-1")
+            continue
+        key, _, data = rest.partition("\\t")
+        backend.put_object(bucket, key, base64.b64decode(data))
+server = make_server(
+    "127.0.0.1", 0, create_backend_app("s3"), threaded=True, request_handler=Quiet
+)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+print("listening on http://127.0.0.1:%s" % server.server_port, flush=True)
+sys.stdin.read()
+server.shutdown()
+"""
+
+
+@contextmanager
+def seeded_moto_s3(seed: Path, buckets: dict[str, dict[str, bytes]]) -> Iterator[str]:
+    """moto's S3 API in a process of its own with ``buckets`` (bucket: key:
+    bytes) already filled (written to the file ``seed`` first: thousands of
+    objects in a second, not a PUT each); yields its endpoint URL."""
+    with seed.open("w") as out:
+        for bucket, objects in buckets.items():
+            out.write(f"{bucket}\n")
+            for key, data in objects.items():
+                out.write(f"{bucket}\t{key}\t{base64.b64encode(data).decode()}\n")
+    command = [sys.executable, "-c", SEEDED_MOTO_CHILD, str(seed)]
+    with server_process(command, str(ROOT), stdin=True) as lines:
+        yield wait_for(
+            lines, re.compile(r"listening on (http://127\.0\.0\.1:\d+)"), "moto"
+        )

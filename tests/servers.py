@@ -335,8 +335,8 @@ def azurite_blob() -> Iterator[str]:
     ]
     with tempfile.TemporaryDirectory(prefix="azurite-") as workdir:
         endpoint = None
-        with _server_process(command, workdir) as lines:
-            endpoint = _wait_for(
+        with server_process(command, workdir) as lines:
+            endpoint = wait_for(
                 lines,
                 re.compile(r"successfully listens on (http://127\.0\.0\.1:\d+)"),
                 "Azurite",
@@ -386,8 +386,8 @@ def moto_s3_process() -> Iterator[str]:
     """moto's S3 API in a separate Python process; yields its endpoint URL."""
     require_module("moto")
     command = [sys.executable, "-c", MOTO_CHILD]
-    with _server_process(command, str(ROOT), stdin=True) as lines:
-        yield _wait_for(
+    with server_process(command, str(ROOT), stdin=True) as lines:
+        yield wait_for(
             lines, re.compile(r"listening on (http://127\.0\.0\.1:\d+)"), "moto"
         )
 
@@ -396,7 +396,7 @@ def moto_s3_process() -> Iterator[str]:
 
 
 @contextmanager
-def _server_process(
+def server_process(
     command: list[str], cwd: str, *, stdin: bool = False
 ) -> Iterator[queue.Queue[str | None]]:
     """Run a server process; yield a queue of its output lines; stop it after."""
@@ -435,7 +435,7 @@ def _server_process(
             process.stdout.close()
 
 
-def _wait_for(
+def wait_for(
     lines: queue.Queue[str | None], pattern: re.Pattern[str], what: str
 ) -> str:
     seen: list[str] = []
