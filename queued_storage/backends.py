@@ -22,6 +22,7 @@ from queued_storage import (
     checks,  # noqa: F401 - registered without the app too (E016)
     installation,
     listing,
+    mirrors,
     prefetch,
     redaction,
     registry,
@@ -291,10 +292,13 @@ class QueuedStorage(ConfiguredStorage):
         name = canonical_name(name)
         self._registered()
         prefetch.forget(self.key, name)
-        row = PendingTransfer.objects.record_delete(self.key, name)
-        redaction.after_commit(
-            router.db_for_write(PendingTransfer), purge, self, row.pk, row.generation
-        )
+        keys = [target.key for target in self.mirror_targets.values()]
+        row = PendingTransfer.objects.record_delete(self.key, name, keys)
+        db = router.db_for_write(PendingTransfer)
+        redaction.after_commit(db, purge, self, row.pk, row.generation)
+        if keys:
+            for mirror, pk in mirrors.tombstones_of(self, name, row.generation):
+                redaction.after_commit(db, purge, mirror, pk, row.generation)
 
     @_redacted_errors
     def transfer(self, name: str, *args: Any, **kwargs: Any) -> bool:

@@ -241,10 +241,14 @@ class ClaimsQuerySet(_LedgerQuerySet):
         whether there were any. SQLite has no row locks: there an UPDATE that
         changes nothing takes the database's write lock, which serialises writers
         whatever the transaction mode (a read would not, in DEFERRED mode)."""
+        return bool(self.locked())
+
+    def locked(self) -> int:
+        """:meth:`lock`, returning how many rows it locked."""
         if connections[self.db].features.has_select_for_update:
             locked = self.order_by().select_for_update().values_list("pk", flat=True)
-            return bool(list(locked))
-        return bool(self.update(updated_at=F("updated_at")))
+            return len(list(locked))
+        return int(self.update(updated_at=F("updated_at")))
 
     @retry_when_locked
     def claim_tombstone(

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from functools import cached_property
 from types import FrameType
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -25,11 +25,11 @@ from django.utils.module_loading import import_string
 
 from queued_storage import installation, redaction
 from queued_storage.conf import settings as conf
-from queued_storage.mirror_config import MirrorTarget, parse_mirrors
+from queued_storage.mirror_config import Mirrored, MirrorTarget, parse_mirrors
 from queued_storage.tasks import Transfer
 
 if TYPE_CHECKING:
-    from queued_storage.backends import MirrorStorage, QueuedStorage
+    from queued_storage.backends import QueuedStorage
 
 FILE_SYSTEM_STORAGE = "django.core.files.storage.FileSystemStorage"
 DEFAULT_TASK = "queued_storage.tasks.Transfer"
@@ -167,7 +167,7 @@ class _UnusableTask(Transfer):
         raise ImproperlyConfigured(self.problem)
 
 
-class ConfiguredStorage(Storage):
+class ConfiguredStorage(Mirrored, Storage):
     """The base of ``QueuedStorage``: its arguments, the ``local`` and ``remote``
     storages and the ``task`` hook they build, the problems that keep it from
     being used, and its key.
@@ -204,7 +204,7 @@ class ConfiguredStorage(Storage):
             # Set here or by a mixin, to a path or to None (which inherits):
             # either would hide the property.
             if not hasattr(type(inspect.getattr_static(cls, name)), "__get__"):
-                setattr(cls, name, vars(ConfiguredStorage)[name])
+                setattr(cls, name, inspect.getattr_static(ConfiguredStorage, name))
 
     def __init__(
         self,
@@ -276,6 +276,16 @@ class ConfiguredStorage(Storage):
             self.default_mirrors if mirrors is None else mirrors,
             self.key,
             max_key_length=MAX_KEY_LENGTH,
+            taken={
+                "the local storage": (
+                    self.local_alias or self.local_path,
+                    self.local_options,
+                ),
+                "the remote storage": (
+                    self.remote_alias or self.remote_path,
+                    self.remote_options,
+                ),
+            },
         )
         with _quoting_no_secret():
             for target in list(self.mirror_targets.values()):
@@ -355,31 +365,6 @@ class ConfiguredStorage(Storage):
                 "mirror a STORAGES alias or a dotted path to a Storage class (with "
                 "its options).",
             )
-
-    def mirror_key(self, name: str) -> str:
-        """The ledger key of the rows of mirror ``name``."""
-        return self.mirror_targets[name].key
-
-    @cached_property
-    def mirrors(self) -> dict[str, MirrorStorage]:
-        """Each mirror's storage by name, built at first use: a queued storage
-        of its own key whose remote is the mirror's target."""
-        return {
-            name: self._build_mirror(target)
-            for name, target in self.mirror_targets.items()
-        }
-
-    def _build_mirror(self, target: MirrorTarget) -> MirrorStorage:
-        raise ImproperlyConfigured(f"{type(self).__name__} cannot have mirrors.")
-
-    @property
-    def destinations(self) -> list[tuple[str, str, QueuedStorage]]:
-        """``(mirror name, ledger key, storage)`` of each place every file goes:
-        first the primary remote (name ``""``, this storage), then each mirror."""
-        primary: list[tuple[str, str, QueuedStorage]] = [
-            ("", self.key, cast("QueuedStorage", self))
-        ]
-        return primary + [(name, m.key, m) for name, m in self.mirrors.items()]
 
     def _unusable(self, which: str, value: str, problem: str) -> str:
         """The error that the first use of a storage whose ``which`` argument is

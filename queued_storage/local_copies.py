@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Literal
 
 from django.utils import timezone
 
-from queued_storage import registry
+from queued_storage import mirrors, registry
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
 from queued_storage.names import misspelling
 from queued_storage.paging import in_batches
@@ -51,6 +51,7 @@ class CleanStats:
     other_host: int = 0
     unknown_storage: int = 0
     unverified: int = 0
+    not_mirrored: int = 0
     errors: int = 0
 
     @property
@@ -71,6 +72,7 @@ Counted = Literal[
     "other_host",
     "unknown_storage",
     "unverified",
+    "not_mirrored",
     "errors",
 ]
 
@@ -104,8 +106,12 @@ def clean_local_copies(
 ) -> CleanStats:
     """Remove the local copy of each of ``rows`` (done rows) that is the file
     transferred, after checking (with ``check_remote``) that the remote has it
-    with the same size. ``cleaned`` hears of each row once it is counted."""
+    with the same size. ``cleaned`` hears of each row once it is counted. A
+    mirror's row is left out: its primary's answers for every destination."""
     stats = CleanStats()
+    mirror_keys = registry.mirror_keys()
+    if mirror_keys:
+        rows = rows.exclude(storage_key__in=mirror_keys)
     for batch in in_batches(rows, size=batch_size, fields=CLEAN_FIELDS):
         for row in batch:
             outcome = clean_one(row, check_remote=check_remote, dry_run=dry_run)
@@ -125,6 +131,8 @@ def clean_one(
     storage = registry.get(row.storage_key)
     if storage is None:
         return Cleaned("unknown_storage")
+    # A mirror's row: the copy is the primary's to clean, as for its own row.
+    storage = storage.primary or storage
     if not row.local_copy_here(local_shared=storage.local_shared):
         return Cleaned("other_host")  # that host's own run cleans it
     wrong = misspelling(row.name)
@@ -150,18 +158,27 @@ def _clean_copy(
     if size != row.size or _changed_since(storage, row):
         # Written again after the transfer: not the copy the remote has.
         return Cleaned("changed", "kept", "the local file changed after the transfer")
+    if storage.mirror_targets and not mirrors.done_everywhere(
+        storage, row.name, row.generation
+    ):
+        return Cleaned("not_mirrored", "kept", "a mirror has no verified copy yet")
     if check_remote:
-        remote = storage.remote
-        if not remote.exists(row.name) or remote.size(row.name) != size:
-            return Cleaned(
-                "unverified",
-                "kept",
-                "the remote copy is missing or has another size (see verify_transfers)",
-            )
+        for name, _key, destination in storage.destinations:
+            remote = destination.remote
+            if not remote.exists(row.name) or remote.size(row.name) != size:
+                where = f"mirror {name!r}'s" if name else "the remote"
+                return Cleaned(
+                    "unverified",
+                    "kept",
+                    f"{where} copy is missing or has another size (see "
+                    "verify_transfers)",
+                )
     # The row is checked again at the last moment, under its lock: a re-save or
     # delete of the name since the batch was read leaves the file alone.
     if dry_run:
         kept = not row.while_done().exists()
+    elif storage.mirror_targets:
+        kept = not mirrors.delete_local_copy(storage, row.name, row.generation)
     else:
         kept = not delete_local_copy(storage, row.name, row.while_done())
     if kept:

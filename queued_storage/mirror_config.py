@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, cast
 
 from django.core.exceptions import ImproperlyConfigured
+
+if TYPE_CHECKING:
+    from queued_storage.backends import MirrorStorage, QueuedStorage
 
 #: A mirror's name: it ends its default ledger key (``<key>@<name>``).
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
@@ -43,6 +47,39 @@ class MirrorTarget:
         return (self.storage, self.options, self.key, self.serve)
 
 
+class Mirrored:
+    """What a queued storage says of its mirrors (``mirror_targets`` is set by
+    its constructor from the ``mirrors`` argument)."""
+
+    key: str
+    mirror_targets: dict[str, MirrorTarget]
+
+    def mirror_key(self, name: str) -> str:
+        """The ledger key of the rows of mirror ``name``."""
+        return self.mirror_targets[name].key
+
+    @cached_property
+    def mirrors(self) -> dict[str, MirrorStorage]:
+        """Each mirror's storage by name, built at first use: a queued storage
+        of its own key whose remote is the mirror's target."""
+        return {
+            name: self._build_mirror(target)
+            for name, target in self.mirror_targets.items()
+        }
+
+    def _build_mirror(self, target: MirrorTarget) -> MirrorStorage:
+        raise ImproperlyConfigured(f"{type(self).__name__} cannot have mirrors.")
+
+    @property
+    def destinations(self) -> list[tuple[str, str, QueuedStorage]]:
+        """``(mirror name, ledger key, storage)`` of each place every file goes:
+        first the primary remote (name ``""``, this storage), then each mirror."""
+        primary: list[tuple[str, str, QueuedStorage]] = [
+            ("", self.key, cast("QueuedStorage", self))
+        ]
+        return primary + [(name, m.key, m) for name, m in self.mirrors.items()]
+
+
 def mirror_key(key: str, name: str, explicit: str | None = None) -> str:
     """The ledger key of mirror ``name`` of the storage ``key``: ``explicit``, or
     ``<key>@<name>``."""
@@ -54,10 +91,16 @@ def _refuse(problem: str) -> ImproperlyConfigured:
 
 
 def parse_mirrors(
-    value: Any, key: str, *, max_key_length: int
+    value: Any,
+    key: str,
+    *,
+    max_key_length: int,
+    taken: dict[str, tuple[str, dict[str, Any]]],
 ) -> dict[str, MirrorTarget]:
     """The mirrors ``value`` (the argument) gives a storage whose key is ``key``;
-    :class:`ImproperlyConfigured`, naming the argument, for what cannot be one."""
+    :class:`ImproperlyConfigured`, naming the argument, for what cannot be one.
+    ``taken``: the storage's own local and remote, each ``(alias or path,
+    options)`` by what to call it, which no mirror may be."""
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -80,7 +123,14 @@ def parse_mirrors(
                 f"gives mirror {name!r} the ledger key {parsed.key!r} of "
                 f"{keys[parsed.key]}: each destination needs a key of its own."
             )
+        for what, storage in taken.items():
+            if storage == (parsed.storage, parsed.options):
+                raise _refuse(
+                    f"mirror {name!r} is {what} itself: each destination needs a "
+                    "storage of its own."
+                )
         keys[parsed.key] = f"mirror {name!r}"
+        taken = {**taken, f"mirror {name!r}": (parsed.storage, parsed.options)}
         found[name] = parsed
     serving = [name for name, target in found.items() if target.serve]
     if len(serving) > 1:

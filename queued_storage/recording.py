@@ -4,6 +4,7 @@ and the one-query state of a name that serving it reads."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -279,21 +280,27 @@ class RecordingQuerySet(_LedgerQuerySet):
         return primary, mirror
 
     @retry_when_locked
-    def record_delete(self, key: str, name: str) -> PendingTransfer:
-        """Turn the row of ``name`` into a tombstone (creating one if needed).
+    def record_delete(
+        self, key: str, name: str, mirror_keys: Sequence[str] = ()
+    ) -> PendingTransfer:
+        """Turn the row of ``name`` into a tombstone (creating one if needed), and
+        each row of it that the mirrors ``mirror_keys`` have (none is created), at
+        the same generation.
 
         A tombstone hides the name at once; the files go after commit, and a worker
         that holds a lease on the row finishes the job when it sees it.
         """
         try:
-            return self._tombstone(key, name)
+            return self._tombstone(key, name, mirror_keys)
         except IntegrityError:
             # A save of the name inserted its row (still uncommitted when we looked)
             # while ours waited for it: PostgreSQL reports the duplicate where
             # MariaDB's locking read waits and finds the row. That row is ours now.
-            return self._tombstone(key, name)
+            return self._tombstone(key, name, mirror_keys)
 
-    def _tombstone(self, key: str, name: str) -> PendingTransfer:
+    def _tombstone(
+        self, key: str, name: str, mirror_keys: Sequence[str]
+    ) -> PendingTransfer:
         now = timezone.now()
         with transaction.atomic(using=router.db_for_write(self.model)):
             row = self.select_for_update().for_name(key, name).first()
@@ -317,4 +324,33 @@ class RecordingQuerySet(_LedgerQuerySet):
                 row.lease_expires_at = None
                 row.attempts = 0
             row.save()
+            if mirror_keys:
+                # Under the primary row's lock, which a mirror's fan-out holds too.
+                self._tombstone_copies(mirror_keys, name, row.generation, now)
         return row
+
+    def _tombstone_copies(
+        self, keys: Sequence[str], name: str, generation: int, now: datetime
+    ) -> int:
+        """Tombstone the mirrors' rows of ``name``, as :meth:`_tombstone` does the
+        primary's: a worker's live lease is kept, for it to purge."""
+        leased = Q(status=self.model.Status.TRANSFERRING, lease_expires_at__gt=now)
+
+        def unless_leased(value: Any, field: str) -> Case:
+            return Case(When(leased, then=F(field)), default=Value(value))
+
+        # Status first: MariaDB assigns left to right, and ``leased`` reads it.
+        return (
+            self.model.objects.using(router.db_for_write(self.model))
+            .filter(storage_key__in=list(keys), name_hash=name_hash(name))
+            .update(
+                status=unless_leased(self.model.Status.QUEUED.value, "status"),
+                lease_token=unless_leased("", "lease_token"),
+                next_attempt_at=unless_leased(now, "next_attempt_at"),
+                attempts=unless_leased(0, "attempts"),
+                lease_expires_at=unless_leased(None, "lease_expires_at"),
+                deleted=True,
+                generation=generation,
+                updated_at=now,
+            )
+        )

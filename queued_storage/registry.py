@@ -254,6 +254,16 @@ def known_keys() -> list[str]:
         return sorted(set(current) | set(_used))
 
 
+def mirror_keys() -> list[str]:
+    """The keys of the mirrors of the storages known so far."""
+    current = _discovered()
+    with _lock:
+        found = [*current.values(), *_used.values()]
+    return sorted(
+        {s.key for by_config in found for s in by_config.values() if s.primary}
+    )
+
+
 def host_local_keys() -> list[str]:
     """The keys of the storages that keep local copies on each host's own disk
     (``local_shared=False``)."""

@@ -118,7 +118,9 @@ def purge_claimed(storage: QueuedStorage, row: PendingTransfer) -> Outcome:
     bumps the generation: the checks fail, and the row goes back to the new
     version."""
     try:
-        if not delete_local_copy(
+        # A mirror's tombstone leaves the local copy to the primary's, whose row
+        # a re-save of the name locks (a mirror's is not locked by it).
+        if storage.primary is None and not delete_local_copy(
             storage, row.name, row.while_claimed().filter(deleted=True)
         ):
             return reconcile(storage, row)
@@ -193,8 +195,10 @@ def purge(storage: QueuedStorage, pk: int, generation: int) -> None:
     tombstone = PendingTransfer.objects.filter(
         pk=pk, generation=generation, deleted=True
     ).first()
-    if tombstone is not None and tombstone.local_copy_here(
-        local_shared=storage.local_shared
+    if (
+        tombstone is not None
+        and storage.primary is None
+        and tombstone.local_copy_here(local_shared=storage.local_shared)
     ):
         # A worker holds the row: the remote copy is its to remove. The local copy
         # is the deleted version's and goes now, so that the name is free at once.

@@ -9,12 +9,12 @@ import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from django.core.files.storage import Storage
 from django.db import transaction
 
-from queued_storage import breaker, conditional, history, registry
+from queued_storage import breaker, conditional, history, mirrors, registry
 from queued_storage.checksums import remote_sha256, storage_sha256
 from queued_storage.copying import (
     HookCall,
@@ -55,7 +55,7 @@ from queued_storage.tasks import Transfer
 from queued_storage.tombstones import delete_local_copy, fail, purge_claimed, reconcile
 
 if TYPE_CHECKING:
-    from queued_storage.backends import QueuedStorage
+    from queued_storage.backends import MirrorStorage, QueuedStorage
 
 logger = logging.getLogger("queued_storage")
 
@@ -101,6 +101,15 @@ class _Plan:
         self.route = Route(storage.local, storage.remote)
         self.conditional = conditional_remote(storage)
         self.create_only = conditional.supports_create_only(self.route.remote)
+        self._from_primary: Route | None = None
+
+    def route_from(self, source: Storage) -> Route:
+        """The route from ``source``: a mirror's copy from the primary's remote."""
+        if source is self.route.local:
+            return self.route
+        if self._from_primary is None or self._from_primary.local is not source:
+            self._from_primary = Route(source, self.route.remote)
+        return self._from_primary
 
 
 def transfer_row(
@@ -145,12 +154,22 @@ def transfer_row(
     upload: conditional.Upload | None = None
     sent = False
     try:
+        source = None
+        if storage.primary is not None:
+            # A mirror's copy: from the local copy or the primary's remote.
+            mirror = cast("MirrorStorage", storage)
+            source = mirrors.source_of(mirror, row)
+            if source is None:
+                parked = mirrors.park(mirror, row)
+                if parked is not None:
+                    return parked
+                source = mirrors.copy_source(mirror, row.name)
         task = storage.task
         if plan is None:
             plan = _Plan(storage)
             if plans is not None:
                 plans[row.storage_key] = plan
-        route = plan.route
+        route = plan.route if source is None else plan.route_from(source)
         # One instance for the hook, its stock copy's conditions and the watch.
         remote = route.remote
         # A custom hook may write other objects, or elsewhere, or the name
@@ -193,7 +212,7 @@ def transfer_row(
                     )
         finally:
             lease_check.reset(checked)
-        _verify(storage, row, remote, upload)
+        _verify(storage, row, remote, upload, route.local)
     except Exception as exc:
         if isinstance(exc, RemoteConflict) or conditional.refused(exc):
             return _refused(storage, row, task)
@@ -264,6 +283,7 @@ def _complete_together(batch: list[Verified], counted: bool = True) -> bool:
             if won != len(batch):
                 transaction.set_rollback(True, using=db)
                 return False
+            mirrors.fan_out_batch([(item.storage, item.row) for item in batch], db)
             if counted:
                 history.count_done(batch, db)
             for item in batch:
@@ -296,6 +316,8 @@ def record_done(item: Verified, counted: bool = True) -> bool:
         with transaction.atomic(using=db):
             if not item.row.mark_done():
                 return False
+            if item.storage.mirror_targets:
+                mirrors.fan_out(item.storage, [item.row], db)
             if counted:
                 history.count_done([item], db)
     except history.HistoryUnavailable as error:
@@ -359,13 +381,16 @@ def _verify(
     row: PendingTransfer,
     remote: Storage,
     upload: conditional.Upload | None = None,
+    source: Storage | None = None,
 ) -> None:
     """Check the remote copy (invariant 4): its size, and its SHA-256 with
     ``verify_checksum``. An S3 upload that S3 validated against a CRC32 and
     returned it is checked by comparing that with the local file's, without a
-    request."""
-    expected = row.size if row.size is not None else storage.local.size(row.name)
-    compared = upload.compare(storage.local, row.name) if upload else None
+    request. ``source``: what was copied (a mirror's may be the primary's
+    remote); the local storage by default."""
+    source = storage.local if source is None else source
+    expected = row.size if row.size is not None else source.size(row.name)
+    compared = upload.compare(source, row.name) if upload else None
     if compared is not None:
         same, size = compared
         if not same:
@@ -387,7 +412,7 @@ def _verify(
             f"{_local_size_text(storage, row)}"
         )
     if storage.verify_checksum:
-        local_sum = row.checksum or storage_sha256(storage.local, row.name)
+        local_sum = row.checksum or storage_sha256(source, row.name)
         remote_sum = remote_sha256(remote, row.name)
         if remote_sum != local_sum:
             raise ChecksumMismatch(
@@ -432,7 +457,12 @@ def _after_done(batch: list[Verified]) -> None:
                 if isinstance(error, Exception):
                     errors.append(error)
             try:
-                if task.delete_local:
+                if not task.delete_local:
+                    pass
+                elif storage.mirror_targets or storage.primary is not None:
+                    # The local copy goes with the last destination's done.
+                    mirrors.delete_local_copy(storage, row.name, row.generation)
+                else:
                     delete_local_copy(storage, row.name, row.while_done())
             except Exception as exc:
                 errors.append(exc)

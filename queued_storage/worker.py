@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 
 from django.db import connections
 
-from queued_storage import claim_size, controls, history, lanes, registry
+from queued_storage import claim_size, controls, history, lanes, mirrors, registry
 from queued_storage.claim_size import ClaimSize
 from queued_storage.completions import Completions
 from queued_storage.conf import settings as conf
@@ -384,16 +384,21 @@ class _Drain:
                     batch = None
                 if self.carry:
                     stats = self.stats
-                    retried = stats.retried, stats.stale
+                    retried = stats.retried, stats.stale, mirrors.copies_queued
                     try:
                         rows = self.claim()
                     finally:
                         if batch is not None:
                             carried = batch.finish(carry=bool(rows))
-                    if not rows and (stats.retried, stats.stale) != retried:
+                    if (
+                        not rows
+                        and (stats.retried, stats.stale, mirrors.copies_queued)
+                        != retried
+                    ):
                         # A retry recorded since the claim may be due again at
                         # once (no delay), and so may a stale row given back (its
-                        # name saved again before its record): in this drain.
+                        # name saved again before its record) and a mirror's copy
+                        # of a row recorded as done: in this drain.
                         rows = self.claim()
                 else:
                     if batch is not None:

@@ -166,6 +166,37 @@ def migrating(
 
 
 @pytest.fixture
+def make_mirrored(
+    make_storage: Callable[..., QueuedStorage], tmp_path: Path
+) -> Callable[..., QueuedStorage]:
+    """make_storage() with mirrors ``names`` (default one, ``backup``), each on a
+    directory of its own with a ``mirror`` storage class (CountingStorage) and
+    ``mirror_options``; other keyword arguments go to make_storage()."""
+
+    def make(
+        names: tuple[str, ...] = ("backup",),
+        mirror: str = "tests.storages.CountingStorage",
+        mirror_options: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> QueuedStorage:
+        number = next(_keys)
+        mirrors = {
+            name: {
+                "storage": mirror,
+                "options": {
+                    "location": str(tmp_path / f"mirror{number}-{name}"),
+                    "base_url": f"https://{name}.example/",
+                    **(mirror_options or {}),
+                },
+            }
+            for name in names
+        }
+        return make_storage(mirrors=mirrors, **kwargs)
+
+    return make
+
+
+@pytest.fixture
 def window() -> Iterator[type[WindowStorage]]:
     """The local storage whose deletes a test hooks (``local=`` of make_storage)."""
     WindowStorage.before_delete = WindowStorage.after_delete = None

@@ -148,7 +148,14 @@ def test_a_mirror_takes_the_primarys_arguments_but_never_held(tmp_path: Path) ->
         ),
         ({"m": {"storage": FS, "serve": "yes"}}, "serve must be True or False"),
         (
-            {"a": {"storage": FS, "serve": True}, "b": {"storage": FS, "serve": True}},
+            {"m": "queued_remote", "n": "queued_remote"},
+            "mirror 'n' is mirror 'm' itself",
+        ),
+        (
+            {
+                "a": {"storage": FS, "serve": True},
+                "b": {"storage": "queued_remote", "serve": True},
+            },
             "at most one may",
         ),
         (
@@ -165,6 +172,16 @@ def test_a_bad_mirrors_argument_is_refused_at_construction_naming_it(
 
     assert "mirrors" in str(raised.value)
     assert says in str(raised.value)
+
+
+@pytest.mark.parametrize("which", ["local", "remote"])
+def test_a_mirror_that_is_the_storages_own_local_or_remote_is_refused(
+    tmp_path: Path, which: str
+) -> None:
+    options = {"location": str(tmp_path / which)}
+
+    with pytest.raises(ImproperlyConfigured, match=f"is the {which} storage itself"):
+        build(tmp_path, {"m": {"storage": FS, "options": options}})
 
 
 def test_a_default_key_too_long_with_the_mirrors_name_is_refused(
