@@ -51,6 +51,8 @@ def copied(
     storage, mirror = pair
     mirror.remote.save(name, ContentFile(payload))
     primary = PendingTransfer.objects.for_name(storage.key, name).first()
+    # In place of the row the storage's done queued for the mirror.
+    PendingTransfer.objects.for_name(mirror.key, name).delete()
     PendingTransfer.objects.create(
         storage_key=mirror.key,
         name=name,
