@@ -97,6 +97,48 @@ def positive_float(value: str) -> float:
     return number
 
 
+#: Bytes per unit of a size: decimal (kB, MB, GB, TB) and binary (KiB, ...).
+SIZE_UNITS = {"": 1, "b": 1}
+for _power, _prefix in enumerate("kmgt", start=1):
+    SIZE_UNITS |= {_prefix: 1000**_power, f"{_prefix}b": 1000**_power}
+    SIZE_UNITS |= {f"{_prefix}i": 1024**_power, f"{_prefix}ib": 1024**_power}
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*(?:/\s*s)?\s*$", re.IGNORECASE)
+
+
+def byte_rate(value: str) -> float:
+    """Bytes a second: ``20MB``, ``1.5GiB/s``, ``500000`` (bytes); more than 0.
+    NaN, infinity and negative numbers are no rate."""
+    match = SIZE_RE.match(value)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a rate in bytes a second; use a number with B, kB, "
+            "MB, GB, TB or KiB, MiB, GiB, TiB (e.g. 20MB, 1.5GiB/s)"
+        )
+    rate = float(match.group(1)) * SIZE_UNITS[unit]
+    if not math.isfinite(rate) or rate <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} must be more than 0 bytes a second"
+        )
+    return rate
+
+
+def per_second(value: str) -> float:
+    """A count a second (``200``, ``0.5``): finite, more than 0, at most
+    ``MAX_COUNT``."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a finite number")
+    if number <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    if number > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_COUNT}")
+    return number
+
+
 DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
