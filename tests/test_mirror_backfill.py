@@ -145,7 +145,7 @@ def test_a_backfill_stopped_midway_resumes_where_it_stopped(
     assert len(copies(storage)) == 5
 
 
-def test_a_backfill_queues_only_what_is_missing_or_of_another_version(
+def test_a_backfill_queues_what_is_missing_of_another_version_or_parked(
     in_use: Callable[..., QueuedStorage], no_waits: list[float]
 ) -> None:
     storage = in_use(backup=COUNTING, offsite=COUNTING)
@@ -154,9 +154,12 @@ def test_a_backfill_queues_only_what_is_missing_or_of_another_version(
     old = copies(storage)[0]
     PendingTransfer.objects.filter(pk=old.pk).update(generation=1, status=Status.DONE)
 
+    parked = copies(storage)[1]
+    PendingTransfer.objects.filter(pk=parked.pk).update(status=Status.HELD)
+
     counts = MirrorBackfill(storage).run()
 
-    assert (counts.queued, counts.current) == (4, 0)
+    assert (counts.queued, counts.current) == (5, 0)  # 3 offsite, 2 backup
     assert [c.status for c in copies(storage)] == [Status.QUEUED] * 3
     assert copies(storage)[0].generation != 1
     assert len(copies(storage, "offsite")) == 3

@@ -21,7 +21,12 @@ from queued_storage.local_copies import clean_local_copies
 from queued_storage.models import PendingTransfer
 from queued_storage.signals import file_transferred
 from queued_storage.stats import DrainStats
-from queued_storage.transfer import process_row
+from queued_storage.transfer import (
+    Verified,
+    _complete_together,
+    process_row,
+    transfer_row,
+)
 from tests.helpers import (
     Status,
     content,
@@ -440,3 +445,27 @@ def test_a_mirrors_purge_never_removes_the_local_copy_of_a_name_saved_again(
     run_drain()
     assert read_bytes(mirror.remote, name) == b"saved again"
     assert read_bytes(storage.remote, name) == b"saved again"
+
+
+def test_a_batch_recorded_together_queues_every_mirror_copy_with_it(
+    make_mirrored: Callable[..., QueuedStorage],
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    storage = make_mirrored(names=("backup", "offsite"))
+    names = [storage.save(f"f{i}.txt", content()) for i in range(3)]
+    claimed = PendingTransfer.objects.filter(storage_key=storage.key).claim_due(
+        limit=3, lease=300
+    )
+    verified = [transfer_row(row) for row in claimed]
+    assert all(isinstance(item, Verified) for item in verified)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        assert _complete_together(verified)  # type: ignore[arg-type]
+
+    for mirror in storage.mirrors.values():
+        copies = [row_in(mirror, name) for name in names]
+        assert [c.status for c in copies] == [Status.QUEUED] * 3  # type: ignore[union-attr]
+        assert [c.generation for c in copies] == [  # type: ignore[union-attr]
+            row_in(storage, name).generation  # type: ignore[union-attr]
+            for name in names
+        ]
