@@ -25,8 +25,9 @@ from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
 
 from queued_storage import dashboard_admin as dashboard_admin  # registers its page
-from queued_storage import registry
-from queued_storage.admin_detail import PendingTransferDetail, shown_in_zone
+from queued_storage import destinations, registry
+from queued_storage.admin_destinations import DestinationFilter, DestinationsDetail
+from queued_storage.admin_detail import shown_in_zone
 from queued_storage.admin_views import (
     STORAGE_PARAMETER,
     log_action,
@@ -59,7 +60,8 @@ def cut_text(text: str, length: int, *, keep_end: bool = False) -> SafeString:
 
 class StorageFilter(admin.SimpleListFilter):
     """The storages this process knows, from settings and models: listing the
-    keys found in the ledger would read the whole table on every page load."""
+    keys found in the ledger would read the whole table on every page load. A
+    mirror's key follows its storage's, as "media → backup (mirror)"."""
 
     title = _("storage")
     parameter_name = STORAGE_PARAMETER
@@ -70,8 +72,8 @@ class StorageFilter(admin.SimpleListFilter):
         keys = registry.known_keys()
         value = self.value()
         if value and value not in keys:
-            keys = sorted([*keys, value])  # a key no storage has any more
-        return [(key, key) for key in keys]
+            keys = [*keys, value]  # a key no storage has any more
+        return [(d.key, d.label()) for d in destinations.grouped(keys)]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
         value = self.value()
@@ -109,7 +111,7 @@ class FailingFilter(admin.SimpleListFilter):
 
 
 @admin.register(PendingTransfer)
-class PendingTransferAdmin(PendingTransferDetail):
+class PendingTransferAdmin(DestinationsDetail):
     # Five columns, to fit beside the navigation and the filters in a 1280-pixel
     # window: the storage key under the name, the attempts under the status, the
     # last update under the next attempt or age.
@@ -120,7 +122,14 @@ class PendingTransferAdmin(PendingTransferDetail):
         "size_display",
         "short_error",
     ]
-    list_filter = ["status", StorageFilter, StuckFilter, FailingFilter, "deleted"]
+    list_filter = [
+        "status",
+        StorageFilter,
+        DestinationFilter,
+        StuckFilter,
+        FailingFilter,
+        "deleted",
+    ]
     # Searched in get_search_results(); listed so that the changelist has a box.
     search_fields = ["name"]
     # The primary key grows with every new row: newest first without sorting the
@@ -172,7 +181,7 @@ class PendingTransferAdmin(PendingTransferDetail):
     ) -> list[str]:
         return [
             str(field)
-            for fieldset in self.fieldsets or []
+            for fieldset in self.get_fieldsets(request, obj)
             for field in fieldset[1]["fields"]
         ]
 
@@ -267,9 +276,10 @@ class PendingTransferAdmin(PendingTransferDetail):
     @admin.display(description=_("name / storage"), ordering="name")
     def name_display(self, row: PendingTransfer) -> SafeString:
         return format_html(
-            '{}<br><span class="qs-key">{}</span>',
+            '{}<br><span class="qs-key" title="{}">{}</span>',
             cut_text(row.name, NAME_CUT, keep_end=True),
             row.storage_key,
+            destinations.of(row.storage_key).label(),
         )
 
     @admin.display(description=_("status"), ordering="status")
