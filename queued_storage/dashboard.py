@@ -25,9 +25,10 @@ from django.utils import timezone
 from django.utils.safestring import SafeString
 from django.utils.translation import gettext
 
-from queued_storage import registry
+from queued_storage import destinations, registry
 from queued_storage.charts import Bar, bar_chart
 from queued_storage.conf import settings as conf
+from queued_storage.destinations import Destination
 from queued_storage.history import Counts, series
 from queued_storage.migration import MigrationProgress, migrations
 from queued_storage.models import PendingTransfer
@@ -81,6 +82,8 @@ class StorageSummary:
     day: Window | None = None
     #: The copy to its serving mirror, if it has one (a migration under way).
     migration: MigrationProgress | None = None
+    #: What the key is: a storage's own remote, or a mirror of one (shown under it).
+    destination: Destination | None = None
 
 
 def _backlog(now: datetime) -> dict[str, dict[str, Any]]:
@@ -224,7 +227,8 @@ def _charts(
 def summaries(now: datetime | None = None) -> list[StorageSummary]:
     """What the dashboard shows of each storage: those this process knows
     (settings, models, storages used), and those with rows not done, history of
-    the last day or a state (paused, a breaker)."""
+    the last day or a state (paused, a breaker); by key, each storage's mirrors
+    after it."""
     now = now or timezone.now()
     now_minute = now.replace(second=0, microsecond=0)
     hour_starts = [now_minute - (59 - i) * MINUTE for i in range(60)]
@@ -242,11 +246,14 @@ def summaries(now: datetime | None = None) -> list[StorageSummary]:
     done_counts = _done_counts(keys)
     migrating = migrations(keys)
     found = []
-    for key in keys:
+    # Each storage's mirrors after it.
+    for destination in destinations.grouped(keys):
+        key = destination.key
         summary = StorageSummary(
             key=key,
             controls=controls.get(key) or Controls(key),
             migration=migrating.get(key),
+            destination=destination,
         )
         per_status = backlog.get(key, {})
         for status in Status.values:
