@@ -9,8 +9,9 @@ from typing import Any
 from django.core.management.base import CommandParser
 from django.utils import timezone
 
-from queued_storage import registry
+from queued_storage import destinations, registry
 from queued_storage.adoption import statuses as adoption_statuses
+from queued_storage.destinations import Destination
 from queued_storage.management.cli import (
     AttentionNeeded,
     LedgerCommand,
@@ -35,7 +36,8 @@ class Command(LedgerCommand):
         "Show the ledger: rows per status and storage, how long the oldest due row "
         "has waited, stuck rows (lease expired, or past the transfer timeout), errors "
         "in the last hour, whether each storage's remote files are adopted, and "
-        "which storages are paused or have their circuit breaker open. Exit "
+        "which storages are paused or have their circuit breaker open; a mirror's "
+        "key is shown under its storage's. Exit "
         "status 3 when --max-age or --max-failed is exceeded."
     )
 
@@ -84,6 +86,14 @@ class Command(LedgerCommand):
             key: status.as_dict() for key, status in adoption_statuses(shown).items()
         }
         controls = storage_controls(shown, now=now)
+        # Each storage's destinations under its key: unasked, every one of each
+        # storage shown (those without rows count 0).
+        found = destinations.known()
+        listed = keys or [
+            k for key in counts for k in destinations.of_storage(key, found)
+        ]
+        order = destinations.grouped(listed, found)
+        table = {d.key: counts.get(d.key) or dict.fromkeys(STATUSES, 0) for d in order}
 
         problems = []
         if max_age is not None and age is not None and age > max_age.total_seconds():
@@ -111,10 +121,11 @@ class Command(LedgerCommand):
                     "controls": {
                         key: state.as_dict() for key, state in controls.items()
                     },
+                    "destinations": destinations_json(order, table, controls),
                 },
             )
         elif verbosity > 0:
-            self._print(counts, totals, age, stuck, errors)
+            self._print(order, table, totals, age, stuck, errors)
             self._print_adoption(adoption)
             self._print_controls(controls)
         if problems:
@@ -122,18 +133,22 @@ class Command(LedgerCommand):
 
     def _print(
         self,
+        order: list[Destination],
         counts: dict[str, dict[str, int]],
         totals: dict[str, int],
         age: float | None,
         stuck: int,
         errors: int,
     ) -> None:
-        width = max([len("storage"), len("total"), *map(len, counts)])
+        labels = {d.key: row_label(d) for d in order}
+        width = max([len("storage"), len("total"), *map(len, labels.values())])
         header = "storage".ljust(width) + "".join(f"{s:>14}" for s in STATUSES)
         self.stdout.write(header)
-        for key in sorted(counts):
+        for destination in order:
+            key = destination.key
             self.stdout.write(
-                key.ljust(width) + "".join(f"{counts[key][s]:>14}" for s in STATUSES)
+                labels[key].ljust(width)
+                + "".join(f"{counts[key][s]:>14}" for s in STATUSES)
             )
         self.stdout.write(
             "total".ljust(width) + "".join(f"{totals[s]:>14}" for s in STATUSES)
@@ -186,3 +201,33 @@ class Command(LedgerCommand):
             self.stdout.write("No storage paused; every circuit breaker closed.")
         for line in lines:
             self.stdout.write(line)
+
+
+def row_label(destination: Destination) -> str:
+    """A storage's key; a mirror's indented under it: ``  → media@backup (mirror
+    backup)``."""
+    if not destination.is_mirror:
+        return destination.key
+    return f"  → {destination.key} (mirror {destination.mirror})"
+
+
+def destinations_json(
+    order: list[Destination],
+    counts: dict[str, dict[str, int]],
+    controls: dict[str, Controls],
+) -> dict[str, list[dict[str, Any]]]:
+    """Per storage, each destination's counts and state: its own remote's first
+    (``"mirror": null``), then its mirrors'."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for destination in order:
+        state = controls.get(destination.key) or Controls(destination.key)
+        found.setdefault(destination.primary, []).append(
+            {
+                "key": destination.key,
+                "mirror": destination.mirror or None,
+                "counts": counts[destination.key],
+                "paused": state.paused,
+                "breaker": state.breaker,
+            }
+        )
+    return dict(sorted(found.items()))
