@@ -263,6 +263,7 @@ def test_registering_the_collector_reads_nothing() -> None:
         "queued_storage_paused",
         "queued_storage_breaker_open",
         "queued_storage_breaker_state",
+        "queued_storage_destination",
         "queued_storage_transfers",
         "queued_storage_transfer_bytes",
         "queued_storage_transfer_failures",

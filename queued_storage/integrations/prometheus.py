@@ -35,7 +35,7 @@ from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
 
-from queued_storage import history, registry
+from queued_storage import destinations, history, registry
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
 from queued_storage.storage_state import (
     BREAKER_CLOSED,
@@ -237,10 +237,27 @@ def _ledger_families(reading: LedgerReading | None) -> list[Metric]:
         "half-open), 0 for the others.",
         labels=["storage", "state"],
     )
-    families: list[Metric] = [rows, oldest, paused, breaker_open, breaker_state]
+    destination = GaugeMetricFamily(
+        "queued_storage_destination",
+        "1 for each storage key: the storage whose files it holds (primary) and "
+        "the mirror it is ('' for the storage's own remote), to group a mirror's "
+        "metrics with its storage's.",
+        labels=["storage", "primary", "destination"],
+    )
+    families: list[Metric] = [
+        rows,
+        oldest,
+        paused,
+        breaker_open,
+        breaker_state,
+        destination,
+    ]
     if reading is None:
         return families
+    known = destinations.known()
     for key, per_status in sorted(reading.rows.items()):
+        of_key = destinations.of(key, known)
+        destination.add_metric([key, of_key.primary, of_key.mirror], 1)
         for status, number in per_status.items():
             rows.add_metric([key, status], number)
         due_at = reading.oldest_due.get(key)
