@@ -26,8 +26,8 @@ Status = PendingTransfer.Status
 class MigrationProgress:
     """The live files of storage ``key`` and where each stands on mirror
     ``mirror_key``. A file is verified when the mirror's row of its name is done
-    and live at the storage's generation or a newer one: it is served from the
-    new remote already. Every file that is not counts once more, in
+    and live at the storage's generation (equal: see ``prefetch.serving``): it is
+    served from the new remote already. Every file that is not counts once more, in
     ``copying`` (its mirror row is queued, transferring or held), ``failed``
     (its mirror row ran out of attempts), ``on_its_way`` (the storage's own row
     is queued or transferring: the mirror copies the file once it is done),
@@ -108,7 +108,7 @@ def progress(key: str, mirror_key: str) -> MigrationProgress:
         f"SUM(CASE WHEN m.{status_c} IS NULL AND p.{status_c} = %s THEN 1 ELSE 0 END) "
         f"FROM {table} p LEFT JOIN {table} m ON m.{key_c} = %s "
         f"AND m.{hash_c} = p.{hash_c} AND m.{deleted_c} = %s "
-        f"AND m.{generation_c} >= p.{generation_c} "
+        f"AND m.{generation_c} = p.{generation_c} "
         f"WHERE p.{key_c} = %s AND p.{deleted_c} = %s"
     )
     params: list[str | bool] = [

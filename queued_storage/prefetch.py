@@ -89,15 +89,17 @@ def current_state(storage: ConfiguredStorage, name: str) -> RowState | None:
 
 def serving(primary: Row | None, mirror: Row | None) -> RowState | None:
     """Which row serves a name of a storage with a serving mirror: the mirror's,
-    once it is done and live at the storage's generation or a newer one (or the
-    storage has no row of the name), so that a file is served from the new remote
-    only once verified there; else the storage's own row, as without a mirror.
+    once it is done and live at the storage's generation (or the storage has no
+    row of the name), so that a file is served from the new remote only once
+    verified there; else the storage's own row, as without a mirror. Equal, not
+    newer: a generation is the saving host's clock, and a re-save on a host
+    whose clock is behind gets a smaller one than the copy the mirror has.
     A tombstone of the storage hides the name whatever its mirror row says."""
     if (
         mirror is not None
         and mirror[0] == PendingTransfer.Status.DONE
         and not mirror[1]
-        and (primary is None or (not primary[1] and mirror[3] >= primary[3]))
+        and (primary is None or (not primary[1] and mirror[3] == primary[3]))
     ):
         return RowState(mirror[0], False, mirror[2], True)
     if primary is None:

@@ -64,6 +64,8 @@ def file(
 
 def test_each_live_file_counts_as_verified_or_once_for_why_not() -> None:
     file("verified", mirror=Status.DONE, size=1000)
+    # A newer generation is another version too (a clock behind, see
+    # test_mirror_attacks): the backfill queues the copy again.
     file("newer on the mirror", mirror=Status.DONE, mirror_generation=8, size=24)
     file("queued", mirror=Status.QUEUED)
     file("transferring", mirror=Status.TRANSFERRING)
@@ -87,18 +89,18 @@ def test_each_live_file_counts_as_verified_or_once_for_why_not() -> None:
         mirror_key=NEW,
         files=12,
         bytes=10 * 100 + 1000 + 24,
-        verified_files=2,
-        verified_bytes=1024,
+        verified_files=1,
+        verified_bytes=1000,
         copying=3,
         failed=1,
         on_its_way=1,
         blocked=2,
-        missing=3,
+        missing=4,
     )
     assert not found.ready
     assert found.in_motion
     assert found.attention == 3
-    assert found.line() == "2 of 12 files verified on media-new (1.0 KiB of 2.0 KiB)"
+    assert found.line() == "1 of 12 files verified on media-new (1000 B of 2.0 KiB)"
 
 
 def test_ready_when_every_live_file_is_verified() -> None:
