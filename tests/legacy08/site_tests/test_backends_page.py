@@ -86,8 +86,9 @@ def test_file_transferred_receiver_logs_each_transfer() -> None:
     assert entry.name == obj.image.name
     # A presigned URL: its expiry (and signature) follow the second it is made
     # in, so the receiver's and this one differ in the query alone.
-    logged, expected = urlsplit(entry.remote_url), urlsplit(
-        queued_s3storage.remote.url(obj.image.name)
+    logged, expected = (
+        urlsplit(entry.remote_url),
+        urlsplit(queued_s3storage.remote.url(obj.image.name)),
     )
     assert logged._replace(query="") == expected._replace(query="")
     assert sorted(parse_qs(logged.query)) == sorted(parse_qs(expected.query))
