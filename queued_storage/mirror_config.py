@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from django.core.exceptions import ImproperlyConfigured
 
+from queued_storage.places import place
+
 if TYPE_CHECKING:
     from queued_storage.backends import MirrorStorage, QueuedStorage
 
@@ -100,7 +102,8 @@ def parse_mirrors(
     """The mirrors ``value`` (the argument) gives a storage whose key is ``key``;
     :class:`ImproperlyConfigured`, naming the argument, for what cannot be one.
     ``taken``: the storage's own local and remote, each ``(alias or path,
-    options)`` by what to call it, which no mirror may be."""
+    options)`` by what to call it, which no mirror may be under any spelling
+    :func:`~queued_storage.places.place` sees through."""
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -123,11 +126,13 @@ def parse_mirrors(
                 f"gives mirror {name!r} the ledger key {parsed.key!r} of "
                 f"{keys[parsed.key]}: each destination needs a key of its own."
             )
+        here = place(parsed.storage, parsed.options)
         for what, storage in taken.items():
-            if storage == (parsed.storage, parsed.options):
+            if place(*storage) == here:
                 raise _refuse(
-                    f"mirror {name!r} is {what} itself: each destination needs a "
-                    "storage of its own."
+                    f"mirror {name!r} is {what} itself (perhaps spelled otherwise: "
+                    "an alias of it, a trailing slash, another path to the same "
+                    "directory): each destination needs a storage of its own."
                 )
         keys[parsed.key] = f"mirror {name!r}"
         taken = {**taken, f"mirror {name!r}": (parsed.storage, parsed.options)}

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
@@ -86,23 +87,85 @@ def test_a_resave_with_a_smaller_generation_is_not_ready_to_switch(
     assert found.on_its_way == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mirrors= compares a target with the storage's remote as given (alias or "
-    "path, options): another spelling of the same place (a trailing slash, an "
-    "alias of it, a path spelled otherwise) passes; refusing it needs each "
-    "backend's idea of where it writes (a fix of its own)",
+SPELLINGS = {
+    "a trailing slash": lambda remote: {"location": remote + "/"},
+    "a dot in the path": lambda remote: {"location": remote + "/../remote/."},
+    "a symlink": lambda remote: {"location": _symlink_to(remote)},
+}
+
+
+def _symlink_to(remote: str) -> str:
+    link = Path(remote).parent / "link"
+    link.symlink_to(remote, target_is_directory=True)
+    return str(link)
+
+
+@pytest.mark.parametrize("spelling", list(SPELLINGS))
+@pytest.mark.parametrize(
+    "path", [FS, "django.core.files.storage.filesystem.FileSystemStorage"]
 )
 def test_a_mirror_that_is_the_remote_under_another_spelling_is_refused(
-    tmp_path: Path,
+    tmp_path: Path, spelling: str, path: str
 ) -> None:
     remote = str(tmp_path / "remote")
-    with pytest.raises(ImproperlyConfigured, match="mirrors"):
+    Path(remote).mkdir()
+    options = SPELLINGS[spelling](remote)
+    with pytest.raises(ImproperlyConfigured, match="is the remote storage itself"):
         QueuedStorage(
             local=FS,
             remote=FS,
             local_options={"location": str(tmp_path / "local")},
             remote_options={"location": remote},
             key="spelled-otherwise",
-            mirrors={"same": {"storage": FS, "options": {"location": remote + "/"}}},
+            mirrors={"same": {"storage": path, "options": options}},
         )
+
+
+def test_a_mirror_that_is_the_remote_through_an_alias_is_refused(
+    tmp_path: Path, settings: Any
+) -> None:
+    remote = str(tmp_path / "remote")
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "backup": {"BACKEND": FS, "OPTIONS": {"location": remote + "/"}},
+    }
+    with pytest.raises(ImproperlyConfigured, match="is the remote storage itself"):
+        QueuedStorage(
+            local=FS,
+            remote=FS,
+            local_options={"location": str(tmp_path / "local")},
+            remote_options={"location": remote},
+            key="through-an-alias",
+            mirrors={"same": "backup"},
+        )
+
+
+def test_a_mirror_of_the_local_directory_by_default_is_refused(
+    tmp_path: Path, settings: Any
+) -> None:
+    """No location is MEDIA_ROOT, for a mirror as for the local side."""
+    settings.MEDIA_ROOT = str(tmp_path / "media")
+    with pytest.raises(ImproperlyConfigured, match="is the local storage itself"):
+        QueuedStorage(
+            local=FS,
+            remote=FS,
+            remote_options={"location": str(tmp_path / "remote")},
+            key="media-root",
+            mirrors={
+                "same": {"storage": FS, "options": {"location": settings.MEDIA_ROOT}}
+            },
+        )
+
+
+def test_a_mirror_in_another_directory_is_accepted(tmp_path: Path) -> None:
+    storage = QueuedStorage(
+        local=FS,
+        remote=FS,
+        local_options={"location": str(tmp_path / "local")},
+        remote_options={"location": str(tmp_path / "remote")},
+        key="elsewhere",
+        mirrors={
+            "b": {"storage": FS, "options": {"location": str(tmp_path / "remote2/")}}
+        },
+    )
+    assert list(storage.mirror_targets) == ["b"]
