@@ -9,6 +9,7 @@ import functools
 import hashlib
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -77,9 +78,19 @@ def name_hash(name: str) -> str:
     return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+#: The last generation :func:`new_generation` gave out in this process.
+last_generation = 0
+_generation_lock = threading.Lock()
+
+
 def new_generation() -> int:
-    """A fresh generation number: later saves get larger numbers."""
-    return time.time_ns()
+    """A fresh generation number, larger than every one this process gave out
+    before: two saves in one tick of the clock, or across a step back of it
+    (NTP), would otherwise give a re-save the generation of the version before."""
+    global last_generation
+    with _generation_lock:
+        last_generation = max(time.time_ns(), last_generation + 1)
+        return last_generation
 
 
 #: SQL text of the hot statements, built once per database alias.

@@ -9,7 +9,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from django.db import IntegrityError, connections, models, router, transaction
-from django.db.models import Case, F, Q, Value, When
+from django.db.models import BigIntegerField, Case, F, Q, Value, When
+from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from queued_storage.conf import settings as conf
@@ -179,18 +180,24 @@ class RecordingQuerySet(_LedgerQuerySet):
         held: bool,
         checksum: str = "",
         existing: bool,
-    ) -> int:
-        """Write the row for a file just saved locally; returns its generation.
+    ) -> None:
+        """Write the row for a file just saved locally.
 
         A re-save of a name whose worker still holds a lease keeps that lease: the
         worker finds the new generation when it completes, and hands the row back.
+        A re-save's generation is larger than the row's, whatever the saving
+        host's clock says (in the same statement: it may be behind another's).
         """
         now = timezone.now()
         fresh = self._fresh(size=size, host=host, held=held, checksum=checksum, now=now)
-        generation = int(fresh["generation"])
         status = self.model.Status.HELD if held else self.model.Status.QUEUED
         if existing:
             leased = Q(status=self.model.Status.TRANSFERRING, lease_expires_at__gt=now)
+            later = Greatest(
+                F("generation") + 1,
+                Value(fresh["generation"]),
+                output_field=BigIntegerField(),
+            )
             updated = self.for_name(key, name).update(
                 status=Case(When(leased, then=F("status")), default=Value(status)),
                 lease_token=Case(
@@ -199,10 +206,12 @@ class RecordingQuerySet(_LedgerQuerySet):
                 lease_expires_at=Case(
                     When(leased, then=F("lease_expires_at")), default=Value(None)
                 ),
-                **fresh,
+                **(fresh | {"generation": later}),
             )
             if updated:
-                return generation
+                return
+        # The name had no row when the caller looked: one that another save
+        # inserted since gets this host's generation as it is.
         db = getattr(self, "_db", None) or router.db_for_write(self.model)
         upsert(
             self.model,
@@ -210,7 +219,6 @@ class RecordingQuerySet(_LedgerQuerySet):
             ["status", "lease_token", "lease_expires_at", *fresh],
             db,
         )
-        return generation
 
     def state_of(self, key: str, name: str) -> tuple[str, bool, int | None] | None:
         """``(status, deleted, size)`` of the row of ``name``, or None: one query on
@@ -315,7 +323,8 @@ class RecordingQuerySet(_LedgerQuerySet):
                     created_at=now,
                 )
             row.deleted = True
-            row.generation = new_generation()
+            # Larger than the row's, whatever this host's clock says.
+            row.generation = max(row.generation + 1, new_generation())
             row.updated_at = now
             if not row.has_live_lease(now):
                 row.status = self.model.Status.QUEUED

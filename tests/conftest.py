@@ -21,7 +21,15 @@ from queued_storage.backends import (
 )
 from queued_storage.stats import DrainStats
 from queued_storage.worker import drain
-from tests.helpers import FS, NEW_URL, OLD_URL, S3, Clock, storages_for
+from tests.helpers import (
+    FS,
+    NEW_URL,
+    OLD_URL,
+    S3,
+    Clock,
+    GenerationClock,
+    storages_for,
+)
 from tests.s3 import S3_OPTIONS, make_bucket, moto_s3_server, s3_client
 from tests.servers import (
     AZURE_CONTAINER,
@@ -560,3 +568,9 @@ def breaker_clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     ticking = Clock()
     monkeypatch.setattr(breaker, "clock", ticking)
     return ticking
+
+
+@pytest.fixture
+def generation_clock(monkeypatch: pytest.MonkeyPatch) -> GenerationClock:
+    """The clock new generations are read from, moved by the test."""
+    return GenerationClock(monkeypatch)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from django.db import connections, transaction
 from django.db.models.fields.files import FieldFile
 from django.utils import timezone
 
-from queued_storage import history
+from queued_storage import history, ledger_sql
 from queued_storage.backends import QueuedStorage
 from queued_storage.fields import QueuedFieldFile
 from queued_storage.models import PendingTransfer
@@ -207,6 +208,36 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)
+
+
+class GenerationClock:
+    """The clock that new generations are read from (``ledger_sql.time``), moved
+    by the test: saves in one tick, a clock that steps back, another host's."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.monkeypatch = monkeypatch
+        self.frozen: int | None = None
+        self.behind = 0
+        clock = SimpleNamespace(time_ns=self.time_ns, sleep=time.sleep)
+        monkeypatch.setattr(ledger_sql, "time", clock)
+
+    def time_ns(self) -> int:
+        now = time.time_ns() if self.frozen is None else self.frozen
+        return now - self.behind
+
+    def freeze(self) -> None:
+        """Every reading from now on is this one (a clock's coarse tick)."""
+        self.frozen = time.time_ns()
+
+    def step_back(self, nanoseconds: int) -> None:
+        """Put this process's clock back (NTP)."""
+        self.behind += nanoseconds
+
+    def another_host(self, behind: int) -> None:
+        """The saves from now on are another host's, whose clock is ``behind``
+        nanoseconds behind: a process that has given out no generation yet."""
+        self.behind = behind
+        self.monkeypatch.setattr(ledger_sql, "last_generation", 0, raising=False)
 
 
 def wait_until(

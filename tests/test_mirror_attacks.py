@@ -1,27 +1,23 @@
 """Attacks on the mirrors engine (see REDTEAM.md), each kept as a regression
-test. Generations are ``time.time_ns()`` of the host that saves: a clock that
-steps back (NTP) or a web host whose clock is behind gives a re-save a smaller
-generation than the version before it, so only an equal generation may say
-that a mirror's copy is of the version the storage's row records."""
+test. Generations come from the clock of the host that saves, and a web host's
+clock may be behind another's: a re-save's row takes the next generation after
+its own then, but a mirror's copy is of the version the storage's row records
+only at an equal generation, never a newer one or an older."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.core.files.base import ContentFile
 
-from queued_storage import ledger_sql
 from queued_storage.backends import QueuedStorage
 from queued_storage.migration import progress
 from queued_storage.models import PendingTransfer
 from queued_storage.worker import drain
-from tests.helpers import NEW_URL, read_bytes, row_of
+from tests.helpers import NEW_URL, GenerationClock, read_bytes, row_of
 
 pytestmark = pytest.mark.django_db
 
@@ -30,18 +26,7 @@ Pair = tuple[QueuedStorage, QueuedStorage]
 FS = "django.core.files.storage.FileSystemStorage"
 
 
-@pytest.fixture
-def clock_behind(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """New generations are the clock less the nanoseconds put in the list (a
-    host whose clock is behind)."""
-    given: list[int] = []
-    real = time.time_ns
-    clock = SimpleNamespace(time_ns=lambda: real() - sum(given))
-    monkeypatch.setattr(ledger_sql, "time", clock)
-    yield given
-
-
-def mirrored_then_resaved(pair: Pair, clock_behind: list[int]) -> str:
+def mirrored_then_resaved(pair: Pair, clock: GenerationClock) -> str:
     """``a.txt`` saved, done on the storage and on its serving mirror, then saved
     again (other bytes) by a host whose clock is ten seconds behind."""
     storage, mirror = pair
@@ -53,19 +38,20 @@ def mirrored_then_resaved(pair: Pair, clock_behind: list[int]) -> str:
         Status.DONE,
         row_of(storage, name).generation,
     )
-    clock_behind.append(10_000_000_000)
+    clock.another_host(behind=10_000_000_000)
     assert storage.save(name, ContentFile(b"second!")) == name
     resaved = row_of(storage, name)
     assert resaved.status == Status.QUEUED
-    assert resaved.generation < done.generation
+    # Its clock gave a smaller number; the row took the next one after its own.
+    assert clock.time_ns() < done.generation < resaved.generation
     return name
 
 
-def test_a_resave_with_a_smaller_generation_is_not_served_from_the_mirror(
-    migrating: Pair, clock_behind: list[int]
+def test_a_resave_on_a_host_whose_clock_is_behind_is_not_served_from_the_mirror(
+    migrating: Pair, generation_clock: GenerationClock
 ) -> None:
     storage, _mirror = migrating
-    name = mirrored_then_resaved(migrating, clock_behind)
+    name = mirrored_then_resaved(migrating, generation_clock)
 
     # save() returned: the new version is what every read gets (invariant 1),
     # not the mirror's copy of the first one.
@@ -74,11 +60,11 @@ def test_a_resave_with_a_smaller_generation_is_not_served_from_the_mirror(
     assert storage.size(name) == len(b"second!")
 
 
-def test_a_resave_with_a_smaller_generation_is_not_ready_to_switch(
-    migrating: Pair, clock_behind: list[int]
+def test_a_resave_on_a_host_whose_clock_is_behind_is_not_ready_to_switch(
+    migrating: Pair, generation_clock: GenerationClock
 ) -> None:
     storage, mirror = migrating
-    mirrored_then_resaved(migrating, clock_behind)
+    mirrored_then_resaved(migrating, generation_clock)
 
     # Switching now would serve the first version from the new remote and lose
     # the second.

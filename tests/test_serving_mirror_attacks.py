@@ -1,0 +1,78 @@
+"""Attacks on serving from a mirror (see REDTEAM.md), each kept as a regression
+test: generations that repeat or go back, read-ahead blocks inside one another,
+and a local copy that goes between reading a row and using it."""
+
+from __future__ import annotations
+
+import pytest
+from django.core.files.base import ContentFile
+
+from queued_storage import ledger_sql
+from queued_storage.backends import QueuedStorage
+from queued_storage.migration import progress
+from queued_storage.models import PendingTransfer
+from queued_storage.worker import drain
+from tests.helpers import NEW_URL, GenerationClock, read_bytes, row_of
+
+pytestmark = pytest.mark.django_db
+
+Status = PendingTransfer.Status
+Pair = tuple[QueuedStorage, QueuedStorage]
+
+
+def mirrored(pair: Pair, payload: bytes = b"first") -> str:
+    """``a.txt`` saved, then done on the storage and on its serving mirror."""
+    storage, mirror = pair
+    name = storage.save("a.txt", ContentFile(payload))
+    drain(keys=[storage.key])
+    drain(keys=[mirror.key])
+    assert storage.url(name).startswith(NEW_URL)
+    return name
+
+
+# Generations
+
+
+def test_generations_increase_in_one_clock_tick_and_across_a_step_back(
+    generation_clock: GenerationClock,
+) -> None:
+    generation_clock.freeze()
+    first = ledger_sql.new_generation()
+    second = ledger_sql.new_generation()
+    generation_clock.step_back(10_000_000_000)  # NTP
+
+    assert first < second < ledger_sql.new_generation()
+
+
+def test_a_resave_in_the_clock_tick_of_the_version_before_is_not_served_from_the_mirror(
+    migrating: Pair, generation_clock: GenerationClock
+) -> None:
+    storage, mirror = migrating
+    generation_clock.freeze()
+    name = mirrored(migrating)
+    done = row_of(mirror, name).generation
+
+    assert storage.save(name, ContentFile(b"second!")) == name
+
+    # The mirror has the first version: not what save() just wrote.
+    assert not storage.url(name).startswith(NEW_URL)
+    assert read_bytes(storage, name) == b"second!"
+    assert storage.size(name) == len(b"second!")
+    found = progress(storage.key, mirror.key)
+    assert (found.verified_files, found.ready) == (0, False)
+    assert row_of(storage, name).generation > done
+
+
+def test_a_resave_and_a_delete_on_a_host_whose_clock_is_behind_get_larger_generations(
+    migrating: Pair, generation_clock: GenerationClock
+) -> None:
+    storage, _mirror = migrating
+    name = mirrored(migrating)
+    first = row_of(storage, name).generation
+
+    generation_clock.another_host(behind=10_000_000_000)
+    storage.save(name, ContentFile(b"second!"))
+    resaved = row_of(storage, name).generation
+    storage.delete(name)
+
+    assert first < resaved < row_of(storage, name).generation
