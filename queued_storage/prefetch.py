@@ -31,8 +31,12 @@ Row = tuple[str, bool, int | None, int]
 #: Names per query: well under every database's limit on query parameters.
 CHUNK = 500
 
-_states: ContextVar[dict[tuple[str, str], RowState | None] | None] = ContextVar(
-    "queued_storage_prefetched", default=None
+States = dict[tuple[str, str], "RowState | None"]
+
+#: The states of each enclosing block, innermost last (each holds its own
+#: names and those of the blocks around it).
+_blocks: ContextVar[tuple[States, ...]] = ContextVar(
+    "queued_storage_prefetched", default=()
 )
 
 
@@ -110,16 +114,16 @@ def serving(primary: Row | None, mirror: Row | None) -> RowState | None:
 def prefetched(key: str, name: str) -> RowState | NotRead | None:
     """The state read ahead for ``name`` in this context (None: no row), or
     ``NOT_READ``."""
-    states = _states.get()
-    if states is None:
+    blocks = _blocks.get()
+    if not blocks:
         return NOT_READ
-    return states.get((key, name), NOT_READ)
+    return blocks[-1].get((key, name), NOT_READ)
 
 
 def forget(key: str, name: str) -> None:
-    """Drop what was read ahead for ``name`` (it is being saved or deleted)."""
-    states = _states.get()
-    if states is not None:
+    """Drop what was read ahead for ``name`` (it is being saved or deleted), in
+    this block and in every block around it: the row read there is stale too."""
+    for states in _blocks.get():
         states.pop((key, name), None)
 
 
@@ -169,8 +173,8 @@ def prefetch_files(objects: Iterable[Model], *fields: str) -> Iterator[list[Mode
 
 @contextmanager
 def _prefetch(wanted: dict[ConfiguredStorage, set[str]]) -> Iterator[None]:
-    outer = _states.get()
-    states: dict[tuple[str, str], RowState | None] = dict(outer or {})
+    blocks = _blocks.get()
+    states: States = dict(blocks[-1]) if blocks else {}
     for storage, names in wanted.items():
         installation.refuse_unless_installed(storage.key)
         mirror = storage.serving_mirror
@@ -183,11 +187,11 @@ def _prefetch(wanted: dict[ConfiguredStorage, set[str]]) -> Iterator[None]:
         except (ProgrammingError, OperationalError) as exc:
             installation.raise_if_not_migrated(exc)
             raise
-    token = _states.set(states)
+    token = _blocks.set((*blocks, states))
     try:
         yield
     finally:
-        _states.reset(token)
+        _blocks.reset(token)
 
 
 def _read(key: str, names: set[str]) -> dict[tuple[str, str], RowState | None]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from django.core.files.base import ContentFile
 
-from queued_storage import ledger_sql
+from queued_storage import ledger_sql, prefetch_locations
 from queued_storage.backends import QueuedStorage
 from queued_storage.migration import progress
 from queued_storage.models import PendingTransfer
@@ -76,3 +76,34 @@ def test_a_resave_and_a_delete_on_a_host_whose_clock_is_behind_get_larger_genera
     storage.delete(name)
 
     assert first < resaved < row_of(storage, name).generation
+
+
+# Read-ahead blocks inside one another
+
+
+@pytest.mark.parametrize("change", ["resave", "delete"])
+def test_a_change_in_an_inner_prefetch_block_is_seen_by_the_blocks_around_it(
+    migrating: Pair, change: str
+) -> None:
+    storage, _mirror = migrating
+    name = mirrored(migrating)
+
+    with prefetch_locations(storage, [name]):
+        assert storage.url(name).startswith(NEW_URL)
+        with prefetch_locations(storage, [name]):
+            if change == "resave":
+                storage.save(name, ContentFile(b"second!"))
+            else:
+                storage.delete(name)
+
+        if change == "resave":
+            assert not storage.url(name).startswith(NEW_URL)
+            assert storage.exists(name)
+            assert storage.size(name) == len(b"second!")
+            assert read_bytes(storage, name) == b"second!"
+        else:
+            assert not storage.exists(name)
+            with pytest.raises(FileNotFoundError):
+                storage.size(name)
+            with pytest.raises(FileNotFoundError):
+                storage.open(name)
