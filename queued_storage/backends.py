@@ -209,17 +209,31 @@ class QueuedStorage(ConfiguredStorage):
         state = prefetch.served_state(self, name)
         if state is not None and state.deleted:
             raise FileNotFoundError(f"{name!r} was deleted.")
+        return self._read(name, state, lambda storage: storage.open(name, mode))
+
+    def _read(
+        self, name: str, state: RowState | None, act: Callable[[Storage], R]
+    ) -> R:
+        """``act`` on the storage that ``state`` says serves ``name``; if that is
+        the local one and its copy is gone, on where the row says it is now."""
         storage = self._storage_for(name, state)
         try:
-            return storage.open(name, mode)
+            return act(storage)
         except FileNotFoundError:
-            if storage is not self.local:
+            moved = self._moved(name, storage)
+            if moved is None:
                 raise
-            # A worker may have finished, and dropped the local copy, since we looked.
-            state = prefetch.current_state(self, name)
-            if state is None or state.status != PendingTransfer.Status.DONE:
-                raise
-            return self._storage_for(name, state).open(name, mode)
+            return act(moved)
+
+    def _moved(self, name: str, storage: Storage) -> Storage | None:
+        """The remote that serves ``name`` now, read again from the ledger, when
+        ``storage`` is the local one: a worker may have finished, and dropped the
+        local copy (``TransferAndDelete``), since the row was read."""
+        if storage is not self.local:
+            return None
+        state = prefetch.current_state(self, name)
+        moved = None if state is None else self._storage_for(name, state)
+        return None if moved is self.local else moved
 
     @_redacted_errors
     def exists(self, name: str) -> bool:
@@ -229,9 +243,9 @@ class QueuedStorage(ConfiguredStorage):
             return bool(self.local.exists(name) or self.remote.exists(name))
         if state.deleted:
             return False
-        if state.status == PendingTransfer.Status.DONE:
+        if state.status == PendingTransfer.Status.DONE or self.local.exists(name):
             return True
-        return bool(self.local.exists(name))
+        return self._moved(name, self.local) is not None
 
     @_redacted_errors
     def size(self, name: str) -> int:
@@ -245,7 +259,7 @@ class QueuedStorage(ConfiguredStorage):
             and state.size is not None
         ):
             return state.size
-        return int(self._storage_for(name, state).size(name))
+        return int(self._read(name, state, lambda storage: storage.size(name)))
 
     @_redacted_errors
     def url(self, name: str | None) -> str:
@@ -264,17 +278,20 @@ class QueuedStorage(ConfiguredStorage):
     @_redacted_errors
     def get_accessed_time(self, name: str) -> datetime:
         name = canonical_name(name)
-        return self._serving(name).get_accessed_time(name)
+        state = prefetch.served_state(self, name)
+        return self._read(name, state, lambda storage: storage.get_accessed_time(name))
 
     @_redacted_errors
     def get_created_time(self, name: str) -> datetime:
         name = canonical_name(name)
-        return self._serving(name).get_created_time(name)
+        state = prefetch.served_state(self, name)
+        return self._read(name, state, lambda storage: storage.get_created_time(name))
 
     @_redacted_errors
     def get_modified_time(self, name: str) -> datetime:
         name = canonical_name(name)
-        return self._serving(name).get_modified_time(name)
+        state = prefetch.served_state(self, name)
+        return self._read(name, state, lambda storage: storage.get_modified_time(name))
 
     @_redacted_errors
     def listdir(self, path: str) -> tuple[list[str], list[str]]:

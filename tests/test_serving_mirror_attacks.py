@@ -4,13 +4,17 @@ and a local copy that goes between reading a row and using it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 from django.core.files.base import ContentFile
 
-from queued_storage import ledger_sql, prefetch_locations
+from queued_storage import ledger_sql, prefetch, prefetch_locations
 from queued_storage.backends import QueuedStorage
 from queued_storage.migration import progress
 from queued_storage.models import PendingTransfer
+from queued_storage.prefetch import RowState
 from queued_storage.worker import drain
 from tests.helpers import NEW_URL, GenerationClock, read_bytes, row_of
 
@@ -107,3 +111,49 @@ def test_a_change_in_an_inner_prefetch_block_is_seen_by_the_blocks_around_it(
                 storage.size(name)
             with pytest.raises(FileNotFoundError):
                 storage.open(name)
+
+
+# The local copy removed between reading the row and using it
+
+
+READS: dict[str, Callable[[QueuedStorage, str], Any]] = {
+    "exists": QueuedStorage.exists,
+    "size": QueuedStorage.size,
+    "get_accessed_time": QueuedStorage.get_accessed_time,
+    "get_created_time": QueuedStorage.get_created_time,
+    "get_modified_time": QueuedStorage.get_modified_time,
+}
+
+
+@pytest.mark.parametrize("read", list(READS))
+def test_a_read_finds_a_file_moved_to_the_remote_after_its_row_was_read(
+    make_storage: Callable[..., QueuedStorage],
+    monkeypatch: pytest.MonkeyPatch,
+    django_capture_on_commit_callbacks: Any,
+    read: str,
+) -> None:
+    storage = make_storage(task="queued_storage.tasks.TransferAndDelete")
+    name = storage.save("a.txt", ContentFile(b"bytes"))
+    read_ahead = prefetch.served_state
+
+    def then_transferred(of: Any, asked: str) -> RowState | None:
+        """The row as it was (queued), then, before the read uses it, a worker
+        transfers the file and TransferAndDelete removes the local copy."""
+        state = read_ahead(of, asked)
+        monkeypatch.setattr(prefetch, "served_state", read_ahead)
+        with django_capture_on_commit_callbacks(execute=True):
+            assert drain(keys=[storage.key]).done == 1
+        assert not storage.local.exists(name)
+        return state
+
+    monkeypatch.setattr(prefetch, "served_state", then_transferred)
+    answer = READS[read](storage, name)
+
+    assert prefetch.served_state is read_ahead  # the gate opened
+    assert row_of(storage, name).status == Status.DONE
+    if read == "exists":
+        assert answer is True
+    elif read == "size":
+        assert answer == len(b"bytes")
+    else:
+        assert answer == getattr(storage.remote, read)(name)
