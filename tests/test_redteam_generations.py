@@ -1,0 +1,240 @@
+"""Red-team attacks on generations, mirror places and reads racing a worker (see
+REDTEAM.md). Each break is kept as a strict xfail that names it; each window
+between a check and an act is opened with a monkeypatched function, never a
+sleep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.core.files.base import ContentFile
+
+from queued_storage.backends import QueuedStorage
+from queued_storage.models import PendingTransfer
+from queued_storage.worker import drain
+from tests.helpers import NEW_URL, GenerationClock, read_bytes, row_of
+
+Status = PendingTransfer.Status
+Pair = tuple[QueuedStorage, QueuedStorage]
+FS = "django.core.files.storage.FileSystemStorage"
+S3 = "storages.backends.s3.S3Storage"
+HOUR = 3600 * 10**9
+
+
+def with_mirror(
+    tmp_path: Path, remote: dict[str, Any], mirror: dict[str, Any], **kwargs: Any
+) -> QueuedStorage:
+    return QueuedStorage(
+        local=FS,
+        remote=kwargs.pop("remote_class", FS),
+        local_options={"location": str(tmp_path / "local")},
+        remote_options=remote,
+        key=kwargs.pop("key", "redteam-places"),
+        mirrors={
+            "same": {"storage": kwargs.pop("mirror_class", FS), "options": mirror}
+        },
+        **kwargs,
+    )
+
+
+# Places: a mirror that writes where the remote writes.
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="places.place() compares every option, so a mirror in the remote's own "
+    "directory with another base_url (or file_permissions_mode) is accepted: "
+    "each copy is written onto the remote's file, the mirror's purge deletes it",
+)
+def test_a_mirror_in_the_remotes_directory_under_another_url_is_refused(
+    tmp_path: Path,
+) -> None:
+    remote = str(tmp_path / "remote")
+    with pytest.raises(ImproperlyConfigured, match="is the remote storage itself"):
+        with_mirror(
+            tmp_path,
+            {"location": remote, "base_url": "https://old.example/"},
+            {"location": remote, "base_url": "https://cdn.example/"},
+        )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="places.place() compares every option: an S3 mirror of the remote's "
+    "bucket and location with another custom_domain (or querystring_auth) is "
+    "accepted, though it writes the same objects",
+)
+def test_a_mirror_of_the_remotes_bucket_under_another_domain_is_refused(
+    tmp_path: Path,
+) -> None:
+    bucket = {"bucket_name": "media-bucket", "location": "media"}
+    with pytest.raises(ImproperlyConfigured, match="is the remote storage itself"):
+        with_mirror(
+            tmp_path,
+            bucket,
+            {**bucket, "custom_domain": "cdn.example"},
+            remote_class=S3,
+            mirror_class=S3,
+        )
+
+
+def test_a_mirror_of_the_remotes_bucket_with_a_trailing_slash_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Held: ``media/`` and ``media//`` are ``media``."""
+    bucket = {"bucket_name": "media-bucket", "location": "media"}
+    with pytest.raises(ImproperlyConfigured, match="is the remote storage itself"):
+        with_mirror(
+            tmp_path,
+            bucket,
+            {**bucket, "location": "media//"},
+            remote_class=S3,
+            mirror_class=S3,
+        )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="places.place() reads location '' as MEDIA_ROOT (`or`), but "
+    "FileSystemStorage takes MEDIA_ROOT only for None: '' is the working "
+    "directory, so a mirror spelled as that directory is accepted",
+)
+def test_a_mirror_of_an_empty_location_is_the_working_directory(
+    tmp_path: Path, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.MEDIA_ROOT = str(tmp_path / "media")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    with pytest.raises(ImproperlyConfigured, match="is the remote storage itself"):
+        with_mirror(tmp_path, {"location": ""}, {"location": str(here)})
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="places.place() makes a location absolute and real only for "
+    "FileSystemStorage itself: a subclass of it (a project's own, or the one "
+    "the remote is) in the same directory is another place to it",
+)
+def test_a_mirror_in_the_directory_of_a_file_system_subclass_is_refused(
+    tmp_path: Path,
+) -> None:
+    remote = str(tmp_path / "remote")
+    with pytest.raises(ImproperlyConfigured, match="is the remote storage itself"):
+        with_mirror(
+            tmp_path,
+            {"location": remote},
+            {"location": remote},
+            remote_class="tests.storages.CountingStorage",
+        )
+
+
+# Generations: transfer() sees no row, a save inserts one, transfer() upserts.
+
+
+def race_transfer(
+    storage: QueuedStorage,
+    name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    meanwhile: Any,
+) -> None:
+    """``transfer(name)`` of a local file the ledger never saw, with
+    ``meanwhile()`` run after it found no row and before it writes its own."""
+    storage.local.save(name, ContentFile(b"left by 0.8"))
+    checked = storage._local_file
+
+    def window(name: str) -> bool:
+        found = checked(name)
+        meanwhile()
+        return found
+
+    monkeypatch.setattr(storage, "_local_file", window)
+    assert storage.transfer(name)
+
+
+@pytest.mark.django_db
+@pytest.mark.xfail(
+    strict=True,
+    reason="record_save(existing=False) falls back to upsert(), whose ON CONFLICT "
+    "UPDATE writes this host's generation and clears status/lease: a transfer() "
+    "racing a save gets a generation smaller than the row's and takes the live "
+    "lease away from the worker that holds it (invariant 3)",
+)
+def test_transfer_racing_a_save_keeps_the_lease_and_raises_the_generation(
+    make_storage: Any,
+    generation_clock: GenerationClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    storage = make_storage(local_options={"allow_overwrite": True})
+    name = "a.txt"
+    claimed: list[PendingTransfer] = []
+
+    def another_host_saves_and_its_worker_claims() -> None:
+        generation_clock.another_host(behind=-HOUR)  # its clock is an hour ahead
+        assert storage.save(name, ContentFile(b"another host's")) == name
+        claimed.extend(
+            PendingTransfer.objects.filter(storage_key=storage.key).claim_due(
+                limit=1, lease=300
+            )
+        )
+        generation_clock.another_host(behind=0)
+
+    race_transfer(storage, name, monkeypatch, another_host_saves_and_its_worker_claims)
+    [lease] = claimed
+    row = row_of(storage, name)
+    assert row.generation > lease.generation
+    assert (row.status, row.lease_token) == (Status.TRANSFERRING, lease.lease_token)
+
+
+@pytest.mark.django_db
+@pytest.mark.xfail(
+    strict=True,
+    reason="upsert() on the transfer()/save race writes the host's generation as "
+    "is: from a process in the same clock tick it equals the serving mirror's "
+    "DONE row of an older version, which is then served (and never recopied: "
+    "fan_out skips a mirror row DONE at the generation) (invariant 1)",
+)
+def test_transfer_racing_saves_in_one_tick_never_serves_the_mirrors_old_copy(
+    migrating: Pair,
+    generation_clock: GenerationClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    storage, mirror = migrating
+    name = "b.txt"
+    generation_clock.freeze()  # a coarse tick: every process reads one value
+
+    def another_process_saves_twice() -> None:
+        generation_clock.another_host(behind=0)
+        assert storage.save(name, ContentFile(b"first")) == name
+        drain(keys=[storage.key])
+        drain(keys=[mirror.key])
+        assert row_of(mirror, name).status == Status.DONE
+        assert storage.save(name, ContentFile(b"second!")) == name
+        # This process's generations start again from the tick.
+        generation_clock.another_host(behind=0)
+
+    race_transfer(storage, name, monkeypatch, another_process_saves_twice)
+    assert read_bytes(storage, name) == b"second!"
+    assert not storage.url(name).startswith(NEW_URL)
+    assert row_of(storage, name).generation != row_of(mirror, name).generation
+
+
+@pytest.mark.django_db
+@pytest.mark.xfail(
+    strict=True,
+    reason="upsert() on the transfer()/delete() race writes deleted=False over the "
+    "tombstone that delete() committed after transfer() found no row: the file "
+    "deleted comes back, queued for upload (transfer() refuses a deleted name, "
+    "but only as it was when it looked)",
+)
+def test_transfer_racing_a_delete_leaves_the_name_deleted(
+    make_storage: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = make_storage()
+    name = "c.txt"
+    race_transfer(storage, name, monkeypatch, lambda: storage.delete(name))
+    assert row_of(storage, name).deleted
+    assert not storage.exists(name)
