@@ -40,11 +40,13 @@ def fs_target(tmp_path: Path, folder: str = "mirror", **fields: Any) -> dict[str
 
 
 def build(tmp_path: Path, mirrors: Any, key: str = "media") -> QueuedStorage:
+    """A storage whose mirrors may be the ``queued_remote`` alias: its remote is
+    a directory of its own (the alias writes to ``tmp_path / "remote"``)."""
     return QueuedStorage(
         FS,
         FS,
         local_options={"location": str(tmp_path / "local")},
-        remote_options={"location": str(tmp_path / "remote")},
+        remote_options={"location": str(tmp_path / "primary")},
         key=key,
         mirrors=mirrors,
     )
@@ -178,7 +180,8 @@ def test_a_bad_mirrors_argument_is_refused_at_construction_naming_it(
 def test_a_mirror_that_is_the_storages_own_local_or_remote_is_refused(
     tmp_path: Path, which: str
 ) -> None:
-    options = {"location": str(tmp_path / which)}
+    folder = {"local": "local", "remote": "primary"}[which]
+    options = {"location": str(tmp_path / folder)}
 
     with pytest.raises(ImproperlyConfigured, match=f"is the {which} storage itself"):
         build(tmp_path, {"m": {"storage": FS, "options": options}})

@@ -43,12 +43,6 @@ def with_mirror(
 # Places: a mirror that writes where the remote writes.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="places.place() compares every option, so a mirror in the remote's own "
-    "directory with another base_url (or file_permissions_mode) is accepted: "
-    "each copy is written onto the remote's file, the mirror's purge deletes it",
-)
 def test_a_mirror_in_the_remotes_directory_under_another_url_is_refused(
     tmp_path: Path,
 ) -> None:
@@ -61,12 +55,6 @@ def test_a_mirror_in_the_remotes_directory_under_another_url_is_refused(
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="places.place() compares every option: an S3 mirror of the remote's "
-    "bucket and location with another custom_domain (or querystring_auth) is "
-    "accepted, though it writes the same objects",
-)
 def test_a_mirror_of_the_remotes_bucket_under_another_domain_is_refused(
     tmp_path: Path,
 ) -> None:
@@ -81,12 +69,6 @@ def test_a_mirror_of_the_remotes_bucket_under_another_domain_is_refused(
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="places.place() does not read S3Storage's settings defaults: a remote "
-    "whose bucket is AWS_STORAGE_BUCKET_NAME (no options, the usual way) and a "
-    "mirror that names that bucket are two places to it",
-)
 def test_a_mirror_naming_the_bucket_the_remote_takes_from_settings_is_refused(
     tmp_path: Path, settings: Any
 ) -> None:
@@ -116,12 +98,6 @@ def test_a_mirror_of_the_remotes_bucket_with_a_trailing_slash_is_refused(
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="places.place() reads location '' as MEDIA_ROOT (`or`), but "
-    "FileSystemStorage takes MEDIA_ROOT only for None: '' is the working "
-    "directory, so a mirror spelled as that directory is accepted",
-)
 def test_a_mirror_of_an_empty_location_is_the_working_directory(
     tmp_path: Path, settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -133,12 +109,6 @@ def test_a_mirror_of_an_empty_location_is_the_working_directory(
         with_mirror(tmp_path, {"location": ""}, {"location": str(here)})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="places.place() makes a location absolute and real only for "
-    "FileSystemStorage itself: a subclass of it (a project's own, or the one "
-    "the remote is) in the same directory is another place to it",
-)
 def test_a_mirror_in_the_directory_of_a_file_system_subclass_is_refused(
     tmp_path: Path,
 ) -> None:
