@@ -732,3 +732,31 @@ class HangingThreadStorage(HangingStorage):
         threads = HUNG_THREADS if name in type(self).hang else UPLOAD_THREADS
         threads[name] = threading.get_ident()
         return super()._save(name, content)
+
+
+class OutageStorage(FileSystemStorage):
+    """A remote whose uploads and deletes raise ConnectionError while its
+    location is in ``OutageStorage.down`` (reads still work), and which calls
+    ``OutageStorage.after_write(name)`` once an upload's bytes are written, before
+    the save returns (the hook runs once): the mirrored property test takes one
+    destination down, or kills a worker right after its upload, by location."""
+
+    down: set[str] = set()
+    after_write: Callable[[str], None] | None = None
+
+    def _refuse_if_down(self, what: str, name: str) -> None:
+        if str(self.location) in OutageStorage.down:
+            raise ConnectionError(f"remote unreachable: {what} {name}")
+
+    def delete(self, name: str) -> None:
+        self._refuse_if_down("delete", name)
+        super().delete(name)
+
+    def _save(self, name: str, content: Any) -> str:
+        self._refuse_if_down("upload", name)
+        saved: str = super()._save(name, content)  # type: ignore[misc]
+        hook = OutageStorage.after_write
+        if hook is not None:
+            OutageStorage.after_write = None
+            hook(saved)
+        return saved
