@@ -5,7 +5,7 @@ re-saves and deletes of a few names; workers that drain some rows of one
 destination or all of them, claim a row and finish it later (perhaps after its
 lease ran out and another worker took it over), or die before or right after
 their upload; a destination whose remote fails uploads and deletes for a while;
-re-queues from the admin; backfills.
+re-queues from the admin; backfills; the purges after a delete run late.
 
 After every step, per destination: each live name opens (and its URL points at
 a copy) with its newest content, each deleted name does not exist, a row marked
@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from urllib.parse import unquote
 
 import pytest
 from django.core.files.base import ContentFile
+from django.db import connections, router, transaction
 from django.utils import timezone
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
@@ -86,6 +88,8 @@ class MirroredLedgerMachine(RuleBasedStateMachine):
         self.before_backup: set[str] = set()
         #: Rows claimed by workers that have not finished (or crashed) yet.
         self.claimed: list[PendingTransfer] = []
+        #: Purges of committed deletes that have not run yet.
+        self.purges: list[Callable[[], None]] = []
 
     # The storage
 
@@ -181,6 +185,31 @@ class MirroredLedgerMachine(RuleBasedStateMachine):
         self.live.pop(name, None)
         self.deleted.add(name)
         self.before_backup.discard(name)
+
+    @precondition(_known)
+    @rule(name=NAMES)
+    def delete_purged_later(self, name: str) -> None:
+        """A delete commits; its purges (after-commit callbacks, one for each
+        destination) run in later steps, as on a busy server."""
+        connection = connections[router.db_for_write(PendingTransfer)]
+        with transaction.atomic():
+            start = len(connection.run_on_commit)
+            self.queued.delete(name)
+            # Django keeps (savepoint ids, callback, robust): django-stubs has pairs.
+            callbacks = [  # type: ignore[misc]
+                func for _ids, func, _robust in connection.run_on_commit[start:]
+            ]
+            del connection.run_on_commit[start:]
+        self.purges.extend(callbacks)
+        self.live.pop(name, None)
+        self.deleted.add(name)
+        self.before_backup.discard(name)
+
+    @precondition(lambda self: self.purges)
+    @rule(pick=st.integers(min_value=0))
+    def purge(self, pick: int) -> None:
+        # Each callback logs its own failure (redaction.after_commit).
+        self.purges.pop(pick % len(self.purges))()
 
     @precondition(_known)
     @rule(name=NAMES)
@@ -313,6 +342,8 @@ class MirroredLedgerMachine(RuleBasedStateMachine):
         recover, the admin re-queues what failed or waits, a worker drains."""
         self.claimed.clear()
         OutageStorage.down.clear()
+        while self.purges:
+            self.purges.pop()()
         self.leases_run_out()
         PendingTransfer.objects.filter(storage_key__in=self.keys).requeue()
         drain(keys=self.keys)
