@@ -1,4 +1,5 @@
-"""SHA-256 of a file as it is saved, and of the remote copy, for verification."""
+"""SHA-256 of a file as it is saved, and of the remote copy, for verification;
+MD5, to compare with what a listing gives."""
 
 from __future__ import annotations
 
@@ -78,6 +79,16 @@ def storage_sha256(storage: Storage, name: str) -> str:
         for chunk in body.iter_chunks(CHUNK_SIZE):
             hasher.update(chunk)
         return hasher.hexdigest()
+    with storage.open(name, "rb") as opened:
+        for chunk in opened.chunks(CHUNK_SIZE):
+            hasher.update(chunk.encode() if isinstance(chunk, str) else chunk)
+    return hasher.hexdigest()
+
+
+def storage_md5(storage: Storage, name: str) -> str:
+    """Stream ``name`` from ``storage`` and return its MD5 (what S3's ETag of a
+    single-part upload is), to compare with a listing's."""
+    hasher = hashlib.md5(usedforsecurity=False)
     with storage.open(name, "rb") as opened:
         for chunk in opened.chunks(CHUNK_SIZE):
             hasher.update(chunk.encode() if isinstance(chunk, str) else chunk)

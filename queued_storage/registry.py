@@ -177,6 +177,26 @@ def _declared() -> list[QueuedStorage]:
     return with_mirrors(found)
 
 
+def referencing_fields(key: str) -> list[tuple[type[Any], str]]:
+    """``(model, field name)`` of each current model's file field whose storage
+    has the ledger key ``key`` (never a historical model's)."""
+    from django.apps import apps
+    from django.db.models import FileField
+
+    found: list[tuple[type[Any], str]] = []
+    for model in apps.get_models():
+        for field in model._meta.get_fields():
+            if not isinstance(field, FileField):
+                continue
+            try:
+                storage = _unwrapped(field.storage)
+            except Exception:  # the default storage, reported where it is used
+                continue
+            if isinstance(storage, ConfiguredStorage) and storage.key == key:
+                found.append((model, field.name))
+    return found
+
+
 def _discovered() -> Storages:
     global _current
     with _lock:

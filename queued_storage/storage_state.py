@@ -60,6 +60,15 @@ class StorageState(models.Model):
         ),
     )
     adoption_counts = models.JSONField(_("adoption counts"), default=dict, blank=True)
+    audit_progress = models.JSONField(
+        _("audit progress"),
+        default=dict,
+        blank=True,
+        help_text=_(
+            "Where an unfinished audit_storage run stopped, and its counts so far; "
+            "running it again continues from there."
+        ),
+    )
     paused_at = models.DateTimeField(
         _("paused at"),
         null=True,
