@@ -399,3 +399,23 @@ def test_a_checksum_mismatch_of_the_same_size(
     assert found == []  # sizes only
     Audit(storage, AuditOptions(checksum=True), fields=[], found=found.append).run()
     assert [(f.kind, f.name) for f in found] == [("checksum_mismatch", name)]
+
+
+def test_the_ledger_is_read_in_the_remotes_name_order(
+    make_storage: Callable[..., QueuedStorage],
+) -> None:
+    """Names whose order depends on the collation (case, accents, spaces,
+    punctuation against "/"): a database that sorted them otherwise than the
+    remote's listing would make the merge report rows as missing and files as
+    orphans."""
+    storage = make_storage(remote="django.core.files.storage.FileSystemStorage")
+    names = ["a b.txt", "a.txt", "a/b.txt", "a0.txt", "B.txt", "b", "é.txt", "e.txt"]
+    for name in names:
+        assert storage.save(name, ContentFile(b"x")) == name
+    drained(storage)
+    found: list[Finding] = []
+    counts = Audit(
+        storage, AuditOptions(batch_size=3), fields=[], found=found.append
+    ).run()
+    assert found == []
+    assert (counts.listed, counts.rows) == (len(names), len(names))
