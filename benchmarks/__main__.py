@@ -39,6 +39,7 @@ ALL_CASES = [
     "scaleout",
     "dashboard",
     "metrics",
+    "audit",
 ]
 #: Cases whose figure depends little on the database (the remote's cost rules):
 #: run on the first database only (in full mode they take some 16 minutes a
@@ -237,6 +238,18 @@ def markdown(report: dict[str, Any]) -> str:
                 if fixed is not None:
                     extra += f"; {fixed:+.1f} MiB with glibc's mmap threshold fixed"
                 extra += ")"
+            elif "steps" in item:
+                extra = (
+                    " ("
+                    + "; ".join(
+                        f"{step['objects']} objects: {step['audit_seconds']:.1f} s, peak "
+                        f"RSS {step['audit_peak_rss_mib']:.1f} MiB (+"
+                        f"{step['audit_rise_mib']:.1f}); the bare listing "
+                        f"{step['listing_seconds']:.1f} s"
+                        for step in item["steps"]
+                    )
+                    + ")"
+                )
             elif "render_time_ratio" in item:
                 extra = (
                     f" ({item['queries_without_prefetch']} without; render "

@@ -29,6 +29,7 @@ from django.template import Context, Template
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from benchmarks.audit_case import case_audit
 from benchmarks.dashboard_case import case_dashboard
 from benchmarks.harness import (
     ROOT,
@@ -1291,6 +1292,7 @@ CASES: dict[str, Callable[[Sizes], list[dict[str, Any]]]] = {
     "scaleout": lambda sizes: case_scaleout(sizes is FULL),
     "dashboard": case_dashboard,
     "metrics": case_metrics,
+    "audit": case_audit,
 }
 
 

@@ -92,6 +92,28 @@ STORAGES = {
             "key": "bench-scaleout",
         },
     },
+    # The audit benchmark's storage, on a bucket of the moto server that the
+    # benchmark starts (its address comes in the environment of the audit's
+    # process); the references are benchapp's AuditedDoc.file.
+    "audit": {
+        "BACKEND": "queued_storage.backends.QueuedStorage",
+        "OPTIONS": {
+            "local": "django.core.files.storage.FileSystemStorage",
+            "remote": "storages.backends.s3.S3Storage",
+            "local_options": {"location": os.path.join(BENCH_DIR, "audit-local")},
+            "remote_options": {
+                "access_key": "testing",
+                "secret_key": "testing",
+                "region_name": "us-east-1",
+                "addressing_style": "path",
+                "endpoint_url": os.environ.get(
+                    "QUEUED_STORAGE_BENCH_AUDIT_ENDPOINT", "http://127.0.0.1:9"
+                ),
+                "bucket_name": "bench-audit",
+            },
+            "key": "bench-audit",
+        },
+    },
 }
 # The drain benchmark's storage, for the process_transfers it starts: the
 # QueuedStorage options as JSON.

@@ -1,10 +1,11 @@
-"""The models the save benchmark compares, and the ledger-shaped table of its
-floor. A round points each field at fresh storages (``field.storage = ...``);
-the storages here are placeholders."""
+"""The models the save benchmark compares (a round points each field at fresh
+storages, ``field.storage = ...``: the storages here are placeholders), the
+ledger-shaped table of its floor, and the model whose files the audit benchmark
+audits."""
 
 from __future__ import annotations
 
-from django.core.files.storage import FileSystemStorage
+from django.core.files.storage import FileSystemStorage, Storage, storages
 from django.db import models
 
 from queued_storage.fields import QueuedFileField
@@ -20,6 +21,19 @@ class QueuedDoc(models.Model):
 
 class PlainDoc(models.Model):
     file = models.FileField(upload_to="docs", storage=FileSystemStorage())
+
+    def __str__(self) -> str:
+        return self.file.name or ""
+
+
+def _audited_storage() -> Storage:
+    return storages["audit"]
+
+
+class AuditedDoc(models.Model):
+    """The references of the audit benchmark's storage."""
+
+    file = QueuedFileField(upload_to="docs", storage=_audited_storage)
 
     def __str__(self) -> str:
         return self.file.name or ""
