@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.core.exceptions import SuspiciousFileOperation
 from django.db import connections, router, transaction
+from django.db.models import QuerySet
 from django.db.models.functions import Collate
 from django.utils import timezone
 
@@ -79,21 +80,41 @@ class LedgerOrderError(RuntimeError):
     remote's listing: merging them would report false findings."""
 
 
+#: Rows a keyset page reads where the driver cannot stream a result (MySQL's
+#: buffers it whole): each page sorts the rows after the last one again.
+KEYSET_PAGE = 5000
+
+
 def ledger_rows(key: str, after: str, size: int) -> Iterator[PendingTransfer]:
-    """The rows of ``key`` whose names come after ``after``, in code point order,
-    ``size`` a query (keyset pages: MySQL's driver buffers a whole result)."""
+    """The rows of ``key`` whose names come after ``after``, in code point order:
+    one query read ``size`` rows at a time where the driver streams (SQLite, a
+    server-side cursor on PostgreSQL), else keyset pages."""
     rows = PendingTransfer.objects.filter(storage_key=key)
     order = "name"
-    if connections[rows.db].vendor == "postgresql":
+    vendor = connections[rows.db].vendor
+    if vendor == "postgresql":
         # The database's collation sorts by language rules; "C" by code point.
         rows = rows.alias(ordered=Collate("name", "C"))
         order = "ordered"
     # SQLite compares names bytewise; MariaDB's name column has a binary NO PAD
     # collation (migration 0002): both sort by code point.
+    rows = rows.only(*ROW_FIELDS).order_by(order)
+    if vendor in ("sqlite", "postgresql"):
+        found = rows.filter(**{f"{order}__gt": after}) if after else rows
+        yield from found.iterator(chunk_size=size)
+        return
+    yield from keyset_pages(rows, order, after, max(size, KEYSET_PAGE))
+
+
+def keyset_pages(
+    rows: QuerySet[PendingTransfer], order: str, after: str, size: int
+) -> Iterator[PendingTransfer]:
+    """``rows`` (ordered by ``order``, which sorts as the names) after the name
+    ``after``, ``size`` a query, each page after the last name of the one before."""
     last = after
     while True:
         page = rows.filter(**{f"{order}__gt": last}) if last else rows
-        batch = list(page.order_by(order).only(*ROW_FIELDS)[:size])
+        batch = list(page[:size])
         if not batch:
             return
         yield from batch

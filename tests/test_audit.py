@@ -16,10 +16,12 @@ from typing import Any
 import pytest
 from django.core.files.base import ContentFile
 from django.core.management import CommandError, call_command
+from django.db import connections
+from django.db.models.functions import Collate
 
 from queued_storage import audit as audit_module
 from queued_storage import tombstones
-from queued_storage.audit import Audit, AuditOptions
+from queued_storage.audit import Audit, AuditOptions, keyset_pages
 from queued_storage.audit_findings import KINDS, Finding
 from queued_storage.audit_references import referenced
 from queued_storage.backends import QueuedStorage
@@ -245,23 +247,40 @@ def test_delete_orphans_needs_a_model_field_to_know_references(
     assert "No model's file field uses the storage" in result.err
 
 
+def record_elsewhere(name: str) -> str:
+    """The name saved on another host: a row, and no local file here."""
+    row = PendingTransfer(storage_key=KEY, name=name, host="another-host")
+    row.save()
+    return name
+
+
+@pytest.mark.parametrize(
+    "take",
+    [
+        lambda name: document_storage.save(name, ContentFile(b"new")),
+        record_elsewhere,
+    ],
+    ids=["saved-here", "saved-on-another-host"],
+)
 def test_a_file_saved_between_the_listing_and_the_delete_is_kept(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, take: Callable[[str], str]
 ) -> None:
-    """The gate: the listing yields the orphan, then the name is saved (its row
-    is created) before the audit gets to delete it."""
+    """The gate: the listing yields the orphan, then the name is saved (a row,
+    no reference yet) before the audit gets to delete it."""
     put_remote(document_storage, "docs/raced.txt", b"old orphan", age=2 * DAY)
     listed = remote_entries
+    saved: list[str] = []
 
     def then_saved(storage: Any, after: str = "") -> Iterator[RemoteEntry]:
         for entry in listed(storage, after):
             yield entry
             if entry.name == "docs/raced.txt":
-                Document.objects.create(file=ContentFile(b"new", name="raced.txt"))
+                saved.append(take(entry.name))
 
     monkeypatch.setattr(audit_module, "remote_entries", then_saved)
     result = audit_storage("--storage", KEY, "--json", "--delete-orphans")
-    assert result.actions().get("docs/raced.txt", "") == ""
+    assert saved == ["docs/raced.txt"]
+    assert result.actions()["docs/raced.txt"] == ""
     assert (root_of(document_storage.remote) / "docs/raced.txt").exists()
     assert row_of(document_storage, "docs/raced.txt").deleted is False
 
@@ -419,3 +438,25 @@ def test_the_ledger_is_read_in_the_remotes_name_order(
     ).run()
     assert found == []
     assert (counts.listed, counts.rows) == (len(names), len(names))
+
+
+def test_keyset_pages_read_every_row_once_in_name_order(
+    make_storage: Callable[..., QueuedStorage],
+) -> None:
+    """The pages MySQL and MariaDB read the ledger in (their driver buffers a
+    whole result), tried here on every database."""
+    storage = make_storage()
+    names = ["b", "a/b.txt", "a.txt", "é.txt", "a b.txt", "B.txt"]
+    for name in names:
+        storage.save(name, ContentFile(b"x"))
+    rows = PendingTransfer.objects.filter(storage_key=storage.key).order_by("name")
+    if connections[rows.db].vendor == "postgresql":
+        rows = rows.alias(ordered=Collate("name", "C")).order_by("ordered")
+        order = "ordered"
+    else:
+        order = "name"
+    found = [row.name for row in keyset_pages(rows, order, "", 2)]
+    assert found == sorted(names)
+    assert [row.name for row in keyset_pages(rows, order, "a/b.txt", 4)] == (
+        sorted(names)[4:]
+    )

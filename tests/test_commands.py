@@ -34,6 +34,7 @@ COMMANDS = [
     "requeue_transfers",
     "clean_local_copies",
     "adopt_remote_files",
+    "audit_storage",
 ]
 
 
