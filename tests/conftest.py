@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 from django.core.files.storage import FileSystemStorage
+from django.core.management import ManagementUtility
 from django.utils.module_loading import import_string
 
-from queued_storage import adoption, breaker, claim_size, registry
+from queued_storage import adoption, breaker, claim_size, mirror_backfill, registry
 from queued_storage.backends import (
     QueuedAzureStorage,
     QueuedFTPStorage,
@@ -272,6 +273,44 @@ def run_drain(django_capture_on_commit_callbacks: Any) -> Callable[..., DrainSta
             return drain(**kwargs)
 
     return run
+
+
+@pytest.fixture
+def no_waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The pacing's clock, moved only by its pauses (recorded here)."""
+    clock = Clock()
+    paused: list[float] = []
+
+    def pause(seconds: float) -> None:
+        paused.append(seconds)
+        clock.advance(seconds)
+
+    monkeypatch.setattr(mirror_backfill, "clock", lambda: clock.now.timestamp())
+    monkeypatch.setattr(mirror_backfill, "pause", pause)
+    return paused
+
+
+@pytest.fixture
+def manage(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., tuple[int, str, str]]:
+    """``manage.py <argv>`` run here: the exit status, stdout and stderr. The
+    connections it closes at its end are the test's: left open."""
+    monkeypatch.setattr(
+        "django.core.management.base.connections.close_all", lambda: None
+    )
+    return lambda *argv: _manage(capsys, *argv)
+
+
+def _manage(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        ManagementUtility(["manage.py", *argv]).execute()
+    except SystemExit as stopped:
+        status = stopped.code if isinstance(stopped.code, int) else 1
+    else:
+        status = 0
+    out, err = capsys.readouterr()
+    return status, out, err
 
 
 @pytest.fixture(scope="module")

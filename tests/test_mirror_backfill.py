@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.core.management import ManagementUtility
 
 from queued_storage import mirror_backfill, registry
 from queued_storage.backends import QueuedStorage
@@ -20,7 +19,6 @@ from queued_storage.models import PendingTransfer
 from queued_storage.worker import drain
 from tests.helpers import (
     FS,
-    Clock,
     Status,
     content,
     files_under,
@@ -80,21 +78,6 @@ def copies(storage: QueuedStorage, name: str = "backup") -> list[PendingTransfer
             "name"
         )
     )
-
-
-@pytest.fixture
-def no_waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The pacing's clock, moved only by its pauses (recorded here)."""
-    clock = Clock()
-    paused: list[float] = []
-
-    def pause(seconds: float) -> None:
-        paused.append(seconds)
-        clock.advance(seconds)
-
-    monkeypatch.setattr(mirror_backfill, "clock", lambda: clock.now.timestamp())
-    monkeypatch.setattr(mirror_backfill, "pause", pause)
-    return paused
 
 
 def test_a_backfill_copies_transferred_files_from_the_remote(
@@ -191,29 +174,6 @@ def test_a_backfill_is_paced_in_files_and_bytes_a_second(
 
 
 # The command
-
-
-@pytest.fixture
-def manage(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> Callable[..., tuple[int, str, str]]:
-    """``manage.py <argv>`` run here: the exit status, stdout and stderr. The
-    connections it closes at its end are the test's: left open."""
-    monkeypatch.setattr(
-        "django.core.management.base.connections.close_all", lambda: None
-    )
-    return lambda *argv: _manage(capsys, *argv)
-
-
-def _manage(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        ManagementUtility(["manage.py", *argv]).execute()
-    except SystemExit as stopped:
-        status = stopped.code if isinstance(stopped.code, int) else 1
-    else:
-        status = 0
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 @pytest.mark.parametrize(

@@ -330,6 +330,36 @@ def one_storage(key: str | None, *, verb: str) -> QueuedStorage:
     return storage
 
 
+def mirrored_storage(key: str) -> QueuedStorage:
+    """The storage of ``key``, which has mirrors; else a usage error."""
+    check_storage_keys([key])
+    storage = registry.get(key)
+    assert storage is not None  # check_storage_keys found it
+    if storage.primary is not None:
+        raise UsageError(
+            f"{key!r} is mirror {storage.mirror_name!r} of {storage.primary.key!r}: "
+            f"pass {storage.primary.key!r} (and --mirror {storage.mirror_name})."
+        )
+    if not storage.mirror_targets:
+        raise UsageError(
+            f"The storage {key!r} has no mirrors: give it mirrors={{...}} first."
+        )
+    return storage
+
+
+def mirror_names(storage: QueuedStorage, asked: list[str] | None) -> list[str]:
+    """The mirrors of ``storage`` that ``--mirror`` names (each once), or all of
+    them; else a usage error that lists its mirrors."""
+    known = list(storage.mirror_targets)
+    unknown = sorted(set(asked or []) - set(known))
+    if unknown:
+        raise UsageError(
+            f"The storage {storage.key!r} has no mirror {', '.join(unknown)}; its "
+            f"mirrors: {', '.join(known)}."
+        )
+    return list(dict.fromkeys(asked)) if asked else known
+
+
 def add_batch_size_argument(
     parser: argparse.ArgumentParser, *, default: int, what: str
 ) -> None:

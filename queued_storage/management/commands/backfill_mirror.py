@@ -9,20 +9,18 @@ from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
 
-from queued_storage import registry
-from queued_storage.backends import QueuedStorage
 from queued_storage.management.cli import (
     EXIT_ERROR,
     AttentionNeeded,
     LedgerCommand,
     Progress,
-    UsageError,
     add_batch_size_argument,
     add_output_arguments,
     byte_rate,
-    check_storage_keys,
     counters_line,
     human_bytes,
+    mirror_names,
+    mirrored_storage,
     per_second,
     positive_float,
     write_json,
@@ -94,8 +92,8 @@ class Command(LedgerCommand):
         verbosity: int,
         **options: Any,
     ) -> None:
-        storage = _primary(key)
-        names = _mirror_names(storage, mirrors)
+        storage = mirrored_storage(key)
+        names = mirror_names(storage, mirrors)
         backfill = MirrorBackfill(
             storage, names, max_rate=max_rate, max_files=max_files, page_size=batch_size
         )
@@ -152,31 +150,3 @@ def waiting_line(waiting: Waiting) -> str:
         f"pending={counts['pending']}"
         for name, counts in waiting.counts.items()
     )
-
-
-def _primary(key: str) -> QueuedStorage:
-    """The storage of ``key``, which has mirrors; else a usage error."""
-    check_storage_keys([key])
-    storage = registry.get(key)
-    assert storage is not None  # check_storage_keys found it
-    if storage.primary is not None:
-        raise UsageError(
-            f"{key!r} is mirror {storage.mirror_name!r} of {storage.primary.key!r}: "
-            f"pass {storage.primary.key!r} (and --mirror {storage.mirror_name})."
-        )
-    if not storage.mirror_targets:
-        raise UsageError(
-            f"The storage {key!r} has no mirrors: give it mirrors={{...}} first."
-        )
-    return storage
-
-
-def _mirror_names(storage: QueuedStorage, asked: list[str] | None) -> list[str]:
-    known = list(storage.mirror_targets)
-    unknown = sorted(set(asked or []) - set(known))
-    if unknown:
-        raise UsageError(
-            f"The storage {storage.key!r} has no mirror {', '.join(unknown)}; its "
-            f"mirrors: {', '.join(known)}."
-        )
-    return list(dict.fromkeys(asked)) if asked else known

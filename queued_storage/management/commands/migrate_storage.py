@@ -1,0 +1,192 @@
+"""Move a storage's files to the remote of its serving mirror: backfill the
+mirror, paced, watch the copies until every file is verified there, then print
+the configuration to switch to. Resumable by running it again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import CommandError, CommandParser
+
+from queued_storage.management.cli import (
+    EXIT_ERROR,
+    AttentionNeeded,
+    LedgerCommand,
+    Progress,
+    UsageError,
+    add_batch_size_argument,
+    add_output_arguments,
+    byte_rate,
+    mirror_names,
+    mirrored_storage,
+    per_second,
+    positive_float,
+    write_json,
+)
+from queued_storage.migration import MigrationProgress
+from queued_storage.mirror_backfill import DEFAULT_PAGE_SIZE
+from queued_storage.storage_migration import NotServing, StorageMigration
+
+#: --check: the migration is not ready to switch yet.
+EXIT_NOT_READY = 1
+
+
+class Command(LedgerCommand):
+    help = (
+        "Move the files of the storage KEY to the remote of its serving mirror "
+        "NAME: queue the copy of each file the new remote lacks (paced by "
+        "--max-rate and --max-files; the workers copy them), wait until every "
+        "file is verified there, and print the STORAGES entry to switch to. "
+        "Interrupted, it resumes when run again. --check only reports: exit "
+        "status 0 when ready to switch, 1 when not. Otherwise 1 when "
+        "interrupted, 2 for bad arguments, 3 when files need a person (failed "
+        "copies)."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("key", metavar="KEY", help="The storage's key.")
+        parser.add_argument(
+            "--mirror",
+            required=True,
+            metavar="NAME",
+            help="The serving mirror whose remote the files move to.",
+        )
+        parser.add_argument(
+            "--max-rate",
+            type=byte_rate,
+            metavar="BYTES",
+            help="Queue at most this many bytes a second (e.g. 20MB, 1.5GiB).",
+        )
+        parser.add_argument(
+            "--max-files",
+            type=per_second,
+            metavar="N",
+            help="Queue at most this many files a second.",
+        )
+        parser.add_argument(
+            "--check",
+            action="store_true",
+            help="Only report the progress: exit 0 when ready to switch, 1 when not.",
+        )
+        parser.add_argument(
+            "--wait-every",
+            type=positive_float,
+            default=2.0,
+            help="Seconds between looks at the copies (default: 2).",
+        )
+        add_batch_size_argument(
+            parser, default=DEFAULT_PAGE_SIZE, what="Files read per query"
+        )
+        add_output_arguments(parser, progress=True)
+
+    def handle(
+        self,
+        *,
+        key: str,
+        mirror: str,
+        max_rate: float | None,
+        max_files: float | None,
+        check: bool,
+        wait_every: float,
+        batch_size: int,
+        json: bool,
+        progress: bool | None,
+        progress_every: float,
+        verbosity: int,
+        **options: Any,
+    ) -> None:
+        storage = mirrored_storage(key)
+        [name] = mirror_names(storage, [mirror])
+        try:
+            migration = StorageMigration(
+                storage,
+                name,
+                max_rate=max_rate,
+                max_files=max_files,
+                page_size=batch_size,
+            )
+        except NotServing as refused:
+            raise UsageError(str(refused)) from None
+        # Progress goes to stderr whatever stdout carries.
+        display = Progress(
+            self, verbosity=verbosity, as_json=True, live=progress, every=progress_every
+        )
+        if check:
+            found = migration.progress()
+        else:
+            try:
+                found = migration.run(
+                    wait_every,
+                    lambda: display.update(lambda: migration.progress().line()),
+                )
+            except KeyboardInterrupt:
+                display.finish()
+                raise CommandError(
+                    f"Interrupted: {migration.progress().line()}; run the same "
+                    "command again to resume.",
+                    returncode=EXIT_ERROR,
+                ) from None
+            display.finish()
+        self._report(migration, found, as_json=json, verbosity=verbosity, check=check)
+        if found.ready:
+            return
+        if check:
+            raise CommandError(
+                f"Not ready to switch: {found.line()}.", returncode=EXIT_NOT_READY
+            )
+        raise AttentionNeeded(_what_to_do(migration, found))
+
+    def _report(
+        self,
+        migration: StorageMigration,
+        found: MigrationProgress,
+        *,
+        as_json: bool,
+        verbosity: int,
+        check: bool,
+    ) -> None:
+        if as_json:
+            payload: dict[str, Any] = {
+                "storage": migration.storage.key,
+                "mirror": migration.mirror_name,
+                "mirror_key": migration.mirror_key,
+                "ready": found.ready,
+                "progress": found.as_dict(),
+                "switch_to": migration.switch_to(),
+            }
+            if not check:
+                payload["queued"] = migration.queued.as_dict()
+            write_json(self, payload)
+            return
+        if verbosity == 0:
+            return
+        self.stdout.write(f"{found.line()}.")
+        if not found.ready:
+            self.stdout.write(
+                f"Not ready to switch: copying={found.copying} "
+                f"failed={found.failed} on_its_way={found.on_its_way} "
+                f"blocked={found.blocked} missing={found.missing}"
+            )
+            return
+        self.stdout.write(
+            "Ready to switch. Replace the storage's entry in settings.STORAGES "
+            "with:\n\n" + migration.switch_to() + "\n"
+        )
+
+
+def _what_to_do(migration: StorageMigration, found: MigrationProgress) -> str:
+    parts = []
+    if found.failed:
+        parts.append(
+            f"{found.failed} copies to {migration.mirror_key} failed: see their "
+            "errors in the admin, re-queue them (requeue_transfers --storage "
+            f"{migration.mirror_key})"
+        )
+    if found.blocked:
+        parts.append(
+            f"{found.blocked} files did not reach the old remote (failed or held "
+            f"rows of {migration.storage.key}): re-queue or transfer them"
+        )
+    if not parts:
+        parts.append(f"{found.missing} files have no copy queued")
+    return "; ".join(parts) + "; then run this command again."
