@@ -386,11 +386,15 @@ def _verify(
     """Check the remote copy (invariant 4): its size, and its SHA-256 with
     ``verify_checksum``. An S3 upload that S3 validated against a CRC32 and
     returned it is checked by comparing that with the local file's, without a
-    request. ``source``: what was copied (a mirror's may be the primary's
+    request (a copy from a remote source by its size). ``source``: what was copied (a mirror's may be the primary's
     remote); the local storage by default."""
     source = storage.local if source is None else source
     expected = row.size if row.size is not None else source.size(row.name)
-    compared = upload.compare(source, row.name) if upload else None
+    # The CRC32 comparison reads the source again: free from the local disk, a
+    # second download of every file from a mirror's source remote (a migration
+    # would read the old bucket twice), where one HEAD of the copy checks its size.
+    local_source = source is storage.local
+    compared = upload.compare(source, row.name) if upload and local_source else None
     if compared is not None:
         same, size = compared
         if not same:

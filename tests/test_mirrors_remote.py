@@ -16,8 +16,8 @@ from queued_storage.backends import QueuedStorage
 from queued_storage.mirror_backfill import MirrorBackfill
 from queued_storage.models import PendingTransfer
 from queued_storage.stats import DrainStats
-from tests.helpers import Status, content, local_files, read_bytes
-from tests.s3 import s3_client
+from tests.helpers import S3, Status, content, local_files, read_bytes
+from tests.s3 import S3_OPTIONS, make_bucket, s3_client
 from tests.servers import FTPServerInfo, ftp_read
 
 pytestmark = pytest.mark.django_db
@@ -170,3 +170,38 @@ def test_an_unreachable_ftp_mirror_fails_alone_without_its_password(
     assert copy.status == Status.FAILED and copy.last_error
     assert "n0t-th3-passw0rd" not in copy.last_error + str(copy.error_history)
     assert local_files(storage) == [name]
+
+
+def test_a_mirror_copied_from_the_primarys_bucket_reads_each_file_once(
+    make_s3_storage: Callable[..., QueuedStorage],
+    run_drain: Callable[..., DrainStats],
+    s3_endpoint: str,
+) -> None:
+    """A copy from the primary's remote (the local copy gone) downloads the file
+    once: S3's CRC32 of the upload is not checked against a second download (a
+    migration would read the old bucket twice), the copy's size is checked."""
+    new = {**S3_OPTIONS, "bucket_name": make_bucket(s3_endpoint)}
+    storage = make_s3_storage(
+        mirrors={"s3": {"storage": S3, "options": {**new, "endpoint_url": s3_endpoint}}}
+    )
+    names = [storage.save(f"f{i}.txt", content(f"file {i}")) for i in range(3)]
+    run_drain(keys=[storage.key])
+    for name in names:
+        storage.local.delete(name)
+    downloads: list[str] = []
+
+    def count(params: dict[str, Any], **kwargs: Any) -> None:
+        downloads.append(params["Key"])
+
+    events = storage.remote.bucket.meta.client.meta.events  # type: ignore[attr-defined]
+    events.register("before-parameter-build.s3.GetObject", count)
+    try:
+        assert run_drain(keys=[storage.mirror_key("s3")]).done == 3
+    finally:
+        events.unregister("before-parameter-build.s3.GetObject", count)
+
+    assert sorted(downloads) == names
+    mirror = storage.mirrors["s3"]
+    assert [read_bytes(mirror.remote, name) for name in names] == [
+        f"file {i}".encode() for i in range(3)
+    ]
