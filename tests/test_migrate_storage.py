@@ -17,6 +17,7 @@ from queued_storage import mirror_backfill
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.worker import drain
+from tests.factories import pending_row
 from tests.helpers import (
     ALWAYS_FAILING,
     FLAKY,
@@ -362,3 +363,36 @@ def test_a_mirror_that_does_not_serve_reads_exits_2(
     assert status == 2
     assert '"serve": True' in err
     assert not PendingTransfer.objects.filter(storage_key__endswith="@backup").exists()
+
+
+def test_files_done_on_the_old_remote_since_the_backfill_are_queued_too(
+    migrating: Pair,
+    manage: Manage,
+    worker_while_waiting: list[float],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A file recorded as done on the old remote with no copy queued after the
+    backfill read its page (an adoption running meanwhile) is backfilled before
+    the command gives up."""
+    storage, mirror = migrating
+    transferred_before(migrating, files=2)
+    storage.remote.save("adopted.txt", content("from before"))
+    worker = mirror_backfill.pause
+
+    def adopted_meanwhile(seconds: float) -> None:
+        if not PendingTransfer.objects.filter(name="adopted.txt").exists():
+            pending_row(
+                storage_key=storage.key,
+                name="adopted.txt",
+                status=Status.DONE,
+                size=11,
+            )
+        worker(seconds)
+
+    monkeypatch.setattr(mirror_backfill, "pause", adopted_meanwhile)
+
+    status, out, err = manage("migrate_storage", storage.key, "--mirror", "new")
+
+    assert status == 0, err
+    assert f"3 of 3 files verified on {mirror.key}" in out
+    assert copies(migrating)["adopted.txt"] == Status.DONE
