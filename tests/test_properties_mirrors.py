@@ -466,3 +466,47 @@ def test_random_interleavings_on_mirrors_keep_the_invariants(
             suppress_health_check=[HealthCheck.too_slow],
         ),
     )
+
+
+# Regression tests: what the state machine found, minimised.
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="claim_tombstone() claims a FAILED tombstone and counts one attempt "
+    "more: a delete's late purge takes it past QUEUED_STORAGE_RETRIES + 1",
+)
+@pytest.mark.django_db(transaction=True)
+def test_a_late_purge_never_takes_a_tombstone_past_its_attempt_limit(
+    make_storage: Callable[..., QueuedStorage], settings: Any
+) -> None:
+    """A delete commits; its remote is down, so workers use up the tombstone's
+    attempts (FAILED); then the delete's own purge runs (late, after commit) and
+    fails too: the row must stay within its attempt limit."""
+    settings.QUEUED_STORAGE_RETRY_DELAY = 0
+    settings.QUEUED_STORAGE_RETRIES = RETRIES
+    settings.QUEUED_STORAGE_BREAKER_FAILURES = 0
+    storage = make_storage(remote=OUTAGE)
+    name = storage.save("a.txt", ContentFile(b"payload"))
+    drain(keys=[storage.key])
+    connection = connections[router.db_for_write(PendingTransfer)]
+    with transaction.atomic():
+        start = len(connection.run_on_commit)
+        storage.delete(name)
+        purges = [  # type: ignore[misc]
+            func for _ids, func, _robust in connection.run_on_commit[start:]
+        ]
+        del connection.run_on_commit[start:]
+    OutageStorage.down.add(str(root_of(storage.remote)))
+    try:
+        drain(keys=[storage.key])
+        row = PendingTransfer.objects.for_name(storage.key, name).get()
+        assert (row.status, row.attempts) == (Status.FAILED, RETRIES + 1)
+
+        for purge in purges:
+            purge()
+    finally:
+        OutageStorage.down.clear()
+
+    row = PendingTransfer.objects.for_name(storage.key, name).get()
+    assert row.attempts <= RETRIES + 1, (row.status, row.attempts)
