@@ -256,15 +256,20 @@ class ClaimsQuerySet(_LedgerQuerySet):
     ) -> PendingTransfer | None:
         """Take a lease on the tombstone ``(pk, generation)``, as a worker's claim
         does, unless a worker holds a live lease on the row (it finishes the purge
-        then) or the name was saved again. ``local_shared=False``: only a row whose
-        local copy this host reaches (``PendingTransfer.hosts_here()``). Returns
-        the claimed row, or None."""
+        then), the name was saved again, or the purge ran out of attempts (failed:
+        a late purge must not count one more; a requeue gives it new ones).
+        ``local_shared=False``: only a row whose local copy this host reaches
+        (``PendingTransfer.hosts_here()``). Returns the claimed row, or None."""
         now = timezone.now()
         token = uuid.uuid4().hex
-        rows = self.filter(pk=pk, generation=generation, deleted=True).filter(
-            ~Q(status=self.model.Status.TRANSFERRING)
-            | Q(lease_expires_at__isnull=True)
-            | Q(lease_expires_at__lte=now)
+        rows = (
+            self.filter(pk=pk, generation=generation, deleted=True)
+            .exclude(status=self.model.Status.FAILED)
+            .filter(
+                ~Q(status=self.model.Status.TRANSFERRING)
+                | Q(lease_expires_at__isnull=True)
+                | Q(lease_expires_at__lte=now)
+            )
         )
         if not local_shared:
             rows = rows.filter(host__in=self.model.hosts_here())

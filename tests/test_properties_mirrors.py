@@ -471,11 +471,6 @@ def test_random_interleavings_on_mirrors_keep_the_invariants(
 # Regression tests: what the state machine found, minimised.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="claim_tombstone() claims a FAILED tombstone and counts one attempt "
-    "more: a delete's late purge takes it past QUEUED_STORAGE_RETRIES + 1",
-)
 @pytest.mark.django_db(transaction=True)
 def test_a_late_purge_never_takes_a_tombstone_past_its_attempt_limit(
     make_storage: Callable[..., QueuedStorage], settings: Any
