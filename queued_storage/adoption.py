@@ -25,6 +25,7 @@ from django.db.models import Case, Q, Value, When
 from django.utils import timezone
 
 from queued_storage import redaction
+from queued_storage.ledger_sql import insert_new
 from queued_storage.models import (
     PendingTransfer,
     StorageState,
@@ -107,11 +108,21 @@ def record_remote_file(db: str, key: str, name: str, remote: Storage) -> int | N
             key,
         )
     generation = new_generation()
-    manager = PendingTransfer.objects.using(db)
-    manager.bulk_create(
-        [_adopted_row(key, name, generation, timezone.now())], ignore_conflicts=True
+    row = _adopted_row(key, name, generation, timezone.now())
+    values = {
+        field.name: getattr(row, field.attname)
+        for field in PendingTransfer._meta.concrete_fields
+        if not field.primary_key
+    }
+    # Whether the row is ours, from the insert itself: a save of the name in
+    # another process may have inserted its row at the same generation.
+    if not insert_new(PendingTransfer, values, db):
+        return None
+    recorded = (
+        PendingTransfer.objects.using(db)
+        .for_name(key, name)
+        .filter(generation=generation)
     )
-    recorded = manager.for_name(key, name).filter(generation=generation)
     try:
         # Asked after the row is in, as the adoption asks: a file deleted and
         # purged since the remote said it was there is found gone here.

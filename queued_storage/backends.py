@@ -332,18 +332,24 @@ class QueuedStorage(ConfiguredStorage):
         if state is None:
             if not self._local_file(name):
                 return False
-            PendingTransfer.objects.record_save(
+            try:
+                size = self.local.size(name)
+                checksum = (
+                    storage_sha256(self.local, name) if self.verify_checksum else ""
+                )
+            except FileNotFoundError:
+                return False  # deleted, and purged, since it looked
+            # A delete that comes between leaves its tombstone: nothing queued.
+            queued = PendingTransfer.objects.record_save(
                 key=self.key,
                 name=name,
-                size=self.local.size(name),
-                checksum=(
-                    storage_sha256(self.local, name) if self.verify_checksum else ""
-                ),
+                size=size,
+                checksum=checksum,
                 host=conf.QUEUED_STORAGE_HOSTNAME,
                 held=False,
                 existing=False,
+                over_delete=False,
             )
-            queued = True
         else:
             queued = bool(PendingTransfer.objects.for_name(self.key, name).requeue())
         if queued:

@@ -16,7 +16,14 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from django.apps import apps
-from django.db import OperationalError, connections, models, router
+from django.db import (
+    IntegrityError,
+    OperationalError,
+    connections,
+    models,
+    router,
+    transaction,
+)
 from django.db.models.constants import OnConflict
 
 if TYPE_CHECKING:
@@ -95,7 +102,7 @@ def new_generation() -> int:
 
 #: SQL text of the hot statements, built once per database alias.
 STATEMENTS: dict[tuple[str, str], str] = {}
-#: Per database alias, what :func:`upsert` writes (see :func:`_insert_plan`).
+#: Per database alias, what :func:`insert_new` writes (see :func:`_insert_plan`).
 _Plan = list[tuple[str, "models.Field[Any, Any]", bool, Any]]
 #: Per database alias: what ``reserve()`` sends (see :func:`reserve_statement`).
 _Reserve = tuple[str, list[Any], dict[str, int], Callable[[datetime, Any], Any]]
@@ -162,52 +169,37 @@ def _prepared_default(field: models.Field[Any, Any], connection: Any) -> Any:
     return _CALL_DEFAULT
 
 
-def _insert_sql(
-    model: type[PendingTransfer],
-    connection: Any,
-    plan: _Plan,
-    update_fields: list[str] | None,
-) -> str:
-    """``INSERT`` of every column of ``plan``; when the name has a row, update
-    ``update_fields`` of it, or with None, leave it alone."""
-    on_conflict = OnConflict.IGNORE if update_fields is None else OnConflict.UPDATE
+def _insert_sql(model: type[PendingTransfer], connection: Any, plan: _Plan) -> str:
+    """``INSERT`` of every column of ``plan`` that writes nothing when the name
+    has a row."""
     ops = connection.ops
     fields = [field for _name, field, _plain, _default in plan]
     suffix = ops.on_conflict_suffix_sql(
         fields,
-        on_conflict,
-        [column(model, name) for name in update_fields or ()],
+        OnConflict.IGNORE,
+        [],
         [column(model, name) for name in conflict_target(connection) or ()],
     )
     columns = ", ".join(ops.quote_name(column(model, field.name)) for field in fields)
     return (
-        f"{ops.insert_statement(on_conflict=on_conflict)} "
+        f"{ops.insert_statement(on_conflict=OnConflict.IGNORE)} "
         f"{ops.quote_name(model._meta.db_table)} ({columns}) "
         f"VALUES ({', '.join(['%s'] * len(fields))}) {suffix}"
     ).rstrip()
 
 
-def upsert(
-    model: type[PendingTransfer],
-    values: dict[str, Any],
-    update_fields: list[str],
-    db: str,
-) -> None:
-    """Insert a row of ``values`` (defaults for the fields not given), or update
-    ``update_fields`` of the row that has its name: what
-    ``bulk_create(update_conflicts=True)`` sends, with the SQL built once (the
-    ORM's per-call cost was most of a save's)."""
+def insert_new(model: type[PendingTransfer], values: dict[str, Any], db: str) -> bool:
+    """Insert a row of ``values`` (defaults for the fields not given) unless its
+    name has a row; whether it did. The statement's own row count says so: a
+    row that another process wrote in the same tick of the clock has the same
+    generation, so the generation cannot."""
     connection = connections[db]
     plan = _insert_plan(model, connection)
     if plan is None:
-        insert_with_orm(model, values, update_fields, db)
-        return
-    cache_key = (db, "upsert:" + ",".join(update_fields))
-    sql = STATEMENTS.get(cache_key)
+        return bool(insert_with_orm(model, values, db))
+    sql = STATEMENTS.get((db, "insert new"))
     if sql is None:
-        sql = STATEMENTS[cache_key] = _insert_sql(
-            model, connection, plan, update_fields
-        )
+        sql = STATEMENTS[(db, "insert new")] = _insert_sql(model, connection, plan)
     params = []
     # The same datetime goes to several columns: prepared once per field type.
     prepared: dict[tuple[int, type], Any] = {}
@@ -228,27 +220,19 @@ def upsert(
         params.append(prepared[seen])
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
+        return bool(cursor.rowcount)
 
 
 def insert_with_orm(
-    model: type[PendingTransfer],
-    values: dict[str, Any],
-    update_fields: list[str] | None,
-    db: str,
+    model: type[PendingTransfer], values: dict[str, Any], db: str
 ) -> int:
-    """:func:`upsert` (or ``reserve()``, ``update_fields=None``) for a database
-    whose fields need placeholders of their own. Returns the rows written."""
-    manager = model.objects.using(db)
-    row = model(**values)
-    if update_fields is None:
-        manager.bulk_create([row], ignore_conflicts=True)
-        return int(manager.filter(generation=row.generation).exists())
-    manager.bulk_create(
-        [row],
-        update_conflicts=True,
-        unique_fields=conflict_target(connections[db]),
-        update_fields=update_fields,
-    )
+    """:func:`insert_new` (and ``reserve()``) for a database whose fields need
+    placeholders of their own: the rows written, 0 when the name has a row."""
+    try:
+        with transaction.atomic(using=db):
+            model.objects.using(db).create(**values)
+    except IntegrityError:
+        return 0
     return 1
 
 
@@ -263,7 +247,7 @@ def reserve_statement(model: type[PendingTransfer], db: str) -> _Reserve | None:
     plan = _insert_plan(model, connection)
     if plan is None:
         return None
-    sql = _insert_sql(model, connection, plan, None)
+    sql = _insert_sql(model, connection, plan)
     # reserve() fills the columns whose default is computed per row.
     template = [
         None if default is _CALL_DEFAULT else default

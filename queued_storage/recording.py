@@ -17,13 +17,16 @@ from queued_storage.conf import settings as conf
 from queued_storage.ledger_sql import (
     STATEMENTS,
     column,
+    insert_new,
     insert_with_orm,
     name_hash,
     new_generation,
     reserve_statement,
     retry_when_locked,
-    upsert,
 )
+
+#: Tries of a save's insert and update when the name's row comes and goes.
+NEW_ROW_TRIES = 5
 
 if TYPE_CHECKING:
     from queued_storage.models import PendingTransfer, PendingTransferQuerySet
@@ -72,7 +75,7 @@ def reserve(
     }
     statement = reserve_statement(model, db)
     if statement is None:
-        return generation if insert_with_orm(model, values, None, db) else None
+        return generation if insert_with_orm(model, values, db) else None
     sql, template, slot, when = statement
     connection = connections[db]
     sent_now = when(now, connection)
@@ -180,44 +183,71 @@ class RecordingQuerySet(_LedgerQuerySet):
         held: bool,
         checksum: str = "",
         existing: bool,
-    ) -> None:
-        """Write the row for a file just saved locally.
+        over_delete: bool = True,
+    ) -> bool:
+        """Write the row for a file just saved locally; whether it did.
 
         A re-save of a name whose worker still holds a lease keeps that lease: the
         worker finds the new generation when it completes, and hands the row back.
         A re-save's generation is larger than the row's, whatever the saving
         host's clock says (in the same statement: it may be behind another's).
+        ``existing``: whether the caller found a row. ``over_delete``: whether the
+        file is saved over a delete of the name that came first (a save's is), or
+        leaves the tombstone alone and writes nothing (``transfer()``'s).
         """
         now = timezone.now()
         fresh = self._fresh(size=size, host=host, held=held, checksum=checksum, now=now)
         status = self.model.Status.HELD if held else self.model.Status.QUEUED
-        if existing:
-            leased = Q(status=self.model.Status.TRANSFERRING, lease_expires_at__gt=now)
-            later = Greatest(
-                F("generation") + 1,
-                Value(fresh["generation"]),
-                output_field=BigIntegerField(),
-            )
-            updated = self.for_name(key, name).update(
-                status=Case(When(leased, then=F("status")), default=Value(status)),
-                lease_token=Case(
-                    When(leased, then=F("lease_token")), default=Value("")
-                ),
-                lease_expires_at=Case(
-                    When(leased, then=F("lease_expires_at")), default=Value(None)
-                ),
-                **(fresh | {"generation": later}),
-            )
-            if updated:
-                return
-        # The name had no row when the caller looked: one that another save
-        # inserted since gets this host's generation as it is.
+        if existing and self._resave(key, name, fresh, status, now):
+            return True
         db = getattr(self, "_db", None) or router.db_for_write(self.model)
-        upsert(
-            self.model,
-            self._new_row(key, name, held, fresh, now),
-            ["status", "lease_token", "lease_expires_at", *fresh],
-            db,
+        values = self._new_row(key, name, held, fresh, now)
+        for _try in range(NEW_ROW_TRIES):
+            if insert_new(self.model, values, db):
+                return True
+            # The name got its row since the caller looked (a save's, a delete's
+            # tombstone): this one is a re-save of it. Locked, since MariaDB's
+            # snapshot may not show the row that refused the insert.
+            with transaction.atomic(using=db):
+                deleted = (
+                    self.model.objects.using(db)
+                    .for_name(key, name)
+                    .select_for_update()
+                    .values_list("deleted", flat=True)
+                    .first()
+                )
+                if deleted is not None:
+                    if deleted and not over_delete:
+                        return False
+                    if self._resave(key, name, fresh, status, now):
+                        return True
+        raise IntegrityError(
+            f"The ledger row of {name!r} kept appearing and going; save it again."
+        )
+
+    def _resave(
+        self,
+        key: str,
+        name: str,
+        fresh: dict[str, Any],
+        status: str,
+        now: datetime,
+    ) -> int:
+        """Update the row of ``name`` with ``fresh``, at a generation larger than
+        its own; a worker's live lease is kept. Returns the rows updated."""
+        leased = Q(status=self.model.Status.TRANSFERRING, lease_expires_at__gt=now)
+        later = Greatest(
+            F("generation") + 1,
+            Value(fresh["generation"]),
+            output_field=BigIntegerField(),
+        )
+        return self.for_name(key, name).update(
+            status=Case(When(leased, then=F("status")), default=Value(status)),
+            lease_token=Case(When(leased, then=F("lease_token")), default=Value("")),
+            lease_expires_at=Case(
+                When(leased, then=F("lease_expires_at")), default=Value(None)
+            ),
+            **(fresh | {"generation": later}),
         )
 
     def state_of(self, key: str, name: str) -> tuple[str, bool, int | None] | None:

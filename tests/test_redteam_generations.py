@@ -130,9 +130,10 @@ def race_transfer(
     name: str,
     monkeypatch: pytest.MonkeyPatch,
     meanwhile: Any,
-) -> None:
+) -> bool:
     """``transfer(name)`` of a local file the ledger never saw, with
-    ``meanwhile()`` run after it found no row and before it writes its own."""
+    ``meanwhile()`` run after it found no row and before it writes its own;
+    whether it queued."""
     storage.local.save(name, ContentFile(b"left by 0.8"))
     checked = storage._local_file
 
@@ -142,17 +143,10 @@ def race_transfer(
         return found
 
     monkeypatch.setattr(storage, "_local_file", window)
-    assert storage.transfer(name)
+    return storage.transfer(name)
 
 
 @pytest.mark.django_db
-@pytest.mark.xfail(
-    strict=True,
-    reason="record_save(existing=False) falls back to upsert(), whose ON CONFLICT "
-    "UPDATE writes this host's generation and clears status/lease: a transfer() "
-    "racing a save gets a generation smaller than the row's and takes the live "
-    "lease away from the worker that holds it (invariant 3)",
-)
 def test_transfer_racing_a_save_keeps_the_lease_and_raises_the_generation(
     make_storage: Any,
     generation_clock: GenerationClock,
@@ -172,7 +166,9 @@ def test_transfer_racing_a_save_keeps_the_lease_and_raises_the_generation(
         )
         generation_clock.another_host(behind=0)
 
-    race_transfer(storage, name, monkeypatch, another_host_saves_and_its_worker_claims)
+    assert race_transfer(
+        storage, name, monkeypatch, another_host_saves_and_its_worker_claims
+    )
     [lease] = claimed
     row = row_of(storage, name)
     assert row.generation > lease.generation
@@ -180,13 +176,6 @@ def test_transfer_racing_a_save_keeps_the_lease_and_raises_the_generation(
 
 
 @pytest.mark.django_db
-@pytest.mark.xfail(
-    strict=True,
-    reason="upsert() on the transfer()/save race writes the host's generation as "
-    "is: from a process in the same clock tick it equals the serving mirror's "
-    "DONE row of an older version, which is then served (and never recopied: "
-    "fan_out skips a mirror row DONE at the generation) (invariant 1)",
-)
 def test_transfer_racing_saves_in_one_tick_never_serves_the_mirrors_old_copy(
     migrating: Pair,
     generation_clock: GenerationClock,
@@ -206,25 +195,19 @@ def test_transfer_racing_saves_in_one_tick_never_serves_the_mirrors_old_copy(
         # This process's generations start again from the tick.
         generation_clock.another_host(behind=0)
 
-    race_transfer(storage, name, monkeypatch, another_process_saves_twice)
+    assert race_transfer(storage, name, monkeypatch, another_process_saves_twice)
     assert read_bytes(storage, name) == b"second!"
     assert not storage.url(name).startswith(NEW_URL)
     assert row_of(storage, name).generation != row_of(mirror, name).generation
 
 
 @pytest.mark.django_db
-@pytest.mark.xfail(
-    strict=True,
-    reason="upsert() on the transfer()/delete() race writes deleted=False over the "
-    "tombstone that delete() committed after transfer() found no row: the file "
-    "deleted comes back, queued for upload (transfer() refuses a deleted name, "
-    "but only as it was when it looked)",
-)
 def test_transfer_racing_a_delete_leaves_the_name_deleted(
     make_storage: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     storage = make_storage()
     name = "c.txt"
-    race_transfer(storage, name, monkeypatch, lambda: storage.delete(name))
+    # The delete came first: its tombstone stays, and nothing is queued.
+    assert not race_transfer(storage, name, monkeypatch, lambda: storage.delete(name))
     assert row_of(storage, name).deleted
     assert not storage.exists(name)
