@@ -166,6 +166,9 @@ class Reader(threading.Thread):
         self.served[where] += 1
 
 
+# Processes, moto and a reader on two cores: about 80 s. What the ledger's SQL
+# does on each database, the command's tests check on every leg.
+@pytest.mark.any_database
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
 def test_a_live_site_moves_to_a_new_bucket_through_a_crash_and_never_misses_a_file(
