@@ -1,0 +1,184 @@
+"""Red team: migrate_storage and the switch to the serving mirror's key. Each
+break is a strict xfail; a host of the old or the new configuration is this
+process with only that configuration's storages registered."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from queued_storage import mirror_backfill, registry
+from queued_storage.backends import QueuedStorage
+from queued_storage.models import PendingTransfer
+from queued_storage.worker import drain
+from tests.helpers import FS, NEW_URL, OLD_URL, content, read_bytes
+
+pytestmark = pytest.mark.django_db
+
+Status = PendingTransfer.Status
+Manage = Callable[..., tuple[int, str, str]]
+OLD_KEY, NEW_KEY = "rt-media", "rt-media-new"
+
+
+class Hosts:
+    """The storage before the switch (key OLD_KEY on the old remote, serving
+    mirror ``new`` keyed NEW_KEY) and after it (the printed entry: key NEW_KEY on
+    the new remote), on one shared local directory."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        local = {"location": str(tmp_path / "local"), "base_url": "/media/"}
+        new = {"location": str(tmp_path / "new"), "base_url": NEW_URL}
+        self.old = QueuedStorage(
+            FS,
+            FS,
+            local_options=local,
+            remote_options={"location": str(tmp_path / "old"), "base_url": OLD_URL},
+            key=OLD_KEY,
+            mirrors={
+                "new": {"storage": FS, "options": new, "key": NEW_KEY, "serve": True}
+            },
+        )
+        self.new = QueuedStorage(
+            FS, FS, local_options=local, remote_options=new, key=NEW_KEY
+        )
+
+    def run_old(self) -> QueuedStorage:
+        """This process is a host that still runs the old configuration."""
+        registry.forget(NEW_KEY)
+        registry.forget(OLD_KEY)
+        registry.register(self.old)
+        return self.old
+
+    def run_new(self) -> QueuedStorage:
+        """This process is a host that runs the switched configuration."""
+        registry.forget(OLD_KEY)
+        registry.forget(NEW_KEY)
+        registry.register(self.new)
+        return self.new
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Iterator[Hosts]:
+    made = Hosts(tmp_path)
+    made.run_old()
+    yield made
+    registry.forget(OLD_KEY)
+    registry.forget(NEW_KEY)
+
+
+def migrated(hosts: Hosts) -> str:
+    """One file saved and copied to both remotes: ready to switch."""
+    old = hosts.run_old()
+    name = old.save("before.txt", content("before"))
+    drain(keys=[OLD_KEY, NEW_KEY])
+    assert old.url(name).startswith(NEW_URL)
+    return name
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a worker still on the old configuration claims a row the switched "
+    "configuration wrote under the mirror key, takes it for a mirror copy whose "
+    "primary (the old key) has no done row, and parks it HELD (mirrors.park): "
+    "once every host is switched nothing ever queues it again, so the file "
+    "never reaches the new remote and stays on the local disk only",
+)
+def test_a_file_saved_after_the_switch_reaches_the_new_remote_whatever_worker_takes_it(
+    hosts: Hosts,
+) -> None:
+    migrated(hosts)
+    new = hosts.run_new()
+    name = new.save("after.txt", content("saved on a switched host"))
+
+    hosts.run_old()  # a worker host not yet deployed
+    drain(keys=[NEW_KEY])
+    new = hosts.run_new()  # every host deployed
+    drain(keys=[NEW_KEY])
+
+    row = PendingTransfer.objects.get(storage_key=NEW_KEY, name=name)
+    assert row.status == Status.DONE, row.status
+    assert read_bytes(new.remote, name) == b"saved on a switched host"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a file saved by a host on the old configuration between the ready "
+    "--check and the deploy has only a row of the old key: the switched storage "
+    "(key = the mirror's) has no row of it, no worker knows the old key any "
+    "more (its row fails with UnknownStorage), so the file never reaches the "
+    "new remote; migrate_storage/README give no step that catches these rows",
+)
+def test_a_file_saved_on_the_old_configuration_just_before_the_switch_reaches_the_new_remote(
+    hosts: Hosts,
+) -> None:
+    migrated(hosts)
+    old = hosts.run_old()
+    name = old.save("late.txt", content("saved just before the deploy"))
+
+    new = hosts.run_new()
+    drain(keys=[OLD_KEY, NEW_KEY])
+
+    assert new.remote.exists(name)
+    assert PendingTransfer.objects.filter(
+        storage_key=NEW_KEY, name=name, status=Status.DONE, deleted=False
+    ).exists()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a delete on a switched host writes a tombstone of the mirror key "
+    "only: a host still on the old configuration finds its own row of the old "
+    "key live and done (prefetch.serving ignores a deleted mirror row) and "
+    "serves the deleted file from the old bucket, which nothing ever purges",
+)
+def test_a_file_deleted_on_a_switched_host_is_gone_on_a_host_not_yet_switched(
+    hosts: Hosts,
+) -> None:
+    name = migrated(hosts)
+    new = hosts.run_new()
+    new.delete(name)
+    drain(keys=[NEW_KEY])
+    assert not new.exists(name)
+
+    old = hosts.run_old()
+    assert not old.exists(name)
+
+
+@pytest.mark.parametrize(
+    "limit",
+    [["--max-files", "1e-300"], ["--max-rate", "0.0000000000000000001B"]],
+    ids=str,
+)
+@pytest.mark.xfail(
+    strict=True,
+    reason="--max-files/--max-rate accept any positive number: 1e-300 files or "
+    "1e-19 B a second pass per_second()/byte_rate() and the pacing then waits "
+    "1e300 (1e19) seconds for the first file (time.sleep raises OverflowError) "
+    "instead of the README's exit 2 naming the option before anything runs",
+)
+def test_a_pace_of_one_file_in_1e300_seconds_is_refused_with_exit_2(
+    hosts: Hosts,
+    manage: Manage,
+    monkeypatch: pytest.MonkeyPatch,
+    limit: list[str],
+) -> None:
+    old = hosts.run_old()
+    old.save("f.txt", content("x"))
+    drain(keys=[OLD_KEY])
+    PendingTransfer.objects.filter(storage_key=NEW_KEY).delete()
+    waited: list[float] = []
+
+    def interrupted(seconds: float) -> None:  # Ctrl-C at the first pause
+        waited.append(seconds)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mirror_backfill, "clock", lambda: 0.0)
+    monkeypatch.setattr(mirror_backfill, "pause", interrupted)
+
+    status, _out, err = manage("migrate_storage", OLD_KEY, "--mirror", "new", *limit)
+
+    assert status == 2, err
+    assert limit[0] in err
+    assert waited == []
