@@ -16,6 +16,7 @@ from django.db import connections, transaction
 from django.db.models import Count, Max
 
 from queued_storage import mirrors
+from queued_storage.conf import MAX_SECONDS
 from queued_storage.failures import ledger_db
 from queued_storage.models import (
     PendingTransfer,
@@ -96,7 +97,9 @@ class Pacing:
             self.files / self.max_files if self.max_files else 0.0,
             self.bytes / self.max_rate if self.max_rate else 0.0,
         )
-        wait = self.start + due - clock()
+        # A big file at a slow rate may be due later than time.sleep can wait
+        # (OverflowError): a hundred years at most is as good as for ever.
+        wait = min(self.start + due - clock(), MAX_SECONDS)
         if wait <= 0:
             return 0.0
         pause(wait)

@@ -14,6 +14,8 @@ import pytest
 
 from queued_storage import mirror_backfill, registry
 from queued_storage.backends import QueuedStorage
+from queued_storage.conf import MAX_SECONDS
+from queued_storage.management.cli import MIN_RATE
 from queued_storage.mirror_backfill import MirrorBackfill
 from queued_storage.models import PendingTransfer
 from queued_storage.worker import drain
@@ -173,6 +175,20 @@ def test_a_backfill_is_paced_in_files_and_bytes_a_second(
     assert counts.paced == pytest.approx(sum(paused))
 
 
+def test_the_slowest_pace_waits_at_most_a_hundred_years_for_a_big_file(
+    in_use: Callable[..., QueuedStorage], no_waits: list[float]
+) -> None:
+    """A byte a hundred years, and a file of a gigabyte: due in 3e18 seconds,
+    more than time.sleep takes (OverflowError)."""
+    storage = in_use(files=1, backup=COUNTING)
+    PendingTransfer.objects.filter(storage_key=KEY).update(size=10**9)
+
+    counts = MirrorBackfill(storage, max_rate=MIN_RATE).run()
+
+    assert counts.queued == 1
+    assert no_waits == [MAX_SECONDS]
+
+
 # The command
 
 
@@ -185,10 +201,12 @@ def test_a_backfill_is_paced_in_files_and_bytes_a_second(
         ["--max-rate", "0"],
         ["--max-rate", "1" + "0" * 400],
         ["--max-rate", "20 parsecs"],
+        ["--max-rate", "0.0000000000000000001B"],
         ["--max-files", "nan"],
         ["--max-files", "inf"],
         ["--max-files", "-1"],
         ["--max-files", "0"],
+        ["--max-files", "1e-300"],
         ["--batch-size", "0"],
         ["--wait-every", "nan"],
         ["--mirror", "nowhere"],

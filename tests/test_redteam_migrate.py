@@ -151,13 +151,6 @@ def test_a_file_deleted_on_a_switched_host_is_gone_on_a_host_not_yet_switched(
     [["--max-files", "1e-300"], ["--max-rate", "0.0000000000000000001B"]],
     ids=str,
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="--max-files/--max-rate accept any positive number: 1e-300 files or "
-    "1e-19 B a second pass per_second()/byte_rate() and the pacing then waits "
-    "1e300 (1e19) seconds for the first file (time.sleep raises OverflowError) "
-    "instead of the README's exit 2 naming the option before anything runs",
-)
 def test_a_pace_of_one_file_in_1e300_seconds_is_refused_with_exit_2(
     hosts: Hosts,
     manage: Manage,

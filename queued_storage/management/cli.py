@@ -105,9 +105,14 @@ for _power, _prefix in enumerate("kmgt", start=1):
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*(?:/\s*s)?\s*$", re.IGNORECASE)
 
 
+#: The slowest pace a rate option takes: one file (or byte) a hundred years. A
+#: slower one would make the pacing wait longer than ``time.sleep`` can.
+MIN_RATE = 1 / MAX_SECONDS
+
+
 def byte_rate(value: str) -> float:
-    """Bytes a second: ``20MB``, ``1.5GiB/s``, ``500000`` (bytes); more than 0.
-    NaN, infinity and negative numbers are no rate."""
+    """Bytes a second: ``20MB``, ``1.5GiB/s``, ``500000`` (bytes); at least a
+    byte a hundred years. NaN, infinity and negative numbers are no rate."""
     match = SIZE_RE.match(value)
     unit = match.group(2).lower() if match else None
     if match is None or unit not in SIZE_UNITS:
@@ -120,12 +125,16 @@ def byte_rate(value: str) -> float:
         raise argparse.ArgumentTypeError(
             f"{value!r} must be more than 0 bytes a second"
         )
+    if rate < MIN_RATE:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} must be at least one byte a hundred years ({MIN_RATE:.3g} B)"
+        )
     return rate
 
 
 def per_second(value: str) -> float:
-    """A count a second (``200``, ``0.5``): finite, more than 0, at most
-    ``MAX_COUNT``."""
+    """A count a second (``200``, ``0.5``): finite, at least one a hundred years
+    (``MIN_RATE``), at most ``MAX_COUNT``."""
     try:
         number = float(value)
     except ValueError:
@@ -134,6 +143,10 @@ def per_second(value: str) -> float:
         raise argparse.ArgumentTypeError(f"{value!r} is not a finite number")
     if number <= 0:
         raise argparse.ArgumentTypeError("must be more than 0")
+    if number < MIN_RATE:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} must be at least one a hundred years ({MIN_RATE:.3g})"
+        )
     if number > MAX_COUNT:
         raise argparse.ArgumentTypeError(f"must be at most {MAX_COUNT}")
     return number
