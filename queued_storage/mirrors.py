@@ -9,7 +9,7 @@ when the storage has some, so that its per-row path costs no query more."""
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from django.core.files.storage import Storage
@@ -18,12 +18,13 @@ from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
 from queued_storage.errors import Outcome
-from queued_storage.failures import ledger_db
+from queued_storage.failures import ledger_db, retry_limits
 from queued_storage.ledger_sql import conflict_target
 from queued_storage.models import (
     PendingTransfer,
     PendingTransferQuerySet,
     name_hash,
+    retry_delay,
     retry_when_locked,
 )
 from queued_storage.tombstones import reconcile
@@ -198,7 +199,12 @@ def park(mirror: MirrorStorage, row: PendingTransfer) -> Outcome | None:
     """Hold the claimed row of ``mirror`` until the primary's completion queues
     it again, without counting the attempt. The primary's row is read again
     under its lock, which that completion holds while it queues this row: a
-    completion since the first look means the copy can go now (None)."""
+    completion since the first look means the copy can go now (None).
+
+    Only a live primary's row at the row's generation or a later one will queue
+    it: with none (a host switched to this key as its own storage wrote the row,
+    see migrate_storage) it is handed back, due after the retry delay, for a
+    worker that knows the key as a primary."""
     db = ledger_db()
     rows = _primary_rows(mirror, row.name).using(db)
     with transaction.atomic(using=db):
@@ -206,6 +212,8 @@ def park(mirror: MirrorStorage, row: PendingTransfer) -> Outcome | None:
         found = rows.values_list("status", "deleted", "generation").first()
         if _ready(found, row.generation):
             return None
+        if found is None or found[1] or found[2] < row.generation:
+            return _hand_back(mirror, row)
         won = row._leased().update(
             status=Status.HELD,
             lease_token="",
@@ -221,6 +229,38 @@ def park(mirror: MirrorStorage, row: PendingTransfer) -> Outcome | None:
         row.storage_key,
         row.name,
         row.generation,
+    )
+    return Outcome.STALE
+
+
+#: The shortest wait of a row handed back to another configuration's workers: a
+#: retry delay of 0 would have this worker claim it again at once, for ever.
+MIN_HAND_BACK_DELAY = 1.0
+
+
+def _hand_back(mirror: MirrorStorage, row: PendingTransfer) -> Outcome:
+    """Queue the claimed row again, due after the retry delay, without counting
+    the attempt: no primary's row of this worker's configuration will."""
+    _retries, base, _why = retry_limits(mirror.task_class)
+    delay = max(retry_delay(1, base), MIN_HAND_BACK_DELAY)
+    now = timezone.now()
+    won = row._leased().update(
+        status=Status.QUEUED,
+        lease_token="",
+        lease_expires_at=None,
+        next_attempt_at=now + timedelta(seconds=delay),
+        attempts=F("attempts") - 1,
+        updated_at=now,
+    )
+    if not won:
+        return reconcile(mirror, row)
+    logger.info(
+        "mirror has no primary row here, handed back key=%s name=%s generation=%s "
+        "primary=%s",
+        row.storage_key,
+        row.name,
+        row.generation,
+        mirror.primary.key if mirror.primary is not None else "",
     )
     return Outcome.STALE
 

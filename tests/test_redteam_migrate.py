@@ -8,12 +8,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from django.test import override_settings
+from django.utils import timezone
 
 from queued_storage import mirror_backfill, registry
 from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.worker import drain
-from tests.helpers import FS, NEW_URL, OLD_URL, content, read_bytes
+from tests.helpers import FS, NEW_URL, OLD_URL, content, read_bytes, row_of
 
 pytestmark = pytest.mark.django_db
 
@@ -77,14 +79,6 @@ def migrated(hosts: Hosts) -> str:
     return name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a worker still on the old configuration claims a row the switched "
-    "configuration wrote under the mirror key, takes it for a mirror copy whose "
-    "primary (the old key) has no done row, and parks it HELD (mirrors.park): "
-    "once every host is switched nothing ever queues it again, so the file "
-    "never reaches the new remote and stays on the local disk only",
-)
 def test_a_file_saved_after_the_switch_reaches_the_new_remote_whatever_worker_takes_it(
     hosts: Hosts,
 ) -> None:
@@ -94,12 +88,59 @@ def test_a_file_saved_after_the_switch_reaches_the_new_remote_whatever_worker_ta
 
     hosts.run_old()  # a worker host not yet deployed
     drain(keys=[NEW_KEY])
+    handed_back = PendingTransfer.objects.get(storage_key=NEW_KEY, name=name)
+    assert (handed_back.status, handed_back.attempts) == (Status.QUEUED, 0)
     new = hosts.run_new()  # every host deployed
+    PendingTransfer.objects.filter(pk=handed_back.pk).update(
+        next_attempt_at=timezone.now()  # the retry delay has passed
+    )
     drain(keys=[NEW_KEY])
 
     row = PendingTransfer.objects.get(storage_key=NEW_KEY, name=name)
     assert row.status == Status.DONE, row.status
     assert read_bytes(new.remote, name) == b"saved on a switched host"
+
+
+def test_a_file_saved_again_after_the_switch_reaches_the_new_remote_whatever_worker_takes_it(
+    hosts: Hosts,
+) -> None:
+    """The old key's row is done at the version before: it will never queue the
+    new one, so an old-configuration worker hands it back rather than hold it."""
+    name = migrated(hosts)
+    new = hosts.run_new()
+    new.local._allow_overwrite = True  # type: ignore[attr-defined]
+    assert new.save(name, content("saved again on a switched host")) == name
+
+    hosts.run_old()
+    drain(keys=[NEW_KEY])
+    handed_back = PendingTransfer.objects.get(storage_key=NEW_KEY, name=name)
+    assert (handed_back.status, handed_back.attempts) == (Status.QUEUED, 0)
+    new = hosts.run_new()
+    PendingTransfer.objects.filter(pk=handed_back.pk).update(
+        next_attempt_at=timezone.now()  # the retry delay has passed
+    )
+    drain(keys=[NEW_KEY])
+
+    assert row_of(new, name).status == Status.DONE
+    assert read_bytes(new.remote, name) == b"saved again on a switched host"
+
+
+@override_settings(QUEUED_STORAGE_RETRY_DELAY=0)
+def test_an_old_configuration_worker_hands_a_switched_row_back_once_a_drain(
+    hosts: Hosts,
+) -> None:
+    """With no retry delay the row would be due again at once: the drain would
+    claim and hand it back for ever."""
+    migrated(hosts)
+    name = hosts.run_new().save("after.txt", content())
+
+    hosts.run_old()
+    stats = drain(keys=[NEW_KEY])
+
+    assert (stats.processed, stats.stale) == (1, 1)
+    row = PendingTransfer.objects.get(storage_key=NEW_KEY, name=name)
+    assert row.status == Status.QUEUED
+    assert row.next_attempt_at is not None and row.next_attempt_at > timezone.now()
 
 
 @pytest.mark.xfail(
