@@ -4,6 +4,7 @@ process with only that configuration's storages registered."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -143,28 +144,121 @@ def test_an_old_configuration_worker_hands_a_switched_row_back_once_a_drain(
     assert row.next_attempt_at is not None and row.next_attempt_at > timezone.now()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a file saved by a host on the old configuration between the ready "
-    "--check and the deploy has only a row of the old key: the switched storage "
-    "(key = the mirror's) has no row of it, no worker knows the old key any "
-    "more (its row fails with UnknownStorage), so the file never reaches the "
-    "new remote; migrate_storage/README give no step that catches these rows",
-)
 def test_a_file_saved_on_the_old_configuration_just_before_the_switch_reaches_the_new_remote(
-    hosts: Hosts,
+    hosts: Hosts, manage: Manage
 ) -> None:
     migrated(hosts)
     old = hosts.run_old()
     name = old.save("late.txt", content("saved just before the deploy"))
 
     new = hosts.run_new()
+    status, out, err = manage("migrate_storage", NEW_KEY, "--finish", OLD_KEY)
+    assert status == 0, err
+    assert "carried=1" in out and "superseded=1" in out
     drain(keys=[OLD_KEY, NEW_KEY])
 
     assert new.remote.exists(name)
+    assert not PendingTransfer.objects.filter(storage_key=OLD_KEY).exists()
     assert PendingTransfer.objects.filter(
         storage_key=NEW_KEY, name=name, status=Status.DONE, deleted=False
     ).exists()
+
+
+def test_finish_reports_a_file_only_on_the_old_remote_and_keeps_its_row(
+    hosts: Hosts, manage: Manage
+) -> None:
+    migrated(hosts)
+    old = hosts.run_old()
+    name = old.save("late.txt", content("on the old remote only"))
+    drain(keys=[OLD_KEY])
+    PendingTransfer.objects.filter(storage_key=NEW_KEY, name=name).delete()
+    old.local.delete(name)
+
+    hosts.run_new()
+    status, out, err = manage("migrate_storage", NEW_KEY, "--finish", OLD_KEY, "--json")
+
+    assert status == 3, err
+    assert "only on the old remote" in err and name in err
+    found = json.loads(out)
+    assert (found["only_old_remote"], found["superseded"], found["carried"]) == (
+        1,
+        1,
+        0,
+    )
+    assert found["left"] == [name]
+    assert list(
+        PendingTransfer.objects.filter(storage_key=OLD_KEY).values_list(
+            "name", flat=True
+        )
+    ) == [name]
+
+
+def test_finish_drops_the_old_keys_deletes_unpurged_and_says_so(
+    hosts: Hosts, manage: Manage
+) -> None:
+    name = migrated(hosts)
+    hosts.run_old().delete(name)  # a tombstone of each key, not yet purged
+    assert PendingTransfer.objects.filter(storage_key=OLD_KEY, deleted=True).exists()
+
+    hosts.run_new()
+    status, out, err = manage("migrate_storage", NEW_KEY, "--finish", OLD_KEY)
+
+    assert status == 0, err
+    assert "tombstones=1" in out and "old remote is never touched" in out
+    assert not PendingTransfer.objects.filter(storage_key=OLD_KEY).exists()
+    assert (hosts.old.remote.exists(name), hosts.new.remote.exists(name)) == (
+        True,
+        True,  # the new key's tombstone purges it
+    )
+    drain(keys=[NEW_KEY])
+    assert not hosts.new.remote.exists(name)
+
+
+def test_finish_never_replaces_a_newer_version_saved_on_a_switched_host(
+    hosts: Hosts, manage: Manage
+) -> None:
+    name = migrated(hosts)
+    old = hosts.run_old()
+    old.local._allow_overwrite = True  # type: ignore[attr-defined]
+    assert old.save(name, content("late version")) == name  # old key only
+    new = hosts.run_new()
+    new.local._allow_overwrite = True  # type: ignore[attr-defined]
+    assert new.save(name, content("newest version")) == name
+
+    status, out, err = manage("migrate_storage", NEW_KEY, "--finish", OLD_KEY)
+    drain(keys=[NEW_KEY])
+
+    assert status == 0, err
+    assert "superseded=1" in out and "carried=0" in out
+    assert read_bytes(new.remote, name) == b"newest version"
+
+
+@pytest.mark.parametrize(
+    ("host", "argv", "says"),
+    [
+        ("old", [NEW_KEY, "--finish", OLD_KEY], "still uses the key"),
+        ("new", ["no-such-key", "--finish", OLD_KEY], "no-such-key"),
+        ("new", [NEW_KEY, "--finish", OLD_KEY, "--check"], "--check"),
+    ],
+)
+def test_finish_refuses_what_is_not_a_switch_and_changes_nothing(
+    hosts: Hosts, manage: Manage, host: str, argv: list[str], says: str
+) -> None:
+    migrated(hosts)
+    hosts.run_old().save("late.txt", content())
+    before = sorted(
+        PendingTransfer.objects.values_list("storage_key", "name", "status")
+    )
+    hosts.run_old() if host == "old" else hosts.run_new()
+
+    status, _out, err = manage("migrate_storage", *argv)
+
+    assert status == 2, err
+    assert says in err
+    assert (
+        sorted(PendingTransfer.objects.values_list("storage_key", "name", "status"))
+        == before
+    )
 
 
 @pytest.mark.xfail(

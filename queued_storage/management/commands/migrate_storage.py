@@ -1,6 +1,8 @@
 """Move a storage's files to the remote of its serving mirror: backfill the
 mirror, paced, watch the copies until every file is verified there, then print
-the configuration to switch to. Resumable by running it again."""
+the configuration to switch to. Resumable by running it again. After the
+switch, ``--finish OLD_KEY`` carries over what the old configuration saved
+late, and drops the old key's rows."""
 
 from __future__ import annotations
 
@@ -24,6 +26,13 @@ from queued_storage.management.cli import (
     write_json,
 )
 from queued_storage.migration import MigrationProgress
+from queued_storage.migration_finish import (
+    CannotFinish,
+    FinishCounts,
+    finish_line,
+    finish_migration,
+    left_behind,
+)
 from queued_storage.mirror_backfill import DEFAULT_PAGE_SIZE
 from queued_storage.storage_migration import NotServing, StorageMigration
 
@@ -40,16 +49,26 @@ class Command(LedgerCommand):
         "Interrupted, it resumes when run again. --check only reports: exit "
         "status 0 when ready to switch, 1 when not. Otherwise 1 when "
         "interrupted, 2 for bad arguments, 3 when files need a person (failed "
-        "copies)."
+        "copies). After the switch, on every host: migrate_storage NEW_KEY "
+        "--finish OLD_KEY queues the copy of the files saved on the old "
+        "configuration since (from their local copies) and drops the old key's "
+        "rows; 3 when some files are only on the old remote."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("key", metavar="KEY", help="The storage's key.")
-        parser.add_argument(
+        way = parser.add_mutually_exclusive_group(required=True)
+        way.add_argument(
             "--mirror",
-            required=True,
             metavar="NAME",
             help="The serving mirror whose remote the files move to.",
+        )
+        way.add_argument(
+            "--finish",
+            metavar="OLD_KEY",
+            help="After the switch (every host runs the new configuration, whose "
+            "key KEY is): queue the copy of each file only the old key OLD_KEY "
+            "has a row of, from its local copy, and drop the old key's rows.",
         )
         parser.add_argument(
             "--max-rate",
@@ -83,7 +102,8 @@ class Command(LedgerCommand):
         self,
         *,
         key: str,
-        mirror: str,
+        mirror: str | None,
+        finish: str | None,
         max_rate: float | None,
         max_files: float | None,
         check: bool,
@@ -95,6 +115,20 @@ class Command(LedgerCommand):
         verbosity: int,
         **options: Any,
     ) -> None:
+        if finish is not None:
+            if check or max_rate is not None or max_files is not None:
+                raise UsageError(
+                    "--finish takes none of --check, --max-rate, --max-files."
+                )
+            try:
+                counts = finish_migration(key, finish, page_size=batch_size)
+            except CannotFinish as refused:
+                raise UsageError(str(refused)) from None
+            self._report_finish(key, finish, counts, as_json=json, verbosity=verbosity)
+            if counts.left_behind:
+                raise AttentionNeeded(left_behind(finish, counts))
+            return
+        assert mirror is not None  # one of --mirror and --finish is required
         storage = mirrored_storage(key)
         [name] = mirror_names(storage, [mirror])
         try:
@@ -135,6 +169,20 @@ class Command(LedgerCommand):
                 f"Not ready to switch: {found.line()}.", returncode=EXIT_NOT_READY
             )
         raise AttentionNeeded(_what_to_do(migration, found))
+
+    def _report_finish(
+        self,
+        key: str,
+        old_key: str,
+        counts: FinishCounts,
+        *,
+        as_json: bool,
+        verbosity: int,
+    ) -> None:
+        if as_json:
+            write_json(self, {"storage": key, "finished": old_key, **counts.as_dict()})
+        elif verbosity > 0:
+            self.stdout.write(finish_line(key, old_key, counts))
 
     def _report(
         self,
