@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,55 @@ def test_finish_reports_a_file_only_on_the_old_remote_and_keeps_its_row(
             "name", flat=True
         )
     ) == [name]
+
+
+@pytest.mark.parametrize("leased", [False, True], ids=["idle", "leased"])
+def test_finish_carries_a_late_re_save_over_the_new_keys_older_version(
+    hosts: Hosts, manage: Manage, leased: bool
+) -> None:
+    """Saved again on the old configuration just before the switch: the new
+    key's row is of the version before. One a worker holds is left for a rerun."""
+    name = migrated(hosts)
+    old = hosts.run_old()
+    old.local._allow_overwrite = True  # type: ignore[attr-defined]
+    assert old.save(name, content("late version")) == name
+    if leased:
+        PendingTransfer.objects.filter(storage_key=NEW_KEY, name=name).update(
+            status=Status.TRANSFERRING,
+            lease_token="t",
+            lease_expires_at=timezone.now() + timedelta(minutes=5),
+        )
+    new = hosts.run_new()
+
+    status, out, err = manage("migrate_storage", NEW_KEY, "--finish", OLD_KEY)
+
+    if leased:
+        assert status == 3, err
+        assert "busy=1" in out and "run this command again" in err
+        assert PendingTransfer.objects.filter(storage_key=OLD_KEY, name=name).exists()
+        return
+    assert status == 0, err
+    assert "carried=1" in out
+    drain(keys=[NEW_KEY])
+    assert row_of(new, name).status == Status.DONE
+    assert read_bytes(new.remote, name) == b"late version"
+
+
+def test_finish_leaves_a_file_whose_local_copy_is_on_another_host_to_that_host(
+    hosts: Hosts, manage: Manage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    migrated(hosts)
+    name = hosts.run_old().save("late.txt", content())
+    PendingTransfer.objects.filter(storage_key=OLD_KEY, name=name).update(host="web-2")
+    new = hosts.run_new()
+    monkeypatch.setattr(new, "local_shared", False)
+
+    status, out, err = manage("migrate_storage", NEW_KEY, "--finish", OLD_KEY)
+
+    assert status == 3, err
+    assert "elsewhere=1" in out and "on another host's disk" in err
+    assert PendingTransfer.objects.filter(storage_key=OLD_KEY, name=name).exists()
+    assert not PendingTransfer.objects.filter(storage_key=NEW_KEY, name=name).exists()
 
 
 def test_finish_drops_the_old_keys_deletes_unpurged_and_says_so(
