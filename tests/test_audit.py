@@ -5,17 +5,12 @@ orphan deleted only while nothing takes its name."""
 
 from __future__ import annotations
 
-import json
-import os
-import time
 from collections.abc import Callable, Iterator
-from io import StringIO
-from pathlib import Path
 from typing import Any
 
 import pytest
 from django.core.files.base import ContentFile
-from django.core.management import CommandError, call_command
+from django.core.management import call_command
 from django.db import connections
 from django.db.models.functions import Collate
 
@@ -28,65 +23,21 @@ from queued_storage.backends import QueuedStorage
 from queued_storage.copying import delete_remote_fenced
 from queued_storage.models import PendingTransfer, StorageState
 from queued_storage.remote_listing import RemoteEntry, remote_entries
-from tests.helpers import Status, drained, root_of, row_of, saved_name
+from tests.helpers import (
+    Status,
+    audit_storage,
+    drained,
+    put_remote,
+    root_of,
+    row_of,
+    transferred_document,
+)
 from tests.testapp.models import Document, document_storage
 
 pytestmark = pytest.mark.django_db
 
 KEY = document_storage.key
 DAY = 24 * 3600
-
-
-class Audited:
-    """What one run of audit_storage --json printed, and its exit status."""
-
-    def __init__(self, out: str, err: str, code: int) -> None:
-        self.out = out
-        self.err = err
-        self.code = code
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-    def kinds(self) -> dict[str, list[str]]:
-        found: dict[str, list[str]] = {}
-        for finding in self.json["findings"]:
-            found.setdefault(finding["kind"], []).append(finding["name"])
-        return {kind: sorted(names) for kind, names in found.items()}
-
-    def actions(self) -> dict[str, str]:
-        return {f["name"]: f["action"] for f in self.json["findings"]}
-
-
-def audit_storage(*args: str) -> Audited:
-    out, err = StringIO(), StringIO()
-    try:
-        call_command("audit_storage", *args, stdout=out, stderr=err)
-    except CommandError as exc:
-        err.write(str(exc))
-        return Audited(out.getvalue(), err.getvalue(), exc.returncode)
-    return Audited(out.getvalue(), err.getvalue(), 0)
-
-
-def put_remote(storage: QueuedStorage, name: str, data: bytes, age: float = 0) -> Path:
-    """A file written on the remote behind the ledger's back, ``age`` seconds old."""
-    path = root_of(storage.remote) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    if age:
-        then = time.time() - age
-        os.utime(path, (then, then))
-    return path
-
-
-def transferred_document(name: str, data: bytes = b"a document") -> str:
-    """Save a document's file, move it to the remote; returns its name."""
-    document = Document.objects.create(file=ContentFile(data, name=name))
-    drained(document_storage)
-    saved = saved_name(document.file)
-    assert row_of(document_storage, saved).status == Status.DONE
-    return saved
 
 
 @pytest.fixture
