@@ -7,7 +7,9 @@ audit that stops is continued by the next run from its last batch.
 What it finds is in :mod:`queued_storage.audit_findings`; ``fix`` re-queues a
 done row whose remote copy is missing or wrong (its local copy there) and
 adopts a referenced remote file without a row; ``delete_orphans`` deletes
-remote orphans older than the grace period (:mod:`queued_storage.audit_orphans`).
+remote orphans older than the grace period (:mod:`queued_storage.audit_orphans`),
+unless a field's references could not be read. A remote file whose name the
+remote reads as another name is reported, never deleted nor adopted.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from django.core.exceptions import SuspiciousFileOperation
 from django.db import connections, router, transaction
 from django.db.models import QuerySet
 from django.db.models.functions import Collate
@@ -29,25 +30,38 @@ from queued_storage.audit_findings import (
     CHECKSUM_MISMATCH,
     MISSING_FILE,
     MISSING_REMOTE,
+    MISSPELLED,
     ORPHAN,
     SIZE_MISMATCH,
+    UNREADABLE_FIELD,
     UNRECORDED,
     UNREFERENCED_ROW,
     AuditCounts,
     Finding,
 )
-from queued_storage.audit_orphans import DELETED, delete_orphan
+from queued_storage.audit_orphans import (
+    DELETED,
+    delete_orphan,
+    is_held_tombstone,
+    remove_held_tombstone,
+)
 from queued_storage.audit_references import (
     FieldRef,
+    UnreadableField,
+    check_readable,
     fields_of,
+    label_of,
     referenced,
     references,
 )
 from queued_storage.checksums import remote_sha256, storage_md5
 from queued_storage.models import PendingTransfer, StorageState, name_hash
-from queued_storage.names import canonical_name
 from queued_storage.redaction import error_text
-from queued_storage.remote_listing import RemoteEntry, remote_entries
+from queued_storage.remote_listing import (
+    RemoteEntry,
+    read_as_another,
+    remote_entries,
+)
 from queued_storage.verification import VERIFY_FIELDS, Problem, fix_row
 
 if TYPE_CHECKING:
@@ -185,6 +199,9 @@ class Audit:
         registry.register(self.primary)
         self.options = options or AuditOptions()
         self.fields = list(fields_of(self.primary.key) if fields is None else fields)
+        #: The labels of the fields whose references could not be read: while
+        #: any, no orphan is deleted (it may be one of theirs).
+        self.unreadable: list[str] = []
         self.found = found
         self.progress = progress
         if storage.primary is None:
@@ -213,6 +230,11 @@ class Audit:
         """Audit every destination, then the references; the cursor is cleared
         once done."""
         size = self.options.batch_size
+        for field in list(self.fields):
+            try:
+                check_readable(field)
+            except UnreadableField as exc:
+                self._unreadable(exc)
         for index, destination in enumerate(self.destinations):
             if index < self.cursor["destination"]:
                 continue
@@ -227,16 +249,56 @@ class Audit:
                 self._tell(f"remote {destination.key}")
             self._keep(destination=index + 1, after="")
         after_ref = self.cursor.get("reference")
+        fields = list(self.fields)
+        while fields:
+            try:
+                self._check_all_references(fields, after_ref)
+                break
+            except UnreadableField as exc:
+                # Its table went away since the audit began: on with the next.
+                self._unreadable(exc)
+                fields = fields[fields.index(exc.field) + 1 :]
+                after_ref = None
+        self._finish()
+        return self.counts
+
+    def _check_all_references(
+        self, fields: list[FieldRef], after_ref: list[Any] | None
+    ) -> None:
+        size = self.options.batch_size
         for batch in references(
-            self.fields, after=tuple(after_ref) if after_ref else None, size=size
+            fields, after=tuple(after_ref) if after_ref else None, size=size
         ):
             self._check_references(batch)
             last = batch[-1]
             pk = last.pk if isinstance(last.pk, int) else str(last.pk)
             self._keep(destination=len(self.destinations), reference=[last.field, pk])
             self._tell("references")
-        self._finish()
-        return self.counts
+
+    def _unreadable(self, exc: UnreadableField) -> None:
+        """Report once that the references of ``exc.field`` could not be read,
+        and leave the field out of the rest of the audit."""
+        if exc.field in self.fields:
+            self.fields.remove(exc.field)
+        label = label_of(exc.field)
+        if label in self.unreadable:
+            return
+        self.unreadable.append(label)
+        detail = (
+            f"its references could not be read ({error_text(self.primary, exc.error)})"
+            "; the audit deletes no orphan while a field's references are unknown"
+        )
+        self._report(
+            Finding(UNREADABLE_FIELD, self.primary.key, "", detail, reference=label)
+        )
+
+    def _referenced(self, names: list[str]) -> set[str]:
+        """Which of ``names`` the readable fields reference."""
+        while True:
+            try:
+                return referenced(self.fields, names)
+            except UnreadableField as exc:
+                self._unreadable(exc)
 
     def _keep(self, **cursor: Any) -> None:
         self.cursor.update(cursor)
@@ -270,7 +332,7 @@ class Audit:
     # A destination's remote against its rows.
 
     def _check_pairs(self, destination: QueuedStorage, chunk: list[Pair]) -> None:
-        refs = referenced(self.fields, [name for name, _e, _r in chunk])
+        refs = self._referenced([name for name, _e, _r in chunk])
         now = timezone.now()
         for name, entry, row in chunk:
             self.counts.listed += entry is not None
@@ -292,16 +354,28 @@ class Audit:
         now: Any,
     ) -> Iterator[Finding]:
         key = destination.key
+        if row is not None and is_held_tombstone(row):
+            # An audit stopped between taking the name and its delete: the name
+            # has no live row, and this audit decides again.
+            remove_held_tombstone(row)
+            row = None
+            if entry is None:
+                return
         if row is None:
             assert entry is not None
-            if is_referenced:
+            wrong = read_as_another(destination.remote, name)
+            if wrong is not None:
+                yield self._misspelled(destination, entry, wrong, is_referenced)
+            elif is_referenced:
                 yield self._unrecorded(destination, entry)
             else:
                 yield self._orphan(destination, entry, now)
             return
         if row.deleted:
             return  # being removed: its purge deletes the copies
-        if self.fields and not is_referenced and destination is self.storage:
+        # Not while a field's references are unknown: the row may be one of theirs.
+        known = self.fields and not self.unreadable
+        if known and not is_referenced and destination is self.storage:
             yield Finding(
                 UNREFERENCED_ROW, key, name, f"a {row.status} row no field references"
             )
@@ -370,12 +444,6 @@ class Audit:
         if destination.primary is not None:
             finding.detail += "; backfill_mirror copies a mirror's files"
             return finding
-        try:
-            if canonical_name(name) != name:
-                raise SuspiciousFileOperation("the storage reads it as another name")
-        except (ValueError, SuspiciousFileOperation) as exc:
-            finding.detail += f"; not adopted: {exc}"
-            return finding
         db = router.db_for_write(PendingTransfer)
         try:
             with transaction.atomic(using=db):
@@ -391,6 +459,22 @@ class Audit:
             finding.action = "adopted"
         return finding
 
+    def _misspelled(
+        self,
+        destination: QueuedStorage,
+        entry: RemoteEntry,
+        wrong: str,
+        is_referenced: bool,
+    ) -> Finding:
+        referenced_as = "referenced" if is_referenced else "no reference"
+        return Finding(
+            MISSPELLED,
+            destination.key,
+            entry.name,
+            f"on the remote, no row, {referenced_as}; kept: the remote reads it "
+            f"as another name ({wrong})",
+        )
+
     def _orphan(
         self, destination: QueuedStorage, entry: RemoteEntry, now: Any
     ) -> Finding:
@@ -402,14 +486,25 @@ class Audit:
             f"on the remote ({entry.size} bytes, modified {modified}), no row, "
             "no reference",
         )
-        if self.options.delete_orphans:
-            outcome = delete_orphan(
-                destination,
-                entry,
-                fields=self.fields,
-                grace=self.options.grace,
-                now=now,
+        if self.options.delete_orphans and self.unreadable:
+            finding.detail += (
+                "; kept: the references of "
+                f"{', '.join(self.unreadable)} could not be read"
             )
+        elif self.options.delete_orphans:
+            try:
+                outcome = delete_orphan(
+                    destination,
+                    entry,
+                    fields=self.fields,
+                    grace=self.options.grace,
+                    now=now,
+                )
+            except UnreadableField as exc:
+                self._unreadable(exc)
+                outcome = (
+                    f"kept: the references of {label_of(exc.field)} could not be read"
+                )
             if outcome == DELETED:
                 finding.action = "deleted"
             else:

@@ -13,6 +13,12 @@ UNRECORDED = "unrecorded"
 #: Referenced by a model's field, with no file anywhere: no row done, no local or
 #: remote file.
 MISSING_FILE = "missing_file"
+#: On a remote with no row, under a name the remote reads as another one (``d\\x``
+#: for ``d/x`` on S3): never deleted nor adopted, whose file it is is not known.
+MISSPELLED = "misspelled"
+#: A model's file field whose references could not be read (its table is
+#: missing, say): the audit deletes no orphan, for it cannot tell them apart.
+UNREADABLE_FIELD = "unreadable_field"
 #: A row (not deleted) whose name no model's field references.
 UNREFERENCED_ROW = "unreferenced_row"
 #: A row recorded as done whose remote has no object.
@@ -25,6 +31,8 @@ CHECKSUM_MISMATCH = "checksum_mismatch"
 KINDS = (
     ORPHAN,
     UNRECORDED,
+    MISSPELLED,
+    UNREADABLE_FIELD,
     MISSING_FILE,
     UNREFERENCED_ROW,
     MISSING_REMOTE,
@@ -46,7 +54,8 @@ class Finding:
     name: str
     detail: str
     action: str = ""
-    #: The model and primary key of a reference (MISSING_FILE), else "".
+    #: The model and primary key of a reference (MISSING_FILE), the field's label
+    #: (UNREADABLE_FIELD), else "".
     reference: str = ""
 
     @property
@@ -60,10 +69,8 @@ class Finding:
     def line(self) -> str:
         done = f" ({self.action})" if self.action else ""
         where = f" reference={self.reference}" if self.reference else ""
-        return (
-            f"{self.kind.upper()} key={self.key} name={self.name}{where}: "
-            f"{self.detail}{done}"
-        )
+        name = f" name={self.name}" if self.name else ""
+        return f"{self.kind.upper()} key={self.key}{name}{where}: {self.detail}{done}"
 
 
 @dataclass
@@ -75,6 +82,8 @@ class AuditCounts:
     references: int = 0
     orphan: int = 0
     unrecorded: int = 0
+    misspelled: int = 0
+    unreadable_field: int = 0
     missing_file: int = 0
     unreferenced_row: int = 0
     missing_remote: int = 0

@@ -264,7 +264,8 @@ class ClaimsQuerySet(_LedgerQuerySet):
         token = uuid.uuid4().hex
         rows = (
             self.filter(pk=pk, generation=generation, deleted=True)
-            .exclude(status=self.model.Status.FAILED)
+            # Held: an audit's tombstone, purged by that audit only.
+            .exclude(status__in=[self.model.Status.FAILED, self.model.Status.HELD])
             .filter(
                 ~Q(status=self.model.Status.TRANSFERRING)
                 | Q(lease_expires_at__isnull=True)

@@ -129,8 +129,12 @@ class PendingTransferQuerySet(ClaimsQuerySet, RecordingQuerySet):  # type: ignor
         )
 
     def requeueable(self) -> PendingTransferQuerySet:
-        """Rows :meth:`requeue` changes: those in :data:`REQUEUEABLE`."""
-        return self.filter(status__in=REQUEUEABLE)
+        """Rows :meth:`requeue` changes: those in :data:`REQUEUEABLE`, but an
+        audit's held tombstone (queued, a worker would delete the remote file
+        without the audit's check of the references)."""
+        return self.filter(status__in=REQUEUEABLE).exclude(
+            status=PendingTransfer.Status.HELD, deleted=True
+        )
 
     @retry_when_locked
     def requeue(self, now: datetime | None = None) -> int:

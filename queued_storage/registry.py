@@ -10,6 +10,7 @@ with). Building a ``QueuedStorage`` registers nothing; its first use does.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, cast
 
 from django.core.exceptions import ImproperlyConfigured
@@ -177,14 +178,19 @@ def _declared() -> list[QueuedStorage]:
     return with_mirrors(found)
 
 
-def referencing_fields(key: str) -> list[tuple[type[Any], str]]:
+def referencing_fields(
+    key: str, models: Iterable[type[Any]] | None = None
+) -> list[tuple[type[Any], str]]:
     """``(model, field name)`` of each current model's file field whose storage
-    has the ledger key ``key`` (never a historical model's)."""
+    has the ledger key ``key`` (never a historical model's; ``models``: these
+    instead of every current one). One entry a table column: a proxy's or a
+    multi-table child's field is its concrete model's, listed once."""
     from django.apps import apps
     from django.db.models import FileField
 
     found: list[tuple[type[Any], str]] = []
-    for model in apps.get_models():
+    seen: set[tuple[type[Any], str]] = set()
+    for model in apps.get_models() if models is None else models:
         for field in model._meta.get_fields():
             if not isinstance(field, FileField):
                 continue
@@ -192,8 +198,14 @@ def referencing_fields(key: str) -> list[tuple[type[Any], str]]:
                 storage = _unwrapped(field.storage)
             except Exception:  # the default storage, reported where it is used
                 continue
-            if isinstance(storage, ConfiguredStorage) and storage.key == key:
-                found.append((model, field.name))
+            if not (isinstance(storage, ConfiguredStorage) and storage.key == key):
+                continue
+            # The model whose table holds the column: a proxy or a child model
+            # would query the same rows again.
+            owner = (field.model._meta.concrete_model or field.model, field.name)
+            if owner not in seen:
+                seen.add(owner)
+                found.append(owner)
     return found
 
 

@@ -1,6 +1,7 @@
 """A remote's files with their sizes, modified times and (where the listing gives
 one for free) MD5, in code point order of their names, resumable after a name:
-S3 through its paged listing, any other storage by walking ``listdir()``."""
+S3 through its paged listing, any other storage by walking ``listdir()``; and
+whether the remote reads a listed name as another one."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from django.core.exceptions import SuspiciousFileOperation, SuspiciousOperation
 from django.core.files.storage import Storage
+
+from queued_storage.names import canonical_name, misspelling
 
 #: Keys per S3 listing request (S3's own maximum).
 S3_PAGE_SIZE = 1000
@@ -38,6 +42,38 @@ def remote_entries(storage: Storage, after: str = "") -> Iterator[RemoteEntry]:
     if s3 is not None:
         return _s3_entries(*s3, after)
     return _walked(storage, after, "")
+
+
+def read_as_another(storage: Storage, name: str) -> str | None:
+    """Why ``storage`` would read its listed file ``name`` as another name (so
+    that a delete, HEAD or adoption of it would reach that file), or None when
+    the name round-trips: it is canonical, and a django-storages backend's own
+    cleaning (``\\`` as ``/``, ``..`` resolved) addresses the key it was listed as."""
+    try:
+        canonical = canonical_name(name)
+    except (ValueError, SuspiciousFileOperation) as exc:
+        return f"the name is not one a storage may use: {exc}"
+    if canonical != name:
+        return f"{name!a} is another spelling of {canonical!a}"
+    wrong = misspelling(name)
+    if wrong is not None:
+        return wrong
+    normalize = getattr(storage, "_normalize_name", None)
+    if normalize is None:
+        return None
+    try:
+        from storages.utils import clean_name
+    except ImportError:
+        return None
+    s3 = _s3_target(storage)
+    try:
+        addressed = str(normalize(clean_name(name)))
+        listed = s3[2] + name if s3 is not None else str(normalize(name))
+    except (ValueError, SuspiciousOperation) as exc:
+        return f"the remote refuses the name: {exc}"
+    if addressed != listed:
+        return f"the remote addresses {listed!a} as {addressed!a}"
+    return None
 
 
 def _s3_target(storage: Storage) -> tuple[Any, str, str] | None:

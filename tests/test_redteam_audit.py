@@ -1,6 +1,6 @@
 """Red team: audit_storage --delete-orphans against a remote whose keys are other
 spellings of a live file's name. Each test fails on the code it was written
-against (xfail strict) and passes once the break is fixed."""
+against and passes once the break is fixed."""
 
 from __future__ import annotations
 
@@ -26,15 +26,6 @@ LIVE = "docs/live.txt"
 STRAY = "docs\\live.txt"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="audit_orphans.delete_orphan tombstones and purges a listed S3 key "
-    "without the misspelling() check that process_row makes before a purge: the "
-    "stray key 'docs\\live.txt' has no row and no reference, so it is an orphan, and "
-    "S3Storage.delete() normalises it to 'docs/live.txt': the live, done, "
-    "referenced file's only remote copy is deleted (invariant 1, nothing lost; "
-    "invariant 3, a destructive call on an object its row never owned)",
-)
 def test_deleting_a_misspelled_s3_orphan_keeps_the_live_file(
     make_s3_storage: Callable[..., QueuedStorage], s3_endpoint: str
 ) -> None:
@@ -51,7 +42,8 @@ def test_deleting_a_misspelled_s3_orphan_keeps_the_live_file(
     found: list[Finding] = []
     options = AuditOptions(delete_orphans=True, grace=timedelta(0))
     Audit(storage, options, fields=[(Document, "file")], found=found.append).run()
-    assert [(f.kind, f.name) for f in found] == [("orphan", STRAY)]
+    assert [(f.kind, f.name) for f in found] == [("misspelled", STRAY)]
+    assert "kept: the remote reads it as another name" in found[0].detail
     listed = client.list_objects_v2(Bucket=bucket).get("Contents", [])
     assert name in {item["Key"] for item in listed}, found[0].line()
     with storage.open(name) as opened:
