@@ -1,4 +1,6 @@
 """One transfer of a big file in a process of its own, reporting its peak RSS.
+The worker's side runs ``process_transfers`` (``call_command``), as a worker
+process would.
 
 ``python -m benchmarks.memory_worker fs|s3|s3-tuned queued|raw|raw-thread ROOT
 ENDPOINT BUCKET`` (``raw-thread``: the raw save in a new thread, as a drain's
@@ -42,10 +44,11 @@ def main(target: str, side: str, root: Path, endpoint: str, bucket: str) -> None
     import django
 
     django.setup()
+    from django.core.management import call_command
+
     from benchmarks.harness import s3_options
     from queued_storage.backends import QueuedStorage
     from queued_storage.models import PendingTransfer
-    from queued_storage.worker import drain
 
     fs = "django.core.files.storage.FileSystemStorage"
     remote_path = fs if target == "fs" else "storages.backends.s3.S3Storage"
@@ -90,9 +93,11 @@ def main(target: str, side: str, root: Path, endpoint: str, bucket: str) -> None
             thread.start()
             thread.join()
         else:
+            # As a worker process runs it: the command, not drain() alone.
             storage.transfer(name)
-            stats = drain(keys=[key])
-            assert stats.done == 1, stats
+            call_command("process_transfers", storages=[key], verbosity=0)
+            row = PendingTransfer.objects.get(storage_key=key, name=name)
+            assert row.status == PendingTransfer.Status.DONE, row.status
 
     move("small.bin")
     baseline = _status("VmRSS")

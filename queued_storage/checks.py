@@ -21,9 +21,11 @@ from django.utils.module_loading import import_string
 from queued_storage import installation, registry
 from queued_storage.conf import (
     HOSTNAME_HINT,
+    MAX_MMAP_THRESHOLD,
     MAX_RETRIES,
     MAX_SECONDS,
     MINIMUM_SECONDS,
+    MMAP_THRESHOLD_HINT,
     WORKERS,
     hostname_problem,
     usable_number,
@@ -157,6 +159,18 @@ def check_settings(
         _check_number("QUEUED_STORAGE_HEALTH_MAX_AGE", check_id="queued_storage.E010")
     )
     errors.extend(_check_breaker())
+    threshold = conf.raw("QUEUED_STORAGE_WORKER_MMAP_THRESHOLD")
+    if threshold is not None and (
+        not usable_number(threshold, maximum=MAX_MMAP_THRESHOLD)
+        or not isinstance(threshold, numbers.Integral)
+    ):
+        errors.append(
+            Error(
+                f"QUEUED_STORAGE_WORKER_MMAP_THRESHOLD is {threshold!r}.",
+                hint=MMAP_THRESHOLD_HINT[0].upper() + MMAP_THRESHOLD_HINT[1:],
+                id="queued_storage.E023",
+            )
+        )
     host_problem = hostname_problem(conf.hostname())
     if host_problem:
         errors.append(Error(host_problem, hint=HOSTNAME_HINT, id="queued_storage.E006"))

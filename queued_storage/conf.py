@@ -18,6 +18,9 @@ MAX_HOST_LENGTH = 255
 #: database's timestamp before anyone could mean it.
 MAX_SECONDS = 100 * 365 * 86400
 
+#: The largest mmap threshold glibc accepts on a 64-bit system (32 MiB).
+MAX_MMAP_THRESHOLD = 32 * 1024 * 1024
+
 #: Most attempts a row may be given: the ledger's ``attempts`` column is a
 #: 32-bit integer on every database.
 MAX_RETRIES = 2**31 - 1
@@ -47,6 +50,8 @@ DEFAULTS: dict[str, Any] = {
     "QUEUED_STORAGE_HEALTH_MAX_AGE": 900,
     "QUEUED_STORAGE_HISTORY_RETENTION": 2 * 86400,
     "QUEUED_STORAGE_BREAKER_FAILURES": 5,
+    # glibc's own initial threshold, kept from rising (see allocator.py).
+    "QUEUED_STORAGE_WORKER_MMAP_THRESHOLD": 128 * 1024,
 }
 
 #: The circuit breaker's first backoff is QUEUED_STORAGE_RETRY_DELAY, at least
@@ -105,6 +110,22 @@ class Settings:
             return first
         cap = max(first, min(delay * BREAKER_BACKOFF_FACTOR, MAX_BREAKER_BACKOFF))
         return min(previous * 2, cap)
+
+    @property
+    def QUEUED_STORAGE_WORKER_MMAP_THRESHOLD(self) -> int | None:
+        """Bytes from which ``process_transfers`` has glibc map each allocation
+        on its own; ``None``: glibc's own (rising) threshold."""
+        value = self._get("QUEUED_STORAGE_WORKER_MMAP_THRESHOLD")
+        if value is None:
+            return None
+        if not usable_number(value, maximum=MAX_MMAP_THRESHOLD) or not isinstance(
+            value, numbers.Integral
+        ):
+            raise ImproperlyConfigured(
+                f"QUEUED_STORAGE_WORKER_MMAP_THRESHOLD is {value!r}; "
+                f"{MMAP_THRESHOLD_HINT}"
+            )
+        return int(value)
 
     @property
     def QUEUED_STORAGE_RETRY_DELAY(self) -> float:
@@ -174,6 +195,11 @@ def usable_number(value: Any, *, maximum: float | None = None) -> bool:
         return False
     return maximum is None or number <= maximum
 
+
+MMAP_THRESHOLD_HINT = (
+    f"set it to a whole number of bytes from 0 to {MAX_MMAP_THRESHOLD}, or None "
+    "to leave glibc's malloc as it is."
+)
 
 HOSTNAME_HINT = (
     "Set QUEUED_STORAGE_HOSTNAME to a shorter name that stays the same for this "

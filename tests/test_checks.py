@@ -402,3 +402,23 @@ def test_a_number_setting_no_worker_can_use_fails_at_first_use_naming_it(
     setattr(settings, setting, value)
     with pytest.raises(ImproperlyConfigured, match=setting):
         getattr(conf, setting)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "128k", True, 33 * 1024 * 1024])
+def test_e023_bad_worker_mmap_threshold(settings: Any, value: Any) -> None:
+    settings.QUEUED_STORAGE_WORKER_MMAP_THRESHOLD = value
+
+    (error,) = errors_with("queued_storage.E023")
+
+    assert "QUEUED_STORAGE_WORKER_MMAP_THRESHOLD" in error.msg
+    with pytest.raises(ImproperlyConfigured, match="WORKER_MMAP_THRESHOLD"):
+        _ = conf.QUEUED_STORAGE_WORKER_MMAP_THRESHOLD
+
+
+@pytest.mark.parametrize("value", [None, 0, 128 * 1024, 32 * 1024 * 1024])
+def test_e023_not_raised_for_a_usable_worker_mmap_threshold(
+    settings: Any, value: Any
+) -> None:
+    settings.QUEUED_STORAGE_WORKER_MMAP_THRESHOLD = value
+
+    assert check_ids() == []

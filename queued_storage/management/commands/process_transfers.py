@@ -13,6 +13,7 @@ from typing import Any
 from django.core.management.base import CommandParser
 from django.db import Error, close_old_connections, connections
 
+from queued_storage.allocator import pin_mmap_threshold
 from queued_storage.errors import Outcome
 from queued_storage.failures import ledger_db
 from queued_storage.management.cli import (
@@ -122,6 +123,7 @@ class Command(LedgerCommand):
         **options: Any,
     ) -> None:
         keys = check_storage_keys(storages)
+        pin_mmap_threshold()
         # Read for what to say, and whether --storage leaves anything to do.
         paused = paused_keys(keys or None) if keys or verbosity > 0 else []
         if paused and verbosity > 0:
