@@ -35,6 +35,9 @@ from queued_storage.configuration import ConfiguredStorage
 from queued_storage.failures import hook_limit_problem
 from queued_storage.tasks import Transfer
 
+#: The tag of this package's checks: ``process_transfers`` runs only these.
+TAG = "queued_storage"
+
 #: How to fix a storage that cannot be built, whichever way it was configured.
 UNUSABLE_HINT = (
     "Pass local= and remote= each a STORAGES alias or a dotted path to a Storage "
@@ -43,7 +46,7 @@ UNUSABLE_HINT = (
 )
 
 
-@register(Tags.compatibility)
+@register(Tags.compatibility, TAG)
 def check_storages(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
@@ -115,7 +118,7 @@ WORKER_LIBRARIES: dict[str, tuple[tuple[str, ...], str, str, str]] = {
 }
 
 
-@register(Tags.compatibility)
+@register(Tags.compatibility, TAG)
 def check_settings(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
@@ -195,7 +198,7 @@ def check_settings(
     return errors
 
 
-@register(Tags.compatibility)
+@register(Tags.compatibility, TAG)
 def check_installed(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
@@ -237,7 +240,7 @@ def _queued_aliases() -> list[str]:
     return found
 
 
-@register(Tags.database)
+@register(Tags.database, TAG)
 def check_ledger_tables(
     app_configs: Sequence[AppConfig] | None = None,
     databases: Sequence[str] | None = None,

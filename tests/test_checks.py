@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.core.checks import CheckMessage, run_checks
+from django.core.checks import CheckMessage, Error, Tags, register, run_checks
+from django.core.checks.registry import registry
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
@@ -422,3 +423,28 @@ def test_e023_not_raised_for_a_usable_worker_mmap_threshold(
     settings.QUEUED_STORAGE_WORKER_MMAP_THRESHOLD = value
 
     assert check_ids() == []
+
+
+@pytest.mark.django_db
+def test_process_transfers_stops_at_the_packages_checks(settings: Any) -> None:
+    settings.QUEUED_STORAGE_WORKER = "rq"
+
+    with pytest.raises(SystemCheckError, match=r"queued_storage\.E003"):
+        call_command("process_transfers", verbosity=0, skip_checks=False)
+
+
+@pytest.mark.django_db
+def test_process_transfers_runs_without_the_sites_other_checks() -> None:
+    """A cron run pays for this package's checks only; ``manage.py check`` still
+    reports the site's."""
+
+    def site_check(**kwargs: Any) -> list[CheckMessage]:
+        return [Error("a problem of the site's", id="site.E001")]
+
+    register(site_check, Tags.models)
+    try:
+        call_command("process_transfers", verbosity=0, skip_checks=False)
+        with pytest.raises(SystemCheckError, match=r"site\.E001"):
+            call_command("check")
+    finally:
+        registry.registered_checks.discard(site_check)

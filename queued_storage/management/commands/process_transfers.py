@@ -14,6 +14,7 @@ from django.core.management.base import CommandParser
 from django.db import Error, close_old_connections, connections
 
 from queued_storage.allocator import pin_mmap_threshold
+from queued_storage.checks import TAG
 from queued_storage.errors import Outcome
 from queued_storage.failures import ledger_db
 from queued_storage.management.cli import (
@@ -70,6 +71,9 @@ class Command(LedgerCommand):
         "claiming until no row is due, then exits (for cron). Exit status: 0 done, "
         "1 error, 2 bad arguments, 3 some transfers failed for good."
     )
+    # This package's checks only: a cron run pays no model, template or URLconf
+    # checks of the site's (``manage.py check`` runs them all).
+    requires_system_checks = [TAG]
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
