@@ -7,6 +7,7 @@ are only on the old remote. The old remote is never touched."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from django.db import transaction
@@ -141,10 +142,9 @@ class MigrationFinish:
             storage_key=self.storage.key,
             name=row.name,
             name_hash=row.name_hash,
-            status=Status.QUEUED,
-            next_attempt_at=now,
             created_at=now,
             updated_at=now,
+            **_waiting(row, now),
             **{name: getattr(row, name) for name in CARRIED},
         )
 
@@ -158,16 +158,15 @@ class MigrationFinish:
             PendingTransfer.objects.using(db)
             .filter(pk=current.pk, generation=current.generation)
             .update(
-                status=Status.QUEUED,
                 deleted=False,
                 attempts=0,
                 lease_token="",
                 lease_expires_at=None,
-                next_attempt_at=now,
                 last_error="",
                 error_history=[],
                 transferred_at=None,
                 updated_at=now,
+                **_waiting(row, now),
                 **{name: getattr(row, name) for name in CARRIED},
             )
         )
@@ -182,6 +181,14 @@ class MigrationFinish:
         self.counts.tombstones += (
             self.old_rows().using(ledger_db()).filter(deleted=True).delete()[0]
         )
+
+
+def _waiting(row: PendingTransfer, now: datetime) -> dict[str, Any]:
+    """A carried file's copy waits as the old key's row did: held (a delayed
+    storage's, for ``transfer()``) or queued, due now."""
+    if row.status == Status.HELD:
+        return {"status": Status.HELD, "next_attempt_at": None}
+    return {"status": Status.QUEUED, "next_attempt_at": now}
 
 
 def finish_migration(

@@ -165,6 +165,22 @@ def test_a_file_saved_on_the_old_configuration_just_before_the_switch_reaches_th
     ).exists()
 
 
+def test_finish_keeps_a_held_file_held_for_its_transfer_call(
+    hosts: Hosts, manage: Manage
+) -> None:
+    migrated(hosts)
+    name = hosts.run_old().save("late.txt", content())
+    PendingTransfer.objects.filter(storage_key=OLD_KEY, name=name).update(
+        status=Status.HELD, next_attempt_at=None
+    )
+    new = hosts.run_new()
+
+    status, _out, err = manage("migrate_storage", NEW_KEY, "--finish", OLD_KEY)
+
+    assert status == 0, err
+    assert row_of(new, name).status == Status.HELD
+
+
 def test_finish_reports_a_file_only_on_the_old_remote_and_keeps_its_row(
     hosts: Hosts, manage: Manage
 ) -> None:
