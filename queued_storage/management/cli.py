@@ -386,6 +386,30 @@ def add_batch_size_argument(
     )
 
 
+def add_pacing_arguments(parser: argparse.ArgumentParser, *, wait_help: str) -> None:
+    """``--max-rate`` and ``--max-files`` (how fast copies are queued) and
+    ``--wait-every`` (``wait_help`` says what it paces), for the mirror
+    commands."""
+    parser.add_argument(
+        "--max-rate",
+        type=byte_rate,
+        metavar="BYTES",
+        help="Queue at most this many bytes a second (e.g. 20MB, 1.5GiB).",
+    )
+    parser.add_argument(
+        "--max-files",
+        type=per_second,
+        metavar="N",
+        help="Queue at most this many files a second.",
+    )
+    parser.add_argument(
+        "--wait-every",
+        type=positive_float,
+        default=2.0,
+        help=f"{wait_help} (default: 2).",
+    )
+
+
 def counters_line(stats: DataclassInstance) -> str:
     """``name=value`` for each field of a dataclass of counters, in field order."""
     return " ".join(

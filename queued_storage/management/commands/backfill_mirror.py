@@ -16,13 +16,11 @@ from queued_storage.management.cli import (
     Progress,
     add_batch_size_argument,
     add_output_arguments,
-    byte_rate,
+    add_pacing_arguments,
     counters_line,
     human_bytes,
     mirror_names,
     mirrored_storage,
-    per_second,
-    positive_float,
     write_json,
 )
 from queued_storage.mirror_backfill import DEFAULT_PAGE_SIZE, MirrorBackfill, Waiting
@@ -49,28 +47,11 @@ class Command(LedgerCommand):
             help="Only this mirror (repeatable; default: every mirror).",
         )
         parser.add_argument(
-            "--max-rate",
-            type=byte_rate,
-            metavar="BYTES",
-            help="Queue at most this many bytes a second (e.g. 20MB, 1.5GiB).",
-        )
-        parser.add_argument(
-            "--max-files",
-            type=per_second,
-            metavar="N",
-            help="Queue at most this many files a second.",
-        )
-        parser.add_argument(
             "--wait",
             action="store_true",
             help="Then wait, showing progress, until every copy is done or failed.",
         )
-        parser.add_argument(
-            "--wait-every",
-            type=positive_float,
-            default=2.0,
-            help="Seconds between looks while waiting (default: 2).",
-        )
+        add_pacing_arguments(parser, wait_help="Seconds between looks while waiting")
         add_batch_size_argument(
             parser, default=DEFAULT_PAGE_SIZE, what="Files read per query"
         )

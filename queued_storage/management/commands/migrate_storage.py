@@ -18,11 +18,9 @@ from queued_storage.management.cli import (
     UsageError,
     add_batch_size_argument,
     add_output_arguments,
-    byte_rate,
+    add_pacing_arguments,
     mirror_names,
     mirrored_storage,
-    per_second,
-    positive_float,
     write_json,
 )
 from queued_storage.migration import MigrationProgress
@@ -71,28 +69,11 @@ class Command(LedgerCommand):
             "has a row of, from its local copy, and drop the old key's rows.",
         )
         parser.add_argument(
-            "--max-rate",
-            type=byte_rate,
-            metavar="BYTES",
-            help="Queue at most this many bytes a second (e.g. 20MB, 1.5GiB).",
-        )
-        parser.add_argument(
-            "--max-files",
-            type=per_second,
-            metavar="N",
-            help="Queue at most this many files a second.",
-        )
-        parser.add_argument(
             "--check",
             action="store_true",
             help="Only report the progress: exit 0 when ready to switch, 1 when not.",
         )
-        parser.add_argument(
-            "--wait-every",
-            type=positive_float,
-            default=2.0,
-            help="Seconds between looks at the copies (default: 2).",
-        )
+        add_pacing_arguments(parser, wait_help="Seconds between looks at the copies")
         add_batch_size_argument(
             parser, default=DEFAULT_PAGE_SIZE, what="Files read per query"
         )
