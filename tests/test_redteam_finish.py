@@ -18,6 +18,7 @@ from tests.test_redteam_migrate import (  # noqa: F401 (hosts: the fixture)
     NEW_KEY,
     OLD_KEY,
     Hosts,
+    Manage,
     hosts,
     migrated,
 )
@@ -127,3 +128,35 @@ def test_finish_keeps_a_switched_hosts_newer_save_whatever_the_old_hosts_clock(
     row = row_of(new, name)
     assert (row.status, row.size, row.last_error) == (Status.DONE, 6, "")
     assert read_bytes(new.remote, name) == b"newest"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a mirror row parked HELD by an old worker (its primary's done row "
+    "requeued at the same generation by a later verification) counts as "
+    "superseded: finish drops the old key's row, the only one whose completion "
+    "would queue the copy, and exits 0; the switched (not delayed) storage never "
+    "claims a held row, so the file never reaches the new remote",
+)
+def test_finish_never_leaves_a_parked_mirror_row_held_for_ever(
+    fleet: Hosts, manage: Manage
+) -> None:
+    migrated(fleet)
+    old = fleet.run_old()
+    name = old.save("late.txt", content("saved before the check"))
+    drain(keys=[OLD_KEY])  # done on the old remote, the mirror's copy queued
+    assert row_of(old, name).requeue_unverified("the old remote lost it")
+    drain(keys=[NEW_KEY])  # the mirror's copy is parked for its primary
+    assert PendingTransfer.objects.get(storage_key=NEW_KEY, name=name).status == (
+        Status.HELD
+    )
+    new = fleet.run_new()
+
+    status, _out, err = manage("migrate_storage", NEW_KEY, "--finish", OLD_KEY)
+    drain(keys=[NEW_KEY])
+
+    assert status in (0, 3), err
+    row = row_of(new, name)
+    assert row.status == Status.DONE or (
+        status == 3 and PendingTransfer.objects.filter(storage_key=OLD_KEY).exists()
+    ), row.status
