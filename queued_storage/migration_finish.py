@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from functools import reduce
+from operator import or_
+from typing import TYPE_CHECKING, Any, Literal
 
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from queued_storage import registry
+from queued_storage.checksums import storage_sha256
 from queued_storage.failures import ledger_db
 from queued_storage.models import PendingTransfer, retry_when_locked
 
@@ -26,6 +30,10 @@ DEFAULT_PAGE_SIZE = 500
 LISTED = 100
 #: What the new key's row of a carried file takes from the old key's.
 CARRIED = ("generation", "size", "checksum", "host")
+#: What becomes of an old key's row: the name of its count, or ``carry``.
+Outcome = Literal[
+    "superseded", "carry", "carried", "only_old_remote", "elsewhere", "busy", "changed"
+]
 
 
 class CannotFinish(ValueError):
@@ -40,7 +48,9 @@ class FinishCounts:
     generation or a later one), ``carried`` (a row of the new key queued, from
     its local copy), ``only_old_remote`` (no local copy: the old remote alone
     has it), ``elsewhere`` (its local copy is on another host's disk) or
-    ``busy`` (a worker copies an older version of it to the new key: run again).
+    ``busy`` (a worker copies it, or an older version of it to the new key: run
+    again) or ``changed`` (its local copy is another version than it records,
+    with no row of the new key: run again).
     ``tombstones``: the old key's deleted rows dropped, their purge with them."""
 
     scanned: int = 0
@@ -49,13 +59,14 @@ class FinishCounts:
     only_old_remote: int = 0
     elsewhere: int = 0
     busy: int = 0
+    changed: int = 0
     tombstones: int = 0
     #: The old key's rows left, kept for a person: the first ``LISTED`` names.
     left: list[str] = field(default_factory=list)
 
     @property
     def left_behind(self) -> int:
-        return self.only_old_remote + self.elsewhere + self.busy
+        return self.only_old_remote + self.elsewhere + self.busy + self.changed
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "left_behind": self.left_behind}
@@ -98,6 +109,13 @@ class MigrationFinish:
         counts = self.counts
         with transaction.atomic(using=db):
             manager = PendingTransfer.objects.using(db)
+            # The page was read unlocked: a re-save on a host not yet switched, or
+            # a claim by one of its workers, may have changed a row since. Locked
+            # and read again, each row is acted on as it is now, and a save or
+            # claim of it waits for this transaction.
+            pks = [row.pk for row in page]
+            manager.filter(pk__in=pks).lock()
+            page = list(manager.filter(pk__in=pks, deleted=False).order_by("pk"))
             # Locked: a save on a switched host bumps the generation of a row of
             # the new key under its lock; a carried row never replaces it.
             newer = {
@@ -106,35 +124,75 @@ class MigrationFinish:
                 .filter(storage_key=key, name_hash__in=[r.name_hash for r in page])
                 .order_by("pk")
             }
-            dropped: list[int] = []
+            dropped: list[PendingTransfer] = []
             carried: list[PendingTransfer] = []
             for row in page:
                 counts.scanned += 1
                 current = newer.get(row.name_hash)
-                if current is not None and current.generation >= row.generation:
-                    counts.superseded += 1
-                    dropped.append(row.pk)
-                    continue
-                if not row.local_copy_here(local_shared=self.storage.local_shared):
-                    counts.elsewhere += 1
-                    self._left(row)
-                    continue
-                if not self.storage.local.exists(row.name):
-                    counts.only_old_remote += 1
-                    self._left(row)
-                    continue
-                if current is None:
+                outcome = self._outcome(row, current, db)
+                if outcome == "carry":
                     carried.append(self._new_row(row))
-                elif not self._requeue(current, row, db):
-                    counts.busy += 1
+                    outcome = "carried"
+                setattr(counts, outcome, getattr(counts, outcome) + 1)
+                if outcome in ("superseded", "carried"):
+                    dropped.append(row)
+                else:
                     self._left(row)
-                    continue
-                counts.carried += 1
-                dropped.append(row.pk)
             # A save of a name with no row of the new key meanwhile wrote a newer
             # version: its row wins (the conflict is ignored).
             manager.bulk_create(carried, ignore_conflicts=True)
-            manager.filter(pk__in=dropped).delete()
+            if dropped:
+                manager.filter(
+                    reduce(or_, (Q(pk=r.pk, generation=r.generation) for r in dropped))
+                ).delete()
+
+    def _outcome(
+        self, row: PendingTransfer, current: PendingTransfer | None, db: str
+    ) -> Outcome:
+        """What becomes of the old key's ``row`` (locked, as is ``current``, the new
+        key's row of its name)."""
+        if row.status == Status.TRANSFERRING:
+            # A worker of the old configuration uploads it, or did until its lease
+            # ran out and may still wake: dropped now, its completion would find
+            # no row and leave a tombstone whose purge removes the local copy.
+            return "busy"
+        if current is not None and current.generation >= row.generation:
+            return "superseded" if self._wakes(current, row, db) else "busy"
+        if not row.local_copy_here(local_shared=self.storage.local_shared):
+            return "elsewhere"
+        if not self.storage.local.exists(row.name):
+            return "only_old_remote"
+        if not self._local_copy_is(row):
+            # Generations are two hosts' clocks: the local copy is another
+            # version than this row's, the new key's row's if it has one.
+            return "superseded" if current is not None else "changed"
+        if current is None:
+            return "carry"
+        return "carried" if self._requeue(current, row, db) else "busy"
+
+    def _wakes(self, current: PendingTransfer, row: PendingTransfer, db: str) -> bool:
+        """Whether the new key's ``current`` row will copy the file without the old
+        key's row: a mirror's copy parked held waits for the old row's completion,
+        so it is queued now (unless the old row waits held as well, or the storage
+        is delayed, whose held rows wait for ``transfer()``)."""
+        if current.status != Status.HELD or row.status == Status.HELD:
+            return True
+        if self.storage.delayed:
+            return True
+        now = timezone.now()
+        return bool(
+            PendingTransfer.objects.using(db)
+            .filter(pk=current.pk, generation=current.generation, status=Status.HELD)
+            .update(status=Status.QUEUED, next_attempt_at=now, updated_at=now)
+        )
+
+    def _local_copy_is(self, row: PendingTransfer) -> bool:
+        """Whether the local copy is the version ``row`` records (its size, and its
+        checksum when it has one)."""
+        local = self.storage.local
+        if row.size is not None and local.size(row.name) != row.size:
+            return False
+        return not row.checksum or storage_sha256(local, row.name) == row.checksum
 
     def _new_row(self, row: PendingTransfer) -> PendingTransfer:
         now = timezone.now()
@@ -226,7 +284,7 @@ def finish_line(key: str, old_key: str, counts: FinishCounts) -> str:
         f"Finished {old_key} -> {key}: scanned={counts.scanned} "
         f"superseded={counts.superseded} carried={counts.carried} "
         f"only_old_remote={counts.only_old_remote} elsewhere={counts.elsewhere} "
-        f"busy={counts.busy} tombstones={counts.tombstones}."
+        f"busy={counts.busy} changed={counts.changed} tombstones={counts.tombstones}."
     )
     if counts.carried:
         line += f" The workers of {key} copy the {counts.carried} carried files."
@@ -253,8 +311,14 @@ def left_behind(old_key: str, counts: FinishCounts) -> str:
         )
     if counts.busy:
         parts.append(
-            f"{counts.busy} files have an older version being copied: run this "
+            f"{counts.busy} files are being copied (by a worker of the old "
+            "configuration, or an older version to the new key): run this "
             "command again"
+        )
+    if counts.changed:
+        parts.append(
+            f"{counts.changed} files have a local copy that is not the version "
+            "their row records: run this command again"
         )
     names = ", ".join(counts.left[:10])
     more = "" if counts.left_behind <= 10 else ", ..."

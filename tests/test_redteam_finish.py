@@ -1,4 +1,4 @@
-"""Red team: migrate_storage NEW --finish OLD. Each break is a strict xfail; a
+"""Red team: migrate_storage NEW --finish OLD. Each break was a strict xfail, now a regression test; a
 host of the old or the switched configuration is this process with only that
 configuration's storages registered (test_redteam_migrate's Hosts)."""
 
@@ -35,14 +35,6 @@ def fleet(request: pytest.FixtureRequest) -> Hosts:
     return made
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finish drops the old key's row a live old worker is uploading; the "
-    "worker's stale completion finds no row, reconcile() leaves a tombstone of the "
-    "old key for what it wrote, and the same drain purges it: the local copy "
-    "(which the carried new-key row needs) and the old remote's object are "
-    "deleted, leaving a queued new-key row with nothing to copy",
-)
 def test_an_old_worker_mid_upload_while_finish_runs_loses_nothing(
     fleet: Hosts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -70,13 +62,6 @@ def test_an_old_worker_mid_upload_while_finish_runs_loses_nothing(
     assert read_bytes(new.remote, name) == b"saved just before the deploy"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finish reads a page of old-key rows unlocked and deletes the dropped "
-    "ones by pk alone: a re-save on a host not yet switched between the read and "
-    "the delete bumps the old-key row, which is then dropped as superseded by the "
-    "new key's row of the version before; the new version is never served",
-)
 def test_a_re_save_on_an_old_host_while_finish_reads_its_page_is_kept(
     fleet: Hosts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -99,15 +84,6 @@ def test_a_re_save_on_an_old_host_while_finish_reads_its_page_is_kept(
     assert read_bytes(new, name) == b"saved again on an old host"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finish orders the old key's and the new key's rows of a name by "
-    "generation, a clock reading of two different hosts: with the old host's "
-    "clock ahead, a newer save on a switched host loses, and _requeue stamps the "
-    "new key's row with the old version's generation, size and checksum while the "
-    "local copy is the newest version; its upload then fails SizeMismatch on "
-    "every attempt and the row can never be done",
-)
 def test_finish_keeps_a_switched_hosts_newer_save_whatever_the_old_hosts_clock(
     fleet: Hosts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -130,14 +106,6 @@ def test_finish_keeps_a_switched_hosts_newer_save_whatever_the_old_hosts_clock(
     assert read_bytes(new.remote, name) == b"newest"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a mirror row parked HELD by an old worker (its primary's done row "
-    "requeued at the same generation by a later verification) counts as "
-    "superseded: finish drops the old key's row, the only one whose completion "
-    "would queue the copy, and exits 0; the switched (not delayed) storage never "
-    "claims a held row, so the file never reaches the new remote",
-)
 def test_finish_never_leaves_a_parked_mirror_row_held_for_ever(
     fleet: Hosts, manage: Manage
 ) -> None:
