@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.db import transaction
 
-from queued_storage import conditional
+from queued_storage import conditional, registry
 from queued_storage.conf import settings as conf
 from queued_storage.copying import conditional_remote, delete_remote_fenced
 from queued_storage.errors import LeaseLost, Outcome, RemoteChanged
@@ -120,8 +120,12 @@ def purge_claimed(storage: QueuedStorage, row: PendingTransfer) -> Outcome:
     try:
         # A mirror's tombstone leaves the local copy to the primary's, whose row
         # a re-save of the name locks (a mirror's is not locked by it).
-        if storage.primary is None and not delete_local_copy(
-            storage, row.name, row.while_claimed().filter(deleted=True)
+        if (
+            storage.primary is None
+            and not _needed_by_another_key(storage, row)
+            and not delete_local_copy(
+                storage, row.name, row.while_claimed().filter(deleted=True)
+            )
         ):
             return reconcile(storage, row)
         unconditional = row.was_owned and not conditional_remote(storage)
@@ -142,6 +146,34 @@ def purge_claimed(storage: QueuedStorage, row: PendingTransfer) -> Outcome:
     if unconditional:
         _requeue_overtaken(storage, row)
     return reconcile(storage, row)
+
+
+def _needed_by_another_key(storage: QueuedStorage, row: PendingTransfer) -> bool:
+    """Whether a live row of another key still has to send the local copy of
+    ``row``'s name from this host: a tombstone left by a late worker whose row
+    ``migrate_storage --finish`` carried to the new key (and any tombstone of a
+    name two keys share a local copy of) leaves that copy to the live row; the
+    purge then removes only what this key put on its own remote."""
+    # The keys this host knows (a migration's new key is the serving mirror's):
+    # each is an index lookup, where a look at every key would scan the ledger.
+    keys = (set(registry.known_keys()) | set(registry.mirror_keys())) - {
+        row.storage_key
+    }
+    if not keys:
+        return False
+    others = PendingTransfer.objects.filter(
+        storage_key__in=sorted(keys), name_hash=row.name_hash, deleted=False
+    ).exclude(status=PendingTransfer.Status.DONE)
+    if not storage.local_shared:
+        others = others.filter(host__in=PendingTransfer.hosts_here())
+    if not others.exists():
+        return False
+    logger.info(
+        "purge keeps the local copy key=%s name=%s: another key's row sends it",
+        row.storage_key,
+        row.name,
+    )
+    return True
 
 
 def _requeue_overtaken(storage: QueuedStorage, row: PendingTransfer) -> None:

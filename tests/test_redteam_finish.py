@@ -128,3 +128,26 @@ def test_finish_never_leaves_a_parked_mirror_row_held_for_ever(
     assert row.status == Status.DONE or (
         status == 3 and PendingTransfer.objects.filter(storage_key=OLD_KEY).exists()
     ), row.status
+
+
+def test_a_late_workers_tombstone_keeps_the_local_copy_another_keys_row_sends(
+    fleet: Hosts,
+) -> None:
+    """Defence in depth: an old worker's completion that found its row carried
+    away leaves a tombstone of the old key; its purge leaves the local copy to
+    the new key's queued row."""
+    migrated(fleet)
+    new = fleet.run_new()
+    name = new.save("carried.txt", content("carried to the new key"))
+    old = fleet.run_old()
+    assert PendingTransfer.objects.leave_tombstone(
+        OLD_KEY, name, row_of(new, name).host
+    )
+
+    drain(keys=[OLD_KEY])
+
+    assert not PendingTransfer.objects.filter(storage_key=OLD_KEY, name=name).exists()
+    assert old.local.exists(name)
+    new = fleet.run_new()
+    drain(keys=[NEW_KEY])
+    assert read_bytes(new.remote, name) == b"carried to the new key"
