@@ -5,9 +5,12 @@ configuration's storages registered (test_redteam_migrate's Hosts)."""
 from __future__ import annotations
 
 import time
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+from django.utils import timezone
 
 from queued_storage import ledger_sql
 from queued_storage.migration_finish import MigrationFinish, finish_migration
@@ -151,3 +154,42 @@ def test_a_late_workers_tombstone_keeps_the_local_copy_another_keys_row_sends(
     new = fleet.run_new()
     drain(keys=[NEW_KEY])
     assert read_bytes(new.remote, name) == b"carried to the new key"
+
+
+def test_finish_keeps_a_row_whose_old_worker_stopped_past_its_lease(
+    fleet: Hosts, manage: Manage
+) -> None:
+    """A worker paused past its lease may still wake and complete: its row is
+    busy, as a live one's is, until it is no longer transferring."""
+    migrated(fleet)
+    name = fleet.run_old().save("late.txt", content("saved just before the deploy"))
+    PendingTransfer.objects.filter(storage_key=OLD_KEY, name=name).update(
+        status=Status.TRANSFERRING,
+        lease_token="paused",
+        lease_expires_at=timezone.now() - timedelta(minutes=5),
+    )
+    fleet.run_new()
+
+    status, out, err = manage("migrate_storage", NEW_KEY, "--finish", OLD_KEY)
+
+    assert status == 3, err
+    assert "busy=1" in out and name in err
+    assert PendingTransfer.objects.filter(storage_key=OLD_KEY, name=name).exists()
+    assert not PendingTransfer.objects.filter(storage_key=NEW_KEY, name=name).exists()
+
+
+def test_finish_keeps_a_row_whose_local_copy_is_another_version(
+    fleet: Hosts, manage: Manage
+) -> None:
+    migrated(fleet)
+    old = fleet.run_old()
+    name = old.save("late.txt", content("the version its row records"))
+    Path(old.local.path(name)).write_bytes(b"another version")
+    fleet.run_new()
+
+    status, out, err = manage("migrate_storage", NEW_KEY, "--finish", OLD_KEY)
+
+    assert status == 3, err
+    assert "changed=1" in out and "not the version their row records" in err
+    assert PendingTransfer.objects.filter(storage_key=OLD_KEY, name=name).exists()
+    assert not PendingTransfer.objects.filter(storage_key=NEW_KEY, name=name).exists()
