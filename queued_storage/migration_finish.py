@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from queued_storage import registry
 from queued_storage.checksums import storage_sha256
+from queued_storage.conf import settings as conf
 from queued_storage.failures import ledger_db
 from queued_storage.models import PendingTransfer, retry_when_locked
 
@@ -151,10 +152,14 @@ class MigrationFinish:
     ) -> Outcome:
         """What becomes of the old key's ``row`` (locked, as is ``current``, the new
         key's row of its name)."""
-        if row.status == Status.TRANSFERRING:
+        if row.status == Status.TRANSFERRING and not _abandoned(row):
             # A worker of the old configuration uploads it, or did until its lease
-            # ran out and may still wake: dropped now, its completion would find
-            # no row and leave a tombstone whose purge removes the local copy.
+            # ran out and may still wake (dropped now, its completion would find
+            # no row and leave a tombstone). Once its lease is out and the row
+            # has not been renewed for the transfer timeout, the worker is taken
+            # for dead (transfer_status's "stuck"): the row is carried, and should
+            # the worker wake after all, the purge of its tombstone keeps the local
+            # copy that the new key's row still has to send.
             return "busy"
         if current is not None and current.generation >= row.generation:
             return "superseded" if self._wakes(current, row, db) else "busy"
@@ -325,4 +330,16 @@ def left_behind(old_key: str, counts: FinishCounts) -> str:
     return (
         "; ".join(parts)
         + f" (rows of {old_key} kept: {names}{more}; --json lists up to {LISTED})."
+    )
+
+
+def _abandoned(row: PendingTransfer) -> bool:
+    """Whether the transferring ``row``'s worker is taken for dead: its lease ran
+    out and nothing renewed it for ``QUEUED_STORAGE_TRANSFER_TIMEOUT``."""
+    now = timezone.now()
+    return (
+        not row.has_live_lease(now)
+        and row.updated_at is not None
+        and (now - row.updated_at).total_seconds()
+        >= conf.QUEUED_STORAGE_TRANSFER_TIMEOUT
     )

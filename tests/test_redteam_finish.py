@@ -193,3 +193,68 @@ def test_finish_keeps_a_row_whose_local_copy_is_another_version(
     assert "changed=1" in out and "not the version their row records" in err
     assert PendingTransfer.objects.filter(storage_key=OLD_KEY, name=name).exists()
     assert not PendingTransfer.objects.filter(storage_key=NEW_KEY, name=name).exists()
+
+
+def test_finish_carries_a_row_whose_old_worker_died_mid_upload(
+    fleet: Hosts, manage: Manage
+) -> None:
+    """Out of its lease and not renewed for the transfer timeout, the worker is
+    taken for dead: the row is carried instead of left busy for ever."""
+    migrated(fleet)
+    name = fleet.run_old().save("late.txt", content("saved just before the deploy"))
+    long_ago = timezone.now() - timedelta(days=1)
+    PendingTransfer.objects.filter(storage_key=OLD_KEY, name=name).update(
+        status=Status.TRANSFERRING,
+        lease_token="dead",
+        lease_expires_at=long_ago,
+        updated_at=long_ago,
+    )
+    new = fleet.run_new()
+
+    status, out, err = manage("migrate_storage", NEW_KEY, "--finish", OLD_KEY)
+
+    assert status == 0, err
+    assert "busy=0" in out
+    assert not PendingTransfer.objects.filter(storage_key=OLD_KEY, name=name).exists()
+    drain(keys=[NEW_KEY])
+    assert read_bytes(new.remote, name) == b"saved just before the deploy"
+
+
+def test_an_old_worker_taken_for_dead_that_wakes_after_the_finish_loses_nothing(
+    fleet: Hosts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker was only paused: it wakes after --finish carried its row, finds
+    no row, and leaves a tombstone whose purge keeps the local copy."""
+    migrated(fleet)
+    old = fleet.run_old()
+    name = old.save("late.txt", content("saved just before the deploy"))
+    upload = old.remote._save  # type: ignore[attr-defined]
+    finished: list[object] = []
+
+    def paused_past_the_timeout(saved: str, data: Any) -> str:
+        if not finished:
+            long_ago = timezone.now() - timedelta(days=1)
+            PendingTransfer.objects.filter(storage_key=OLD_KEY, name=saved).update(
+                lease_expires_at=long_ago, updated_at=long_ago
+            )
+            fleet.run_new()
+            finished.append(finish_migration(NEW_KEY, OLD_KEY))
+            fleet.run_old()
+        written: str = upload(saved, data)
+        return written
+
+    monkeypatch.setattr(old.remote, "_save", paused_past_the_timeout)
+    drain(keys=[OLD_KEY, NEW_KEY])
+    assert finished
+    assert not PendingTransfer.objects.filter(storage_key=OLD_KEY, name=name).exists()
+
+    # Its local copy is kept for the new key's row; the old worker, which took
+    # that row for a mirror's copy, handed it back due after the retry delay.
+    new = fleet.run_new()
+    assert new.local.exists(name)
+    PendingTransfer.objects.filter(storage_key=NEW_KEY, name=name).update(
+        next_attempt_at=timezone.now()
+    )
+    drain(keys=[NEW_KEY])
+    assert read_bytes(new.remote, name) == b"saved just before the deploy"
+    assert read_bytes(new, name) == b"saved just before the deploy"
