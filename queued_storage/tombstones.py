@@ -19,6 +19,7 @@ from queued_storage.models import (
     PendingTransferQuerySet,
     retry_when_locked,
 )
+from queued_storage.places import Place, place
 
 if TYPE_CHECKING:
     from queued_storage.backends import QueuedStorage
@@ -156,8 +157,11 @@ def _needed_by_another_key(storage: QueuedStorage, row: PendingTransfer) -> bool
     purge then removes only what this key put on its own remote."""
     # The keys this host knows (a migration's new key is the serving mirror's):
     # each is an index lookup, where a look at every key would scan the ledger.
-    keys = (set(registry.known_keys()) | set(registry.mirror_keys())) - {
-        row.storage_key
+    # Only keys whose local side is this storage's directory share its copy.
+    keys = {
+        key
+        for key in set(registry.known_keys()) | set(registry.mirror_keys())
+        if key != row.storage_key and _same_local(storage, key)
     }
     if not keys:
         return False
@@ -174,6 +178,21 @@ def _needed_by_another_key(storage: QueuedStorage, row: PendingTransfer) -> bool
         row.name,
     )
     return True
+
+
+def _same_local(storage: QueuedStorage, key: str) -> bool:
+    """Whether the storage of ``key`` keeps its local copies where ``storage``
+    does (a mirror's are its primary's); True when that cannot be told, which
+    keeps a copy (a leftover file, never a lost one)."""
+    try:
+        other = registry.get(key)
+    except Exception:  # a key two storages claim: cannot tell
+        return True
+    return other is None or _local_place(other) == _local_place(storage)
+
+
+def _local_place(storage: QueuedStorage) -> Place:
+    return place(storage.local_alias or storage.local_path, storage.local_options)
 
 
 def _requeue_overtaken(storage: QueuedStorage, row: PendingTransfer) -> None:

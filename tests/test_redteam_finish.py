@@ -258,3 +258,23 @@ def test_an_old_worker_taken_for_dead_that_wakes_after_the_finish_loses_nothing(
     drain(keys=[NEW_KEY])
     assert read_bytes(new.remote, name) == b"saved just before the deploy"
     assert read_bytes(new, name) == b"saved just before the deploy"
+
+
+def test_a_purge_removes_the_local_copy_another_storage_of_the_name_does_not_share(
+    make_storage: Any,
+) -> None:
+    """The defence keeps a copy for another key's row only where that key keeps
+    its local copies too: a storage in another directory with a pending row of
+    the same name does not keep a deleted file's copy here."""
+    mine = make_storage()
+    other = make_storage()
+    name = mine.save("same.txt", content("mine"))
+    assert other.save("same.txt", content("other's")) == name
+    drain(keys=[mine.key])
+    mine.delete(name)
+
+    drain(keys=[mine.key])
+
+    assert not mine.local.exists(name)
+    assert other.local.exists(name)
+    assert row_of(other, name).status == Status.QUEUED
