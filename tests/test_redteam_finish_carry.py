@@ -11,6 +11,8 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
 from django.db import connection, transaction
 from django.test import override_settings
 from django.utils import timezone
@@ -26,6 +28,7 @@ from tests.test_redteam_migrate import (  # noqa: F401 (hosts: the fixture)
     NEW_KEY,
     OLD_KEY,
     Hosts,
+    Manage,
     hosts,
     migrated,
 )
@@ -570,3 +573,47 @@ def test_finish_on_a_host_whose_clock_is_ahead_carries_a_file_that_is_sent_now(
     assert carried.next_attempt_at <= timezone.now()
     drain(keys=[NEW_KEY])  # the switched hosts' workers, on the right time
     assert read_bytes(deploy.new.remote, name) == b"saved just before the deploy"
+
+
+TIMEOUT_READ_MID_RUN = pytest.mark.xfail(
+    strict=True,
+    reason="invariant 8: call_command skips the system checks, and --finish reads "
+    "QUEUED_STORAGE_TRANSFER_TIMEOUT (refused at 0, ImproperlyConfigured) only "
+    "at the first transferring row whose lease is out (_abandoned), after the "
+    "pages before it were committed: a misconfiguration changes rows before its "
+    "error",
+)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param("manage", id="manage.py"),
+        pytest.param("call_command", id="call_command", marks=TIMEOUT_READ_MID_RUN),
+    ],
+)
+def test_a_transfer_timeout_of_0_is_refused_before_finish_changes_anything(
+    deploy: Hosts, manage: Manage, command: str
+) -> None:
+    migrated(deploy)
+    old = deploy.run_old()
+    first = old.save("late-1.txt", content("late 1"))
+    dead = old.save("late-2.txt", content("late 2"))
+    assert PendingTransfer.objects.filter(storage_key=OLD_KEY, name=dead).update(
+        status=Status.TRANSFERRING, lease_token="dead"
+    )
+    taken_for_dead(dead)
+    before = sorted(PendingTransfer.objects.values_list("storage_key", "name"))
+    deploy.run_new()
+    argv = [NEW_KEY, "--finish", OLD_KEY, "--batch-size", "1"]
+
+    with override_settings(QUEUED_STORAGE_TRANSFER_TIMEOUT=0):
+        if command == "manage":
+            status, _out, err = manage("migrate_storage", *argv)
+            assert status == 1 and "E007" in err, err
+        else:
+            with pytest.raises(ImproperlyConfigured):
+                call_command("migrate_storage", *argv)
+
+    assert sorted(PendingTransfer.objects.values_list("storage_key", "name")) == before
+    assert not PendingTransfer.objects.filter(storage_key=NEW_KEY, name=first)
