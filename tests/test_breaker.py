@@ -47,6 +47,7 @@ from tests.helpers import (
     content,
     in_thread,
     joined,
+    lanes_returned,
     row_of,
 )
 from tests.storages import HangingStorage
@@ -339,9 +340,7 @@ def test_an_upload_that_hangs_past_the_timeout_counts_as_the_remotes_failure(
     finally:
         hanging.released.set()
     assert hanging.returned.wait(timeout=30)
-    for thread in threading.enumerate():
-        if thread.name.startswith("queued-storage-worker"):
-            thread.join(timeout=30)
+    assert lanes_returned()
     # Its late return loses its record, but the remote took the file: it works.
     assert row_of(storage, name).status == Status.QUEUED
     assert controls_of(storage, breaker_clock).breaker == BREAKER_CLOSED
