@@ -190,9 +190,9 @@ def _bytes_per_minute(value: float) -> str:
     return gettext("%(size)s/min") % {"size": filesizeformat(int(value))}
 
 
-def _every_six_hours(at: datetime) -> bool:
-    """The day chart's axis labels: 00:00, 06:00, 12:00 and 18:00, local time."""
-    local = timezone.localtime(at) if timezone.is_aware(at) else at  # USE_TZ False
+def _every_six_hours(local: datetime) -> bool:
+    """The day chart's axis labels: 00:00, 06:00, 12:00 and 18:00, local time
+    (``bar_chart`` hands a tick the bar's start in the current time zone)."""
     return local.minute == 0 and local.hour % 6 == 0
 
 
