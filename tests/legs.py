@@ -9,8 +9,14 @@ that Python's other legs, where they are deselected (the matrix summary counts
 them under "desel."). Without that variable every test runs, so a plain
 ``QUEUED_STORAGE_TEST_DB=postgresql pytest`` still runs the whole suite.
 
-A test module is marked here, by name, or a test marks itself with
-``@pytest.mark.any_database``.
+A test marked ``one_leg`` depends on neither the database nor the Django
+version (the source's layout, the matrix's own plumbing), or is an end-to-end
+run whose parts every leg tests: it runs on the matrix's first sqlite leg only.
+tests/run_matrix.py sets ``QUEUED_STORAGE_TEST_ELSEWHERE=one_leg`` on the legs
+that leave it to that one (``=1`` leaves both kinds).
+
+A test module is marked here, by name (``MODULES``, ``ONE_LEG_MODULES``), or a
+test marks itself with ``@pytest.mark.any_database`` or ``one_leg``.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ import pytest
 
 ELSEWHERE_ENV = "QUEUED_STORAGE_TEST_ELSEWHERE"
 MARKER = "any_database"
+ONE_LEG = "one_leg"
+#: What each value of ELSEWHERE_ENV deselects.
+LEFT: dict[str, tuple[str, ...]] = {"1": (MARKER, ONE_LEG), ONE_LEG: (ONE_LEG,)}
 
 #: Test modules whose every test is ``any_database``, with the reason.
 MODULES: dict[str, str] = {
@@ -45,12 +54,35 @@ MODULES: dict[str, str] = {
 }
 
 
+#: Test modules whose every test is ``one_leg``, with the reason.
+ONE_LEG_MODULES: dict[str, str] = {
+    "tests.test_layout": "reads the package's source: its modules and imports",
+    "tests.test_layout_tests": "reads the tests' source: fixtures and helpers",
+    "tests.test_legs": "the matrix's plumbing, run in subprocesses of its own",
+    # 1,000 files through two moto buckets, a killed worker and the switch
+    # (50-80 s): adoption, mirror copies, --check and --finish, each on every
+    # leg in tests/test_migration*.py and tests/test_redteam_*.py.
+    "tests.test_migration_e2e": "the whole migration end to end, on one leg",
+}
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         f"{MARKER}: does not depend on the database vendor; tests/run_matrix.py "
         "runs it on one leg per Python (see tests/legs.py)",
     )
+    config.addinivalue_line(
+        "markers",
+        f"{ONE_LEG}: depends on neither the database nor the Django version; "
+        "tests/run_matrix.py runs it on one leg (see tests/legs.py)",
+    )
+    value = os.environ.get(ELSEWHERE_ENV, "")
+    if value and value not in LEFT:
+        raise pytest.UsageError(
+            f"{ELSEWHERE_ENV}={value!r}: use one of {', '.join(sorted(LEFT))} "
+            "(tests/legs.py), or leave it unset to run every test."
+        )
 
 
 def pytest_collection_modifyitems(
@@ -60,10 +92,17 @@ def pytest_collection_modifyitems(
         module = getattr(item, "module", None)
         if module is not None and module.__name__ in MODULES:
             item.add_marker(MARKER)
-    if os.environ.get(ELSEWHERE_ENV) != "1":
+        if module is not None and module.__name__ in ONE_LEG_MODULES:
+            item.add_marker(ONE_LEG)
+    left = LEFT.get(os.environ.get(ELSEWHERE_ENV, ""), ())
+    if not left:
         return
-    kept = [item for item in items if item.get_closest_marker(MARKER) is None]
-    deselected = [item for item in items if item.get_closest_marker(MARKER)]
+
+    def elsewhere(item: pytest.Item) -> bool:
+        return any(item.get_closest_marker(marker) for marker in left)
+
+    kept = [item for item in items if not elsewhere(item)]
+    deselected = [item for item in items if elsewhere(item)]
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = kept

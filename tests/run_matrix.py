@@ -17,6 +17,8 @@ loud warning.
 Tests marked ``any_database`` (tests/legs.py says which and why) run on the
 sqlite leg of each Python and are deselected on its other legs; a Python without
 a sqlite leg in the matrix runs them everywhere, so no test leaves every leg.
+Tests marked ``one_leg`` run on the first runnable sqlite leg (else the first
+runnable leg) only.
 
 QUEUED_STORAGE_TEST_JOBS=N runs up to N legs at once (default 1): each leg's
 output goes to test-results/<leg>.log and is printed whole when the leg ends.
@@ -65,8 +67,10 @@ class Leg:
     vendor: str
     #: e.g. "dj5.2-py3.11", from the interpreter itself; "" when it cannot run.
     version: str = ""
-    #: Deselect the ``any_database`` tests: this Python's sqlite leg runs them.
-    elsewhere: bool = False
+    #: What the leg leaves to another (tests/legs.py): "1", the
+    #: ``any_database`` and ``one_leg`` tests (this Python's sqlite leg runs
+    #: them); "one_leg", those only; "" none.
+    elsewhere: str = ""
 
     @property
     def name(self) -> str:
@@ -167,7 +171,7 @@ def run_pytest(leg: Leg, pytest_args: list[str], buffered: bool) -> RunResult:
     env = {**os.environ, ENV_VAR: leg.vendor}
     env.pop(ELSEWHERE_ENV, None)
     if leg.elsewhere:
-        env[ELSEWHERE_ENV] = "1"
+        env[ELSEWHERE_ENV] = leg.elsewhere
     # A run id of the leg's own (tests/databases.py): concurrent legs never share
     # a test database, a Celery queue or a SQLite file.
     env.pop("QUEUED_STORAGE_TEST_RUN", None)
@@ -184,7 +188,7 @@ def run_pytest(leg: Leg, pytest_args: list[str], buffered: bool) -> RunResult:
     shown = " ".join(shlex.quote(c) for c in command)
     prefix = f"{ENV_VAR}={leg.vendor}"
     if leg.elsewhere:
-        prefix += f" {ELSEWHERE_ENV}=1"
+        prefix += f" {ELSEWHERE_ENV}={leg.elsewhere}"
     header = f"\n===== leg {leg.name} =====\n$ {prefix} {shown}\n"
     started = time.monotonic()
     tail: list[str] = []
@@ -282,16 +286,14 @@ def selected_legs() -> list[Leg]:
 
 
 def prepare(legs: list[Leg]) -> list[RunResult]:
-    """Name each leg after its interpreter, mark the legs whose Python has a
-    sqlite leg here, and return the results of the legs that cannot run."""
+    """Name each leg after its interpreter, say what each leaves to another leg
+    (:func:`assign_elsewhere`), and return the results of the legs that cannot
+    run."""
     versions: dict[str, tuple[str, str | None]] = {}
     for leg in legs:
         if leg.python not in versions:
             versions[leg.python] = interpreter_version(leg.python)
         leg.version = versions[leg.python][0]
-    with_sqlite = {leg.python for leg in legs if leg.vendor == "sqlite"}
-    for leg in legs:
-        leg.elsewhere = leg.vendor != "sqlite" and leg.python in with_sqlite
     unusable: list[RunResult] = []
     probes: dict[str, str | None] = {}
     for leg in legs:
@@ -311,7 +313,25 @@ def prepare(legs: list[Leg]) -> list[RunResult]:
                 f"!! The suite is NOT being run on {leg.name}."
             )
             unusable.append(RunResult(leg, "SKIPPED", problem))
+    cannot = {id(result.leg) for result in unusable}
+    assign_elsewhere([leg for leg in legs if id(leg) not in cannot])
     return unusable
+
+
+def assign_elsewhere(legs: list[Leg]) -> None:
+    """Mark what each of the runnable ``legs`` leaves to another: a server leg of
+    a Python with a sqlite leg leaves it the ``any_database`` tests; every leg but
+    the first sqlite one (else the first) leaves it the ``one_leg`` tests."""
+    with_sqlite = {leg.python for leg in legs if leg.vendor == "sqlite"}
+    sqlite = [leg for leg in legs if leg.vendor == "sqlite"]
+    first = (sqlite or legs)[0] if legs else None
+    for leg in legs:
+        if leg.vendor != "sqlite" and leg.python in with_sqlite:
+            leg.elsewhere = "1"
+        elif leg is not first:
+            leg.elsewhere = "one_leg"
+        else:
+            leg.elsewhere = ""
 
 
 def jobs() -> int:
@@ -368,14 +388,16 @@ def main(pytest_args: list[str]) -> int:
         cpu = f"{r.cpu:.1f}s" if r.seconds else "-"
         detail = r.detail
         if r.leg.elsewhere:
-            detail = "; ".join(filter(None, [detail, "any_database: on sqlite"]))
+            left = {"1": "any_database: on sqlite", "one_leg": "one_leg: on the first"}
+            detail = "; ".join(filter(None, [detail, left[r.leg.elsewhere]]))
         print(
             f"{r.leg.name:<24}{r.status:<9}{passed:>7}{failed:>7}{skipped:>8}"
             f"{deselected:>8}{took:>8}{cpu:>8}  {detail}"
         )
     print(
         "desel.: tests deselected by -k/-m and, where it says so, the any_database "
-        f"tests that the same Python's sqlite leg runs (tests/legs.py); "
+        "tests that the same Python's sqlite leg runs and the one_leg tests that "
+        f"the first sqlite leg runs (tests/legs.py); "
         f"{len(runnable)} legs, {workers} at a time, {wall:.1f}s; load average "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )

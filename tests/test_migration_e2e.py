@@ -167,8 +167,8 @@ class Reader(threading.Thread):
 
 
 # Processes, moto and a reader on two cores: about 80 s. What the ledger's SQL
-# does on each database, the command's tests check on every leg.
-@pytest.mark.any_database
+# does on each database, the command's tests check on every leg; one leg runs it
+# (tests/legs.py).
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
 def test_a_live_site_moves_to_a_new_bucket_through_a_crash_and_never_misses_a_file(
