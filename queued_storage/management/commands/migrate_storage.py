@@ -47,10 +47,11 @@ class Command(LedgerCommand):
         "Interrupted, it resumes when run again. --check only reports: exit "
         "status 0 when ready to switch, 1 when not. Otherwise 1 when "
         "interrupted, 2 for bad arguments, 3 when files need a person (failed "
-        "copies). After the switch, on every host: migrate_storage NEW_KEY "
-        "--finish OLD_KEY queues the copy of the files saved on the old "
-        "configuration since (from their local copies) and drops the old key's "
-        "rows; 3 when some files are only on the old remote."
+        "copies). After the switch, once: migrate_storage NEW_KEY --finish "
+        "OLD_KEY queues the copy of the files saved on the old configuration "
+        "since (from their local copies) and drops the old key's rows; 3 when "
+        "rows are left (files only on the old remote, on another host's disk: "
+        "run it there, or being copied: run it again)."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
