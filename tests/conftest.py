@@ -65,7 +65,7 @@ from tests.tools import require_module
 # own, run in processes of their own.
 collect_ignore = ["legacy08"]
 # The any_database marker and its deselection on the matrix's server legs.
-pytest_plugins = ["tests.legs"]
+pytest_plugins = ["tests.legs", "tests.flushing"]
 
 _keys = itertools.count()
 
