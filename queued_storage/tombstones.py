@@ -5,9 +5,12 @@ compare-and-set, and the locked removal of a local copy (invariant 5)."""
 from __future__ import annotations
 
 import logging
+from functools import reduce
+from operator import or_
 from typing import TYPE_CHECKING, Any
 
-from django.db import transaction
+from django.db import connections, transaction
+from django.db.models import Q
 
 from queued_storage import conditional, registry
 from queued_storage.conf import settings as conf
@@ -124,9 +127,7 @@ def purge_claimed(storage: QueuedStorage, row: PendingTransfer) -> Outcome:
         if (
             storage.primary is None
             and not _needed_by_another_key(storage, row)
-            and not delete_local_copy(
-                storage, row.name, row.while_claimed().filter(deleted=True)
-            )
+            and not _purge_local_copy(storage, row)
         ):
             return reconcile(storage, row)
         unconditional = row.was_owned and not conditional_remote(storage)
@@ -149,33 +150,170 @@ def purge_claimed(storage: QueuedStorage, row: PendingTransfer) -> Outcome:
     return reconcile(storage, row)
 
 
-def _needed_by_another_key(storage: QueuedStorage, row: PendingTransfer) -> bool:
-    """Whether a live row of another key still has to send the local copy of
-    ``row``'s name from this host: a tombstone left by a late worker whose row
-    ``migrate_storage --finish`` carried to the new key (and any tombstone of a
-    name two keys share a local copy of) leaves that copy to the live row; the
-    purge then removes only what this key put on its own remote."""
-    # The keys this host knows (a migration's new key is the serving mirror's):
-    # each is an index lookup, where a look at every key would scan the ledger.
-    # Only keys whose local side is this storage's directory share its copy.
-    keys = {
+@retry_when_locked
+def _purge_local_copy(
+    storage: QueuedStorage,
+    row: PendingTransfer,
+    still: PendingTransferQuerySet | None = None,
+) -> bool:
+    """Delete the local copy of the tombstone ``row`` unless another key's row
+    needs it, both decided under locks; False when the tombstone is no longer
+    as ``still`` selects it (by default: this claim's; the purge reconciles).
+
+    The tombstone's lock serialises the delete with a save of this key; another
+    key's save writes its row first and locks only that. So the other keys'
+    rows of the name are locked here and looked at again (one a save holds
+    keeps the file), and where a key that saves to this directory has no row
+    of the name, an uncommitted slot of it is taken: a save's row going in
+    meanwhile is waited for and seen, and one that comes after waits for the
+    delete, then writes its file. A file kept is at worst an orphan for
+    ``clean_local_copies``; a file deleted under a save would be lost."""
+    db = ledger_db()
+    with transaction.atomic(using=db):
+        if still is None:
+            still = row.while_claimed().filter(deleted=True)
+        if not still.using(db).lock():
+            return False
+        slots = _take_slots(storage, row, db)
+        try:
+            if not _needed_by_another_key(storage, row, db=db, slots=slots):
+                storage.local.delete(row.name)
+        finally:
+            if slots:
+                PendingTransfer.objects.using(db).filter(
+                    pk__in=[slot.pk for slot in slots]
+                ).delete()
+    return True
+
+
+def _take_slots(
+    storage: QueuedStorage, row: PendingTransfer, db: str
+) -> list[PendingTransfer]:
+    """Rows of ``row``'s name, inserted in the purge's transaction (and removed
+    before it commits) for the keys that save to this storage's directory and
+    have none: the unique constraint makes a save's row of the name wait for
+    the purge, or the purge for the save's (PostgreSQL has no lock on a row
+    that is not there)."""
+    keys = _saving_keys(_other_keys(storage, row))
+    manager = PendingTransfer.objects.using(db)
+    if keys:
+        # A key with a row of the name is locked by its row (skipped when a
+        # save holds it): the insert would wait for that save.
+        keys -= set(
+            manager.filter(
+                storage_key__in=sorted(keys), name_hash=row.name_hash
+            ).values_list("storage_key", flat=True)
+        )
+    if not keys:
+        return []
+    slots = [
+        PendingTransfer(
+            storage_key=key,
+            name=row.name,
+            name_hash=row.name_hash,
+            deleted=True,
+            host=row.host,
+        )
+        for key in sorted(keys)
+    ]
+    manager.bulk_create(slots, ignore_conflicts=True)
+    taken = set(
+        manager.filter(
+            reduce(
+                or_,
+                (Q(storage_key=s.storage_key, generation=s.generation) for s in slots),
+            ),
+            name_hash=row.name_hash,
+        ).values_list("pk", "storage_key")
+    )
+    by_key = {key: pk for pk, key in taken}
+    found = []
+    for slot in slots:
+        if slot.storage_key in by_key:
+            slot.pk = by_key[slot.storage_key]
+            found.append(slot)
+    return found
+
+
+def _other_keys(storage: QueuedStorage, row: PendingTransfer) -> set[str]:
+    """The keys this host knows whose local copies are where ``storage``'s are
+    (a migration's new key is the serving mirror's): each is an index lookup,
+    where a look at every key would scan the ledger."""
+    return {
         key
         for key in set(registry.known_keys()) | set(registry.mirror_keys())
         if key != row.storage_key and _same_local(storage, key)
     }
+
+
+def _needed_by_another_key(
+    storage: QueuedStorage,
+    row: PendingTransfer,
+    *,
+    db: str | None = None,
+    slots: list[PendingTransfer] | None = None,
+) -> bool:
+    """Whether a live row of another key still has to send the local copy of
+    ``row``'s name from this host: a tombstone left by a late worker whose row
+    ``migrate_storage --finish`` carried to the new key (and any tombstone of a
+    name two keys share a local copy of) leaves that copy to the live row; the
+    purge then removes only what this key put on its own remote. ``db``: in the
+    purge's transaction, with the tombstone locked (:func:`_purge_local_copy`):
+    the other keys' rows are locked too, and one a save holds keeps the copy;
+    ``slots``: the rows it inserted, which are no one's."""
+    keys = _other_keys(storage, row)
     if not keys:
         return False
-    others = PendingTransfer.objects.filter(
-        storage_key__in=sorted(keys), name_hash=row.name_hash, deleted=False
-    ).exclude(status=PendingTransfer.Status.DONE)
+    rows = PendingTransfer.objects.using(db or ledger_db()).filter(
+        storage_key__in=sorted(keys), name_hash=row.name_hash
+    )
+    if slots:
+        rows = rows.exclude(pk__in=[slot.pk for slot in slots])
+    if db is not None and connections[db].features.has_select_for_update:
+        seen = set(rows.values_list("pk", flat=True))
+        # Skipped, not waited for: the save that holds a row may be a request
+        # whose transaction waits for this very purge.
+        skip = connections[db].features.has_select_for_update_skip_locked
+        locked = set(
+            rows.order_by("pk")
+            .select_for_update(skip_locked=skip)
+            .values_list("pk", flat=True)
+        )
+        if seen - locked:
+            return _kept(row, "another key's save holds its row")
+    others = rows.filter(deleted=False).exclude(status=PendingTransfer.Status.DONE)
     if not storage.local_shared:
         others = others.filter(host__in=PendingTransfer.hosts_here())
-    if not others.exists():
-        return False
+    if others.exists():
+        return _kept(row, "another key's row sends it")
+    return False
+
+
+def _saving_keys(keys: set[str]) -> set[str]:
+    """Those of ``keys`` that a save writes rows of: a storage's own key, or a
+    serving mirror's (the key the storage switches to, which switched hosts
+    save to while this host runs the old configuration)."""
+    found = set()
+    for key in keys:
+        try:
+            other = registry.get(key)
+        except Exception:  # a key two storages claim: cannot tell
+            other = None
+        if (
+            other is None
+            or other.primary is None
+            or other.primary.serving_mirror == other.mirror_name
+        ):
+            found.add(key)
+    return found
+
+
+def _kept(row: PendingTransfer, why: str) -> bool:
     logger.info(
-        "purge keeps the local copy key=%s name=%s: another key's row sends it",
+        "purge keeps the local copy key=%s name=%s: %s",
         row.storage_key,
         row.name,
+        why,
     )
     return True
 
@@ -253,4 +391,4 @@ def purge(storage: QueuedStorage, pk: int, generation: int) -> None:
     ):
         # A worker holds the row: the remote copy is its to remove. The local copy
         # is the deleted version's and goes now, so that the name is free at once.
-        delete_local_copy(storage, tombstone.name, tombstone.while_deleted())
+        _purge_local_copy(storage, tombstone, tombstone.while_deleted())

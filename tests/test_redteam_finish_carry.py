@@ -102,14 +102,6 @@ def drain_new(deploy: Hosts) -> None:
     drain(keys=[NEW_KEY])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="check, then act in purge_claimed: _needed_by_another_key reads the new "
-    "key's row unlocked (done: the copy is not needed), then delete_local_copy "
-    "locks only the old key's tombstone; a re-save on a switched host locks only "
-    "the new key's row, so it writes the local file between the two and the "
-    "late worker's purge deletes the new version's only copy",
-)
 def test_a_switched_hosts_re_save_during_a_late_workers_purge_keeps_its_file(
     deploy: Hosts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -149,15 +141,6 @@ def test_a_switched_hosts_re_save_during_a_late_workers_purge_keeps_its_file(
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.xfail(
-    strict=True,
-    reason="the same gap, as wide as a request: a switched host's save in the "
-    "request's transaction (ATOMIC_REQUESTS) writes the local file and locks "
-    "only the new key's row; the late tombstone's purge on an old host, on its "
-    "own connection, reads the new key's row as last committed (done), takes "
-    "only the old key's tombstone's lock and deletes the file; the request then "
-    "commits a queued row whose local copy is gone",
-)
 def test_a_late_purge_during_a_switched_hosts_saving_request_keeps_the_file(
     deploy: Hosts,
 ) -> None:
