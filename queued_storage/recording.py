@@ -123,17 +123,20 @@ class RecordingQuerySet(_LedgerQuerySet):
             **fresh,
         }
 
-    def leave_tombstone(self, key: str, name: str, host: str) -> bool:
+    def leave_tombstone(
+        self, key: str, name: str, host: str, *, remote_owned: bool = True
+    ) -> bool:
         """Insert a due tombstone for ``name``, which has no row, so that a worker
-        holding its lease removes an object a late upload left at the name; True
-        if inserted, False (nothing written) when the name has a row again."""
+        holding its lease removes an object a late upload left at the name
+        (``remote_owned=False``: the object is left there); True if inserted,
+        False (nothing written) when the name has a row again."""
         now = timezone.now()
         row = self.model(
             storage_key=key,
             name=name,
             name_hash=name_hash(name),
             deleted=True,
-            remote_owned=True,
+            remote_owned=remote_owned,
             next_attempt_at=now,
             host=host,
             created_at=now,

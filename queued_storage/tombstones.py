@@ -90,7 +90,10 @@ def reconcile(
     current = PendingTransfer.objects.filter(pk=row.pk).first()
     if current is None:
         if wrote and not PendingTransfer.objects.leave_tombstone(
-            row.storage_key, row.name, row.host
+            row.storage_key,
+            row.name,
+            row.host,
+            remote_owned=not _carried(storage, row),
         ):
             # Saved again just now: the new row owns what we left.
             PendingTransfer.objects.for_name(row.storage_key, row.name).update(
@@ -113,6 +116,28 @@ def reconcile(
     if current.lease_token == row.lease_token:
         current.release(held=storage.delayed)
     return Outcome.STALE
+
+
+def _carried(storage: QueuedStorage, row: PendingTransfer) -> bool:
+    """Whether the vanished ``row`` was carried to the key the storage moves to
+    (``migrate_storage --finish`` dropped it, and its serving mirror's key has a
+    live row of the name): then the object a late upload left on this key's
+    remote, the old bucket, is left there, as the migration never deletes from
+    it. A name deleted has no live row of that key: the late object goes."""
+    if storage.serving_mirror is None:
+        return False
+    key = storage.mirror_key(storage.serving_mirror)
+    if not (
+        PendingTransfer.objects.for_name(key, row.name).filter(deleted=False).exists()
+    ):
+        return False
+    logger.info(
+        "late upload left on the old remote key=%s name=%s: carried to %s",
+        row.storage_key,
+        row.name,
+        key,
+    )
+    return True
 
 
 def purge_claimed(storage: QueuedStorage, row: PendingTransfer) -> Outcome:

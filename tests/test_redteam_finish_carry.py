@@ -285,21 +285,10 @@ def test_an_old_hosts_re_save_before_the_old_worker_wakes_reaches_the_new_remote
     assert read_bytes(new.remote, name) == b"version B on an old host"
 
 
-LATE_PURGE_DELETES_THE_OLD_BUCKET = pytest.mark.xfail(
-    strict=True,
-    reason="a worker taken for dead whose row --finish carried wakes, uploads to "
-    "the old bucket, loses its completion and leaves a tombstone of the old key "
-    "(reconcile, wrote=True, remote_owned=True); an old host's worker purges it "
-    "and deletes the old bucket's object, which README says the migration never "
-    "deletes from: the old bucket had the file at the version before, and ends "
-    "with none",
-)
-
-
 @pytest.mark.parametrize(
     "wrote",
     [
-        pytest.param(True, id="wrote", marks=LATE_PURGE_DELETES_THE_OLD_BUCKET),
+        pytest.param(True, id="wrote"),
         pytest.param(False, id="never-wrote"),
     ],
 )
