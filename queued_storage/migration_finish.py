@@ -7,20 +7,25 @@ are only on the old remote. The old remote is never touched."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import reduce
 from operator import or_
 from typing import TYPE_CHECKING, Any, Literal
 
 from django.db import transaction
 from django.db.models import Q
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from queued_storage import registry
 from queued_storage.checksums import storage_sha256
 from queued_storage.conf import settings as conf
 from queued_storage.failures import ledger_db
-from queued_storage.models import PendingTransfer, retry_when_locked
+from queued_storage.models import (
+    PendingTransfer,
+    PendingTransferQuerySet,
+    retry_when_locked,
+)
 
 if TYPE_CHECKING:
     from queued_storage.backends import QueuedStorage
@@ -82,6 +87,10 @@ class MigrationFinish:
     old_key: str
     page_size: int = DEFAULT_PAGE_SIZE
     counts: FinishCounts = field(default_factory=FinishCounts)
+    #: ``QUEUED_STORAGE_TRANSFER_TIMEOUT``, read (and checked) before any write.
+    timeout: float = field(default_factory=lambda: conf.QUEUED_STORAGE_TRANSFER_TIMEOUT)
+    #: The locked page's transferring rows whose worker is taken for dead.
+    _dead: set[int] = field(default_factory=set, repr=False)
 
     def old_rows(self) -> Any:
         return PendingTransfer.objects.filter(storage_key=self.old_key)
@@ -117,6 +126,11 @@ class MigrationFinish:
             pks = [row.pk for row in page]
             manager.filter(pk__in=pks).lock()
             page = list(manager.filter(pk__in=pks, deleted=False).order_by("pk"))
+            self._dead = set(
+                _dead(manager.filter(pk__in=pks), self.timeout).values_list(
+                    "pk", flat=True
+                )
+            )
             # Locked: a save on a switched host bumps the generation of a row of
             # the new key under its lock; a carried row never replaces it.
             newer = {
@@ -152,7 +166,7 @@ class MigrationFinish:
     ) -> Outcome:
         """What becomes of the old key's ``row`` (locked, as is ``current``, the new
         key's row of its name)."""
-        if row.status == Status.TRANSFERRING and not _abandoned(row):
+        if row.status == Status.TRANSFERRING and row.pk not in self._dead:
             # A worker of the old configuration uploads it, or did until its lease
             # ran out and may still wake (dropped now, its completion would find
             # no row and leave a tombstone). Once its lease is out and the row
@@ -188,7 +202,7 @@ class MigrationFinish:
         return bool(
             PendingTransfer.objects.using(db)
             .filter(pk=current.pk, generation=current.generation, status=Status.HELD)
-            .update(status=Status.QUEUED, next_attempt_at=now, updated_at=now)
+            .update(status=Status.QUEUED, next_attempt_at=Now(), updated_at=now)
         )
 
     def _local_copy_is(self, row: PendingTransfer) -> bool:
@@ -248,10 +262,14 @@ class MigrationFinish:
 
 def _waiting(row: PendingTransfer, now: datetime) -> dict[str, Any]:
     """A carried file's copy waits as the old key's row did: held (a delayed
-    storage's, for ``transfer()``) or queued, due now."""
+    storage's, for ``transfer()``) or queued, due now. Now by this host's clock,
+    or by the clock of the host that last wrote the old row when that is
+    earlier: a finishing host whose clock is ahead would leave the copy due
+    only once the workers' clocks catch up."""
     if row.status == Status.HELD:
         return {"status": Status.HELD, "next_attempt_at": None}
-    return {"status": Status.QUEUED, "next_attempt_at": now}
+    due = now if row.updated_at is None else min(now, row.updated_at)
+    return {"status": Status.QUEUED, "next_attempt_at": due}
 
 
 def finish_migration(
@@ -259,7 +277,9 @@ def finish_migration(
 ) -> FinishCounts:
     """:class:`MigrationFinish` of the old key ``old_key`` into the storage of
     ``key``; :class:`CannotFinish` before anything is written when this
-    configuration still uses ``old_key`` or knows no storage ``key``."""
+    configuration still uses ``old_key`` or knows no storage ``key``;
+    ``ImproperlyConfigured`` for a setting it reads, before anything either."""
+    timeout = conf.QUEUED_STORAGE_TRANSFER_TIMEOUT
     known = set(registry.known_keys()) | set(registry.mirror_keys())
     if old_key in known:
         raise CannotFinish(
@@ -280,7 +300,7 @@ def finish_migration(
             "pass the key of the storage after the switch."
         )
     storage._registered()  # KeyConflict before a row is written
-    return MigrationFinish(storage, old_key, page_size=page_size).run()
+    return MigrationFinish(storage, old_key, page_size=page_size, timeout=timeout).run()
 
 
 def finish_line(key: str, old_key: str, counts: FinishCounts) -> str:
@@ -333,13 +353,23 @@ def left_behind(old_key: str, counts: FinishCounts) -> str:
     )
 
 
-def _abandoned(row: PendingTransfer) -> bool:
-    """Whether the transferring ``row``'s worker is taken for dead: its lease ran
-    out and nothing renewed it for ``QUEUED_STORAGE_TRANSFER_TIMEOUT``."""
-    now = timezone.now()
-    return (
-        not row.has_live_lease(now)
-        and row.updated_at is not None
-        and (now - row.updated_at).total_seconds()
-        >= conf.QUEUED_STORAGE_TRANSFER_TIMEOUT
-    )
+def _abandoned(row: PendingTransfer, timeout: float | None = None) -> bool:
+    """Whether the transferring ``row``'s worker is taken for dead, as the
+    ledger has it now: its lease ran out and nothing renewed it for ``timeout``
+    (``QUEUED_STORAGE_TRANSFER_TIMEOUT``)."""
+    if timeout is None:
+        timeout = conf.QUEUED_STORAGE_TRANSFER_TIMEOUT
+    rows = PendingTransfer.objects.using(ledger_db()).filter(pk=row.pk)
+    return bool(_dead(rows, timeout).exists())
+
+
+def _dead(rows: PendingTransferQuerySet, timeout: float) -> PendingTransferQuerySet:
+    """Those of the transferring ``rows`` whose worker is taken for dead: out of
+    their lease, and not renewed for ``timeout`` seconds, both by the database's
+    clock (the finishing host's may be ahead of the worker's, and would take a
+    live worker for dead)."""
+    now = Now()
+    return rows.filter(
+        status=Status.TRANSFERRING,
+        updated_at__lte=now - timedelta(seconds=timeout),
+    ).exclude(lease_expires_at__gt=now)
