@@ -167,6 +167,43 @@ def test_a_late_purge_during_a_switched_hosts_saving_request_keeps_the_file(
     assert read_bytes(new, name) == b"saved again in a request"
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_late_purge_during_a_switched_hosts_first_save_of_the_name_keeps_the_file(
+    deploy: Hosts,
+) -> None:
+    """The same, for a name the new key has no row of: the request's row is not
+    committed, and PostgreSQL has no lock on a row it cannot see. The purge
+    waits for the request's row (the unique constraint) and then keeps the file
+    that row sends; it must not delete the file while the request is open."""
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite serialises writers; MariaDB's lock waits: the test above")
+    migrated(deploy)
+    new = deploy.run_new()
+    name = "first-saved-on-a-switched-host.txt"
+    assert PendingTransfer.objects.leave_tombstone(
+        OLD_KEY, name, PendingTransfer.hosts_here()[0]
+    )
+
+    with transaction.atomic():  # a request on a switched host
+        assert new.save(name, content("saved first in a request")) == name
+        deploy.run_old()
+        purged, result = in_thread(lambda: drain(keys=[OLD_KEY]))
+        with connection.cursor() as cursor:
+            # No sleep: the purge either ends or waits for the request's row.
+            while purged.is_alive():
+                # pg_locks, not pg_stat_activity: its rows are a snapshot kept
+                # for the rest of this transaction.
+                cursor.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                if cursor.fetchone()[0]:
+                    break
+    joined(purged, result)
+    deploy.run_new()
+
+    drain_new(deploy)
+    assert read_bytes(new, name) == b"saved first in a request"
+    assert read_bytes(new.remote, name) == b"saved first in a request"
+
+
 @pytest.mark.parametrize("delete_local", [False, True], ids=["transfer", "and-delete"])
 def test_an_old_worker_that_wakes_between_its_upload_and_its_completion_loses_nothing(
     deploy: Hosts, monkeypatch: pytest.MonkeyPatch, delete_local: bool
