@@ -28,6 +28,8 @@ else:
 
 #: Times a claim reads the due rows again after other workers took all it read.
 CLAIM_TRIES = 10
+#: Rows given back per statement (see release_claim).
+RELEASE_PIECE = 200
 
 
 class ClaimsQuerySet(_LedgerQuerySet):
@@ -200,6 +202,18 @@ class ClaimsQuerySet(_LedgerQuerySet):
             return 0
         now = timezone.now()
         db = getattr(self, "_db", None) or router.db_for_write(self.model)
+        given = 0
+        with transaction.atomic(using=db):
+            # In pieces: SQLite refuses an expression tree deeper than 1,000 (an
+            # OR of that many conditions), and a claim may hold more rows.
+            for start in range(0, len(rows), RELEASE_PIECE):
+                piece = rows[start : start + RELEASE_PIECE]
+                given += self._release(piece, now, db)
+        return given
+
+    def _release(self, rows: list[PendingTransfer], now: datetime, db: str) -> int:
+        """:meth:`release_claim` of up to :data:`RELEASE_PIECE` rows, in its
+        transaction."""
         ours = Q()
         claimed = Q()
         for row in rows:
@@ -214,26 +228,23 @@ class ClaimsQuerySet(_LedgerQuerySet):
         # A save with held=True leaves no next attempt; a tombstone is never held.
         held = Q(deleted=False, next_attempt_at__isnull=True)
         when = models.DateTimeField()
-        with transaction.atomic(using=db):
-            given = leased.filter(claimed).update(
-                status=self.model.Status.QUEUED,
-                next_attempt_at=now,
-                attempts=F("attempts") - 1,
-                **released,
-            )
-            given += leased.update(
-                status=Case(
-                    When(held, then=Value(self.model.Status.HELD.value)),
-                    default=Value(self.model.Status.QUEUED.value),
-                ),
-                next_attempt_at=Case(
-                    When(held, then=Value(None, output_field=when)),
-                    default=Coalesce(
-                        F("next_attempt_at"), Value(now, output_field=when)
-                    ),
-                ),
-                **released,
-            )
+        given = leased.filter(claimed).update(
+            status=self.model.Status.QUEUED,
+            next_attempt_at=now,
+            attempts=F("attempts") - 1,
+            **released,
+        )
+        given += leased.update(
+            status=Case(
+                When(held, then=Value(self.model.Status.HELD.value)),
+                default=Value(self.model.Status.QUEUED.value),
+            ),
+            next_attempt_at=Case(
+                When(held, then=Value(None, output_field=when)),
+                default=Coalesce(F("next_attempt_at"), Value(now, output_field=when)),
+            ),
+            **released,
+        )
         return given
 
     def lock(self) -> bool:

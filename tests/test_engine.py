@@ -798,6 +798,19 @@ def test_release_claim_gives_unstarted_rows_back() -> None:
     assert {row.pk for row in again} == {row.pk for row in back}
 
 
+def test_release_claim_gives_back_a_claim_of_a_thousand_rows() -> None:
+    # process_transfers --batch-size 1000: SQLite refused the hand-back of such
+    # a claim, an OR of 1,000 conditions ("Expression tree is too large").
+    pending_rows(1000)
+    claimed = PendingTransfer.objects.claim_due(limit=1000, lease=300)
+    assert len(claimed) == 1000
+
+    assert PendingTransfer.objects.release_claim(claimed) == 1000
+
+    assert PendingTransfer.objects.due().count() == 1000
+    assert not PendingTransfer.objects.transferring().exists()
+
+
 @pytest.mark.django_db(transaction=True)
 def test_lease_is_renewed_while_a_long_transfer_runs(
     make_storage: Callable[..., QueuedStorage], gate: type[GatedStorage], settings: Any
