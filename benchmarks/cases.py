@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,7 @@ QUICK = Sizes(
     save_rounds=6,
     save_reported_rounds=4,
     drain_files=2000,
-    drain_rounds=6,
+    drain_rounds=10,
     s3_files=100,
     s3_rounds=2,
     latency_files=150,
@@ -112,7 +113,7 @@ FULL = Sizes(
     save_rounds=12,
     save_reported_rounds=12,
     drain_files=2000,
-    drain_rounds=8,
+    drain_rounds=12,
     s3_files=2000,
     s3_rounds=4,
     latency_files=2000,
@@ -488,7 +489,6 @@ def drain_side_by_side(
             transferred = PendingTransfer.objects.filter(storage_key=storage.key).done()
             assert transferred.count() == files, "process_transfers left rows behind"
             forget(storage)
-            entry["cm"].__exit__(None, None, None)
             del state[number]
 
     def subject(number: int) -> float:
@@ -512,22 +512,26 @@ def import_storage(path: str) -> Any:
     return import_string(path)
 
 
-def drain_processes_side_by_side(*, files: int, rounds: int) -> Any:
+def drain_processes_side_by_side(*, files: int, rounds: int, keep: ExitStack) -> Any:
     """Rounds of: ``manage.py process_transfers`` as cron runs it (a process of its
     own, start-up and system checks included, default verbosity) over ``files``
     fresh rows, and ``benchmarks/raw_copy.py``, a process of the same site that
     sets Django up and runs ``remote.save(name, local.open(name))`` over the same
     local files into another directory. Neither flushes its files; each is timed
     from its start to its exit plus ``settle()`` (``os.sync()``), which writes
-    out what it left dirty."""
+    out what it left dirty.
+
+    Each round's files stay until ``keep`` is closed, after the last round: on
+    ext4 mounted with ``discard`` (this machine's), deleting 2,000 files made the
+    next 2,000 creations several times slower, and the side that ran first in the
+    round after a deletion paid for it."""
     data = os.urandom(10 * KIB)
     state: dict[int, Any] = {}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def setup(number: int) -> dict[str, Any]:
         if number not in state:
-            root_cm = scratch("drain")
-            root = root_cm.__enter__()
+            root = keep.enter_context(scratch("drain"))
             options = {
                 "local": FS,
                 "remote": FS,
@@ -544,7 +548,6 @@ def drain_processes_side_by_side(*, files: int, rounds: int) -> Any:
             names_file = root / "names.txt"
             names_file.write_text("\n".join(names))
             state[number] = {
-                "cm": root_cm,
                 "storage": storage,
                 "options": json.dumps(options),
                 "local": str(root / "local"),
@@ -565,7 +568,6 @@ def drain_processes_side_by_side(*, files: int, rounds: int) -> Any:
             copied = sum(1 for path in Path(entry["raw"]).rglob("*") if path.is_file())
             assert copied == files, "the raw loop left files behind"
             forget(storage)
-            entry["cm"].__exit__(None, None, None)
             del state[number]
 
     def run(argv: list[str], extra: dict[str, str]) -> float:
@@ -608,10 +610,11 @@ def drain_processes_side_by_side(*, files: int, rounds: int) -> Any:
 
 
 def case_drain_fs(sizes: Sizes) -> list[dict[str, Any]]:
-    drain_processes_side_by_side(files=200, rounds=2)  # warm-up, untimed
-    timing = drain_processes_side_by_side(
-        files=sizes.drain_files, rounds=sizes.drain_rounds
-    )
+    with ExitStack() as keep:  # every round's files deleted at the end
+        drain_processes_side_by_side(files=200, rounds=2, keep=keep)  # untimed
+        timing = drain_processes_side_by_side(
+            files=sizes.drain_files, rounds=sizes.drain_rounds, keep=keep
+        )
     throughput = timing.median_throughput()
     n = sizes.drain_files
     return [
