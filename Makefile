@@ -81,8 +81,9 @@ test-latest: venv venv-latest tools
 		$(BIN)/python tests/run_matrix.py $(ARGS)
 
 # What .ci/run runs: both of the above in one matrix, one summary line. The legs
-# start in this order; mariadb first, as the longest (it has the chaos test), so
-# that the legs running together end close together.
+# start in this order (.ci/run starts all five at once; with fewer at a time,
+# the longest first: mariadb has the chaos test, the first sqlite leg the
+# one_leg tests).
 ci: venv venv-latest tools
 	QUEUED_STORAGE_TEST_LEGS="$(BIN)/python=mariadb,sqlite,postgresql \
 		$(LATEST_BIN)/python=sqlite,postgresql" \

@@ -49,6 +49,10 @@ MODULES: dict[str, str] = {
     # operations, and the ledger's migrations run on every leg's test database.
     "tests.test_legacy_config": "0.8 configuration spellings",
     "tests.test_legacy_config_attack": "0.8 configuration spellings, attacked",
+    # A site written from the 0.8 docs, switched as the README says, in
+    # subprocesses (about 25 s of CPU a leg): what it checks is the API a 0.8
+    # user calls; the ledger's SQL under it runs on every leg in the other tests.
+    "tests.test_legacy08": "the 0.8 site end to end, its own processes",
     "tests.test_redaction": "secrets by value in rows, logs and outputs",
     "tests.test_without_celery": "an import test in a subprocess",
 }
