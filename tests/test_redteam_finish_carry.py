@@ -102,6 +102,17 @@ def drain_new(deploy: Hosts) -> None:
     drain(keys=[NEW_KEY])
 
 
+def assert_each_sent_once(deploy: Hosts, names: list[str]) -> None:
+    """After a drain on the new configuration: one row of the new key for each
+    of ``names`` (``late-<i>.txt``), and its bytes (``late <i>``) on the new remote."""
+    drain_new(deploy)
+    for i, name in enumerate(names):
+        assert (
+            PendingTransfer.objects.filter(storage_key=NEW_KEY, name=name).count() == 1
+        )
+        assert read_bytes(deploy.new.remote, name) == f"late {i}".encode()
+
+
 def test_a_switched_hosts_re_save_during_a_late_workers_purge_keeps_its_file(
     deploy: Hosts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -498,12 +509,7 @@ def test_a_second_finish_between_the_first_ones_read_and_lock_carries_once(
 
     assert first.carried + second[0].carried == 3
     assert not PendingTransfer.objects.filter(storage_key=OLD_KEY).exists()
-    drain_new(deploy)
-    for i, name in enumerate(names):
-        assert (
-            PendingTransfer.objects.filter(storage_key=NEW_KEY, name=name).count() == 1
-        )
-        assert read_bytes(deploy.new.remote, name) == f"late {i}".encode()
+    assert_each_sent_once(deploy, names)
 
 
 @pytest.mark.parametrize("killed_at", [2, 3], ids=["first-page", "second-page"])
@@ -535,12 +541,7 @@ def test_a_finish_killed_mid_page_and_run_again_carries_each_file_once(
     finish_migration(NEW_KEY, OLD_KEY, page_size=2)
 
     assert not PendingTransfer.objects.filter(storage_key=OLD_KEY).exists()
-    drain_new(deploy)
-    for i, name in enumerate(names):
-        assert (
-            PendingTransfer.objects.filter(storage_key=NEW_KEY, name=name).count() == 1
-        )
-        assert read_bytes(deploy.new.remote, name) == f"late {i}".encode()
+    assert_each_sent_once(deploy, names)
 
 
 class _ClockAhead:
