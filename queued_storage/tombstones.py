@@ -322,7 +322,7 @@ def _saving_keys(keys: set[str]) -> set[str]:
     for key in keys:
         try:
             other = registry.get(key)
-        except Exception:  # a key two storages claim: cannot tell
+        except registry.KeyConflict:  # a key two storages claim: cannot tell
             other = None
         if (
             other is None
