@@ -13,7 +13,12 @@ from django.db.models import Case, F, Q, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from queued_storage.ledger_sql import column, db_value, retry_when_locked
+from queued_storage.ledger_sql import (
+    STATEMENTS,
+    column,
+    db_value,
+    retry_when_locked,
+)
 
 if TYPE_CHECKING:
     from queued_storage.models import PendingTransfer, PendingTransferQuerySet
@@ -56,22 +61,20 @@ class ClaimsQuerySet(_LedgerQuerySet):
         locks = connections[db].features.has_select_for_update_skip_locked
         candidates: list[tuple[int, str, bool]] = []
         for _try in range(CLAIM_TRIES):
-            if locks:
-                with transaction.atomic(using=db):
-                    rows = self._due_rows(now, limit, db)
-                    candidates = [
-                        (row.pk, row.status, row.remote_owned) for row in rows
-                    ]
-                    taken = self._take(candidates, token, now, lease, db)
-                if taken == len(rows):
-                    # Locked rows cannot change between the read and the UPDATE:
-                    # its changes are applied here rather than read back.
-                    return self._as_claimed(rows, token, now, lease)
-            else:
-                # Without SKIP LOCKED (SQLite) the conditional UPDATE in _take() is
-                # what keeps two workers off one row: the database serialises it.
-                candidates = self._candidates(now, limit, db)
+            with transaction.atomic(using=db):
+                if not locks:
+                    # SQLite has no row locks: the claim holds the database's
+                    # write lock from its first statement, so that no other
+                    # writer commits between the read and the UPDATE.
+                    self._hold_write_lock(db)
+                rows = self._due_rows(now, limit, db)
+                candidates = [(row.pk, row.status, row.remote_owned) for row in rows]
                 taken = self._take(candidates, token, now, lease, db)
+            if taken == len(rows):
+                # Locked rows (or, on SQLite, a locked database) cannot change
+                # between the read and the UPDATE: its changes are applied here
+                # rather than read back.
+                return self._as_claimed(rows, token, now, lease)
             # Another worker took every row we read before our UPDATE ran: look
             # again, since "nothing claimed" ends a cron run with rows still due.
             if taken or not candidates:
@@ -142,12 +145,27 @@ class ClaimsQuerySet(_LedgerQuerySet):
         )
         return found
 
-    def _candidates(
-        self, now: datetime, limit: int, db: str
-    ) -> list[tuple[int, str, bool]]:
-        """Up to ``limit`` due rows, as (pk, status, remote_owned), unlocked."""
-        due = self.using(db).due(now).order_by("next_attempt_at", "pk")
-        return list(due.values_list("pk", "status", "remote_owned")[:limit])
+    def _hold_write_lock(self, db: str) -> None:
+        """Take SQLite's write lock for the transaction this runs in, unless its
+        BEGIN took it (``transaction_mode`` IMMEDIATE or EXCLUSIVE). From here to
+        its end no other connection commits a write: in DEFERRED mode a read
+        followed by a write would leave a window between them (which SQLite
+        reports as "database is locked" at the write, in WAL mode and with a
+        rollback journal, once another writer has taken the lock)."""
+        connection = connections[db]
+        if getattr(connection, "transaction_mode", None) in ("IMMEDIATE", "EXCLUSIVE"):
+            return
+        sql = STATEMENTS.get((db, "write lock"))
+        if sql is None:
+            quote = connection.ops.quote_name
+            pk = quote(column(self.model, "id"))
+            # An UPDATE takes the write lock when it starts, whatever it matches.
+            sql = STATEMENTS[(db, "write lock")] = (
+                f"UPDATE {quote(self.model._meta.db_table)} SET {pk} = {pk}"
+                f" WHERE {pk} = -1"
+            )
+        with connection.cursor() as cursor:
+            cursor.execute(sql)
 
     def _take(
         self,
@@ -157,28 +175,74 @@ class ClaimsQuerySet(_LedgerQuerySet):
         lease: float,
         db: str,
     ) -> int:
+        """Lease ``candidates`` under ``token``: how many rows it took."""
         # Each row is taken only in the state it was read in, so that ``was_owned``
         # is true: without row locks another worker may have claimed it since, and
         # recorded an upload, or died uploading, before its lease ran out.
         seen: dict[tuple[str, bool], list[int]] = {}
         for pk, status, owned in candidates:
             seen.setdefault((status, bool(owned)), []).append(pk)
+        if not seen:
+            return 0
+        connection = connections[db]
+        when = self.model._meta.get_field("lease_expires_at")
+        expires = db_value(when, now + timedelta(seconds=lease), connection)
+        at = db_value(when, now, connection)
+        Status = self.model.Status
         taken = 0
-        for (status, owned), pks in seen.items():
-            taken += (
-                self.model.objects.using(db)
-                .filter(pk__in=pks, status=status, remote_owned=owned)
-                .due(now)
-                .update(
-                    status=self.model.Status.TRANSFERRING,
-                    lease_token=token,
-                    lease_expires_at=now + timedelta(seconds=lease),
-                    attempts=F("attempts") + 1,
-                    remote_owned=self._owned_after_claim(status, owned),
-                    updated_at=now,
+        with connection.cursor() as cursor:
+            for (status, owned), pks in seen.items():
+                # Plain SQL: the ORM took longer to build an IN of 200 keys than
+                # the database to run the UPDATE.
+                sql, pk_params = self._take_sql(connection, db, status, pks)
+                cursor.execute(
+                    sql,
+                    [
+                        Status.TRANSFERRING.value,
+                        token,
+                        expires,
+                        self._owned_after_claim(status, owned),
+                        at,
+                        status,
+                        owned,
+                        at,
+                        *pk_params,
+                    ],
                 )
-            )
+                taken += int(cursor.rowcount)
         return taken
+
+    def _take_sql(
+        self, connection: Any, db: str, status: str, pks: list[int]
+    ) -> tuple[str, list[Any]]:
+        """The UPDATE of :meth:`_take` for rows ``pks`` read in ``status``, and the
+        parameters that name the rows. Its condition is due()'s for that status."""
+        model = self.model
+        postgresql = connection.vendor == "postgresql"
+        head = STATEMENTS.get((db, f"take {status}"))
+        if head is None:
+            quote = connection.ops.quote_name
+
+            def col(name: str) -> str:
+                return str(quote(column(model, name)))
+
+            due = (
+                f"{col('next_attempt_at')} <= %s"
+                if status == model.Status.QUEUED
+                else f"{col('lease_expires_at')} < %s"
+            )
+            head = STATEMENTS[(db, f"take {status}")] = (
+                f"UPDATE {quote(model._meta.db_table)} SET {col('status')} = %s,"
+                f" {col('lease_token')} = %s, {col('lease_expires_at')} = %s,"
+                f" {col('attempts')} = {col('attempts')} + 1,"
+                f" {col('remote_owned')} = %s, {col('updated_at')} = %s"
+                f" WHERE {col('status')} = %s AND {col('remote_owned')} = %s"
+                f" AND {due} AND {col('id')} "
+            )
+        # The keys go last, as one array on PostgreSQL (see mark_done_together).
+        if postgresql:
+            return head + "= ANY(%s)", [pks]
+        return head + "IN (" + ", ".join(["%s"] * len(pks)) + ")", pks
 
     @retry_when_locked
     def renew_lease(self, token: str, lease: float, *, pks: list[int]) -> int:
