@@ -1,6 +1,7 @@
 """The worker runtime: claim due rows batch after batch, transfer them on a
-pool of lanes (threads), record verified rows as done together, stop when
-asked; :func:`drain` for the command and :func:`transfer_name` for a wake-up."""
+pool of lanes (threads), stop when asked; :func:`drain` for the command and
+:func:`transfer_name` for a wake-up. A batch's own rows (their transfers, lease
+keeper and completions) are batches.py's."""
 
 from __future__ import annotations
 
@@ -11,22 +12,15 @@ from collections.abc import Callable, Iterable
 from django.db import connections
 
 from queued_storage import claim_size, controls, history, lanes, mirrors, registry
+from queued_storage.batches import Batch
 from queued_storage.claim_size import ClaimSize
-from queued_storage.completions import Completions
 from queued_storage.conf import settings as conf
-from queued_storage.copying import read_progress
 from queued_storage.errors import Outcome
-from queued_storage.failures import ledger_db, log_crash, record_crash
-from queued_storage.leases import Attempt, LeaseKeeper, abandon_attempt, hand_back
+from queued_storage.failures import ledger_db, log_crash
+from queued_storage.leases import LeaseKeeper, hand_back
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
-from queued_storage.stats import DrainStats, ProgressCallback, count_rows
-from queued_storage.transfer import (
-    Plans,
-    Verified,
-    late_result,
-    process_row,
-    transfer_row,
-)
+from queued_storage.stats import DrainStats, ProgressCallback
+from queued_storage.transfer import Verified, process_row
 
 logger = logging.getLogger("queued_storage")
 
@@ -40,92 +34,6 @@ DEFAULT_BATCH_SIZE = 200
 #: How often (seconds) a drain looks whether it was asked to stop, or holds
 #: rows it has not started for too long.
 STOP_POLL = 0.2
-
-
-class _Batch:
-    """The rows of one claim as a drain works through them: its lease keeper, its
-    completions waiting to be recorded together."""
-
-    def __init__(
-        self,
-        drain: _Drain,
-        rows: list[PendingTransfer],
-        carried: tuple[list[Verified], LeaseKeeper] | None = None,
-    ) -> None:
-        self.drain = drain
-        self.rows = iter(rows)
-        self.claimed_at = claim_size.clock()
-        #: Rows taken and neither reported nor abandoned.
-        self.in_flight = 0
-        self.completions = Completions(
-            self.report_all, None if drain.inline else drain.wake.set
-        )
-        #: The storages of the rows, looked up once for the batch.
-        self.plans = Plans()
-        self.keeper = LeaseKeeper(
-            rows[0].lease_token, drain.lease, on_abandon=self.abandon
-        )
-        self.keeper.start()
-        if carried is not None:
-            self.completions.carry_in(*carried)
-
-    def report(self, row: PendingTransfer, outcome: Outcome) -> None:
-        self.report_all([row], [outcome])
-
-    def report_all(self, rows: list[PendingTransfer], outcomes: list[Outcome]) -> None:
-        self.keeper.finish_all(rows)
-        count_rows(self.drain.stats, self.drain.progress, rows, outcomes)
-
-    def abandon(self, attempt: Attempt) -> None:
-        outcome = abandon_attempt(attempt)
-        count_rows(self.drain.stats, self.drain.progress, [attempt.row], [outcome])
-        self.drain.abandon(attempt.thread, attempt.row, self)
-
-    def handle(self, row: PendingTransfer) -> None:
-        should_stop = self.drain.should_stop
-        if should_stop is not None and should_stop():
-            # Given back at once with the rest of the claim, not when the batch
-            # ends: the transfers still in hand may take long.
-            with self.drain.changed:
-                rest = list(self.rows)
-            hand_back([row, *rest])
-            return
-        attempt = self.keeper.start_attempt(row)
-        if attempt is None:
-            self.report(row, Outcome.STALE)
-            return
-        noted = read_progress.set(attempt.note_progress)
-        try:
-            result = transfer_row(row, self.plans)
-        except Exception as exc:
-            result = record_crash(row, exc)
-        finally:
-            read_progress.reset(noted)
-        if not self.keeper.returned(attempt):
-            late_result(row, result)
-        elif isinstance(result, Verified):
-            self.completions.add(result)
-        else:
-            self.report(row, result)
-
-    def finish(self, carry: bool = False) -> tuple[list[Verified], LeaseKeeper] | None:
-        """Record what waits and stop the lease keeper; with ``carry`` (another
-        batch follows), hand what waits and the keeper that renews its leases to
-        that batch instead, to be recorded with its first group: one commit
-        fewer a batch."""
-        completions = self.completions
-        if carry and completions.retired is None:
-            with completions.recording, completions.lock:
-                waiting, completions.waiting = completions.waiting, []
-            if waiting:
-                return waiting, self.keeper
-        try:
-            completions.flush()
-        finally:
-            completions.stop_retired()
-            self.keeper.stopped.set()
-            self.keeper.join()
-        return None
 
 
 class _Drain:
@@ -158,14 +66,14 @@ class _Drain:
         self.progress = progress
         self.should_stop = should_stop
         self.changed = threading.Condition()
-        self.batch: _Batch | None = None
+        self.batch: Batch | None = None
         #: Batches before this one whose last rows still run (a free lane claims
         #: without waiting for a slow upload), ended by the lane that ends their
         #: last row; ``running``: those rows; ``ended``: such batches whose last
         #: row was abandoned, for a lane to end (a keeper cannot stop itself).
-        self.older: list[_Batch] = []
+        self.older: list[Batch] = []
         self.running = 0
-        self.ended: list[_Batch] = []
+        self.ended: list[Batch] = []
         #: The last claim found nothing while rows ran: claim again once one ends
         #: (a retry without delay is due again); ``ends``: rows ended so far.
         self.dry = False
@@ -182,7 +90,7 @@ class _Drain:
         self.left_behind: list[threading.Thread] = []
         #: Lanes whose transfer was abandoned when ``size`` lanes were left behind
         #: already: not replaced, until one of those returns.
-        self.held: dict[threading.Thread, _Batch] = {}
+        self.held: dict[threading.Thread, Batch] = {}
         self.started = 0
         self.inline = False
         #: Set with ``finished``.
@@ -196,7 +104,7 @@ class _Drain:
         # In an atomic block the claims are not committed: only this connection
         # sees the rows, and a hung upload keeps this drain until it returns.
         self.inline = connections[ledger_db()].in_atomic_block
-        self.batch = _Batch(self, first)
+        self.batch = Batch(self, first)
         if self.inline:
             self.lanes[threading.current_thread()] = None
             self._lane()
@@ -207,7 +115,7 @@ class _Drain:
                 self.wake.wait(STOP_POLL)
                 self.wake.clear()
                 with self.changed:
-                    batches: list[_Batch | None] = [*self.older, self.batch]
+                    batches: list[Batch | None] = [*self.older, self.batch]
                 for batch in batches:
                     if batch is None:
                         continue
@@ -281,7 +189,7 @@ class _Drain:
             if taken is None:
                 return
             batch, row = taken
-            ended: _Batch | None = None
+            ended: Batch | None = None
             try:
                 batch.handle(row)
             except Exception as exc:
@@ -307,7 +215,7 @@ class _Drain:
             if left_behind:
                 return
 
-    def _row_ended(self, batch: _Batch) -> _Batch | None:
+    def _row_ended(self, batch: Batch) -> Batch | None:
         """A row of ``batch`` ended (with ``changed`` held); returns the batch
         when it is an older one and that was its last row, for the caller to end."""
         batch.in_flight -= 1
@@ -322,7 +230,7 @@ class _Drain:
         self.older.remove(batch)
         return batch
 
-    def _end_older(self, batch: _Batch) -> None:
+    def _end_older(self, batch: Batch) -> None:
         """End an older batch whose last row ended: ``running`` counts that row
         until then, since what the end records (a row given back stale, a retry)
         may be due at once, for a claim in this drain."""
@@ -335,13 +243,13 @@ class _Drain:
                 self.ends += 1
                 self.changed.notify_all()
 
-    def _take(self, me: threading.Thread) -> tuple[_Batch, PendingTransfer] | None:
+    def _take(self, me: threading.Thread) -> tuple[Batch, PendingTransfer] | None:
         """The next row for lane ``me``; None when the drain is over (or ``me``
         was left behind). A lane that finds no row left to start claims the next
         batch, without waiting for the rows of this one still running (one slow
         upload would keep every other lane idle): that batch becomes an older one."""
         while True:
-            ended: list[_Batch] = []
+            ended: list[Batch] = []
             older = False
             with self.changed:
                 while True:
@@ -411,7 +319,7 @@ class _Drain:
                     rows = []
             with self.changed:
                 self.claiming = False
-                self.batch = _Batch(self, rows, carried) if rows else None
+                self.batch = Batch(self, rows, carried) if rows else None
                 # Found nothing while rows run: one of them may be retried
                 # without delay, due again at once; claim again once one ends
                 # (at once if one ended during the claim).
@@ -426,7 +334,7 @@ class _Drain:
                 self.changed.notify_all()
 
     def abandon(
-        self, thread: threading.Thread, row: PendingTransfer, batch: _Batch
+        self, thread: threading.Thread, row: PendingTransfer, batch: Batch
     ) -> None:
         """Stop waiting for ``row`` on lane ``thread`` and start a lane in its
         place; ``thread`` ends when the transfer returns, if ever."""
@@ -452,7 +360,7 @@ class _Drain:
                 return
             self._leave_behind(thread, batch)
 
-    def _leave_behind(self, thread: threading.Thread, batch: _Batch) -> None:
+    def _leave_behind(self, thread: threading.Thread, batch: Batch) -> None:
         """Stop waiting for the transfer on lane ``thread``, which ends when that
         returns, and start a lane in its place (with ``changed`` held)."""
         del self.lanes[thread]
