@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -50,10 +52,90 @@ class Attempt:
         self.progress_at = time.monotonic()
 
 
-class LeaseKeeper(threading.Thread):
+class _Starter:
+    """One thread a process that starts a lease keeper's own thread once its claim
+    has lasted half a renewal period: when that thread would first look at its
+    rows (and find nothing to do before a whole period). A claim that ends sooner
+    (a few rows to a fast remote: most claims of busy workers) starts no thread;
+    one that lasts has its keeper renewing on a thread and a connection of its own,
+    as before. This thread makes no database call: a slow renewal or abandon of
+    one keeper never delays another's start. Timed on the real clock, as a
+    keeper's waits are."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        #: Keepers not started yet, and when each is to be (``_clock()``).
+        self.pending: dict[LeaseKeeper, float] = {}
+        #: When the thread wakes next (inf: when told); None while it is awake.
+        self.until: float | None = None
+        self.thread: threading.Thread | None = None
+
+    def add(self, keeper: LeaseKeeper, delay: float) -> None:
+        with self.lock:
+            due = _clock() + delay
+            self.pending[keeper] = due
+            if self.thread is None:
+                self.thread = threading.Thread(
+                    target=self._run, name=STARTER_NAME, daemon=True
+                )
+                self.thread.start()
+            elif self.until is not None and due < self.until:
+                self.changed.notify()
+
+    def discard(self, keeper: LeaseKeeper) -> None:
+        with self.lock:
+            self.pending.pop(keeper, None)
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                while True:
+                    now = _clock()
+                    due = [k for k, at in self.pending.items() if at <= now]
+                    if due:
+                        for keeper in due:
+                            del self.pending[keeper]
+                        break
+                    self.until = min(self.pending.values(), default=math.inf)
+                    self.changed.wait(
+                        None if self.until == math.inf else self.until - now
+                    )
+                    self.until = None
+            for keeper in due:
+                try:
+                    keeper._start_thread()
+                except Exception as exc:
+                    # Cannot happen short of the system refusing threads; said, and
+                    # the claim's leases run out as if its worker were killed.
+                    logger.error(
+                        "lease keeper not started token=%s error=%s",
+                        keeper.token,
+                        type(exc).__name__,
+                    )
+
+    def after_fork(self) -> None:
+        # The parent's thread does not run in the child, and held its lock maybe.
+        self.__init__()  # type: ignore[misc]
+
+
+#: The real clock, whatever a test puts in this module's ``time``.
+_clock = time.monotonic
+#: The name of the thread that starts the keepers' threads.
+STARTER_NAME = "queued-storage-renewal-starter"
+_starter = _Starter()
+os.register_at_fork(after_in_child=_starter.after_fork)
+
+
+class LeaseKeeper:
     """Renews the leases of the rows of one claim whose transfers run, each only
     while it runs, and abandons a transfer that makes no progress for
-    ``timeout`` seconds (``on_abandon`` is called with it, in this thread).
+    ``timeout`` seconds (``on_abandon`` is called with it, in the keeper's thread).
+
+    Its thread is started (by :class:`_Starter`) only once the claim has lasted
+    half a period, when it would first look at the rows: :meth:`start` costs no
+    thread, and a claim that ends before then never has one. ``start``,
+    ``stopped.set()`` and ``join`` as for a thread.
 
     Rows of the claim not started yet are not renewed: their leases run out, and
     another worker may take them; a row started late checks its claim first."""
@@ -65,7 +147,7 @@ class LeaseKeeper(threading.Thread):
         timeout: float | None = None,
         on_abandon: Callable[[Attempt], object] | None = None,
     ) -> None:
-        super().__init__(name=f"queued-storage-lease-{token[:8]}", daemon=True)
+        self.name = f"queued-storage-lease-{token[:8]}"
         self.token = token
         self.lease = lease
         self.timeout = (
@@ -87,6 +169,34 @@ class LeaseKeeper(threading.Thread):
         #: rows until it commits, and this thread's own connection could only wait
         #: for its row locks while the caller, at the end, waits for this thread.
         self.uncommitted = connections[ledger_db()].in_atomic_block
+        self.thread: threading.Thread | None = None
+        #: Held while the thread is started, and when ``join`` looks for it.
+        self.starting = threading.Lock()
+
+    def start(self) -> None:
+        """Have the thread started once the claim lasts half a period (not for a
+        claim in an uncommitted transaction: nothing to renew)."""
+        if not self.uncommitted:
+            _starter.add(self, self.period / 2)
+
+    def _start_thread(self) -> None:
+        with self.starting:
+            if self.stopped.is_set() or self.thread is not None:
+                return
+            self.thread = threading.Thread(target=self.run, name=self.name, daemon=True)
+            self.thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the thread (once ``stopped`` is set), if it was started."""
+        _starter.discard(self)
+        with self.starting:
+            thread = self.thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        thread = self.thread
+        return thread is not None and thread.is_alive()
 
     @contextmanager
     def attempt(self, row: PendingTransfer) -> Iterator[Attempt | None]:
@@ -142,6 +252,8 @@ class LeaseKeeper(threading.Thread):
             return self.attempts.pop(row.pk, None)
 
     def run(self) -> None:
+        """Started half a period after the claim (which found nothing to do then:
+        no renewal due before a period, no transfer hung before the timeout)."""
         if self.uncommitted:
             return  # nothing to renew, and a hung transfer keeps its caller anyway
         try:
