@@ -257,7 +257,7 @@ def four_kinds_of_due_row(local: Path) -> dict[str, tuple[str, bool]]:
     whose lease ran out, with and without a recorded upload. By name."""
     queue_files(local, 4, size=8)
     past = timezone.now() - timedelta(minutes=5)
-    kinds = {
+    kinds: dict[str, tuple[str, bool]] = {
         "docs/00000.bin": (Status.QUEUED, False),
         "docs/00001.bin": (Status.QUEUED, True),
         "docs/00002.bin": (Status.TRANSFERRING, False),
