@@ -58,11 +58,21 @@ class ClaimsQuerySet(_LedgerQuerySet):
         now = now or timezone.now()
         token = uuid.uuid4().hex
         db = router.db_for_write(self.model)
-        locks = connections[db].features.has_select_for_update_skip_locked
+        features = connections[db].features
+        if not features.has_select_for_update_skip_locked:
+            if connections[db].vendor != "sqlite":
+                # No SKIP LOCKED (MariaDB before 10.6, MySQL 5.7): unlocked
+                # reads, and the rows the UPDATE took are read back.
+                return self._claim_unlocked(now, limit, token, lease, db)
+            if not self.using(db).due(now).exists():
+                # Nothing due: a poll takes no write lock, which would refuse a
+                # DEFERRED transaction's write that follows its read, and would
+                # raise in the caller's transaction if that one is stale.
+                return []
         candidates: list[tuple[int, str, bool]] = []
         for _try in range(CLAIM_TRIES):
             with transaction.atomic(using=db):
-                if not locks:
+                if not features.has_select_for_update:
                     # SQLite has no row locks: the claim holds the database's
                     # write lock from its first statement, so that no other
                     # writer commits between the read and the UPDATE.
@@ -77,6 +87,23 @@ class ClaimsQuerySet(_LedgerQuerySet):
                 return self._as_claimed(rows, token, now, lease)
             # Another worker took every row we read before our UPDATE ran: look
             # again, since "nothing claimed" ends a cron run with rows still due.
+            if taken or not candidates:
+                break
+        if not candidates:
+            return []
+        return self._claimed(candidates, token, db)
+
+    def _claim_unlocked(
+        self, now: datetime, limit: int, token: str, lease: float, db: str
+    ) -> list[PendingTransfer]:
+        """:meth:`claim_due` on a server without SKIP LOCKED: the conditional
+        UPDATE is what keeps two workers off one row, and the rows it took are
+        read back (one saved again between the read and the UPDATE has changed)."""
+        candidates: list[tuple[int, str, bool]] = []
+        for _try in range(CLAIM_TRIES):
+            due = self.using(db).due(now).order_by("next_attempt_at", "pk")
+            candidates = list(due.values_list("pk", "status", "remote_owned")[:limit])
+            taken = self._take(candidates, token, now, lease, db)
             if taken or not candidates:
                 break
         if not candidates:

@@ -2,8 +2,10 @@
 rows read and taken in one transaction, returned as read with the UPDATE's
 changes made in memory; on SQLite the write lock taken first).
 
-Each test opens its window with events, never a sleep. The strict xfails are
-breaks found; the others are attacks that held, kept as checks."""
+Each test opens its window with events, never a sleep. Three breaks were found
+and fixed (an idle SQLite poll took the write lock; an empty claim wrote in the
+caller's stale transaction; a server without SKIP LOCKED could not claim, and
+rows returned as read would miss a re-save there); the rest held."""
 
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ import pytest
 from django.core.files.base import ContentFile
 from django.db import (
     DatabaseError,
-    NotSupportedError,
     OperationalError,
     connection,
     transaction,
@@ -86,14 +87,6 @@ class PollHeldAfterItsFirstStatement:
         return self.claimed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OperationalError,
-    reason="a167b54: an empty poll on SQLite now opens a write transaction (the "
-    "write lock, or BEGIN IMMEDIATE); a DEFERRED request transaction that read "
-    "first and then writes meets it and SQLite refuses the write at once (no busy "
-    "wait for a read transaction's upgrade). Before, an idle poll only read.",
-)
 @pytest.mark.usefixtures("journal")
 @pytest.mark.parametrize("worker_mode", ["DEFERRED", "IMMEDIATE"])
 def test_an_idle_poll_never_refuses_a_deferred_requests_save(worker_mode: str) -> None:
@@ -112,14 +105,6 @@ def test_an_idle_poll_never_refuses_a_deferred_requests_save(worker_mode: str) -
     assert PendingTransfer.objects.filter(status=Status.QUEUED).count() == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OperationalError,
-    reason="a167b54: an empty claim in the caller's DEFERRED transaction on a WAL "
-    "database now writes (the write lock), which SQLite refuses once another "
-    "connection committed since the transaction's first read; before, a claim "
-    "that found nothing due wrote nothing and returned [].",
-)
 @pytest.mark.usefixtures("journal")
 def test_an_empty_claim_in_the_callers_stale_transaction_returns_nothing() -> None:
     """As tests/test_claim_snapshot.py's stale transaction, with nothing due: the
@@ -150,13 +135,6 @@ def without_skip_locked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(connection.features, "has_select_for_update_skip_locked", False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotSupportedError,
-    reason="a167b54: claim_due always reads with select_for_update(skip_locked=True);"
-    " a server without SKIP LOCKED raises NotSupportedError at every claim (the "
-    "old code read those without locks, as on SQLite).",
-)
 def test_a_claim_without_skip_locked_claims(
     fresh_storages: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -193,12 +171,6 @@ def claimed_as_held(claimed: list[PendingTransfer]) -> None:
         assert fields(row) == held[row.pk], row.name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a167b54: without SKIP LOCKED the claim cannot read (NotSupportedError);"
-    " were it to read unlocked, the rows returned as read (no read-back) would "
-    "miss a re-save between the read and the UPDATE: only SQLite holds a lock.",
-)
 def test_a_claim_without_skip_locked_returns_what_the_database_holds(
     fresh_storages: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
