@@ -347,3 +347,16 @@ def transferred_document(name: str, data: bytes = b"a document") -> str:
     saved = saved_name(document.file)
     assert row_of(document_storage, saved).status == Status.DONE
     return saved
+
+
+def thread_starts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the threads started from now on in this test, in order."""
+    names: list[str] = []
+    start = threading.Thread.start
+
+    def recording_start(thread: threading.Thread) -> None:
+        names.append(thread.name)
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", recording_start)
+    return names

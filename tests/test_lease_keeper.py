@@ -14,7 +14,14 @@ from queued_storage import claim_size, leases
 from queued_storage.backends import QueuedStorage
 from queued_storage.leases import LeaseKeeper
 from queued_storage.worker import drain
-from tests.helpers import content, in_thread, joined, row_of, wait_until
+from tests.helpers import (
+    content,
+    in_thread,
+    joined,
+    row_of,
+    thread_starts,
+    wait_until,
+)
 from tests.storages import CountingStorage
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -33,18 +40,6 @@ class GatedStorage(CountingStorage):
         return super()._save(name, content)
 
 
-def _started_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    names: list[str] = []
-    start = threading.Thread.start
-
-    def recording_start(thread: threading.Thread) -> None:
-        names.append(thread.name)
-        start(thread)
-
-    monkeypatch.setattr(threading.Thread, "start", recording_start)
-    return names
-
-
 def test_claims_that_end_within_half_a_period_start_no_keeper_thread(
     make_storage: Callable[..., QueuedStorage],
     settings: Any,
@@ -58,7 +53,7 @@ def test_claims_that_end_within_half_a_period_start_no_keeper_thread(
     for i in range(4):
         storage.save(f"f{i}.txt", content(str(i)))
     monkeypatch.setattr(claim_size.ClaimSize, "next", lambda self: 1)
-    started = _started_threads(monkeypatch)
+    started = thread_starts(monkeypatch)
 
     stats = drain()
 

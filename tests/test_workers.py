@@ -34,7 +34,7 @@ from tests.fleet import (
     queue_files,
     statuses,
 )
-from tests.helpers import content, wait_until
+from tests.helpers import content, thread_starts, wait_until
 from tests.workers import run_command
 
 Status = PendingTransfer.Status
@@ -455,14 +455,7 @@ def test_an_idle_loop_poll_is_one_query_and_starts_no_thread(
     """8 workers polling an empty ledger pay each poll: no lane (thread, database
     connection) is started for a poll that finds nothing due, and the poll is
     its claim alone."""
-    started: list[str] = []
-    start = threading.Thread.start
-
-    def counting_start(thread: threading.Thread) -> None:
-        started.append(thread.name)
-        start(thread)
-
-    monkeypatch.setattr(threading.Thread, "start", counting_start)
+    started = thread_starts(monkeypatch)
     with CaptureQueriesContext(connections[ledger_db()]) as queries:
         call_command(
             "process_transfers",
