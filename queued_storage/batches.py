@@ -28,7 +28,7 @@ class Batch:
         self,
         drain: _Drain,
         rows: list[PendingTransfer],
-        carried: tuple[list[Verified], LeaseKeeper] | None = None,
+        carried: tuple[list[Verified], list[LeaseKeeper]] | None = None,
     ) -> None:
         self.drain = drain
         self.rows = iter(rows)
@@ -86,17 +86,20 @@ class Batch:
         else:
             self.report(row, result)
 
-    def finish(self, carry: bool = False) -> tuple[list[Verified], LeaseKeeper] | None:
+    def finish(
+        self, carry: bool = False
+    ) -> tuple[list[Verified], list[LeaseKeeper]] | None:
         """Record what waits and stop the lease keeper; with ``carry`` (another
         batch follows), hand what waits and the keeper that renews its leases to
         that batch instead, to be recorded with its first group: one commit
         fewer a batch."""
         completions = self.completions
-        if carry and completions.retired is None:
+        if carry:
             with completions.recording, completions.lock:
                 waiting, completions.waiting = completions.waiting, []
-            if waiting:
-                return waiting, self.keeper
+                if waiting:
+                    keepers, completions.retired = completions.retired, []
+                    return waiting, [*keepers, self.keeper]
         try:
             completions.flush()
         finally:

@@ -35,6 +35,9 @@ else:
 CLAIM_TRIES = 10
 #: Rows given back per statement (see release_claim).
 RELEASE_PIECE = 200
+#: Rows recorded done per statement where each takes three placeholders (all
+#: databases but PostgreSQL, which gets arrays): SQLite before 3.32 allows 999.
+DONE_PIECE = 300
 
 
 class ClaimsQuerySet(_LedgerQuerySet):
@@ -401,9 +404,11 @@ class ClaimsQuerySet(_LedgerQuerySet):
 
     @retry_when_locked
     def mark_done_together(self, rows: list[PendingTransfer]) -> int:
-        """Record the verified transfers of ``rows`` in one statement, each row under
-        its own compare-and-set on (row, generation, lease token); returns how many
-        rows won. The caller decides what to do when that is not all of them."""
+        """Record the verified transfers of ``rows`` in one statement (elsewhere
+        than on PostgreSQL, one per :data:`DONE_PIECE` rows: run it in a
+        transaction), each row under its own compare-and-set on (row, generation,
+        lease token); returns how many rows won. The caller decides what to do
+        when that is not all of them."""
         if not rows:
             return 0
         now = timezone.now()
@@ -421,40 +426,55 @@ class ClaimsQuerySet(_LedgerQuerySet):
             f"({quote(column(self.model, 'id'))}, {quote(column(self.model, 'generation'))},"
             f" {quote(column(self.model, 'lease_token'))})"
         )
-        key_params: list[Any]
+        pieces: list[tuple[str, list[Any]]] = []
         if connection.vendor == "postgresql":
             pks = [row.pk for row in rows]
             match = (
                 f"{quote(column(self.model, 'id'))} = ANY(%s) AND {keys} IN"
                 " (SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::text[]))"
             )
-            key_params = [
-                pks,
-                pks,
-                [row.generation for row in rows],
-                [row.lease_token for row in rows],
-            ]
+            pieces.append(
+                (
+                    match,
+                    [
+                        pks,
+                        pks,
+                        [row.generation for row in rows],
+                        [row.lease_token for row in rows],
+                    ],
+                )
+            )
         else:
-            match = f"{keys} IN (" + ", ".join(["(%s, %s, %s)"] * len(rows)) + ")"
-            key_params = [
-                value
-                for row in rows
-                for value in (row.pk, row.generation, row.lease_token)
-            ]
-        sql = (
-            f"UPDATE {table} SET "
-            + ", ".join(f"{quote(column(self.model, name))} = %s" for name in changes)
-            + f" WHERE {quote(column(self.model, 'status'))} = %s"
-            f" AND {quote(column(self.model, 'deleted'))} = %s AND {match}"
-        )
+            # Three placeholders a row: in pieces that keep a statement within
+            # SQLite's 999 (before 3.32).
+            for start in range(0, len(rows), DONE_PIECE):
+                piece = rows[start : start + DONE_PIECE]
+                pieces.append(
+                    (
+                        f"{keys} IN (" + ", ".join(["(%s, %s, %s)"] * len(piece)) + ")",
+                        [
+                            value
+                            for row in piece
+                            for value in (row.pk, row.generation, row.lease_token)
+                        ],
+                    )
+                )
         params = [
             db_value(self.model._meta.get_field(name), value, connection)  # type: ignore[arg-type]
             for name, value in changes.items()
         ]
-        params += [self.model.Status.TRANSFERRING.value, False, *key_params]
+        params += [self.model.Status.TRANSFERRING.value, False]
+        sets = ", ".join(f"{quote(column(self.model, name))} = %s" for name in changes)
+        won = 0
         with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            won = int(cursor.rowcount)
+            for match, key_params in pieces:
+                cursor.execute(
+                    f"UPDATE {table} SET {sets}"
+                    f" WHERE {quote(column(self.model, 'status'))} = %s"
+                    f" AND {quote(column(self.model, 'deleted'))} = %s AND {match}",
+                    [*params, *key_params],
+                )
+                won += int(cursor.rowcount)
         if won == len(rows):
             for row in rows:
                 row.status = self.model.Status.DONE

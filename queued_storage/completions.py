@@ -27,6 +27,9 @@ COMPLETE_AFTER = 0.05
 #: test's rates (one or two files in 50 ms) nothing changes.
 GROUP = 32
 GROUP_AFTER = 0.5
+#: ... or until this many wait: one statement's worth, and a group in which one
+#: row lost its lease is recorded row by row.
+GROUP_MOST = 500
 
 
 class Completions:
@@ -49,28 +52,31 @@ class Completions:
         #: one being recorded before its lease keeper stops.
         self.recording = threading.Lock()
         self.waiting: list[Verified] = []
-        #: The keeper of the batch before, renewing the leases of its verified
-        #: rows carried in to wait here (see :meth:`carry_in`).
-        self.retired: LeaseKeeper | None = None
+        #: The keepers of the batches before, renewing the leases of their
+        #: verified rows carried in to wait here (see :meth:`carry_in`).
+        self.retired: list[LeaseKeeper] = []
 
-    def carry_in(self, waiting: list[Verified], keeper: LeaseKeeper) -> None:
-        """Wait with the verified rows of the batch before, whose leases ``keeper``
-        renews until the group that records them: the next group, which takes
-        them with all that waits. Not the next report: a row reported on its own
-        (a failure) leaves them waiting, and their leases could run out."""
-        self.waiting, self.retired = waiting, keeper
+    def carry_in(self, waiting: list[Verified], keepers: list[LeaseKeeper]) -> None:
+        """Wait with the verified rows of the batches before, whose leases
+        ``keepers`` renew until the group that records them: the next group, which
+        takes them with all that waits. Not the next report: a row reported on its
+        own (a failure) leaves them waiting, and their leases could run out."""
+        self.waiting, self.retired = waiting, keepers
 
     def stop_retired(self) -> None:
-        retired, self.retired = self.retired, None
-        if retired is not None:
-            retired.stopped.set()
-            retired.join()
+        retired, self.retired = self.retired, []
+        for keeper in retired:
+            keeper.stopped.set()
+        for keeper in retired:
+            keeper.join()
 
     def _due(self) -> bool:
         """Whether the waiting transfers are to be recorded now (``lock`` held)."""
         waiting = self.waiting
         if not waiting:
             return False
+        if len(waiting) >= GROUP_MOST:
+            return True
         age = time.monotonic() - waiting[0].at
         return age >= COMPLETE_AFTER and (len(waiting) < GROUP or age >= GROUP_AFTER)
 

@@ -284,7 +284,7 @@ class _Drain:
                     self._end_older(done)
                 continue
             rows: list[PendingTransfer] = []
-            carried: tuple[list[Verified], LeaseKeeper] | None = None
+            carried: tuple[list[Verified], list[LeaseKeeper]] | None = None
             try:
                 if older and batch is not None:
                     # Recorded now, not at its slowest upload's end.

@@ -204,3 +204,139 @@ def test_a_stop_after_the_next_claim_still_records_the_carried_rows(
     assert (row.status, row.attempts, row.lease_token) == (Status.QUEUED, 0, "")
     assert (stats.done, stats.retried) == (1, 1)
     assert not PendingTransfer.objects.filter(status=Status.TRANSFERRING).exists()
+
+
+def recorded_groups(
+    monkeypatch: pytest.MonkeyPatch, then: Callable[[int], None] | None = None
+) -> list[list[str]]:
+    """The names of each group of verified rows recorded together, in order;
+    ``then(count)`` runs after each group's record."""
+    groups: list[list[str]] = []
+    complete = transfer.complete
+
+    def noted(batch: list[Verified]) -> Any:
+        groups.append([item.row.name for item in batch])
+        outcomes = complete(batch)
+        if then is not None:
+            then(len(groups))
+        return outcomes
+
+    monkeypatch.setattr(completions, "complete", noted)
+    return groups
+
+
+def test_verified_rows_are_carried_from_batch_to_batch_until_their_group_is_due(
+    make_storage: Callable[..., QueuedStorage],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """A batch that carried rows in hands them on, with its own, to the batch
+    after it: the lane that claims does not stop to record a group every second
+    batch (a commit it waited for), and the drain records them together once
+    their group is due, or at its end."""
+    storage = make_storage(remote_options={"location": str(tmp_path / "remote")})
+    names = [storage.save(f"f{i}.txt", content(str(i))) for i in range(4)]
+    monkeypatch.setattr(claim_size.ClaimSize, "next", lambda self: 1)
+    monkeypatch.setattr(completions, "COMPLETE_AFTER", float("inf"))
+    groups = recorded_groups(monkeypatch)
+
+    stats = drain()
+
+    assert groups == [names]
+    assert stats.done == 4
+    assert {row_of(storage, name).status for name in names} == {Status.DONE}
+
+
+def test_rows_carried_twice_keep_their_leases_renewed(
+    make_storage: Callable[..., QueuedStorage],
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """The keeper of each batch a row was carried from renews its lease until
+    its group is recorded: the first row, carried through two batches, is still
+    held while the third batch's upload runs long."""
+    settings.QUEUED_STORAGE_LEASE = 1
+    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 60
+    storage = make_storage(remote_options={"location": str(tmp_path / "remote")})
+    first, second, third = (
+        storage.save(f"f{i}.txt", content(str(i))) for i in range(3)
+    )
+    monkeypatch.setattr(claim_size.ClaimSize, "next", lambda self: 1)
+    monkeypatch.setattr(completions, "COMPLETE_AFTER", float("inf"))
+    groups = recorded_groups(monkeypatch)
+    uploading = threading.Event()
+    release = threading.Event()
+    remote = storage.remote
+    save = remote._save  # type: ignore[attr-defined]
+
+    def slow_third(name: str, data: Any) -> str:
+        if name == third:
+            uploading.set()
+            if not release.wait(timeout=30):
+                raise TimeoutError("the test never released the upload")
+        written: str = save(name, data)
+        return written
+
+    monkeypatch.setattr(remote, "_save", slow_third)
+    worker, result = in_thread(drain)
+    try:
+        assert uploading.wait(timeout=30)
+        held = {
+            name: row_of(storage, name).lease_expires_at for name in (first, second)
+        }
+        assert all(until is not None for until in held.values())
+
+        def renewed() -> bool:
+            for name, until in held.items():
+                now = row_of(storage, name).lease_expires_at
+                if now is None or until is None or now <= until:
+                    return False
+            return True
+
+        assert wait_until(renewed, timeout=10), (
+            "a row carried through two batches lost its lease before its record"
+        )
+        assert groups == []
+    finally:
+        release.set()
+    stats = joined(worker, result)
+    assert groups == [[first, second, third]]
+    assert stats.done == 3
+
+
+def test_a_group_is_recorded_once_it_reaches_its_most_rows(
+    make_storage: Callable[..., QueuedStorage],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """However young, a group of GROUP_MOST rows is recorded: one statement's
+    worth, and what one stale row sends row by row. (The drain's own thread
+    records it: the fourth and seventh uploads wait for the group before.)"""
+    storage = make_storage(remote_options={"location": str(tmp_path / "remote")})
+    names = [storage.save(f"f{i}.txt", content(str(i))) for i in range(7)]
+    monkeypatch.setattr(completions, "COMPLETE_AFTER", float("inf"))
+    monkeypatch.setattr(completions, "GROUP_MOST", 3)
+    recorded = [threading.Event(), threading.Event()]
+
+    def noting(count: int) -> None:
+        if count <= len(recorded):
+            recorded[count - 1].set()
+
+    groups = recorded_groups(monkeypatch, noting)
+    remote = storage.remote
+    save = remote._save  # type: ignore[attr-defined]
+
+    def after_the_group_before(name: str, data: Any) -> str:
+        if name in (names[3], names[6]):
+            gate = recorded[0 if name == names[3] else 1]
+            if not gate.wait(timeout=30):
+                raise TimeoutError("the group before was never recorded")
+        written: str = save(name, data)
+        return written
+
+    monkeypatch.setattr(remote, "_save", after_the_group_before)
+
+    assert drain().done == 7
+
+    assert groups == [names[:3], names[3:6], names[6:]]

@@ -7,6 +7,7 @@ on this test run's database; the remote journals each upload it receives."""
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 from django.core.management import call_command
-from django.db import OperationalError, connections, transaction
+from django.db import OperationalError, connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -482,3 +483,27 @@ def test_a_drain_with_rows_due_still_transfers_them_on_its_lanes(
     stats = drain(keys=[storage.key], concurrency=3)
     assert stats.done == 6
     assert all(storage.remote.exists(name) for name in names)
+
+
+def test_many_rows_are_recorded_done_within_sqlites_placeholder_limit(
+    fresh_storages: dict[str, Path],
+) -> None:
+    """Three placeholders a row: 700 rows in one group went over the 999 that
+    SQLite before 3.32 allows a statement (set here on the connection)."""
+    queue_files(fresh_storages["local"], 700, size=1)
+    rows = claim(limit=700)
+    assert len(rows) == 700
+    connection.ensure_connection()
+    if connection.vendor == "sqlite":
+        raw = connection.connection
+        limit = sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER
+        before = raw.setlimit(limit, 999)
+    try:
+        with transaction.atomic():
+            assert PendingTransfer.objects.mark_done_together(rows) == 700
+    finally:
+        if connection.vendor == "sqlite":
+            raw.setlimit(limit, before)
+    assert set(PendingTransfer.objects.values_list("status", flat=True)) == {
+        Status.DONE
+    }
