@@ -107,7 +107,10 @@ class _Drain:
         self.batch = Batch(self, first)
         if self.inline:
             self.lanes[threading.current_thread()] = None
-            self._lane()
+            try:
+                self._lane()
+            finally:
+                self._end_the_rest()
         else:
             with self.changed:
                 self._add_lanes(self.size)
@@ -137,12 +140,27 @@ class _Drain:
             for run in runs:
                 if run is not None:
                     run.join()
-            with self.changed:
-                ended, self.ended = [*self.ended, *self.older], []
-            for batch in ended:
-                batch.finish()
+            self._end_the_rest()
         if self.error is not None:
             raise self.error
+
+    def _end_the_rest(self) -> None:
+        """End the batches left once no lane runs: older ones, and the current
+        one if a lane died with it (an error a lane does not catch, such as a
+        hook's SystemExit): what waits is recorded, its keepers (and those of
+        the rows it carried) stop, its unstarted rows are given back."""
+        with self.changed:
+            ended, self.ended = [*self.ended, *self.older], []
+            current, self.batch = self.batch, None
+            rest = list(current.rows) if current is not None else []
+        if current is not None:
+            ended.append(current)
+        try:
+            if rest:
+                hand_back(rest)
+        finally:
+            for batch in ended:
+                batch.finish()
 
     def _unstarted_to_hand_back(self) -> list[PendingTransfer]:
         """Once asked to stop, or once held too long (claim_size.HAND_BACK_AFTER),

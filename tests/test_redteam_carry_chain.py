@@ -77,13 +77,6 @@ class ExitsOn(Transfer):
         return super().transfer(name, local, remote, **kwargs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a hook's SystemExit ends the lane; the drain never finishes its "
-    "current batch, so the rows carried through the chain stay verified, "
-    "unrecorded and TRANSFERRING, and every carried batch's keeper renews their "
-    "leases for as long as the process lives",
-)
 def test_a_hook_that_stops_the_worker_leaves_the_carried_rows_recorded(
     make_storage: Callable[..., QueuedStorage],
     monkeypatch: pytest.MonkeyPatch,
