@@ -46,14 +46,21 @@ UNUSABLE_HINT = (
 )
 
 
+#: Backends of these packages are none of ours (they subclass none of them).
+_NOT_OURS = ("django.", "storages.")
+
+
 @register(Tags.compatibility, TAG)
 def check_storages(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
     errors: list[CheckMessage] = []
     for alias, config in getattr(settings, "STORAGES", {}).items():
+        path = config.get("BACKEND", "")
+        if path.startswith(_NOT_OURS):
+            continue  # not imported for the check: a worker's start-up pays for it
         try:
-            backend = import_string(config.get("BACKEND", ""))
+            backend = import_string(path)
         except Exception:  # e.g. a module whose SDK is missing: not ours to check
             continue
         if not (isinstance(backend, type) and issubclass(backend, ConfiguredStorage)):
@@ -231,8 +238,11 @@ def check_installed(
 def _queued_aliases() -> list[str]:
     found = []
     for alias, config in getattr(settings, "STORAGES", {}).items():
+        path = config.get("BACKEND", "")
+        if path.startswith(_NOT_OURS):
+            continue  # not imported for the check: a worker's start-up pays for it
         try:
-            backend = import_string(config.get("BACKEND", ""))
+            backend = import_string(path)
         except Exception:  # reported by check_storages where it is ours
             continue
         if isinstance(backend, type) and issubclass(backend, ConfiguredStorage):

@@ -12,7 +12,9 @@ from django.core.checks.registry import registry
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
+from django.utils.module_loading import import_string
 
+from queued_storage import checks
 from queued_storage.checks import WORKER_LIBRARIES, check_settings, check_storages
 from queued_storage.conf import settings as conf
 from tests.helpers import BACKEND, FS, queued_alias
@@ -59,6 +61,30 @@ def test_e001_queued_storage_in_storages_that_cannot_be_built(
 
     assert "'broken'" in error.msg
     assert error.hint
+
+
+def test_the_storage_checks_import_no_backend_of_django_or_django_storages(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """None of those is a queued storage: importing them (staticfiles' storage,
+    an SDK's) only made a worker's start-up slower."""
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "static": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+        "s3": {"BACKEND": "storages.backends.s3.S3Storage"},
+    }
+    imported: list[str] = []
+
+    def noted(path: str) -> Any:
+        imported.append(path)
+        return import_string(path)
+
+    monkeypatch.setattr(checks, "import_string", noted)
+
+    assert check_ids() == []
+
+    assert imported, "the other backends are still looked at"
+    assert not [path for path in imported if path.startswith(("django.", "storages."))]
 
 
 def test_e001_not_raised_for_a_good_queued_storage_in_storages(
