@@ -19,6 +19,7 @@ from queued_storage.ledger_sql import (
     db_value,
     retry_when_locked,
 )
+from queued_storage.prepared import Prepared
 
 if TYPE_CHECKING:
     from queued_storage.models import PendingTransfer, PendingTransferQuerySet
@@ -149,9 +150,16 @@ class ClaimsQuerySet(_LedgerQuerySet):
 
     def _due_rows(self, now: datetime, limit: int, db: str) -> list[PendingTransfer]:
         """Up to ``limit`` due rows, locked, in the order they became due."""
-        rows = self.using(db).select_for_update(skip_locked=True)
         if connections[db].vendor != "mysql":
-            return list(rows.due(now).order_by("next_attempt_at", "pk")[:limit])
+            # Compiled once per connection and limit for this queryset (a drain
+            # claims with one queryset, batch after batch).
+            due: Prepared[Any] | None = self.__dict__.get("_due_prepared")
+            if due is None:
+                due = self.__dict__["_due_prepared"] = Prepared(
+                    self._due_query, self.model._meta.get_field("next_attempt_at"), 2
+                )
+            return due.objects(db, now, limit)
+        rows = self.using(db).select_for_update(skip_locked=True)
         # InnoDB sorts the rows of due()'s OR after reading, and locks every row it
         # reads: one claim locked the whole queue and a second worker's SKIP LOCKED
         # found nothing due. Each half alone is read in its index's order.
@@ -174,6 +182,11 @@ class ClaimsQuerySet(_LedgerQuerySet):
             )
         )
         return found
+
+    def _due_query(self, db: str, now: datetime, limit: int) -> PendingTransferQuerySet:
+        """The SELECT of :meth:`_due_rows` (``now`` appears twice in it)."""
+        rows = self.using(db).select_for_update(skip_locked=True).due(now)
+        return rows.order_by("next_attempt_at", "pk")[:limit]
 
     def _hold_write_lock(self, db: str) -> None:
         """Take SQLite's write lock for the transaction this runs in, unless its

@@ -9,15 +9,40 @@ import logging
 import uuid
 from collections.abc import Collection
 from datetime import datetime, timedelta
+from typing import Any
 
-from django.db.models import Q
+from django.db.models import Q, QuerySet
 
 from queued_storage import breaker
 from queued_storage.conf import settings as conf
 from queued_storage.models import PendingTransfer, PendingTransferQuerySet
+from queued_storage.prepared import Prepared
 from queued_storage.storage_state import StorageState
 
 logger = logging.getLogger("queued_storage")
+
+
+def _not_running(db: str, now: datetime, key: object) -> QuerySet[StorageState, Any]:
+    """The states of the storages that are not simply running."""
+    return (
+        StorageState.objects.using(db)
+        .filter(
+            Q(paused_at__isnull=False)
+            | Q(breaker_failures__gt=0)
+            | Q(breaker_opened_at__isnull=False)
+        )
+        .values_list(
+            "storage_key",
+            "paused_at",
+            "breaker_failures",
+            "breaker_opened_at",
+            "breaker_probe_at",
+        )
+    )
+
+
+#: Read by every claim: compiled once per connection.
+_NOT_RUNNING = Prepared(_not_running, StorageState._meta.get_field("paused_at"), 0)
 
 
 def claim(
@@ -35,20 +60,8 @@ def claim(
     stopped: set[str] = set()
     failing: set[str] = set()
     probes: list[tuple[str, datetime | None]] = []
-    for key, paused_at, failures, opened_at, probe_at in (
-        StorageState.objects.using(breaker._db())
-        .filter(
-            Q(paused_at__isnull=False)
-            | Q(breaker_failures__gt=0)
-            | Q(breaker_opened_at__isnull=False)
-        )
-        .values_list(
-            "storage_key",
-            "paused_at",
-            "breaker_failures",
-            "breaker_opened_at",
-            "breaker_probe_at",
-        )
+    for key, paused_at, failures, opened_at, probe_at in _NOT_RUNNING.values(
+        breaker._db(), now
     ):
         if failures or opened_at is not None:
             failing.add(key)
