@@ -5,6 +5,7 @@ ledger's QuerySet; every change is a compare-and-set on the lease token."""
 from __future__ import annotations
 
 import uuid
+import weakref
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,10 @@ if TYPE_CHECKING:
 
 else:
     _LedgerQuerySet = models.QuerySet
+
+#: The due rows' SELECT of each queryset that claimed (kept out of the
+#: queryset, which is pickled and copied with what it holds).
+_DUE: weakref.WeakKeyDictionary[Any, Prepared[Any]] = weakref.WeakKeyDictionary()
 
 #: Times a claim reads the due rows again after other workers took all it read.
 CLAIM_TRIES = 10
@@ -153,11 +158,10 @@ class ClaimsQuerySet(_LedgerQuerySet):
         if connections[db].vendor != "mysql":
             # Compiled once per connection and limit for this queryset (a drain
             # claims with one queryset, batch after batch).
-            due: Prepared[Any] | None = self.__dict__.get("_due_prepared")
+            due = _DUE.get(self)
             if due is None:
-                due = self.__dict__["_due_prepared"] = Prepared(
-                    self._due_query, self.model._meta.get_field("next_attempt_at"), 2
-                )
+                field = self.model._meta.get_field("next_attempt_at")
+                due = _DUE[self] = Prepared(self._due_query, field, 2)
             return due.objects(db, now, limit)
         rows = self.using(db).select_for_update(skip_locked=True)
         # InnoDB sorts the rows of due()'s OR after reading, and locks every row it

@@ -9,32 +9,62 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, Generic, TypeVar
 
+from django.conf import settings
+from django.core.exceptions import EmptyResultSet
 from django.db import connections, models
 from django.db.models.base import ModelState
+from django.db.models.query import ModelIterable, ValuesListIterable
 from django.db.models.signals import post_init, pre_init
 from django.db.models.sql.compiler import SQLCompiler
 
 _Q = TypeVar("_Q", bound="models.QuerySet[Any, Any]")
 
 #: The time a query is compiled with: where it appears in the parameters, the
-#: time of each run goes instead (a time a ledger's own filters never hold).
+#: time of each run goes instead (a time a ledger's own filters never hold);
+#: naive where ``USE_TZ`` is off.
 SENTINEL = datetime(2000, 1, 1, 0, 0, 0, 123457, tzinfo=timezone.utc)
+
+
+def _plain(queryset: models.QuerySet[Any, Any]) -> bool:
+    """Whether the rows of ``queryset`` are its model's own columns (or a
+    ``values_list()`` of them), as :class:`_Compiled` builds them: no
+    annotation, related or prefetched objects, extra columns, or fetch mode of
+    its own (Django 6.1)."""
+    query = queryset.query
+    fresh: models.QuerySet[Any, Any] = models.QuerySet(queryset.model)
+    return (
+        queryset._iterable_class in (ModelIterable, ValuesListIterable)
+        and not query.annotations
+        and query.select_related is False
+        and not getattr(queryset, "_prefetch_related_lookups", ())
+        and not query.extra
+        and getattr(queryset, "_fetch_mode", None)
+        is getattr(fresh, "_fetch_mode", None)
+    )
 
 
 class _Compiled:
     """One query's SQL on one connection, the positions of the time in its
     parameters, and its compiler (its converters, and the fields of its rows)."""
 
-    def __init__(self, query: models.QuerySet[Any, Any], field: models.Field[Any, Any]):
+    def __init__(
+        self,
+        query: models.QuerySet[Any, Any],
+        field: models.Field[Any, Any],
+        sentinel: datetime | None,
+    ) -> None:
         self.db = query.db
+        self.iterable = query._iterable_class
         connection = connections[self.db]
         self.connection = connection
         self.compiler: SQLCompiler = query.query.get_compiler(using=self.db)
         self.sql, params = self.compiler.as_sql()
         self.params = list(params)
         self.field = field
-        marker = field.get_db_prep_value(SENTINEL, connection)
-        self.slots = [i for i, value in enumerate(self.params) if value == marker]
+        self.slots: list[int] = []
+        if sentinel is not None:
+            marker = field.get_db_prep_value(sentinel, connection)
+            self.slots = [i for i, value in enumerate(self.params) if value == marker]
         compiler = self.compiler
         self.converters = compiler.get_converters(
             [column[0] for column in compiler.select[0 : compiler.col_count]]
@@ -43,9 +73,10 @@ class _Compiled:
     def rows(self, now: datetime) -> list[tuple[Any, ...]]:
         """The rows (with the database's converters applied) at time ``now``."""
         params = list(self.params)
-        value = self.field.get_db_prep_value(now, self.connection)
-        for slot in self.slots:
-            params[slot] = value
+        if self.slots:
+            value = self.field.get_db_prep_value(now, self.connection)
+            for slot in self.slots:
+                params[slot] = value
         with self.connection.cursor() as cursor:
             cursor.execute(self.sql, params)
             fetched = cursor.fetchall()
@@ -75,32 +106,43 @@ class Prepared(Generic[_Q]):
         self._local = threading.local()
 
     def _get(self, db: str, key: Any) -> _Compiled | None:
-        cache: dict[tuple[str, Any], _Compiled | None] | None = getattr(
+        cache: dict[tuple[str, Any, bool], _Compiled | None] | None = getattr(
             self._local, "compiled", None
         )
         if cache is None:
             cache = self._local.compiled = {}
         connection = connections[db]
-        seen = (db, key) in cache
-        compiled = cache.get((db, key))
+        slot = (db, key, settings.USE_TZ)
+        seen = slot in cache
+        compiled = cache.get(slot)
         if not seen or (compiled is not None and compiled.connection is not connection):
-            compiled = _Compiled(self.build(db, SENTINEL, key), self.field)
-            if len(compiled.slots) != self.times:
-                compiled = None
-            cache[(db, key)] = compiled
+            compiled = cache[slot] = self._compile(db, key)
+        return compiled
+
+    def _compile(self, db: str, key: Any) -> _Compiled | None:
+        sentinel = SENTINEL if settings.USE_TZ else SENTINEL.replace(tzinfo=None)
+        queryset = self.build(db, sentinel, key)
+        if not _plain(queryset):
+            return None
+        try:
+            compiled = _Compiled(queryset, self.field, sentinel if self.times else None)
+        except EmptyResultSet:
+            return None  # the ORM's own path says "no rows"
+        if len(compiled.slots) != self.times:
+            return None
         return compiled
 
     def values(self, db: str, now: datetime, key: Any = None) -> list[tuple[Any, ...]]:
         """The rows of a ``values_list()`` queryset at time ``now``."""
         compiled = self._get(db, key)
-        if compiled is None:
+        if compiled is None or compiled.iterable is not ValuesListIterable:
             return list(self.build(db, now, key))
         return compiled.rows(now)
 
     def objects(self, db: str, now: datetime, key: Any = None) -> list[Any]:
         """The model instances of the queryset at time ``now``."""
         compiled = self._get(db, key)
-        if compiled is None:
+        if compiled is None or compiled.iterable is not ModelIterable:
             return list(self.build(db, now, key))
         compiler = compiled.compiler
         info = compiler.klass_info

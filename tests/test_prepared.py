@@ -105,7 +105,7 @@ def test_a_filter_equal_to_the_sentinel_time_is_compiled_each_call(
             list(with_sentinel("default", at, 10))
         )
     assert len(seen) == 1
-    assert due._local.compiled == {("default", 10): None}
+    assert due._local.compiled == {("default", 10, True): None}
 
 
 def test_each_thread_compiles_for_its_own_connection(

@@ -1,7 +1,8 @@
 """Red team of queued_storage.prepared (the claim's due rows and the storages'
-states compiled once per connection). Each xfail(strict) test is a break: the
-prepared path does what the ORM did not (raise, drop or ignore something); the
-passing tests are what held (rows field by field as the ORM's, locks, pauses)."""
+states compiled once per connection). The breaks it found, now fixed: USE_TZ
+off, querysets that match nothing (and a limit of 0), pickling a queryset that
+claimed, annotations and Django 6.1's fetch modes; the rest is what held (rows
+field by field as the ORM's, locks, pauses)."""
 
 from __future__ import annotations
 
@@ -76,13 +77,6 @@ def orm_due(rows: Any) -> list[PendingTransfer]:
 # --- breaks -----------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    VENDOR != "postgresql",
-    strict=True,
-    reason="USE_TZ=False: _Compiled adapts the aware SENTINEL even for the states'"
-    " query, which has no time (times=0); SQLite's and MySQL's backends refuse an"
-    " aware datetime then, so every claim raises ValueError (the ORM did not)",
-)
 def test_a_claim_with_use_tz_false_works(
     fresh_storages: dict[str, Path], settings: Any
 ) -> None:
@@ -99,12 +93,6 @@ def test_a_claim_with_use_tz_false_works(
     assert len(joined(worker, result)) == 2
 
 
-@pytest.mark.xfail(
-    VENDOR == "sqlite",
-    strict=True,
-    reason="USE_TZ=False: the due rows' query is compiled with the aware SENTINEL,"
-    " which SQLite's backend refuses: claim_due raises ValueError",
-)
 def test_claim_due_with_use_tz_false_works(
     fresh_storages: dict[str, Path], settings: Any
 ) -> None:
@@ -116,13 +104,6 @@ def test_claim_due_with_use_tz_false_works(
     assert len(PendingTransfer.objects.all().claim_due(limit=5, lease=60)) == 2
 
 
-@pytest.mark.xfail(
-    VENDOR == "postgresql",
-    strict=True,
-    reason="a queryset that matches nothing by construction (none(), an empty"
-    " __in): as_sql() raises EmptyResultSet, which the ORM's execute_sql turns"
-    " into no rows; the prepared path lets it out of claim_due",
-)
 @pytest.mark.parametrize("empty", ["none", "empty_in"])
 def test_claiming_from_an_empty_queryset_claims_nothing(
     fresh_storages: dict[str, Path], empty: str
@@ -136,25 +117,12 @@ def test_claiming_from_an_empty_queryset_claims_nothing(
     assert controls.claim(rows, limit=5, lease=60) == []
 
 
-@pytest.mark.xfail(
-    VENDOR != "mariadb",
-    strict=True,
-    reason="limit=0: [:0] makes the query empty, as_sql() raises EmptyResultSet"
-    " (the ORM returned [])",
-)
 def test_a_claim_of_no_rows_claims_nothing(fresh_storages: dict[str, Path]) -> None:
     queue_files(fresh_storages["local"], 2, size=1)
     assert PendingTransfer.objects.all().claim_due(limit=0, lease=60) == []
     assert PendingTransfer.objects.filter(attempts=0).count() == 2
 
 
-@pytest.mark.xfail(
-    VENDOR != "mariadb",
-    strict=True,
-    reason="_due_prepared (a Prepared with a threading.local) is kept in the"
-    " queryset's __dict__, which QuerySet.__getstate__/__deepcopy__ copy: a"
-    " queryset that claimed once no longer pickles or deep-copies (TypeError)",
-)
 @pytest.mark.parametrize("how", ["pickle", "deepcopy"])
 def test_a_queryset_that_claimed_still_pickles(
     fresh_storages: dict[str, Path], how: str
@@ -166,12 +134,6 @@ def test_a_queryset_that_claimed_still_pickles(
     assert len(again) == 2
 
 
-@pytest.mark.xfail(
-    VENDOR != "mariadb",
-    strict=True,
-    reason="objects() builds instances from klass_info's select_fields only: the"
-    " queryset's annotations (annotation_col_map) are dropped",
-)
 def test_the_rows_of_an_annotated_queryset_carry_the_annotation(
     fresh_storages: dict[str, Path],
 ) -> None:
@@ -182,12 +144,6 @@ def test_the_rows_of_an_annotated_queryset_carry_the_annotation(
 
 
 @pytest.mark.skipif(django.VERSION < (6, 1), reason="fetch modes are Django 6.1's")
-@pytest.mark.xfail(
-    VENDOR != "mariadb",
-    strict=True,
-    reason="Django 6.1: the queryset's fetch_mode() is not passed on (neither"
-    " _built() nor from_db() gets it): rows get FETCH_ONE",
-)
 def test_the_rows_keep_the_querysets_fetch_mode(
     fresh_storages: dict[str, Path],
 ) -> None:
