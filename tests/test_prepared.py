@@ -4,6 +4,7 @@ the ORM would have returned at that time, field by field."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -68,12 +69,22 @@ def spread(local: Path, count: int) -> list[datetime]:
     return times
 
 
+def prepared_due(
+    local: Path,
+    count: int,
+    monkeypatch: pytest.MonkeyPatch,
+    query: Callable[[str, datetime, int], PendingTransferQuerySet] = due_query,
+) -> tuple[list[datetime], list[str], Prepared[PendingTransferQuerySet]]:
+    """``count`` rows due a minute apart (``spread``: their due times), the SQL of
+    each compile from now on (``compiles``) and a Prepared of ``query``, whose
+    time appears twice in it."""
+    return spread(local, count), compiles(monkeypatch), Prepared(query, FIELD, 2)
+
+
 def test_run_at_another_time_it_returns_what_the_orm_returns_then(
     fresh_storages: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    times = spread(fresh_storages["local"], 5)
-    seen = compiles(monkeypatch)
-    due = Prepared(due_query, FIELD, 2)
+    times, seen, due = prepared_due(fresh_storages["local"], 5, monkeypatch)
     for at in (times[0], times[2], times[4] + timedelta(seconds=1)):
         got = due.objects("default", at, 10)
         assert fields(got) == fields(list(due_query("default", at, 10)))
@@ -91,15 +102,15 @@ def test_a_filter_equal_to_the_sentinel_time_is_compiled_each_call(
     """A parameter that happens to equal the sentinel would be taken for the
     time: such a query is not kept (tried once), and the ORM builds it with the
     real time each call."""
-    times = spread(fresh_storages["local"], 3)
 
     def with_sentinel(db: str, now: datetime, limit: int) -> PendingTransferQuerySet:
         rows = PendingTransfer.objects.using(db).due(now)
         rows = rows.exclude(transferred_at=SENTINEL)
         return rows.order_by("next_attempt_at", "pk")[:limit]
 
-    seen = compiles(monkeypatch)
-    due = Prepared(with_sentinel, FIELD, 2)
+    times, seen, due = prepared_due(
+        fresh_storages["local"], 3, monkeypatch, with_sentinel
+    )
     for at in (times[0], times[2]):
         assert fields(due.objects("default", at, 10)) == fields(
             list(with_sentinel("default", at, 10))
@@ -111,9 +122,7 @@ def test_a_filter_equal_to_the_sentinel_time_is_compiled_each_call(
 def test_each_thread_compiles_for_its_own_connection(
     fresh_storages: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    times = spread(fresh_storages["local"], 2)
-    seen = compiles(monkeypatch)
-    due = Prepared(due_query, FIELD, 2)
+    times, seen, due = prepared_due(fresh_storages["local"], 2, monkeypatch)
     here = due.objects("default", times[1], 10)
     worker, result = in_thread(lambda: due.objects("default", times[1], 10))
     there = joined(worker, result)

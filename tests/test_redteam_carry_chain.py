@@ -65,15 +65,18 @@ def nothing_left_behind(before: set[LeaseKeeper]) -> None:
     assert list(leased.values_list("name", flat=True)) == []
 
 
-class ExitsOn(Transfer):
-    """Stops the worker (a sys.exit() in the hook) on a name that starts with
-    ``exit``; copies the others."""
+class BeforeCopy(Transfer):
+    """Runs ``BeforeCopy.before[name]`` before the copy of ``name`` (once: it is
+    popped); copies the others."""
+
+    before: dict[str, Callable[[], None]] = {}
 
     def transfer(
         self, name: str, local: Storage, remote: Storage, **kwargs: Any
     ) -> bool:
-        if name.startswith("exit"):
-            raise SystemExit("the hook stops the worker")
+        action = type(self).before.pop(name, None)
+        if action is not None:
+            action()
         return super().transfer(name, local, remote, **kwargs)
 
 
@@ -86,10 +89,15 @@ def test_a_hook_that_stops_the_worker_leaves_the_carried_rows_recorded(
     stops the worker. The stop is the hook's to ask (test_hooks_attack); the
     three verified copies are this worker's to record first, and no keeper may
     go on renewing them after drain() has returned."""
-    storage = make_storage(task=ExitsOn)
+    storage = make_storage(task=BeforeCopy)
     names = [storage.save(f"f{i}.txt", content(str(i))) for i in range(3)]
     stopping = storage.save("exit.txt", content("x"))
     one_row_a_claim(monkeypatch)
+
+    def exit_the_worker() -> None:  # a sys.exit() in the hook
+        raise SystemExit("the hook stops the worker")
+
+    BeforeCopy.before = {stopping: exit_the_worker}
 
     with pytest.raises(SystemExit):
         drain()
@@ -97,20 +105,6 @@ def test_a_hook_that_stops_the_worker_leaves_the_carried_rows_recorded(
     assert row_of(storage, stopping).status == Status.QUEUED
     assert [row_of(storage, name).status for name in names] == [Status.DONE] * 3
     nothing_left_behind(keepers_checked)
-
-
-class ChangingStorage(Transfer):
-    """Runs ``ChangingStorage.before[name]`` before the copy of ``name``."""
-
-    before: dict[str, Callable[[], None]] = {}
-
-    def transfer(
-        self, name: str, local: Storage, remote: Storage, **kwargs: Any
-    ) -> bool:
-        action = type(self).before.pop(name, None)
-        if action is not None:
-            action()
-        return super().transfer(name, local, remote, **kwargs)
 
 
 @pytest.mark.parametrize("change", ["saved-again", "deleted", "failed-last"])
@@ -128,9 +122,7 @@ def test_a_chain_of_four_with_a_row_changed_in_the_middle(
     settings.QUEUED_STORAGE_LEASE = 1
     settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 60
     settings.QUEUED_STORAGE_RETRY_DELAY = 60
-    storage = make_storage(
-        task=ChangingStorage, local_options={"allow_overwrite": True}
-    )
+    storage = make_storage(task=BeforeCopy, local_options={"allow_overwrite": True})
     names = [storage.save(f"f{i}.txt", content(f"old{i}")) for i in range(4)]
     one_row_a_claim(monkeypatch)
     groups: list[list[str]] = []
@@ -150,7 +142,7 @@ def test_a_chain_of_four_with_a_row_changed_in_the_middle(
         else:
             raise ConnectionError("remote unreachable")
 
-    ChangingStorage.before = {names[3]: act}
+    BeforeCopy.before = {names[3]: act}
 
     stats = drain()
 
@@ -202,20 +194,6 @@ def test_a_record_that_raises_leaves_the_whole_chain_to_be_retried(
     nothing_left_behind(keepers_checked)
 
 
-class StopsAfter(Transfer):
-    """Asks the drain to stop from the copy of a name that starts with ``stop``
-    (which goes through)."""
-
-    stop = threading.Event()
-
-    def transfer(
-        self, name: str, local: Storage, remote: Storage, **kwargs: Any
-    ) -> bool:
-        if name.startswith("stop"):
-            type(self).stop.set()
-        return super().transfer(name, local, remote, **kwargs)
-
-
 def test_a_stop_in_the_third_batch_of_a_chain(
     make_storage: Callable[..., QueuedStorage],
     monkeypatch: pytest.MonkeyPatch,
@@ -223,14 +201,16 @@ def test_a_stop_in_the_third_batch_of_a_chain(
 ) -> None:
     """SIGTERM (should_stop) during the third batch of a chain: the three verified
     rows are recorded, the fourth is never claimed, nothing stays leased."""
-    StopsAfter.stop.clear()
-    storage = make_storage(task=StopsAfter)
+    stop = threading.Event()
+    storage = make_storage(task=BeforeCopy)
     names = [storage.save(f"f{i}.txt", content(str(i))) for i in range(2)]
     names.append(storage.save("stop.txt", content("s")))
     later = storage.save("later.txt", content("l"))
     one_row_a_claim(monkeypatch)
+    # Asked from the copy of stop.txt, which goes through.
+    BeforeCopy.before = {names[2]: stop.set}
 
-    stats = drain(should_stop=StopsAfter.stop.is_set)
+    stats = drain(should_stop=stop.is_set)
 
     assert stats.done == 3
     assert [row_of(storage, name).status for name in names] == [Status.DONE] * 3

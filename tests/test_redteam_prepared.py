@@ -74,17 +74,22 @@ def orm_due(rows: Any) -> list[PendingTransfer]:
     return list(due)
 
 
+def due_without_tz(local: Path, settings: Any) -> None:
+    """Two queued rows, due five seconds ago as USE_TZ=False reads the time."""
+    queue_files(local, 2, size=1)
+    settings.USE_TZ = False
+    PendingTransfer.objects.update(
+        next_attempt_at=timezone.now() - timedelta(seconds=5)
+    )
+
+
 # --- breaks -----------------------------------------------------------------
 
 
 def test_a_claim_with_use_tz_false_works(
     fresh_storages: dict[str, Path], settings: Any
 ) -> None:
-    queue_files(fresh_storages["local"], 2, size=1)
-    settings.USE_TZ = False
-    PendingTransfer.objects.update(
-        next_attempt_at=timezone.now() - timedelta(seconds=5)
-    )
+    due_without_tz(fresh_storages["local"], settings)
     # A thread of its own: the states' query is compiled per thread, and this
     # one's was compiled with USE_TZ=True by the tests before.
     worker, result = in_thread(
@@ -96,11 +101,7 @@ def test_a_claim_with_use_tz_false_works(
 def test_claim_due_with_use_tz_false_works(
     fresh_storages: dict[str, Path], settings: Any
 ) -> None:
-    queue_files(fresh_storages["local"], 2, size=1)
-    settings.USE_TZ = False
-    PendingTransfer.objects.update(
-        next_attempt_at=timezone.now() - timedelta(seconds=5)
-    )
+    due_without_tz(fresh_storages["local"], settings)
     assert len(PendingTransfer.objects.all().claim_due(limit=5, lease=60)) == 2
 
 
