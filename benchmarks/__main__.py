@@ -206,7 +206,7 @@ def markdown(report: dict[str, Any]) -> str:
             extra = ""
             if "files_per_second" in item:
                 fps = item["files_per_second"]
-                extra = f" ({fps['process_transfers']} vs {fps['raw']} files/s)"
+                extra = f" ({' vs '.join(str(v) for v in fps.values())} files/s)"
             elif "per_file_ms" in item:
                 pf = item["per_file_ms"]
                 extra = f" ({pf['queued']} vs {pf['plain']} ms/file)"

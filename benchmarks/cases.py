@@ -71,6 +71,8 @@ class Sizes:
     save_reported_rounds: int
     drain_files: int
     drain_rounds: int
+    #: Rounds of the ledger floor against the raw loop (a figure without a target).
+    drain_floor_rounds: int
     s3_files: int
     s3_rounds: int
     latency_files: int
@@ -94,6 +96,7 @@ QUICK = Sizes(
     save_reported_rounds=4,
     drain_files=2000,
     drain_rounds=10,
+    drain_floor_rounds=6,
     s3_files=100,
     s3_rounds=2,
     latency_files=150,
@@ -114,6 +117,7 @@ FULL = Sizes(
     save_reported_rounds=12,
     drain_files=2000,
     drain_rounds=12,
+    drain_floor_rounds=8,
     s3_files=2000,
     s3_rounds=4,
     latency_files=2000,
@@ -516,14 +520,18 @@ def import_storage(path: str) -> Any:
     return import_string(path)
 
 
-def drain_processes_side_by_side(*, files: int, rounds: int, keep: ExitStack) -> Any:
+def drain_processes_side_by_side(
+    *, files: int, rounds: int, keep: ExitStack, ledger_floor: bool = False
+) -> Any:
     """Rounds of: ``manage.py process_transfers`` as cron runs it (a process of its
     own, start-up and system checks included, default verbosity) over ``files``
     fresh rows, and ``benchmarks/raw_copy.py``, a process of the same site that
     sets Django up and runs ``remote.save(name, local.open(name))`` over the same
     local files into another directory. Neither flushes its files; each is timed
     from its start to its exit plus ``settle()`` (``os.sync()``), which writes
-    out what it left dirty.
+    out what it left dirty. With ``ledger_floor``, ``benchmarks/ledger_floor.py``
+    (the raw loop with plain-SQL claims and done records) stands in for the
+    command.
 
     Each round's files stay until ``keep`` is closed, after the last round: on
     ext4 mounted with ``discard`` (this machine's), deleting 2,000 files made the
@@ -589,10 +597,16 @@ def drain_processes_side_by_side(*, files: int, rounds: int, keep: ExitStack) ->
 
     def subject(number: int) -> float:
         entry = setup(number)
-        seconds = run(
-            ["manage.py", "process_transfers"],
-            {"QUEUED_STORAGE_BENCH_STORAGE": entry["options"]},
-        )
+        if ledger_floor:
+            key = json.loads(entry["options"])["key"]
+            remote = str(Path(entry["raw"]).with_name("remote-floor"))
+            argv = ["benchmarks/ledger_floor.py", entry["local"], remote, key]
+            seconds = run(argv, {})
+        else:
+            seconds = run(
+                ["manage.py", "process_transfers"],
+                {"QUEUED_STORAGE_BENCH_STORAGE": entry["options"]},
+            )
         finish(number)
         return seconds
 
@@ -619,7 +633,15 @@ def case_drain_fs(sizes: Sizes) -> list[dict[str, Any]]:
         timing = drain_processes_side_by_side(
             files=sizes.drain_files, rounds=sizes.drain_rounds, keep=keep
         )
+        # What the ledger alone costs on the day's disk, read beside the target.
+        floor_timing = drain_processes_side_by_side(
+            files=sizes.drain_files,
+            rounds=sizes.drain_floor_rounds,
+            keep=keep,
+            ledger_floor=True,
+        )
     throughput = timing.median_throughput()
+    floor_throughput = floor_timing.median_throughput()
     n = sizes.drain_files
     return [
         figure(
@@ -634,7 +656,22 @@ def case_drain_fs(sizes: Sizes) -> list[dict[str, Any]]:
                 "raw": round(n / statistics.median(timing.floor), 1),
             },
             **timing.as_dict(),
-        )
+        ),
+        figure(
+            f"drain {n} x 10 KiB to FileSystemStorage: the ledger floor "
+            "(benchmarks/ledger_floor.py: the raw loop with plain-SQL claims of "
+            "200 rows, a size check a file, one done UPDATE a claim)",
+            target="reported",
+            measured=floor_throughput,
+            unit="x raw remote.save() loop throughput (a process of the same site)",
+            passed=None,
+            files_per_second={
+                "ledger_floor": round(n / statistics.median(floor_timing.subject), 1),
+                "raw": round(n / statistics.median(floor_timing.floor), 1),
+            },
+            command_against_floor=round(throughput / floor_throughput, 3),
+            **floor_timing.as_dict(),
+        ),
     ]
 
 
