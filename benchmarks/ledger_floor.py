@@ -13,8 +13,9 @@ is read next to the package's figure."""
 
 from __future__ import annotations
 
-import os
 import sys
+
+from benchmarks.raw_copy import site_storages
 
 #: The rows of one claim: ``queued_storage.worker.DEFAULT_BATCH_SIZE``.
 CLAIM = 200
@@ -22,15 +23,9 @@ CLAIM = 200
 
 def main(argv: list[str]) -> int:
     local_root, remote_root, key = argv
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "benchmarks.settings")
-    import django
-
-    django.setup()
-    from django.core.files.storage import FileSystemStorage
+    local, remote = site_storages(local_root, remote_root)
     from django.db import connection, transaction
 
-    local = FileSystemStorage(location=local_root, base_url="/media/")
-    remote = FileSystemStorage(location=remote_root)
     table = "queued_storage_pendingtransfer"
     lock = " FOR UPDATE SKIP LOCKED" if connection.vendor == "postgresql" else ""
     select = (

@@ -12,10 +12,17 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from django.core.files.storage import FileSystemStorage
 
 
-def main(argv: list[str]) -> int:
-    local_root, remote_root, names_file = argv
+def site_storages(
+    local_root: str, remote_root: str
+) -> tuple[FileSystemStorage, FileSystemStorage]:
+    """Set Django up with the benchmark settings (the site of
+    ``manage.py process_transfers``); the local and the remote storage."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "benchmarks.settings")
     import django
 
@@ -23,7 +30,12 @@ def main(argv: list[str]) -> int:
     from django.core.files.storage import FileSystemStorage
 
     local = FileSystemStorage(location=local_root, base_url="/media/")
-    remote = FileSystemStorage(location=remote_root)
+    return local, FileSystemStorage(location=remote_root)
+
+
+def main(argv: list[str]) -> int:
+    local_root, remote_root, names_file = argv
+    local, remote = site_storages(local_root, remote_root)
     with open(names_file) as handle:
         names = handle.read().split("\n")
     for name in names:
