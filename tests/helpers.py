@@ -4,6 +4,7 @@ live in conftest.py; a test module imports these, never conftest.py."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -22,7 +23,7 @@ from django.db import connections, transaction
 from django.db.models.fields.files import FieldFile
 from django.utils import timezone
 
-from queued_storage import history, ledger_sql
+from queued_storage import history, leases, ledger_sql
 from queued_storage.backends import QueuedStorage
 from queued_storage.fields import QueuedFieldFile
 from queued_storage.models import PendingTransfer
@@ -213,6 +214,65 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)
+
+
+class KeeperClock:
+    """The lease keepers' clock (``queued_storage.leases.time``), which stands
+    still until the test moves it: however loaded the machine, no renewal falls
+    due and no transfer goes without progress for the timeout by the wall clock.
+    The keepers still look at their transfers on the real clock (every sixth of
+    the shorter of the lease and the timeout), which sets only how soon they see
+    what the test did, never what they see."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = time.monotonic()
+        self.looks = threading.Condition()
+        self.begun = self.ended = 0
+        self.stalled: set[str] = set()
+        monkeypatch.setattr(leases, "time", SimpleNamespace(monotonic=self))
+        tick = leases.LeaseKeeper._tick
+
+        def counted(keeper: leases.LeaseKeeper) -> None:
+            with self.looks:
+                self.begun += 1
+                stalled = set(self.stalled)
+            if stalled:
+                with keeper.lock:
+                    for attempt in keeper.attempts.values():
+                        if attempt.row.name in stalled:
+                            attempt.progress_at = -math.inf
+                            with self.looks:
+                                self.stalled.discard(attempt.row.name)
+            try:
+                tick(keeper)
+            finally:
+                with self.looks:
+                    self.ended += 1
+                    self.looks.notify_all()
+
+        monkeypatch.setattr(leases.LeaseKeeper, "_tick", counted)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self.looks:
+            self.now += seconds
+
+    def advance_and_look(self, seconds: float, timeout: float = 30) -> bool:
+        """Move on, and wait until a keeper has looked at its transfers at the
+        new time (False if none did within ``timeout`` real seconds)."""
+        with self.looks:
+            self.now += seconds
+            before = self.begun
+            return self.looks.wait_for(lambda: self.ended > before, timeout)
+
+    def stall(self, name: str) -> None:
+        """The keeper's next look sees the transfer of ``name`` in flight then as
+        without progress since it started (abandoned, whatever the clock says),
+        and no other: a hung upload among healthy ones."""
+        with self.looks:
+            self.stalled.add(name)
 
 
 class GenerationClock:

@@ -413,6 +413,40 @@ class _Paced:
             yield chunk
 
 
+class _Stepped:
+    """File content whose every chunk is read only once ``step()`` returns."""
+
+    def __init__(self, content: Any, step: Callable[[], None], size: int) -> None:
+        self.content = content
+        self.step = step
+        self.size = size
+
+    def chunks(self, chunk_size: int | None = None) -> Iterator[bytes]:
+        chunks = self.content.chunks(chunk_size=self.size)
+        while True:
+            self.step()
+            chunk = next(chunks, None)
+            if chunk is None:
+                return
+            yield chunk
+
+
+class SteppedStorage(CountingStorage):
+    """Uploads read the file ``SteppedStorage.chunk_size`` bytes at a time, each
+    read (the last one, which finds the end, too) only once the test's
+    ``SteppedStorage.step()`` returns: a slow upload paced by the test, not by
+    the clock."""
+
+    step: Callable[[], None] | None = None
+    chunk_size = 10
+
+    def _save(self, name: str, content: Any) -> str:
+        step = type(self).step
+        if step is not None:
+            content = _Stepped(content, step, self.chunk_size)
+        return super()._save(name, content)
+
+
 class JournalingStorage(FileSystemStorage):
     """Journals every upload (``begin`` and ``saved`` lines) to the file ``journal``,
     so a test counts the remote's writes across worker processes; ``delay`` seconds
@@ -562,6 +596,8 @@ class StallingStorage(CountingStorage):
     that stopped mid-upload."""
 
     stall: set[str] = set()
+    #: Set once the half file is written and the upload stalls.
+    entered = threading.Event()
     released = threading.Event()
     returned = threading.Event()
 
@@ -573,6 +609,7 @@ class StallingStorage(CountingStorage):
         data = content.read()
         try:
             super()._save(name, ContentFile(data[: len(data) // 2]))
+            cls.entered.set()
             cls.released.wait(timeout=30)
             raise ConnectionResetError("the connection stalled mid-upload")
         finally:

@@ -44,6 +44,7 @@ from tests.helpers import (
     ALWAYS_FAILING,
     FLAKY,
     Clock,
+    KeeperClock,
     content,
     in_thread,
     joined,
@@ -322,6 +323,7 @@ def test_an_upload_that_hangs_past_the_timeout_counts_as_the_remotes_failure(
     breaker_clock: Clock,
     settings: Any,
     hanging: type[HangingStorage],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Abandoned after the transfer timeout: a remote failure, which here opens
     the breaker (threshold 1); counted against the row, as the failure that opens
@@ -330,11 +332,15 @@ def test_an_upload_that_hangs_past_the_timeout_counts_as_the_remotes_failure(
     settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 1
     settings.QUEUED_STORAGE_RETRIES = 1
     settings.QUEUED_STORAGE_BREAKER_FAILURES = 1
+    clock = KeeperClock(monkeypatch)  # stands still but for the move below
     storage = make_storage(remote="tests.storages.HangingStorage")
     name = storage.save("hung.txt", content())
     hanging.hang = {name}
     try:
-        drain(keys=[storage.key])  # ends with the hung upload left behind
+        worker, result = in_thread(lambda: drain(keys=[storage.key]))
+        assert hanging.entered.wait(timeout=30)
+        clock.advance(10)  # hung for ten times the timeout, as the keeper sees it
+        joined(worker, result)  # ends with the hung upload left behind
 
         row = row_of(storage, name)
         assert (row.status, row.attempts) == (Status.QUEUED, 1)

@@ -18,7 +18,7 @@ from queued_storage.backends import QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.transfer import Verified
 from queued_storage.worker import drain
-from tests.helpers import content, in_thread, joined, row_of, wait_until
+from tests.helpers import KeeperClock, content, in_thread, joined, row_of, wait_until
 from tests.storages import CountingStorage
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -45,8 +45,11 @@ def test_a_carried_rows_lease_is_renewed_until_its_group_is_recorded(
     the keeper renewing the carried row, whose group was not recorded yet. Its
     lease then ran out while this worker still held the verified copy, and
     another worker would take it over and upload it again."""
-    settings.QUEUED_STORAGE_LEASE = 1
-    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 60
+    # A lease no loaded machine outlasts; a timeout of 1 s has the keeper renew
+    # every 1/3 s of its clock, which stands still but for the test's move.
+    settings.QUEUED_STORAGE_LEASE = 60
+    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 1
+    clock = KeeperClock(monkeypatch)
     storage = make_storage(
         remote=f"{__name__}.RefusingStorage",
         remote_options={"location": str(tmp_path / "remote")},
@@ -76,6 +79,7 @@ def test_a_carried_rows_lease_is_renewed_until_its_group_is_recorded(
         assert row_of(storage, "refused.txt").status == Status.QUEUED
         held_until = row_of(storage, carried).lease_expires_at
         assert held_until is not None
+        clock.advance(0.5)  # a renewal due (1/3 s), the timeout (1 s) not reached
 
         def renewed() -> bool:
             until = row_of(storage, carried).lease_expires_at
@@ -256,8 +260,11 @@ def test_rows_carried_twice_keep_their_leases_renewed(
     """The keeper of each batch a row was carried from renews its lease until
     its group is recorded: the first row, carried through two batches, is still
     held while the third batch's upload runs long."""
-    settings.QUEUED_STORAGE_LEASE = 1
-    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 60
+    # A lease no loaded machine outlasts; a timeout of 1 s has the keeper renew
+    # every 1/3 s of its clock, which stands still but for the test's move.
+    settings.QUEUED_STORAGE_LEASE = 60
+    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 1
+    clock = KeeperClock(monkeypatch)
     storage = make_storage(remote_options={"location": str(tmp_path / "remote")})
     first, second, third = (
         storage.save(f"f{i}.txt", content(str(i))) for i in range(3)
@@ -286,6 +293,7 @@ def test_rows_carried_twice_keep_their_leases_renewed(
             name: row_of(storage, name).lease_expires_at for name in (first, second)
         }
         assert all(until is not None for until in held.values())
+        clock.advance(0.5)  # a renewal due (1/3 s), the timeout (1 s) not reached
 
         def renewed() -> bool:
             for name, until in held.items():

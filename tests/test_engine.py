@@ -28,6 +28,7 @@ from tests.factories import pending_row, pending_rows
 from tests.helpers import (
     ALWAYS_FAILING,
     FLAKY,
+    KeeperClock,
     content,
     in_thread,
     joined,
@@ -813,25 +814,35 @@ def test_release_claim_gives_back_a_claim_of_a_thousand_rows() -> None:
 
 @pytest.mark.django_db(transaction=True)
 def test_lease_is_renewed_while_a_long_transfer_runs(
-    make_storage: Callable[..., QueuedStorage], gate: type[GatedStorage], settings: Any
+    make_storage: Callable[..., QueuedStorage],
+    gate: type[GatedStorage],
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    settings.QUEUED_STORAGE_LEASE = 1.0
+    # A lease no loaded machine outlasts; a timeout of 1 s has the keeper renew
+    # every 1/3 s of its clock, which stands still but for the test's move.
+    settings.QUEUED_STORAGE_LEASE = 60
+    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 1
+    clock = KeeperClock(monkeypatch)
     storage = make_storage(remote="tests.storages.GatedStorage")
     name = storage.save("a.txt", content("slow upload"))
     worker, result = in_thread(drain)
     assert gate.entered.wait(timeout=10)
     first = row_of(storage, name).lease_expires_at
     assert first is not None
+    clock.advance(0.5)  # a renewal due (1/3 s), the timeout (1 s) not reached
 
-    # Past the first lease, and renewed: only renewal keeps another worker off
-    # the row.
-    def renewed_past_the_first_lease() -> bool:
+    def renewed() -> bool:
         expires = row_of(storage, name).lease_expires_at
-        now = timezone.now()
-        return expires is not None and now > first and expires > now
+        return expires is not None and expires > first
 
-    assert wait_until(renewed_past_the_first_lease), "the lease was never renewed"
-    rival = PendingTransfer.objects.claim_due(limit=10, lease=300)
+    assert wait_until(renewed), "the lease was never renewed"
+    renewed_until = row_of(storage, name).lease_expires_at
+    assert renewed_until is not None
+    # Past the first lease, before the renewed one ends: only renewal keeps
+    # another worker off the row.
+    then = first + (renewed_until - first) / 2
+    rival = PendingTransfer.objects.claim_due(limit=10, lease=300, now=then)
     during = row_of(storage, name)
 
     gate.gate.set()

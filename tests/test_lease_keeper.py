@@ -15,6 +15,7 @@ from queued_storage.backends import QueuedStorage
 from queued_storage.leases import LeaseKeeper
 from queued_storage.worker import drain
 from tests.helpers import (
+    KeeperClock,
     content,
     in_thread,
     joined,
@@ -62,10 +63,16 @@ def test_claims_that_end_within_half_a_period_start_no_keeper_thread(
 
 
 def test_a_claim_that_lasts_is_renewed_by_a_keeper_started_for_it(
-    make_storage: Callable[..., QueuedStorage], settings: Any
+    make_storage: Callable[..., QueuedStorage],
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    settings.QUEUED_STORAGE_LEASE = 1  # renewed every 1/3 s, started after 1/6 s
-    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 60
+    # A lease no loaded machine outlasts; the keeper, started after 1/6 s, renews
+    # every 1/3 s of its clock (the timeout's third), which stands still but for
+    # the test's move.
+    settings.QUEUED_STORAGE_LEASE = 60
+    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 1
+    clock = KeeperClock(monkeypatch)
     GatedStorage.entered.clear()
     GatedStorage.release.clear()
     storage = make_storage(remote=f"{__name__}.GatedStorage")
@@ -75,6 +82,7 @@ def test_a_claim_that_lasts_is_renewed_by_a_keeper_started_for_it(
         assert GatedStorage.entered.wait(timeout=30)
         claimed_until = row_of(storage, name).lease_expires_at
         assert claimed_until is not None
+        clock.advance(0.5)  # a renewal due (1/3 s), the timeout (1 s) not reached
 
         def renewed() -> bool:
             until = row_of(storage, name).lease_expires_at

@@ -17,6 +17,7 @@ from queued_storage.models import PendingTransfer, PendingTransferQuerySet
 from queued_storage.transfer import Verified, complete
 from queued_storage.worker import drain
 from tests.helpers import (
+    KeeperClock,
     content,
     in_thread,
     joined,
@@ -32,12 +33,16 @@ Status = PendingTransfer.Status
 
 #: Opened by the test: the upload of ``slow.txt`` goes on.
 SLOW_GOES_ON = threading.Event()
+#: Set when the upload of ``slow.txt`` starts waiting for SLOW_GOES_ON.
+SLOW_ENTERED = threading.Event()
 
 
 class SlowStorage(CountingStorage):
     """Holds the upload of ``slow.txt`` until the test opens SLOW_GOES_ON."""
 
     def _save(self, name: str, content: Any) -> str:
+        if name.startswith("slow"):
+            SLOW_ENTERED.set()
         if name.startswith("slow") and not SLOW_GOES_ON.wait(timeout=30):
             raise TimeoutError("the test never let the slow upload go on")
         return super()._save(name, content)
@@ -162,8 +167,12 @@ def test_a_stop_while_an_older_batch_runs_keeps_its_lease_and_hands_back_the_res
     row still runs: the new batch's rows are given back at once, the slow row's
     lease is renewed until it ends, and it is recorded."""
     SLOW_GOES_ON.clear()
-    settings.QUEUED_STORAGE_LEASE = 1
-    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 60
+    SLOW_ENTERED.clear()
+    # A lease no loaded machine outlasts; a timeout of 1 s has the keeper renew
+    # every 1/3 s of its clock, which stands still but for the test's move.
+    settings.QUEUED_STORAGE_LEASE = 60
+    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 1
+    clock = KeeperClock(monkeypatch)
     storage = make_storage(
         remote=f"{__name__}.SlowStorage",
         remote_options={"location": str(tmp_path / "remote")},
@@ -197,6 +206,8 @@ def test_a_stop_while_an_older_batch_runs_keeps_its_lease_and_hands_back_the_res
         assert wait_until(handed_back), "the new batch's rows stay leased"
         first = row_of(storage, "slow.txt").lease_expires_at
         assert first is not None
+        assert SLOW_ENTERED.wait(timeout=30)  # its attempt runs: the move is seen
+        clock.advance(0.5)  # a renewal due (1/3 s), the timeout (1 s) not reached
 
         def renewed() -> bool:
             until = row_of(storage, "slow.txt").lease_expires_at

@@ -21,7 +21,14 @@ from queued_storage.models import PendingTransfer
 from queued_storage.tasks import Transfer
 from queued_storage.transfer import Verified
 from queued_storage.worker import drain
-from tests.helpers import content, lanes_returned, row_of
+from tests.helpers import (
+    KeeperClock,
+    content,
+    in_thread,
+    joined,
+    lanes_returned,
+    row_of,
+)
 from tests.storages import HangingStorage
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -119,9 +126,13 @@ def test_a_chain_of_four_with_a_row_changed_in_the_middle(
     second row is saved again or deleted while the fourth uploads (it loses its
     record alone, the others are recorded), or the fourth row's upload fails
     (the three carried rows are still recorded)."""
-    settings.QUEUED_STORAGE_LEASE = 1
-    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 60
+    # Keepers that start after 1/6 s and look every 1/6 s, as with one-second
+    # leases, on a clock that stands still: a lease no loaded machine outlasts,
+    # and no upload is without progress for the timeout.
+    settings.QUEUED_STORAGE_LEASE = 60
+    settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 1
     settings.QUEUED_STORAGE_RETRY_DELAY = 60
+    KeeperClock(monkeypatch)
     storage = make_storage(task=BeforeCopy, local_options={"allow_overwrite": True})
     names = [storage.save(f"f{i}.txt", content(f"old{i}")) for i in range(4)]
     one_row_a_claim(monkeypatch)
@@ -292,14 +303,17 @@ def test_four_lanes_carry_older_batches_and_abandon_a_hung_upload(
     hanging: type[HangingStorage],
     keepers_checked: set[LeaseKeeper],
 ) -> None:
-    """--concurrency 4, claims of two rows, one-second leases, one upload that
-    hangs past the transfer timeout: the other rows are carried or recorded with
-    older batches, the hung one is abandoned and retried later; when drain()
-    returns (and the hung upload, released, has lost), no keeper runs and no row
-    is leased."""
-    settings.QUEUED_STORAGE_LEASE = 1
+    """--concurrency 4, claims of two rows, keepers that look every 1/6 s, one
+    upload that hangs past the transfer timeout: the other rows are carried or
+    recorded with older batches, the hung one is abandoned and retried later;
+    when drain() returns (and the hung upload, released, has lost), no keeper
+    runs and no row is leased."""
+    # A lease no loaded machine outlasts, and a keeper's clock that stands
+    # still: only the hung upload is ever without progress for the timeout.
+    settings.QUEUED_STORAGE_LEASE = 60
     settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 1
     settings.QUEUED_STORAGE_RETRY_DELAY = 60
+    clock = KeeperClock(monkeypatch)
     storage = make_storage(remote="tests.storages.HangingStorage")
     names = [storage.save(f"f{i}.txt", content(str(i))) for i in range(12)]
     hung = storage.save("hung.txt", content("h"))
@@ -307,7 +321,10 @@ def test_four_lanes_carry_older_batches_and_abandon_a_hung_upload(
     monkeypatch.setattr(claim_size.ClaimSize, "next", lambda self: 2)
     monkeypatch.setattr(completions, "COMPLETE_AFTER", float("inf"))
 
-    stats = drain(concurrency=4)
+    worker, result = in_thread(lambda: drain(concurrency=4))
+    assert hanging.entered.wait(timeout=30)
+    clock.stall(hung)  # its keeper's next look abandons it, and only it
+    stats = joined(worker, result)
 
     assert hanging.entered.is_set()
     hanging.released.set()

@@ -32,6 +32,7 @@ from queued_storage.stats import DrainStats
 from queued_storage.worker import drain
 from tests.helpers import (
     FS,
+    KeeperClock,
     content,
     in_thread,
     joined,
@@ -41,7 +42,12 @@ from tests.helpers import (
     row_of,
     wait_until,
 )
-from tests.storages import HangingStorage, ReadThenHangStorage, StallingStorage
+from tests.storages import (
+    HangingStorage,
+    ReadThenHangStorage,
+    StallingStorage,
+    SteppedStorage,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -220,17 +226,26 @@ def test_an_upload_without_progress_is_abandoned_recorded_and_retried(
     make_storage: Callable[..., QueuedStorage],
     hanging: type[HangingStorage],
     settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings.QUEUED_STORAGE_LEASE = 30
     settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 1
     settings.QUEUED_STORAGE_RETRY_DELAY = 0
+    # The keeper's clock stands still but for the test's one move: a healthy
+    # upload slowed by a loaded machine is never "without progress".
+    clock = KeeperClock(monkeypatch)
     storage = make_storage(remote=HANGING)
     hung = storage.save("a.txt", content("first"))
     other = storage.save("b.txt", content("second"))
     hanging.hang = {hung}
 
     # One worker thread: the drain moves on without the hung upload.
-    stats = drain(concurrency=1)
+    worker, result = in_thread(lambda: drain(concurrency=1))
+    assert hanging.entered.wait(timeout=30)
+    # The hung upload is the one in flight: it makes no progress for ten times
+    # the timeout, as the keeper sees it.
+    clock.advance(10)
+    stats = joined(worker, result)
 
     assert hanging.entered.is_set()
     assert not hanging.returned.is_set()
@@ -253,7 +268,9 @@ def test_an_upload_without_progress_is_abandoned_recorded_and_retried(
 
 @pytest.mark.django_db(transaction=True)
 def test_an_abandoned_upload_that_wrote_part_of_the_file_is_replaced_not_a_conflict(
-    make_storage: Callable[..., QueuedStorage], settings: Any
+    make_storage: Callable[..., QueuedStorage],
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An upload that wrote half the file and stalled is abandoned: what it wrote
     is the row's (ownership is earned by the upload that was sent), so the retry
@@ -261,13 +278,21 @@ def test_an_abandoned_upload_that_wrote_part_of_the_file_is_replaced_not_a_confl
     settings.QUEUED_STORAGE_LEASE = 30
     settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 1
     settings.QUEUED_STORAGE_RETRY_DELAY = 0
-    StallingStorage.released.clear()
-    StallingStorage.returned.clear()
+    clock = KeeperClock(monkeypatch)  # stands still but for the move below
+    for event in (
+        StallingStorage.entered,
+        StallingStorage.released,
+        StallingStorage.returned,
+    ):
+        event.clear()
     storage = make_storage(remote="tests.storages.StallingStorage")
     name = storage.save("a.txt", content("the whole file"))
     StallingStorage.stall = {name}
     try:
-        stats = drain(concurrency=1)
+        worker, result = in_thread(lambda: drain(concurrency=1))
+        assert StallingStorage.entered.wait(timeout=30)
+        clock.advance(10)  # stalled for ten times the timeout, as the keeper sees it
+        stats = joined(worker, result)
     finally:
         StallingStorage.released.set()
     assert StallingStorage.returned.wait(timeout=30)
@@ -282,19 +307,24 @@ def test_an_abandoned_upload_that_wrote_part_of_the_file_is_replaced_not_a_confl
 
 @pytest.mark.django_db(transaction=True)
 def test_a_slow_upload_that_keeps_reading_is_not_abandoned(
-    make_storage: Callable[..., QueuedStorage], tmp_path: Path, settings: Any
+    make_storage: Callable[..., QueuedStorage],
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 1
-    storage = make_storage(
-        remote="tests.storages.JournalingStorage",
-        remote_options={
-            "journal": str(tmp_path / "journal"),
-            "delay": 0.2,
-            "chunk_size": 10,
-        },
-    )
-    # Ten chunks 0.2 s apart: twice the timeout in all, never a second without a
-    # read of the local file.
+    clock = KeeperClock(monkeypatch)
+
+    def step() -> None:
+        # Before each read of the local file: 0.6 of the timeout passes for the
+        # keeper, which looks at the upload then.
+        if not clock.advance_and_look(0.6):
+            raise TimeoutError("the lease keeper never looked at the upload")
+
+    monkeypatch.setattr(SteppedStorage, "step", step)
+    monkeypatch.setattr(SteppedStorage, "chunk_size", 10)
+    storage = make_storage(remote="tests.storages.SteppedStorage")
+    # Ten chunks (and the read that finds the end) 0.6 s apart on the keeper's
+    # clock: over six times the timeout in all, never a second without a read.
     name = storage.save("slow.txt", content("x" * 100))
 
     stats = drain()
