@@ -35,7 +35,7 @@ from queued_storage.models import (
 from queued_storage.names import canonical_name
 
 if TYPE_CHECKING:
-    from queued_storage.backends import QueuedStorage
+    from queued_storage.storage import QueuedStorage
 
 logger = logging.getLogger("queued_storage")
 

@@ -65,7 +65,7 @@ from queued_storage.remote_listing import (
 from queued_storage.verification import VERIFY_FIELDS, Problem, fix_row
 
 if TYPE_CHECKING:
-    from queued_storage.backends import QueuedStorage
+    from queued_storage.storage import QueuedStorage
 
 logger = logging.getLogger("queued_storage")
 

@@ -24,7 +24,7 @@ from queued_storage.models import PendingTransfer, name_hash
 from queued_storage.remote_listing import RemoteEntry, read_as_another
 
 if TYPE_CHECKING:
-    from queued_storage.backends import QueuedStorage
+    from queued_storage.storage import QueuedStorage
 
 logger = logging.getLogger("queued_storage")
 

@@ -19,7 +19,7 @@ from queued_storage.models import PendingTransfer, name_hash
 from queued_storage.names import canonical_name
 
 if TYPE_CHECKING:
-    from queued_storage.backends import QueuedStorage
+    from queued_storage.storage import QueuedStorage
 
 DEFAULT_BATCH_SIZE = 500
 

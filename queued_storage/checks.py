@@ -210,7 +210,7 @@ def check_installed(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
     """E016 for a site that uses a storage without the app. Registered when
-    :mod:`queued_storage.backends` is imported (by a model field's storage, a 0.8
+    :mod:`queued_storage.storage` is imported (by a model field's storage, a 0.8
     subclass, or code), since without the app no ``ready()`` registers it."""
     if installation.installed():
         return []

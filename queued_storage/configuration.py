@@ -29,7 +29,7 @@ from queued_storage.mirror_config import Mirrored, MirrorTarget, parse_mirrors
 from queued_storage.tasks import Transfer
 
 if TYPE_CHECKING:
-    from queued_storage.backends import QueuedStorage
+    from queued_storage.storage import QueuedStorage
 
 FILE_SYSTEM_STORAGE = "django.core.files.storage.FileSystemStorage"
 DEFAULT_TASK = "queued_storage.tasks.Transfer"

@@ -31,8 +31,8 @@ from queued_storage.errors import (
 )
 
 if TYPE_CHECKING:
-    from queued_storage.backends import QueuedStorage
     from queued_storage.models import PendingTransfer
+    from queued_storage.storage import QueuedStorage
 
 logger = logging.getLogger("queued_storage")
 

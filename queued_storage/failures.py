@@ -19,7 +19,7 @@ from queued_storage.models import PendingTransfer
 from queued_storage.signals import transfer_failed
 
 if TYPE_CHECKING:
-    from queued_storage.backends import QueuedStorage
+    from queued_storage.storage import QueuedStorage
 
 logger = logging.getLogger("queued_storage")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.db.models.fields.files import FieldFile, FileField
 
-from queued_storage.backends import QueuedStorage
+from queued_storage.storage import QueuedStorage
 
 
 class QueuedFieldFile(FieldFile):

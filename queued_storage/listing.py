@@ -12,7 +12,7 @@ from django.db.models.functions import Substr
 from queued_storage.models import PendingTransfer
 
 if TYPE_CHECKING:
-    from queued_storage.backends import QueuedStorage
+    from queued_storage.storage import QueuedStorage
 
 
 def listdir(storage: QueuedStorage, path: str) -> tuple[list[str], list[str]]:

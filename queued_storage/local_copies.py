@@ -19,7 +19,7 @@ from queued_storage.redaction import error_text
 from queued_storage.tombstones import delete_local_copy
 
 if TYPE_CHECKING:
-    from queued_storage.backends import QueuedStorage
+    from queued_storage.storage import QueuedStorage
 
 logger = logging.getLogger("queued_storage")
 

@@ -7,7 +7,7 @@ mirror's workers' and the backfill's."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.db import connections, router
 
@@ -15,9 +15,7 @@ from queued_storage import registry
 from queued_storage.configuration import DEFAULT_TASK
 from queued_storage.ledger_sql import column
 from queued_storage.models import PendingTransfer
-
-if TYPE_CHECKING:
-    from queued_storage.backends import QueuedStorage
+from queued_storage.storage import QueuedStorage, class_path
 
 Status = PendingTransfer.Status
 
@@ -188,7 +186,7 @@ def switch_arguments(storage: QueuedStorage, mirror: QueuedStorage) -> dict[str,
 def switch_configuration(storage: QueuedStorage, mirror: QueuedStorage) -> str:
     """:func:`switch_arguments` as the call that builds the storage."""
     cls = type(storage)
-    lines = [f"{cls.__module__}.{cls.__qualname__}("]
+    lines = [f"{class_path(cls)}("]
     for name, value in switch_arguments(storage, mirror).items():
         value, _sep, comment = value.partition("  # ")
         lines.append(f"    {name}={value}," + (f"  # {comment}" if comment else ""))

@@ -28,7 +28,7 @@ from queued_storage.models import (
 )
 
 if TYPE_CHECKING:
-    from queued_storage.backends import QueuedStorage
+    from queued_storage.storage import QueuedStorage
 
 Status = PendingTransfer.Status
 DEFAULT_PAGE_SIZE = 500

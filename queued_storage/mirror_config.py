@@ -16,7 +16,7 @@ from django.core.exceptions import ImproperlyConfigured
 from queued_storage.places import place
 
 if TYPE_CHECKING:
-    from queued_storage.backends import MirrorStorage, QueuedStorage
+    from queued_storage.storage import MirrorStorage, QueuedStorage
 
 #: A mirror's name: it ends its default ledger key (``<key>@<name>``).
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")

@@ -30,7 +30,7 @@ from queued_storage.models import (
 from queued_storage.tombstones import reconcile
 
 if TYPE_CHECKING:
-    from queued_storage.backends import MirrorStorage, QueuedStorage
+    from queued_storage.storage import MirrorStorage, QueuedStorage
 
 logger = logging.getLogger("queued_storage")
 

@@ -22,7 +22,7 @@ from queued_storage.configuration import ConfiguredStorage
 from queued_storage.models import PendingTransfer, name_hash
 
 if TYPE_CHECKING:
-    from queued_storage.backends import QueuedStorage
+    from queued_storage.storage import QueuedStorage
 
 #: A row as ``PendingTransferQuerySet.states_with_mirror`` returns it:
 #: ``(status, deleted, size, generation)``.

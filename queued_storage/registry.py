@@ -20,7 +20,7 @@ from django.utils.functional import LazyObject, empty
 from queued_storage.configuration import ConfiguredStorage
 
 if TYPE_CHECKING:
-    from queued_storage.backends import QueuedStorage
+    from queued_storage.storage import QueuedStorage
 
 #: The arguments that make two storages of one key behave differently.
 ARGUMENTS = (

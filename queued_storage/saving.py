@@ -31,7 +31,7 @@ from queued_storage.rollback import (
 )
 
 if TYPE_CHECKING:
-    from queued_storage.backends import QueuedStorage
+    from queued_storage.storage import QueuedStorage
 
 #: Give up looking for a free name after this many tries.
 MAX_NAME_TRIES = 100

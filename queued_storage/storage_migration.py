@@ -22,9 +22,10 @@ from queued_storage.mirror_backfill import (
     BackfillCounts,
     MirrorBackfill,
 )
+from queued_storage.storage import class_path
 
 if TYPE_CHECKING:
-    from queued_storage.backends import MirrorStorage, QueuedStorage
+    from queued_storage.storage import MirrorStorage, QueuedStorage
 
 
 class NotServing(ValueError):
@@ -136,7 +137,7 @@ class StorageMigration:
         return "\n".join(
             [
                 f"{json.dumps(storage_alias(self.storage))}: {{",
-                f'    "BACKEND": "{cls.__module__}.{cls.__qualname__}",',
+                f'    "BACKEND": "{class_path(cls)}",',
                 '    "OPTIONS": {',
                 *options,
                 "    },",

@@ -55,7 +55,7 @@ from queued_storage.tasks import Transfer
 from queued_storage.tombstones import delete_local_copy, fail, purge_claimed, reconcile
 
 if TYPE_CHECKING:
-    from queued_storage.backends import MirrorStorage, QueuedStorage
+    from queued_storage.storage import MirrorStorage, QueuedStorage
 
 logger = logging.getLogger("queued_storage")
 

@@ -18,7 +18,7 @@ from queued_storage.paging import in_batches
 from queued_storage.redaction import error_text
 
 if TYPE_CHECKING:
-    from queued_storage.backends import QueuedStorage
+    from queued_storage.storage import QueuedStorage
 
 logger = logging.getLogger("queued_storage")
 

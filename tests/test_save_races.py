@@ -124,7 +124,7 @@ def test_a_large_save_racing_a_delete_is_saved(
     make_storage: Callable[..., QueuedStorage], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("queued_storage.saving.SMALL_FILE", 5)
-    monkeypatch.setattr("queued_storage.backends.purge", lambda *args: None)
+    monkeypatch.setattr("queued_storage.storage.purge", lambda *args: None)
     storage = make_storage()
 
     with (
@@ -142,7 +142,7 @@ def test_transfer_racing_a_committed_delete_leaves_the_tombstone(
     make_storage: Callable[..., QueuedStorage], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The purge after the delete's commit has not run yet (another host's).
-    monkeypatch.setattr("queued_storage.backends.purge", lambda *args: None)
+    monkeypatch.setattr("queued_storage.storage.purge", lambda *args: None)
     storage = make_storage()
     storage.local.save("c.txt", content("left by 0.8"))
 

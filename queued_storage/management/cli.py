@@ -27,8 +27,8 @@ from queued_storage.conf import MAX_SECONDS
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
-    from queued_storage.backends import QueuedStorage
     from queued_storage.models import PendingTransferQuerySet
+    from queued_storage.storage import QueuedStorage
 
 #: Exit codes, the same for every command (a cron job or a monitor acts on them).
 EXIT_OK = 0
