@@ -4,9 +4,10 @@ names the models' file fields reference; then every reference checked for a
 file. A batch at a time, its cursor kept in the storage's state, so that an
 audit that stops is continued by the next run from its last batch.
 
-What it finds is in :mod:`queued_storage.audit_findings`; ``fix`` re-queues a
-done row whose remote copy is missing or wrong (its local copy there) and
-adopts a referenced remote file without a row; ``delete_orphans`` deletes
+The merge is :mod:`queued_storage.audit_merge`'s; what it finds is in
+:mod:`queued_storage.audit_findings`; ``fix`` re-queues a done row whose remote
+copy is missing or wrong (its local copy there) and adopts a referenced remote
+file without a row; ``delete_orphans`` deletes
 remote orphans older than the grace period (:mod:`queued_storage.audit_orphans`),
 unless a field's references could not be read. A remote file whose name the
 remote reads as another name is reported, never deleted nor adopted.
@@ -15,14 +16,12 @@ remote reads as another name is reported, never deleted nor adopted.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from django.db import connections, router, transaction
-from django.db.models import QuerySet
-from django.db.models.functions import Collate
+from django.db import router, transaction
 from django.utils import timezone
 
 from queued_storage import adoption, registry
@@ -39,6 +38,7 @@ from queued_storage.audit_findings import (
     AuditCounts,
     Finding,
 )
+from queued_storage.audit_merge import Pair, chunks, ledger_rows, merged
 from queued_storage.audit_orphans import (
     DELETED,
     delete_orphan,
@@ -62,21 +62,17 @@ from queued_storage.remote_listing import (
     read_as_another,
     remote_entries,
 )
-from queued_storage.verification import VERIFY_FIELDS, Problem, fix_row
+from queued_storage.verification import Problem, fix_row
 
 if TYPE_CHECKING:
     from queued_storage.storage import QueuedStorage
 
 logger = logging.getLogger("queued_storage")
 
-T = TypeVar("T")
-
 DEFAULT_BATCH_SIZE = 1000
 DEFAULT_GRACE = timedelta(hours=24)
 #: Errors kept in the counts (the first ones): enough to say what went wrong.
 ERRORS_KEPT = 20
-#: What the merge reads of a row.
-ROW_FIELDS = (*VERIFY_FIELDS, "status", "deleted")
 Status = PendingTransfer.Status
 
 
@@ -87,96 +83,6 @@ class AuditOptions:
     grace: timedelta = DEFAULT_GRACE
     checksum: bool = False
     batch_size: int = DEFAULT_BATCH_SIZE
-
-
-class LedgerOrderError(RuntimeError):
-    """The database returned the ledger's names in another order than the
-    remote's listing: merging them would report false findings."""
-
-
-#: Rows a keyset page reads where the driver cannot stream a result (MySQL's
-#: buffers it whole): each page sorts the rows after the last one again.
-KEYSET_PAGE = 5000
-
-
-def ledger_rows(key: str, after: str, size: int) -> Iterator[PendingTransfer]:
-    """The rows of ``key`` whose names come after ``after``, in code point order:
-    one query read ``size`` rows at a time where the driver streams (SQLite, a
-    server-side cursor on PostgreSQL), else keyset pages."""
-    rows = PendingTransfer.objects.filter(storage_key=key)
-    order = "name"
-    vendor = connections[rows.db].vendor
-    if vendor == "postgresql":
-        # The database's collation sorts by language rules; "C" by code point.
-        rows = rows.alias(ordered=Collate("name", "C"))
-        order = "ordered"
-    # SQLite compares names bytewise; MariaDB's name column has a binary NO PAD
-    # collation (migration 0002): both sort by code point.
-    rows = rows.only(*ROW_FIELDS).order_by(order)
-    if vendor in ("sqlite", "postgresql"):
-        found = rows.filter(**{f"{order}__gt": after}) if after else rows
-        yield from found.iterator(chunk_size=size)
-        return
-    yield from keyset_pages(rows, order, after, max(size, KEYSET_PAGE))
-
-
-def keyset_pages(
-    rows: QuerySet[PendingTransfer], order: str, after: str, size: int
-) -> Iterator[PendingTransfer]:
-    """``rows`` (ordered by ``order``, which sorts as the names) after the name
-    ``after``, ``size`` a query, each page after the last name of the one before."""
-    last = after
-    while True:
-        page = rows.filter(**{f"{order}__gt": last}) if last else rows
-        batch = list(page[:size])
-        if not batch:
-            return
-        yield from batch
-        last = batch[-1].name
-
-
-Pair = tuple[str, RemoteEntry | None, PendingTransfer | None]
-
-
-def merged(
-    entries: Iterator[RemoteEntry], rows: Iterator[PendingTransfer]
-) -> Iterator[Pair]:
-    """The full outer join of two name-ordered streams, in name order."""
-    entry = _next_in_order(entries, "")
-    row = _next_in_order(rows, "")
-    while entry is not None or row is not None:
-        if row is None or (entry is not None and entry.name < row.name):
-            assert entry is not None
-            yield entry.name, entry, None
-            entry = _next_in_order(entries, entry.name)
-        elif entry is None or row.name < entry.name:
-            yield row.name, None, row
-            row = _next_in_order(rows, row.name)
-        else:
-            yield entry.name, entry, row
-            entry = _next_in_order(entries, entry.name)
-            row = _next_in_order(rows, row.name)
-
-
-def _next_in_order(items: Iterator[Any], before: str) -> Any:
-    item = next(items, None)
-    if item is not None and before and not item.name > before:
-        raise LedgerOrderError(
-            f"names out of order: {item.name!r} came after {before!r}; the audit "
-            "needs the database and the remote to sort names by code point"
-        )
-    return item
-
-
-def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    chunk: list[T] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 class Audit:
@@ -243,7 +149,7 @@ class Audit:
                 remote_entries(destination.remote, after),
                 ledger_rows(destination.key, after, size),
             )
-            for chunk in _chunks(pairs, size):
+            for chunk in chunks(pairs, size):
                 self._check_pairs(destination, chunk)
                 self._keep(destination=index, after=chunk[-1][0])
                 self._tell(f"remote {destination.key}")

@@ -16,8 +16,9 @@ from django.db.models.functions import Collate
 
 from queued_storage import audit as audit_module
 from queued_storage import tombstones
-from queued_storage.audit import Audit, AuditOptions, keyset_pages
+from queued_storage.audit import Audit, AuditOptions
 from queued_storage.audit_findings import KINDS, Finding
+from queued_storage.audit_merge import keyset_pages
 from queued_storage.audit_references import referenced
 from queued_storage.backends import QueuedStorage
 from queued_storage.copying import delete_remote_fenced
