@@ -1,25 +1,23 @@
 """The ledger: one row per (storage key, file name), the job and the record of where
 the file lives. Every state change is one short transaction with a compare-and-set.
 
-This module holds the model, its states and the queries that read them, and the
-verbs of one row; the worker's claims are in :mod:`queued_storage.claims`, the
-request side's writes in :mod:`queued_storage.recording`, the SQL built once per
-database in :mod:`queued_storage.ledger_sql`."""
+This module holds the model and the verbs of one row; its states and the
+queries named after them are in :mod:`queued_storage.states`, the worker's
+claims in :mod:`queued_storage.claims`, the request side's writes in
+:mod:`queued_storage.recording`, the SQL built once per database in
+:mod:`queued_storage.ledger_sql`."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connections, models, router, transaction
-from django.db.models import Count, Min, Q
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from queued_storage import history
-from queued_storage.claims import ClaimsQuerySet
+from queued_storage import history, states
 from queued_storage.conf import MAX_HOST_LENGTH
 from queued_storage.conf import settings as conf
 from queued_storage.error_history import ERROR_HISTORY_LENGTH as ERROR_HISTORY_LENGTH
@@ -30,7 +28,8 @@ from queued_storage.ledger_sql import name_hash as name_hash
 from queued_storage.ledger_sql import new_generation as new_generation
 from queued_storage.ledger_sql import retry_when_locked as retry_when_locked
 from queued_storage.names import MAX_NAME_LENGTH as MAX_NAME_LENGTH
-from queued_storage.recording import RecordingQuerySet
+from queued_storage.states import REQUEUEABLE as REQUEUEABLE
+from queued_storage.states import PendingTransferQuerySet as PendingTransferQuerySet
 from queued_storage.storage_state import StorageState as StorageState
 
 #: Longest retry delay, whatever the attempt number.
@@ -46,170 +45,10 @@ def retry_delay(attempt: int, base: float) -> float:
     return float(min(delay * random.uniform(0.9, 1.1), MAX_RETRY_DELAY))
 
 
-# django-stubs types each QuerySet class's as_manager() with a manager class of its
-# own, which it then reports as an incompatible override for a mixed-in one.
-class PendingTransferQuerySet(ClaimsQuerySet, RecordingQuerySet):  # type: ignore[override]
-    """The ledger's rows by state, and the changes an operator makes to many."""
-
-    def for_name(self, key: str, name: str) -> PendingTransferQuerySet:
-        return self.filter(storage_key=key, name_hash=name_hash(name))
-
-    def live(self) -> PendingTransferQuerySet:
-        return self.filter(deleted=False)
-
-    def held(self) -> PendingTransferQuerySet:
-        return self.filter(status=PendingTransfer.Status.HELD)
-
-    def queued(self) -> PendingTransferQuerySet:
-        return self.filter(status=PendingTransfer.Status.QUEUED)
-
-    def transferring(self) -> PendingTransferQuerySet:
-        return self.filter(status=PendingTransfer.Status.TRANSFERRING)
-
-    def done(self) -> PendingTransferQuerySet:
-        return self.filter(status=PendingTransfer.Status.DONE)
-
-    def failed(self) -> PendingTransferQuerySet:
-        return self.filter(status=PendingTransfer.Status.FAILED)
-
-    def lease_expired(self, now: datetime | None = None) -> PendingTransferQuerySet:
-        """Rows whose worker's lease ran out: the worker is gone, or hung."""
-        now = now or timezone.now()
-        return self.transferring().filter(lease_expires_at__lt=now)
-
-    def stuck(self, now: datetime | None = None) -> PendingTransferQuerySet:
-        """Rows whose lease ran out, or whose attempt has run past the transfer
-        timeout without a renewal (a worker renews a running transfer's lease
-        more often than that): its worker hangs, is gone, or never started it."""
-        now = now or timezone.now()
-        try:
-            cutoff = now - timedelta(seconds=conf.QUEUED_STORAGE_TRANSFER_TIMEOUT)
-        except OverflowError:
-            # A timeout meant as "never": no attempt has run that long.
-            return self.transferring().filter(lease_expires_at__lt=now)
-        return self.transferring().filter(
-            Q(lease_expires_at__lt=now) | Q(updated_at__lt=cutoff)
-        )
-
-    def failing(self) -> PendingTransferQuerySet:
-        """Rows not done whose latest attempt failed (attempts > 0, an error kept)."""
-        return (
-            self.filter(attempts__gt=0)
-            .exclude(status=PendingTransfer.Status.DONE)
-            .exclude(last_error="")
-        )
-
-    def errors_since(self, since: datetime) -> PendingTransferQuerySet:
-        """Rows whose latest attempt failed at or after ``since`` (retrying or failed)."""
-        return self.filter(
-            status__in=[PendingTransfer.Status.QUEUED, PendingTransfer.Status.FAILED],
-            updated_at__gte=since,
-        ).exclude(last_error="")
-
-    def oldest_due_at(self, now: datetime | None = None) -> datetime | None:
-        """When the longest-waiting due row became due; None when nothing is due.
-
-        Two indexed aggregates: queued rows by ``next_attempt_at``, rows with an
-        expired lease by ``lease_expires_at``."""
-        now = now or timezone.now()
-        queued = (
-            self.queued()
-            .filter(next_attempt_at__lte=now)
-            .aggregate(at=Min("next_attempt_at"))["at"]
-        )
-        stuck = self.lease_expired(now).aggregate(at=Min("lease_expires_at"))["at"]
-        return min((at for at in (queued, stuck) if at is not None), default=None)
-
-    def due(self, now: datetime | None = None) -> PendingTransferQuerySet:
-        """Rows a worker may claim now: queued and due, or with an expired lease."""
-        now = now or timezone.now()
-        return self.filter(
-            Q(status=PendingTransfer.Status.QUEUED, next_attempt_at__lte=now)
-            | Q(status=PendingTransfer.Status.TRANSFERRING, lease_expires_at__lt=now)
-        )
-
-    def requeueable(self) -> PendingTransferQuerySet:
-        """Rows :meth:`requeue` changes: those in :data:`REQUEUEABLE`, but an
-        audit's held tombstone (queued, a worker would delete the remote file
-        without the audit's check of the references)."""
-        return self.filter(status__in=REQUEUEABLE).exclude(
-            status=PendingTransfer.Status.HELD, deleted=True
-        )
-
-    @retry_when_locked
-    def requeue(self, now: datetime | None = None) -> int:
-        """Make held, failed and waiting rows due now, with their attempts reset."""
-        now = now or timezone.now()
-        return self.requeueable().update(
-            status=PendingTransfer.Status.QUEUED,
-            attempts=0,
-            next_attempt_at=now,
-            last_error="",
-            updated_at=now,
-        )
-
-    def status_counts(self) -> dict[str, int]:
-        """Rows per status: every status once, in :class:`PendingTransfer.Status`
-        order, 0 when it has none. One grouped query, which the status indexes
-        answer without reading the rows."""
-        found = dict(
-            self.order_by()
-            .values_list("status")
-            .annotate(number=Count("pk"))
-            .values_list("status", "number")
-        )
-        return {
-            status: found.get(status, 0) for status in PendingTransfer.Status.values
-        }
-
-    def status_counts_per_storage(self) -> dict[str, dict[str, int]]:
-        """:meth:`status_counts` of each storage key that has rows, in one query
-        (grouped by key too, it reads the rows)."""
-        counts: dict[str, dict[str, int]] = {}
-        for key, status, number in (
-            self.order_by()
-            .values_list("storage_key", "status")
-            .annotate(number=Count("pk"))
-        ):
-            per_status = counts.setdefault(
-                key, dict.fromkeys(PendingTransfer.Status.values, 0)
-            )
-            per_status[status] = number
-        return counts
-
-    def reachable_here(self, host_local: Collection[str]) -> PendingTransferQuerySet:
-        """Leave out the rows of the storage keys ``host_local`` (storages built
-        with ``local_shared=False``) whose local copy is on another host's disk:
-        :meth:`PendingTransfer.hosts_here` says which those are."""
-        if not host_local:
-            return self
-        return self.exclude(
-            Q(storage_key__in=host_local) & ~Q(host__in=PendingTransfer.hosts_here())
-        )
-
-    def hold(self, now: datetime | None = None) -> int:
-        """Park queued and failed rows until they are queued again; tombstones and
-        rows a worker holds are left alone."""
-        now = now or timezone.now()
-        return self.filter(
-            status__in=[PendingTransfer.Status.QUEUED, PendingTransfer.Status.FAILED],
-            deleted=False,
-        ).update(
-            status=PendingTransfer.Status.HELD,
-            next_attempt_at=None,
-            updated_at=now,
-        )
-
-
 class PendingTransfer(models.Model):
     """A file saved locally, and where it is on its way to the remote."""
 
-    class Status(models.TextChoices):
-        HELD = "held", _("held")
-        QUEUED = "queued", _("queued")
-        TRANSFERRING = "transferring", _("transferring")
-        DONE = "done", _("done")
-        FAILED = "failed", _("failed")
+    Status = states.Status
 
     # storage_key, name and host compare exactly: on MariaDB/MySQL migration 0002
     # gives them a binary collation, which a migration altering them must keep.
@@ -531,13 +370,3 @@ class PendingTransfer(models.Model):
         worker took the row over."""
         deleted, _counts = self._leased().filter(deleted=True).delete()
         return bool(deleted)
-
-
-#: The statuses an operator may queue again (admin, ``requeue_transfers``): rows
-#: that wait (held, queued) or gave up (failed). Not transferring (a worker holds
-#: the row) nor done (verify_transfers queues a done row whose copy is wrong).
-REQUEUEABLE: tuple[str, ...] = (
-    PendingTransfer.Status.HELD.value,
-    PendingTransfer.Status.QUEUED.value,
-    PendingTransfer.Status.FAILED.value,
-)
