@@ -19,7 +19,7 @@ from django.core.files.storage import (
 )
 
 from queued_storage import registry
-from queued_storage.backends import QueuedStorage
+from queued_storage.backends import QueuedFileSystemStorage, QueuedStorage
 from queued_storage.models import PendingTransfer
 from queued_storage.worker import drain
 from tests.helpers import FS, deconstructed
@@ -150,3 +150,23 @@ def test_remote_without_url_support(keys: list[str], tmp_path: Path) -> None:
     assert storage.size(name) == 6
     with storage.open(name) as opened:
         assert opened.read() == b"no url"
+
+
+def test_migrations_freeze_the_public_paths(keys: list[str], tmp_path: Path) -> None:
+    # A migration that froze a field's storage names the class where users import
+    # it (queued_storage.backends), whichever module defines it: a path into the
+    # package's insides would break those migrations when the insides move.
+    local = {"location": str(tmp_path / "local")}
+    remote = {"location": str(tmp_path / "remote")}
+    plain = build(
+        keys, "frozen", local=FS, remote=FS, local_options=local, remote_options=remote
+    )
+    convenience = QueuedFileSystemStorage(
+        remote=FS, key="frozen-fs", local_options=local, remote_options=remote
+    )
+    keys.append(convenience.key)
+
+    assert deconstructed(plain)[0] == "queued_storage.backends.QueuedStorage"
+    assert deconstructed(convenience)[0] == (
+        "queued_storage.backends.QueuedFileSystemStorage"
+    )
