@@ -882,7 +882,10 @@ def test_a_verified_upload_whose_done_record_fails_stays_the_rows_own(
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("task", ["Transfer", "TransferAndDelete"])
 def test_a_late_upload_that_overwrote_a_newer_version_has_the_newer_one_sent_again(
-    make_storage: Callable[..., QueuedStorage], settings: Any, task: str
+    make_storage: Callable[..., QueuedStorage],
+    settings: Any,
+    task: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An upload abandoned after it sent the old version's bytes returns once the
     name was saved again and the new version transferred: on a remote that
@@ -892,6 +895,9 @@ def test_a_late_upload_that_overwrote_a_newer_version_has_the_newer_one_sent_aga
     settings.QUEUED_STORAGE_LEASE = 30
     settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 1
     settings.QUEUED_STORAGE_RETRY_DELAY = 3600
+    # The keeper's clock stands still but for the move below: the new version's
+    # healthy upload is never "without progress" on a loaded machine.
+    clock = KeeperClock(monkeypatch)
     hung = ReadThenHangStorage
     hung.hang = set()
     for event in (hung.entered, hung.released, hung.returned):
@@ -905,7 +911,11 @@ def test_a_late_upload_that_overwrote_a_newer_version_has_the_newer_one_sent_aga
     name = storage.save("a.txt", content("old version"))
     hung.hang = {name}
     try:
-        assert drain().retried == 1  # abandoned, its bytes read and in flight
+        worker, result = in_thread(drain)
+        assert hung.entered.wait(timeout=30)
+        # Its bytes read, the upload hangs for ten times the timeout.
+        clock.advance(10)
+        assert joined(worker, result).retried == 1  # abandoned, in flight
         assert hung.entered.is_set()
         assert storage.save(name, content("the new version")) == name
         assert drain().done == 1
