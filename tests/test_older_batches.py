@@ -291,6 +291,8 @@ def test_fast_failures_retried_without_delay_use_their_attempts_in_one_drain(
 
 #: Opened by the test: the first, hung upload of ``hung.txt`` returns.
 HUNG_RETURNS = threading.Event()
+#: Set when the first upload of ``hung.txt`` starts waiting for HUNG_RETURNS.
+HUNG_ENTERED = threading.Event()
 
 
 class HangingOnceStorage(CountingStorage):
@@ -305,6 +307,8 @@ class HangingOnceStorage(CountingStorage):
             with HangingOnceStorage.lock:
                 HangingOnceStorage.hung += 1
                 first = HangingOnceStorage.hung == 1
+            if first:
+                HUNG_ENTERED.set()
             if first and not HUNG_RETURNS.wait(timeout=30):
                 raise TimeoutError("the test never let the hung upload return")
         return super()._save(name, content)
@@ -321,10 +325,15 @@ def test_an_older_batchs_abandoned_row_is_retried_in_the_drain_and_its_late_retu
     which ends the older batch, is due again at once and is uploaded again in
     the same drain; the hung upload then returns, and loses."""
     HUNG_RETURNS.clear()
+    HUNG_ENTERED.clear()
     HangingOnceStorage.hung = 0
     settings.QUEUED_STORAGE_LEASE = 60
     settings.QUEUED_STORAGE_TRANSFER_TIMEOUT = 1
     settings.QUEUED_STORAGE_RETRY_DELAY = 0
+    # The keeper's clock stands still: only the hung upload, marked stalled by
+    # the test, is ever without progress for the timeout; the fast row's upload
+    # and the hung row's retry, slowed by a loaded machine, are never abandoned.
+    clock = KeeperClock(monkeypatch)
     storage = make_storage(
         remote=f"{__name__}.HangingOnceStorage",
         remote_options={"location": str(tmp_path / "remote")},
@@ -334,6 +343,8 @@ def test_an_older_batchs_abandoned_row_is_retried_in_the_drain_and_its_late_retu
     monkeypatch.setattr(claim_size.ClaimSize, "next", lambda self: 2)
     worker, result = in_thread(lambda: drain(concurrency=2))
     try:
+        assert HUNG_ENTERED.wait(timeout=30)
+        clock.stall("hung.txt")  # its keeper's next look abandons it, and only it
         assert wait_until(lambda: row_of(storage, "hung.txt").status == Status.DONE)
     finally:
         HUNG_RETURNS.set()
